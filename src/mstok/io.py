@@ -1,0 +1,59 @@
+"""Weight files: atomic safetensors writes and loads that fail with a readable message.
+
+Weights are only ever read through safetensors (no pickle), so a checkpoint from an
+untrusted source cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``tensors`` to ``path`` via a temporary file and a rename, so a crash never
+    leaves a half-written file under the final name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning a missing or corrupt file into a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read weights file {path}: it is not a valid safetensors file ({err})") from err
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state_dict`` into ``module`` strictly, reporting every mismatch at once.
+
+    Raises:
+        ValueError: naming missing keys, unexpected keys and shape mismatches (first few of each).
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"weights in {source} do not match the model:\n  " + "\n  ".join(problems))
+    module.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,70 @@
+"""Attention on top of ``F.scaled_dot_product_attention``.
+
+Two modules: :class:`SelfAttention` with one fused ``qkv`` projection, and
+:class:`CrossAttention` where queries come from one sequence and a fused ``kv``
+projection reads a context sequence. Both keep a bias on every projection so their
+parameter layout matches a standard ViT block (and the official TiTok weights).
+
+Glossary: B batch, N query length, M context length, D width, H heads, d = D / H.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def _check_heads(dim: int, num_heads: int) -> None:
+    if num_heads < 1 or dim % num_heads != 0:
+        raise ValueError(f"width {dim} must be a positive multiple of num_heads {num_heads}")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    Args:
+        dim: model width D.
+        num_heads: number of heads H (D must be divisible by H).
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        _check_heads(dim, num_heads)
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D); attn_mask: bool/float mask broadcastable to (B, H, N, N). -> (B, N, D)"""
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries over a context, with a fused kv projection.
+
+    Args:
+        dim: width D of the queries and of the output.
+        num_heads: number of heads H.
+        context_dim: width of the context (defaults to ``dim``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        _check_heads(dim, num_heads)
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, N, D) queries; context: (B, M, Dc). -> (B, N, D)"""
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))

@@ -1,0 +1,116 @@
+"""Pre-LN transformer blocks: MLP, self-attention block, cross-attention block, and a stack.
+
+Every block is residual and pre-normalised (``x + f(LN(x))``), GELU MLP with ratio 4 by
+default, matching the ViT blocks TiTok and MsTok are built from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mstok.layers.attention import CrossAttention, SelfAttention
+
+
+class MLP(nn.Module):
+    """Two-layer GELU MLP: D -> hidden -> D."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SelfAttentionBlock(nn.Module):
+    """``x = x + Attn(LN(x)); x = x + MLP(LN(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D) -> (B, N, D)"""
+        x = x + self.attn(self.norm1(x), attn_mask=attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Queries attend to a context, then (optionally) to each other, then an MLP.
+
+    ``x = x + XAttn(LN(x), LN_ctx(ctx)); [x = x + Attn(LN(x))]; x = x + MLP(LN(x))``.
+
+    Args:
+        dim: query width D.
+        num_heads: heads H.
+        mlp_ratio: MLP hidden size as a multiple of D.
+        self_attention: add a self-attention sub-layer among the queries.
+        context_dim: context width (defaults to D).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        self_attention: bool = False,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(context_dim or dim)
+        self.cross_attn = CrossAttention(dim, num_heads, context_dim)
+        if self_attention:
+            self.norm_self = nn.LayerNorm(dim)
+            self.self_attn = SelfAttention(dim, num_heads)
+        else:
+            self.norm_self = self.self_attn = None
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, D) queries; context: (B, M, Dc). -> (B, N, D)"""
+        x = x + self.cross_attn(self.norm_q(x), self.norm_context(context))
+        if self.self_attn is not None:
+            x = x + self.self_attn(self.norm_self(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`SelfAttentionBlock` that can also return intermediate layers."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(SelfAttentionBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        return_layers: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run every block.
+
+        Args:
+            x: (B, N, D) input tokens.
+            attn_mask: optional mask passed to every block.
+            return_layers: 1-based block indices whose outputs to return (in this order).
+
+        Returns:
+            The final output (B, N, D) and the list of requested intermediate outputs.
+        """
+        wanted = {layer: i for i, layer in enumerate(return_layers)}
+        taps: list[torch.Tensor | None] = [None] * len(return_layers)
+        for index, block in enumerate(self.blocks, start=1):
+            x = block(x, attn_mask=attn_mask)
+            if index in wanted:
+                taps[wanted[index]] = x
+        return x, taps  # type: ignore[return-value]

@@ -1,0 +1,99 @@
+"""Vector quantizer with a straight-through estimator.
+
+Glossary: B batch, K latent tokens, C code dim, V codebook size.
+
+Losses follow VQ-VAE: ``codebook = mean((sg[z] - q)^2)`` moves codes towards encoder
+outputs, ``commitment = beta * mean((z - sg[q])^2)`` keeps the encoder near its codes. With
+``use_l2_norm`` both inputs and codes are projected to the unit sphere first (as TiTok
+does), which makes nearest-neighbour search a cosine-similarity search and keeps the
+codebook from collapsing into a few large-norm codes. Everything is computed in float32,
+even under autocast: distances between nearly equal unit vectors lose the argmin in bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class QuantizerOutput:
+    """What the quantizer returns.
+
+    Attributes:
+        codes: (B, K, C) quantized vectors with straight-through gradients to the input.
+        indices: (B, K) long code ids in [0, V).
+        loss: commitment + codebook loss (scalar).
+        commitment_loss: beta * ||z - sg[q]||^2 (scalar).
+        codebook_loss: ||sg[z] - q||^2 (scalar).
+    """
+
+    codes: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour vector quantizer.
+
+    Args:
+        codebook_size: number of codes V.
+        code_dim: dimension C of each code.
+        use_l2_norm: L2-normalise inputs and codes before the search.
+        commitment_weight: beta, the weight of the commitment term.
+    """
+
+    def __init__(
+        self, codebook_size: int, code_dim: int, use_l2_norm: bool = True, commitment_weight: float = 0.25
+    ) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.code_dim = code_dim
+        self.use_l2_norm = use_l2_norm
+        self.commitment_weight = commitment_weight
+        self.embedding = nn.Embedding(codebook_size, code_dim)
+
+    def _codebook(self) -> torch.Tensor:
+        weight = self.embedding.weight.float()  # (V, C)
+        return F.normalize(weight, dim=-1) if self.use_l2_norm else weight
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """z: (B, K, C) encoder outputs -> :class:`QuantizerOutput`."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            if self.use_l2_norm:
+                z = F.normalize(z, dim=-1)
+            codebook = self._codebook()
+            flat = z.reshape(-1, self.code_dim)  # (B*K, C)
+            # ||z||^2 - 2 z.e + ||e||^2; the ||z||^2 term does not change the argmin.
+            distances = (codebook.square().sum(dim=1) - 2.0 * flat @ codebook.t())  # (B*K, V)
+            indices = distances.argmin(dim=1).view(z.shape[:-1])  # (B, K)
+            quantized = F.embedding(indices, codebook)  # (B, K, C)
+            commitment = self.commitment_weight * F.mse_loss(z, quantized.detach())
+            codebook_loss = F.mse_loss(quantized, z.detach())
+            codes = z + (quantized - z).detach()  # straight-through estimator
+        return QuantizerOutput(codes, indices, commitment + codebook_loss, commitment, codebook_loss)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, K) long ids -> (B, K, C) float32 codes (normalised when ``use_l2_norm``)."""
+        return F.embedding(indices, self._codebook())
+
+    @torch.no_grad()
+    def usage_statistics(self, indices: torch.Tensor) -> dict[str, float]:
+        """Codebook usage of a batch of ids: fraction of codes used and perplexity.
+
+        Perplexity is ``exp(entropy)`` of the empirical code distribution: V when all codes
+        are used equally, 1 when a single code is used.
+        """
+        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).double()
+        probs = counts / counts.sum().clamp_min(1)
+        entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+        return {
+            "usage": float((counts > 0).double().mean()),
+            "perplexity": float(entropy.exp()),
+        }

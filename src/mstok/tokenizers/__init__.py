@@ -1,0 +1,31 @@
+"""Tokenizer families (one file each) and the preset registry."""
+
+from mstok.tokenizers.base import Tokenizer, TokenizerConfig, TokenizerOutput
+from mstok.tokenizers.mstok import MsTok, MsTokConfig
+from mstok.tokenizers.registry import (
+    PRESETS,
+    SIZES,
+    create_tokenizer,
+    list_presets,
+    load_tokenizer,
+    preset_config,
+    tokenizer_from_config,
+)
+from mstok.tokenizers.titok import TiTok, TiTokConfig
+
+__all__ = [
+    "PRESETS",
+    "SIZES",
+    "MsTok",
+    "MsTokConfig",
+    "TiTok",
+    "TiTokConfig",
+    "Tokenizer",
+    "TokenizerConfig",
+    "TokenizerOutput",
+    "create_tokenizer",
+    "list_presets",
+    "load_tokenizer",
+    "preset_config",
+    "tokenizer_from_config",
+]

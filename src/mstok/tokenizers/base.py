@@ -1,0 +1,259 @@
+"""What every mstok tokenizer shares: its config fields, its outputs, its public API.
+
+A tokenizer is three modules, ``encoder`` (images -> continuous latents (B, K, C)),
+``quantizer`` (latents -> codes and ids) and ``decoder`` (codes -> pixels or proxy-code
+logits). Families (TiTok, MsTok, ...) subclass :class:`Tokenizer` and build the encoder
+and decoder in :meth:`Tokenizer.build`; everything else lives here.
+
+Glossary: B batch, P patches, K latent tokens, D width, C code dim, V codebook size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
+from mstok.layers import init_weights
+from mstok.quantizers import VectorQuantizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+HEADS = ("pixels", "proxy_codes")
+
+
+@dataclass
+class TokenizerConfig:
+    """Fields shared by every tokenizer family; a family's config subclasses this."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_latent_tokens: int = 64
+    codebook_size: int = 4096
+    code_dim: int = 12
+    use_l2_norm: bool = True
+    commitment_weight: float = 0.25
+    head: str = "pixels"
+    proxy_codebook_size: int = 1024
+
+    family: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for name in ("image_size", "patch_size", "width", "depth", "num_heads", "num_latent_tokens",
+                     "codebook_size", "code_dim", "proxy_codebook_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """P, the number of patch tokens."""
+        return self.grid_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TokenizerConfig:
+        """Build a config, rejecting unknown fields with the list of valid ones."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}"
+            )
+        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**converted)
+
+    def replace(self, **overrides: Any) -> TokenizerConfig:
+        """A copy with some fields changed (validated like :meth:`from_dict`)."""
+        return type(self).from_dict({**self.to_dict(), **overrides})
+
+
+@dataclass
+class TokenizerOutput:
+    """The training forward pass of a tokenizer.
+
+    Attributes:
+        reconstruction: (B, 3, H, W) unclamped pixels for the ``pixels`` head, else None.
+        logits: (B, P, V_proxy) proxy-code logits for the ``proxy_codes`` head, else None.
+        indices: (B, K) code ids.
+        quantizer_loss: commitment + codebook loss (scalar).
+        commitment_loss: the commitment part (scalar).
+        codebook_loss: the codebook part (scalar).
+    """
+
+    reconstruction: torch.Tensor | None
+    logits: torch.Tensor | None
+    indices: torch.Tensor
+    quantizer_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+
+
+class Tokenizer(nn.Module):
+    """Base class: image <-> K discrete tokens. Subclasses implement :meth:`build`."""
+
+    config_class: ClassVar[type[TokenizerConfig]] = TokenizerConfig
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.encoder, self.decoder = self.build(config)
+        self.quantizer = VectorQuantizer(
+            config.codebook_size, config.code_dim, config.use_l2_norm, config.commitment_weight
+        )
+        init_weights(self)
+
+    def build(self, config: TokenizerConfig) -> tuple[nn.Module, nn.Module]:
+        """Return (encoder, decoder): encoder maps (B,3,H,W) -> (B,K,C) and has
+        ``features(images) -> (B,K,D)``; decoder maps codes (B,K,C) -> head output."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- checks
+    def check_images(self, images: Any) -> torch.Tensor:
+        """Validate a batch of images: float (B, 3, H, W) in [0, 1] at the model's resolution."""
+        cfg = self.config
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be a float tensor in [0, 1], got dtype {images.dtype} "
+                "(for uint8 images divide by 255 first)"
+            )
+        if images.dim() != 4:
+            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[1] != 3:
+            raise ValueError(f"images must have 3 channels (RGB), got {images.shape[1]} in shape {tuple(images.shape)}")
+        if tuple(images.shape[2:]) != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"this tokenizer takes {cfg.image_size}x{cfg.image_size} images, got "
+                f"{images.shape[2]}x{images.shape[3]}; resize or crop first"
+            )
+        if images.numel() and not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+        if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+            raise ValueError(
+                f"images must be in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
+            )
+        return images
+
+    def check_tokens(self, tokens: Any) -> torch.Tensor:
+        """Validate token ids: integer (B, K) with every id in [0, V)."""
+        cfg = self.config
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.dim() != 2 or tokens.shape[1] != cfg.num_latent_tokens:
+            raise ValueError(f"tokens must have shape (B, {cfg.num_latent_tokens}), got {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.codebook_size):
+            raise ValueError(
+                f"token ids must be in [0, {cfg.codebook_size}), got values in "
+                f"[{tokens.min().item()}, {tokens.max().item()}]"
+            )
+        return tokens.long()
+
+    # ----------------------------------------------------------------- compute
+    def forward(self, images: torch.Tensor) -> TokenizerOutput:
+        """Training forward: encode, quantize (straight-through), decode."""
+        images = self.check_images(images)
+        quant = self.quantizer(self.encoder(images))
+        out = self.decoder(quant.codes)
+        pixels = self.config.head == "pixels"
+        return TokenizerOutput(
+            reconstruction=out if pixels else None,
+            logits=None if pixels else out,
+            indices=quant.indices,
+            quantizer_loss=quant.loss,
+            commitment_loss=quant.commitment_loss,
+            codebook_loss=quant.codebook_loss,
+        )
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images (B, 3, H, W) in [0, 1] -> token ids (B, K) in [0, V)."""
+        return self.quantizer(self.encoder(self.check_images(images))).indices
+
+    @torch.no_grad()
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Continuous latent tokens before the projection to C, after LayerNorm: (B, K, D).
+
+        This is what linear probing reads (TiTok 4.1, MsTok appendix B)."""
+        return self.encoder.features(self.check_images(images))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, K) -> images (B, 3, H, W) clamped to [0, 1]."""
+        tokens = self.check_tokens(tokens)
+        if self.config.head != "pixels":
+            raise ValueError(
+                "this tokenizer predicts proxy codes (head='proxy_codes'); use decode_logits(), "
+                "and a proxy pixel decoder to turn them into pixels"
+            )
+        return self.decode_codes(self.quantizer.indices_to_codes(tokens)).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def decode_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, K) -> proxy-code logits (B, P, V_proxy) (``proxy_codes`` head only)."""
+        tokens = self.check_tokens(tokens)
+        if self.config.head != "proxy_codes":
+            raise ValueError("decode_logits() needs head='proxy_codes'; this tokenizer decodes to pixels")
+        return self.decode_codes(self.quantizer.indices_to_codes(tokens))
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code vectors (B, K, C) -> the head's raw output (differentiable)."""
+        return self.decoder(codes.to(self.quantizer.embedding.weight.dtype))
+
+    # ----------------------------------------------------------------- bookkeeping
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part: encoder, decoder, quantizer and total."""
+        counts = {name: sum(p.numel() for p in getattr(self, name).parameters())
+                  for name in ("encoder", "decoder", "quantizer")}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``.
+
+        Args:
+            path: target folder (created if needed).
+            state_dict: weights to save instead of this model's own (e.g. EMA weights).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"family": self.config.family, "config": self.config.to_dict()}
+        tmp = path / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(path / CONFIG_FILE)
+        atomic_save_safetensors(state_dict if state_dict is not None else self.state_dict(), path / WEIGHTS_FILE)
+        return path
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a safetensors file into this model, with a clear error on any mismatch."""
+        load_state_dict_checked(self, read_safetensors(path), str(path))

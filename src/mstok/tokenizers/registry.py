@@ -1,0 +1,97 @@
+"""Named presets, the model size table, and the functions that create and load tokenizers."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from mstok.tokenizers.base import CONFIG_FILE, WEIGHTS_FILE, Tokenizer, TokenizerConfig
+from mstok.tokenizers.mstok import MsTok
+from mstok.tokenizers.titok import TiTok
+
+FAMILIES: dict[str, type[Tokenizer]] = {"titok": TiTok, "mstok": MsTok}
+
+# ViT sizes used by TiTok and MsTok (MLP ratio 4, pre-LN).
+SIZES: dict[str, dict[str, int]] = {
+    "S": {"width": 512, "depth": 8, "num_heads": 8},
+    "B": {"width": 768, "depth": 12, "num_heads": 12},
+    "L": {"width": 1024, "depth": 24, "num_heads": 16},
+}
+# Memory taps at each quarter of the encoder depth (MsTok paper, appendix B).
+MEMORY_LAYERS = {"S": (2, 4, 6, 8), "B": (3, 6, 9, 12), "L": (6, 12, 18, 24)}
+
+# Small models for tests and CPU demos: 64x64 images, patch 8 (P = 64), K = 32.
+_TINY = {"image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "num_heads": 4,
+         "num_latent_tokens": 32, "codebook_size": 1024}
+
+
+def _sized(size: str, k: int, family: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {**SIZES[size], "num_latent_tokens": k}
+    if family == "mstok":
+        fields["memory_layers"] = MEMORY_LAYERS[size]
+    return fields
+
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "titok_s128": ("titok", _sized("S", 128, "titok")),
+    "titok_b64": ("titok", _sized("B", 64, "titok")),
+    "titok_l32": ("titok", _sized("L", 32, "titok")),
+    "mstok_l32": ("mstok", _sized("L", 32, "mstok")),
+    "mstok_b64": ("mstok", _sized("B", 64, "mstok")),
+    "mstok_b128": ("mstok", _sized("B", 128, "mstok")),
+    "mstok_b256": ("mstok", _sized("B", 256, "mstok")),
+    "titok_tiny": ("titok", dict(_TINY)),
+    "mstok_tiny": ("mstok", {**_TINY, "memory_layers": (1, 2, 3, 4)}),
+}
+
+
+def list_presets() -> list[str]:
+    """Names of every preset, in registry order."""
+    return list(PRESETS)
+
+
+def preset_config(name: str, **overrides: Any) -> TokenizerConfig:
+    """The config of preset ``name`` with ``overrides`` applied (unknown names/fields raise)."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint}; available: {', '.join(PRESETS)}")
+    family, fields = PRESETS[name]
+    return FAMILIES[family].config_class.from_dict({**fields, **overrides})
+
+
+def create_tokenizer(name: str, **overrides: Any) -> Tokenizer:
+    """A freshly initialised tokenizer from a preset, e.g. ``create_tokenizer("mstok_b64", num_latent_tokens=128)``."""
+    config = preset_config(name, **overrides)
+    return FAMILIES[config.family](config)
+
+
+def tokenizer_from_config(family: str, fields: dict[str, Any]) -> Tokenizer:
+    """Build an untrained tokenizer of ``family`` from a dict of config fields."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tokenizer family {family!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[family](FAMILIES[family].config_class.from_dict(fields))
+
+
+def load_tokenizer(path: str | Path, weights: str = WEIGHTS_FILE) -> Tokenizer:
+    """Load a tokenizer saved by :meth:`Tokenizer.save_pretrained` (or a training checkpoint).
+
+    Args:
+        path: folder with ``config.json`` and the weights file.
+        weights: weights file name inside the folder (``ema.safetensors`` for a training
+            checkpoint's EMA weights).
+    """
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok tokenizer")
+    try:
+        meta = json.loads(config_path.read_text())
+        family, fields = meta["family"], meta["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_path} is not a valid mstok tokenizer config ({err})") from err
+    model = tokenizer_from_config(family, fields)
+    model.load_weights(path / weights)
+    return model.eval()
