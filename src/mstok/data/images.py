@@ -1,0 +1,139 @@
+"""Image datasets: a recursive image folder and a list of in-memory photos.
+
+Datasets are indexed by ``(index, seed)`` pairs produced by :class:`EpochSampler`; the seed
+drives the augmentation, so the same pair always gives the same tensor. A file that cannot
+be decoded yields ``None`` and a warning; :func:`collate_skip_broken` drops those samples
+and counts them, so one broken JPEG never stops a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+from mstok.data.transforms import to_tensor
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+Transform = Callable[[Image.Image, np.random.Generator], Image.Image]
+
+
+class CorruptImageError(ValueError):
+    """An image file that exists but cannot be decoded."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as RGB (grayscale, palette and RGBA are converted)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+                # composite on white: dropping alpha would expose whatever colour hides under it
+                image = image.convert("RGBA")
+                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, image).convert("RGB")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(f"cannot decode image {path}: {err}") from err
+
+
+def find_images(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """All image files under ``root`` (recursive), labelled by their first-level sub-folder.
+
+    Returns:
+        (path, class index) pairs in sorted order, and the sorted class names. Files lying
+        directly in ``root`` get the class ``"."``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "." for p in files]
+    classes = sorted(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    return [(p, index[n]) for p, n in zip(files, names, strict=True)], classes
+
+
+class ImageFolder(Dataset):
+    """Images under a folder, recursively; the label is the first-level sub-folder.
+
+    ``dataset[(i, seed)]`` returns ``(image (3, S, S) in [0, 1], label)`` or ``None`` when
+    the file cannot be decoded.
+    """
+
+    def __init__(self, root: str | Path, transform: Transform) -> None:
+        self.root = Path(root)
+        self.samples, self.classes = find_images(root)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        index, seed = key
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except CorruptImageError as err:
+            log.warning("skipping %s", err)
+            return None
+        return to_tensor(self.transform(image, np.random.default_rng(seed))), label
+
+
+class InMemoryImages(Dataset):
+    """A few PIL images (e.g. scikit-image's bundled photos) sampled with replacement."""
+
+    def __init__(self, images: Sequence[Image.Image], transform: Transform, labels: Sequence[int] | None = None):
+        if not images:
+            raise ValueError("InMemoryImages needs at least one image")
+        self.images = [im.convert("RGB") for im in images]
+        self.labels = list(labels) if labels is not None else list(range(len(images)))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key
+        image = self.transform(self.images[index], np.random.default_rng(seed))
+        return to_tensor(image), self.labels[index]
+
+
+class EpochSampler(Sampler):
+    """Endless ``(index, seed)`` stream: a fresh permutation per epoch, a seed per sample.
+
+    Both depend only on ``(seed, epoch, position)``, so starting at ``start`` (a count of
+    samples already consumed) reproduces exactly the stream an uninterrupted run would see.
+    """
+
+    def __init__(self, num_items: int, seed: int, start: int = 0) -> None:
+        self.num_items, self.seed, self.start = num_items, seed, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, self.num_items)
+        while True:
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for position in range(offset, self.num_items):
+                sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + position
+                yield int(order[position]), sample_seed % 2**63
+            epoch, offset = epoch + 1, 0
+
+
+def collate_skip_broken(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the readable samples; returns (images (B', 3, S, S), labels (B',), skipped count)."""
+    good = [item for item in batch if item is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images = torch.stack([item[0] for item in good])
+    labels = torch.tensor([item[1] for item in good], dtype=torch.long)
+    return images, labels, skipped

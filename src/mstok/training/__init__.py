@@ -1,0 +1,15 @@
+"""The training loop, its configuration, optimizer and checkpoints."""
+
+from mstok.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mstok.training.config import TrainConfig, load_train_config, train_config_from_dict
+from mstok.training.trainer import Trainer
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_train_config",
+    "save_checkpoint",
+    "train_config_from_dict",
+]

@@ -1,0 +1,87 @@
+"""Training checkpoints: one step-numbered folder each, written atomically.
+
+Layout of ``<out_dir>/checkpoints/step_000500/``::
+
+    config.json           tokenizer config (so ``load_tokenizer`` opens the folder directly)
+    model.safetensors     raw weights
+    ema.safetensors       EMA weights (``load_tokenizer(dir, weights="ema.safetensors")``)
+    train_state.pt        optimizer, scheduler, step, data position, RNG (weights_only-safe)
+    train_config.json     the resolved training config
+
+The folder is assembled under a temporary name and renamed into place, so a folder named
+``step_*`` is always complete: a crash mid-write leaves only a ``.tmp-*`` folder that
+``--resume auto`` ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mstok.io import atomic_save_safetensors, read_safetensors
+from mstok.tokenizers.base import Tokenizer
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "train_state.pt"
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: Tokenizer,
+    ema_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    train_config_json: str,
+    keep_last: int,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically and prune to the newest ``keep_last``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    atomic_save_safetensors(ema_state, tmp / EMA_FILE)
+    torch.save(train_state, tmp / STATE_FILE)
+    (tmp / TRAIN_CONFIG_FILE).write_text(train_config_json + "\n")
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Read (model weights, EMA weights, train state) from a checkpoint folder."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no {STATE_FILE})")
+    model_state = read_safetensors(path / "model.safetensors")
+    ema_state = read_safetensors(path / EMA_FILE)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    return model_state, ema_state, state

@@ -1,0 +1,164 @@
+"""The training configuration: nested dataclasses read from TOML, with ``key=value`` overrides.
+
+A config file mirrors the dataclasses::
+
+    steps = 2000
+    batch_size = 32
+    [model]
+    preset = "mstok_tiny"
+    [model.overrides]
+    num_latent_tokens = 32
+    [data]
+    path = "../shared/datasets/tiny-imagenet-64"
+    [optim]
+    lr = 3e-4
+
+Unknown keys are errors (a typo never silently falls back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Which tokenizer to train: a preset name plus config-field overrides."""
+
+    preset: str = "mstok_tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented."""
+
+    path: str = ""
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    flip: bool = True
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``end_lr``, and gradient clipping."""
+
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    """Weights of the single-stage pixel loss."""
+
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    quantizer_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    steps: int = 1000
+    batch_size: int = 32
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    seed: int = 0
+    out_dir: str = "runs/train"
+    device: str = "auto"
+    precision: str = "fp32"
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in [{where or 'top level'}]; valid: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and name != "overrides":
+            if not isinstance(value, dict):
+                raise ValueError(f"[{where + '.' if where else ''}{name}] must be a table, got {value!r}")
+            value = _build(type(default), value, f"{where}.{name}" if where else name)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a TOML value, falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a nested dict (values parsed as TOML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value, e.g. optim.lr=3e-4")
+        key, text = item.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        target = values
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        target[leaf] = _parse_value(text.strip())
+    return values
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path} is not valid TOML: {err}") from err
+    return _build(TrainConfig, apply_overrides(values, overrides or []), "")
+
+
+def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a :class:`TrainConfig` from :meth:`TrainConfig.to_dict` output."""
+    return _build(TrainConfig, values, "")
