@@ -18,8 +18,16 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         with torch.device("meta"):  # count parameters without allocating B/L weights
             model = create_tokenizer(name)
         counts, cfg = model.parameter_counts(), model.config
-        rows.append((name, cfg.family, f"{cfg.image_size}", f"{cfg.num_latent_tokens}", f"{cfg.codebook_size}",
-                     *(f"{counts[k] / 1e6:.2f}M" for k in ("encoder", "decoder", "quantizer", "total"))))
+        rows.append(
+            (
+                name,
+                cfg.family,
+                f"{cfg.image_size}",
+                f"{cfg.num_latent_tokens}",
+                f"{cfg.codebook_size}",
+                *(f"{counts[k] / 1e6:.2f}M" for k in ("encoder", "decoder", "quantizer", "total")),
+            )
+        )
     header = ("preset", "family", "res", "K", "V", "encoder", "decoder", "quantizer", "total")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -43,8 +51,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mstok.demo import run_demo
 
-    report = run_demo(out_dir=args.out, data=args.data, steps=args.steps, batch_size=args.batch_size,
-                      seed=args.seed, progress=not args.no_progress)
+    report = run_demo(
+        out_dir=args.out,
+        data=args.data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     print(f"report written to {report}")
     return 0
 
@@ -59,9 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a tokenizer (single-stage pixel losses)")
     train.add_argument("--config", required=True, help="TOML config file (see configs/)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set optim.lr=3e-4 --set steps=100 (repeatable)")
-    train.add_argument("--resume", metavar="auto|DIR", help="resume from a checkpoint folder, or the newest with 'auto'")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=3e-4 --set steps=100 (repeatable)",
+    )
+    train.add_argument(
+        "--resume", metavar="auto|DIR", help="resume from a checkpoint folder, or the newest with 'auto'"
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_cmd_train)
 

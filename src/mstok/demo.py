@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from mstok.data import InMemoryImages, RandomResizedCropFlip, find_images, load_rgb, to_tensor
 from mstok.evaluation.metrics import bits_per_pixel, psnr, ssim
 from mstok.tokenizers import Tokenizer, load_tokenizer
-from mstok.training import Trainer, TrainConfig
+from mstok.training import TrainConfig, Trainer
 from mstok.training.checkpoint import EMA_FILE
 from mstok.training.config import DataConfig, ModelConfig, OptimConfig
 
@@ -144,8 +144,14 @@ def run_demo(
             model=ModelConfig(preset=name),
             data=DataConfig(num_workers=0),
             optim=OptimConfig(lr=1e-3, end_lr=1e-4, warmup_steps=max(1, steps // 20)),
-            steps=steps, batch_size=batch_size, ema_decay=0.999, seed=seed,
-            out_dir=str(out_dir / name), log_every=max(1, steps // 50), ckpt_every=steps, keep_last=1,
+            steps=steps,
+            batch_size=batch_size,
+            ema_decay=0.999,
+            seed=seed,
+            out_dir=str(out_dir / name),
+            log_every=max(1, steps // 50),
+            ckpt_every=steps,
+            keep_last=1,
         )
         size = 64  # both tiny presets are 64x64
         dataset = InMemoryImages(train_photos, RandomResizedCropFlip(size, CROP_SCALE if data is None else (0.5, 1.0)))
@@ -157,8 +163,12 @@ def run_demo(
         crops = held_out_crops(held_photos, size, per_photo, seed)
         recons[name], metrics = _evaluate(model, crops)
         counts = model.parameter_counts()
-        results[name] = {**metrics, "train_seconds": seconds, "final_loss": histories[name][-1]["loss"],
-                         "params": counts["total"]}
+        results[name] = {
+            **metrics,
+            "train_seconds": seconds,
+            "final_loss": histories[name][-1]["loss"],
+            "params": counts["total"],
+        }
 
     image_grid([("original", crops), *[(n.split("_")[0], recons[n]) for n in MODELS]]).save(out_dir / "grid.png")
     plot_losses(histories, out_dir / "loss_curves.png")

@@ -10,7 +10,8 @@ CPU otherwise dispatches to a fused flash kernel (``_scaled_dot_product_flash_at
 that the counter has no formula for, so the ``Q K^T`` and ``A V`` matmuls - the part of the
 cost that is quadratic in sequence length, i.e. exactly what the TiTok-vs-MsTok comparison
 is about - would silently count as zero. The math backend decomposes attention into plain
-batched matmuls, which the counter sees on every device; it computes the same result.
+batched matmuls, which the counter sees on every device; it computes the same attention
+(up to rounding).
 
 Glossary: B batch, K latent tokens, C code dim.
 """
@@ -52,11 +53,13 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
 def tokenizer_flops(tokenizer: Tokenizer, batch_size: int = 1) -> dict[str, int]:
     """Forward FLOPs of a tokenizer's encoder and decoder for one batch.
 
-    The encoder runs on random images (B, 3, H, W) at the config resolution, the decoder
-    on random codes (B, K, C). The quantizer (a nearest-code lookup) is not included.
+        The encoder runs on random images (B, 3, H, W) at the config resolution, the decoder
+        on random codes (B, K, C), on the tokenizer's device and dtype. The quantizer (a
+    nearest-code lookup, ~2*K*C*V FLOPs) is not included. Counts depend only on shapes, so a
+    tokenizer built under ``torch.device("meta")`` gives the same numbers without any compute.
 
-    Returns:
-        ``{"encoder": flops, "decoder": flops}``.
+        Returns:
+            ``{"encoder": flops, "decoder": flops}``.
     """
     cfg = tokenizer.config
     param = next(tokenizer.parameters())

@@ -60,9 +60,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, D) queries; context: (B, M, Dc). -> (B, N, D)"""
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
         k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)

@@ -107,10 +107,14 @@ class Transformer(nn.Module):
         Returns:
             The final output (B, N, D) and the list of requested intermediate outputs.
         """
-        wanted = {layer: i for i, layer in enumerate(return_layers)}
-        taps: list[torch.Tensor | None] = [None] * len(return_layers)
+        depth = len(self.blocks)
+        bad = [layer for layer in return_layers if not 1 <= layer <= depth]
+        if bad:
+            raise ValueError(f"return_layers {bad} out of range: blocks are numbered 1..{depth}")
+        wanted = set(return_layers)
+        taps: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks, start=1):
             x = block(x, attn_mask=attn_mask)
             if index in wanted:
-                taps[wanted[index]] = x
-        return x, taps  # type: ignore[return-value]
+                taps[index] = x
+        return x, [taps[layer] for layer in return_layers]

@@ -71,7 +71,7 @@ class VectorQuantizer(nn.Module):
             codebook = self._codebook()
             flat = z.reshape(-1, self.code_dim)  # (B*K, C)
             # ||z||^2 - 2 z.e + ||e||^2; the ||z||^2 term does not change the argmin.
-            distances = (codebook.square().sum(dim=1) - 2.0 * flat @ codebook.t())  # (B*K, V)
+            distances = codebook.square().sum(dim=1) - 2.0 * flat @ codebook.t()  # (B*K, V)
             indices = distances.argmin(dim=1).view(z.shape[:-1])  # (B, K)
             quantized = F.embedding(indices, codebook)  # (B, K, C)
             commitment = self.commitment_weight * F.mse_loss(z, quantized.detach())

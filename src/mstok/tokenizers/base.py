@@ -49,12 +49,28 @@ class TokenizerConfig:
     family: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        for name in (
+            "image_size",
+            "patch_size",
+            "width",
+            "depth",
+            "num_heads",
+            "num_latent_tokens",
+            "codebook_size",
+            "code_dim",
+            "proxy_codebook_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("mlp_ratio", "commitment_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not isinstance(self.use_l2_norm, bool):
+            raise ValueError(f"use_l2_norm must be true or false, got {self.use_l2_norm!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        for name in ("image_size", "patch_size", "width", "depth", "num_heads", "num_latent_tokens",
-                     "codebook_size", "code_dim", "proxy_codebook_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
         if self.head not in HEADS:
@@ -82,9 +98,7 @@ class TokenizerConfig:
         """Build a config, rejecting unknown fields with the list of valid ones."""
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise ValueError(
-                f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}"
-            )
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}")
         converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**converted)
 
@@ -184,7 +198,7 @@ class Tokenizer(nn.Module):
         """Training forward: encode, quantize (straight-through), decode."""
         images = self.check_images(images)
         quant = self.quantizer(self.encoder(images))
-        out = self.decoder(quant.codes)
+        out = self.decode_codes(quant.codes)
         pixels = self.config.head == "pixels"
         return TokenizerOutput(
             reconstruction=out if pixels else None,
@@ -233,8 +247,10 @@ class Tokenizer(nn.Module):
     # ----------------------------------------------------------------- bookkeeping
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part: encoder, decoder, quantizer and total."""
-        counts = {name: sum(p.numel() for p in getattr(self, name).parameters())
-                  for name in ("encoder", "decoder", "quantizer")}
+        counts = {
+            name: sum(p.numel() for p in getattr(self, name).parameters())
+            for name in ("encoder", "decoder", "quantizer")
+        }
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 

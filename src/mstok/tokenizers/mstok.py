@@ -64,7 +64,14 @@ class MsTokConfig(TokenizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        layers = tuple(int(x) for x in self.memory_layers)
+        for name in ("scale_embedding", "qam_self_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.memory_layers, (list, tuple)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in self.memory_layers
+        ):
+            raise ValueError(f"memory_layers must be a list of block numbers, got {self.memory_layers!r}")
+        layers = tuple(self.memory_layers)
         self.memory_layers = layers
         if not layers or list(layers) != sorted(set(layers)):
             raise ValueError(f"memory_layers must be a non-empty increasing list, got {list(layers)}")
@@ -77,7 +84,7 @@ class MsTokConfig(TokenizerConfig):
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
-        if self.qam_depth < 1:
+        if not isinstance(self.qam_depth, int) or self.qam_depth < 1:
             raise ValueError(f"qam_depth must be at least 1, got {self.qam_depth}")
 
     @property

@@ -23,8 +23,15 @@ SIZES: dict[str, dict[str, int]] = {
 MEMORY_LAYERS = {"S": (2, 4, 6, 8), "B": (3, 6, 9, 12), "L": (6, 12, 18, 24)}
 
 # Small models for tests and CPU demos: 64x64 images, patch 8 (P = 64), K = 32.
-_TINY = {"image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "num_heads": 4,
-         "num_latent_tokens": 32, "codebook_size": 1024}
+_TINY = {
+    "image_size": 64,
+    "patch_size": 8,
+    "width": 128,
+    "depth": 4,
+    "num_heads": 4,
+    "num_latent_tokens": 32,
+    "codebook_size": 1024,
+}
 
 
 def _sized(size: str, k: int, family: str) -> dict[str, Any]:

@@ -113,8 +113,13 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
         }
         return save_checkpoint(
-            self.ckpt_dir, self.step, self.model, self.ema.module.state_dict(), state,
-            self.config.to_json(), self.config.keep_last,
+            self.ckpt_dir,
+            self.step,
+            self.model,
+            self.ema.module.state_dict(),
+            state,
+            self.config.to_json(),
+            self.config.keep_last,
         )
 
     # ----------------------------------------------------------------- data
@@ -193,8 +198,12 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - started
                     mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                    entry = {"step": self.step, **mean, "images_per_s": len(window) * cfg.batch_size / elapsed,
-                             "skipped": self.skipped}
+                    entry = {
+                        "step": self.step,
+                        **mean,
+                        "images_per_s": len(window) * cfg.batch_size / elapsed,
+                        "skipped": self.skipped,
+                    }
                     log_file.write(json.dumps(entry) + "\n")
                     log_file.flush()
                     bar.set_postfix(loss=f"{mean['loss']:.4f}", usage=f"{mean['usage']:.2f}")

@@ -1,0 +1,223 @@
+"""The trainer: schedule, parameter groups, config files, EMA, checkpoints, resume, failures."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mstok.data import InMemoryImages, RandomResizedCropFlip
+from mstok.demo import TRAIN_PHOTOS, skimage_photos
+from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.training import Trainer, latest_checkpoint, load_train_config
+from mstok.training.checkpoint import EMA_FILE
+from mstok.training.optim import ema_update_fn, no_decay_parameter_names, warmup_cosine
+
+
+def _config(tmp_path, *extra):
+    return load_train_config(
+        None,
+        [
+            "model.preset='mstok_tiny'",
+            "steps=6",
+            "batch_size=4",
+            f"out_dir='{tmp_path}'",
+            "data.num_workers=0",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=2",
+            "log_every=2",
+            "ckpt_every=3",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return skimage_photos(TRAIN_PHOTOS[:2])
+
+
+def _dataset(photos):
+    return InMemoryImages(photos, RandomResizedCropFlip(64, scale=(0.05, 0.3)))
+
+
+def test_warmup_cosine_shape():
+    lrs = [warmup_cosine(s, 100, 10, 1.0, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:10]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert warmup_cosine(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)  # cosine midpoint
+
+
+def test_weight_decay_only_on_matrices():
+    model = create_tokenizer("mstok_tiny")
+    exempt = no_decay_parameter_names(model)
+    names = dict(model.named_parameters())
+    for name in (
+        "encoder.query_tokens",
+        "encoder.patch_tokens.pos_embed",
+        "encoder.memory.scale_embed",
+        "decoder.mask_token",
+        "quantizer.embedding.weight",
+        "encoder.ln_post.weight",
+        "encoder.proj.bias",
+    ):
+        assert name in names and name in exempt, name
+    for name in (
+        "encoder.proj.weight",
+        "encoder.patch_tokens.patch_embed.proj.weight",
+        "decoder.transformer.blocks.0.attn.qkv.weight",
+    ):
+        assert name in names and name not in exempt, name
+
+
+def test_ema_update_matches_formula():
+    update = ema_update_fn(0.9, warmup=True)
+    ema, new = [torch.zeros(3)], [torch.ones(3)]
+    update(ema, new, torch.tensor(1))  # warmup decay: min(0.9, 2/11)
+    assert torch.allclose(ema[0], torch.full((3,), 1 - 2 / 11))
+    update = ema_update_fn(0.9, warmup=False)
+    ema = [torch.zeros(3)]
+    update(ema, new, torch.tensor(100))
+    assert torch.allclose(ema[0], torch.full((3,), 0.1))
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'steps = 7\n[model]\npreset = "titok_tiny"\n[model.overrides]\nnum_latent_tokens = 16\n'
+        "[optim]\nbetas = [0.8, 0.9]\n"
+    )
+    cfg = load_train_config(path, ["optim.lr=2e-3", "data.path=/some/where"])
+    assert cfg.steps == 7 and cfg.model.preset == "titok_tiny" and cfg.model.overrides == {"num_latent_tokens": 16}
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.optim.lr == 2e-3 and cfg.data.path == "/some/where"
+    with pytest.raises(ValueError, match="unknown key"):
+        load_train_config(path, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_train_config(path, ["steps"])
+    with pytest.raises(ValueError, match="precision"):
+        load_train_config(path, ["precision='fp8'"])
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_train_config(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("steps = = 3")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_train_config(tmp_path / "bad.toml")
+
+
+def test_trainer_needs_data(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.path"):
+        Trainer(_config(tmp_path), progress=False)
+
+
+def _weights(trainer):
+    return {**trainer.model.state_dict(), **{"ema." + k: v for k, v in trainer.ema.module.state_dict().items()}}
+
+
+def test_resume_is_bit_identical(tmp_path, photos):
+    straight = Trainer(_config(tmp_path / "a"), dataset=_dataset(photos), progress=False)
+    straight.fit()
+
+    first = Trainer(_config(tmp_path / "b", "steps=6"), dataset=_dataset(photos), progress=False)
+    first.config.steps = 3  # "killed" after step 3: only the step-3 checkpoint survives
+    first.fit()
+    resumed = Trainer(_config(tmp_path / "b"), dataset=_dataset(photos), progress=False)
+    assert resumed.resume("auto").name == "step_0000003"
+    resumed.fit()
+
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in straight.history[3:]] == [h["loss"] for h in resumed.history]
+
+
+def test_workers_do_not_change_the_data(tmp_path, photos):
+    runs = []
+    for workers in (0, 2):
+        trainer = Trainer(
+            _config(tmp_path / str(workers), "steps=2", f"data.num_workers={workers}"),
+            dataset=_dataset(photos),
+            progress=False,
+        )
+        trainer.fit()
+        runs.append(trainer.model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_checkpoints_are_complete_pruned_and_loadable(tmp_path, photos):
+    trainer = Trainer(_config(tmp_path, "ckpt_every=2", "keep_last=2"), dataset=_dataset(photos), progress=False)
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".tmp-step_0000099").mkdir()  # a crashed write
+    trainer.fit()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_0000004", "step_0000006"]
+    latest = latest_checkpoint(tmp_path / "checkpoints")
+    ema_model = load_tokenizer(latest, weights=EMA_FILE)
+    for k, v in ema_model.state_dict().items():
+        assert torch.equal(v, trainer.ema.module.state_dict()[k])
+    assert json.loads((latest / "train_config.json").read_text())["steps"] == 6
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6]
+    assert {"loss", "l1", "mse", "quantizer", "lr", "grad_norm", "usage", "perplexity", "skipped"} <= lines[0].keys()
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, photos):
+    trainer = Trainer(_config(tmp_path, "steps=3", "ckpt_every=1"), dataset=_dataset(photos), progress=False)
+    trainer.config.steps = 1
+    trainer.fit()
+    saved = latest_checkpoint(tmp_path / "checkpoints")
+    before = load_tokenizer(saved).state_dict()
+    trainer.config.steps = 3
+    original = trainer.loss_fn.forward
+
+    def exploding(output, target):
+        total, terms = original(output, target)
+        return total * float("nan"), terms
+
+    trainer.loss_fn.forward = exploding
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 2.*step_0000001"):
+        trainer.fit()
+    after = load_tokenizer(saved).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_broken_files_are_counted_and_all_broken_is_an_error(tmp_path):
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (70, 70), (i * 60, 100, 50)).save(folder / f"ok{i}.png")
+    (folder / "broken.jpg").write_bytes(b"garbage")
+    trainer = Trainer(_config(tmp_path / "run", "steps=4", f"data.path='{tmp_path / 'imgs'}'"), progress=False)
+    trainer.fit()
+    assert trainer.step == 4 and trainer.skipped >= 1
+    only_broken = tmp_path / "broken" / "a"
+    only_broken.mkdir(parents=True)
+    for i in range(3):
+        (only_broken / f"b{i}.png").write_bytes(b"nope")
+    trainer = Trainer(_config(tmp_path / "run2", f"data.path='{tmp_path / 'broken'}'"), progress=False)
+    with pytest.raises(ValueError, match="no readable image"):
+        trainer.fit()
+
+
+def test_loss_falls_on_real_images(tmp_path, tiny_imagenet):
+    cfg = load_train_config(
+        Path(__file__).resolve().parents[1] / "configs" / "mstok_tiny.toml",
+        [
+            "steps=30",
+            "batch_size=32",
+            f"out_dir='{tmp_path}'",
+            f"data.path='{tiny_imagenet}'",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=5",
+            "data.num_workers=2",
+            "ckpt_every=30",
+        ],
+    )
+    history = Trainer(cfg, progress=False).fit()
+    first = sum(h["l1"] for h in history[:5]) / 5
+    last = sum(h["l1"] for h in history[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
