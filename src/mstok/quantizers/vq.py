@@ -24,6 +24,7 @@ class QuantizerOutput:
     """What the quantizer returns.
 
     Attributes:
+        latents: (B, K, C) the float32 inputs as searched (L2-normalised when enabled).
         codes: (B, K, C) quantized vectors with straight-through gradients to the input.
         indices: (B, K) long code ids in [0, V).
         loss: commitment + codebook loss (scalar).
@@ -31,6 +32,7 @@ class QuantizerOutput:
         codebook_loss: ||sg[z] - q||^2 (scalar).
     """
 
+    latents: torch.Tensor
     codes: torch.Tensor
     indices: torch.Tensor
     loss: torch.Tensor
@@ -57,6 +59,8 @@ class VectorQuantizer(nn.Module):
         self.use_l2_norm = use_l2_norm
         self.commitment_weight = commitment_weight
         self.embedding = nn.Embedding(codebook_size, code_dim)
+        # Running (EMA) count of how often each code is picked; drives dead-code revival.
+        self.register_buffer("usage_ema", torch.zeros(codebook_size))
 
     def _codebook(self) -> torch.Tensor:
         weight = self.embedding.weight.float()  # (V, C)
@@ -77,11 +81,46 @@ class VectorQuantizer(nn.Module):
             commitment = self.commitment_weight * F.mse_loss(z, quantized.detach())
             codebook_loss = F.mse_loss(quantized, z.detach())
             codes = z + (quantized - z).detach()  # straight-through estimator
-        return QuantizerOutput(codes, indices, commitment + codebook_loss, commitment, codebook_loss)
+        return QuantizerOutput(z, codes, indices, commitment + codebook_loss, commitment, codebook_loss)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, K) long ids -> (B, K, C) float32 codes (normalised when ``use_l2_norm``)."""
         return F.embedding(indices, self._codebook())
+
+    @torch.no_grad()
+    def revive_dead_codes(
+        self, latents: torch.Tensor, indices: torch.Tensor, decay: float = 0.9, threshold: float = 0.01
+    ) -> int:
+        """Re-seed codes that have fallen out of use with encoder outputs of this batch.
+
+        A code nobody picks gets no gradient and stays dead; early in training most codes
+        are far from the small cloud of encoder outputs and the whole image collapses onto
+        a handful of codes. Moving dead codes onto randomly chosen current latents puts
+        the codebook where the data is; since the counts start at zero, the first call seeds
+        the whole codebook from real latents (a data-dependent initialisation). Called by
+        the trainer after each step.
+
+        Args:
+            latents: (B, K, C) the quantizer's searched inputs (``QuantizerOutput.latents``).
+            indices: (B, K) the ids chosen for them.
+            decay: EMA decay of the per-code usage counts.
+            threshold: a code is dead when its EMA count falls below ``threshold`` times the
+                average count per code (B*K/V).
+
+        Returns:
+            the number of codes revived.
+        """
+        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).to(self.usage_ema)
+        self.usage_ema.mul_(decay).add_(counts, alpha=1.0 - decay)
+        dead = (self.usage_ema < threshold * counts.mean()).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        flat = latents.reshape(-1, self.code_dim).float()
+        pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
+        self.embedding.weight.data[dead] = flat[pick].to(self.embedding.weight.dtype)
+        # a revived code gets one batch-average's worth of usage as a grace period
+        self.usage_ema[dead] = counts.mean()
+        return int(dead.numel())
 
     @torch.no_grad()
     def usage_statistics(self, indices: torch.Tensor) -> dict[str, float]:

@@ -115,6 +115,7 @@ class TokenizerOutput:
         reconstruction: (B, 3, H, W) unclamped pixels for the ``pixels`` head, else None.
         logits: (B, P, V_proxy) proxy-code logits for the ``proxy_codes`` head, else None.
         indices: (B, K) code ids.
+        latents: (B, K, C) float32 encoder outputs as the quantizer searched them.
         quantizer_loss: commitment + codebook loss (scalar).
         commitment_loss: the commitment part (scalar).
         codebook_loss: the codebook part (scalar).
@@ -123,6 +124,7 @@ class TokenizerOutput:
     reconstruction: torch.Tensor | None
     logits: torch.Tensor | None
     indices: torch.Tensor
+    latents: torch.Tensor
     quantizer_loss: torch.Tensor
     commitment_loss: torch.Tensor
     codebook_loss: torch.Tensor
@@ -204,6 +206,7 @@ class Tokenizer(nn.Module):
             reconstruction=out if pixels else None,
             logits=None if pixels else out,
             indices=quant.indices,
+            latents=quant.latents,
             quantizer_loss=quant.loss,
             commitment_loss=quant.commitment_loss,
             codebook_loss=quant.codebook_loss,

@@ -79,6 +79,7 @@ class TrainConfig:
     batch_size: int = 32
     ema_decay: float = 0.999
     ema_warmup: bool = True
+    dead_code_threshold: float = 0.01
     seed: int = 0
     out_dir: str = "runs/train"
     device: str = "auto"

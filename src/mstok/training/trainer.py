@@ -173,8 +173,19 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.ema.update_parameters(self.model)
+        revived = 0
+        if cfg.dead_code_threshold > 0:
+            revived = self.model.quantizer.revive_dead_codes(
+                output.latents.detach(), output.indices, threshold=cfg.dead_code_threshold
+            )
         stats = self.model.quantizer.usage_statistics(output.indices)
-        return {**terms, "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"], **stats}
+        return {
+            **terms,
+            "revived_codes": revived,
+            "grad_norm": float(grad_norm),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **stats,
+        }
 
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``config.steps``; returns the per-step history (also in ``log.jsonl``)."""

@@ -1,0 +1,122 @@
+"""The ``mstok`` command line and the demo, end to end with a handful of steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mstok.cli import main
+from mstok.demo import run_demo
+from mstok.tokenizers import list_presets, load_tokenizer
+from mstok.training import latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_presets_lists_every_preset_with_counts(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in list_presets():
+        assert name in out
+    row = next(line for line in out.splitlines() if line.startswith("mstok_b64"))
+    assert "95.37M" in row  # encoder parameters, matching the paper's ~95M
+
+
+def _image_folder(root: Path, n: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_train_command_writes_a_loadable_checkpoint(tmp_path, capsys):
+    data = _image_folder(tmp_path / "imgs")
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "titok_tiny.toml"),
+        "--no-progress",
+        "--set",
+        "steps=2",
+        "--set",
+        "batch_size=2",
+        "--set",
+        f"data.path='{data}'",
+        "--set",
+        f"out_dir='{tmp_path / 'run'}'",
+        "--set",
+        "data.num_workers=0",
+    ]
+    assert main(args) == 0
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == "step_0000002"
+    assert load_tokenizer(checkpoint).config.family == "titok"
+    assert main([*args, "--resume", "auto", "--set", "steps=3"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_0000003"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "model.preset='mstok_b6'"], "unknown preset 'mstok_b6'"),
+        (["--set", "optim.lr_typo=1"], "unknown key"),
+        (["--set", "data.path='/does/not/exist'"], "image folder not found"),
+    ],
+)
+def test_train_command_reports_bad_input(tmp_path, capsys, extra, message):
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "mstok_tiny.toml"),
+        "--no-progress",
+        "--set",
+        f"out_dir='{tmp_path}'",
+        *extra,
+    ]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_writes_a_report(tmp_path):
+    report = run_demo(out_dir=tmp_path, steps=3, batch_size=4, progress=False)
+    text = report.read_text()
+    assert "| titok_tiny |" in text and "| mstok_tiny |" in text
+    for picture in ("grid.png", "loss_curves.png"):
+        assert f"({picture})" in text
+        with Image.open(tmp_path / picture) as image:
+            assert image.size[0] > 200
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("titok_tiny", "mstok_tiny"):
+        assert metrics[name]["tokens_per_image"] == 32
+        assert metrics[name]["bits_per_pixel"] == pytest.approx(32 * 10 / 64**2)
+        assert np.isfinite(metrics[name]["psnr"]) and 0 < metrics[name]["ssim"] <= 1
+
+
+def test_demo_command_on_a_folder(tmp_path, capsys):
+    data = _image_folder(tmp_path / "imgs", n=12)
+    assert (
+        main(
+            [
+                "demo",
+                "--data",
+                str(data),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "report written to" in capsys.readouterr().out
+    assert (tmp_path / "out" / "report.md").is_file()
