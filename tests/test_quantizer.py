@@ -201,3 +201,35 @@ def test_usage_statistics_half_the_codes() -> None:
     assert skewed["perplexity"] == pytest.approx(
         float(torch.tensor([0.75, 0.25]).pow(-torch.tensor([0.75, 0.25])).prod())
     )
+
+
+# ------------------------------------------------------------------ dead-code revival
+def test_first_revival_seeds_the_codebook_from_latents() -> None:
+    vq = VectorQuantizer(codebook_size=16, code_dim=4, use_l2_norm=True)
+    out = vq(torch.randn(8, 4, 4))
+    revived = vq.revive_dead_codes(out.latents, out.indices)
+    # usage starts at zero: every code not picked in this batch is dead and moves onto a latent
+    picked = set(out.indices.unique().tolist())
+    assert revived == 16 - len(picked)
+    latents = out.latents.reshape(-1, 4)
+    for code in set(range(16)) - picked:
+        distances = (latents - vq.embedding.weight[code]).norm(dim=1)
+        assert distances.min().item() < 1e-6
+
+
+def test_used_codes_survive_and_unused_codes_die_after_a_while() -> None:
+    vq = VectorQuantizer(codebook_size=8, code_dim=3, use_l2_norm=False)
+    latents = torch.randn(4, 2, 3)
+    always = torch.zeros(4, 2, dtype=torch.long)  # only code 0 is ever used
+    vq.usage_ema.fill_(1.0)  # pretend all codes were in use
+    before = vq.embedding.weight.detach().clone()
+    calls, revived = 0, 0
+    while not revived and calls < 200:
+        revived = vq.revive_dead_codes(latents, always, decay=0.9, threshold=0.01)
+        calls += 1
+    # 1.0 * 0.9**n < 0.01 * mean count (8 ids / 8 codes = 1) first holds at n = 44
+    assert calls == 44 and revived == 7
+    assert torch.equal(vq.embedding.weight[0], before[0])
+    moved = vq.embedding.weight[1:]
+    flat = latents.reshape(-1, 3)
+    assert all((flat - row).norm(dim=1).min() < 1e-6 for row in moved)
