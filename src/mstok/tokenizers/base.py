@@ -152,8 +152,12 @@ class Tokenizer(nn.Module):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- checks
-    def check_images(self, images: Any) -> torch.Tensor:
-        """Validate a batch of images: float (B, 3, H, W) in [0, 1] at the model's resolution."""
+    def check_images(self, images: Any, check_values: bool = True) -> torch.Tensor:
+        """Validate a batch of images: float (B, 3, H, W) in [0, 1] at the model's resolution.
+
+        ``check_values=False`` skips the value checks (NaN, range): they reduce over the whole
+        batch and force a device sync, which the training forward should not pay every step.
+        """
         cfg = self.config
         if not isinstance(images, torch.Tensor):
             raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
@@ -171,9 +175,11 @@ class Tokenizer(nn.Module):
                 f"this tokenizer takes {cfg.image_size}x{cfg.image_size} images, got "
                 f"{images.shape[2]}x{images.shape[3]}; resize or crop first"
             )
-        if images.numel() and not torch.isfinite(images).all():
+        if not check_values or not images.numel():
+            return images
+        if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values")
-        if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+        if images.min() < -1e-3 or images.max() > 1 + 1e-3:
             raise ValueError(
                 f"images must be in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
             )
@@ -197,8 +203,10 @@ class Tokenizer(nn.Module):
 
     # ----------------------------------------------------------------- compute
     def forward(self, images: torch.Tensor) -> TokenizerOutput:
-        """Training forward: encode, quantize (straight-through), decode."""
-        images = self.check_images(images)
+        """Training forward: encode, quantize (straight-through), decode.
+
+        Checks shape and dtype only; ``encode`` also checks values (range, NaN)."""
+        images = self.check_images(images, check_values=False)
         quant = self.quantizer(self.encoder(images))
         out = self.decode_codes(quant.codes)
         pixels = self.config.head == "pixels"
