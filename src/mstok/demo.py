@@ -143,7 +143,7 @@ def run_demo(
         config = TrainConfig(
             model=ModelConfig(preset=name),
             data=DataConfig(num_workers=0),
-            optim=OptimConfig(lr=1e-3, end_lr=1e-4, warmup_steps=max(1, steps // 20)),
+            optim=OptimConfig(lr=5e-4, end_lr=5e-5, warmup_steps=max(1, steps // 20)),
             steps=steps,
             batch_size=batch_size,
             ema_decay=0.999,
@@ -187,7 +187,7 @@ def _report_text(
         "# mstok demo: TiTok vs MsTok at the same budget",
         "",
         f"Trained on random 64x64 crops of {source}; {steps} steps, batch {batch}, seed {seed}, "
-        "AdamW lr 1e-3 with warmup + cosine, L1 + MSE + VQ losses. Evaluated with EMA weights on "
+        "AdamW lr 5e-4 with warmup + cosine, L1 + MSE + VQ losses. Evaluated with EMA weights on "
         f"{n_eval} held-out crops of {held}.",
         "",
         "| model | params | tokens/image | bits/pixel | PSNR (dB) | SSIM | codebook usage | final loss | train time |",
