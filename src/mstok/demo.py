@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from mstok.data import InMemoryImages, RandomResizedCropFlip, find_images, load_rgb, to_tensor
 from mstok.evaluation.metrics import bits_per_pixel, psnr, ssim
-from mstok.tokenizers import Tokenizer, load_tokenizer
+from mstok.tokenizers import Tokenizer, load_tokenizer, preset_config
 from mstok.training import TrainConfig, Trainer
 from mstok.training.checkpoint import EMA_FILE
 from mstok.training.config import DataConfig, ModelConfig, OptimConfig
@@ -138,6 +138,12 @@ def run_demo(
         source, per_photo = f"{data} ({len(train_photos)} training images)", 1
         held_desc = f"{len(held_photos)} images (every 10th file)"
 
+    sizes = {preset_config(name).image_size for name in MODELS}
+    if len(sizes) != 1:
+        raise ValueError(f"demo models must share one resolution, got {sorted(sizes)}")
+    size = sizes.pop()
+    crops = held_out_crops(held_photos, size, per_photo, seed)  # the same held-out batch for every model
+
     results, histories, recons = {}, {}, {}
     for name in MODELS:
         config = TrainConfig(
@@ -153,14 +159,12 @@ def run_demo(
             ckpt_every=steps,
             keep_last=1,
         )
-        size = 64  # both tiny presets are 64x64
         dataset = InMemoryImages(train_photos, RandomResizedCropFlip(size, CROP_SCALE if data is None else (0.5, 1.0)))
         trainer = Trainer(config, dataset=dataset, progress=progress)
         started = time.perf_counter()
         histories[name] = trainer.fit()
         seconds = time.perf_counter() - started
         model = load_tokenizer(trainer.ckpt_dir / f"step_{steps:07d}", weights=EMA_FILE)
-        crops = held_out_crops(held_photos, size, per_photo, seed)
         recons[name], metrics = _evaluate(model, crops)
         counts = model.parameter_counts()
         results[name] = {
