@@ -15,7 +15,7 @@ from mstok.demo import TRAIN_PHOTOS, skimage_photos
 from mstok.tokenizers import create_tokenizer, load_tokenizer
 from mstok.training import Trainer, latest_checkpoint, load_train_config
 from mstok.training.checkpoint import EMA_FILE
-from mstok.training.optim import ema_update_fn, no_decay_parameter_names, warmup_cosine
+from mstok.training.optim import ModelEMA, ema_decay_at, no_decay_parameter_names, warmup_cosine
 
 
 def _config(tmp_path, *extra):
@@ -77,14 +77,17 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_ema_update_matches_formula():
-    update = ema_update_fn(0.9, warmup=True)
-    ema, new = [torch.zeros(3)], [torch.ones(3)]
-    update(ema, new, torch.tensor(1))  # warmup decay: min(0.9, 2/11)
-    assert torch.allclose(ema[0], torch.full((3,), 1 - 2 / 11))
-    update = ema_update_fn(0.9, warmup=False)
-    ema = [torch.zeros(3)]
-    update(ema, new, torch.tensor(100))
-    assert torch.allclose(ema[0], torch.full((3,), 0.1))
+    assert ema_decay_at(0.9, 1, warmup=True) == pytest.approx(2 / 11)
+    assert ema_decay_at(0.9, 100, warmup=True) == 0.9 and ema_decay_at(0.9, 0, warmup=False) == 0.9
+    model = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = ModelEMA(model, 0.9, warmup=True)
+    torch.nn.init.ones_(model.weight)
+    ema.update(model)  # n = 0: decay min(0.9, 1/10) = 0.1
+    ema.update(model)  # n = 1: decay 2/11
+    expected = 1 - 0.1 * (2 / 11)
+    assert torch.allclose(ema.module.weight, torch.full((1, 3), expected)) and ema.num_updates == 2
+    assert not ema.module.weight.requires_grad
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -119,20 +122,22 @@ def _weights(trainer):
 
 
 def test_resume_is_bit_identical(tmp_path, photos):
-    straight = Trainer(_config(tmp_path / "a"), dataset=_dataset(photos), progress=False)
+    """A run killed after step 10 and resumed to step 20 ends bit-identical to a straight run."""
+    straight = Trainer(_config(tmp_path / "a", "steps=20", "log_every=1", "ckpt_every=10"), _dataset(photos), False)
     straight.fit()
 
-    first = Trainer(_config(tmp_path / "b", "steps=6"), dataset=_dataset(photos), progress=False)
-    first.config.steps = 3  # "killed" after step 3: only the step-3 checkpoint survives
+    first = Trainer(_config(tmp_path / "b", "steps=20", "log_every=1", "ckpt_every=10"), _dataset(photos), False)
+    first.config.steps = 10  # "killed" after step 10: only the step-10 checkpoint survives
     first.fit()
-    resumed = Trainer(_config(tmp_path / "b"), dataset=_dataset(photos), progress=False)
-    assert resumed.resume("auto").name == "step_0000003"
+    resumed = Trainer(_config(tmp_path / "b", "steps=20", "log_every=1", "ckpt_every=10"), _dataset(photos), False)
+    assert resumed.resume("auto").name == "step_0000010"
     resumed.fit()
 
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["loss"] for h in straight.history[3:]] == [h["loss"] for h in resumed.history]
+    assert [h["loss"] for h in straight.history[10:]] == [h["loss"] for h in resumed.history]
+    assert [h["step"] for h in resumed.history] == list(range(11, 21))
 
 
 def test_workers_do_not_change_the_data(tmp_path, photos):
@@ -160,8 +165,11 @@ def test_checkpoints_are_complete_pruned_and_loadable(tmp_path, photos):
     for k, v in ema_model.state_dict().items():
         assert torch.equal(v, trainer.ema.module.state_dict()[k])
     assert json.loads((latest / "train_config.json").read_text())["steps"] == 6
-    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "start" and records[0]["world_size"] == 1
+    lines = [x for x in records if "loss" in x and "epoch" not in x]
     assert [x["step"] for x in lines] == [2, 4, 6]
+    assert [x["epoch"] for x in records if "epoch" in x] == [0, 1, 2]  # 2 images: an epoch ends every 2 steps
     assert {"loss", "l1", "mse", "quantizer", "lr", "grad_norm", "usage", "perplexity", "skipped"} <= lines[0].keys()
 
 
@@ -174,9 +182,9 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, photos):
     trainer.config.steps = 3
     original = trainer.loss_fn.forward
 
-    def exploding(output, target):
-        total, terms = original(output, target)
-        return total * float("nan"), terms
+    def exploding(*args, **kwargs):
+        total, terms = original(*args, **kwargs)
+        return total * float("nan"), {**terms, "loss": terms["loss"] * float("nan")}
 
     trainer.loss_fn.forward = exploding
     with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 2.*step_0000001"):
@@ -214,6 +222,7 @@ def test_loss_falls_on_real_images(tmp_path, tiny_imagenet):
             "optim.lr=1e-3",
             "optim.warmup_steps=5",
             "data.num_workers=2",
+            "log_every=1",
             "ckpt_every=30",
         ],
     )

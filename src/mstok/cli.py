@@ -1,4 +1,4 @@
-"""The ``mstok`` command line: ``presets``, ``train`` and ``demo``."""
+"""The ``mstok`` command line: ``presets``, ``train``, ``demo`` and ``data``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_to_shards(args: argparse.Namespace) -> int:
+    from mstok.data.shards import write_shards
+
+    index = write_shards(
+        args.src,
+        args.dst,
+        shard_size=args.shard_size,
+        seed=None if args.no_shuffle else args.seed,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        workers=args.workers,
+    )
+    skipped = index["skipped"]
+    order = "sorted order" if index["seed"] is None else f"shuffled with seed {index['seed']}"
+    print(
+        f"wrote {index['num_samples']} images of {len(index['classes'])} classes into {len(index['shards'])} "
+        f"shards in {args.dst} ({order}); skipped {len(skipped)} unreadable file(s)"
+        + (f", e.g. {skipped[0]['path']}" if skipped else "")
+        + f"; the index is {args.dst}/index.json"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mstok", description="Compact 1D image tokenizers (MsTok, TiTok).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -94,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    data = sub.add_parser("data", help="prepare datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    to_shards = data_sub.add_parser("to-shards", help="convert an image folder into WebDataset tar shards")
+    to_shards.add_argument("src", help="image folder (class = first-level sub-folder)")
+    to_shards.add_argument("dst", help="output folder for shard-NNNNNN.tar and index.json")
+    to_shards.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    order = to_shards.add_mutually_exclusive_group()
+    order.add_argument("--seed", type=int, default=0, help="seed of the shuffled sample order (default 0)")
+    order.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
+    to_shards.add_argument("--overwrite", action="store_true", help="replace shards already in DST")
+    to_shards.add_argument("--workers", type=int, default=0, help="processes that test-decode images (default 0)")
+    to_shards.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    to_shards.set_defaults(func=_cmd_data_to_shards)
     return parser
 
 
@@ -103,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         print(f"mstok {args.command}: error: {err}", file=sys.stderr)
         return 2
 

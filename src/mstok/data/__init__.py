@@ -6,10 +6,12 @@ from mstok.data.images import (
     EpochSampler,
     ImageFolder,
     InMemoryImages,
+    SkipBroken,
     collate_skip_broken,
     find_images,
     load_rgb,
 )
+from mstok.data.shards import ShardDataset, open_image_dataset, write_shards
 from mstok.data.transforms import RandomResizedCropFlip, center_crop_resize, to_tensor
 
 __all__ = [
@@ -19,9 +21,13 @@ __all__ = [
     "ImageFolder",
     "InMemoryImages",
     "RandomResizedCropFlip",
+    "ShardDataset",
+    "SkipBroken",
     "center_crop_resize",
     "collate_skip_broken",
     "find_images",
     "load_rgb",
+    "open_image_dataset",
     "to_tensor",
+    "write_shards",
 ]

@@ -2,8 +2,9 @@
 
 Datasets are indexed by ``(index, seed)`` pairs produced by :class:`EpochSampler`; the seed
 drives the augmentation, so the same pair always gives the same tensor. A file that cannot
-be decoded yields ``None`` and a warning; :func:`collate_skip_broken` drops those samples
-and counts them, so one broken JPEG never stops a run.
+be decoded yields ``None`` and a warning; :class:`SkipBroken` replaces those samples by the
+next readable one and :func:`collate_skip_broken` counts them, so one broken JPEG never
+stops a run.
 """
 
 from __future__ import annotations
@@ -113,12 +114,26 @@ class EpochSampler(Sampler):
 
     Both depend only on ``(seed, epoch, position)``, so starting at ``start`` (a count of
     samples already consumed) reproduces exactly the stream an uninterrupted run would see.
+
+    Data parallelism: the global stream is cut into chunks of ``world_size * chunk`` samples
+    (one micro-batch per rank) and rank ``r`` takes the ``r``-th slice of every chunk. The
+    ranks thus see disjoint samples, and their union per step is exactly the batch a single
+    process with the same global batch would see, so DDP and single-process runs match.
+    ``start`` always counts global samples.
     """
 
-    def __init__(self, num_items: int, seed: int, start: int = 0) -> None:
+    def __init__(
+        self, num_items: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1, chunk: int = 1
+    ) -> None:
+        if num_items < 1:
+            raise ValueError("EpochSampler needs at least one item")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.num_items, self.seed, self.start = num_items, seed, start
+        self.rank, self.world_size, self.chunk = rank, world_size, chunk
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def global_stream(self) -> Iterator[tuple[int, int]]:
+        """Every rank's samples, in order, from ``start``."""
         epoch, offset = divmod(self.start, self.num_items)
         while True:
             order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
@@ -127,11 +142,48 @@ class EpochSampler(Sampler):
                 yield int(order[position]), sample_seed % 2**63
             epoch, offset = epoch + 1, 0
 
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        span = self.world_size * self.chunk
+        lo, hi = self.rank * self.chunk, (self.rank + 1) * self.chunk
+        for i, item in enumerate(self.global_stream()):
+            if lo <= i % span < hi:
+                yield item
 
-def collate_skip_broken(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the readable samples; returns (images (B', 3, S, S), labels (B',), skipped count)."""
+
+class SkipBroken(Dataset):
+    """Replace an undecodable sample by the next readable one, keeping batch sizes fixed.
+
+    Wraps a dataset whose items may be ``None`` (a corrupt file) and returns
+    ``(image, label, skipped)`` where ``skipped`` counts the files passed over. Fixed batch
+    sizes keep DDP ranks in lockstep (no rank ever holds an empty batch) and let compiled
+    models keep static shapes; the substitute depends only on ``(index, seed)``, so runs stay
+    reproducible. A dataset with no readable file at all is an error.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        index, seed = key
+        for skipped in range(len(self.dataset)):
+            item = self.dataset[((index + skipped) % len(self.dataset), seed)]
+            if item is not None:
+                return item[0], item[1], skipped
+        raise ValueError(f"no readable image in the dataset ({len(self.dataset)} files failed to decode)")
+
+
+def collate_skip_broken(
+    batch: list[tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int] | None],
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the readable samples; returns (images (B', 3, S, S), labels (B',), skipped count).
+
+    Items are ``(image, label)``, ``None`` (dropped and counted) or ``(image, label, skipped)``
+    from :class:`SkipBroken` (kept; its count is added)."""
     good = [item for item in batch if item is not None]
-    skipped = len(batch) - len(good)
+    skipped = len(batch) - len(good) + sum(item[2] for item in good if len(item) == 3)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
     images = torch.stack([item[0] for item in good])

@@ -8,7 +8,7 @@
   ``768 ** -0.5 = 0.036``), this keeps activations and attention logits at the same scale
   for every width: at width 128 a 0.02 init leaves attention uniform, and tiny models
   spend hundreds of steps before any image information reaches the latent tokens.
-* ``nn.LayerNorm``: weight one, bias zero.
+* ``nn.LayerNorm`` and ``nn.GroupNorm`` (VQGAN blocks, GAN discriminator): weight one, bias zero.
 * ``nn.Embedding`` (the VQ codebook): uniform in ``[-1/V, 1/V]``, the classic VQ-VAE choice;
   with L2-normalised codes only the directions matter, and those are uniform either way.
 * Free parameters registered directly on a module (class token, positional embeddings,
@@ -31,7 +31,7 @@ def init_weights(model: nn.Module) -> None:
             nn.init.trunc_normal_(module.weight, std=fan_in**-0.5, a=-2 * fan_in**-0.5, b=2 * fan_in**-0.5)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             if module.weight is not None:
                 nn.init.ones_(module.weight)
             if module.bias is not None:

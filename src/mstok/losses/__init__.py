@@ -1,5 +1,18 @@
 """Training losses (kept outside the models)."""
 
-from mstok.losses.reconstruction import ReconstructionLoss
+from mstok.losses.gan import AdversarialLoss, LeCamEMA, PatchDiscriminator, hinge_d_loss, hinge_g_loss, lecam_loss
+from mstok.losses.objective import TokenizerLoss
+from mstok.losses.perceptual import LPIPS, VGG16Features, check_lpips_weights
 
-__all__ = ["ReconstructionLoss"]
+__all__ = [
+    "LPIPS",
+    "AdversarialLoss",
+    "LeCamEMA",
+    "PatchDiscriminator",
+    "TokenizerLoss",
+    "VGG16Features",
+    "check_lpips_weights",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "lecam_loss",
+]

@@ -90,7 +90,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def revive_dead_codes(
         self, latents: torch.Tensor, indices: torch.Tensor, decay: float = 0.9, threshold: float = 0.01
-    ) -> int:
+    ) -> torch.Tensor:
         """Re-seed codes that have fallen out of use with encoder outputs of this batch.
 
         A code nobody picks gets no gradient and stays dead; early in training most codes
@@ -108,19 +108,29 @@ class VectorQuantizer(nn.Module):
                 average count per code (B*K/V).
 
         Returns:
-            the number of codes revived.
+            the number of codes revived, as a 0-d tensor (reading it waits for the device).
         """
+        # Written without data-dependent shapes (no nonzero / boolean indexing) so that a
+        # training step never waits for the device; the random draw is the same size every
+        # call, which keeps the RNG stream and hence resumed runs reproducible.
         counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).to(self.usage_ema)
         self.usage_ema.mul_(decay).add_(counts, alpha=1.0 - decay)
-        dead = (self.usage_ema < threshold * counts.mean()).nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return 0
+        dead = self.usage_ema < threshold * counts.mean()  # (V,)
         flat = latents.reshape(-1, self.code_dim).float()
-        pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
-        self.embedding.weight.data[dead] = flat[pick].to(self.embedding.weight.dtype)
+        pick = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
+        weight = self.embedding.weight
+        weight.data.copy_(torch.where(dead[:, None], flat[pick].to(weight.dtype), weight.data))
         # a revived code gets one batch-average's worth of usage as a grace period
-        self.usage_ema[dead] = counts.mean()
-        return int(dead.numel())
+        self.usage_ema.copy_(torch.where(dead, counts.mean(), self.usage_ema))
+        return dead.sum()
+
+    @torch.no_grad()
+    def usage_tensors(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`usage_statistics` as 0-d tensors, for callers that must not wait for the device."""
+        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).double()
+        probs = counts / counts.sum().clamp_min(1)
+        entropy = -torch.special.xlogy(probs, probs).sum()
+        return {"usage": (counts > 0).double().mean(), "perplexity": entropy.exp()}
 
     @torch.no_grad()
     def usage_statistics(self, indices: torch.Tensor) -> dict[str, float]:
@@ -129,10 +139,4 @@ class VectorQuantizer(nn.Module):
         Perplexity is ``exp(entropy)`` of the empirical code distribution: V when all codes
         are used equally, 1 when a single code is used.
         """
-        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).double()
-        probs = counts / counts.sum().clamp_min(1)
-        entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-        return {
-            "usage": float((counts > 0).double().mean()),
-            "perplexity": float(entropy.exp()),
-        }
+        return {name: float(value) for name, value in self.usage_tensors(indices).items()}

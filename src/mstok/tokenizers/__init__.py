@@ -12,10 +12,12 @@ from mstok.tokenizers.registry import (
     tokenizer_from_config,
 )
 from mstok.tokenizers.titok import TiTok, TiTokConfig
+from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig, load_official_vqgan
 
 __all__ = [
     "PRESETS",
     "SIZES",
+    "MaskGITVQGAN",
     "MsTok",
     "MsTokConfig",
     "TiTok",
@@ -23,8 +25,10 @@ __all__ = [
     "Tokenizer",
     "TokenizerConfig",
     "TokenizerOutput",
+    "VQGANConfig",
     "create_tokenizer",
     "list_presets",
+    "load_official_vqgan",
     "load_tokenizer",
     "preset_config",
     "tokenizer_from_config",

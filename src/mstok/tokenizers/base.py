@@ -130,6 +130,54 @@ class TokenizerOutput:
     codebook_loss: torch.Tensor
 
 
+def check_images(images: Any, image_size: int, check_values: bool = True) -> torch.Tensor:
+    """Validate a batch of images: float (B, 3, image_size, image_size) in [0, 1].
+
+    Shared by every model that takes images (tokenizers and the proxy VQGAN), so they all
+    reject bad input with the same messages. ``check_values=False`` skips the NaN and range
+    checks, which reduce over the batch and force a device sync.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be a float tensor in [0, 1], got dtype {images.dtype} (for uint8 images divide by 255 first)"
+        )
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if images.shape[1] != 3:
+        raise ValueError(f"images must have 3 channels (RGB), got {images.shape[1]} in shape {tuple(images.shape)}")
+    if tuple(images.shape[2:]) != (image_size, image_size):
+        raise ValueError(
+            f"this tokenizer takes {image_size}x{image_size} images, got "
+            f"{images.shape[2]}x{images.shape[3]}; resize or crop first"
+        )
+    if not check_values or not images.numel():
+        return images
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values")
+    if images.min() < -1e-3 or images.max() > 1 + 1e-3:
+        raise ValueError(
+            f"images must be in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
+        )
+    return images
+
+
+def check_tokens(tokens: Any, num_tokens: int, codebook_size: int) -> torch.Tensor:
+    """Validate token ids: integer (B, num_tokens) with every id in [0, codebook_size); returns them as long."""
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+    if tokens.dim() != 2 or tokens.shape[1] != num_tokens:
+        raise ValueError(f"tokens must have shape (B, {num_tokens}), got {tuple(tokens.shape)}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= codebook_size):
+        raise ValueError(
+            f"token ids must be in [0, {codebook_size}), got values in [{tokens.min().item()}, {tokens.max().item()}]"
+        )
+    return tokens.long()
+
+
 class Tokenizer(nn.Module):
     """Base class: image <-> K discrete tokens. Subclasses implement :meth:`build`."""
 
@@ -158,48 +206,11 @@ class Tokenizer(nn.Module):
         ``check_values=False`` skips the value checks (NaN, range): they reduce over the whole
         batch and force a device sync, which the training forward should not pay every step.
         """
-        cfg = self.config
-        if not isinstance(images, torch.Tensor):
-            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if not images.is_floating_point():
-            raise ValueError(
-                f"images must be a float tensor in [0, 1], got dtype {images.dtype} "
-                "(for uint8 images divide by 255 first)"
-            )
-        if images.dim() != 4:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-        if images.shape[1] != 3:
-            raise ValueError(f"images must have 3 channels (RGB), got {images.shape[1]} in shape {tuple(images.shape)}")
-        if tuple(images.shape[2:]) != (cfg.image_size, cfg.image_size):
-            raise ValueError(
-                f"this tokenizer takes {cfg.image_size}x{cfg.image_size} images, got "
-                f"{images.shape[2]}x{images.shape[3]}; resize or crop first"
-            )
-        if not check_values or not images.numel():
-            return images
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or infinite values")
-        if images.min() < -1e-3 or images.max() > 1 + 1e-3:
-            raise ValueError(
-                f"images must be in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
-            )
-        return images
+        return check_images(images, self.config.image_size, check_values)
 
     def check_tokens(self, tokens: Any) -> torch.Tensor:
         """Validate token ids: integer (B, K) with every id in [0, V)."""
-        cfg = self.config
-        if not isinstance(tokens, torch.Tensor):
-            raise ValueError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-        if tokens.dim() != 2 or tokens.shape[1] != cfg.num_latent_tokens:
-            raise ValueError(f"tokens must have shape (B, {cfg.num_latent_tokens}), got {tuple(tokens.shape)}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.codebook_size):
-            raise ValueError(
-                f"token ids must be in [0, {cfg.codebook_size}), got values in "
-                f"[{tokens.min().item()}, {tokens.max().item()}]"
-            )
-        return tokens.long()
+        return check_tokens(tokens, self.config.num_latent_tokens, self.config.codebook_size)
 
     # ----------------------------------------------------------------- compute
     def forward(self, images: torch.Tensor) -> TokenizerOutput:

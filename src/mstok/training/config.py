@@ -1,6 +1,6 @@
 """The training configuration: nested dataclasses read from TOML, with ``key=value`` overrides.
 
-A config file mirrors the dataclasses::
+A config file mirrors the dataclasses (see ``configs/`` for the papers' recipes)::
 
     steps = 2000
     batch_size = 32
@@ -29,15 +29,18 @@ import tomllib
 
 @dataclass
 class ModelConfig:
-    """Which tokenizer to train: a preset name plus config-field overrides."""
+    """Which model to train: a preset name plus config-field overrides, and where its
+    starting weights come from (a stage-2 run starts from the stage-1 checkpoint)."""
 
     preset: str = "mstok_tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str = ""
+    init_weights: str = "ema.safetensors"
 
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are augmented."""
+    """Where images come from (an image folder or WebDataset shards) and their augmentation."""
 
     path: str = ""
     crop_scale: tuple[float, float] = (0.8, 1.0)
@@ -60,23 +63,77 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of the single-stage pixel loss."""
+    """Loss weights. A weight of zero switches its term (and what it needs) off."""
 
     l1_weight: float = 1.0
     mse_weight: float = 1.0
+    perceptual_weight: float = 0.0
     quantizer_weight: float = 1.0
+    proxy_ce_weight: float = 0.0
+    label_smoothing: float = 0.0
+    gan_weight: float = 0.0
+    gan_start_step: int = 0
+    lecam_weight: float = 0.001
+
+
+@dataclass
+class PerceptualConfig:
+    """Where the LPIPS weight files are (empty: the cache, downloading when online)."""
+
+    vgg_weights: str = ""
+    lpips_weights: str = ""
+    cache: str = ""
+    download: bool = True
+
+
+@dataclass
+class DiscriminatorConfig:
+    """The PatchGAN discriminator and its own AdamW optimizer (constant lr after warmup)."""
+
+    base_channels: int = 64
+    num_layers: int = 3
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+
+
+@dataclass
+class StageConfig:
+    """What a stage trains. ``train`` lists parameter-name prefixes of the model
+    (``encoder``, ``quantizer``, ``decoder``, ``pixel_decoder``, ``encoder.query_tokens``...);
+    every other parameter is frozen. An empty list trains everything."""
+
+    name: str = "single"
+    train: tuple[str, ...] = ()
+    pixel_decoder_from_proxy: bool = False
+
+
+@dataclass
+class ProxyConfig:
+    """The frozen 2D VQ tokenizer of two-stage training: a saved mstok MaskGIT-VQGAN folder,
+    a training checkpoint of one, or the official ``maskgit-vqgan-imagenet-f16-256.bin``."""
+
+    checkpoint: str = ""
+    weights: str = "model.safetensors"
 
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs."""
+    """Everything one training run needs. ``batch_size`` is the global batch per optimizer
+    step, split over ``grad_accum`` micro-steps and the data-parallel ranks."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     steps: int = 1000
     batch_size: int = 32
+    grad_accum: int = 1
     ema_decay: float = 0.999
     ema_warmup: bool = True
     dead_code_threshold: float = 0.01
@@ -84,18 +141,27 @@ class TrainConfig:
     out_dir: str = "runs/train"
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 3
+    sample_every: int = 0
+    num_samples: int = 8
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_last"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_last", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sample_every < 0:
+            raise ValueError(f"sample_every must be >= 0 (0 = never), got {self.sample_every}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name, value in dataclasses.asdict(self.loss).items():
+            if value < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

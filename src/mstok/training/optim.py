@@ -1,7 +1,8 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+"""AdamW parameter groups, the warmup + cosine learning-rate schedule and the weight EMA."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -63,18 +64,33 @@ def build_scheduler(
     )
 
 
-def ema_update_fn(decay: float, warmup: bool = True):
-    """An ``AveragedModel`` multi-average function for an EMA with optional warmup.
+def ema_decay_at(decay: float, num_updates: int, warmup: bool = True) -> float:
+    """Effective EMA decay at update ``num_updates`` (0-based).
 
-    With warmup the effective decay at update n is ``min(decay, (1 + n) / (10 + n))``, so
-    the average forgets the random initialisation quickly in short runs; without it, a
-    0.999 EMA of a 500-step run would still be about 60% initial weights.
+    With warmup it is ``min(decay, (1 + n) / (10 + n))``, so the average forgets the random
+    initialisation quickly in short runs; without it, a 0.999 EMA of a 500-step run would
+    still be about 60% initial weights.
+    """
+    return min(decay, (1 + num_updates) / (10 + num_updates)) if warmup else decay
+
+
+class ModelEMA:
+    """An exponential moving average of a model's parameters; buffers are copied.
+
+    The update count lives on the host, so updating never waits for the device (unlike
+    ``torch.optim.swa_utils.AveragedModel``, whose count is a tensor).
     """
 
-    @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-        torch._foreach_lerp_(ema_params, [p.to(e.dtype) for e, p in zip(ema_params, params, strict=True)], 1.0 - d)
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
 
-    return update
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = ema_decay_at(self.decay, self.num_updates, self.warmup)
+        ema_params = list(self.module.parameters())
+        params = [p.detach().to(e.dtype) for e, p in zip(ema_params, model.parameters(), strict=True)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+        self.num_updates += 1

@@ -1,0 +1,132 @@
+"""The tokenizer's training objective, composed from weighted terms.
+
+One class covers every recipe of the papers; a stage chooses its terms by their weights:
+
+* single stage (Taming-VQGAN setting, TA-TiTok): L1/L2 + perceptual + GAN + quantizer;
+* two-stage, stage 1 (TiTok 3.3, MsTok 3.3): cross-entropy against the proxy tokenizer's
+  codes + quantizer;
+* two-stage, stage 2: L2 + perceptual + GAN on the pixels decoded through the proxy's
+  pixel decoder;
+* the proxy tokenizer itself (``mstok train-proxy``): the single-stage terms.
+
+Terms are returned as detached 0-d tensors, not Python floats: converting each to a float
+would wait for the device every step, so the trainer averages them lazily at log time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mstok.tokenizers.base import TokenizerOutput
+
+
+class TokenizerLoss(nn.Module):
+    """``l1 * L1 + mse * MSE + perceptual * LPIPS + quantizer * VQ + proxy_ce * CE + gan * G``.
+
+    Args:
+        l1_weight, mse_weight: pixel reconstruction terms (need a reconstruction).
+        perceptual_weight: LPIPS term; needs ``perceptual`` (an LPIPS module).
+        quantizer_weight: commitment + codebook loss of the quantizer.
+        proxy_ce_weight: cross-entropy of the proxy-code logits against proxy codes.
+        label_smoothing: label smoothing of that cross-entropy.
+        gan_weight: hinge generator loss; needs ``adversarial`` (an AdversarialLoss).
+        perceptual: the LPIPS network, or None.
+        adversarial: the discriminator loss module, or None.
+    """
+
+    def __init__(
+        self,
+        l1_weight: float = 1.0,
+        mse_weight: float = 1.0,
+        perceptual_weight: float = 0.0,
+        quantizer_weight: float = 1.0,
+        proxy_ce_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+        gan_weight: float = 0.0,
+        perceptual: nn.Module | None = None,
+        adversarial: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if perceptual_weight > 0 and perceptual is None:
+            raise ValueError("perceptual_weight > 0 needs an LPIPS module")
+        if gan_weight > 0 and adversarial is None:
+            raise ValueError("gan_weight > 0 needs an adversarial loss module")
+        self.l1_weight, self.mse_weight, self.perceptual_weight = l1_weight, mse_weight, perceptual_weight
+        self.quantizer_weight, self.proxy_ce_weight, self.label_smoothing = (
+            quantizer_weight,
+            proxy_ce_weight,
+            label_smoothing,
+        )
+        self.gan_weight = gan_weight
+        self.perceptual = perceptual
+        # not a submodule: the discriminator has its own optimizer and checkpoint entry
+        self._adversarial = [adversarial]
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether any term reads the reconstruction."""
+        return any(w > 0 for w in (self.l1_weight, self.mse_weight, self.perceptual_weight, self.gan_weight))
+
+    @property
+    def needs_proxy_codes(self) -> bool:
+        return self.proxy_ce_weight > 0
+
+    def forward(
+        self,
+        output: TokenizerOutput,
+        images: torch.Tensor,
+        proxy_codes: torch.Tensor | None = None,
+        gan_active: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its terms.
+
+        Args:
+            output: the model's training forward.
+            images: (B, 3, H, W) targets in [0, 1].
+            proxy_codes: (B, P) proxy tokenizer ids, needed when ``proxy_ce_weight > 0``.
+            gan_active: whether the generator's adversarial term applies at this step.
+        """
+        terms: dict[str, torch.Tensor] = {}
+        total = images.new_zeros(())
+        if self.needs_pixels:
+            if output.reconstruction is None:
+                raise ValueError(
+                    "the loss has pixel terms but the model produced no reconstruction "
+                    "(a proxy_codes head needs a pixel decoder for them)"
+                )
+            recon = output.reconstruction.float()  # pixel terms in fp32: bf16 rounds away small errors
+            if self.l1_weight > 0:
+                terms["l1"] = F.l1_loss(recon, images)
+                total = total + self.l1_weight * terms["l1"]
+            if self.mse_weight > 0:
+                terms["mse"] = F.mse_loss(recon, images)
+                total = total + self.mse_weight * terms["mse"]
+            if self.perceptual_weight > 0:
+                terms["perceptual"] = self.perceptual(recon, images).mean()
+                total = total + self.perceptual_weight * terms["perceptual"]
+            if self.gan_weight > 0 and gan_active:
+                gan_loss, _ = self._adversarial[0].generator_loss(recon)
+                terms["gan_g"] = gan_loss
+                total = total + self.gan_weight * gan_loss
+        if self.proxy_ce_weight > 0:
+            if proxy_codes is None or output.logits is None:
+                raise ValueError("proxy_ce_weight > 0 needs a proxy_codes head and the proxy tokenizer's codes")
+            logits = output.logits.float()  # (B, P, V_proxy)
+            if logits.shape[:2] != proxy_codes.shape:
+                raise ValueError(
+                    f"proxy logits cover {tuple(logits.shape[:2])} positions but the proxy gave codes of "
+                    f"shape {tuple(proxy_codes.shape)}: the tokenizer's patch grid must match the proxy's grid"
+                )
+            terms["proxy_ce"] = F.cross_entropy(
+                logits.flatten(0, 1), proxy_codes.flatten(), label_smoothing=self.label_smoothing
+            )
+            total = total + self.proxy_ce_weight * terms["proxy_ce"]
+        if self.quantizer_weight > 0:
+            total = total + self.quantizer_weight * output.quantizer_loss
+        terms["quantizer"] = output.quantizer_loss
+        terms["commitment"] = output.commitment_loss
+        terms["codebook"] = output.codebook_loss
+        terms["loss"] = total
+        return total, {k: v.detach() for k, v in terms.items()}

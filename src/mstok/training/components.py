@@ -1,0 +1,133 @@
+"""What a training config asks for, built and checked before the first step.
+
+Each builder turns one section of :class:`TrainConfig` into objects and fails early with
+a message naming the config key when something is missing (weights files, a proxy
+tokenizer, a head that cannot produce what the losses need).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mstok.data import RandomResizedCropFlip, center_crop_resize, open_image_dataset
+from mstok.losses import TokenizerLoss
+from mstok.training.checkpoint import latest_checkpoint
+from mstok.training.config import TrainConfig
+from mstok.weights import MissingWeightsError
+
+PROXY_FAMILY = "maskgit_vqgan"
+
+
+def load_proxy(path: str | Path, weights: str = "model.safetensors") -> nn.Module:
+    """The frozen proxy tokenizer: an mstok MaskGIT-VQGAN folder, a run or checkpoint folder
+    of one (newest checkpoint), or an official ``maskgit-vqgan-imagenet-f16-256.bin``."""
+    from mstok.tokenizers import load_tokenizer
+    from mstok.tokenizers.vqgan import load_official_vqgan
+
+    path = Path(path)
+    if path.is_file():
+        proxy = load_official_vqgan(path)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            newest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+            if newest is None:
+                raise FileNotFoundError(f"proxy.checkpoint: {path} holds no saved tokenizer or step_* checkpoint")
+            path = newest
+        proxy = load_tokenizer(path, weights=weights)
+    else:
+        raise FileNotFoundError(f"proxy.checkpoint: {path} does not exist (train one with `mstok train-proxy`)")
+    if getattr(proxy.config, "family", "") != PROXY_FAMILY:
+        raise ValueError(f"proxy.checkpoint: {path} is a {proxy.config.family!r} tokenizer, not a MaskGIT-VQGAN")
+    return proxy.eval().requires_grad_(False)
+
+
+def build_loss(config: TrainConfig, device: torch.device) -> tuple[TokenizerLoss, nn.Module | None]:
+    """The objective, and the adversarial module (with the discriminator) when the GAN is on."""
+    w = config.loss
+    perceptual = None
+    if w.perceptual_weight > 0:
+        from mstok.losses.perceptual import LPIPS
+
+        p = config.perceptual
+        try:
+            perceptual = LPIPS.from_pretrained(
+                p.vgg_weights or None, p.lpips_weights or None, cache=p.cache or None, download=p.download
+            )
+        except MissingWeightsError as err:
+            raise MissingWeightsError(
+                f"loss.perceptual_weight = {w.perceptual_weight} needs the LPIPS weights: {err}\n"
+                "Set perceptual.vgg_weights / perceptual.lpips_weights to local files, or set "
+                "loss.perceptual_weight = 0."
+            ) from err
+        perceptual = perceptual.to(device)
+    adversarial = None
+    if w.gan_weight > 0:
+        from mstok.losses.gan import AdversarialLoss
+
+        d = config.discriminator
+        adversarial = AdversarialLoss(
+            base_channels=d.base_channels, num_layers=d.num_layers, lecam_weight=w.lecam_weight
+        ).to(device)
+    loss = TokenizerLoss(
+        l1_weight=w.l1_weight,
+        mse_weight=w.mse_weight,
+        perceptual_weight=w.perceptual_weight,
+        quantizer_weight=w.quantizer_weight,
+        proxy_ce_weight=w.proxy_ce_weight,
+        label_smoothing=w.label_smoothing,
+        gan_weight=w.gan_weight,
+        perceptual=perceptual,
+        adversarial=adversarial,
+    )
+    return loss, adversarial
+
+
+def check_model_fits_loss(model: nn.Module, loss: TokenizerLoss, proxy: nn.Module | None) -> None:
+    """Refuse configs whose losses need outputs the model or the proxy cannot give."""
+    head = getattr(model.config, "head", "pixels")
+    has_pixels = head == "pixels" or getattr(model, "pixel_decoder", None) is not None
+    if loss.needs_pixels and not has_pixels:
+        raise ValueError(
+            "the config has pixel losses (l1/mse/perceptual/gan weights) but the model predicts proxy codes "
+            "without a pixel decoder: set those weights to 0 (stage 1) or stage.pixel_decoder_from_proxy = true"
+        )
+    if loss.needs_proxy_codes:
+        if head != "proxy_codes":
+            raise ValueError("loss.proxy_ce_weight > 0 needs model.overrides.head = 'proxy_codes'")
+        if proxy is None:
+            raise ValueError("loss.proxy_ce_weight > 0 needs a proxy tokenizer: set proxy.checkpoint")
+        if model.config.proxy_codebook_size != proxy.config.codebook_size:
+            raise ValueError(
+                f"the model predicts {model.config.proxy_codebook_size} proxy codes but the proxy has "
+                f"{proxy.config.codebook_size}: set model.overrides.proxy_codebook_size"
+            )
+
+
+def build_datasets(config: TrainConfig, image_size: int, dataset: Dataset | None) -> tuple[Dataset, Dataset | None]:
+    """(training dataset, fixed-view dataset for reconstruction grids or None)."""
+    if dataset is not None:
+        return dataset, None
+    if not config.data.path:
+        raise ValueError("no training data: set data.path in the config or pass --set data.path=DIR")
+    train = open_image_dataset(
+        config.data.path, RandomResizedCropFlip(image_size, tuple(config.data.crop_scale), flip=config.data.flip)
+    )
+    fixed = open_image_dataset(config.data.path, lambda image, _rng: center_crop_resize(image, image_size))
+    return train, fixed
+
+
+def fixed_batch(dataset: Dataset, count: int) -> torch.Tensor | None:
+    """``count`` evenly spaced readable images of ``dataset`` (same every time), or None."""
+    step = max(1, len(dataset) // count)
+    images = []
+    for index in range(0, len(dataset), step):
+        item = dataset[(index, 0)]
+        if item is not None:
+            images.append(item[0])
+        if len(images) == count:
+            break
+    return torch.stack(images) if images else None

@@ -1,0 +1,145 @@
+"""Run logging: per-step windows and per-epoch means to JSONL and TensorBoard, and image grids.
+
+Terms arrive as 0-d device tensors and are only converted to numbers when a window is
+written, so logging costs one device sync per ``log_every`` steps. Under DDP every rank
+calls :meth:`RunLogger.flush` (the means are averaged across ranks there); only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+from mstok.training.distributed import DistContext
+
+
+class RunLogger:
+    """Collects step terms and writes window and epoch means.
+
+    Args:
+        out_dir: the run folder (``log.jsonl`` and ``tb/`` go there).
+        dist: the process's place in the job.
+        tensorboard: also write TensorBoard event files.
+    """
+
+    def __init__(self, out_dir: Path, dist: DistContext, tensorboard: bool = True) -> None:
+        self.out_dir, self.dist = out_dir, dist
+        self.window: list[dict[str, torch.Tensor]] = []
+        self.window_steps: list[int] = []
+        self.epoch_sums: dict[str, float] = {}
+        self.epoch_count = 0
+        self.started = time.perf_counter()
+        self.writer = None
+        self.file = None
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(out_dir / "log.jsonl", "a")  # noqa: SIM115 (open for the run's lifetime)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
+
+                self.writer = SummaryWriter(str(out_dir / "tb"))
+
+    def event(self, **fields: Any) -> None:
+        """Write a one-off record (run start, resume, ...)."""
+        if self.file is not None:
+            self.file.write(json.dumps(fields) + "\n")
+            self.file.flush()
+
+    def add(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        """Record one step's terms (device tensors)."""
+        self.window.append(terms)
+        self.window_steps.append(step)
+
+    def first_non_finite(self) -> tuple[int, dict[str, float]] | None:
+        """The first step of the current window whose loss is not finite, with its terms."""
+        if not self.window:
+            return None
+        losses = torch.stack([t["loss"].float() for t in self.window]).cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if not len(bad):
+            return None
+        i = int(bad[0])
+        return self.window_steps[i], {k: float(v) for k, v in self.window[i].items()}
+
+    def flush(self, step: int, images: int, extra: dict[str, float] | None = None) -> dict[str, float]:
+        """Average the window over steps and ranks, write it, and return the means.
+
+        Args:
+            step: the current step.
+            images: images processed in the window (all ranks), for throughput.
+            extra: host-side values to log as they are (lr, skipped files, ...).
+        """
+        if not self.window:
+            return {}
+        keys = sorted(set.intersection(*(set(t) for t in self.window)))
+        stacked = torch.stack([torch.stack([t[k].float() for k in keys]) for t in self.window])  # (steps, terms)
+        means = self.dist.all_reduce_mean(stacked.mean(0)).tolist()
+        record = dict(zip(keys, means, strict=True))
+        elapsed = time.perf_counter() - self.started
+        record["images_per_s"] = images / max(elapsed, 1e-9)
+        record.update(extra or {})
+        for k in keys:
+            self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + record[k] * len(self.window)
+        self.epoch_count += len(self.window)
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, **record}) + "\n")
+            self.file.flush()
+        if self.writer is not None:
+            for k, v in record.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+        self.window, self.window_steps, self.started = [], [], time.perf_counter()
+        return record
+
+    def end_epoch(self, epoch: int, step: int) -> None:
+        """Write the mean of every flushed window since the last epoch boundary."""
+        if not self.epoch_count:
+            return
+        means = {k: v / self.epoch_count for k, v in self.epoch_sums.items()}
+        if self.file is not None:
+            self.file.write(json.dumps({"epoch": epoch, "step": step, **means}) + "\n")
+            self.file.flush()
+        if self.writer is not None:
+            for k, v in means.items():
+                self.writer.add_scalar(f"epoch/{k}", v, epoch)
+        self.epoch_sums, self.epoch_count = {}, 0
+
+    def image_grid(self, step: int, originals: torch.Tensor, reconstructions: torch.Tensor) -> Path | None:
+        """Save originals (top row) over reconstructions (bottom row) as a PNG (and to TensorBoard)."""
+        if not self.dist.is_main:
+            return None
+        grid = make_grid(torch.stack([originals, reconstructions]))
+        path = self.out_dir / "samples" / f"step_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        if self.writer is not None:
+            self.writer.add_image("reconstructions", grid, step, dataformats="HWC")
+        return path
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def make_grid(rows: torch.Tensor, pad: int = 2) -> np.ndarray:
+    """(R, N, 3, H, W) images in [0, 1] -> one uint8 (R*(H+pad)+pad, N*(W+pad)+pad, 3) array."""
+    r, n, _, h, w = rows.shape
+    canvas = np.full((r * (h + pad) + pad, n * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    pixels = rearrange((rows.detach().float().clamp(0, 1) * 255).round().to(torch.uint8), "r n c h w -> r n h w c")
+    pixels = pixels.cpu().numpy()
+    for i in range(r):
+        for j in range(n):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[top : top + h, left : left + w] = pixels[i, j]
+    return canvas
