@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="TOML config file (see configs/)")
     train.add_argument(
         "--set",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=3e-4 --set steps=100 (repeatable)",

@@ -163,17 +163,16 @@ class AdversarialLoss(nn.Module):
 
     Who calls what, each training step once the adversarial phase has started:
 
-    1. Generator step: ``g_loss, g_terms = adv.generator_loss(reconstruction)``; the
-       training objective adds ``gan_weight * g_loss`` to the tokenizer's loss (the weight
-       lives there, not here) and backpropagates. Gradients reach the tokenizer through ``reconstruction`` but not the
-       discriminator's parameters.
-    2. Discriminator step: ``d_loss, d_terms = adv.discriminator_loss(images, reconstruction)``
-       (``reconstruction`` is detached inside), backpropagate ``d_loss`` and step the
-       discriminator's optimiser.
-    3. Single process: ``discriminator_loss`` has already updated the LeCam EMA with the
-       batch means. Under DDP pass ``update_ema=False`` and, after the call, average
-       ``d_terms["logits_real"]`` and ``d_terms["logits_fake"]`` over ranks and hand them to
-       :meth:`update_lecam_ema`, so every rank keeps the same anchor.
+    1. Generator step (the training objective): ``g_loss, _ = adv.generator_loss(recon)``;
+       it adds ``gan_weight * g_loss`` to the tokenizer's loss (the weight lives there, not
+       here). Gradients reach the tokenizer through ``recon`` but not the discriminator.
+    2. Discriminator step (the trainer), per micro-batch:
+       ``d_loss, terms = adv.discriminator_loss(images, recon)`` (``recon`` is detached
+       inside), backpropagate ``d_loss``; then step the discriminator's optimiser.
+    3. Once per step, after all micro-batches: the trainer averages ``terms["logits_real"]``
+       and ``terms["logits_fake"]`` over micro-batches and ranks and calls
+       :meth:`update_ema` with them. ``discriminator_loss`` never touches the EMA itself, so
+       every micro-batch of a step sees the same anchor and every rank keeps the same one.
 
     The discriminator's gradients stay local; under DDP the trainer averages them over ranks
     (e.g. an all-reduce of its ``.grad`` before the optimiser step). Terms are detached 0-d
@@ -186,12 +185,14 @@ class AdversarialLoss(nn.Module):
 
     def __init__(
         self,
-        discriminator: PatchDiscriminator | None = None,
+        in_channels: int = 3,
+        base_channels: int = 64,
+        num_layers: int = 3,
         lecam_weight: float = 0.001,
         lecam_decay: float = 0.999,
     ) -> None:
         super().__init__()
-        self.discriminator = discriminator if discriminator is not None else PatchDiscriminator()
+        self.discriminator = PatchDiscriminator(in_channels, base_channels, num_layers)
         self.lecam_ema = LeCamEMA(lecam_decay)
         self.lecam_weight = lecam_weight
 
@@ -203,7 +204,7 @@ class AdversarialLoss(nn.Module):
             return self.discriminator(images.float()).float()
 
     def discriminator_loss(
-        self, real: torch.Tensor, fake: torch.Tensor, update_ema: bool = True
+        self, real: torch.Tensor, fake: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Hinge + ``lecam_weight`` * LeCam loss of the discriminator on a real and a fake batch.
 
@@ -211,33 +212,28 @@ class AdversarialLoss(nn.Module):
             real: target images (B, C, H, W) in [0, 1].
             fake: reconstructions (B, C, H, W) in [0, 1]; detached here, so the tokenizer
                 gets no gradient from this loss.
-            update_ema: fold this batch's mean logits into the LeCam EMA after computing the
-                loss. Pass ``False`` under DDP and call :meth:`update_lecam_ema` with means
-                averaged over ranks instead.
 
         Returns:
             ``(d_loss, terms)`` with 0-d detached terms ``d_loss``, ``d_hinge``, ``d_lecam``
-            (unweighted), ``logits_real`` and ``logits_fake`` (batch-mean logits).
+            (unweighted), ``logits_real`` and ``logits_fake`` (batch-mean logits, the
+            inputs of :meth:`update_ema`).
         """
         real_logits = self._logits(real.detach())  # (B, 1, h, w)
         fake_logits = self._logits(fake.detach())
         hinge = hinge_d_loss(real_logits, fake_logits)
-        lecam = lecam_loss(real_logits, fake_logits, self.lecam_ema)  # uses the EMA before this step
+        lecam = lecam_loss(real_logits, fake_logits, self.lecam_ema)  # the EMA as of before this step
         loss = hinge + self.lecam_weight * lecam
-        real_mean, fake_mean = real_logits.detach().mean(), fake_logits.detach().mean()
-        if update_ema:
-            self.lecam_ema.update(real_mean, fake_mean)
         terms = {
             "d_loss": loss.detach(),
             "d_hinge": hinge.detach(),
             "d_lecam": lecam.detach(),
-            "logits_real": real_mean,
-            "logits_fake": fake_mean,
+            "logits_real": real_logits.detach().mean(),
+            "logits_fake": fake_logits.detach().mean(),
         }
         return loss, terms
 
-    def update_lecam_ema(self, real_mean: torch.Tensor, fake_mean: torch.Tensor) -> None:
-        """Fold rank-averaged mean logits into the LeCam EMA (DDP path, see the class notes)."""
+    def update_ema(self, real_mean: torch.Tensor, fake_mean: torch.Tensor) -> None:
+        """Fold one step's mean logits (averaged over micro-batches and ranks) into the LeCam EMA."""
         self.lecam_ema.update(real_mean, fake_mean)
 
     def generator_loss(self, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -45,6 +45,7 @@ class TokenizerConfig:
     commitment_weight: float = 0.25
     head: str = "pixels"
     proxy_codebook_size: int = 1024
+    pixel_decoder: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     family: ClassVar[str] = ""
 
@@ -75,6 +76,16 @@ class TokenizerConfig:
             raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if not isinstance(self.pixel_decoder, dict):
+            raise ValueError(
+                f"pixel_decoder must be a table of MaskGIT-VQGAN config fields, got {self.pixel_decoder!r}"
+            )
+        if self.pixel_decoder:
+            from mstok.tokenizers.pixel_decoder import check_pixel_decoder_fits  # lazy: it imports this module
+
+            check_pixel_decoder_fits(
+                self.pixel_decoder, self.image_size, self.grid_size, self.proxy_codebook_size, self.head
+            )
 
     @property
     def grid_size(self) -> int:
@@ -112,7 +123,8 @@ class TokenizerOutput:
     """The training forward pass of a tokenizer.
 
     Attributes:
-        reconstruction: (B, 3, H, W) unclamped pixels for the ``pixels`` head, else None.
+        reconstruction: (B, 3, H, W) unclamped pixels for the ``pixels`` head or through the
+            pixel decoder of a two-stage tokenizer, else None.
         logits: (B, P, V_proxy) proxy-code logits for the ``proxy_codes`` head, else None.
         indices: (B, K) code ids.
         latents: (B, K, C) float32 encoder outputs as the quantizer searched them.
@@ -192,6 +204,11 @@ class Tokenizer(nn.Module):
         self.quantizer = VectorQuantizer(
             config.codebook_size, config.code_dim, config.use_l2_norm, config.commitment_weight
         )
+        self.pixel_decoder = None
+        if config.pixel_decoder:
+            from mstok.tokenizers.pixel_decoder import ProxyPixelDecoder  # lazy: it imports this module
+
+            self.pixel_decoder = ProxyPixelDecoder.from_dict(config.pixel_decoder)
         init_weights(self)
 
     def build(self, config: TokenizerConfig) -> tuple[nn.Module, nn.Module]:
@@ -221,8 +238,11 @@ class Tokenizer(nn.Module):
         quant = self.quantizer(self.encoder(images))
         out = self.decode_codes(quant.codes)
         pixels = self.config.head == "pixels"
+        reconstruction = out if pixels else None
+        if self.pixel_decoder is not None:
+            reconstruction = self.pixel_decoder(out)  # two-stage: proxy logits -> pixels
         return TokenizerOutput(
-            reconstruction=out if pixels else None,
+            reconstruction=reconstruction,
             logits=None if pixels else out,
             indices=quant.indices,
             latents=quant.latents,
@@ -245,14 +265,19 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, K) -> images (B, 3, H, W) clamped to [0, 1]."""
+        """Token ids (B, K) -> images (B, 3, H, W) clamped to [0, 1].
+
+        A two-stage tokenizer (``proxy_codes`` head) decodes through its pixel decoder."""
         tokens = self.check_tokens(tokens)
-        if self.config.head != "pixels":
+        if self.config.head != "pixels" and self.pixel_decoder is None:
             raise ValueError(
-                "this tokenizer predicts proxy codes (head='proxy_codes'); use decode_logits(), "
-                "and a proxy pixel decoder to turn them into pixels"
+                "this tokenizer predicts proxy codes (head='proxy_codes') and has no pixel decoder; use "
+                "decode_logits(), and a proxy tokenizer's decode_probabilities(logits.softmax(-1)) for pixels"
             )
-        return self.decode_codes(self.quantizer.indices_to_codes(tokens)).clamp(0.0, 1.0)
+        out = self.decode_codes(self.quantizer.indices_to_codes(tokens))
+        if self.pixel_decoder is not None:
+            out = self.pixel_decoder(out)
+        return out.clamp(0.0, 1.0)
 
     @torch.no_grad()
     def decode_logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -268,11 +293,13 @@ class Tokenizer(nn.Module):
 
     # ----------------------------------------------------------------- bookkeeping
     def parameter_counts(self) -> dict[str, int]:
-        """Parameters per part: encoder, decoder, quantizer and total."""
+        """Parameters per part: encoder, decoder, quantizer (pixel_decoder when present) and total."""
         counts = {
             name: sum(p.numel() for p in getattr(self, name).parameters())
             for name in ("encoder", "decoder", "quantizer")
         }
+        if self.pixel_decoder is not None:
+            counts["pixel_decoder"] = sum(p.numel() for p in self.pixel_decoder.parameters())
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 

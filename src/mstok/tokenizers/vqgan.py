@@ -17,6 +17,9 @@ loads strictly with :func:`load_official_vqgan`:
   ``conv_out`` to RGB.
 
 Images go in as [0, 1] (no rescaling to [-1, 1]); :meth:`MaskGITVQGAN.decode` clamps to [0, 1].
+Training uses mstok's :class:`VectorQuantizer` losses, with beta on the commitment term as in
+VQ-VAE (the official port weighs the codebook term by beta instead); the released weights are
+frozen for stage 1, and official stage 2 fine-tunes the decoder (and codebook) from them.
 
 Glossary: B batch, C ``z_channels`` (the code dim), V codebook size, h x w latent grid,
 N = h*w tokens in raster order (row by row).
@@ -314,9 +317,13 @@ class MaskGITVQGAN(nn.Module):
         return rearrange(self.encoder(images), "b c h w -> b (h w) c")
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images (B, 3, H, W) in [0, 1] -> code ids (B, N) in [0, V), raster order."""
-        return self.quantize(self._tokens(check_images(images, self.config.image_size))).indices
+    def encode(self, images: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+        """Float images (B, 3, H, W) in [0, 1] -> code ids (B, N) in [0, V), raster order.
+
+        ``check_values=False`` skips the range/NaN checks, which wait for the device (the
+        trainer computes proxy codes every step on images it produced itself)."""
+        images = check_images(images, self.config.image_size, check_values=check_values)
+        return self.quantize(self._tokens(images)).indices
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,9 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
 
         self.dataset, fixed = build_datasets(config, self.model.config.image_size, dataset)
-        self.fixed_images = fixed_batch(fixed, config.num_samples) if fixed is not None and config.sample_every else None
+        self.fixed_images = (
+            fixed_batch(fixed, config.num_samples) if fixed is not None and config.sample_every else None
+        )
         self.out_dir = Path(config.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step = 0
@@ -233,7 +235,7 @@ class Trainer:
         """(B, P) proxy-tokenizer ids of a batch (bf16 autocast on GPU: it is frozen)."""
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with ctx:
-            return self.proxy.encode_unchecked(images)
+            return self.proxy.encode(images, check_values=False)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimisation step over this rank's micro-batches; returns the terms (device tensors)."""
@@ -382,4 +384,3 @@ class Trainer:
             bar.close()
             logger.close()
         return self.history
-
