@@ -1,4 +1,4 @@
-"""The ``mstok`` command line: ``presets``, ``train``, ``demo`` and ``data``."""
+"""The ``mstok`` command line: ``presets``, ``train``, ``train-proxy``, ``demo`` and ``data``."""
 
 from __future__ import annotations
 
@@ -35,17 +35,41 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _run_training(args: argparse.Namespace, proxy: bool) -> int:
+    """Shared by ``train`` and ``train-proxy``: one trainer, under torchrun or not."""
     from mstok.training import Trainer, load_train_config
 
     config = load_train_config(args.config, args.set)
+    family = _preset_family(config.model.preset)
+    if proxy and family != "maskgit_vqgan":
+        raise ValueError(f"train-proxy trains a MaskGIT-VQGAN preset (vqgan_tiny, maskgit_vqgan_f16), got {family!r}")
+    if not proxy and family == "maskgit_vqgan":
+        raise ValueError("this config trains a MaskGIT-VQGAN proxy: use `mstok train-proxy`")
     trainer = Trainer(config, progress=not args.no_progress)
-    if args.resume:
-        used = trainer.resume(args.resume)
-        print(f"resumed from {used} (step {trainer.step})" if used else "no checkpoint to resume: starting fresh")
-    trainer.fit()
-    print(f"done: step {trainer.step}; checkpoints in {trainer.ckpt_dir} (log: {trainer.out_dir / 'log.jsonl'})")
+    say = print if trainer.dist.is_main else (lambda *_: None)
+    try:
+        if args.resume:
+            used = trainer.resume(args.resume)
+            say(f"resumed from {used} (step {trainer.step})" if used else "no checkpoint to resume: starting fresh")
+        trainer.fit()
+        say(f"done: step {trainer.step}; checkpoints in {trainer.ckpt_dir} (log: {trainer.out_dir / 'log.jsonl'})")
+    finally:
+        trainer.dist.shutdown()
     return 0
+
+
+def _preset_family(preset: str) -> str:
+    from mstok.tokenizers.registry import preset_config
+
+    return preset_config(preset).family
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    return _run_training(args, proxy=False)
+
+
+def _cmd_train_proxy(args: argparse.Namespace) -> int:
+    return _run_training(args, proxy=True)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -94,20 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list every preset with its parameter counts")
     presets.set_defaults(func=_cmd_presets)
 
-    train = sub.add_parser("train", help="train a tokenizer (single-stage pixel losses)")
-    train.add_argument("--config", required=True, help="TOML config file (see configs/)")
-    train.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=3e-4 --set steps=100 (repeatable)",
+    train = sub.add_parser(
+        "train",
+        help="train a tokenizer (single stage, or a stage of two-stage training); runs under torchrun too",
     )
-    train.add_argument(
-        "--resume", metavar="auto|DIR", help="resume from a checkpoint folder, or the newest with 'auto'"
-    )
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    proxy = sub.add_parser("train-proxy", help="train a MaskGIT-VQGAN proxy tokenizer for two-stage training")
+    for command in (train, proxy):
+        command.add_argument("--config", required=True, help="TOML config file (see configs/)")
+        command.add_argument(
+            "--set",
+            action="extend",
+            nargs="+",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override config values, e.g. --set optim.lr=3e-4 steps=100 (values are TOML)",
+        )
+        command.add_argument(
+            "--resume", metavar="auto|DIR", help="resume from a checkpoint folder, or the newest with 'auto'"
+        )
+        command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    proxy.set_defaults(func=_cmd_train_proxy)
     train.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="train TiTok-tiny and MsTok-tiny on bundled photos and write a report")

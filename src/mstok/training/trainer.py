@@ -112,7 +112,7 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                forward_sync_buffers=False,
             )
         if config.compile:
             self.train_model = torch.compile(self.train_model)
