@@ -15,6 +15,7 @@ from mstok.losses import TokenizerLoss
 from mstok.losses.perceptual import VGG16Features
 from mstok.tokenizers import create_tokenizer, load_tokenizer
 from mstok.tokenizers.base import TokenizerOutput
+from mstok.tokenizers.vqgan import VQGANConfig
 from mstok.training import Trainer, load_train_config
 from mstok.training.stages import apply_stage, load_initial_weights
 from mstok.weights import MissingWeightsError
@@ -258,7 +259,7 @@ def test_init_from_checks_every_key(tmp_path):
     )
     with pytest.raises(ValueError, match="does not fit the model"):
         load_initial_weights(create_tokenizer("titok_tiny", num_latent_tokens=16), tmp_path / "a", "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="no ema.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no ema\.safetensors"):
         load_initial_weights(target, tmp_path / "a")
 
 
@@ -296,3 +297,37 @@ def test_logs_tensorboard_and_reconstruction_grids(tmp_path, tiny_imagenet):
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "epoch" not in r]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
+
+
+def test_tiny_two_stage_run_through_the_cli(tmp_path, tiny_imagenet, capsys):
+    """train-proxy, stage 1 and stage 2 with the shipped tiny configs, on real photos."""
+    from mstok.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    common = ["steps=3", "batch_size=8", "data.num_workers=0", "log_every=1", "tensorboard=false"]
+    common += [f"data.path='{tiny_imagenet}'"]
+    proxy = f"proxy.checkpoint='{tmp_path / 'proxy'}'"
+
+    def run(command, config, out, *extra):
+        return main([command, "--config", str(configs / config), "--no-progress", "--set", *common,
+                     f"out_dir='{tmp_path / out}'", *extra])  # fmt: skip
+
+    assert run("train", "proxy_tiny.toml", "proxy") == 2  # a proxy config belongs to train-proxy
+    assert "train-proxy" in capsys.readouterr().err
+    assert run("train-proxy", "proxy_tiny.toml", "proxy") == 0
+    assert run("train", "titok_tiny_stage1.toml", "stage1", proxy) == 0
+    assert run("train", "titok_tiny_stage2.toml", "stage2", proxy, f"model.init_from='{tmp_path / 'stage1'}'",
+               "loss.gan_start_step=1") == 0  # fmt: skip
+
+    stage1 = load_tokenizer(tmp_path / "stage1" / "checkpoints" / "step_0000003", weights="ema.safetensors")
+    stage2 = load_tokenizer(tmp_path / "stage2" / "checkpoints" / "step_0000003")
+    proxy = load_tokenizer(tmp_path / "proxy" / "checkpoints" / "step_0000003")
+    assert stage2.pixel_decoder is not None and VQGANConfig.from_dict(stage2.config.pixel_decoder) == proxy.config
+    s1, s2 = stage1.state_dict(), stage2.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1 if k.startswith(("encoder.", "quantizer.embedding")))
+    assert not torch.equal(s1["decoder.head.fc2.weight"], s2["decoder.head.fc2.weight"])
+    images = torch.rand(2, 3, 64, 64)
+    pixels = stage2.decode(stage2.encode(images))
+    assert pixels.shape == (2, 3, 64, 64) and pixels.min() >= 0 and pixels.max() <= 1
+    log = [json.loads(x) for x in (tmp_path / "stage2" / "log.jsonl").read_text().splitlines()]
+    assert "d_loss" in [r for r in log if "loss" in r][-1]
