@@ -370,7 +370,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", usage=f"{record['usage']:.2f}")
                     new_epoch = self.samples_seen // len(self.dataset)
                     if new_epoch > epoch:
-                        logger.end_epoch(epoch, self.step)
+                        logger.end_epoch(new_epoch - 1, self.step)  # the last epoch completed
                         epoch = new_epoch
                 if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
                     recon = self.reconstruct_fixed()

@@ -1,0 +1,407 @@
+"""Samples/s of one full training step of every tokenizer preset, through the project's own trainer.
+
+Each row builds a real :class:`mstok.training.Trainer` from a config (model, losses, AdamW,
+EMA, discriminator where the GAN is on) and times ``trainer.train_step([batch])``: forward,
+loss, backward, gradient clipping, optimizer and scheduler step, EMA update, dead-code revival
+and codebook statistics, plus the discriminator step of a GAN stage. Data loading is left out:
+random image batches are made before timing and handed to the step directly.
+
+Rows:
+
+- ``single``: every preset with the default pixel losses (L1 + MSE + VQ);
+- ``stage1``: two-stage stage 1, proxy-code cross-entropy + VQ against a frozen, randomly
+  initialised MaskGIT-VQGAN proxy (``maskgit_vqgan_f16`` for 256px, ``vqgan_tiny`` for 64px);
+- ``stage2``: two-stage stage 2, decoder and pixel decoder trained on MSE + PatchGAN (weight 0.01,
+  active from step 0, so the discriminator step is included).
+
+Modes are ``PRECISION[+compile]`` (``fp32``, ``bf16``, ``bf16+compile``); ``bf16`` is autocast.
+After warm-up steps, steps are timed until ``--steps`` are done or ``--budget`` seconds have
+passed (at least one), so slow rows on a small CPU still finish; the median step gives samples/s.
+
+    python benchmarks/train_step.py                 # every preset, fp32 + bf16 (CUDA: + bf16+compile)
+    python benchmarks/train_step.py --quick         # tiny presets and their stage rows, ~2-3 min on 2 cores
+    python benchmarks/train_step.py --presets titok_b64 --stage-presets '' --modes bf16 --steps 20
+
+Prints a markdown table and appends a dated section to ``--out`` unless ``--no-append``.
+Exits 1 if a row failed (the others are still reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mstok.data import InMemoryImages, center_crop_resize
+from mstok.tokenizers import create_tokenizer
+from mstok.tokenizers.registry import PRESETS, preset_config
+from mstok.training import Trainer, load_train_config
+
+STAGES = ("single", "stage1", "stage2")
+STAGE_TEXT = {"single": "single (L1+MSE+VQ)", "stage1": "stage 1 (proxy CE+VQ)", "stage2": "stage 2 (MSE+GAN)"}
+# the proxy whose code grid matches the patch grid of the presets at that resolution
+PROXY_FOR_SIZE = {256: "maskgit_vqgan_f16", 64: "vqgan_tiny"}
+TINY_PRESETS = tuple(name for name in PRESETS if preset_config(name).image_size <= 64)
+DEFAULT_STAGE_PRESETS = ("titok_b64", "mstok_b64")
+QUICK_STAGE_PRESETS = ("titok_tiny", "mstok_tiny")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmarked configuration: a preset trained in one stage, in one mode."""
+
+    preset: str
+    stage: str
+    mode: str
+
+
+@dataclass
+class Result:
+    """Timings of one row; ``error`` is set (and the timings empty) when the row failed."""
+
+    row: Row
+    device: str
+    image_size: int
+    batch_size: int
+    trainable_params: int = 0
+    step_times: list[float] = field(default_factory=list)
+    peak_mem_bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.step_times) if self.step_times else math.nan
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.batch_size / self.median_s if self.step_times else math.nan
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to append to")
+    parser.add_argument("--no-append", action="store_true", help="print the table only, do not touch --out")
+    parser.add_argument("--quick", action="store_true", help="tiny presets and their stage rows, few steps")
+    parser.add_argument("--presets", help="comma-separated presets for single-stage rows (default: all; '' for none)")
+    parser.add_argument(
+        "--stage-presets",
+        help=f"comma-separated presets for the stage-1/2 rows (default: {','.join(DEFAULT_STAGE_PRESETS)}; "
+        f"--quick: {','.join(QUICK_STAGE_PRESETS)}; '' for none)",
+    )
+    parser.add_argument(
+        "--modes", help="comma-separated PRECISION[+compile] (default: fp32,bf16; CUDA adds bf16+compile)"
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--batch-size", type=int, help="global batch per step (default: 8 at 256px, 32 at 64px)")
+    parser.add_argument("--steps", type=int, help="most timed steps per row (default 10; --quick 5)")
+    parser.add_argument(
+        "--budget", type=float, help="seconds of timed steps per row before stopping (default 30; --quick 3)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row (one more with compile)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    def names(text: str | None, default: tuple[str, ...]) -> list[str]:
+        return list(default) if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+    args.presets = names(args.presets, TINY_PRESETS if args.quick else tuple(PRESETS))
+    args.stage_presets = names(args.stage_presets, QUICK_STAGE_PRESETS if args.quick else DEFAULT_STAGE_PRESETS)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    default_modes = "fp32,bf16,bf16+compile" if args.device == "cuda" else "fp32,bf16"
+    args.modes = names(args.modes, tuple(default_modes.split(",")))
+    args.steps = args.steps if args.steps is not None else (5 if args.quick else 10)
+    args.budget = args.budget if args.budget is not None else (3.0 if args.quick else 30.0)
+    for name in args.presets + args.stage_presets:
+        try:
+            preset_config(name)
+        except ValueError as err:
+            parser.error(str(err))
+    for name in args.stage_presets:
+        if preset_config(name).family == "maskgit_vqgan":
+            parser.error(f"--stage-presets: {name} is a proxy tokenizer, it has no two-stage training")
+        if preset_config(name).image_size not in PROXY_FOR_SIZE:
+            parser.error(f"--stage-presets: no proxy preset for {name}'s image size")
+    for mode in args.modes:
+        precision, _, extra = mode.partition("+")
+        if precision not in ("fp32", "bf16", "fp16") or extra not in ("", "compile"):
+            parser.error(f"--modes: {mode!r} is not PRECISION[+compile] with PRECISION fp32, bf16 or fp16")
+    if not args.presets and not args.stage_presets:
+        parser.error("nothing to run: --presets and --stage-presets are both empty")
+    if args.steps < 1 or args.warmup < 0 or args.budget < 0:
+        parser.error("--steps must be >= 1, --warmup and --budget >= 0")
+    return args
+
+
+def stage_overrides(stage: str, proxy_dir: Path | None) -> list[str]:
+    """Config overrides of a stage, as the two-stage recipes in ``configs/`` set them."""
+    if stage == "single":
+        return []
+    common = ["model.overrides.head='proxy_codes'", f"proxy.checkpoint='{proxy_dir}'"]
+    if stage == "stage1":
+        return [*common, "loss.l1_weight=0", "loss.mse_weight=0", "loss.proxy_ce_weight=1"]
+    return [
+        *common,
+        "stage.pixel_decoder_from_proxy=true",
+        "stage.train=['decoder', 'pixel_decoder']",
+        "loss.l1_weight=0",
+        "loss.mse_weight=1",
+        "loss.gan_weight=0.01",
+        "loss.gan_start_step=0",
+    ]
+
+
+def build_trainer(row: Row, args: argparse.Namespace, batch_size: int, proxies: dict[int, Path], tmp: Path) -> Trainer:
+    """The project's trainer for ``row``, fed by a one-image in-memory dataset (never read while timing)."""
+    precision, _, extra = row.mode.partition("+")
+    image_size = preset_config(row.preset).image_size
+    proxy_dir = proxies.get(image_size) if row.stage != "single" else None
+    config = load_train_config(
+        None,
+        [
+            f"model.preset='{row.preset}'",
+            f"batch_size={batch_size}",
+            f"precision='{precision}'",
+            f"compile={'true' if extra == 'compile' else 'false'}",
+            f"device='{args.device}'",
+            f"steps={args.warmup + args.steps + 2}",
+            "tensorboard=false",
+            "data.num_workers=0",
+            f"out_dir='{tmp / 'run'}'",
+            *stage_overrides(row.stage, proxy_dir),
+        ],
+    )
+    dataset = InMemoryImages(
+        [Image.new("RGB", (image_size, image_size))], lambda im, _rng: center_crop_resize(im, image_size)
+    )
+    return Trainer(config, dataset=dataset, progress=False)
+
+
+def save_proxies(stage_presets: list[str], tmp: Path) -> dict[int, Path]:
+    """A randomly initialised proxy folder per image size that the stage rows need."""
+    proxies = {}
+    for size in sorted({preset_config(name).image_size for name in stage_presets}):
+        torch.manual_seed(0)
+        proxies[size] = create_tokenizer(PROXY_FOR_SIZE[size]).save_pretrained(tmp / f"proxy_{size}")
+    return proxies
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_row(row: Row, args: argparse.Namespace, proxies: dict[int, Path], tmp: Path) -> Result:
+    """Build the row's trainer, warm it up, then time steps until ``--steps`` or ``--budget``."""
+    image_size = preset_config(row.preset).image_size
+    batch_size = args.batch_size or (32 if image_size <= 64 else 8)
+    result = Result(row, args.device, image_size, batch_size)
+    trainer = None
+    try:
+        trainer = build_trainer(row, args, batch_size, proxies, tmp)
+        device = trainer.device
+        result.trainable_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        gen = torch.Generator().manual_seed(0)
+        # two batches alternate, like fresh data; pinned as the trainer's loader pins on CUDA
+        batches = [torch.rand(batch_size, 3, image_size, image_size, generator=gen) for _ in range(2)]
+        if device.type == "cuda":
+            batches = [b.pin_memory() for b in batches]
+            torch.cuda.reset_peak_memory_stats(device)
+        warmup = args.warmup + (1 if row.mode.endswith("+compile") else 0)
+        terms: dict[str, torch.Tensor] = {}
+        for i in range(warmup + args.steps):
+            if i >= warmup and result.step_times and sum(result.step_times) >= args.budget:
+                break
+            synchronize(device)
+            start = time.perf_counter()
+            terms = trainer.train_step([batches[i % 2]])
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            trainer.step += 1  # as fit() does: the schedules and the GAN start read it
+            if i >= warmup:
+                result.step_times.append(elapsed)
+        if device.type == "cuda":
+            result.peak_mem_bytes = torch.cuda.max_memory_allocated(device)
+        loss = float(terms["loss"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} after {trainer.step} steps")
+    except Exception as err:  # report the row and go on: one bad config must not lose a long run
+        result.step_times = []
+        result.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        traceback.print_exc()
+    finally:
+        del trainer
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        if row.mode.endswith("+compile"):
+            torch._dynamo.reset()
+    return result
+
+
+def make_rows(args: argparse.Namespace) -> list[Row]:
+    """Single-stage rows in preset order, then the stage rows; modes innermost."""
+    rows = [Row(p, "single", m) for p in args.presets for m in args.modes]
+    rows += [Row(p, s, m) for p in args.stage_presets for s in ("stage1", "stage2") for m in args.modes]
+    return rows
+
+
+def make_table(results: list[Result]) -> str:
+    header = [
+        "preset",
+        "stage",
+        "mode",
+        "image",
+        "batch",
+        "trainable M",
+        "timed steps",
+        "median step (s)",
+        "samples/s",
+        "peak mem (GiB)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 7) + "|"]
+    for r in results:
+        mode = f"{r.device} {r.row.mode}"
+        cells = [r.row.preset, STAGE_TEXT[r.row.stage], mode, str(r.image_size), str(r.batch_size)]
+        if r.error:
+            cells += [f"{r.trainable_params / 1e6:.1f}" if r.trainable_params else "-", "-", "-", "failed", "-"]
+        else:
+            peak = f"{r.peak_mem_bytes / 2**30:.2f}" if r.peak_mem_bytes is not None else "-"
+            cells += [
+                f"{r.trainable_params / 1e6:.1f}",
+                str(len(r.step_times)),
+                f"{r.median_s:.3f}",
+                f"{r.samples_per_s:.2f}",
+                peak,
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``model name``), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_line(device: str) -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = (
+        f"torch {torch.__version__}, Python {platform.python_version()}, CPU {cpu_name()}, {cores} cores, "
+        f"{torch.get_num_threads()} threads"
+    )
+    if device == "cuda":
+        text += f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return text
+
+
+def load_1min() -> float:
+    """The 1-minute load average (NaN where the OS has none): above the core count, others compete."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = make_rows(args)
+    loads = [load_1min()]
+    print(f"Timing {len(rows)} rows on {args.device} ({machine_line(args.device)}); load average {loads[0]:.2f}")
+    started = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mstok_train_step_") as tmp_name:
+        tmp = Path(tmp_name)
+        proxies = save_proxies(args.stage_presets, tmp)
+        for row in rows:
+            row_start = time.perf_counter()
+            result = time_row(row, args, proxies, tmp)
+            results.append(result)
+            loads.append(load_1min())
+            if result.error:
+                what = f"error: {result.error}"
+            else:
+                steps = len(result.step_times)
+                what = f"{result.samples_per_s:.2f} samples/s (median {result.median_s:.3f}s, {steps} steps)"
+            print(f"  {row.preset} {row.stage} {row.mode}: {what} ({time.perf_counter() - row_start:.0f}s)", flush=True)
+    total = time.perf_counter() - started
+    table = make_table(results)
+    failed = [r for r in results if r.error]
+    print()
+    print(table)
+    for r in failed:
+        print(f"FAILED {r.row.preset} {r.row.stage} {r.row.mode}: {r.error}")
+    load_text = f"1-min load average {loads[0]:.2f} at the start, {min(loads[1:]):.2f}-{max(loads[1:]):.2f} after rows"
+    print(f"\nTotal {total / 60:.1f} min; {load_text}")
+    if args.no_append:
+        return results
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = (
+        shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/train_step.py", *argv])
+    )
+    sync = "CUDA synchronised around each step; " if args.device == "cuda" else ""
+    notes = [
+        "- Each row is `Trainer.train_step` of the project's trainer on one micro-batch (grad_accum 1): forward, "
+        "losses, backward, grad clipping, AdamW, LR schedule, EMA, dead-code revival and codebook statistics "
+        "(+ the discriminator step for stage 2). Data loading is excluded: random batches in [0, 1] made beforehand "
+        "are passed straight to the step.",
+        f"- {args.warmup} warm-up step(s) per row (one more with compile), then up to {args.steps} timed steps, "
+        f"stopping once {args.budget:g} s of timed steps have passed (at least one); {sync}samples/s = batch / median "
+        "step time. A row with one timed step is a single measurement.",
+        "- Stage rows use a randomly initialised proxy (maskgit_vqgan_f16 at 256px, vqgan_tiny at 64px) and random "
+        "tokenizer weights; stage 2 trains decoder + pixel_decoder with MSE + GAN (weight 0.01, from step 0).",
+        f"- {load_text} (other processes may share this machine; a load above the core count means "
+        f"they competed for it); whole run {total / 60:.1f} min.",
+    ]
+    notes += [f"- FAILED {r.row.preset} {r.row.stage} {r.row.mode}: {r.error}" for r in failed]
+    section = "\n".join(
+        [
+            f"## Training step throughput{' (quick)' if args.quick else ''} ({stamp})",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {machine_line(args.device)}.",
+            "",
+            table,
+            "",
+            "Notes:",
+            "",
+            *notes,
+            "",
+        ]
+    )
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = out.read_text() if out.exists() else "# Benchmark results\n"
+    out.write_text(existing.rstrip("\n") + "\n\n" + section)
+    print(f"\nAppended to {out}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(r.error for r in main()) else 0)
