@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,20 @@ def test_loss_falls_on_real_images(tmp_path, tiny_imagenet):
     first = sum(h["l1"] for h in history[:5]) / 5
     last = sum(h["l1"] for h in history[-5:]) / 5
     assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_train(tmp_path, photos, precision):
+    trainer = Trainer(
+        _config(
+            tmp_path, "steps=2", f"precision='{precision}'", "loss.gan_weight=0.1", "discriminator.base_channels=8"
+        ),
+        dataset=_dataset(photos),
+        progress=False,
+    )
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    assert all(math.isfinite(h["loss"]) for h in trainer.history)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast keeps fp32 master weights
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
