@@ -28,8 +28,55 @@ WEIGHTS_FILE = "model.safetensors"
 HEADS = ("pixels", "proxy_codes")
 
 
+class ConfigDict:
+    """Dict conversion shared by the config dataclasses of every model family."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        """Build a config, rejecting unknown fields with the list of valid ones (lists become tuples)."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def replace(self, **overrides: Any) -> Any:
+        """A copy with some fields changed (validated like :meth:`from_dict`)."""
+        return type(self).from_dict({**self.to_dict(), **overrides})
+
+
+class SavedModel:
+    """``save_pretrained`` / ``load_weights`` for an ``nn.Module`` with a ``config`` (a family's config)."""
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (``load_tokenizer`` reads it).
+
+        Args:
+            path: target folder (created if needed).
+            state_dict: weights to save instead of this model's own (e.g. EMA weights).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"family": self.config.family, "config": self.config.to_dict()}
+        tmp = path / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(path / CONFIG_FILE)
+        atomic_save_safetensors(state_dict if state_dict is not None else self.state_dict(), path / WEIGHTS_FILE)
+        return path
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a safetensors file into this model strictly, with a clear error on any mismatch."""
+        load_state_dict_checked(self, read_safetensors(path), str(path))
+
+
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(ConfigDict):
     """Fields shared by every tokenizer family; a family's config subclasses this."""
 
     image_size: int = 256
@@ -96,26 +143,6 @@ class TokenizerConfig:
     def num_patches(self) -> int:
         """P, the number of patch tokens."""
         return self.grid_size**2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TokenizerConfig:
-        """Build a config, rejecting unknown fields with the list of valid ones."""
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**converted)
-
-    def replace(self, **overrides: Any) -> TokenizerConfig:
-        """A copy with some fields changed (validated like :meth:`from_dict`)."""
-        return type(self).from_dict({**self.to_dict(), **overrides})
 
 
 @dataclass
@@ -190,7 +217,7 @@ def check_tokens(tokens: Any, num_tokens: int, codebook_size: int) -> torch.Tens
     return tokens.long()
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(SavedModel, nn.Module):
     """Base class: image <-> K discrete tokens. Subclasses implement :meth:`build`."""
 
     config_class: ClassVar[type[TokenizerConfig]] = TokenizerConfig
@@ -302,23 +329,3 @@ class Tokenizer(nn.Module):
             counts["pixel_decoder"] = sum(p.numel() for p in self.pixel_decoder.parameters())
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
-
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``.
-
-        Args:
-            path: target folder (created if needed).
-            state_dict: weights to save instead of this model's own (e.g. EMA weights).
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"family": self.config.family, "config": self.config.to_dict()}
-        tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(path / CONFIG_FILE)
-        atomic_save_safetensors(state_dict if state_dict is not None else self.state_dict(), path / WEIGHTS_FILE)
-        return path
-
-    def load_weights(self, path: str | Path) -> None:
-        """Load a safetensors file into this model, with a clear error on any mismatch."""
-        load_state_dict_checked(self, read_safetensors(path), str(path))

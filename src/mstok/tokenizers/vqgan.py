@@ -27,28 +27,26 @@ N = h*w tokens in raster order (row by row).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
+from mstok.io import load_state_dict_checked
 from mstok.layers import init_weights
 from mstok.quantizers import VectorQuantizer
-from mstok.tokenizers.base import CONFIG_FILE, WEIGHTS_FILE, TokenizerOutput, check_images, check_tokens
+from mstok.tokenizers.base import ConfigDict, SavedModel, TokenizerOutput, check_images, check_tokens
+from mstok.weights import load_torch_state_dict
 
 USAGE_KEY = "quantize.usage_ema"
 
 
 @dataclass
-class VQGANConfig:
+class VQGANConfig(ConfigDict):
     """Hyper-parameters of a MaskGIT-VQGAN; the defaults are the official ImageNet 256px f16 model."""
 
     image_size: int = 256
@@ -119,25 +117,6 @@ class VQGANConfig:
     def code_dim(self) -> int:
         """Alias of ``z_channels``, the dimension of each code (as in :class:`TokenizerConfig`)."""
         return self.z_channels
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> VQGANConfig:
-        """Build a config, rejecting unknown fields with the list of valid ones."""
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-    def replace(self, **overrides: Any) -> VQGANConfig:
-        """A copy with some fields changed (validated like :meth:`from_dict`)."""
-        return type(self).from_dict({**self.to_dict(), **overrides})
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool) -> nn.Conv2d:
@@ -267,7 +246,7 @@ class VQGANDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-class MaskGITVQGAN(nn.Module):
+class MaskGITVQGAN(SavedModel, nn.Module):
     """MaskGIT-VQGAN with the same public API as :class:`mstok.tokenizers.Tokenizer`.
 
     Submodules ``encoder``, ``quantize`` and ``decoder`` carry the official key names;
@@ -364,36 +343,6 @@ class MaskGITVQGAN(nn.Module):
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (loadable by
-        ``load_tokenizer``); ``state_dict`` saves other weights (e.g. EMA) under this config."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"family": self.config.family, "config": self.config.to_dict()}
-        tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(path / CONFIG_FILE)
-        atomic_save_safetensors(state_dict if state_dict is not None else self.state_dict(), path / WEIGHTS_FILE)
-        return path
-
-    def load_weights(self, path: str | Path) -> None:
-        """Load an mstok-saved safetensors file strictly, with a clear error on any mismatch."""
-        load_state_dict_checked(self, read_safetensors(path), str(path))
-
-
-def _read_official(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"VQGAN weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path} as a PyTorch state dict ({err})") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a flat state dict of tensors (got {type(state).__name__})")
-    return state
-
 
 def load_official_vqgan(path: str | Path, config: VQGANConfig | None = None) -> MaskGITVQGAN:
     """Load the released ``maskgit-vqgan-imagenet-f16-256.bin`` (or a ``.safetensors`` with the same keys).
@@ -408,7 +357,9 @@ def load_official_vqgan(path: str | Path, config: VQGANConfig | None = None) -> 
             with the checkpoint's and the model's shapes.
     """
     path = Path(path)
-    state = dict(_read_official(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"VQGAN weights file not found: {path}")
+    state = dict(load_torch_state_dict(path))
     model = MaskGITVQGAN(config if config is not None else VQGANConfig())
     state.setdefault(USAGE_KEY, model.quantize.usage_ema.clone())
     load_state_dict_checked(model, state, str(path))
