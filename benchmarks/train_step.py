@@ -272,21 +272,23 @@ def make_table(results: list[Result]) -> str:
         "trainable M",
         "timed steps",
         "median step (s)",
+        "min step (s)",
         "samples/s",
         "peak mem (GiB)",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 7) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 8) + "|"]
     for r in results:
         mode = f"{r.device} {r.row.mode}"
         cells = [r.row.preset, STAGE_TEXT[r.row.stage], mode, str(r.image_size), str(r.batch_size)]
         if r.error:
-            cells += [f"{r.trainable_params / 1e6:.1f}" if r.trainable_params else "-", "-", "-", "failed", "-"]
+            cells += [f"{r.trainable_params / 1e6:.1f}" if r.trainable_params else "-", "-", "-", "-", "failed", "-"]
         else:
             peak = f"{r.peak_mem_bytes / 2**30:.2f}" if r.peak_mem_bytes is not None else "-"
             cells += [
                 f"{r.trainable_params / 1e6:.1f}",
                 str(len(r.step_times)),
                 f"{r.median_s:.3f}",
+                f"{min(r.step_times):.3f}",
                 f"{r.samples_per_s:.2f}",
                 peak,
             ]
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "are passed straight to the step.",
         f"- {args.warmup} warm-up step(s) per row (one more with compile), then up to {args.steps} timed steps, "
         f"stopping once {args.budget:g} s of timed steps have passed (at least one); {sync}samples/s = batch / median "
-        "step time. A row with one timed step is a single measurement.",
+        "step time (min step: the least disturbed one). A row with one timed step is a single measurement.",
         "- Stage rows use a randomly initialised proxy (maskgit_vqgan_f16 at 256px, vqgan_tiny at 64px) and random "
         "tokenizer weights; stage 2 trains decoder + pixel_decoder with MSE + GAN (weight 0.01, from step 0).",
         f"- {load_text} (other processes may share this machine; a load above the core count means "

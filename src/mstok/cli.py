@@ -1,4 +1,4 @@
-"""The ``mstok`` command line: ``presets``, ``train``, ``train-proxy``, ``demo`` and ``data``."""
+"""The ``mstok`` command line: ``presets``, ``train``, ``train-proxy``, ``eval``, ``demo`` and ``data``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -110,6 +111,50 @@ def _cmd_data_to_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mstok.evaluation import evaluate as ev
+    from mstok.tokenizers import load_tokenizer
+    from mstok.training.checkpoint import find_model_folder
+    from mstok.training.distributed import DistContext
+
+    device = DistContext.from_env(args.device).device
+    lpips, inception, unavailable = ev.load_metric_networks(
+        device, (args.vgg_weights, args.lpips_weights), args.inception_weights, download=not args.no_download
+    )
+    out_dir = Path(args.out).parent if args.out else None
+    if args.generated:
+        if not args.reference:
+            raise ValueError("--generated needs --reference stats.npz (precompute it with `mstok eval --data`)")
+        results = ev.evaluate_generated(args.generated, args.reference, inception, unavailable, args.batch_size)
+    else:
+        if not (args.checkpoint and args.data):
+            raise ValueError("mstok eval needs --checkpoint DIR and --data DIR (or --generated DIR --reference FILE)")
+        folder = find_model_folder(args.checkpoint, "--checkpoint")
+        weights = args.weights or ("ema.safetensors" if (folder / "ema.safetensors").is_file() else "model.safetensors")
+        model = load_tokenizer(folder, weights=weights)
+        resolution = args.resolution or model.config.image_size
+        if resolution != model.config.image_size:
+            raise ValueError(f"--resolution {resolution}: this tokenizer takes {model.config.image_size}px images")
+        reference = ev.load_reference(args.reference) if args.reference else None
+        results = ev.evaluate_reconstruction(
+            model,
+            ev.eval_dataset(args.data, resolution),
+            batch_size=args.batch_size,
+            device=device,
+            lpips=lpips,
+            inception=inception,
+            reference_stats=reference,
+            unavailable=unavailable,
+            out_dir=out_dir or Path("runs") / "eval",
+            limit=args.limit,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+        )
+        results = {"checkpoint": str(folder), "weights": weights, "data": str(args.data), **results}
+    print(ev.write_results(results, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mstok", description="Compact 1D image tokenizers (MsTok, TiTok).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -148,6 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    evaluate = sub.add_parser("eval", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID, IS, usage) or gFID")
+    evaluate.add_argument("--checkpoint", help="a saved tokenizer, checkpoint or run folder")
+    evaluate.add_argument("--weights", help="weights file in the folder (default: ema.safetensors when present)")
+    evaluate.add_argument("--data", help="image folder or shards to reconstruct (resize + center crop)")
+    evaluate.add_argument("--resolution", type=int, help="evaluation resolution (default: the tokenizer's)")
+    evaluate.add_argument("--generated", help="a folder of generated images: report gFID and IS against --reference")
+    evaluate.add_argument("--reference", help="Inception statistics .npz (mstok or ADM reference batch)")
+    evaluate.add_argument("--out", help="results JSON path; grid.png, codebook_usage.png go beside it")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N images")
+    evaluate.add_argument("--num-workers", type=int, default=2)
+    evaluate.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file (default: the cache)")
+    evaluate.add_argument("--vgg-weights", help="torchvision vgg16 weights file for LPIPS (default: the cache)")
+    evaluate.add_argument("--lpips-weights", help="LPIPS v0.1 vgg.pth linear weights (default: the cache)")
+    evaluate.add_argument("--no-download", action="store_true", help="never download missing weights")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=_cmd_eval)
 
     data = sub.add_parser("data", help="prepare datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

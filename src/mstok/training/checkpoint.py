@@ -47,6 +47,20 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def find_model_folder(path: str | Path, what: str = "checkpoint") -> Path:
+    """A folder holding ``config.json``: ``path`` itself, or the newest ``step_*`` checkpoint
+    under it or under its ``checkpoints/`` (so a run folder works too)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    if (path / "config.json").is_file():
+        return path
+    newest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+    if newest is None:
+        raise FileNotFoundError(f"{what}: {path} holds no saved model (config.json) and no step_* checkpoint")
+    return newest
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from mstok.data import RandomResizedCropFlip, center_crop_resize, open_image_dataset
 from mstok.losses import TokenizerLoss
-from mstok.training.checkpoint import latest_checkpoint
+from mstok.training.checkpoint import find_model_folder
 from mstok.training.config import TrainConfig
 from mstok.weights import MissingWeightsError
 
@@ -31,13 +31,8 @@ def load_proxy(path: str | Path, weights: str = "model.safetensors") -> nn.Modul
     path = Path(path)
     if path.is_file():
         proxy = load_official_vqgan(path)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            newest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
-            if newest is None:
-                raise FileNotFoundError(f"proxy.checkpoint: {path} holds no saved tokenizer or step_* checkpoint")
-            path = newest
-        proxy = load_tokenizer(path, weights=weights)
+    elif path.exists():
+        proxy = load_tokenizer(find_model_folder(path, "proxy.checkpoint"), weights=weights)
     else:
         raise FileNotFoundError(f"proxy.checkpoint: {path} does not exist (train one with `mstok train-proxy`)")
     if getattr(proxy.config, "family", "") != PROXY_FAMILY:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mstok.io import read_safetensors
-from mstok.training.checkpoint import latest_checkpoint
+from mstok.training.checkpoint import find_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,10 @@ def resolve_weights_file(path: str | Path, weights: str) -> Path:
         return path
     if not path.exists():
         raise FileNotFoundError(f"model.init_from: {path} does not exist")
-    if not (path / weights).is_file():
-        newest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
-        if newest is None:
-            raise FileNotFoundError(f"model.init_from: no {weights} and no step_* checkpoint under {path}")
-        path = newest
-    if not (path / weights).is_file():
-        raise FileNotFoundError(f"model.init_from: {path} has no {weights}")
-    return path / weights
+    folder = path if (path / weights).is_file() else find_model_folder(path, "model.init_from")
+    if not (folder / weights).is_file():
+        raise FileNotFoundError(f"model.init_from: {folder} has no {weights}")
+    return folder / weights
 
 
 def load_initial_weights(
