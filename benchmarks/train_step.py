@@ -80,6 +80,7 @@ class Result:
     trainable_params: int = 0
     step_times: list[float] = field(default_factory=list)
     peak_mem_bytes: int | None = None
+    load_after: float = math.nan  # 1-min load average when the row ended
     error: str | None = None
 
     @property
@@ -275,13 +276,22 @@ def make_table(results: list[Result]) -> str:
         "min step (s)",
         "samples/s",
         "peak mem (GiB)",
+        "load 1m",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 8) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 9) + "|"]
     for r in results:
         mode = f"{r.device} {r.row.mode}"
         cells = [r.row.preset, STAGE_TEXT[r.row.stage], mode, str(r.image_size), str(r.batch_size)]
         if r.error:
-            cells += [f"{r.trainable_params / 1e6:.1f}" if r.trainable_params else "-", "-", "-", "-", "failed", "-"]
+            cells += [
+                f"{r.trainable_params / 1e6:.1f}" if r.trainable_params else "-",
+                "-",
+                "-",
+                "-",
+                "failed",
+                "-",
+                f"{r.load_after:.1f}",
+            ]
         else:
             peak = f"{r.peak_mem_bytes / 2**30:.2f}" if r.peak_mem_bytes is not None else "-"
             cells += [
@@ -291,6 +301,7 @@ def make_table(results: list[Result]) -> str:
                 f"{min(r.step_times):.3f}",
                 f"{r.samples_per_s:.2f}",
                 peak,
+                f"{r.load_after:.1f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -342,8 +353,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         for row in rows:
             row_start = time.perf_counter()
             result = time_row(row, args, proxies, tmp)
+            result.load_after = load_1min()
             results.append(result)
-            loads.append(load_1min())
+            loads.append(result.load_after)
             if result.error:
                 what = f"error: {result.error}"
             else:
@@ -377,8 +389,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "step time (min step: the least disturbed one). A row with one timed step is a single measurement.",
         "- Stage rows use a randomly initialised proxy (maskgit_vqgan_f16 at 256px, vqgan_tiny at 64px) and random "
         "tokenizer weights; stage 2 trains decoder + pixel_decoder with MSE + GAN (weight 0.01, from step 0).",
-        f"- {load_text} (other processes may share this machine; a load above the core count means "
-        f"they competed for it); whole run {total / 60:.1f} min.",
+        f"- {load_text}; `load 1m` is the 1-minute load average as each row ended. Other processes may share "
+        "this machine: a load well above this run's thread count means they competed for the cores, and on a "
+        "small CPU that slows torch's OpenMP steps many times over (min step shows the least disturbed one). "
+        f"Whole run {total / 60:.1f} min.",
     ]
     notes += [f"- FAILED {r.row.preset} {r.row.stage} {r.row.mode}: {r.error}" for r in failed]
     section = "\n".join(

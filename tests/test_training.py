@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -249,3 +250,21 @@ def test_mixed_precision_steps_train(tmp_path, photos, precision):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast keeps fp32 master weights
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert trainer.scaler.is_enabled() == (precision == "fp16")
+
+
+def test_training_on_shards_equals_training_on_the_folder(tmp_path):
+    from mstok.data import write_shards
+
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+    write_shards(folder, tmp_path / "shards", shard_size=4, seed=None, progress=False)  # same order as the folder
+    runs = []
+    for name, path in (("folder", folder), ("shards", tmp_path / "shards")):
+        trainer = Trainer(_config(tmp_path / name, "steps=2", f"data.path='{path}'"), progress=False)
+        trainer.fit()
+        runs.append(trainer.model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

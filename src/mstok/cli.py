@@ -1,4 +1,4 @@
-"""The ``mstok`` command line: ``presets``, ``train``, ``train-proxy``, ``eval``, ``demo`` and ``data``."""
+"""The ``mstok`` command line: ``presets``, ``train``, ``train-proxy``, ``eval``, ``probe``, ``demo`` and ``data``."""
 
 from __future__ import annotations
 
@@ -155,6 +155,51 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_split(text: str) -> tuple[int, int]:
+    """``"35,5"`` -> (35, 5): train and val images per class."""
+    try:
+        train, val = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL images per class such as 35,5, got {text!r}") from None
+    return train, val
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
+    from mstok.evaluation.probe import run_probe
+
+    if args.val and args.split:
+        raise ValueError("--split divides the train folder and cannot be combined with --val")
+    result = run_probe(
+        args.checkpoint,
+        args.train,
+        val=args.val,
+        weights=args.weights,
+        split=args.split or (35, 5),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        base_lr=args.base_lr,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    seconds, settings = result["seconds"], result["settings"]
+    print(
+        f"linear probe of {result['family']} ({result['checkpoint']}, {result['weights']}): "
+        f"{result['num_train']} train / {result['num_val']} val images, {result['num_classes']} classes, "
+        f"D={result['feature_dim']}\n"
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+        f"({settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']:g}; "
+        f"features {seconds['features']:.1f} s, training {seconds['training']:.1f} s)\n"
+        f"results written to {out}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mstok", description="Compact 1D image tokenizers (MsTok, TiTok).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -212,6 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
+
+    probe = sub.add_parser("probe", help="linear-probe a tokenizer's frozen latent tokens (MAE protocol, LARS)")
+    probe.add_argument("--checkpoint", required=True, help="a saved tokenizer, checkpoint or run folder")
+    probe.add_argument("--train", required=True, help="training image folder or shards (class = sub-folder)")
+    probe.add_argument("--val", help="validation images with the same classes (default: split --train per class)")
+    probe.add_argument(
+        "--split", type=_parse_split, metavar="TRAIN,VAL", help="images per class without --val (default 35,5)"
+    )
+    probe.add_argument("--epochs", type=int, default=90, help="probe training epochs (default 90)")
+    probe.add_argument("--batch-size", type=int, default=256, help="probe batch, also for features (default 256)")
+    probe.add_argument("--base-lr", type=float, default=0.1, help="lr = base * batch / 256 (default 0.1)")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the split and the probe (default 0)")
+    probe.add_argument("--weights", default="ema.safetensors", help="weights file (model.safetensors if absent)")
+    probe.add_argument("--out", default="probe.json", help="results JSON path (default probe.json)")
+    probe.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    probe.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    probe.set_defaults(func=_cmd_probe)
 
     data = sub.add_parser("data", help="prepare datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
