@@ -379,6 +379,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
         shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/train_step.py", *argv])
     )
     sync = "CUDA synchronised around each step; " if args.device == "cuda" else ""
+    peak = (
+        "peak mem is `torch.cuda.max_memory_allocated` over warm-up and timed steps (weights, EMA, optimizer "
+        "state and activations)"
+        if args.device == "cuda"
+        else "no peak memory on CPU"
+    )
     notes = [
         "- Each row is `Trainer.train_step` of the project's trainer on one micro-batch (grad_accum 1): forward, "
         "losses, backward, grad clipping, AdamW, LR schedule, EMA, dead-code revival and codebook statistics "
@@ -386,7 +392,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "are passed straight to the step.",
         f"- {args.warmup} warm-up step(s) per row (one more with compile), then up to {args.steps} timed steps, "
         f"stopping once {args.budget:g} s of timed steps have passed (at least one); {sync}samples/s = batch / median "
-        "step time (min step: the least disturbed one). A row with one timed step is a single measurement.",
+        f"step time (min step: the least disturbed one); {peak}. A row with one timed step is a single measurement.",
         "- Stage rows use a randomly initialised proxy (maskgit_vqgan_f16 at 256px, vqgan_tiny at 64px) and random "
         "tokenizer weights; stage 2 trains decoder + pixel_decoder with MSE + GAN (weight 0.01, from step 0).",
         f"- {load_text}; `load 1m` is the 1-minute load average as each row ended. Other processes may share "

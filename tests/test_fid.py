@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import linalg
 
 from mstok.evaluation.fid import FeatureStats, FIDEvaluator, frechet_distance, inception_score, load_stats
 from mstok.evaluation.inception import (
@@ -100,6 +101,30 @@ def test_frechet_distance_rank_deficient_and_invalid_inputs() -> None:
         frechet_distance(np.zeros(4), eye, np.zeros(4), np.eye(3))
     with pytest.raises(ValueError, match="method"):
         frechet_distance(np.zeros(4), eye, np.zeros(4), eye, method="svd")  # type: ignore[arg-type]
+
+
+def test_frechet_distance_regularises_a_non_finite_square_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal((40, 5)), rng.standard_normal((30, 5)) + 0.3
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    exact = frechet_distance(x.mean(0), s1, y.mean(0), s2)
+    calls: list[np.ndarray] = []
+    real_sqrtm = linalg.sqrtm  # the patch below replaces scipy.linalg.sqrtm itself
+
+    def flaky_sqrtm(matrix: np.ndarray) -> np.ndarray:
+        calls.append(matrix)
+        return np.full_like(matrix, np.inf) if len(calls) == 1 else real_sqrtm(matrix)
+
+    monkeypatch.setattr("mstok.evaluation.fid.linalg.sqrtm", flaky_sqrtm)
+    with pytest.warns(RuntimeWarning, match="adding 0.001"):
+        retried = frechet_distance(x.mean(0), s1, y.mean(0), s2, eps=1e-3)
+    assert len(calls) == 2
+    np.testing.assert_allclose(calls[1], (s1 + 1e-3 * np.eye(5)) @ (s2 + 1e-3 * np.eye(5)))
+    # Only the square-root term sees eps; the traces stay those of the given covariances.
+    regularised = np.trace(real_sqrtm(calls[1])).real
+    diff = x.mean(0) - y.mean(0)
+    assert retried == pytest.approx(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * regularised, rel=1e-12)
+    assert retried == pytest.approx(exact, abs=0.05) and retried != exact
 
 
 def test_feature_stats_match_numpy_over_uneven_batches() -> None:
@@ -275,6 +300,8 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_load_from_cache_and_pipeline(weights_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One thread: on a busy 2-core machine two OpenMP threads make the forward and eigh many times slower.
+    torch.set_num_threads(1)
     monkeypatch.setenv("MSTOK_CACHE", str(weights_file.parent))
     model = load_fid_inception(download=False)
     saved = torch.load(weights_file, weights_only=True)

@@ -125,7 +125,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.generated:
         if not args.reference:
             raise ValueError("--generated needs --reference stats.npz (precompute it with `mstok eval --data`)")
-        results = ev.evaluate_generated(args.generated, args.reference, inception, unavailable, args.batch_size)
+        results = ev.evaluate_generated(
+            args.generated, args.reference, inception, unavailable, args.batch_size, args.fid_method
+        )
     else:
         if not (args.checkpoint and args.data):
             raise ValueError("mstok eval needs --checkpoint DIR and --data DIR (or --generated DIR --reference FILE)")
@@ -149,6 +151,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
             num_workers=args.num_workers,
             progress=not args.no_progress,
+            fid_method=args.fid_method,
         )
         results = {"checkpoint": str(folder), "weights": weights, "data": str(args.data), **results}
     print(ev.write_results(results, args.out))
@@ -254,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--vgg-weights", help="torchvision vgg16 weights file for LPIPS (default: the cache)")
     evaluate.add_argument("--lpips-weights", help="LPIPS v0.1 vgg.pth linear weights (default: the cache)")
     evaluate.add_argument("--no-download", action="store_true", help="never download missing weights")
+    evaluate.add_argument(
+        "--fid-method", choices=("sqrtm", "eigh"), default="sqrtm", help="matrix square root for the FID"
+    )
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)

@@ -14,6 +14,7 @@ reference batches (which add ``mu_s``, ``sigma_s`` and the images ``arr_0``) rea
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -122,6 +123,11 @@ def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # A rank-deficient product (fewer samples than dimensions) can give inf/nan; regularise like pytorch-fid.
+        warnings.warn(
+            f"sqrtm(sigma1 @ sigma2) is not finite (singular product); adding {eps} to the covariance diagonals",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -137,13 +143,16 @@ def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float
 def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """``tr sqrtm(sigma1 @ sigma2)`` as ``tr sqrt(A sigma2 A)`` with ``A = sigma1^(1/2)``: two symmetric eigensolves.
 
-    Both matrices equal ``A^-1 (A sigma2 A) A`` up to similarity, so their eigenvalues (and the
-    trace of their square roots) coincide; negative round-off eigenvalues are clipped to 0.
+    ``sigma1 @ sigma2`` and ``A sigma2 A`` are similar when ``sigma1`` is positive definite (and share
+    their nonzero eigenvalues in general), so the traces of their square roots coincide; negative
+    round-off eigenvalues are clipped to 0. Runs in torch float64, whose LAPACK (MKL) solves a
+    2048x2048 symmetric problem in seconds.
     """
-    values, vectors = np.linalg.eigh(sigma1)
-    root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T  # (D, D)
-    inner = root @ sigma2 @ root
-    return float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum())
+    s1, s2 = torch.from_numpy(sigma1), torch.from_numpy(sigma2)
+    values, vectors = torch.linalg.eigh(s1)
+    root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T  # (D, D)
+    inner = root @ s2 @ root
+    return float(torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum())
 
 
 def frechet_distance(
@@ -160,8 +169,9 @@ def frechet_distance(
         mu1, mu2: means (D,).
         sigma1, sigma2: covariances (D, D).
         eps: added to both diagonals when the square root of the product is not finite.
-        method: ``"sqrtm"`` (scipy, the reference; about a minute for D=2048 on two slow cores) or
-            ``"eigh"`` (several times faster, same value to ~1e-6 relative; for monitoring).
+        method: ``"sqrtm"`` (scipy's Schur-based square root: the reference, but up to a minute for
+            D=2048 on a small CPU) or ``"eigh"`` (symmetric eigensolves, about 10x faster; agrees to
+            ~1e-9 relative on well-conditioned covariances; convenient for monitoring).
 
     Raises:
         ValueError: shapes disagree, or the square root has a large imaginary part.

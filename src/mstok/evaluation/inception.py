@@ -60,7 +60,9 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return torch.floor(images.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
 
 
-def _tf1_source_coords(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tf1_source_coords(
+    in_size: int, out_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TF1 legacy sampling along one axis: lower index, upper index and lerp weight, each (out_size,).
 
     Output pixel ``i`` reads source coordinate ``i * in_size / out_size`` (no half-pixel shift),
@@ -225,10 +227,7 @@ class InceptionE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
         b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         b3dbl = torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], dim=1)
-        if self.max_pool:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = _avg_pool_valid(x)
+        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg_pool_valid(x)
         return torch.cat([self.branch1x1(x), b3, b3dbl, self.branch_pool(pooled)], dim=1)
 
 
@@ -317,7 +316,11 @@ class FIDInceptionV3(nn.Module):
                 state[key] = torch.zeros_like(value)
         missing = sorted(own.keys() - state.keys())
         unexpected = sorted(state.keys() - own.keys())
-        wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+        wrong = [
+            f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
         if missing or unexpected or wrong:
             raise ValueError(
                 f"{source} is not an FID Inception-v3 state dict: "

@@ -1,0 +1,188 @@
+"""The papers' claims at small scale: TiTok vs MsTok and MsTok's ablations on tiny-imagenet-64.
+
+Every variant trains with the same budget (steps, batch, learning rate, width, depth, data
+stream) on 35 images per class of ``../shared/datasets/tiny-imagenet-64`` and is evaluated on
+the other 5 per class: PSNR and SSIM of the EMA model's reconstructions, codebook usage, and
+linear-probe top-1 (frozen encoder, mean-pooled pre-quantization latents, BatchNorm + linear,
+LARS; features of the same split). Each variant runs with several seeds; the table reports
+mean +- standard deviation over seeds, and ``benchmarks/REPLICATION.md`` records it with the
+command that made it, whatever the result.
+
+    python benchmarks/replicate.py                       # defaults: under an hour on 2 CPU cores
+    python benchmarks/replicate.py --steps 5000 --seeds 0,1,2 --device cuda --batch-size 128
+
+Variants (tiny presets: 64x64, patch 8, width 128, depth 4, V 1024):
+    titok / mstok at K = 32 and 64; MsTok with 1, 2, 3 or 4 memory levels (the last layers:
+    (4), (2, 4), (2, 3, 4), (1, 2, 3, 4)); without scale embeddings; weighted_add instead of
+    concat aggregation; a linear readout instead of query cross-attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from mstok.data import ImageFolder, RandomResizedCropFlip
+from mstok.evaluation.evaluate import evaluate_reconstruction
+from mstok.evaluation.probe import center_crop_transform, extract_features, split_per_class, train_probe
+from mstok.tokenizers import load_tokenizer
+from mstok.training import Trainer, load_train_config
+from mstok.training.checkpoint import EMA_FILE, latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "titok K=32": ("titok_tiny", {}),
+    "mstok K=32": ("mstok_tiny", {}),
+    "titok K=64": ("titok_tiny", {"num_latent_tokens": 64}),
+    "mstok K=64": ("mstok_tiny", {"num_latent_tokens": 64}),
+    "mstok 1 level": ("mstok_tiny", {"memory_layers": [4]}),
+    "mstok 2 levels": ("mstok_tiny", {"memory_layers": [2, 4]}),
+    "mstok 3 levels": ("mstok_tiny", {"memory_layers": [2, 3, 4]}),
+    "mstok no scale emb.": ("mstok_tiny", {"scale_embedding": False}),
+    "mstok weighted_add": ("mstok_tiny", {"aggregation": "weighted_add"}),
+    "mstok linear readout": ("mstok_tiny", {"readout": "linear"}),
+}
+METRICS = ("psnr", "ssim", "codebook_usage", "probe_top1")
+
+
+class Subset(Dataset):
+    """The items ``indices`` of a dataset indexed by ``(index, seed)``."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        return self.dataset[(self.indices[index], seed)]
+
+
+def run_variant(
+    name: str, seed: int, args: argparse.Namespace, train_idx: list[int], val_idx: list[int]
+) -> dict[str, float]:
+    """Train one variant with one seed, then measure it on the held-out split."""
+    preset, overrides = VARIANTS[name]
+    out = Path(args.work_dir) / name.replace(" ", "_").replace("=", "").replace(".", "") / f"seed{seed}"
+    settings = [
+        f"model.preset='{preset}'",
+        f"steps={args.steps}",
+        f"batch_size={args.batch_size}",
+        f"seed={seed}",
+        f"out_dir='{out}'",
+        f"device='{args.device}'",
+        f"optim.lr={args.lr}",
+        f"optim.end_lr={args.lr / 10}",
+        f"optim.warmup_steps={max(1, args.steps // 20)}",
+        f"ckpt_every={args.steps}",
+        "keep_last=1",
+        f"log_every={max(1, args.steps // 20)}",
+        "tensorboard=false",
+        f"data.num_workers={args.workers}",
+    ]
+    settings += [f"model.overrides.{k}={json.dumps(v)}" for k, v in overrides.items()]
+    config = load_train_config(None, settings)
+    train = Subset(ImageFolder(args.data, RandomResizedCropFlip(64, (0.8, 1.0))), train_idx)
+    started = time.perf_counter()
+    Trainer(config, dataset=train, progress=False).fit()
+    train_seconds = time.perf_counter() - started
+    model = load_tokenizer(latest_checkpoint(out / "checkpoints"), weights=EMA_FILE)
+    fixed = ImageFolder(args.data, center_crop_transform(64))
+    recon = evaluate_reconstruction(model, Subset(fixed, val_idx), batch_size=128, device=args.device, progress=False)
+    train_feats, train_labels = extract_features(model, Subset(fixed, train_idx), device=args.device)
+    val_feats, val_labels = extract_features(model, Subset(fixed, val_idx), device=args.device)
+    probe = train_probe(
+        train_feats, train_labels, val_feats, val_labels, 200, epochs=args.probe_epochs, base_lr=args.probe_lr,
+        seed=seed, device=args.device,
+    )  # fmt: skip
+    return {
+        "psnr": recon["psnr"],
+        "ssim": recon["ssim"],
+        "codebook_usage": recon["codebook_usage"],
+        "probe_top1": probe["top1"],
+        "train_seconds": train_seconds,
+    }
+
+
+def summarise(results: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown table of mean +- std over seeds."""
+    lines = [
+        "| variant | PSNR (dB) | SSIM | codebook usage | probe top-1 (%) | train s/run |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in results.items():
+        cells = []
+        for metric in METRICS:
+            values = [r[metric] * (100 if metric == "probe_top1" else 1) for r in runs]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            digits = 2 if metric in ("psnr", "probe_top1") else 4
+            cells.append(f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}")
+        seconds = statistics.mean(r["train_seconds"] for r in runs)
+        lines.append(f"| {name} | {' | '.join(cells)} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
+    parser.add_argument("--probe-epochs", type=int, default=90)
+    parser.add_argument("--probe-lr", type=float, default=1.0, help="LARS base lr (see probe.py on small data)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--work-dir", default="runs/replicate")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "REPLICATION.md"))
+    parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
+    args = parser.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    labels = [label for _, label in ImageFolder(args.data, center_crop_transform(64)).samples]
+    train_idx, val_idx = (t.tolist() for t in split_per_class(labels, 35, 5, seed=0))
+    results: dict[str, list[dict[str, float]]] = {}
+    started = time.perf_counter()
+    for name in names:
+        for seed in seeds:
+            run = run_variant(name, seed, args, train_idx, val_idx)
+            results.setdefault(name, []).append(run)
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.items()), flush=True)
+    table = summarise(results)
+    minutes = (time.perf_counter() - started) / 60
+    print(table)
+    if not args.no_append:
+        command = "python benchmarks/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        text = (
+            f"\n## Run of {stamp}\n\nCommand: `{command.strip()}`\n\n"
+            f"{len(train_idx)} training / {len(val_idx)} held-out images, {args.steps} steps of batch "
+            f"{args.batch_size}, lr {args.lr}, seeds {args.seeds}, device {args.device}, torch {torch.__version__}; "
+            f"{minutes:.0f} min in all. Metrics on the held-out images with EMA weights; mean ± std over seeds.\n\n"
+            f"{table}\n"
+        )
+        out = Path(args.out)
+        if not out.exists():
+            out.write_text("# Replication at small scale\n\nWritten by `benchmarks/replicate.py`; see its docstring.\n")
+        with open(out, "a") as handle:
+            handle.write(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
