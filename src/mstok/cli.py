@@ -203,6 +203,69 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+# `mstok bench`: the quick runs of the scripts in the checkout's benchmarks/ folder (not installed with the package)
+BENCH_SCRIPTS = {"throughput": "throughput", "flops": "flops_vs_tokens", "train_step": "train_step"}
+
+
+def _benchmarks_dir(given: str | None) -> Path:
+    """The benchmarks folder: ``given``, else the one beside ``src/`` in the checkout mstok runs from."""
+    import mstok
+
+    folder = Path(given) if given else Path(mstok.__file__).resolve().parents[2] / "benchmarks"
+    if not all((folder / f"{script}.py").is_file() for script in BENCH_SCRIPTS.values()):
+        raise FileNotFoundError(
+            f"no benchmark scripts in {folder}: `mstok bench` runs benchmarks/*.py of a source checkout "
+            "(git clone, then pip install -e .); an installed copy has none, pass --benchmarks-dir DIR"
+        )
+    return folder
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    folder = _benchmarks_dir(args.benchmarks_dir)
+    extra = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    if extra and not args.only:
+        raise ValueError("arguments after -- go to one script: name it with --only")
+    common = ["--out", str(folder / "RESULTS.md")] + ([] if args.append else ["--no-append"])
+    # the committed plot is redrawn only together with the RESULTS.md section that shows it
+    plot = ["--plot", str(folder / "flops_vs_tokens.png")] if args.append else ["--no-plot"]
+    if any(arg.startswith("--plot") or arg == "--no-plot" for arg in extra):
+        plot = []
+    quick = {"throughput": ["--quick"], "flops": plot, "train_step": ["--quick"]}
+    failed = []
+    for name in [args.only] if args.only else list(BENCH_SCRIPTS):
+        path = folder / f"{BENCH_SCRIPTS[name]}.py"
+        spec = importlib.util.spec_from_file_location(f"_mstok_bench_{BENCH_SCRIPTS[name]}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+        print(f"== {name}: {path.name} {' '.join([*quick[name], *extra])}", flush=True)
+        returned = module.main([*quick[name], *common, *extra])
+        # flops_vs_tokens returns an exit code, the timing scripts their rows (failed ones carry .error)
+        if returned if isinstance(returned, int) else any(getattr(r, "error", None) for r in returned):
+            failed.append(name)
+    if failed:
+        print(f"mstok bench: {', '.join(failed)} failed (see above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="run the quick benchmarks (throughput, FLOPs vs K, train step) of a source checkout",
+        description="Run benchmarks/throughput.py --quick, flops_vs_tokens.py and train_step.py --quick and print "
+        "their tables. Arguments after -- go to the script named by --only.",
+    )
+    bench.add_argument("--only", choices=tuple(BENCH_SCRIPTS), help="run one benchmark only")
+    append = bench.add_mutually_exclusive_group()
+    append.add_argument("--append", action="store_true", help="append the sections to benchmarks/RESULTS.md")
+    append.add_argument("--no-append", dest="append", action="store_false", help="print only (the default)")
+    bench.add_argument("--benchmarks-dir", help="folder of the benchmark scripts (default: the checkout's)")
+    bench.add_argument("script_args", nargs=argparse.REMAINDER, help="-- ARGS for the --only script")
+    bench.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mstok", description="Compact 1D image tokenizers (MsTok, TiTok).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -294,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_shards.add_argument("--workers", type=int, default=0, help="processes that test-decode images (default 0)")
     to_shards.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     to_shards.set_defaults(func=_cmd_data_to_shards)
+    _add_bench_parser(sub)
     return parser
 
 

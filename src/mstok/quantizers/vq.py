@@ -87,6 +87,14 @@ class VectorQuantizer(nn.Module):
         """(B, K) long ids -> (B, K, C) float32 codes (normalised when ``use_l2_norm``)."""
         return F.embedding(indices, self._codebook())
 
+    def _counts(self, indices: torch.Tensor) -> torch.Tensor:
+        """Per-code counts (V,) of ``indices``; unlike ``bincount`` the output size is fixed, so
+        CUDA never has to read the largest id back to the host."""
+        flat = indices.reshape(-1)
+        return torch.zeros(self.codebook_size, device=flat.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float)
+        )
+
     @torch.no_grad()
     def revive_dead_codes(
         self, latents: torch.Tensor, indices: torch.Tensor, decay: float = 0.9, threshold: float = 0.01
@@ -113,7 +121,7 @@ class VectorQuantizer(nn.Module):
         # Written without data-dependent shapes (no nonzero / boolean indexing) so that a
         # training step never waits for the device; the random draw is the same size every
         # call, which keeps the RNG stream and hence resumed runs reproducible.
-        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).to(self.usage_ema)
+        counts = self._counts(indices).to(self.usage_ema)
         self.usage_ema.mul_(decay).add_(counts, alpha=1.0 - decay)
         dead = self.usage_ema < threshold * counts.mean()  # (V,)
         flat = latents.reshape(-1, self.code_dim).float()
@@ -127,7 +135,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def usage_tensors(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`usage_statistics` as 0-d tensors, for callers that must not wait for the device."""
-        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).double()
+        counts = self._counts(indices).double()
         probs = counts / counts.sum().clamp_min(1)
         entropy = -torch.special.xlogy(probs, probs).sum()
         return {"usage": (counts > 0).double().mean(), "perplexity": entropy.exp()}

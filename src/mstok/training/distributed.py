@@ -71,15 +71,20 @@ class DistContext:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out / self.world_size
 
-    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_gather_cat(self, tensor: torch.Tensor, same_size: bool = False) -> torch.Tensor:
         """Concatenate every rank's ``tensor`` along dim 0, in rank order.
 
         Ranks may hold different numbers of rows; they are padded to the largest for the
-        collective and trimmed afterwards.
+        collective and trimmed afterwards. ``same_size=True`` promises equal shapes and skips
+        the size exchange (and its wait for the device).
         """
         if not self.enabled:
             return tensor
         tensor = tensor.contiguous()
+        if same_size:
+            out = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
+            dist.all_gather_into_tensor(out, tensor)
+            return out
         size = torch.tensor([tensor.shape[0]], device=tensor.device)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
         dist.all_gather(sizes, size)

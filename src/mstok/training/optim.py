@@ -43,7 +43,10 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    params = decay + no_decay
+    # the fused kernel is several times faster than the default per-tensor loop on CPU
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, end_lr: float) -> float:

@@ -272,10 +272,10 @@ class Trainer:
         self.ema.update(self.model)
         if gan_active:
             sums.update(self.discriminator_step(reals, fakes))
-        all_indices = self.dist.all_gather_cat(torch.cat(indices))
+        all_indices = self.dist.all_gather_cat(torch.cat(indices), same_size=True)  # SkipBroken fixes sizes
         quantizer = self.model.quantizer
         if cfg.dead_code_threshold > 0 and quantizer.embedding.weight.requires_grad:
-            all_latents = self.dist.all_gather_cat(torch.cat(latents))
+            all_latents = self.dist.all_gather_cat(torch.cat(latents), same_size=True)
             sums["revived_codes"] = quantizer.revive_dead_codes(
                 all_latents, all_indices, threshold=cfg.dead_code_threshold
             ).float()
