@@ -103,7 +103,8 @@ def run_variant(
     train_feats, train_labels = extract_features(model, Subset(fixed, train_idx), device=args.device)
     val_feats, val_labels = extract_features(model, Subset(fixed, val_idx), device=args.device)
     probe = train_probe(
-        train_feats, train_labels, val_feats, val_labels, 200, epochs=args.probe_epochs, base_lr=args.probe_lr,
+        train_feats, train_labels, val_feats, val_labels, args.classes, epochs=args.probe_epochs, base_lr=args.probe_lr,
+        warmup_epochs=round(args.probe_epochs / 9),
         seed=seed, device=args.device,
     )  # fmt: skip
     return {
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--classes", type=int, default=200, help="use the first N classes (quick runs)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
     parser.add_argument("--probe-epochs", type=int, default=90)
     parser.add_argument("--probe-lr", type=float, default=1.0, help="LARS base lr (see probe.py on small data)")
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     seeds = [int(s) for s in args.seeds.split(",")]
     labels = [label for _, label in ImageFolder(args.data, center_crop_transform(64)).samples]
     train_idx, val_idx = (t.tolist() for t in split_per_class(labels, 35, 5, seed=0))
+    train_idx = [i for i in train_idx if labels[i] < args.classes]
+    val_idx = [i for i in val_idx if labels[i] < args.classes]
     results: dict[str, list[dict[str, float]]] = {}
     started = time.perf_counter()
     for name in names:
