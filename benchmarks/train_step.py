@@ -340,8 +340,17 @@ def load_1min() -> float:
 def main(argv: list[str] | None = None) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process (tests, `mstok bench`) keep theirs
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
+    """Time every row, print the table and append the section unless ``--no-append``."""
     rows = make_rows(args)
     loads = [load_1min()]
     print(f"Timing {len(rows)} rows on {args.device} ({machine_line(args.device)}); load average {loads[0]:.2f}")
@@ -400,6 +409,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "small CPU that slows torch's OpenMP steps many times over (min step shows the least disturbed one). "
         f"Whole run {total / 60:.1f} min.",
     ]
+    skipped = [name for name in PRESETS if name not in args.presets]
+    if skipped:
+        notes.append(f"- Presets without a single-stage row in this run: {', '.join(skipped)}.")
     notes += [f"- FAILED {r.row.preset} {r.row.stage} {r.row.mode}: {r.error}" for r in failed]
     section = "\n".join(
         [

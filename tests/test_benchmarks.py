@@ -29,10 +29,8 @@ def test_train_step_benchmark_runs(tmp_path: Path) -> None:
     # one thread: with OpenMP on a busy 2-core machine, 2 threads can make a step many times slower
     argv = ["--presets", "vqgan_tiny", "--stage-presets", "", "--modes", "fp32", "--batch-size", "2", "--threads", "1"]
     threads = torch.get_num_threads()
-    try:
-        results = bench.main([*argv, "--warmup", "1", "--steps", "1", "--no-append", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    results = bench.main([*argv, "--warmup", "1", "--steps", "1", "--no-append", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # main puts the thread count back
     assert [(r.row.preset, r.row.stage, r.row.mode) for r in results] == [("vqgan_tiny", "single", "fp32")]
     for r in results:
         assert r.error is None
@@ -41,3 +39,95 @@ def test_train_step_benchmark_runs(tmp_path: Path) -> None:
     assert not out.exists()
     table = bench.make_table(results)
     assert "| vqgan_tiny | single" in table
+
+
+# one thread, tiny matmul reference: rows run in milliseconds even on a busy 2-core machine
+THROUGHPUT_ARGS = ["--batch-sizes", "2", "--modes", "fp32", "--reps", "1", "--mm-size", "128", "--mm-reps", "1"]
+
+
+def test_throughput_benchmark_runs(tmp_path: Path) -> None:
+    """Encode, decode and two-stage decode rows of a tiny preset get positive images/s and GFLOP/s, writing nothing."""
+    bench = _load("throughput")
+    out = tmp_path / "RESULTS.md"
+    threads = torch.get_num_threads()
+    argv = ["--presets", "titok_tiny", "--two-stage", "titok_tiny", *THROUGHPUT_ARGS, "--threads", "1"]
+    results = bench.main([*argv, "--no-append", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # main puts the thread count back
+    rows = [(r.row.model.label, r.row.part, r.row.batch_size, r.row.mode) for r in results]
+    assert rows == [
+        ("titok_tiny", "encode", 2, "fp32"),
+        ("titok_tiny", "decode", 2, "fp32"),
+        ("titok_tiny + vqgan_tiny", "decode2", 2, "fp32"),
+    ]
+    for r in results:
+        assert r.error is None and r.skipped is None
+        assert len(r.call_times) == 1
+        assert r.images_per_s > 0 and math.isfinite(r.images_per_s)
+        assert r.gflops_per_s > 0 and math.isfinite(r.gflops_per_s)
+    # the pixel decoder makes the two-stage decode cost more than the ViT decoder alone
+    assert results[2].flops_per_image > results[1].flops_per_image > 0
+    assert not out.exists()
+    table = bench.make_table(results)
+    assert "| titok_tiny | encode | cpu fp32 | 2 |" in table
+    assert "| titok_tiny + vqgan_tiny | decode (two-stage, to pixels) |" in table
+
+
+def test_throughput_benchmark_skips_rows_over_the_call_limit(tmp_path: Path) -> None:
+    """A row estimated above --max-call-s is reported as skipped, never run; the section says so."""
+    bench = _load("throughput")
+    out = tmp_path / "RESULTS.md"
+    argv = ["--presets", "mstok_tiny", "--two-stage", "", *THROUGHPUT_ARGS, "--threads", "1"]
+    results = bench.main([*argv, "--max-call-s", "1e-9", "--out", str(out)])
+    assert [r.row.part for r in results] == ["encode", "decode"]
+    assert all(r.skipped and not r.call_times and r.error is None for r in results)
+    text = out.read_text()
+    assert "## Inference throughput" in text and "| mstok_tiny | encode | cpu fp32 | 2 |" in text
+    assert "skipped (est." in text
+
+
+def test_flops_benchmark_plots_and_adds_two_stage_rows(tmp_path: Path) -> None:
+    """flops_vs_tokens on tiny presets writes a PNG and a section with the two-stage (pixel decoder) table."""
+    bench = _load("flops_vs_tokens")
+    png, out = tmp_path / "flops.png", tmp_path / "RESULTS.md"
+    argv = ["--models", "titok_tiny,mstok_tiny", "--ks", "8,32", "--image-size", "64"]
+    assert bench.main([*argv, "--plot", str(png), "--out", str(out)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = out.read_text()
+    assert "| titok_tiny | 32 | vqgan_tiny |" in text  # two-stage row: decoder + the tiny proxy's pixel decoder
+    assert "![GFLOPs vs K](flops.png)" in text
+    assert "the same as the two-stage tokenizers' `pixel_decoder`" in text
+
+
+def test_mstok_bench_runs_one_script(tmp_path: Path, capsys) -> None:
+    """`mstok bench --only throughput -- ARGS` runs the script from --benchmarks-dir, prints, appends nothing."""
+    from mstok.cli import main
+
+    for name in ("throughput", "flops_vs_tokens", "train_step"):
+        (tmp_path / f"{name}.py").write_text((BENCHMARKS / f"{name}.py").read_text())
+    argv = ["--presets", "titok_tiny", "--two-stage", "", *THROUGHPUT_ARGS, "--threads", "1"]
+    assert main(["bench", "--only", "throughput", "--benchmarks-dir", str(tmp_path), "--", *argv]) == 0
+    assert "| titok_tiny | decode | cpu fp32 | 2 |" in capsys.readouterr().out
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_mstok_bench_without_benchmarks_folder(tmp_path: Path, capsys) -> None:
+    """An installed copy has no benchmarks/ folder: a clear error, exit code 2."""
+    from mstok.cli import main
+
+    assert main(["bench", "--benchmarks-dir", str(tmp_path / "missing")]) == 2
+    assert "no benchmark scripts in" in capsys.readouterr().err
+
+
+def test_replicate_runs_a_variant_end_to_end(tmp_path, tiny_imagenet):
+    spec = importlib.util.spec_from_file_location(
+        "replicate", Path(__file__).parents[1] / "benchmarks" / "replicate.py"
+    )
+    replicate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replicate)
+    argv = ["--data", str(tiny_imagenet), "--steps", "2", "--batch-size", "8", "--classes", "3", "--seeds", "0"]
+    argv += ["--variants", "mstok K=32", "--probe-epochs", "2", "--workers", "0", "--work-dir", str(tmp_path)]
+    results = replicate.main([*argv, "--out", str(tmp_path / "REPLICATION.md")])
+    runs = results["mstok K=32"]
+    assert len(runs) == 1 and all(r["psnr"] > 0 and 0 <= r["probe_top1"] <= 1 for r in runs)
+    text = (tmp_path / "REPLICATION.md").read_text()
+    assert "| mstok K=32 |" in text and "Command: `python benchmarks/replicate.py --data" in text

@@ -1,0 +1,627 @@
+"""Encode and decode images/s of the tokenizer presets, with the FLOP rate they reach and the machine's matmul rate.
+
+Each row times one public call of a randomly initialised tokenizer in eval mode under
+``torch.inference_mode``: ``encode(images)`` (images -> token ids, value checks and the
+quantizer included) or ``decode(tokens)`` (token ids -> clamped pixels). Two-stage rows decode
+through the MaskGIT-VQGAN pixel decoder of a ``proxy_codes`` tokenizer (the ViT decoder predicts
+proxy-code logits, their softmax mixes the proxy codebook, the conv decoder makes pixels).
+
+Next to images/s each row reports the FLOP rate it reached (forward FLOPs per image, counted on
+the meta device with :func:`mstok.evaluation.flops.tokenizer_flops` / ``count_flops``, times
+images/s) and that rate as a share of a large ``torch.mm`` timed in the same run, in the
+row's precision: the gap between a model and the hardware's matmul speed.
+
+Modes are ``PRECISION[+compile]``; ``bf16``/``fp16`` are autocast. After one warm-up call,
+calls are timed until ``--reps`` are done or ``--budget`` seconds have passed (at least one);
+the median call gives images/s. A row whose single call is estimated above ``--max-call-s``
+(from a smaller batch of the same row, else from the matmul rate) is skipped and says so:
+that keeps a default run on a shared 2-core CPU to 15-20 minutes (L and two-stage rows at
+batch 32 skipped there). The matmuls are re-timed before every model, since a shared
+machine's speed drifts.
+
+    python benchmarks/throughput.py          # 7 presets + 2 two-stage, batch 8,32, fp32 + bf16 (CUDA: bf16 +- compile)
+    python benchmarks/throughput.py --quick  # tiny presets + titok_b64/mstok_b64 at batch 8, ~2-3 min on 2 cores
+    python benchmarks/throughput.py --presets mstok_b64 --two-stage '' --batch-sizes 8 --modes bf16
+
+Prints markdown tables and appends a dated section to ``--out`` unless ``--no-append``.
+Exits 1 if a row failed (the others are still reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+from mstok.evaluation.flops import count_flops, tokenizer_flops
+from mstok.tokenizers import create_tokenizer
+from mstok.tokenizers.registry import AnyTokenizer, preset_config
+from mstok.tokenizers.vqgan import MaskGITVQGAN
+
+DEFAULT_PRESETS = ("titok_s128", "titok_b64", "titok_l32", "mstok_b64", "mstok_b128", "mstok_b256", "mstok_l32")
+QUICK_PRESETS = ("titok_tiny", "mstok_tiny", "titok_b64", "mstok_b64")
+DEFAULT_TWO_STAGE = ("titok_b64", "mstok_b64")
+QUICK_TWO_STAGE = ("titok_tiny", "mstok_tiny")
+# the proxy whose code grid matches the patch grid of the presets at that resolution
+PROXY_FOR_SIZE = {256: "maskgit_vqgan_f16", 64: "vqgan_tiny"}
+PART_TEXT = {"encode": "encode", "decode": "decode", "decode2": "decode (two-stage, to pixels)"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Model:
+    """A preset as benchmarked: single stage, or two-stage with the proxy's pixel decoder."""
+
+    preset: str
+    two_stage: bool = False
+
+    @property
+    def proxy(self) -> str:
+        return PROXY_FOR_SIZE[preset_config(self.preset).image_size]
+
+    @property
+    def label(self) -> str:
+        return f"{self.preset} + {self.proxy}" if self.two_stage else self.preset
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        # a two-stage encoder is the single-stage one, so only its decode is a row of its own
+        return ("decode2",) if self.two_stage else ("encode", "decode")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmarked configuration: a model's encode or decode at one batch size, in one mode."""
+
+    model: Model
+    part: str
+    batch_size: int
+    mode: str
+
+
+@dataclass
+class Result:
+    """Timings of one row; ``error`` or ``skipped`` is set (and the timings empty) when it did not run."""
+
+    row: Row
+    device: str
+    flops_per_image: int
+    call_times: list[float] = field(default_factory=list)
+    peak_mem_bytes: int | None = None
+    load_after: float = math.nan
+    mm_gflops: float = math.nan  # the matmul rate this row is compared with (see ``run``)
+    error: str | None = None
+    skipped: str | None = None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.call_times) if self.call_times else math.nan
+
+    @property
+    def images_per_s(self) -> float:
+        return self.row.batch_size / self.median_s if self.call_times else math.nan
+
+    @property
+    def gflops_per_s(self) -> float:
+        return self.flops_per_image * self.images_per_s / 1e9
+
+
+@dataclass
+class MatmulRate:
+    """GFLOP/s of ``size x size`` ``torch.mm`` calls in one dtype, measured at one point of the run."""
+
+    precision: str
+    size: int
+    when: str
+    rates: list[float]
+
+    @property
+    def best(self) -> float:
+        return max(self.rates)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to append to")
+    parser.add_argument("--no-append", action="store_true", help="print the tables only, do not touch --out")
+    parser.add_argument("--quick", action="store_true", help="tiny presets + titok_b64/mstok_b64, batch 8")
+    parser.add_argument("--presets", help="comma-separated presets for encode/decode rows ('' for none)")
+    parser.add_argument(
+        "--two-stage",
+        help=f"comma-separated presets for two-stage decode rows (default: {','.join(DEFAULT_TWO_STAGE)}; "
+        f"--quick: {','.join(QUICK_TWO_STAGE)}; '' for none)",
+    )
+    parser.add_argument("--batch-sizes", help="comma-separated batch sizes (default 8,32; --quick 8)")
+    parser.add_argument(
+        "--modes", help="comma-separated PRECISION[+compile] (default: fp32,bf16; CUDA bf16,bf16+compile)"
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--reps", type=int, help="most timed calls per row (default 5; CUDA 20)")
+    parser.add_argument(
+        "--budget", type=float, help="seconds of timed calls per row before stopping (default 10; --quick 3)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before a row's first timed call")
+    parser.add_argument(
+        "--max-call-s",
+        type=float,
+        default=30.0,
+        help="skip a row whose one call is estimated above this many seconds (0: never skip; default 30)",
+    )
+    parser.add_argument("--mm-size", type=int, help="matrix size of the matmul reference (default 2048; CUDA 8192)")
+    parser.add_argument("--mm-reps", type=int, default=5, help="timed matmuls per precision (default 5)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    def names(text: str | None, default: tuple[str, ...]) -> list[str]:
+        return list(default) if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+    args.presets = names(args.presets, QUICK_PRESETS if args.quick else DEFAULT_PRESETS)
+    args.two_stage = names(args.two_stage, QUICK_TWO_STAGE if args.quick else DEFAULT_TWO_STAGE)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    cuda = args.device == "cuda"
+    args.modes = names(args.modes, ("bf16", "bf16+compile") if cuda else ("fp32", "bf16"))
+    try:
+        args.batch_sizes = sorted({int(b) for b in names(args.batch_sizes, ("8",) if args.quick else ("8", "32"))})
+    except ValueError:
+        parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    args.reps = args.reps if args.reps is not None else (20 if cuda else 5)
+    args.budget = args.budget if args.budget is not None else (3.0 if args.quick else 10.0)
+    args.mm_size = args.mm_size or (8192 if cuda else 2048)
+    for name in args.presets + args.two_stage:
+        try:
+            preset_config(name)
+        except ValueError as err:
+            parser.error(str(err))
+    for name in args.two_stage:
+        if preset_config(name).family == "maskgit_vqgan":
+            parser.error(f"--two-stage: {name} is a proxy tokenizer, it has no two-stage decode")
+        if preset_config(name).image_size not in PROXY_FOR_SIZE:
+            parser.error(f"--two-stage: no proxy preset for {name}'s image size")
+    for mode in args.modes:
+        precision, _, extra = mode.partition("+")
+        if precision not in DTYPES or extra not in ("", "compile"):
+            parser.error(f"--modes: {mode!r} is not PRECISION[+compile] with PRECISION fp32, bf16 or fp16")
+    if not args.presets and not args.two_stage:
+        parser.error("nothing to run: --presets and --two-stage are both empty")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        parser.error("--batch-sizes must name positive integers")
+    if args.reps < 1 or args.warmup < 0 or args.budget < 0 or args.max_call_s < 0 or args.mm_reps < 1:
+        parser.error("--reps and --mm-reps must be >= 1; --warmup, --budget and --max-call-s >= 0")
+    return args
+
+
+@contextlib.contextmanager
+def fast_init() -> Iterator[None]:
+    """Build models with a clamped normal in place of ``torch.nn.init.trunc_normal_``.
+
+    torch's truncated normal resamples by rejection, so initialising a B-size model takes ~40 s
+    on 2 cores (L several times more); the weight values do not change the cost of any op here.
+    """
+
+    def trunc_normal(
+        tensor: torch.Tensor,
+        mean: float = 0.0,
+        std: float = 1.0,
+        a: float = -2.0,
+        b: float = 2.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
+
+    with mock.patch.object(torch.nn.init, "trunc_normal_", trunc_normal):
+        yield
+
+
+def build(model: Model, device: torch.device | str) -> AnyTokenizer:
+    """The model with random weights, in eval mode, on ``device`` (``"meta"`` for FLOP counting)."""
+    overrides: dict[str, Any] = {}
+    if model.two_stage:
+        overrides = {"head": "proxy_codes", "pixel_decoder": preset_config(model.proxy).to_dict()}
+    torch.manual_seed(0)
+    with fast_init(), torch.device(device):
+        return create_tokenizer(model.preset, **overrides).eval()
+
+
+def part_flops(model: Model) -> dict[str, int]:
+    """Forward FLOPs per image of each of the model's parts (quantizer not counted), on the meta device."""
+    tok = build(model, "meta")
+    cfg = tok.config
+    if isinstance(tok, MaskGITVQGAN):
+        images = torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta")
+        grid = torch.empty(1, cfg.z_channels, cfg.grid_size, cfg.grid_size, device="meta")
+        return {"encode": count_flops(tok.encoder, images), "decode": count_flops(tok.decoder, grid)}
+    flops = tokenizer_flops(tok)
+    out = {"encode": flops["encoder"], "decode": flops["decoder"]}
+    if tok.pixel_decoder is not None:
+        logits = torch.empty(1, cfg.num_patches, cfg.proxy_codebook_size, device="meta")
+        out["decode2"] = out.pop("decode") + count_flops(tok.pixel_decoder, logits)
+    return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul(device: torch.device, precision: str, size: int, reps: int, when: str) -> MatmulRate:
+    """GFLOP/s of ``reps`` timed ``size x size`` matmuls in ``precision`` (after one warm-up)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen).to(device, DTYPES[precision]) for _ in range(2))
+    rates = []
+    for i in range(reps + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        if i:
+            rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return MatmulRate(precision, size, when, rates)
+
+
+@contextlib.contextmanager
+def compiled(tok: AnyTokenizer, enabled: bool) -> Iterator[None]:
+    """Swap the model's networks for ``torch.compile`` versions while the block runs."""
+    names = [n for n in ("encoder", "decoder", "pixel_decoder") if getattr(tok, n, None) is not None]
+    originals = {n: getattr(tok, n) for n in names}
+    try:
+        if enabled:
+            for n in names:
+                setattr(tok, n, torch.compile(originals[n]))
+        yield
+    finally:
+        for n, module in originals.items():
+            setattr(tok, n, module)
+        if enabled:
+            torch._dynamo.reset()
+
+
+def make_call(tok: AnyTokenizer, part: str, batch_size: int, mode: str, device: torch.device) -> Callable[[], Any]:
+    """A no-argument function running the row's public call on fixed random inputs."""
+    cfg = tok.config
+    gen = torch.Generator().manual_seed(0)
+    precision = mode.partition("+")[0]
+    if part == "encode":
+        images = torch.rand(batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
+        run = lambda: tok.encode(images)  # noqa: E731
+    else:
+        tokens = torch.randint(0, cfg.codebook_size, (batch_size, cfg.num_latent_tokens), generator=gen).to(device)
+        run = lambda: tok.decode(tokens)  # noqa: E731
+
+    def call() -> Any:
+        autocast = (
+            torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            return run()
+
+    return call
+
+
+def estimate_s(flops_per_image: int, batch_size: int, rate: float) -> float:
+    """Seconds of one call at ``rate`` FLOP/s."""
+    return flops_per_image * batch_size / rate if rate > 0 else 0.0
+
+
+def load_1min() -> float:
+    """The 1-minute load average (NaN where the OS has none): above the core count, others compete."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+def time_row(result: Result, call: Callable[[], Any], args: argparse.Namespace, warmup: int) -> None:
+    """Run ``warmup`` untimed calls, then timed calls until ``--reps`` or ``--budget``; fills ``result``."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for i in range(warmup + args.reps):
+            if i >= warmup and result.call_times and sum(result.call_times) >= args.budget:
+                break
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            if i >= warmup:
+                result.call_times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            result.peak_mem_bytes = torch.cuda.max_memory_allocated(device)
+    except Exception as err:  # report the row and go on: one bad config must not lose a long run
+        result.call_times = []
+        result.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        traceback.print_exc()
+
+
+def run_model(
+    model: Model, args: argparse.Namespace, mm_now: dict[str, float], report: Callable[[Result], None]
+) -> list[Result]:
+    """Every row of one model: modes, then parts, then batch sizes (smallest first)."""
+    device = torch.device(args.device)
+    flops = part_flops(model)
+    results: list[Result] = []
+    try:
+        tok = build(model, device)
+    except Exception as err:
+        traceback.print_exc()
+        for mode in args.modes:
+            for part in model.parts:
+                for batch in args.batch_sizes:
+                    results.append(Result(Row(model, part, batch, mode), args.device, flops[part], error=str(err)))
+        return results
+    for mode in args.modes:
+        precision, _, extra = mode.partition("+")
+        with compiled(tok, extra == "compile"):
+            for part in model.parts:
+                rate = mm_now[precision] * 1e9  # optimistic until this part has been timed
+                warmed = False
+                for batch in args.batch_sizes:
+                    result = Result(Row(model, part, batch, mode), args.device, flops[part])
+                    est = estimate_s(flops[part], batch, rate)
+                    if args.max_call_s and est > args.max_call_s:
+                        result.skipped = f"est. {est:.0f} s/call"
+                    else:
+                        # On CPU eager the one-time costs (allocator, oneDNN primitives) are small next to a
+                        # multi-second call, so only a part's first batch size is warmed up; compile
+                        # re-specialises per shape and CUDA calls are short, so there every batch is.
+                        every = device.type == "cuda" or extra == "compile"
+                        warmup = args.warmup if every or not warmed else 0
+                        time_row(result, make_call(tok, part, batch, mode, device), args, warmup)
+                        warmed = True
+                        if result.call_times:
+                            rate = result.gflops_per_s * 1e9
+                    result.load_after = load_1min()
+                    results.append(result)
+                    report(result)
+    del tok
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def make_table(results: list[Result]) -> str:
+    header = [
+        "model",
+        "part",
+        "mode",
+        "batch",
+        "GFLOPs/img",
+        "timed calls",
+        "median call (s)",
+        "min call (s)",
+        "images/s",
+        "GFLOP/s",
+        "mm GFLOP/s",
+        "% of mm",
+        "peak mem (GiB)",
+        "load 1m",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 11) + "|"]
+    for r in results:
+        cells = [r.row.model.label, PART_TEXT[r.row.part], f"{r.device} {r.row.mode}", str(r.row.batch_size)]
+        cells.append(f"{r.flops_per_image / 1e9:.2f}")
+        if r.call_times:
+            peak = f"{r.peak_mem_bytes / 2**30:.2f}" if r.peak_mem_bytes is not None else "-"
+            cells += [
+                str(len(r.call_times)),
+                f"{r.median_s:.3f}",
+                f"{min(r.call_times):.3f}",
+                f"{r.images_per_s:.2f}",
+                f"{r.gflops_per_s:.1f}",
+                f"{r.mm_gflops:.0f}",
+                f"{100 * r.gflops_per_s / r.mm_gflops:.0f}%",
+                peak,
+            ]
+        else:
+            cells += ["-", "-", "-", "failed" if r.error else f"skipped ({r.skipped})", "-", "-", "-", "-"]
+        cells.append(f"{r.load_after:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def make_matmul_table(rates: list[MatmulRate]) -> str:
+    """One line per checkpoint of the run, median and best GFLOP/s of each precision."""
+    precisions = list(dict.fromkeys(m.precision for m in rates))
+    size, reps = rates[0].size, len(rates[0].rates)
+    header = ["torch.mm measured"] + [f"{p} {stat} GFLOP/s" for p in precisions for stat in ("median", "best")]
+    lines = [
+        f"`torch.mm` of two {size}x{size} matrices, {reps} timed after one warm-up, at each checkpoint:",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+    ]
+    for when in dict.fromkeys(m.when for m in rates):
+        by_precision = {m.precision: m for m in rates if m.when == when}
+        cells = [when] + [f"{getattr(by_precision[p], stat):.1f}" for p in precisions for stat in ("median", "best")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``model name``), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_line(device: str) -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = (
+        f"torch {torch.__version__}, Python {platform.python_version()}, CPU {cpu_name()}, {cores} cores, "
+        f"{torch.get_num_threads()} threads"
+    )
+    if device == "cuda":
+        text += f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return text
+
+
+def describe(result: Result) -> str:
+    r = result
+    if r.error:
+        return f"error: {r.error}"
+    if r.skipped:
+        return f"skipped ({r.skipped})"
+    return f"{r.images_per_s:.2f} images/s, {r.gflops_per_s:.1f} GFLOP/s ({len(r.call_times)} calls)"
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args, argv)
+    finally:  # `mstok bench` and tests call main in-process
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
+    """Time every row, print the tables and append the section (see :func:`main`)."""
+    device = torch.device(args.device)
+    models = [Model(p) for p in args.presets] + [Model(p, two_stage=True) for p in args.two_stage]
+    precisions = list(dict.fromkeys(m.partition("+")[0] for m in args.modes))
+    loads = [load_1min()]
+    print(f"Timing {len(models)} models on {args.device} ({machine_line(args.device)}); load average {loads[0]:.2f}")
+    started = time.perf_counter()
+    matmuls: list[MatmulRate] = []
+
+    def checkpoint(when: str) -> dict[str, float]:
+        """Time the matmuls now; returns the best GFLOP/s per precision."""
+        now = [measure_matmul(device, p, args.mm_size, args.mm_reps, when) for p in precisions]
+        matmuls.extend(now)
+        rates = ", ".join(f"{m.precision} {m.best:.1f}" for m in now)
+        print(f"  torch.mm {args.mm_size}^2 {when}: {rates} GFLOP/s", flush=True)
+        return {m.precision: m.best for m in now}
+
+    def report(r: Result) -> None:
+        loads.append(r.load_after)
+        row = r.row
+        print(f"  {row.model.label} {row.part} b{row.batch_size} {row.mode}: {describe(r)}", flush=True)
+
+    # A shared machine's speed drifts (here by 2x within minutes), so the matmuls are timed before
+    # every model and at the end; each row is compared with the faster of the two around its model.
+    results: list[Result] = []
+    before = checkpoint(f"before {models[0].label}")
+    for i, model in enumerate(models):
+        rows = run_model(model, args, before, report)
+        after = checkpoint(f"before {models[i + 1].label}" if i + 1 < len(models) else "end")
+        for r in rows:
+            precision = r.row.mode.partition("+")[0]
+            r.mm_gflops = max(before[precision], after[precision])
+        results += rows
+        before = after
+    total = time.perf_counter() - started
+
+    table, mm_table = make_table(results), make_matmul_table(matmuls)
+    failed = [r for r in results if r.error]
+    print()
+    print(mm_table)
+    print()
+    print(table)
+    for r in failed:
+        print(f"FAILED {r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}: {r.error}")
+    seen = [x for x in loads[1:] if not math.isnan(x)] or [math.nan]
+    load_text = f"1-min load average {loads[0]:.2f} at the start, {min(seen):.2f}-{max(seen):.2f} after rows"
+    print(f"\nTotal {total / 60:.1f} min; {load_text}")
+    if args.no_append:
+        return results
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = (
+        shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/throughput.py", *argv])
+    )
+    sync = "CUDA synchronised around each call; " if device.type == "cuda" else ""
+    peak = (
+        "peak mem is `torch.cuda.max_memory_allocated` over a row's warm-up and timed calls (weights included)"
+        if device.type == "cuda"
+        else "no peak memory on CPU"
+    )
+    warm = (
+        "before each row"
+        if device.type == "cuda"
+        else "before the first (smallest) batch size of each model/part/mode (before every batch size with compile)"
+    )
+    notes = [
+        "- `encode` is `tokenizer.encode(images)` (value checks, encoder, quantizer) on random 256x256 (tiny: 64x64) "
+        "images; `decode` is `tokenizer.decode(tokens)` on random ids; `decode (two-stage, to pixels)` is the decode "
+        "of a `head='proxy_codes'` tokenizer whose pixel decoder is the proxy's codebook + MaskGIT-VQGAN conv decoder. "
+        "Random weights (a clamped normal stands in for truncated-normal init, which is slow to sample; values do "
+        "not change op costs), eval mode, `torch.inference_mode`; bf16/fp16 are autocast.",
+        f"- {args.warmup} warm-up call(s) {warm}, then up to {args.reps} timed calls per row, stopping once "
+        f"{args.budget:g} s of timed calls have passed (at least one); {sync}images/s = batch / median call "
+        f"(min call: the least disturbed one); {peak}. A row with one timed call is a single measurement.",
+        "- GFLOPs/img: forward matmul/conv FLOPs (2 per multiply-add) per image from FlopCounterMode on the meta "
+        "device (attention counted on the math SDPA backend; quantizer and element-wise ops not counted). GFLOP/s = "
+        "GFLOPs/img x images/s; `mm GFLOP/s` is the best `torch.mm` rate of the row's precision at the checkpoints "
+        "just before and after its model (table above) and `% of mm` the row's share of it: the gap to what this "
+        "machine's matmul reached at that time.",
+        (
+            f"- Rows whose single call was estimated above {args.max_call_s:g} s (from the same model/part/mode at a "
+            "smaller batch, else from the matmul rate, which is optimistic) are skipped and marked so "
+            "(`--max-call-s 0` runs them all)."
+            if args.max_call_s
+            else "- No row was skipped for time (`--max-call-s 0`)."
+        ),
+        f"- {load_text}; `load 1m` is the 1-minute load average as each row ended. Other processes may share this "
+        "machine: a load above this run's thread count means they competed for the cores and the rates here are "
+        f"lower bounds (min call shows the least disturbed one). Whole run {total / 60:.1f} min.",
+    ]
+    notes += [f"- FAILED {r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}: {r.error}" for r in failed]
+    section = "\n".join(
+        [
+            f"## Inference throughput{' (quick)' if args.quick else ''} ({stamp})",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {machine_line(args.device)}.",
+            "",
+            mm_table,
+            "",
+            table,
+            "",
+            "Notes:",
+            "",
+            *notes,
+            "",
+        ]
+    )
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = out.read_text() if out.exists() else "# Benchmark results\n"
+    out.write_text(existing.rstrip("\n") + "\n\n" + section)
+    print(f"\nAppended to {out}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(r.error for r in main()) else 0)
