@@ -29,7 +29,6 @@ import gc
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mstok
 from mstok.evaluation.flops import count_flops, tokenizer_flops
+from mstok.evaluation.report import append_section, cpu_name
 from mstok.tokenizers.registry import PRESETS, preset_config
 
 PARTS = ("encoder", "decoder", "total")
@@ -291,17 +291,6 @@ def check_targets(results: Results) -> tuple[list[str], bool]:
     return lines, failed
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for name in args.models:
@@ -384,11 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = out.read_text() if out.exists() else "# Benchmark results\n"
-    out.write_text(existing.rstrip("\n") + "\n\n" + section)
-    print(f"\nAppended to {out}")
+    append_section(args.out, section)
     return 1 if failed else 0
 
 

@@ -32,7 +32,6 @@ import argparse
 import gc
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -47,6 +46,7 @@ import torch
 from PIL import Image
 
 from mstok.data import InMemoryImages, center_crop_resize
+from mstok.evaluation.report import append_section, machine_line
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.registry import PRESETS, preset_config
 from mstok.training import Trainer, load_train_config
@@ -307,28 +307,6 @@ def make_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (``model name``), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_line(device: str) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = (
-        f"torch {torch.__version__}, Python {platform.python_version()}, CPU {cpu_name()}, {cores} cores, "
-        f"{torch.get_num_threads()} threads"
-    )
-    if device == "cuda":
-        text += f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    return text
-
-
 def load_1min() -> float:
     """The 1-minute load average (NaN where the OS has none): above the core count, others compete."""
     try:
@@ -429,11 +407,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
             "",
         ]
     )
-    out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = out.read_text() if out.exists() else "# Benchmark results\n"
-    out.write_text(existing.rstrip("\n") + "\n\n" + section)
-    print(f"\nAppended to {out}")
+    append_section(args.out, section)
     return results
 
 
