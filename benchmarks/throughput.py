@@ -34,7 +34,6 @@ import contextlib
 import gc
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -50,6 +49,7 @@ from unittest import mock
 import torch
 
 from mstok.evaluation.flops import count_flops, tokenizer_flops
+from mstok.evaluation.report import append_section, machine_line
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.registry import AnyTokenizer, preset_config
 from mstok.tokenizers.vqgan import MaskGITVQGAN
@@ -462,28 +462,6 @@ def make_matmul_table(rates: list[MatmulRate]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (``model name``), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_line(device: str) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = (
-        f"torch {torch.__version__}, Python {platform.python_version()}, CPU {cpu_name()}, {cores} cores, "
-        f"{torch.get_num_threads()} threads"
-    )
-    if device == "cuda":
-        text += f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    return text
-
-
 def describe(result: Result) -> str:
     r = result
     if r.error:
@@ -615,11 +593,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
             "",
         ]
     )
-    out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = out.read_text() if out.exists() else "# Benchmark results\n"
-    out.write_text(existing.rstrip("\n") + "\n\n" + section)
-    print(f"\nAppended to {out}")
+    append_section(args.out, section)
     return results
 
 
