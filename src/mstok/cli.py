@@ -1,4 +1,4 @@
-"""The ``mstok`` command line: ``presets``, ``train``, ``train-proxy``, ``eval``, ``probe``, ``demo`` and ``data``."""
+"""The ``mstok`` command line: ``presets``, ``train``, ``train-proxy``, ``eval``, ``probe``, ``bench``, ``demo``, ``data``."""
 
 from __future__ import annotations
 
