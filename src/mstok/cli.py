@@ -1,4 +1,4 @@
-"""The ``mstok`` command line: ``presets``, ``train``, ``train-proxy``, ``eval``, ``probe``, ``bench``, ``demo``, ``data``."""
+"""The ``mstok`` command line: presets, train, train-proxy, eval, probe, bench, demo and data."""
 
 from __future__ import annotations
 
