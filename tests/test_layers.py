@@ -325,3 +325,15 @@ def test_init_weights_on_a_tokenizer() -> None:
         if isinstance(module, nn.Linear):
             assert torch.count_nonzero(module.bias) == 0, name
             assert module.weight.abs().max().item() <= 2 * module.in_features**-0.5, name
+
+
+def test_truncated_normal_init_has_the_right_distribution():
+    from mstok.layers.init import trunc_normal_
+
+    torch.manual_seed(0)
+    x = trunc_normal_(torch.empty(400_000), std=0.5)
+    assert x.abs().max() <= 1.0 and x.abs().max() > 0.99
+    # a N(0, 1) truncated at +-2 has variance 1 - 4 phi(2) / (2 Phi(2) - 1) = 0.7737
+    phi2 = math.exp(-2) / math.sqrt(2 * math.pi)
+    expected_std = 0.5 * math.sqrt(1 - 4 * phi2 / math.erf(2 / math.sqrt(2)))
+    assert x.std().item() == pytest.approx(expected_std, rel=5e-3) and abs(x.mean().item()) < 3e-3

@@ -20,15 +20,30 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
+
+
+@torch.no_grad()
+def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Fill ``tensor`` from N(0, std^2) truncated to [-2 std, 2 std], in place.
+
+    Inverse-CDF sampling: a uniform draw between the CDF values of the bounds, mapped back
+    through ``erfinv``. One pass, unlike ``nn.init.trunc_normal_``'s resampling loop, which
+    makes building a B/L model on a CPU several times slower.
+    """
+    bound = math.erf(2 / math.sqrt(2))  # 2 * Phi(2) - 1
+    tensor.uniform_(-bound, bound).erfinv_().mul_(std * math.sqrt(2)).clamp_(-2 * std, 2 * std)
+    return tensor
 
 
 def init_weights(model: nn.Module) -> None:
     """Initialise every parameter of ``model`` in place by the rules in this module's docstring."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            fan_in = module.weight[0].numel()
-            nn.init.trunc_normal_(module.weight, std=fan_in**-0.5, a=-2 * fan_in**-0.5, b=2 * fan_in**-0.5)
+            trunc_normal_(module.weight, std=module.weight[0].numel() ** -0.5)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
