@@ -33,15 +33,12 @@ import argparse
 import contextlib
 import gc
 import math
-import os
-import shlex
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -49,7 +46,16 @@ from unittest import mock
 import torch
 
 from mstok.evaluation.flops import count_flops, tokenizer_flops
-from mstok.evaluation.report import append_section, machine_line
+from mstok.evaluation.report import (
+    append_section,
+    command_line,
+    load_1min,
+    load_summary,
+    machine_line,
+    results_section,
+    synchronize,
+    with_threads,
+)
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.registry import AnyTokenizer, preset_config
 from mstok.tokenizers.vqgan import MaskGITVQGAN
@@ -262,11 +268,6 @@ def part_flops(model: Model) -> dict[str, int]:
     return out
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_matmul(device: torch.device, precision: str, size: int, reps: int, when: str) -> MatmulRate:
     """GFLOP/s of ``reps`` timed ``size x size`` matmuls in ``precision`` (after one warm-up)."""
     gen = torch.Generator().manual_seed(0)
@@ -324,14 +325,6 @@ def make_call(tok: AnyTokenizer, part: str, batch_size: int, mode: str, device: 
 def estimate_s(flops_per_image: int, batch_size: int, rate: float) -> float:
     """Seconds of one call at ``rate`` FLOP/s."""
     return flops_per_image * batch_size / rate if rate > 0 else 0.0
-
-
-def load_1min() -> float:
-    """The 1-minute load average (NaN where the OS has none): above the core count, others compete."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return math.nan
 
 
 def time_row(result: Result, call: Callable[[], Any], args: argparse.Namespace, warmup: int) -> None:
@@ -474,13 +467,7 @@ def describe(result: Result) -> str:
 def main(argv: list[str] | None = None) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args, argv)
-    finally:  # `mstok bench` and tests call main in-process
-        torch.set_num_threads(threads)
+    return with_threads(args.threads, lambda: run(args, argv))
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
@@ -528,16 +515,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
     print(table)
     for r in failed:
         print(f"FAILED {r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}: {r.error}")
-    seen = [x for x in loads[1:] if not math.isnan(x)] or [math.nan]
-    load_text = f"1-min load average {loads[0]:.2f} at the start, {min(seen):.2f}-{max(seen):.2f} after rows"
+    load_text = load_summary(loads)
     print(f"\nTotal {total / 60:.1f} min; {load_text}")
     if args.no_append:
         return results
 
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = (
-        shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/throughput.py", *argv])
-    )
+    command = command_line("benchmarks/throughput.py", argv)
     sync = "CUDA synchronised around each call; " if device.type == "cuda" else ""
     peak = (
         "peak mem is `torch.cuda.max_memory_allocated` over a row's warm-up and timed calls (weights included)"
@@ -575,24 +558,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
         f"lower bounds (min call shows the least disturbed one). Whole run {total / 60:.1f} min.",
     ]
     notes += [f"- FAILED {r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}: {r.error}" for r in failed]
-    section = "\n".join(
-        [
-            f"## Inference throughput{' (quick)' if args.quick else ''} ({stamp})",
-            "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: {machine_line(args.device)}.",
-            "",
-            mm_table,
-            "",
-            table,
-            "",
-            "Notes:",
-            "",
-            *notes,
-            "",
-        ]
-    )
+    title = f"Inference throughput{' (quick)' if args.quick else ''}"
+    section = results_section(title, command, args.device, [mm_table, table], notes)
     append_section(args.out, section)
     return results
 

@@ -31,22 +31,28 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from mstok.data import InMemoryImages, center_crop_resize
-from mstok.evaluation.report import append_section, machine_line
+from mstok.evaluation.report import (
+    append_section,
+    command_line,
+    load_1min,
+    load_summary,
+    machine_line,
+    results_section,
+    synchronize,
+    with_threads,
+)
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.registry import PRESETS, preset_config
 from mstok.training import Trainer, load_train_config
@@ -203,11 +209,6 @@ def save_proxies(stage_presets: list[str], tmp: Path) -> dict[int, Path]:
     return proxies
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_row(row: Row, args: argparse.Namespace, proxies: dict[int, Path], tmp: Path) -> Result:
     """Build the row's trainer, warm it up, then time steps until ``--steps`` or ``--budget``."""
     image_size = preset_config(row.preset).image_size
@@ -307,24 +308,10 @@ def make_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def load_1min() -> float:
-    """The 1-minute load average (NaN where the OS has none): above the core count, others compete."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return math.nan
-
-
 def main(argv: list[str] | None = None) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args, argv)
-    finally:
-        torch.set_num_threads(threads)  # callers in the same process (tests, `mstok bench`) keep theirs
+    return with_threads(args.threads, lambda: run(args, argv))
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
@@ -356,15 +343,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
     print(table)
     for r in failed:
         print(f"FAILED {r.row.preset} {r.row.stage} {r.row.mode}: {r.error}")
-    load_text = f"1-min load average {loads[0]:.2f} at the start, {min(loads[1:]):.2f}-{max(loads[1:]):.2f} after rows"
+    load_text = load_summary(loads)
     print(f"\nTotal {total / 60:.1f} min; {load_text}")
     if args.no_append:
         return results
 
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = (
-        shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/train_step.py", *argv])
-    )
+    command = command_line("benchmarks/train_step.py", argv)
     sync = "CUDA synchronised around each step; " if args.device == "cuda" else ""
     peak = (
         "peak mem is `torch.cuda.max_memory_allocated` over warm-up and timed steps (weights, EMA, optimizer "
@@ -391,22 +375,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
     if skipped:
         notes.append(f"- Presets without a single-stage row in this run: {', '.join(skipped)}.")
     notes += [f"- FAILED {r.row.preset} {r.row.stage} {r.row.mode}: {r.error}" for r in failed]
-    section = "\n".join(
-        [
-            f"## Training step throughput{' (quick)' if args.quick else ''} ({stamp})",
-            "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: {machine_line(args.device)}.",
-            "",
-            table,
-            "",
-            "Notes:",
-            "",
-            *notes,
-            "",
-        ]
-    )
+    title = f"Training step throughput{' (quick)' if args.quick else ''}"
+    section = results_section(title, command, args.device, [table], notes)
     append_section(args.out, section)
     return results
 
