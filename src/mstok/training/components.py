@@ -7,6 +7,7 @@ tokenizer, a head that cannot produce what the losses need).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -102,21 +103,21 @@ def check_model_fits_loss(model: nn.Module, loss: TokenizerLoss, proxy: nn.Modul
             )
 
 
-def build_datasets(config: TrainConfig, image_size: int, dataset: Dataset | None) -> tuple[Dataset, Dataset | None]:
-    """(training dataset, fixed-view dataset for reconstruction grids or None)."""
-    if dataset is not None:
-        return dataset, None
+def build_dataset(config: TrainConfig, image_size: int) -> Dataset:
+    """The training images at ``config.data.path`` (folder or shards) with the training augmentation."""
     if not config.data.path:
         raise ValueError("no training data: set data.path in the config or pass --set data.path=DIR")
-    train = open_image_dataset(
+    return open_image_dataset(
         config.data.path, RandomResizedCropFlip(image_size, tuple(config.data.crop_scale), flip=config.data.flip)
     )
-    fixed = open_image_dataset(config.data.path, lambda image, _rng: center_crop_resize(image, image_size))
-    return train, fixed
 
 
-def fixed_batch(dataset: Dataset, count: int) -> torch.Tensor | None:
-    """``count`` evenly spaced readable images of ``dataset`` (same every time), or None."""
+def fixed_batch(dataset: Dataset, count: int, image_size: int) -> torch.Tensor | None:
+    """``count`` evenly spaced readable images of ``dataset``, resized and center-cropped (the same
+    every time), or None. The dataset's file index is shared, not rebuilt: a shallow copy only swaps
+    its ``transform``."""
+    dataset = copy.copy(dataset)
+    dataset.transform = lambda image, _rng: center_crop_resize(image, image_size)
     step = max(1, len(dataset) // count)
     images = []
     for index in range(0, len(dataset), step):

@@ -27,7 +27,7 @@ from mstok.data import EpochSampler, SkipBroken, collate_skip_broken
 from mstok.tokenizers import create_tokenizer
 from mstok.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mstok.training.components import (
-    build_datasets,
+    build_dataset,
     build_loss,
     check_model_fits_loss,
     fixed_batch,
@@ -117,9 +117,11 @@ class Trainer:
         if config.compile:
             self.train_model = torch.compile(self.train_model)
 
-        self.dataset, fixed = build_datasets(config, self.model.config.image_size, dataset)
+        size = self.model.config.image_size
+        self.dataset = dataset if dataset is not None else build_dataset(config, size)
+        # grids use the folder or shards of data.path; a dataset passed in gets none
         self.fixed_images = (
-            fixed_batch(fixed, config.num_samples) if fixed is not None and config.sample_every else None
+            fixed_batch(self.dataset, config.num_samples, size) if dataset is None and config.sample_every else None
         )
         self.out_dir = Path(config.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
