@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mstok.data import ImageFolder, RandomResizedCropFlip
+from mstok.data import ImageFolder, RandomResizedCropFlip, center_crop_transform
 from mstok.evaluation.evaluate import evaluate_reconstruction
-from mstok.evaluation.probe import center_crop_transform, extract_features, split_per_class, train_probe
+from mstok.evaluation.probe import extract_features, split_per_class, train_probe
 from mstok.tokenizers import load_tokenizer
 from mstok.training import Trainer, load_train_config
 from mstok.training.checkpoint import EMA_FILE, latest_checkpoint

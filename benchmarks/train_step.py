@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mstok.data import InMemoryImages, center_crop_resize
+from mstok.data import InMemoryImages, center_crop_transform
 from mstok.evaluation.report import (
     append_section,
     command_line,
@@ -194,9 +194,7 @@ def build_trainer(row: Row, args: argparse.Namespace, batch_size: int, proxies: 
             *stage_overrides(row.stage, proxy_dir),
         ],
     )
-    dataset = InMemoryImages(
-        [Image.new("RGB", (image_size, image_size))], lambda im, _rng: center_crop_resize(im, image_size)
-    )
+    dataset = InMemoryImages([Image.new("RGB", (image_size, image_size))], center_crop_transform(image_size))
     return Trainer(config, dataset=dataset, progress=False)
 
 

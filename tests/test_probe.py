@@ -139,8 +139,7 @@ def _saved_titok(path: Path) -> Path:
 
 
 def test_extract_features_are_pooled_latents(tiny_imagenet, tmp_path):
-    from mstok.data import open_image_dataset
-    from mstok.evaluation.probe import center_crop_transform
+    from mstok.data import center_crop_transform, open_image_dataset
 
     model = create_tokenizer("titok_tiny").eval()
     dataset = open_image_dataset(_subset(tiny_imagenet, tmp_path / "d", 2, 3), center_crop_transform(64))

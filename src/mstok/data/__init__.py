@@ -12,7 +12,7 @@ from mstok.data.images import (
     load_rgb,
 )
 from mstok.data.shards import ShardDataset, open_image_dataset, write_shards
-from mstok.data.transforms import RandomResizedCropFlip, center_crop_resize, to_tensor
+from mstok.data.transforms import RandomResizedCropFlip, center_crop_resize, center_crop_transform, to_tensor
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -24,6 +24,7 @@ __all__ = [
     "ShardDataset",
     "SkipBroken",
     "center_crop_resize",
+    "center_crop_transform",
     "collate_skip_broken",
     "find_images",
     "load_rgb",

@@ -9,6 +9,7 @@ multi-worker run sees exactly the crops an uninterrupted one would.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,16 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     image = image.resize((nw, nh), RESAMPLE)
     left, top = (nw - size) // 2, (nh - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def center_crop_transform(size: int) -> Callable[[Image.Image, np.random.Generator], Image.Image]:
+    """The deterministic evaluation transform as a dataset ``Transform``: :func:`center_crop_resize`
+    to ``size`` (the random generator it is given is not used)."""
+
+    def transform(image: Image.Image, _rng: np.random.Generator) -> Image.Image:
+        return center_crop_resize(image, size)
+
+    return transform
 
 
 class RandomResizedCropFlip:

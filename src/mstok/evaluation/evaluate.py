@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mstok.data import center_crop_resize, collate_skip_broken, open_image_dataset
+from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
 from mstok.evaluation.metrics import bits_per_pixel, codebook_usage, psnr, save_usage_histogram, ssim
 from mstok.training.logger import make_grid
 from mstok.weights import MissingWeightsError
@@ -28,22 +28,9 @@ from mstok.weights import MissingWeightsError
 log = logging.getLogger(__name__)
 
 
-class _Ordered(Dataset):
-    """Every image of a dataset once, in order, as ``(image, label)`` or None."""
-
-    def __init__(self, dataset: Dataset, limit: int | None) -> None:
-        self.dataset, self.limit = dataset, limit
-
-    def __len__(self) -> int:
-        return len(self.dataset) if self.limit is None else min(self.limit, len(self.dataset))
-
-    def __getitem__(self, index: int):
-        return self.dataset[(index, 0)]
-
-
 def eval_dataset(path: str | Path, resolution: int) -> Dataset:
     """Images under ``path`` (folder or shards), resized and center-cropped to ``resolution``."""
-    return open_image_dataset(path, lambda image, _rng: center_crop_resize(image, resolution))
+    return open_image_dataset(path, center_crop_transform(resolution))
 
 
 def _optional(name: str, build) -> tuple[Any, str | None]:
@@ -115,8 +102,10 @@ def evaluate_reconstruction(
     device = torch.device(device)
     model = model.to(device).eval()
     cfg = model.config
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    keys = [(i, 0) for i in range(count)]  # in order; the evaluation transform draws nothing from the seed
     loader = DataLoader(
-        _Ordered(dataset, limit), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_broken
+        dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers, collate_fn=collate_skip_broken
     )
     per_image: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
     counts = torch.zeros(cfg.codebook_size, dtype=torch.long)

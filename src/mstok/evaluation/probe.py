@@ -29,15 +29,13 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mstok.data import center_crop_resize, collate_skip_broken, open_image_dataset
+from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
 from mstok.tokenizers.base import WEIGHTS_FILE
 from mstok.tokenizers.registry import load_tokenizer
 from mstok.training.checkpoint import EMA_FILE, find_model_folder
@@ -127,15 +125,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def center_crop_transform(size: int) -> Callable[[Image.Image, np.random.Generator], Image.Image]:
-    """The deterministic evaluation transform: resize the short side and center-crop to ``size``."""
-
-    def transform(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        return center_crop_resize(image, size)
-
-    return transform
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mstok.data import RandomResizedCropFlip, center_crop_resize, open_image_dataset
+from mstok.data import RandomResizedCropFlip, center_crop_transform, open_image_dataset
 from mstok.losses import TokenizerLoss
 from mstok.training.checkpoint import find_model_folder
 from mstok.training.config import TrainConfig
@@ -117,7 +117,7 @@ def fixed_batch(dataset: Dataset, count: int, image_size: int) -> torch.Tensor |
     every time), or None. The dataset's file index is shared, not rebuilt: a shallow copy only swaps
     its ``transform``."""
     dataset = copy.copy(dataset)
-    dataset.transform = lambda image, _rng: center_crop_resize(image, image_size)
+    dataset.transform = center_crop_transform(image_size)
     step = max(1, len(dataset) // count)
     images = []
     for index in range(0, len(dataset), step):
