@@ -115,9 +115,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mstok.evaluation import evaluate as ev
     from mstok.tokenizers import load_tokenizer
     from mstok.training.checkpoint import find_model_folder
-    from mstok.training.distributed import DistContext
+    from mstok.training.distributed import resolve_device
 
-    device = DistContext.from_env(args.device).device
+    device = resolve_device(args.device)  # one process: eval never joins a process group
     lpips, inception, unavailable = ev.load_metric_networks(
         device, (args.vgg_weights, args.lpips_weights), args.inception_weights, download=not args.no_download
     )

@@ -39,6 +39,7 @@ from mstok.data import center_crop_transform, collate_skip_broken, open_image_da
 from mstok.tokenizers.base import WEIGHTS_FILE
 from mstok.tokenizers.registry import load_tokenizer
 from mstok.training.checkpoint import EMA_FILE, find_model_folder
+from mstok.training.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,6 @@ class LinearProbe(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D) features -> (B, num_classes) logits."""
         return self.head(self.norm(features))
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()

@@ -16,6 +16,13 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 @dataclass
 class DistContext:
     """Where this process sits in the job."""
@@ -45,11 +52,12 @@ class DistContext:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device.split(":")[0]
+        requested = resolve_device(device)
+        kind = requested.type
         if kind == "cuda":
             if not torch.cuda.is_available():
                 raise RuntimeError("device 'cuda' requested but CUDA is not available")
-            index = local_rank if world_size > 1 else (torch.device(device).index or 0)
+            index = local_rank if world_size > 1 else (requested.index or 0)
             torch.cuda.set_device(index)
             resolved = torch.device("cuda", index)
         else:
