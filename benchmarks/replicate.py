@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -34,6 +35,7 @@ from torch.utils.data import Dataset
 from mstok.data import ImageFolder, RandomResizedCropFlip, center_crop_transform
 from mstok.evaluation.evaluate import evaluate_reconstruction
 from mstok.evaluation.probe import extract_features, split_per_class, train_probe
+from mstok.evaluation.report import load_1min, load_summary, machine_line
 from mstok.tokenizers import load_tokenizer
 from mstok.training import Trainer, load_train_config
 from mstok.training.checkpoint import EMA_FILE, latest_checkpoint
@@ -75,6 +77,15 @@ def run_variant(
     """Train one variant with one seed, then measure it on the held-out split."""
     preset, overrides = VARIANTS[name]
     out = Path(args.work_dir) / name.replace(" ", "_").replace("=", "").replace(".", "") / f"seed{seed}"
+    done = out / "result.json"
+    identity = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "classes": args.classes,
+                "probe_epochs": args.probe_epochs, "probe_lr": args.probe_lr}  # fmt: skip
+    if done.is_file() and not args.fresh:
+        saved = json.loads(done.read_text())
+        if saved.get("settings") == identity:  # a finished run with the same budget: reuse it
+            return saved["metrics"]
+    if args.fresh and out.exists():
+        shutil.rmtree(out)  # otherwise the trainer would resume the old run
     settings = [
         f"model.preset='{preset}'",
         f"steps={args.steps}",
@@ -107,13 +118,15 @@ def run_variant(
         warmup_epochs=round(args.probe_epochs / 9),
         seed=seed, device=args.device,
     )  # fmt: skip
-    return {
+    metrics = {
         "psnr": recon["psnr"],
         "ssim": recon["ssim"],
         "codebook_usage": recon["codebook_usage"],
         "probe_top1": probe["top1"],
         "train_seconds": train_seconds,
     }
+    done.write_text(json.dumps({"settings": identity, "metrics": metrics}, indent=2))
+    return metrics
 
 
 def summarise(results: dict[str, list[dict[str, float]]]) -> str:
@@ -150,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--work-dir", default="runs/replicate")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "REPLICATION.md"))
     parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
+    parser.add_argument(
+        "--fresh", action="store_true", help="retrain every run (default: reuse finished runs in --work-dir)"
+    )
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
@@ -162,9 +178,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     val_idx = [i for i in val_idx if labels[i] < args.classes]
     results: dict[str, list[dict[str, float]]] = {}
     started = time.perf_counter()
+    loads = [load_1min()]
     for name in names:
         for seed in seeds:
             run = run_variant(name, seed, args, train_idx, val_idx)
+            loads.append(load_1min())
             results.setdefault(name, []).append(run)
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.items()), flush=True)
     table = summarise(results)
@@ -177,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
             f"\n## Run of {stamp}\n\nCommand: `{command.strip()}`\n\n"
             f"{len(train_idx)} training / {len(val_idx)} held-out images, {args.steps} steps of batch "
             f"{args.batch_size}, lr {args.lr}, seeds {args.seeds}, device {args.device}, torch {torch.__version__}; "
-            f"{minutes:.0f} min in all. Metrics on the held-out images with EMA weights; mean ± std over seeds.\n\n"
+            f"{minutes:.0f} min in all (runs reused from --work-dir count as 0). {machine_line(args.device)}; "
+            f"{load_summary(loads)}. Metrics on the held-out images with EMA weights; mean ± std over seeds.\n\n"
             f"{table}\n"
         )
         out = Path(args.out)

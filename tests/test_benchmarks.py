@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -131,3 +132,10 @@ def test_replicate_runs_a_variant_end_to_end(tmp_path, tiny_imagenet):
     assert len(runs) == 1 and all(r["psnr"] > 0 and 0 <= r["probe_top1"] <= 1 for r in runs)
     text = (tmp_path / "REPLICATION.md").read_text()
     assert "| mstok K=32 |" in text and "Command: `python benchmarks/replicate.py --data" in text
+    # A second call reuses the finished run instead of retraining it (the study is resumable).
+    result_file = next(tmp_path.glob("mstok_K32/seed0/result.json"))
+    saved = json.loads(result_file.read_text())
+    saved["metrics"]["psnr"] = -1.0  # a marker only a reused run can return
+    result_file.write_text(json.dumps(saved))
+    again = replicate.main([*argv, "--no-append"])
+    assert again["mstok K=32"][0]["psnr"] == -1.0
