@@ -1,4 +1,4 @@
-"""The ``mstok`` command line: presets, train, train-proxy, eval, probe, bench, demo and data."""
+"""The ``mstok`` command line: presets, train, train-proxy, eval, probe, pretokenize, bench, demo and data."""
 
 from __future__ import annotations
 
@@ -155,6 +155,53 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
         results = {"checkpoint": str(folder), "weights": weights, "data": str(args.data), **results}
     print(ev.write_results(results, args.out))
+    return 0
+
+
+def _cmd_pretokenize(args: argparse.Namespace) -> int:
+    import time
+
+    from mstok.data import center_crop_transform, open_image_dataset
+    from mstok.data.tokens import pretokenize
+    from mstok.tokenizers import load_tokenizer
+    from mstok.training.checkpoint import find_model_folder
+    from mstok.training.distributed import DistContext
+
+    folder = find_model_folder(args.checkpoint, "--checkpoint")
+    # same default as eval: the EMA weights of a training checkpoint when it has them
+    weights = args.weights or ("ema.safetensors" if (folder / "ema.safetensors").is_file() else "model.safetensors")
+    model = load_tokenizer(folder, weights=weights)
+    resolution = args.resolution or model.config.image_size
+    if resolution != model.config.image_size:
+        raise ValueError(f"--resolution {resolution}: this tokenizer takes {model.config.image_size}px images")
+    dataset = open_image_dataset(args.data, center_crop_transform(resolution))
+    dist = DistContext.from_env(args.device)
+    started = time.perf_counter()
+    try:
+        index = pretokenize(
+            model,
+            dataset,
+            args.out,
+            flip=args.flip,
+            batch_size=args.batch_size,
+            device=dist.device,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            shard_size=args.shard_size,
+            num_workers=args.workers,
+            source=str(args.data),
+            checkpoint=str(folder / weights),
+            progress=not args.no_progress,
+            barrier=dist.barrier,
+        )
+    finally:
+        dist.shutdown()
+    if dist.is_main:
+        print(
+            f"pretokenized {index['num_images']} images ({index['num_valid']} valid, {index['views']} view(s), "
+            f"K={index['num_tokens']}) into {len(index['shards'])} shards in {args.out} "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
     return 0
 
 
@@ -357,6 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
     to_shards.add_argument("--workers", type=int, default=0, help="processes that test-decode images (default 0)")
     to_shards.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     to_shards.set_defaults(func=_cmd_data_to_shards)
+    pretok = sub.add_parser(
+        "pretokenize", help="encode a dataset once into token shards for generator training (torchrun works too)"
+    )
+    pretok.add_argument("--checkpoint", required=True, help="a saved tokenizer, checkpoint or run folder")
+    pretok.add_argument("--data", required=True, help="image folder or shards (resize + center crop)")
+    pretok.add_argument("--out", required=True, help="token-shard folder (an unfinished run there is resumed)")
+    pretok.add_argument("--flip", action="store_true", help="also encode the horizontally flipped images")
+    pretok.add_argument("--weights", help="weights file in the folder (default: ema.safetensors when present)")
+    pretok.add_argument("--resolution", type=int, help="image resolution (default: the tokenizer's)")
+    pretok.add_argument("--batch-size", type=int, default=64, help="images per encode call (default 64)")
+    pretok.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
+    pretok.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    pretok.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    pretok.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pretok.set_defaults(func=_cmd_pretokenize)
     _add_bench_parser(sub)
     return parser
 

@@ -12,6 +12,7 @@ from mstok.data.images import (
     load_rgb,
 )
 from mstok.data.shards import ShardDataset, open_image_dataset, write_shards
+from mstok.data.tokens import TokenDataset, pretokenize, tokenizer_identity
 from mstok.data.transforms import RandomResizedCropFlip, center_crop_resize, center_crop_transform, to_tensor
 
 __all__ = [
@@ -23,12 +24,15 @@ __all__ = [
     "RandomResizedCropFlip",
     "ShardDataset",
     "SkipBroken",
+    "TokenDataset",
     "center_crop_resize",
     "center_crop_transform",
     "collate_skip_broken",
     "find_images",
     "load_rgb",
     "open_image_dataset",
+    "pretokenize",
     "to_tensor",
+    "tokenizer_identity",
     "write_shards",
 ]

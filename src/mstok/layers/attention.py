@@ -2,8 +2,9 @@
 
 Two modules: :class:`SelfAttention` with one fused ``qkv`` projection, and
 :class:`CrossAttention` where queries come from one sequence and a fused ``kv``
-projection reads a context sequence. Both keep a bias on every projection so their
-parameter layout matches a standard ViT block (and the official TiTok weights).
+projection reads a context sequence. Both keep a bias on every projection by default so
+their parameter layout matches a standard ViT block (and the official TiTok weights);
+U-ViT generators drop the qkv bias.
 
 Glossary: B batch, N query length, M context length, D width, H heads, d = D / H.
 """
@@ -27,20 +28,25 @@ class SelfAttention(nn.Module):
     Args:
         dim: model width D.
         num_heads: number of heads H (D must be divisible by H).
+        qkv_bias: give the qkv projection a bias.
+        dropout: dropout on the attention weights and on the output (training only).
     """
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
         _check_heads(dim, num_heads)
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, D); attn_mask: bool/float mask broadcastable to (B, H, N, N). -> (B, N, D)"""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, N, d)
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
 
 class CrossAttention(nn.Module):

@@ -1,7 +1,9 @@
-"""Pre-LN transformer blocks: MLP, self-attention block, cross-attention block, and a stack.
+"""Transformer blocks: MLP, self-attention block, cross-attention block, and a stack.
 
 Every block is residual and pre-normalised (``x + f(LN(x))``), GELU MLP with ratio 4 by
-default, matching the ViT blocks TiTok and MsTok are built from.
+default, matching the ViT blocks TiTok and MsTok are built from. The self-attention block
+can also be post-normalised (``LN(x + f(x))``, the original Transformer and BERT layout
+that the official TiTok generators use) and take dropout.
 """
 
 from __future__ import annotations
@@ -15,30 +17,55 @@ from mstok.layers.attention import CrossAttention, SelfAttention
 
 
 class MLP(nn.Module):
-    """Two-layer GELU MLP: D -> hidden -> D."""
+    """Two-layer GELU MLP: D -> hidden -> D (dropout on the output when training)."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
 class SelfAttentionBlock(nn.Module):
-    """``x = x + Attn(LN(x)); x = x + MLP(LN(x))``."""
+    """Pre-LN ``x = x + Attn(LN(x)); x = x + MLP(LN(x))``, or post-LN
+    ``x = LN(x + Attn(x)); x = LN(x + MLP(x))`` with ``norm_first=False``.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    Args:
+        dim: width D.
+        num_heads: heads H.
+        mlp_ratio: MLP hidden size as a multiple of D.
+        qkv_bias: bias on the fused qkv projection.
+        dropout: attention and residual-branch dropout (training only).
+        norm_first: pre-LN (True) or post-LN (False).
+        norm_eps: LayerNorm epsilon (BERT uses 1e-12).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        dropout: float = 0.0,
+        norm_first: bool = True,
+        norm_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias=qkv_bias, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, D) -> (B, N, D)"""
+        if not self.norm_first:
+            x = self.norm1(x + self.attn(x, attn_mask=attn_mask))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), attn_mask=attn_mask)
         return x + self.mlp(self.norm2(x))
 

@@ -1,6 +1,7 @@
 """Training losses (kept outside the models)."""
 
 from mstok.losses.gan import AdversarialLoss, LeCamEMA, PatchDiscriminator, hinge_d_loss, hinge_g_loss, lecam_loss
+from mstok.losses.masked import MaskedTokenLoss, mask_tokens
 from mstok.losses.objective import TokenizerLoss
 from mstok.losses.perceptual import LPIPS, VGG16Features, check_lpips_weights
 
@@ -8,6 +9,7 @@ __all__ = [
     "LPIPS",
     "AdversarialLoss",
     "LeCamEMA",
+    "MaskedTokenLoss",
     "PatchDiscriminator",
     "TokenizerLoss",
     "VGG16Features",
@@ -15,4 +17,5 @@ __all__ = [
     "hinge_d_loss",
     "hinge_g_loss",
     "lecam_loss",
+    "mask_tokens",
 ]

@@ -22,9 +22,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tomllib
+
+from mstok.generators.sampling import SamplingConfig
+from mstok.generators.schedules import check_schedule
+
+C = TypeVar("C", bound="RunConfig")
 
 
 @dataclass
@@ -119,24 +124,17 @@ class ProxyConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything one training run needs. ``batch_size`` is the global batch per optimizer
-    step, split over ``grad_accum`` micro-steps and the data-parallel ranks."""
+class RunConfig:
+    """What every training run shares; the engine (engine.py) reads only these fields.
+    ``batch_size`` is the global batch per optimizer step, split over ``grad_accum``
+    micro-steps and the data-parallel ranks."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    stage: StageConfig = field(default_factory=StageConfig)
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
     ema_decay: float = 0.999
     ema_warmup: bool = True
-    dead_code_threshold: float = 0.01
     seed: int = 0
     out_dir: str = "runs/train"
     device: str = "auto"
@@ -159,15 +157,84 @@ class TrainConfig:
             raise ValueError(f"sample_every must be >= 0 (0 = never), got {self.sample_every}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name, value in dataclasses.asdict(self.loss).items():
-            if value < 0:
-                raise ValueError(f"loss.{name} must be >= 0, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A tokenizer training run: the model, its data, losses and stage."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    dead_code_threshold: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value in dataclasses.asdict(self.loss).items():
+            if value < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {value}")
+
+
+@dataclass
+class GeneratorModelConfig:
+    """Which generator to train: a preset plus overrides (K, V and the class count default
+    to the token data's), and optional starting weights."""
+
+    preset: str = "maskgit_tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str = ""
+    init_weights: str = "ema.safetensors"
+
+
+@dataclass
+class TokenDataConfig:
+    """A folder written by ``mstok pretokenize``."""
+
+    path: str = ""
+    num_workers: int = 0
+
+
+@dataclass
+class MaskingConfig:
+    """The masked-token objective (losses/masked.py) and class dropout for guidance."""
+
+    schedule: str = "arccos"
+    label_smoothing: float = 0.1
+    unmasked_weight: float = 0.1
+    class_dropout: float = 0.1
+
+
+@dataclass
+class GeneratorTrainConfig(RunConfig):
+    """A generator training run. ``tokenizer`` (a tokenizer folder or run) is only needed for
+    sample grids every ``sample_every`` steps, decoded with ``sampling``'s settings."""
+
+    model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
+    loss: MaskingConfig = field(default_factory=MaskingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    tokenizer: str = ""
+    tokenizer_weights: str = "ema.safetensors"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_schedule(self.loss.schedule)
+        if not 0.0 <= self.loss.class_dropout <= 1.0:
+            raise ValueError(f"loss.class_dropout must be in [0, 1], got {self.loss.class_dropout}")
+        if not 0.0 <= self.loss.label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {self.loss.label_smoothing}")
+        if self.loss.unmasked_weight < 0:
+            raise ValueError(f"loss.unmasked_weight must be >= 0, got {self.loss.unmasked_weight}")
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -213,8 +280,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
+def load_train_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, kind: type[C] = TrainConfig
+) -> C:
+    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides;
+    ``kind`` is the config class (:class:`TrainConfig` or :class:`GeneratorTrainConfig`)."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -224,7 +294,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
             values = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path} is not valid TOML: {err}") from err
-    return _build(TrainConfig, apply_overrides(values, overrides or []), "")
+    return _build(kind, apply_overrides(values, overrides or []), "")
 
 
 def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:

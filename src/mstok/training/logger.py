@@ -111,16 +111,18 @@ class RunLogger:
                 self.writer.add_scalar(f"epoch/{k}", v, epoch)
         self.epoch_sums, self.epoch_count = {}, 0
 
-    def image_grid(self, step: int, originals: torch.Tensor, reconstructions: torch.Tensor) -> Path | None:
-        """Save originals (top row) over reconstructions (bottom row) as a PNG (and to TensorBoard)."""
+    def image_grid(self, step: int, *rows: torch.Tensor, tag: str = "reconstructions") -> Path | None:
+        """Save rows of N images (each (N, 3, H, W) in [0, 1]; e.g. originals over reconstructions)
+        as ``<tag>/step_*.png`` (``samples/`` for reconstructions) and to TensorBoard."""
         if not self.dist.is_main:
             return None
-        grid = make_grid(torch.stack([originals, reconstructions]))
-        path = self.out_dir / "samples" / f"step_{step:07d}.png"
+        grid = make_grid(torch.stack(rows))
+        folder = "samples" if tag == "reconstructions" else tag
+        path = self.out_dir / folder / f"step_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(path)
         if self.writer is not None:
-            self.writer.add_image("reconstructions", grid, step, dataformats="HWC")
+            self.writer.add_image(tag, grid, step, dataformats="HWC")
         return path
 
     def close(self) -> None:

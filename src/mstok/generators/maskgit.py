@@ -1,0 +1,190 @@
+"""The MaskGIT generator over 1D tokens (TiTok 3.2 and appendix A, MsTok 4.1).
+
+A bidirectional transformer reads ``[class token; K token slots]`` where each slot holds a
+code id or the mask id, and predicts a distribution over the V codes at every slot.
+Training masks a random fraction of the slots (see :mod:`mstok.losses.masked`); sampling
+starts from all masks and reveals tokens over a few steps (see
+:mod:`mstok.generators.sampling`).
+
+One embedding table holds every input symbol, in the official TiTok layout so its
+generators load without remapping::
+
+    [0, V)               the V image codes
+    V                    the mask id
+    V + 1 + c            class c, for c in [0, num_classes)
+    V + 1 + num_classes  the "null" class of classifier-free guidance
+
+Two architectures: ``vit`` (a plain stack; pre-LN by default, or post-LN with an embedding
+LayerNorm as in BERT, which the official TiTok generators are) and ``uvit`` (U-ViT: depth//2
+in-blocks, a middle block, depth//2 out-blocks, each out-block first fusing the matching
+in-block's output through a linear layer on the concatenation: long skip connections).
+
+Glossary: B batch, K tokens, D width, V codebook size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mstok.layers import init_weights
+from mstok.layers.blocks import SelfAttentionBlock
+from mstok.tokenizers.base import ConfigDict, SavedModel
+
+ARCHITECTURES = ("vit", "uvit")
+
+
+@dataclass
+class GeneratorConfig(ConfigDict):
+    """MaskGIT generator hyper-parameters.
+
+    Attributes:
+        num_tokens: K, the tokenizer's number of latent tokens.
+        codebook_size: V, the tokenizer's codebook size.
+        num_classes: number of class labels (ImageNet: 1000).
+        width, depth, num_heads, mlp_ratio: transformer size (MaskGIT-ViT: 768, 24, 16, 4).
+        architecture: ``vit`` or ``uvit`` (module docstring).
+        norm_first: pre-LN blocks with a final LayerNorm (True) or post-LN blocks (False, BERT).
+        embed_norm: LayerNorm (and dropout) on the summed embeddings (BERT).
+        qkv_bias: bias on the qkv projection (U-ViT has none).
+        norm_eps: LayerNorm epsilon (BERT: 1e-12).
+        dropout: attention and residual dropout during training (official recipe: 0.1).
+    """
+
+    num_tokens: int = 64
+    codebook_size: int = 4096
+    num_classes: int = 1000
+    width: int = 768
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    architecture: str = "vit"
+    norm_first: bool = True
+    embed_norm: bool = False
+    qkv_bias: bool = True
+    norm_eps: float = 1e-5
+    dropout: float = 0.1
+
+    family: ClassVar[str] = "maskgit"
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "codebook_size", "num_classes", "width", "depth", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.architecture == "uvit" and not self.norm_first:
+            raise ValueError("the uvit architecture is pre-LN: set norm_first = true")
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def null_class(self) -> int:
+        """The label that means "no class" (classifier-free guidance)."""
+        return self.num_classes
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding table: codes, mask, classes, null class."""
+        return self.codebook_size + self.num_classes + 2
+
+
+class MaskGITGenerator(SavedModel, nn.Module):
+    """Class-conditional masked-token transformer: (tokens, labels) -> logits over the V codes."""
+
+    config_class: ClassVar[type[GeneratorConfig]] = GeneratorConfig
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.width
+        # a free parameter, not nn.Embedding: init_weights gives free tables unit-norm rows
+        self.token_embed = nn.Parameter(torch.empty(cfg.vocab_size, d))
+        self.pos_embed = nn.Parameter(torch.empty(cfg.num_tokens + 1, d))  # class slot first
+        self.embed_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.embed_norm else None
+        self.embed_drop = nn.Dropout(cfg.dropout)
+
+        def block() -> SelfAttentionBlock:
+            return SelfAttentionBlock(
+                d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.dropout, cfg.norm_first, cfg.norm_eps
+            )
+
+        if cfg.architecture == "vit":
+            self.blocks = nn.ModuleList(block() for _ in range(cfg.depth))
+        else:
+            half = cfg.depth // 2
+            self.in_blocks = nn.ModuleList(block() for _ in range(half))
+            self.mid_block = block()
+            self.out_blocks = nn.ModuleList(block() for _ in range(half))
+            self.skips = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(half))
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.norm_first else None
+        self.head = nn.Linear(d, cfg.codebook_size)
+        init_weights(self)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Logits over the codes at every slot.
+
+        Args:
+            tokens: (B, K) ids in [0, V] (V = mask id).
+            labels: (B,) class ids in [0, num_classes], ``num_classes`` = null class.
+
+        Returns:
+            (B, K, V) logits. Shapes and dtypes are checked; values are not (a device sync).
+        """
+        cfg = self.config
+        if tokens.dim() != 2 or tokens.shape[1] != cfg.num_tokens or tokens.dtype.is_floating_point:
+            raise ValueError(f"tokens must be integer ids of shape (B, {cfg.num_tokens}), got {tuple(tokens.shape)}")
+        if labels.shape != (tokens.shape[0],) or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be integer ids of shape ({tokens.shape[0]},), got {tuple(labels.shape)}")
+        ids = torch.cat([labels[:, None] + cfg.codebook_size + 1, tokens], dim=1)  # (B, 1 + K)
+        x = F.embedding(ids, self.token_embed) + self.pos_embed  # (B, 1 + K, D)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.embed_drop(x)
+        if cfg.architecture == "vit":
+            for blk in self.blocks:
+                x = blk(x)
+        else:
+            skips = []
+            for blk in self.in_blocks:
+                x = blk(x)
+                skips.append(x)
+            x = self.mid_block(x)
+            for blk, fuse in zip(self.out_blocks, self.skips, strict=True):
+                x = blk(fuse(torch.cat([x, skips.pop()], dim=-1)))
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.head(x[:, 1:])  # (B, K, V): the class slot predicts nothing
+
+    def check_labels(self, labels: Any, allow_null: bool = True) -> torch.Tensor:
+        """Validate class ids: integers (B,) in [0, num_classes) (or the null class)."""
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must be a 1-D tensor of integer class ids, got {labels.dtype} {tuple(labels.shape)}"
+            )
+        top = self.config.num_classes + (1 if allow_null else 0)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= top):
+            raise ValueError(
+                f"class ids must be in [0, {self.config.num_classes}) (this generator has "
+                f"{self.config.num_classes} classes), got min {int(labels.min())} max {int(labels.max())}"
+            )
+        return labels.long()
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters: embeddings, transformer blocks, head, total."""
+        embed = self.token_embed.numel() + self.pos_embed.numel()
+        head = sum(p.numel() for p in self.head.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"embeddings": embed, "transformer": total - embed - head, "head": head, "total": total}

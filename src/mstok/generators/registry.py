@@ -1,0 +1,66 @@
+"""Named generator presets, and the functions that create and load generators.
+
+Sizes follow the papers: ``maskgit_vit`` is MaskGIT-ViT (width 768, 24 layers, 16 heads,
+~177M parameters with TiTok's K and V), ``maskgit_uvit`` the U-ViT variant for the 64-step
+setting, and ``maskgit_bert`` the post-LN layout of the official TiTok generators (what
+``mstok convert titok-generator`` produces). The tiny presets are for CPU tests and demos.
+K, V and the class count are overridden from the tokens a generator is trained on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
+from mstok.tokenizers.base import CONFIG_FILE, WEIGHTS_FILE
+
+_VIT = {"width": 768, "depth": 24, "num_heads": 16}
+_TINY = {"width": 128, "depth": 4, "num_heads": 4, "num_tokens": 32, "codebook_size": 1024, "num_classes": 200}
+
+GENERATOR_PRESETS: dict[str, dict[str, Any]] = {
+    "maskgit_vit": dict(_VIT),
+    "maskgit_uvit": {**_VIT, "architecture": "uvit", "qkv_bias": False},
+    "maskgit_bert": {**_VIT, "norm_first": False, "embed_norm": True, "norm_eps": 1e-12},
+    "maskgit_tiny": {**_TINY, "dropout": 0.0},
+    "maskgit_tiny_uvit": {**_TINY, "dropout": 0.0, "architecture": "uvit", "qkv_bias": False},
+}
+
+
+def generator_config(name: str, **overrides: Any) -> GeneratorConfig:
+    """The config of generator preset ``name`` with ``overrides`` applied (unknown names/fields raise)."""
+    if name not in GENERATOR_PRESETS:
+        close = difflib.get_close_matches(name, GENERATOR_PRESETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown generator preset {name!r}{hint}; available: {', '.join(GENERATOR_PRESETS)}")
+    return GeneratorConfig.from_dict({**GENERATOR_PRESETS[name], **overrides})
+
+
+def create_generator(name: str, **overrides: Any) -> MaskGITGenerator:
+    """A freshly initialised generator, e.g. ``create_generator("maskgit_vit", num_tokens=32)``."""
+    return MaskGITGenerator(generator_config(name, **overrides))
+
+
+def load_generator(path: str | Path, weights: str = WEIGHTS_FILE) -> MaskGITGenerator:
+    """Load a generator saved by ``save_pretrained`` (or a training checkpoint folder).
+
+    Args:
+        path: folder with ``config.json`` and the weights file.
+        weights: the weights file inside it (``ema.safetensors`` for a checkpoint's EMA weights).
+    """
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok generator")
+    try:
+        meta = json.loads(config_path.read_text())
+        family, fields = meta["family"], meta["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_path} is not a valid mstok model config ({err})") from err
+    if family != GeneratorConfig.family:
+        raise ValueError(f"{path} holds a {family!r} model, not a generator (load it with mstok.load_tokenizer)")
+    model = MaskGITGenerator(GeneratorConfig.from_dict(fields))
+    model.load_weights(path / weights)
+    return model.eval()

@@ -1,0 +1,288 @@
+"""The training engine every mstok trainer runs on: one loop for tokenizers and generators.
+
+:class:`Engine` owns what does not depend on the model: devices and DDP, micro-batching
+and gradient accumulation, autocast and grad scaling, ``torch.compile``, AdamW with warmup +
+cosine, the weight EMA, the data stream, atomic checkpoints, bit-identical resume, JSONL /
+TensorBoard logging and the progress bar. A trainer subclass builds its model and data,
+calls :meth:`Engine.setup`, and implements :meth:`Engine.train_step` (plus the optional hooks
+for extra checkpoint state and sample grids).
+
+A resumed run continues bit-identically: the data order and every augmentation are
+functions of (seed, sample position), and model, EMA, optimizer, scheduler, scaler, the
+subclass's extra state and RNG states are restored. Checkpoints are written atomically by
+rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mstok.data import EpochSampler, SkipBroken, collate_skip_broken
+from mstok.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mstok.training.config import RunConfig
+from mstok.training.distributed import DistContext
+from mstok.training.logger import RunLogger
+from mstok.training.optim import ModelEMA, build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels) of one micro-step
+
+
+class Engine:
+    """The shared training loop (module docstring).
+
+    Args:
+        config: the run's shared settings (a subclass of :class:`RunConfig`).
+        progress: show a tqdm progress bar (rank 0 only).
+        dist: the process's place in a DDP job; read from the torchrun environment by default.
+    """
+
+    postfix_keys: tuple[str, ...] = ("loss",)  # logged terms shown on the progress bar
+
+    def __init__(self, config: RunConfig, progress: bool = True, dist: DistContext | None = None) -> None:
+        self.config = config
+        self.dist = dist or DistContext.from_env(config.device)
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        per_step = self.dist.world_size * config.grad_accum
+        if config.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by world size x grad_accum = {per_step}"
+            )
+        self.micro_batch = config.batch_size // per_step
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.manual_seed(config.seed)
+        self.out_dir = Path(config.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.step = 0
+        self.samples_seen = 0
+        self.skipped = 0
+        self.history: list[dict[str, Any]] = []
+
+    def setup(self, model: nn.Module, dataset: Dataset) -> None:
+        """Take the model (with ``requires_grad`` already set per the stage) and the dataset:
+        builds the EMA, the optimizer over the trainable parameters, and the DDP/compiled view."""
+        cfg, opt = self.config, self.config.optim
+        self.model = model.to(self.device)
+        self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        self.optimizer = build_optimizer(self.model, opt.lr, opt.weight_decay, opt.betas, opt.eps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.steps, opt.warmup_steps, opt.lr, opt.end_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.train_model = self.model
+        if self.dist.enabled:
+            # buffers (codebook usage counts) are updated identically on every rank from
+            # gathered data, so they need no broadcast
+            self.train_model = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False,
+            )
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.dataset = dataset
+
+    # ----------------------------------------------------------------- hooks
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
+        """One optimisation step over this rank's micro-batches; returns the logged terms."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state saved with each checkpoint (e.g. a discriminator)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any], path: Path) -> None:
+        """Restore what :meth:`extra_state` saved."""
+
+    def write_samples(self, logger: RunLogger) -> None:
+        """Write an image grid for the current step (every ``sample_every`` steps)."""
+
+    # ----------------------------------------------------------------- state
+    def resume(self, which: str | Path) -> Path | None:
+        """Restore from a checkpoint folder, or the newest one with ``"auto"``.
+
+        Returns the folder used, or None when ``"auto"`` finds nothing (a fresh start).
+        """
+        path = latest_checkpoint(self.ckpt_dir) if str(which) == "auto" else Path(which)
+        if path is None:
+            return None
+        model_state, ema_state, state = load_checkpoint(path)
+        self.model.load_state_dict(model_state)
+        self.ema.module.load_state_dict(ema_state)
+        self.ema.num_updates = int(state["ema_updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.load_extra_state(state, path)
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step, self.samples_seen, self.skipped = state["step"], state["samples_seen"], state["skipped"]
+        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def save(self) -> Path | None:
+        """Write a checkpoint for the current step (rank 0; other ranks wait for it)."""
+        path = None
+        if self.dist.is_main:
+            state = {
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "skipped": self.skipped,
+                "world_size": self.dist.world_size,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ema_updates": self.ema.num_updates,
+                "torch_rng": torch.get_rng_state(),
+                **self.extra_state(),
+            }
+            if self.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            path = save_checkpoint(
+                self.ckpt_dir,
+                self.step,
+                self.model,
+                self.ema.module.state_dict(),
+                state,
+                self.config.to_json(),
+                self.config.keep_last,
+            )
+        self.dist.barrier()
+        return path
+
+    # ----------------------------------------------------------------- data
+    def batches(self) -> Iterator[list[MicroBatch]]:
+        """Endless stream of steps, each a list of ``grad_accum`` (inputs, labels) micro-batches
+        for this rank, starting at the current data position."""
+        cfg = self.config
+        sampler = EpochSampler(
+            len(self.dataset),
+            cfg.seed,
+            start=self.samples_seen,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            chunk=self.micro_batch,
+        )
+        workers = cfg.data.num_workers
+        loader = DataLoader(
+            SkipBroken(self.dataset),
+            batch_size=self.micro_batch,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_skip_broken,
+            persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda",
+            # a private generator: the loader must not draw from the global RNG, or a resumed
+            # run would see a shifted random stream
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        step: list[MicroBatch] = []
+        for inputs, labels, skipped in loader:
+            self.skipped += skipped
+            step.append((inputs, labels))
+            if len(step) == cfg.grad_accum:
+                yield step
+                step = []
+
+    # ----------------------------------------------------------------- training
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The configured autocast context (a no-op for fp32)."""
+        dtype = AUTOCAST_DTYPES.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Wrap one micro-step's forward and backward: DDP all-reduces gradients on the last
+        micro-step only (its forward must run inside the context too)."""
+        return self.train_model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Unscale, clip, step optimizer + scheduler, update the EMA; returns the grad norm."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        return grad_norm.detach()
+
+    def _check_finite(self, logger: RunLogger) -> None:
+        bad = logger.first_non_finite()
+        if bad is not None:
+            step, terms = bad
+            last = latest_checkpoint(self.ckpt_dir)
+            raise FloatingPointError(
+                f"non-finite loss {terms['loss']} at step {step} (terms: {terms}); "
+                f"last good checkpoint: {last or 'none yet'}"
+            )
+
+    def start_fields(self) -> dict[str, Any]:
+        """Extra fields for the run's ``start`` log event."""
+        return {}
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train until ``config.steps``; returns the logged windows (also in ``log.jsonl``)."""
+        cfg = self.config
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "train_config.json").write_text(cfg.to_json() + "\n")
+        if self.step >= cfg.steps:
+            return self.history
+        logger = RunLogger(self.out_dir, self.dist, cfg.tensorboard)
+        logger.event(
+            event="start",
+            step=self.step,
+            world_size=self.dist.world_size,
+            micro_batch=self.micro_batch,
+            grad_accum=cfg.grad_accum,
+            seed=cfg.seed,
+            sample_seeds="per sample: f(seed, epoch, position); rank r reads slice r of each chunk",
+            **self.start_fields(),
+        )
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        window_items = 0
+        epoch = self.samples_seen // len(self.dataset)
+        try:
+            for micro_batches in self.batches():
+                terms = self.train_step(micro_batches)
+                self.step += 1
+                self.samples_seen += cfg.batch_size
+                window_items += cfg.batch_size
+                logger.add(self.step, terms)
+                bar.update(1)
+                done = self.step >= cfg.steps
+                checkpoint = self.step % cfg.ckpt_every == 0 or done
+                if self.step % cfg.log_every == 0 or checkpoint:
+                    self._check_finite(logger)  # before any save: a checkpoint is always good
+                    extra = {"lr": self.optimizer.param_groups[0]["lr"], "skipped": self.skipped}
+                    record = logger.flush(self.step, window_items, extra)
+                    self.history.append({"step": self.step, **record})
+                    window_items = 0
+                    bar.set_postfix({k: f"{record[k]:.4f}" for k in self.postfix_keys if k in record})
+                    new_epoch = self.samples_seen // len(self.dataset)
+                    if new_epoch > epoch:
+                        logger.end_epoch(new_epoch - 1, self.step)  # the last epoch completed
+                        epoch = new_epoch
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
+                    self.write_samples(logger)
+                if checkpoint:
+                    self.save()
+                if done:
+                    break
+        finally:
+            bar.close()
+            logger.close()
+        return self.history
