@@ -101,13 +101,62 @@ def test_flops_benchmark_plots_and_adds_two_stage_rows(tmp_path: Path) -> None:
 
 def test_mstok_bench_runs_one_script(tmp_path: Path, capsys) -> None:
     """`mstok bench --only throughput -- ARGS` runs the script from --benchmarks-dir, prints, appends nothing."""
-    from mstok.cli import main
+    from mstok.cli import BENCH_SCRIPTS, main
 
-    for name in ("throughput", "flops_vs_tokens", "train_step"):
+    for name in BENCH_SCRIPTS.values():  # `mstok bench` wants every script it knows in the folder
         (tmp_path / f"{name}.py").write_text((BENCHMARKS / f"{name}.py").read_text())
     argv = ["--presets", "titok_tiny", "--two-stage", "", *THROUGHPUT_ARGS, "--threads", "1"]
     assert main(["bench", "--only", "throughput", "--benchmarks-dir", str(tmp_path), "--", *argv]) == 0
     assert "| titok_tiny | decode | cpu fp32 | 2 |" in capsys.readouterr().out
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
+# tiny pairs, few steps, one timed call: each row runs in well under a second on one thread
+SAMPLING_ARGS = ["--batch-size", "2", "--precisions", "fp32", "--reps", "1", "--threads", "1"]
+
+
+def test_sampling_benchmark_runs(tmp_path: Path) -> None:
+    """Sampling + decoding rows of both tiny pairs get positive, finite timings and images/s; a section is written."""
+    bench = _load("sampling")
+    quick = bench.parse_args(["--quick"])
+    assert (quick.pairs, quick.generator, quick.batch_size, quick.steps) == (
+        ["titok_tiny", "mstok_tiny"],
+        "maskgit_tiny",
+        8,
+        [8, 64],
+    )
+    out = tmp_path / "RESULTS.md"
+    threads = torch.get_num_threads()
+    argv = ["--quick", "--steps", "2,4", *SAMPLING_ARGS, "--out", str(out)]
+    results = bench.main(argv)
+    assert torch.get_num_threads() == threads  # main puts the thread count back
+    rows = [(r.row.pair, r.num_tokens, r.row.steps, r.row.mode, r.row.batch_size) for r in results]
+    assert rows == [
+        ("titok_tiny + maskgit_tiny", 32, 2, "fp32", 2),
+        ("titok_tiny + maskgit_tiny", 32, 4, "fp32", 2),
+        ("mstok_tiny + maskgit_tiny", 32, 2, "fp32", 2),
+        ("mstok_tiny + maskgit_tiny", 32, 4, "fp32", 2),
+    ]
+    for r in results:
+        assert r.error is None and r.calls == 1
+        for value in (r.sample_s, r.decode_s, r.total_s, r.images_per_s):
+            assert value > 0 and math.isfinite(value)
+        assert r.peak_mem_bytes is None  # CPU: no peak memory
+    text = out.read_text()
+    assert "## Sampling + decoding throughput (quick)" in text
+    assert "| titok_tiny + maskgit_tiny | 32 | 1024 | 64x64 | 4 | cpu fp32 | 2 | 1 |" in text
+    assert "classifier-free guidance off" in text
+
+
+def test_mstok_bench_runs_sampling_with_guidance(tmp_path: Path, capsys) -> None:
+    """`mstok bench --only sampling` runs sampling.py --quick (here with guidance on), prints, appends nothing."""
+    from mstok.cli import BENCH_SCRIPTS, main
+
+    for name in BENCH_SCRIPTS.values():
+        (tmp_path / f"{name}.py").write_text((BENCHMARKS / f"{name}.py").read_text())
+    argv = ["--pairs", "mstok_tiny", "--steps", "2", "--guidance", "1.5", *SAMPLING_ARGS]
+    assert main(["bench", "--only", "sampling", "--benchmarks-dir", str(tmp_path), "--", *argv]) == 0
+    assert "| mstok_tiny + maskgit_tiny | 32 | 1024 | 64x64 | 2 | cpu fp32 | 2 | 1 |" in capsys.readouterr().out
     assert not (tmp_path / "RESULTS.md").exists()
 
 

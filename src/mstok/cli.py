@@ -1,4 +1,5 @@
-"""The ``mstok`` command line: presets, train, train-proxy, eval, probe, pretokenize, bench, demo and data."""
+"""The ``mstok`` command line: presets, train, train-proxy, train-generator, sample, eval, probe, pretokenize,
+bench, demo and data."""
 
 from __future__ import annotations
 
@@ -36,17 +37,24 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_training(args: argparse.Namespace, proxy: bool) -> int:
-    """Shared by ``train`` and ``train-proxy``: one trainer, under torchrun or not."""
-    from mstok.training import Trainer, load_train_config
+def _run_training(args: argparse.Namespace, kind: str) -> int:
+    """Shared by ``train``, ``train-proxy`` and ``train-generator``: one engine, under torchrun or not."""
+    from mstok.training import GeneratorTrainConfig, Trainer, load_train_config
+    from mstok.training.generator_trainer import GeneratorTrainer
 
-    config = load_train_config(args.config, args.set)
-    family = _preset_family(config.model.preset)
-    if proxy and family != "maskgit_vqgan":
-        raise ValueError(f"train-proxy trains a MaskGIT-VQGAN preset (vqgan_tiny, maskgit_vqgan_f16), got {family!r}")
-    if not proxy and family == "maskgit_vqgan":
-        raise ValueError("this config trains a MaskGIT-VQGAN proxy: use `mstok train-proxy`")
-    trainer = Trainer(config, progress=not args.no_progress)
+    if kind == "generator":
+        config = load_train_config(args.config, args.set, GeneratorTrainConfig)
+        trainer = GeneratorTrainer(config, progress=not args.no_progress)
+    else:
+        config = load_train_config(args.config, args.set)
+        family = _preset_family(config.model.preset)
+        if kind == "proxy" and family != "maskgit_vqgan":
+            raise ValueError(
+                f"train-proxy trains a MaskGIT-VQGAN preset (vqgan_tiny, maskgit_vqgan_f16), got {family!r}"
+            )
+        if kind == "tokenizer" and family == "maskgit_vqgan":
+            raise ValueError("this config trains a MaskGIT-VQGAN proxy: use `mstok train-proxy`")
+        trainer = Trainer(config, progress=not args.no_progress)
     say = print if trainer.dist.is_main else (lambda *_: None)
     try:
         if args.resume:
@@ -66,11 +74,66 @@ def _preset_family(preset: str) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    return _run_training(args, proxy=False)
+    return _run_training(args, "tokenizer")
 
 
 def _cmd_train_proxy(args: argparse.Namespace) -> int:
-    return _run_training(args, proxy=True)
+    return _run_training(args, "proxy")
+
+
+def _cmd_train_generator(args: argparse.Namespace) -> int:
+    return _run_training(args, "generator")
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import time
+
+    from mstok.generators import SamplingConfig, generate_images, load_generator
+    from mstok.generators.sampling import write_samples
+    from mstok.tokenizers import load_tokenizer
+    from mstok.training.checkpoint import default_weights, find_model_folder
+    from mstok.training.distributed import resolve_device
+
+    if not (args.out or args.out_dir):
+        raise ValueError("give --out grid.png and/or --out-dir DIR")
+    device = resolve_device(args.device)
+    folder = find_model_folder(args.generator, "--generator")
+    generator = load_generator(folder, default_weights(folder, args.weights)).to(device)
+    tok_folder = find_model_folder(args.tokenizer, "--tokenizer")
+    tokenizer = load_tokenizer(tok_folder, default_weights(tok_folder, args.tokenizer_weights)).to(device)
+    g, t = generator.config, tokenizer.config
+    if (g.num_tokens, g.codebook_size) != (t.num_latent_tokens, t.codebook_size):
+        raise ValueError(
+            f"the generator models K={g.num_tokens}, V={g.codebook_size} tokens but the tokenizer has "
+            f"K={t.num_latent_tokens}, V={t.codebook_size}: use the tokenizer its tokens came from"
+        )
+    if args.classes == "all":
+        classes = list(range(g.num_classes))
+    else:
+        try:
+            classes = [int(c) for c in args.classes.split(",") if c.strip()]
+        except ValueError as err:
+            raise ValueError(f"--classes must be comma-separated class ids or 'all', got {args.classes!r}") from err
+    labels = torch.tensor(classes).repeat_interleave(args.n)
+    config = SamplingConfig.from_dict({**SamplingConfig().to_dict(), **_sampling_fields(args)})
+    started = time.perf_counter()
+    images, ids = generate_images(
+        generator, tokenizer, labels, config, args.seed, args.batch_size, progress=not args.no_progress
+    )
+    seconds = time.perf_counter() - started
+    written = write_samples(images, labels, ids, args.n, grid=args.out, out_dir=args.out_dir)
+    print(f"{len(labels)} images in {seconds:.1f} s ({len(labels) / seconds:.2f} img/s); wrote {', '.join(written)}")
+    return 0
+
+
+def _sampling_fields(args: argparse.Namespace) -> dict:
+    """The sampling flags that were given, as SamplingConfig fields."""
+    names = ("steps", "schedule", "temperature", "choice_temperature", "confidence", "guidance_scale",
+             "guidance_schedule", "guidance_power")  # fmt: skip
+    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.anneal_temperature:
+        fields["anneal_temperature"] = True
+    return fields
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -114,7 +177,7 @@ def _cmd_data_to_shards(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mstok.evaluation import evaluate as ev
     from mstok.tokenizers import load_tokenizer
-    from mstok.training.checkpoint import find_model_folder
+    from mstok.training.checkpoint import default_weights, find_model_folder
     from mstok.training.distributed import resolve_device
 
     device = resolve_device(args.device)  # one process: eval never joins a process group
@@ -132,7 +195,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not (args.checkpoint and args.data):
             raise ValueError("mstok eval needs --checkpoint DIR and --data DIR (or --generated DIR --reference FILE)")
         folder = find_model_folder(args.checkpoint, "--checkpoint")
-        weights = args.weights or ("ema.safetensors" if (folder / "ema.safetensors").is_file() else "model.safetensors")
+        weights = default_weights(folder, args.weights)
         model = load_tokenizer(folder, weights=weights)
         resolution = args.resolution or model.config.image_size
         if resolution != model.config.image_size:
@@ -164,12 +227,12 @@ def _cmd_pretokenize(args: argparse.Namespace) -> int:
     from mstok.data import center_crop_transform, open_image_dataset
     from mstok.data.tokens import pretokenize
     from mstok.tokenizers import load_tokenizer
-    from mstok.training.checkpoint import find_model_folder
+    from mstok.training.checkpoint import default_weights, find_model_folder
     from mstok.training.distributed import DistContext
 
     folder = find_model_folder(args.checkpoint, "--checkpoint")
     # same default as eval: the EMA weights of a training checkpoint when it has them
-    weights = args.weights or ("ema.safetensors" if (folder / "ema.safetensors").is_file() else "model.safetensors")
+    weights = default_weights(folder, args.weights)
     model = load_tokenizer(folder, weights=weights)
     resolution = args.resolution or model.config.image_size
     if resolution != model.config.image_size:
@@ -251,7 +314,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 # `mstok bench`: the quick runs of the scripts in the checkout's benchmarks/ folder (not installed with the package)
-BENCH_SCRIPTS = {"throughput": "throughput", "flops": "flops_vs_tokens", "train_step": "train_step"}
+BENCH_SCRIPTS = {
+    "throughput": "throughput",
+    "flops": "flops_vs_tokens",
+    "train_step": "train_step",
+    "sampling": "sampling",
+}
 
 
 def _benchmarks_dir(given: str | None) -> Path:
@@ -279,7 +347,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     plot = ["--plot", str(folder / "flops_vs_tokens.png")] if args.append else ["--no-plot"]
     if any(arg.startswith("--plot") or arg == "--no-plot" for arg in extra):
         plot = []
-    quick = {"throughput": ["--quick"], "flops": plot, "train_step": ["--quick"]}
+    quick = {"throughput": ["--quick"], "flops": plot, "train_step": ["--quick"], "sampling": ["--quick"]}
     failed = []
     for name in [args.only] if args.only else list(BENCH_SCRIPTS):
         path = folder / f"{BENCH_SCRIPTS[name]}.py"
@@ -300,9 +368,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
-        help="run the quick benchmarks (throughput, FLOPs vs K, train step) of a source checkout",
-        description="Run benchmarks/throughput.py --quick, flops_vs_tokens.py and train_step.py --quick and print "
-        "their tables. Arguments after -- go to the script named by --only.",
+        help="run the quick benchmarks (throughput, FLOPs vs K, train step, sampling) of a source checkout",
+        description="Run benchmarks/throughput.py --quick, flops_vs_tokens.py, train_step.py --quick and sampling.py "
+        "--quick and print their tables. Arguments after -- go to the script named by --only.",
     )
     bench.add_argument("--only", choices=tuple(BENCH_SCRIPTS), help="run one benchmark only")
     append = bench.add_mutually_exclusive_group()
@@ -311,6 +379,68 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--benchmarks-dir", help="folder of the benchmark scripts (default: the checkout's)")
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="-- ARGS for the --only script")
     bench.set_defaults(func=_cmd_bench)
+
+
+def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    sample = sub.add_parser("sample", help="generate images of some classes with a generator + its tokenizer")
+    sample.add_argument("--generator", required=True, help="a saved generator, checkpoint or run folder")
+    sample.add_argument("--tokenizer", required=True, help="the tokenizer the generator's tokens came from")
+    sample.add_argument("--classes", default="0", help="comma-separated class ids, or 'all' (default 0)")
+    sample.add_argument("--n", type=int, default=8, help="images per class (default 8)")
+    sample.add_argument("--out", help="grid PNG: one row per class")
+    sample.add_argument("--out-dir", help="folder for one PNG per image and samples.npz (uint8 NHWC, for FID)")
+    sample.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same images")
+    sample.add_argument("--batch-size", type=int, default=32)
+    sample.add_argument("--steps", type=int, help="sampling steps S (default 8)")
+    sample.add_argument("--schedule", help="masking schedule: arccos (default), cosine, linear, sqrt")
+    sample.add_argument("--temperature", type=float, help="token sampling temperature (default 1.0)")
+    sample.add_argument("--anneal-temperature", action="store_true", help="scale the temperature by 1 - t/S")
+    sample.add_argument("--choice-temperature", type=float, help="confidence Gumbel noise, annealed (default 4.5)")
+    sample.add_argument("--confidence", help="log_prob (default) or logit (official TiTok)")
+    sample.add_argument("--guidance-scale", type=float, help="CFG weight w: cond + w (cond - uncond); 0 = none")
+    sample.add_argument("--guidance-schedule", help="constant (default), linear, power_cosine")
+    sample.add_argument("--guidance-power", type=float, help="exponent of power_cosine (default 3)")
+    sample.add_argument("--weights", help="generator weights file (default: ema.safetensors when present)")
+    sample.add_argument("--tokenizer-weights", help="tokenizer weights file (default: ema.safetensors when present)")
+    sample.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    sample.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sample.set_defaults(func=_cmd_sample)
+
+
+def _cmd_convert_titok(args: argparse.Namespace) -> int:
+    import json
+
+    from mstok.convert.hub import download, is_hub_id
+    from mstok.convert.titok import convert_titok, describe
+    from mstok.tokenizers import TiTokConfig
+
+    src = args.src
+    if not Path(src).exists() and is_hub_id(src):
+        src = download(src)  # a hub id: fetch the release into the hub cache first
+    out = convert_titok(src, args.out, release=args.release, overwrite=args.overwrite)
+    config = TiTokConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
+    print(f"converted {args.src} into {out} ({describe(config)}); load it with mstok.load_tokenizer({str(out)!r})")
+    return 0
+
+
+def _add_convert_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """``mstok convert``: one sub-command per family of official checkpoints; returns its sub-parsers."""
+    convert = sub.add_parser("convert", help="import official checkpoints (TiTok tokenizers) as mstok checkpoints")
+    convert_sub = convert.add_subparsers(dest="convert_command", required=True)
+    titok = convert_sub.add_parser(
+        "titok",
+        help="an official TiTok tokenizer (yucornetto/tokenizer_titok_*, fun-research/TiTok .bin)",
+        description="Convert an official TiTok tokenizer release (bytedance/1d-tokenizer) into an mstok checkpoint "
+        "folder: SRC is a release folder (config.json + model.safetensors or pytorch_model.bin), a weights file "
+        "(with --release, or named like tokenizer_titok_l32.bin), or a hub id such as "
+        "yucornetto/tokenizer_titok_l32_imagenet.",
+    )
+    titok.add_argument("src", help="release folder, weights file or hub id")
+    titok.add_argument("out", help="output folder (config.json + model.safetensors, read by mstok.load_tokenizer)")
+    titok.add_argument("--release", help="release name when SRC has no config.json, e.g. titok_l32, titok_bl64_vq8k")
+    titok.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+    titok.set_defaults(func=_cmd_convert_titok)
+    return convert_sub
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a tokenizer (single stage, or a stage of two-stage training); runs under torchrun too",
     )
     proxy = sub.add_parser("train-proxy", help="train a MaskGIT-VQGAN proxy tokenizer for two-stage training")
-    for command in (train, proxy):
+    train_gen = sub.add_parser(
+        "train-generator", help="train a MaskGIT generator on `mstok pretokenize` shards; runs under torchrun too"
+    )
+    for command in (train, proxy, train_gen):
         command.add_argument("--config", required=True, help="TOML config file (see configs/)")
         command.add_argument(
             "--set",
@@ -341,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     proxy.set_defaults(func=_cmd_train_proxy)
+    train_gen.set_defaults(func=_cmd_train_generator)
     train.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="train TiTok-tiny and MsTok-tiny on bundled photos and write a report")
@@ -419,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretok.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     pretok.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pretok.set_defaults(func=_cmd_pretokenize)
+    _add_sample_parser(sub)
     _add_bench_parser(sub)
+    _add_convert_parser(sub)  # `mstok convert titok`; other families add to its sub-parsers
     return parser
 
 

@@ -21,9 +21,12 @@ All randomness comes from one ``torch.Generator``: a fixed seed reproduces sampl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 
 from mstok.generators.maskgit import MaskGITGenerator
@@ -188,3 +191,36 @@ def generate_images(
         images.append(tokenizer.decode(tokens).float().cpu())
         ids.append(tokens.cpu())
     return torch.cat(images), torch.cat(ids)
+
+
+def write_samples(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ids: torch.Tensor,
+    per_class: int,
+    grid: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> list[str]:
+    """Save generated images: a grid PNG (one row of ``per_class`` images per class, at most
+    32 rows) and/or a folder of ``class{c}_{i}.png`` files plus ``samples.npz`` (``arr_0``:
+    uint8 (N, H, W, 3) as the ADM evaluator reads it, ``labels``, ``tokens``). Returns the paths."""
+    from PIL import Image
+
+    from mstok.training.logger import make_grid
+
+    written = []
+    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # (N, 3, H, W)
+    if grid:
+        rows = images[: 32 * per_class].reshape(-1, per_class, *images.shape[1:])  # (classes, n, 3, H, W)
+        Path(grid).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_grid(rows)).save(grid)
+        written.append(str(grid))
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        nhwc = rearrange(pixels, "n c h w -> n h w c").numpy()
+        for i, (image, label) in enumerate(zip(nhwc, labels.tolist(), strict=True)):
+            Image.fromarray(image).save(out / f"class{label:04d}_{i % per_class:04d}.png")
+        np.savez(out / "samples.npz", arr_0=nhwc, labels=labels.numpy(), tokens=ids.numpy())
+        written.append(f"{out}/ ({len(nhwc)} PNGs + samples.npz)")
+    return written

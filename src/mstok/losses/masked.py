@@ -65,9 +65,8 @@ class MaskedTokenLoss(nn.Module):
 
         Terms: ``loss``, ``masked_ce`` (plain cross-entropy on masked slots, comparable across
         smoothing settings) and ``accuracy`` (argmax on masked slots); all detached."""
-        ce = F.cross_entropy(
-            logits.float().transpose(1, 2), targets, label_smoothing=self.label_smoothing, reduction="none"
-        )
+        logits = logits.float().transpose(1, 2)  # (B, V, K): cross_entropy wants classes second
+        ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="none")
         weights = torch.where(mask, 1.0, self.unmasked_weight)  # (B, K)
         loss = (ce * weights).sum() / weights.sum()
         with torch.no_grad():

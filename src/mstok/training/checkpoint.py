@@ -61,6 +61,14 @@ def find_model_folder(path: str | Path, what: str = "checkpoint") -> Path:
     return newest
 
 
+def default_weights(folder: str | Path, given: str | None = None) -> str:
+    """The weights file to read from a model folder: ``given`` when set, else the EMA weights
+    of a training checkpoint when present, else ``model.safetensors``."""
+    if given:
+        return given
+    return EMA_FILE if (Path(folder) / EMA_FILE).is_file() else "model.safetensors"
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,

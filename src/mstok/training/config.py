@@ -224,7 +224,7 @@ class GeneratorTrainConfig(RunConfig):
     loss: MaskingConfig = field(default_factory=MaskingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tokenizer: str = ""
-    tokenizer_weights: str = "ema.safetensors"
+    tokenizer_weights: str = ""  # empty: ema.safetensors when the folder has it, else model.safetensors
 
     def __post_init__(self) -> None:
         super().__post_init__()

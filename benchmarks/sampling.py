@@ -1,0 +1,482 @@
+"""Images/s of class-conditional generation: MaskGIT sampling in S steps, then the tokenizer's decode (MsTok Fig. 3b).
+
+Each row pairs a randomly initialised tokenizer preset (K latent tokens, codebook size V) with
+a MaskGIT generator of ``--generator`` size (default ``maskgit_vit``: MaskGIT-ViT, width 768,
+24 layers, 16 heads; ``num_tokens = K``, ``codebook_size = V``, 1000 classes), both in eval
+mode, and times one batch of class-conditional generation under ``torch.inference_mode``:
+
+- sampling: :func:`mstok.generators.sample` with ``SamplingConfig(steps=S)`` (arccos
+  schedule, temperature 1, choice temperature 4.5) for random class labels: S forward passes
+  of the generator over ``[class; K slots]`` plus the token draw and re-masking;
+- decoding: ``tokenizer.decode(ids)`` of the sampled ids to pixels (256x256; tiny presets 64x64).
+
+The two parts are synchronised and timed separately in every call; a row reports the median
+seconds per batch of each and ``images/s = batch / median(sampling + decoding)``.
+Classifier-free guidance is off unless ``--guidance W``; with ``W > 0`` every step runs the
+generator on a doubled batch (conditional + null class).
+
+Modes are ``PRECISION[+compile]`` (``--precisions``); ``bf16``/``fp16`` are autocast around
+both parts; ``+compile`` runs the generator and the tokenizer's decoder through
+``torch.compile``. One warm-up call (a full sample + decode) comes before the first S of each
+pair/mode/batch size; every S of them runs the same shapes, so later S reuse that warm-up
+(on CUDA or with compile, every row is warmed up). Then calls are timed until ``--reps`` are
+done or ``--budget`` seconds have passed (at least one).
+
+Expected time of the default CPU run (3 pairs x S 8,64 x fp32,bf16 at batch 32, 12 rows, one
+timed call each): a MaskGIT-ViT step costs ~22 GFLOPs per image at K = 64 (~45 at K = 128)
+and a B decode ~50-60, so one S = 64 batch of 32 is ~48 TFLOPs (K = 128: ~94); at the
+~150 (fp32) / ~300 (bf16) GFLOP/s that B-size models reach on 2 idle cores, that is about
+40-50 minutes in all (fp32 ~27, bf16 ~14), several times more on a loaded machine (with one
+thread at load ~6, one titok_b64 S = 8 batch of 8 took 27.5 s to sample and 9.9 s to decode).
+Subset it with ``--pairs``, ``--steps``, ``--batch-size`` and ``--precisions``.
+
+    python benchmarks/sampling.py                # titok_b64, mstok_b64, mstok_b128 + maskgit_vit; S 8,64; batch 32
+    python benchmarks/sampling.py --quick        # tiny presets + maskgit_tiny, batch 8, well under a minute on 2 cores
+    python benchmarks/sampling.py --pairs titok_b64 --steps 8 --batch-size 8 --precisions fp32
+    python benchmarks/sampling.py --device cuda  # bf16 and bf16+compile, with peak memory
+
+Prints a markdown table and appends a dated section to ``--out`` unless ``--no-append``.
+Exits 1 if a row failed (the others are still reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mstok.evaluation.report import (
+    append_section,
+    command_line,
+    load_1min,
+    load_summary,
+    machine_line,
+    results_section,
+    synchronize,
+    with_threads,
+)
+from mstok.generators import MaskGITGenerator, SamplingConfig, create_generator, sample
+from mstok.generators.registry import GENERATOR_PRESETS
+from mstok.tokenizers import create_tokenizer
+from mstok.tokenizers.registry import AnyTokenizer, preset_config
+
+DEFAULT_PAIRS = ("titok_b64", "mstok_b64", "mstok_b128")
+QUICK_PAIRS = ("titok_tiny", "mstok_tiny")
+DEFAULT_GENERATOR, QUICK_GENERATOR = "maskgit_vit", "maskgit_tiny"
+DEFAULT_STEPS = (8, 64)
+NUM_CLASSES = 1000
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmarked configuration: a tokenizer/generator pair sampled in ``steps`` steps, in one mode."""
+
+    tokenizer: str
+    generator: str
+    steps: int
+    mode: str
+    batch_size: int
+
+    @property
+    def pair(self) -> str:
+        return f"{self.tokenizer} + {self.generator}"
+
+
+@dataclass
+class Result:
+    """Timings of one row; ``error`` is set (and the timings empty) when it did not run."""
+
+    row: Row
+    device: str
+    num_tokens: int
+    codebook_size: int
+    image_size: int
+    guidance: float
+    sample_times: list[float] = field(default_factory=list)
+    decode_times: list[float] = field(default_factory=list)
+    peak_mem_bytes: int | None = None
+    load_after: float = math.nan
+    error: str | None = None
+
+    @property
+    def calls(self) -> int:
+        return len(self.sample_times)
+
+    @property
+    def sample_s(self) -> float:
+        """Median seconds per batch of sampling."""
+        return statistics.median(self.sample_times) if self.sample_times else math.nan
+
+    @property
+    def decode_s(self) -> float:
+        """Median seconds per batch of decoding."""
+        return statistics.median(self.decode_times) if self.decode_times else math.nan
+
+    @property
+    def total_s(self) -> float:
+        """Median seconds per batch of sampling + decoding (the median of the per-call sums)."""
+        totals = [s + d for s, d in zip(self.sample_times, self.decode_times, strict=True)]
+        return statistics.median(totals) if totals else math.nan
+
+    @property
+    def images_per_s(self) -> float:
+        return self.row.batch_size / self.total_s if self.sample_times else math.nan
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to append to")
+    parser.add_argument("--no-append", action="store_true", help="print the table only, do not touch --out")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"tiny presets ({','.join(QUICK_PAIRS)}) + {QUICK_GENERATOR}, batch 8"
+    )
+    parser.add_argument(
+        "--pairs",
+        help=f"comma-separated tokenizer presets, each paired with a --generator sized to its K and V "
+        f"(default: {','.join(DEFAULT_PAIRS)}; --quick: {','.join(QUICK_PAIRS)})",
+    )
+    parser.add_argument(
+        "--generator", help=f"generator preset (default {DEFAULT_GENERATOR}; --quick {QUICK_GENERATOR})"
+    )
+    parser.add_argument("--steps", help="comma-separated numbers of sampling steps S (default 8,64)")
+    parser.add_argument("--batch-size", type=int, help="images per batch (default 32; --quick 8)")
+    parser.add_argument(
+        "--precisions",
+        help="comma-separated PRECISION[+compile] with PRECISION fp32, bf16 or fp16 "
+        "(default: fp32,bf16; CUDA bf16,bf16+compile)",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=0.0,
+        help="classifier-free guidance weight (default 0: off; >0 doubles the generator batch)",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--reps", type=int, help="most timed calls per row (default 3; CUDA 10)")
+    parser.add_argument(
+        "--budget", type=float, help="seconds of timed calls per row before stopping (default 10; --quick 3)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before a configuration's first timed one")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, labels and sampling noise")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    def names(text: str | None, default: tuple[str, ...]) -> list[str]:
+        return list(default) if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+    args.pairs = names(args.pairs, QUICK_PAIRS if args.quick else DEFAULT_PAIRS)
+    args.generator = args.generator or (QUICK_GENERATOR if args.quick else DEFAULT_GENERATOR)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    cuda = args.device == "cuda"
+    args.precisions = names(args.precisions, ("bf16", "bf16+compile") if cuda else ("fp32", "bf16"))
+    try:
+        args.steps = sorted({int(s) for s in names(args.steps, tuple(str(s) for s in DEFAULT_STEPS))})
+    except ValueError:
+        parser.error(f"--steps must be comma-separated integers, got {args.steps!r}")
+    args.batch_size = args.batch_size or (8 if args.quick else 32)
+    args.reps = args.reps if args.reps is not None else (10 if cuda else 3)
+    args.budget = args.budget if args.budget is not None else (3.0 if args.quick else 10.0)
+    if not args.pairs:
+        parser.error("nothing to run: --pairs is empty")
+    for name in args.pairs:
+        try:
+            cfg = preset_config(name)
+        except ValueError as err:
+            parser.error(str(err))
+        if cfg.family == "maskgit_vqgan" or cfg.head != "pixels":
+            parser.error(f"--pairs: {name} is not a 1D tokenizer decoding to pixels")
+    if args.generator not in GENERATOR_PRESETS:
+        parser.error(f"--generator: unknown preset {args.generator!r}; available: {', '.join(GENERATOR_PRESETS)}")
+    for mode in args.precisions:
+        precision, _, extra = mode.partition("+")
+        if precision not in DTYPES or extra not in ("", "compile"):
+            parser.error(f"--precisions: {mode!r} is not PRECISION[+compile] with PRECISION fp32, bf16 or fp16")
+    if not args.precisions:
+        parser.error("--precisions names no precision")
+    if not args.steps or min(args.steps) < 1:
+        parser.error("--steps must name positive integers")
+    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0 or args.budget < 0 or args.guidance < 0:
+        parser.error("--batch-size and --reps must be >= 1; --warmup, --budget and --guidance >= 0")
+    return args
+
+
+def build(tokenizer: str, generator: str, device: torch.device, seed: int) -> tuple[AnyTokenizer, MaskGITGenerator]:
+    """The tokenizer and a generator sized to its K and V (1000 classes), random weights, eval mode, on ``device``."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        tok = create_tokenizer(tokenizer).eval()
+        cfg = tok.config
+        gen = create_generator(
+            generator, num_tokens=cfg.num_latent_tokens, codebook_size=cfg.codebook_size, num_classes=NUM_CLASSES
+        ).eval()
+    return tok, gen
+
+
+@contextlib.contextmanager
+def compiled(tok: AnyTokenizer, gen: MaskGITGenerator, enabled: bool) -> Iterator[MaskGITGenerator]:
+    """Yield the generator to sample with: ``torch.compile``d (and the tokenizer's decoder swapped
+    for a compiled one while the block runs) when ``enabled``, else ``gen`` itself."""
+    names = [n for n in ("decoder", "pixel_decoder") if getattr(tok, n, None) is not None]
+    originals = {n: getattr(tok, n) for n in names}
+    try:
+        if not enabled:
+            yield gen
+            return
+        for n in names:
+            setattr(tok, n, torch.compile(originals[n]))
+        # the compiled module forwards .config, .check_labels and .parameters() to ``gen``
+        yield torch.compile(gen)
+    finally:
+        for n, module in originals.items():
+            setattr(tok, n, module)
+        if enabled:
+            torch._dynamo.reset()
+
+
+def make_call(
+    tok: AnyTokenizer, gen: MaskGITGenerator, row: Row, guidance: float, device: torch.device, seed: int
+) -> Callable[[], tuple[float, float, torch.Tensor]]:
+    """A function running one batch of the row: returns (sampling s, decoding s, images)."""
+    labels = torch.randint(0, NUM_CLASSES, (row.batch_size,), generator=torch.Generator().manual_seed(seed)).to(device)
+    config = SamplingConfig(steps=row.steps, guidance_scale=guidance)
+    precision = row.mode.partition("+")[0]
+
+    def call() -> tuple[float, float, torch.Tensor]:
+        rng = torch.Generator(device=device).manual_seed(seed)  # the same samples in every call
+        autocast = (
+            torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            synchronize(device)
+            start = time.perf_counter()
+            ids = sample(gen, labels, config, generator=rng)
+            synchronize(device)
+            sampled = time.perf_counter()
+            images = tok.decode(ids)
+            synchronize(device)
+            decoded = time.perf_counter()
+        return sampled - start, decoded - sampled, images
+
+    return call
+
+
+def time_row(
+    result: Result, call: Callable[[], tuple[float, float, torch.Tensor]], args: argparse.Namespace, warmup: int
+) -> None:
+    """Run ``warmup`` untimed calls, then timed calls until ``--reps`` or ``--budget``; fills ``result``."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for i in range(warmup + args.reps):
+            if i >= warmup and sum(result.sample_times) + sum(result.decode_times) >= args.budget:
+                break
+            sample_s, decode_s, images = call()
+            size = result.image_size
+            if images.shape != (result.row.batch_size, 3, size, size) or not torch.isfinite(images).all():
+                raise RuntimeError(
+                    f"decode gave {tuple(images.shape)} images (finite: {bool(images.isfinite().all())})"
+                )
+            if i >= warmup:
+                result.sample_times.append(sample_s)
+                result.decode_times.append(decode_s)
+        if device.type == "cuda":
+            result.peak_mem_bytes = torch.cuda.max_memory_allocated(device)
+    except Exception as err:  # report the row and go on: one bad config must not lose a long run
+        result.sample_times, result.decode_times = [], []
+        result.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        traceback.print_exc()
+
+
+def run_pair(tokenizer: str, args: argparse.Namespace, report: Callable[[Result], None]) -> tuple[list[Result], int]:
+    """Every row of one pair (modes, then steps, fewest first); also returns the generator's parameter count."""
+    device = torch.device(args.device)
+    cfg = preset_config(tokenizer)
+
+    def result(steps: int, mode: str) -> Result:
+        row = Row(tokenizer, args.generator, steps, mode, args.batch_size)
+        return Result(row, args.device, cfg.num_latent_tokens, cfg.codebook_size, cfg.image_size, args.guidance)
+
+    try:
+        tok, gen = build(tokenizer, args.generator, device, args.seed)
+    except Exception as err:
+        traceback.print_exc()
+        failed = [result(s, m) for m in args.precisions for s in args.steps]
+        for r in failed:
+            r.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            report(r)
+        return failed, 0
+    params = gen.parameter_counts()["total"]
+    results: list[Result] = []
+    for mode in args.precisions:
+        extra = mode.partition("+")[2]
+        with compiled(tok, gen, extra == "compile") as sampler:
+            for i, steps in enumerate(args.steps):
+                r = result(steps, mode)
+                # every S runs the same shapes (generator on (B, 1 + K), decode on (B, K)), so on CPU eager
+                # only the first S is warmed up; CUDA calls are cheap and compile guards differ, so there all are
+                every = device.type == "cuda" or extra == "compile"
+                warmup = args.warmup if every or i == 0 else 0
+                time_row(r, make_call(tok, sampler, r.row, args.guidance, device, args.seed), args, warmup)
+                r.load_after = load_1min()
+                results.append(r)
+                report(r)
+    del tok, gen
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results, params
+
+
+def make_table(results: list[Result]) -> str:
+    header = [
+        "pair",
+        "K",
+        "V",
+        "image",
+        "steps",
+        "precision",
+        "batch",
+        "timed calls",
+        "sampling s/batch",
+        "decoding s/batch",
+        "total s/batch",
+        "sampling share",
+        "images/s",
+        "peak mem (GiB)",
+        "load 1m",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * 4 + ["---"] + ["---:"] * 9) + "|"]
+    for r in results:
+        size = f"{r.image_size}x{r.image_size}"
+        cells = [r.row.pair, str(r.num_tokens), str(r.codebook_size), size, str(r.row.steps)]
+        cells += [f"{r.device} {r.row.mode}", str(r.row.batch_size)]
+        if r.sample_times:
+            peak = f"{r.peak_mem_bytes / 2**30:.2f}" if r.peak_mem_bytes is not None else "-"
+            cells += [
+                str(r.calls),
+                f"{r.sample_s:.3f}",
+                f"{r.decode_s:.3f}",
+                f"{r.total_s:.3f}",
+                f"{100 * r.sample_s / (r.sample_s + r.decode_s):.0f}%",
+                f"{r.images_per_s:.2f}",
+                peak,
+            ]
+        else:
+            cells += ["-", "-", "-", "-", "-", "failed", "-"]
+        cells.append(f"{r.load_after:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(r: Result) -> str:
+    if r.error:
+        return f"error: {r.error}"
+    return (
+        f"{r.images_per_s:.2f} images/s (sampling {r.sample_s:.3f} s + decoding {r.decode_s:.3f} s per batch, "
+        f"{r.calls} calls)"
+    )
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
+    args = parse_args(argv)
+    return with_threads(args.threads, lambda: run(args, argv))
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
+    """Time every row, print the table and append the section (see :func:`main`)."""
+    device = torch.device(args.device)
+    loads = [load_1min()]
+    print(
+        f"Timing {len(args.pairs)} pairs with {args.generator} on {args.device} ({machine_line(args.device)}); "
+        f"load average {loads[0]:.2f}"
+    )
+    started = time.perf_counter()
+
+    def report(r: Result) -> None:
+        loads.append(r.load_after)
+        row = r.row
+        print(f"  {row.pair} S={row.steps} b{row.batch_size} {row.mode}: {describe(r)}", flush=True)
+
+    results: list[Result] = []
+    params: dict[str, int] = {}
+    for tokenizer in args.pairs:
+        rows, params[tokenizer] = run_pair(tokenizer, args, report)
+        results += rows
+    total = time.perf_counter() - started
+
+    table = make_table(results)
+    failed = [r for r in results if r.error]
+    print()
+    print(table)
+    for r in failed:
+        print(f"FAILED {r.row.pair} S={r.row.steps} b{r.row.batch_size} {r.row.mode}: {r.error}")
+    load_text = load_summary(loads)
+    print(f"\nTotal {total / 60:.1f} min; {load_text}")
+    if args.no_append:
+        return results
+
+    command = command_line("benchmarks/sampling.py", argv)
+    sync = "CUDA synchronised before and after each part; " if device.type == "cuda" else ""
+    peak = (
+        "peak mem is `torch.cuda.max_memory_allocated` over a row's warm-up and timed calls (weights included)"
+        if device.type == "cuda"
+        else "no peak memory on CPU"
+    )
+    warm = (
+        "before each row"
+        if device.type == "cuda"
+        else "before the fewest-steps row of each pair/precision (every row with compile; all S run the same shapes)"
+    )
+    sizes = ", ".join(
+        f"{name}: {params[name] / 1e6:.1f}M (K={preset_config(name).num_latent_tokens}, "
+        f"V={preset_config(name).codebook_size})"
+        for name in args.pairs
+        if params.get(name)
+    )
+    guidance = (
+        "classifier-free guidance off (w = 0: one conditional pass per step)"
+        if args.guidance == 0
+        else f"classifier-free guidance w = {args.guidance:g} (constant): every step runs the generator on "
+        f"2 x {args.batch_size} sequences (conditional + null class)"
+    )
+    notes = [
+        f"- Each row samples a batch of random ImageNet class labels with `mstok.generators.sample` "
+        f"(`SamplingConfig(steps=S)`: arccos schedule, temperature 1, choice temperature 4.5; {guidance}) from a "
+        f"`{args.generator}` generator sized to the tokenizer (num_tokens = K, codebook_size = V, "
+        f"{NUM_CLASSES} classes), then decodes the ids to pixels with `tokenizer.decode(ids)`. Random weights, "
+        "eval mode, `torch.inference_mode`; bf16/fp16 are autocast around both parts; `+compile` runs the "
+        "generator and the tokenizer's decoder through `torch.compile`.",
+        f"- Generator parameters: {sizes}.",
+        f"- {args.warmup} warm-up call(s) (sample + decode) {warm}, then up to {args.reps} timed calls per row, "
+        f"stopping once {args.budget:g} s of timed calls have passed (at least one); {sync}sampling and decoding "
+        f"are timed separately in each call with `time.perf_counter` (medians over the calls), and images/s = "
+        f"batch / median(sampling + decoding); {peak}. A row with one timed call is a single measurement.",
+        f"- {load_text}; `load 1m` is the 1-minute load average as each row ended. Other processes may share this "
+        "machine: a load above this run's thread count means they competed for the cores and the rates here are "
+        f"lower bounds. Whole run {total / 60:.1f} min.",
+    ]
+    notes += [f"- FAILED {r.row.pair} S={r.row.steps} b{r.row.batch_size} {r.row.mode}: {r.error}" for r in failed]
+    title = f"Sampling + decoding throughput{' (quick)' if args.quick else ''}"
+    section = results_section(title, command, args.device, [table], notes)
+    append_section(args.out, section)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(r.error for r in main()) else 0)

@@ -1,0 +1,121 @@
+"""The generator trainer: MaskGIT on pre-tokenized shards, on the shared training engine.
+
+``GeneratorTrainer(config).fit()`` trains a :class:`~mstok.generators.MaskGITGenerator` on
+the token shards written by ``mstok pretokenize`` (``data.path``). Each step masks a
+schedule-distributed fraction of every example's tokens, drops its class label with
+probability ``loss.class_dropout`` (so the model also learns the unconditional
+distribution that classifier-free guidance needs) and minimises the masked-token loss.
+Everything else (DDP, accumulation, autocast, EMA, atomic checkpoints, bit-identical
+resume, JSONL/TensorBoard logs) is the :class:`~mstok.training.engine.Engine`'s. With
+``tokenizer`` set and ``sample_every > 0``, the EMA generator's samples are decoded into an
+image grid under ``<out_dir>/generated/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from mstok.data.tokens import TokenDataset
+from mstok.generators import create_generator, generate_images
+from mstok.losses.masked import MaskedTokenLoss, mask_tokens
+from mstok.training.checkpoint import default_weights, find_model_folder
+from mstok.training.config import GeneratorTrainConfig
+from mstok.training.distributed import DistContext
+from mstok.training.engine import Engine, MicroBatch
+from mstok.training.logger import RunLogger
+from mstok.training.stages import load_initial_weights
+
+
+def data_overrides(dataset: TokenDataset, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The generator's K, V and class count from the token data, checked against explicit overrides."""
+    fields = dict(overrides)
+    for name, value in (("num_tokens", dataset.num_tokens), ("codebook_size", dataset.codebook_size)):
+        if name in fields and fields[name] != value:
+            raise ValueError(f"model.overrides.{name} = {fields[name]}, but the token data has {name} = {value}")
+        fields[name] = value
+    if fields.setdefault("num_classes", dataset.num_classes) < dataset.num_classes:
+        raise ValueError(
+            f"model.overrides.num_classes = {fields['num_classes']}, but the token data has labels up to "
+            f"{dataset.num_classes - 1}"
+        )
+    return fields
+
+
+class GeneratorTrainer(Engine):
+    """Trains a MaskGIT generator according to a :class:`GeneratorTrainConfig`.
+
+    Args:
+        config: the run's configuration.
+        dataset: optional :class:`TokenDataset` (defaults to the one at ``config.data.path``).
+        progress: show a tqdm progress bar (rank 0 only).
+        dist: the process's place in a DDP job; read from the torchrun environment by default.
+    """
+
+    config: GeneratorTrainConfig
+    postfix_keys = ("loss", "accuracy")
+
+    def __init__(
+        self,
+        config: GeneratorTrainConfig,
+        dataset: Dataset | None = None,
+        progress: bool = True,
+        dist: DistContext | None = None,
+    ) -> None:
+        super().__init__(config, progress, dist)
+        if dataset is None:
+            if not config.data.path:
+                raise ValueError("data.path is empty: point it at a folder written by `mstok pretokenize`")
+            dataset = TokenDataset(config.data.path)
+        model = create_generator(config.model.preset, **data_overrides(dataset, config.model.overrides))
+        if config.model.init_from:
+            load_initial_weights(model, config.model.init_from, config.model.init_weights)
+        self.loss_fn = MaskedTokenLoss(config.loss.label_smoothing, config.loss.unmasked_weight)
+        self.tokenizer = None
+        if config.tokenizer and config.sample_every:
+            from mstok.tokenizers import load_tokenizer
+
+            folder = find_model_folder(config.tokenizer, "tokenizer")
+            self.tokenizer = load_tokenizer(folder, weights=default_weights(folder, config.tokenizer_weights))
+            if isinstance(dataset, TokenDataset):
+                dataset.check_matches(self.tokenizer)  # a grid from another tokenizer is noise
+            self.tokenizer.to(self.device)
+        self.setup(model, dataset)
+
+    def start_fields(self) -> dict[str, Any]:
+        return {"parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
+        """One optimisation step: mask, drop labels, predict, masked-token loss."""
+        cfg, gen = self.config, self.model.config
+        self.model.train()
+        n = len(micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        for i, (tokens, labels) in enumerate(micro_batches):
+            tokens = tokens.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            drop = torch.rand(labels.shape, device=self.device) < cfg.loss.class_dropout
+            labels = torch.where(drop, gen.null_class, labels)
+            masked, mask = mask_tokens(tokens, gen.mask_id, cfg.loss.schedule)
+            with self.grad_sync(last=i == n - 1):
+                with self.autocast():
+                    logits = self.train_model(masked, labels)  # (B, K, V)
+                loss, terms = self.loss_fn(logits, tokens, mask)
+                self.scaler.scale(loss / n).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v / n
+        sums["grad_norm"] = self.optimizer_step()
+        return sums
+
+    @torch.no_grad()
+    def write_samples(self, logger: RunLogger) -> None:
+        """Decode EMA samples of classes 0..N-1 (cycled) with a fixed seed into a grid."""
+        if self.tokenizer is None or not self.dist.is_main:
+            return
+        gen = self.ema.module.config
+        labels = torch.arange(self.config.num_samples) % gen.num_classes
+        images, _ = generate_images(self.ema.module, self.tokenizer, labels, self.config.sampling, seed=0)
+        logger.image_grid(self.step, images, tag="generated")
