@@ -1,7 +1,7 @@
 """Samples/s of one full training step of every tokenizer preset, through the project's own trainer.
 
 Each row builds a real :class:`mstok.training.Trainer` from a config (model, losses, AdamW,
-EMA, discriminator where the GAN is on) and times ``trainer.train_step([batch])``: forward,
+EMA, discriminator where the GAN is on) and times ``trainer.train_step([(images, labels)])``: forward,
 loss, backward, gradient clipping, optimizer and scheduler step, EMA update, dead-code revival
 and codebook statistics, plus the discriminator step of a GAN stage. Data loading is left out:
 random image batches are made before timing and handed to the step directly.
@@ -222,6 +222,7 @@ def time_row(row: Row, args: argparse.Namespace, proxies: dict[int, Path], tmp: 
         batches = [torch.rand(batch_size, 3, image_size, image_size, generator=gen) for _ in range(2)]
         if device.type == "cuda":
             batches = [b.pin_memory() for b in batches]
+        labels = torch.zeros(batch_size, dtype=torch.long)
             torch.cuda.reset_peak_memory_stats(device)
         warmup = args.warmup + (1 if row.mode.endswith("+compile") else 0)
         terms: dict[str, torch.Tensor] = {}
@@ -230,7 +231,7 @@ def time_row(row: Row, args: argparse.Namespace, proxies: dict[int, Path], tmp: 
                 break
             synchronize(device)
             start = time.perf_counter()
-            terms = trainer.train_step([batches[i % 2]])
+            terms = trainer.train_step([(batches[i % 2], labels)])
             synchronize(device)
             elapsed = time.perf_counter() - start
             trainer.step += 1  # as fit() does: the schedules and the GAN start read it

@@ -77,7 +77,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         trainer = Trainer(
             _config(tmp_path / str(accum), f"grad_accum={accum}", "loss.gan_start_step=0"), dataset, False
         )
-        terms[accum] = trainer.train_step(list(batch.chunk(accum)))
+        terms[accum] = trainer.train_step([(c, torch.zeros(len(c), dtype=torch.long)) for c in batch.chunk(accum)])
         grads[accum] = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
         grads[accum] += [p.grad.clone() for p in trainer.adversarial.parameters()]
     assert len(grads[1]) == len(grads[2]) > 0

@@ -232,3 +232,26 @@ def test_masked_loss_matches_a_hand_computation() -> None:
     plain = -logp.gather(-1, targets[..., None]).squeeze(-1)
     torch.testing.assert_close(terms["masked_ce"], plain[mask].mean())
     assert terms["accuracy"] == (logits.argmax(-1) == targets)[mask].float().mean()
+
+
+def test_masked_tokens_are_a_function_of_the_sample_seed() -> None:
+    from mstok.losses import MaskedTokens
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, key):
+            return torch.arange(16) + key[0], key[0]
+
+    data = MaskedTokens(Rows(), mask_id=64, schedule="arccos", class_dropout=0.5, null_class=5)
+    (stacked, label), (again, label_again) = data[(2, 11)], data[(2, 11)]
+    assert torch.equal(stacked, again) and label == label_again
+    masked, mask, target = stacked
+    assert torch.equal(target, torch.arange(16) + 2)
+    assert torch.equal(masked, torch.where(mask.bool(), 64, target)) and mask.sum() >= 1
+    draws = [data[(0, seed)] for seed in range(400)]
+    dropped = sum(label == 5 for _, label in draws) / 400
+    assert 0.4 < dropped < 0.6  # class dropout 0.5
+    fraction = sum(int(s[1].sum()) for s, _ in draws) / (400 * 16)
+    assert abs(fraction - 2 / math.pi) < 0.04  # arccos schedule: E[gamma(r)] = 2/pi

@@ -119,7 +119,8 @@ def evaluate_reconstruction(
         images = images.to(device)
         tokens = model.encode(images)
         recon = model.decode(tokens)
-        counts += torch.bincount(tokens.flatten().cpu(), minlength=cfg.codebook_size)
+        if not tokens.is_floating_point():  # a VAE's latents are continuous: no codes to count
+            counts += torch.bincount(tokens.flatten().cpu(), minlength=cfg.codebook_size)
         per_image["psnr"] += psnr(images, recon)
         per_image["ssim"] += ssim(images, recon)
         if lpips is not None:
@@ -137,19 +138,22 @@ def evaluate_reconstruction(
     n = len(per_image["psnr"])
     if n == 0:
         raise ValueError("no readable image to evaluate")
+    continuous = getattr(cfg, "quantizer", "vq") == "vae"  # TiTok VAE releases: no codebook
     results: dict[str, Any] = {
         "images": n,
         "skipped": skipped,
         "resolution": cfg.image_size,
         "tokens_per_image": cfg.num_latent_tokens,
-        "codebook_size": cfg.codebook_size,
-        "bits_per_pixel": bits_per_pixel(cfg.num_latent_tokens, cfg.codebook_size, cfg.image_size, cfg.image_size),
+        "codebook_size": None if continuous else cfg.codebook_size,
+        "bits_per_pixel": None
+        if continuous
+        else bits_per_pixel(cfg.num_latent_tokens, cfg.codebook_size, cfg.image_size, cfg.image_size),
         "psnr": sum(per_image["psnr"]) / n,
         "ssim": sum(per_image["ssim"]) / n,
         "lpips": sum(per_image["lpips"]) / n if per_image["lpips"] else None,
         "rfid": None,
         "inception_score": None,
-        **codebook_usage(counts),
+        **(dict.fromkeys(codebook_usage(counts)) if continuous else codebook_usage(counts)),
         "seconds": seconds,
     }
     if inception is not None:
@@ -162,7 +166,8 @@ def evaluate_reconstruction(
         out.mkdir(parents=True, exist_ok=True)
         real = torch.cat(grid_real)[:grid_images]
         Image.fromarray(make_grid(torch.stack([real, torch.cat(grid_recon)[: len(real)]]))).save(out / "grid.png")
-        save_usage_histogram(counts, out / "codebook_usage.png")
+        if not continuous:
+            save_usage_histogram(counts, out / "codebook_usage.png")
         if inception is not None and reference_stats is None:
             real_stats.save_npz(out / "reference_stats.npz")
     return results

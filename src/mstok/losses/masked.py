@@ -2,18 +2,30 @@
 
 Each example draws a progress ``r ~ U(0, 1)`` and masks ``round(gamma(r) * K)`` of its K
 tokens (at least one), chosen uniformly at random; the generator then predicts the
-original ids. The loss is a label-smoothed cross-entropy weighted 1 on masked slots and
+original ids. :class:`MaskedTokens` does this per sample from the sample's own seed (with
+the class dropout of classifier-free guidance), so a run's corruption is the same on any
+number of ranks or loader workers and after a resume; :func:`mask_tokens` does it for a batch.
+
+The loss is a label-smoothed cross-entropy weighted 1 on masked slots and
 ``unmasked_weight`` on the others (the official TiTok recipe uses 0.1, which keeps the
 visible tokens' predictions calibrated), normalised by the total weight.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from mstok.generators.schedules import check_schedule, mask_ratio
+
+
+def num_masked(r: torch.Tensor, num_tokens: int, schedule: str) -> torch.Tensor:
+    """How many of K tokens to mask at progress ``r``: ``round(gamma(r) K)``, at least one."""
+    ratio = mask_ratio(r, schedule).clamp(1e-6, 1.0)
+    return (ratio * num_tokens).round().clamp(1, num_tokens).long()
 
 
 def mask_tokens(
@@ -32,13 +44,41 @@ def mask_tokens(
     """
     check_schedule(schedule)
     b, k = tokens.shape
-    r = torch.rand(b, generator=generator, device=tokens.device)
-    ratio = mask_ratio(r, schedule).clamp(1e-6, 1.0)
-    count = (ratio * k).round().clamp(1, k)  # (B,)
+    count = num_masked(torch.rand(b, generator=generator, device=tokens.device), k, schedule)  # (B,)
     # a uniform random permutation per row; its first `count` values mark a uniform random subset
     perm = torch.rand(b, k, generator=generator, device=tokens.device).argsort(dim=-1)
     mask = perm < count[:, None]  # (B, K)
     return torch.where(mask, mask_id, tokens), mask
+
+
+class MaskedTokens(Dataset):
+    """Wraps a token dataset (``ds[(index, seed)] -> (tokens (K,), label)``) into training
+    inputs: ``ds[(index, seed)] -> (stacked (3, K) = [masked ids, mask, target ids], label)``,
+    the label replaced by ``null_class`` with probability ``class_dropout``. All randomness
+    comes from ``seed``.
+    """
+
+    def __init__(self, dataset: Dataset, mask_id: int, schedule: str, class_dropout: float, null_class: int) -> None:
+        self.dataset, self.mask_id, self.schedule = dataset, mask_id, check_schedule(schedule)
+        self.class_dropout, self.null_class = class_dropout, null_class
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        item = self.dataset[key]
+        if item is None:
+            return None
+        tokens, label = item
+        rng = np.random.default_rng([key[1], 0x6D61736B])  # a stream apart from the dataset's own draws
+        k = tokens.shape[0]
+        count = int(num_masked(torch.tensor(rng.random(), dtype=torch.float64), k, self.schedule))
+        mask = torch.zeros(k, dtype=torch.bool)
+        mask[torch.from_numpy(rng.permutation(k)[:count])] = True
+        if rng.random() < self.class_dropout:
+            label = self.null_class
+        masked = torch.where(mask, self.mask_id, tokens)
+        return torch.stack([masked, mask.long(), tokens]), label
 
 
 class MaskedTokenLoss(nn.Module):

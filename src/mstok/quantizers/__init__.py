@@ -1,5 +1,6 @@
-"""Quantizers mapping continuous latents to discrete ids."""
+"""Quantizers mapping continuous latents to discrete ids (or, for a VAE, to Gaussian latents)."""
 
+from mstok.quantizers.gaussian import DiagonalGaussianQuantizer, GaussianOutput
 from mstok.quantizers.vq import QuantizerOutput, VectorQuantizer
 
-__all__ = ["QuantizerOutput", "VectorQuantizer"]
+__all__ = ["DiagonalGaussianQuantizer", "GaussianOutput", "QuantizerOutput", "VectorQuantizer"]

@@ -228,9 +228,7 @@ class Tokenizer(SavedModel, nn.Module):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         self.encoder, self.decoder = self.build(config)
-        self.quantizer = VectorQuantizer(
-            config.codebook_size, config.code_dim, config.use_l2_norm, config.commitment_weight
-        )
+        self.quantizer = self.build_quantizer(config)
         self.pixel_decoder = None
         if config.pixel_decoder:
             from mstok.tokenizers.pixel_decoder import ProxyPixelDecoder  # lazy: it imports this module
@@ -242,6 +240,10 @@ class Tokenizer(SavedModel, nn.Module):
         """Return (encoder, decoder): encoder maps (B,3,H,W) -> (B,K,C) and has
         ``features(images) -> (B,K,D)``; decoder maps codes (B,K,C) -> head output."""
         raise NotImplementedError
+
+    def build_quantizer(self, config: TokenizerConfig) -> nn.Module:
+        """The quantizer between encoder and decoder: a :class:`VectorQuantizer` unless a family overrides it."""
+        return VectorQuantizer(config.codebook_size, config.code_dim, config.use_l2_norm, config.commitment_weight)
 
     # ----------------------------------------------------------------- checks
     def check_images(self, images: Any, check_values: bool = True) -> torch.Tensor:
@@ -301,7 +303,7 @@ class Tokenizer(SavedModel, nn.Module):
                 "this tokenizer predicts proxy codes (head='proxy_codes') and has no pixel decoder; use "
                 "decode_logits(), and a proxy tokenizer's decode_probabilities(logits.softmax(-1)) for pixels"
             )
-        out = self.decode_codes(self.quantizer.indices_to_codes(tokens))
+        out = self.decode_codes(self.tokens_to_codes(tokens))
         if self.pixel_decoder is not None:
             out = self.pixel_decoder(out)
         return out.clamp(0.0, 1.0)
@@ -312,7 +314,11 @@ class Tokenizer(SavedModel, nn.Module):
         tokens = self.check_tokens(tokens)
         if self.config.head != "proxy_codes":
             raise ValueError("decode_logits() needs head='proxy_codes'; this tokenizer decodes to pixels")
-        return self.decode_codes(self.quantizer.indices_to_codes(tokens))
+        return self.decode_codes(self.tokens_to_codes(tokens))
+
+    def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, K), already checked by :meth:`check_tokens` -> the code vectors (B, K, C) the decoder reads."""
+        return self.quantizer.indices_to_codes(tokens)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors (B, K, C) -> the head's raw output (differentiable)."""

@@ -103,19 +103,37 @@ def tokenizer_from_config(family: str, fields: dict[str, Any]) -> AnyTokenizer:
 def load_tokenizer(path: str | Path, weights: str = WEIGHTS_FILE) -> AnyTokenizer:
     """Load a tokenizer saved by :meth:`Tokenizer.save_pretrained` (or a training checkpoint).
 
+    Official TiTok releases load too, converted on the fly (:mod:`mstok.convert.titok`): a
+    Hugging Face hub id such as ``"yucornetto/tokenizer_titok_l32_imagenet"`` (a string that
+    is not a local path; downloaded into the hub cache), or a folder holding such a release's
+    ``config.json`` and weights.
+
     Args:
-        path: folder with ``config.json`` and the weights file.
+        path: folder with ``config.json`` and the weights file, or a hub id.
         weights: weights file name inside the folder (``ema.safetensors`` for a training
             checkpoint's EMA weights).
     """
+    if isinstance(path, str) and not Path(path).exists():
+        from mstok.convert.hub import is_hub_id, load_from_hub  # lazy: only hub ids need it
+
+        if is_hub_id(path):
+            return load_from_hub(path)
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok tokenizer")
     try:
         meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not a valid mstok tokenizer config ({err})") from err
+    if isinstance(meta, dict) and "family" not in meta:
+        from mstok.convert.titok import is_official_titok_config, load_official_titok  # lazy: it imports TiTok
+
+        if is_official_titok_config(meta):
+            return load_official_titok(path)
+    try:
         family, fields = meta["family"], meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise ValueError(f"{config_path} is not a valid mstok tokenizer config ({err})") from err
     model = tokenizer_from_config(family, fields)
     model.load_weights(path / weights)

@@ -9,42 +9,126 @@ token); a ViT fills in the P patch tokens, which a head turns into pixels or pro
 Because the latents share the encoder's self-attention with the patches, encoder cost
 grows with (P + K)^2: that is the scalability bottleneck MsTok removes.
 
+The options beyond :class:`TokenizerConfig` describe the released official checkpoints
+(bytedance/1d-tokenizer, imported by :mod:`mstok.convert.titok`): a decoder of another size
+than the encoder ("BL" = Base encoder, Large decoder), the legacy token projection of the
+two-stage releases, and Gaussian (VAE) latents instead of a codebook.
+
 Glossary: B batch, P patches, K latent tokens, D width, C code dim, V codebook size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mstok.layers import PatchTokens, Transformer, build_head
-from mstok.tokenizers.base import Tokenizer, TokenizerConfig
+from mstok.quantizers import DiagonalGaussianQuantizer
+from mstok.tokenizers.base import Tokenizer, TokenizerConfig, TokenizerOutput
+
+TOKEN_PROJECTIONS = ("per_token", "legacy")
+QUANTIZERS = ("vq", "vae")
+# Options added after configs were first saved: to_dict() leaves them out while they hold
+# their default, so a saved config.json (and every hash of it) of a preset stays as it was.
+_OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "decoder_width": None,
+    "decoder_depth": None,
+    "decoder_num_heads": None,
+    "token_projection": "per_token",
+    "quantizer": "vq",
+    "kl_weight": 1e-6,
+}
 
 
 @dataclass
 class TiTokConfig(TokenizerConfig):
-    """TiTok hyper-parameters; every field is in :class:`TokenizerConfig`."""
+    """TiTok hyper-parameters on top of :class:`TokenizerConfig`.
+
+    Attributes:
+        decoder_width: width of the decoder ViT; None uses the encoder's ``width``. The
+            official "BL"/"SL" releases pair a Base/Small encoder with a Large decoder.
+        decoder_depth: blocks of the decoder ViT; None uses ``depth``.
+        decoder_num_heads: attention heads of the decoder ViT; None uses ``num_heads``.
+        token_projection: how the encoder maps its K normalised outputs (B, K, D) to codes
+            (B, K, C). ``per_token`` (default): one linear map applied to each token.
+            ``legacy``: what the official two-stage releases (TiTok-L-32, B-64, S-128) were
+            trained with: the (B, K, D) tensor is reshaped to (B, D, K, 1) *without* a
+            transpose before a 1x1 conv, so "token" k of the conv input is the k-th column of
+            the flat K*D numbers read as a D x K matrix, a mix of several tokens' channels
+            (official issues #16 and #98). The newer single-stage and VAE releases fixed it
+            (``is_legacy: False``). Only the encoder is affected: the official decoder reshapes
+            its (B, C, 1, K) input correctly; its legacy side is the proxy-code head
+            (``head="proxy_codes"``: 1x1 conv D -> 2D, tanh, 1x1 conv 2D -> 1024).
+        quantizer: ``vq`` (default), nearest-neighbour vector quantization into K ids; or
+            ``vae``, diagonal Gaussian latents (:class:`DiagonalGaussianQuantizer`): the encoder
+            emits a mean and a log-variance of C numbers per token, ``encode`` returns
+            continuous (B, K, C) latents (the mean, or a sample) and ``decode`` takes them.
+            The codebook fields are then unused.
+        kl_weight: weight of the KL term in ``quantizer_loss`` when ``quantizer="vae"``
+            (1e-6 in the official VAE training configs).
+    """
+
+    decoder_width: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    token_projection: str = "per_token"
+    quantizer: str = "vq"
+    kl_weight: float = 1e-6
 
     family: ClassVar[str] = "titok"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("decoder_width", "decoder_depth", "decoder_num_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or null (= the encoder's), got {value!r}")
+        width, _, heads = self.decoder_dims
+        if width % heads:
+            raise ValueError(f"decoder width {width} is not a multiple of decoder num_heads {heads}")
+        if self.token_projection not in TOKEN_PROJECTIONS:
+            raise ValueError(f"token_projection must be one of {TOKEN_PROJECTIONS}, got {self.token_projection!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if not isinstance(self.kl_weight, (int, float)) or isinstance(self.kl_weight, bool) or self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be a non-negative number, got {self.kl_weight!r}")
+
+    @property
+    def decoder_dims(self) -> tuple[int, int, int]:
+        """(width, depth, num_heads) of the decoder ViT, the encoder's where not set."""
+        return (
+            self.width if self.decoder_width is None else self.decoder_width,
+            self.depth if self.decoder_depth is None else self.decoder_depth,
+            self.num_heads if self.decoder_num_heads is None else self.decoder_num_heads,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        for name, default in _OPTIONAL_DEFAULTS.items():
+            if values[name] == default:
+                del values[name]
+        return values
+
 
 class TiTokEncoder(nn.Module):
-    """(B, 3, H, W) -> latents (B, K, C) through a ViT over [class; patches; latents]."""
+    """(B, 3, H, W) -> latents (B, K, C) (or (B, K, 2C) mean and log-variance for a VAE)
+    through a ViT over [class; patches; latents]."""
 
     def __init__(self, cfg: TiTokConfig) -> None:
         super().__init__()
         d, k = cfg.width, cfg.num_latent_tokens
         self.num_latent_tokens = k
+        self.legacy_projection = cfg.token_projection == "legacy"
         self.patch_tokens = PatchTokens(cfg.image_size, cfg.patch_size, d)
         self.latent_tokens = nn.Parameter(torch.empty(k, d))
         self.latent_pos_embed = nn.Parameter(torch.empty(k, d))
         self.ln_pre = nn.LayerNorm(d)
         self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
         self.ln_post = nn.LayerNorm(d)
-        self.proj = nn.Linear(d, cfg.code_dim)
+        self.proj = nn.Linear(d, cfg.code_dim * (2 if cfg.quantizer == "vae" else 1))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normalised latent tokens (B, K, D)."""
@@ -55,7 +139,14 @@ class TiTokEncoder(nn.Module):
         return self.ln_post(x[:, -self.num_latent_tokens :])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.features(images))  # (B, K, C)
+        x = self.features(images)  # (B, K, D)
+        if self.legacy_projection:
+            # The official legacy encoder reads the contiguous (B, K, D) memory as (B, D, K):
+            # row k of this (B, K, D) view is column k of that matrix, which is what its 1x1
+            # conv projected; the released two-stage weights only work with this mixing.
+            b, k, d = x.shape
+            x = x.reshape(b, d, k).transpose(1, 2)  # (B, K, D), tokens and channels mixed
+        return self.proj(x)  # (B, K, C) or (B, K, 2C)
 
 
 class TiTokDecoder(nn.Module):
@@ -63,7 +154,7 @@ class TiTokDecoder(nn.Module):
 
     def __init__(self, cfg: TiTokConfig) -> None:
         super().__init__()
-        d = cfg.width
+        d, depth, heads = cfg.decoder_dims
         self.num_patches = cfg.num_patches
         self.embed = nn.Linear(cfg.code_dim, d)
         self.latent_pos_embed = nn.Parameter(torch.empty(cfg.num_latent_tokens, d))
@@ -71,7 +162,7 @@ class TiTokDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.empty(1, d))
         self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches + 1, d))
         self.ln_pre = nn.LayerNorm(d)
-        self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+        self.transformer = Transformer(d, depth, heads, cfg.mlp_ratio)
         self.ln_post = nn.LayerNorm(d)
         self.head = build_head(cfg.head, d, cfg.patch_size, cfg.grid_size, cfg.proxy_codebook_size)
 
@@ -84,10 +175,81 @@ class TiTokDecoder(nn.Module):
         return self.head(self.ln_post(x[:, 1 : 1 + self.num_patches]))
 
 
+def check_latents(latents: Any, num_tokens: int, code_dim: int) -> torch.Tensor:
+    """Validate continuous latents of a VAE tokenizer: finite float (B, num_tokens, code_dim)."""
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        kind = f"dtype {latents.dtype}" if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(
+            f"this tokenizer has continuous (VAE) latents: decode() takes a float tensor (B, {num_tokens}, "
+            f"{code_dim}) from encode(), got {kind}"
+        )
+    if latents.dim() != 3 or tuple(latents.shape[1:]) != (num_tokens, code_dim):
+        raise ValueError(f"latents must have shape (B, {num_tokens}, {code_dim}), got {tuple(latents.shape)}")
+    if latents.numel() and not torch.isfinite(latents).all():
+        raise ValueError("latents contain NaN or infinite values")
+    return latents
+
+
 class TiTok(Tokenizer):
-    """The TiTok 1D tokenizer."""
+    """The TiTok 1D tokenizer (VQ ids, or continuous latents with ``quantizer="vae"``)."""
 
     config_class = TiTokConfig
 
     def build(self, config: TokenizerConfig) -> tuple[nn.Module, nn.Module]:
         return TiTokEncoder(config), TiTokDecoder(config)
+
+    def build_quantizer(self, config: TokenizerConfig) -> nn.Module:
+        if config.quantizer == "vae":
+            return DiagonalGaussianQuantizer(config.code_dim)
+        return super().build_quantizer(config)
+
+    @property
+    def is_vae(self) -> bool:
+        """True for continuous Gaussian latents (``quantizer="vae"``), False for VQ ids."""
+        return self.config.quantizer == "vae"
+
+    def forward(self, images: torch.Tensor) -> TokenizerOutput:
+        """Training forward. A VAE decodes a sample in training mode and the mean in eval mode;
+        its ``quantizer_loss`` is ``kl_weight * KL``, ``indices`` is None and ``latents`` the means."""
+        if not self.is_vae:
+            return super().forward(images)
+        images = self.check_images(images, check_values=False)
+        post = self.quantizer(self.encoder(images), sample=self.training)
+        out = self.decode_codes(post.latents)
+        pixels = self.config.head == "pixels"
+        reconstruction = self.pixel_decoder(out) if self.pixel_decoder is not None else (out if pixels else None)
+        zero = post.kl.new_zeros(())
+        return TokenizerOutput(
+            reconstruction=reconstruction,
+            logits=None if pixels else out,
+            indices=None,
+            latents=post.mean,
+            quantizer_loss=self.config.kl_weight * post.kl,
+            commitment_loss=zero,
+            codebook_loss=zero,
+        )
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Float images (B, 3, H, W) in [0, 1] -> token ids (B, K), or for a VAE float32
+        latents (B, K, C): the posterior mean, or a sample of it with ``sample=True``."""
+        if not self.is_vae:
+            if sample:
+                raise ValueError("sample=True is for VAE tokenizers (quantizer='vae'); this one quantizes to ids")
+            return super().encode(images)
+        return self.quantizer(self.encoder(self.check_images(images)), sample=sample).latents
+
+    def check_tokens(self, tokens: Any) -> torch.Tensor:
+        """Validate token ids (B, K), or a VAE's float latents (B, K, C)."""
+        if not self.is_vae:
+            return super().check_tokens(tokens)
+        return check_latents(tokens, self.config.num_latent_tokens, self.config.code_dim)
+
+    def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        # a VAE's latents are already the decoder's input
+        return tokens.float() if self.is_vae else super().tokens_to_codes(tokens)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if not self.is_vae:
+            return super().decode_codes(codes)
+        return self.decoder(codes.to(self.decoder.embed.weight.dtype))

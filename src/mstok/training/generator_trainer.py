@@ -4,7 +4,9 @@
 the token shards written by ``mstok pretokenize`` (``data.path``). Each step masks a
 schedule-distributed fraction of every example's tokens, drops its class label with
 probability ``loss.class_dropout`` (so the model also learns the unconditional
-distribution that classifier-free guidance needs) and minimises the masked-token loss.
+distribution that classifier-free guidance needs) and minimises the masked-token loss. The
+masking and the label dropout are drawn per sample from its seed (:class:`MaskedTokens`), so
+one process and N ranks train identically.
 Everything else (DDP, accumulation, autocast, EMA, atomic checkpoints, bit-identical
 resume, JSONL/TensorBoard logs) is the :class:`~mstok.training.engine.Engine`'s. With
 ``tokenizer`` set and ``sample_every > 0``, the EMA generator's samples are decoded into an
@@ -20,7 +22,7 @@ from torch.utils.data import Dataset
 
 from mstok.data.tokens import TokenDataset
 from mstok.generators import create_generator, generate_images
-from mstok.losses.masked import MaskedTokenLoss, mask_tokens
+from mstok.losses.masked import MaskedTokenLoss, MaskedTokens
 from mstok.training.checkpoint import default_weights, find_model_folder
 from mstok.training.config import GeneratorTrainConfig
 from mstok.training.distributed import DistContext
@@ -82,24 +84,26 @@ class GeneratorTrainer(Engine):
             if isinstance(dataset, TokenDataset):
                 dataset.check_matches(self.tokenizer)  # a grid from another tokenizer is noise
             self.tokenizer.to(self.device)
-        self.setup(model, dataset)
+        gen = model.config
+        self.setup(
+            model, MaskedTokens(dataset, gen.mask_id, config.loss.schedule, config.loss.class_dropout, gen.null_class)
+        )
 
     def start_fields(self) -> dict[str, Any]:
         return {"parameters": sum(p.numel() for p in self.model.parameters())}
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
-        """One optimisation step: mask, drop labels, predict, masked-token loss."""
-        cfg, gen = self.config, self.model.config
+        """One optimisation step on masked tokens (masked and label-dropped per sample by
+        :class:`MaskedTokens`): predict the originals, masked-token loss."""
         self.model.train()
         n = len(micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
-        for i, (tokens, labels) in enumerate(micro_batches):
-            tokens = tokens.to(self.device, non_blocking=True)
+        for i, (stacked, labels) in enumerate(micro_batches):
+            stacked = stacked.to(self.device, non_blocking=True)  # (B, 3, K)
+            masked, mask, tokens = stacked.unbind(1)
+            mask = mask.bool()
             labels = labels.to(self.device, non_blocking=True)
-            drop = torch.rand(labels.shape, device=self.device) < cfg.loss.class_dropout
-            labels = torch.where(drop, gen.null_class, labels)
-            masked, mask = mask_tokens(tokens, gen.mask_id, cfg.loss.schedule)
             with self.grad_sync(last=i == n - 1):
                 with self.autocast():
                     logits = self.train_model(masked, labels)  # (B, K, V)

@@ -1,0 +1,96 @@
+"""Official tokenizers from the Hugging Face hub: download (cached) and convert on the fly.
+
+``mstok.load_tokenizer("yucornetto/tokenizer_titok_l32_imagenet")`` ends here. The files go
+through ``huggingface_hub.snapshot_download`` into its usual cache ($HF_HOME), so a second
+call, or one without network once the files are cached, reads them from disk. Nothing
+converted is written: conversion is fast next to the download, and the cache keeps only the
+official files. For a checkpoint folder of your own, use ``mstok convert titok``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from mstok.tokenizers.titok import TiTok
+from mstok.weights import MissingWeightsError
+
+# owner/name as the hub spells repository ids
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_hub_id(name: object) -> bool:
+    """Whether ``name`` is a string shaped like a hub repository id (``owner/name``)."""
+    return isinstance(name, str) and bool(_HUB_ID.match(name))
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except (ImportError, AttributeError):
+        return os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+
+
+def _how_to_get(repo_id: str) -> str:
+    local = repo_id.rsplit("/", 1)[-1]
+    return (
+        f"  To fix: on a machine with internet access run (huggingface_hub's CLI; `huggingface-cli` in old versions)\n"
+        f"      hf download {repo_id} --local-dir {local}\n"
+        f"  (or download config.json and model.safetensors from https://huggingface.co/{repo_id}),\n"
+        f"  copy the folder here and load it with mstok.load_tokenizer({local!r}), or convert it once with\n"
+        f"      mstok convert titok {local} OUT\n"
+        f"  A copy already in the hub cache ({_hub_cache()}; $HF_HOME moves it) is used without network."
+    )
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """The local folder of ``repo_id``'s config.json and weights, downloaded into the hub cache if needed.
+
+    Fetches ``model.safetensors`` when the repository has one, else ``pytorch_model.bin``.
+
+    Raises:
+        MissingWeightsError: the files are not cached and cannot be downloaded (offline,
+            unknown repository, ...); the message says how to get them by hand.
+        ImportError: huggingface_hub is not installed.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise ImportError(
+            f"loading {repo_id} from the Hugging Face hub needs huggingface_hub: pip install huggingface_hub"
+        ) from err
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", "model.safetensors"])
+        )
+        if not (folder / "model.safetensors").is_file():  # older uploads have only the pickle-format file
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["pytorch_model.bin"]))
+    except Exception as err:  # huggingface_hub raises many types (offline, HTTP, connection, not found)
+        raise MissingWeightsError(
+            f"{repo_id} is no local folder, and getting it from the Hugging Face hub failed: "
+            f"{type(err).__name__}: {err}\n" + _how_to_get(repo_id)
+        ) from err
+    if not (folder / "config.json").is_file():
+        raise MissingWeightsError(f"{repo_id} has no config.json: not an official TiTok tokenizer repository")
+    return folder
+
+
+def load_from_hub(repo_id: str, revision: str | None = None) -> TiTok:
+    """Download (or read from the cache) an official TiTok release and convert it to an mstok TiTok."""
+    from mstok.convert.titok import is_official_titok_config, load_official_titok
+
+    folder = download(repo_id, revision)
+    try:
+        values = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the config.json of {repo_id} is not valid JSON ({err})") from err
+    if not is_official_titok_config(values):
+        raise ValueError(
+            f"{repo_id} is not an official TiTok tokenizer (its config.json has no model.vq_model); "
+            "mstok converts the yucornetto/tokenizer_titok_* releases"
+        )
+    return load_official_titok(folder)
