@@ -222,8 +222,8 @@ def time_row(row: Row, args: argparse.Namespace, proxies: dict[int, Path], tmp: 
         batches = [torch.rand(batch_size, 3, image_size, image_size, generator=gen) for _ in range(2)]
         if device.type == "cuda":
             batches = [b.pin_memory() for b in batches]
-        labels = torch.zeros(batch_size, dtype=torch.long)
             torch.cuda.reset_peak_memory_stats(device)
+        labels = torch.zeros(batch_size, dtype=torch.long)
         warmup = args.warmup + (1 if row.mode.endswith("+compile") else 0)
         terms: dict[str, torch.Tensor] = {}
         for i in range(warmup + args.steps):
