@@ -4,8 +4,19 @@
 >>> tok = mstok.create_tokenizer("mstok_tiny")
 >>> tokens = tok.encode(images)      # (B, 3, H, W) in [0, 1] -> (B, K) ids
 >>> recon = tok.decode(tokens)       # -> (B, 3, H, W) in [0, 1]
+>>> gen = mstok.create_generator("maskgit_tiny")
+>>> ids = mstok.sample(gen, labels)  # MaskGIT decoding -> (B, K) ids for tok.decode
 """
 
+from mstok.generators import (
+    GeneratorConfig,
+    MaskGITGenerator,
+    SamplingConfig,
+    create_generator,
+    generate_images,
+    load_generator,
+    sample,
+)
 from mstok.tokenizers import (
     MsTok,
     MsTokConfig,
@@ -22,15 +33,22 @@ from mstok.tokenizers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GeneratorConfig",
+    "MaskGITGenerator",
     "MsTok",
     "MsTokConfig",
+    "SamplingConfig",
     "TiTok",
     "TiTokConfig",
     "Tokenizer",
     "TokenizerConfig",
     "TokenizerOutput",
     "__version__",
+    "create_generator",
     "create_tokenizer",
+    "generate_images",
     "list_presets",
+    "load_generator",
     "load_tokenizer",
+    "sample",
 ]

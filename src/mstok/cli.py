@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 
 
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
+    from mstok.generators import GENERATOR_PRESETS, create_generator
     from mstok.tokenizers.registry import PRESETS, create_tokenizer
 
     rows = []
@@ -30,10 +37,17 @@ def _cmd_presets(args: argparse.Namespace) -> int:
                 *(f"{counts[k] / 1e6:.2f}M" for k in ("encoder", "decoder", "quantizer", "total")),
             )
         )
-    header = ("preset", "family", "res", "K", "V", "encoder", "decoder", "quantizer", "total")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
+    _print_table(("preset", "family", "res", "K", "V", "encoder", "decoder", "quantizer", "total"), rows)
+    rows = []
+    for name in GENERATOR_PRESETS:
+        with torch.device("meta"):
+            gen = create_generator(name)
+        c = gen.config
+        layout = f"{c.architecture}, {'pre' if c.norm_first else 'post'}-LN"
+        rows.append((name, layout, f"{c.width}x{c.depth}/{c.num_heads}", str(c.num_tokens), str(c.codebook_size),
+                     str(c.num_classes), f"{gen.parameter_counts()['total'] / 1e6:.2f}M"))  # fmt: skip
+    print()
+    _print_table(("generator", "layout", "width x depth/heads", "K", "V", "classes", "total"), rows)
     return 0
 
 
