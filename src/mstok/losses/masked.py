@@ -98,24 +98,38 @@ class MaskedTokenLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.unmasked_weight = unmasked_weight
 
+    def weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, K) per-slot weights: 1 on masked slots, ``unmasked_weight`` elsewhere."""
+        return torch.where(mask, 1.0, self.unmasked_weight)
+
+    def sums(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Un-normalised sums over a batch: ``weighted`` (differentiable sum of weight x smoothed
+        cross-entropy), and detached ``weight``, ``masked``, ``masked_ce``, ``correct``.
+
+        Normalising by totals over the whole global batch (see the generator trainer) makes data
+        parallel training equal to one process, which a per-rank ratio would not."""
+        logits = logits.float().transpose(1, 2)  # (B, V, K): cross_entropy wants classes second
+        ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="none")
+        weights = self.weights(mask)
+        with torch.no_grad():
+            masked = mask.float()
+            plain = F.cross_entropy(logits, targets, reduction="none")
+            out = {
+                "weight": weights.sum(),
+                "masked": masked.sum(),
+                "masked_ce": (plain * masked).sum(),
+                "correct": ((logits.argmax(1) == targets).float() * masked).sum(),
+            }
+        return {"weighted": (ce * weights).sum(), **out}
+
     def forward(
         self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """logits (B, K, V), targets (B, K), mask (B, K) bool -> (loss, terms).
+        """logits (B, K, V), targets (B, K), mask (B, K) bool -> (loss, terms) for one batch.
 
         Terms: ``loss``, ``masked_ce`` (plain cross-entropy on masked slots, comparable across
         smoothing settings) and ``accuracy`` (argmax on masked slots); all detached."""
-        logits = logits.float().transpose(1, 2)  # (B, V, K): cross_entropy wants classes second
-        ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="none")
-        weights = torch.where(mask, 1.0, self.unmasked_weight)  # (B, K)
-        loss = (ce * weights).sum() / weights.sum()
-        with torch.no_grad():
-            masked = mask.float()
-            n = masked.sum().clamp_min(1.0)
-            plain = F.cross_entropy(logits, targets, reduction="none")
-            terms = {
-                "loss": loss.detach(),
-                "masked_ce": (plain * masked).sum() / n,
-                "accuracy": ((logits.argmax(1) == targets).float() * masked).sum() / n,
-            }
-        return loss, terms
+        s = self.sums(logits, targets, mask)
+        loss = s["weighted"] / s["weight"]
+        n = s["masked"].clamp_min(1.0)
+        return loss, {"loss": loss.detach(), "masked_ce": s["masked_ce"] / n, "accuracy": s["correct"] / n}

@@ -94,23 +94,37 @@ class GeneratorTrainer(Engine):
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
         """One optimisation step on masked tokens (masked and label-dropped per sample by
-        :class:`MaskedTokens`): predict the originals, masked-token loss."""
+        :class:`MaskedTokens`): predict the originals, masked-token loss.
+
+        The loss is normalised by the total slot weight of the *global* batch (all micro-steps,
+        all ranks; one small all-reduce of totals known before the forward), so accumulation and
+        DDP give exactly the gradient of one big batch."""
         self.model.train()
-        n = len(micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
+        inputs = []
+        for stacked, labels in micro_batches:
+            masked, mask, tokens = stacked.to(self.device, non_blocking=True).unbind(1)  # 3 x (B, K)
+            inputs.append((masked, mask.bool(), tokens, labels.to(self.device, non_blocking=True)))
+        local = torch.stack(
+            [sum(self.loss_fn.weights(m).sum() for _, m, _, _ in inputs), sum(m.sum() for _, m, _, _ in inputs)]
+        ).float()
+        # rank mean x world = global total; DDP then averages gradients over ranks
+        weight_total, masked_total = (self.dist.all_reduce_mean(local) * self.dist.world_size).unbind()
+        per_rank_weight = weight_total / self.dist.world_size
+        masked_total = masked_total.clamp_min(1.0)
         sums: dict[str, torch.Tensor] = {}
-        for i, (stacked, labels) in enumerate(micro_batches):
-            stacked = stacked.to(self.device, non_blocking=True)  # (B, 3, K)
-            masked, mask, tokens = stacked.unbind(1)
-            mask = mask.bool()
-            labels = labels.to(self.device, non_blocking=True)
-            with self.grad_sync(last=i == n - 1):
+        for i, (masked, mask, tokens, labels) in enumerate(inputs):
+            with self.grad_sync(last=i == len(inputs) - 1):
                 with self.autocast():
                     logits = self.train_model(masked, labels)  # (B, K, V)
-                loss, terms = self.loss_fn(logits, tokens, mask)
-                self.scaler.scale(loss / n).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v / n
+                s = self.loss_fn.sums(logits, tokens, mask)
+                loss = s["weighted"] / per_rank_weight
+                self.scaler.scale(loss).backward()
+            # each rank logs its share; the logger's mean over ranks restores the global ratio
+            share = self.dist.world_size / masked_total
+            for key, value in (("loss", loss.detach()), ("masked_ce", s["masked_ce"] * share),
+                               ("accuracy", s["correct"] * share)):  # fmt: skip
+                sums[key] = sums.get(key, 0.0) + value
         sums["grad_norm"] = self.optimizer_step()
         return sums
 
