@@ -102,7 +102,7 @@ def photos(tmp_path, tiny_imagenet) -> Path:
     return folder
 
 
-def test_pipeline_from_the_cli(tmp_path, photos, monkeypatch):
+def test_pipeline_from_the_cli(tmp_path, photos, capsys):
     tokenizer = tmp_path / "tok"
     create_tokenizer("titok_tiny").save_pretrained(tokenizer)
     tokens = tmp_path / "tokens"
@@ -139,3 +139,8 @@ def test_pipeline_from_the_cli(tmp_path, photos, monkeypatch):
     wrong = tmp_path / "tok64"
     create_tokenizer("titok_tiny", num_latent_tokens=64).save_pretrained(wrong)
     assert main(["sample", "--generator", str(run), "--tokenizer", str(wrong), "--out", str(tmp_path / "y.png")]) == 2
+    torch.manual_seed(123)
+    other = tmp_path / "other"
+    create_tokenizer("titok_tiny").save_pretrained(other)  # same K and V, other weights
+    assert main(["sample", "--generator", str(run), "--tokenizer", str(other), "--out", str(tmp_path / "z.png")]) == 2
+    assert "trained on tokens of" in capsys.readouterr().err

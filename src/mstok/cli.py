@@ -121,6 +121,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             f"the generator models K={g.num_tokens}, V={g.codebook_size} tokens but the tokenizer has "
             f"K={t.num_latent_tokens}, V={t.codebook_size}: use the tokenizer its tokens came from"
         )
+    _check_generator_tokens(folder, tokenizer)
     if args.classes == "all":
         classes = list(range(g.num_classes))
     else:
@@ -138,6 +139,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     written = write_samples(images, labels, ids, args.n, grid=args.out, out_dir=args.out_dir)
     print(f"{len(labels)} images in {seconds:.1f} s ({len(labels) / seconds:.2f} img/s); wrote {', '.join(written)}")
     return 0
+
+
+def _check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> None:
+    """When the generator's training tokens are reachable, refuse a tokenizer other than theirs."""
+    import json
+
+    from mstok.data.tokens import identity_differences, tokenizer_identity
+
+    try:
+        data = Path(json.loads((folder / "train_config.json").read_text())["data"]["path"])
+        made_by = json.loads((data / "index.json").read_text())["tokenizer"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return  # a converted or copied generator: nothing to compare with
+    differ = identity_differences(made_by, tokenizer_identity(tokenizer))
+    if differ:
+        raise ValueError(
+            f"this generator was trained on tokens of {made_by.get('checkpoint')} (see {data}); the --tokenizer "
+            f"differs in {', '.join(differ)}, so its samples would be noise"
+        )
 
 
 def _sampling_fields(args: argparse.Namespace) -> dict:
