@@ -130,7 +130,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise ValueError(f"--classes must be comma-separated class ids or 'all', got {args.classes!r}") from err
     labels = torch.tensor(classes).repeat_interleave(args.n)
-    config = SamplingConfig.from_dict({**SamplingConfig().to_dict(), **_sampling_fields(args)})
+    base = {**SamplingConfig().to_dict(), **_sampling_file(args.sampling, folder)}
+    config = SamplingConfig.from_dict({**base, **_sampling_fields(args)})
     started = time.perf_counter()
     images, ids = generate_images(
         generator, tokenizer, labels, config, args.seed, args.batch_size, progress=not args.no_progress
@@ -158,6 +159,26 @@ def _check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> None:
             f"this generator was trained on tokens of {made_by.get('checkpoint')} (see {data}); the --tokenizer "
             f"differs in {', '.join(differ)}, so its samples would be noise"
         )
+
+
+def _sampling_file(given: str | None, folder: Path) -> dict:
+    """SamplingConfig fields from ``--sampling FILE``, else from the generator folder's ``sampling.json``
+    (``mstok convert titok-generator`` writes the release's official settings there), else none."""
+    import json
+
+    path = Path(given) if given else folder / "sampling.json"
+    if not path.is_file():
+        if given:
+            raise FileNotFoundError(f"--sampling: no such file {path}")
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object of sampling settings, got {type(values).__name__}")
+    print(f"sampling settings from {path} (flags given override them)")
+    return values
 
 
 def _sampling_fields(args: argparse.Namespace) -> dict:
@@ -425,6 +446,9 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--out-dir", help="folder for one PNG per image and samples.npz (uint8 NHWC, for FID)")
     sample.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same images")
     sample.add_argument("--batch-size", type=int, default=32)
+    sample.add_argument(
+        "--sampling", metavar="FILE", help="JSON of sampling settings (default: the generator's sampling.json if any)"
+    )
     sample.add_argument("--steps", type=int, help="sampling steps S (default 8)")
     sample.add_argument("--schedule", help="masking schedule: arccos (default), cosine, linear, sqrt")
     sample.add_argument("--temperature", type=float, help="token sampling temperature (default 1.0)")
@@ -457,9 +481,48 @@ def _cmd_convert_titok(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_titok_generator(args: argparse.Namespace) -> int:
+    import json
+
+    from mstok.convert.generator import SAMPLING_FILE, convert_titok_generator, describe_generator
+    from mstok.convert.hub import download, is_hub_id
+    from mstok.generators import GeneratorConfig
+
+    src = args.src
+    if not Path(src).exists() and is_hub_id(src):
+        src = download(src, kind="generator")  # a hub id: fetch the release into the hub cache first
+    out = convert_titok_generator(src, args.out, release=args.release, overwrite=args.overwrite)
+    config = GeneratorConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
+    sampling = f"; official sampling settings in {out / SAMPLING_FILE}" if (out / SAMPLING_FILE).is_file() else ""
+    print(
+        f"converted {args.src} into {out} ({describe_generator(config)}){sampling}; sample with "
+        f"mstok sample --generator {out} --tokenizer TOKENIZER --classes 207 --out grid.png"
+    )
+    return 0
+
+
+def _add_convert_generator_parser(convert_sub: argparse._SubParsersAction) -> None:
+    """``mstok convert titok-generator``."""
+    gen = convert_sub.add_parser(
+        "titok-generator",
+        help="an official TiTok generator (yucornetto/generator_titok_*, fun-research/TiTok generator_*.bin)",
+        description="Convert an official TiTok generator release (bytedance/1d-tokenizer ImageBert or UViTBert) "
+        "into an mstok generator folder, with the release's official sampling settings in sampling.json: SRC is a "
+        "release folder (config.json + model.safetensors or pytorch_model.bin), a weights file (with --release, or "
+        "named like generator_titok_l32.bin), or a hub id such as yucornetto/generator_titok_l32_imagenet.",
+    )
+    gen.add_argument("src", help="release folder, weights file or hub id")
+    gen.add_argument("out", help="output folder (config.json, model.safetensors, sampling.json)")
+    gen.add_argument("--release", help="release name when SRC has no config.json: titok_l32, titok_b64, titok_s128")
+    gen.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+    gen.set_defaults(func=_cmd_convert_titok_generator)
+
+
 def _add_convert_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """``mstok convert``: one sub-command per family of official checkpoints; returns its sub-parsers."""
-    convert = sub.add_parser("convert", help="import official checkpoints (TiTok tokenizers) as mstok checkpoints")
+    convert = sub.add_parser(
+        "convert", help="import official checkpoints (TiTok tokenizers, generators) as mstok checkpoints"
+    )
     convert_sub = convert.add_subparsers(dest="convert_command", required=True)
     titok = convert_sub.add_parser(
         "titok",
@@ -589,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretok.set_defaults(func=_cmd_pretokenize)
     _add_sample_parser(sub)
     _add_bench_parser(sub)
-    _add_convert_parser(sub)  # `mstok convert titok`; other families add to its sub-parsers
+    _add_convert_generator_parser(_add_convert_parser(sub))  # `mstok convert titok` and `titok-generator`
     return parser
 
 

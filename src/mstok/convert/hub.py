@@ -1,10 +1,12 @@
-"""Official tokenizers from the Hugging Face hub: download (cached) and convert on the fly.
+"""Official TiTok releases (tokenizers, generators) from the Hugging Face hub: download and convert.
 
-``mstok.load_tokenizer("yucornetto/tokenizer_titok_l32_imagenet")`` ends here. The files go
+``mstok.load_tokenizer("yucornetto/tokenizer_titok_l32_imagenet")`` ends here, and so does
+``mstok.generators.load_generator("yucornetto/generator_titok_l32_imagenet")`` (through
+:func:`mstok.convert.generator.load_generator_from_hub`). The files go
 through ``huggingface_hub.snapshot_download`` into its usual cache ($HF_HOME), so a second
 call, or one without network once the files are cached, reads them from disk. Nothing
 converted is written: conversion is fast next to the download, and the cache keeps only the
-official files. For a checkpoint folder of your own, use ``mstok convert titok``.
+official files. For a checkpoint folder of your own, use ``mstok convert titok`` (or ``titok-generator``).
 """
 
 from __future__ import annotations
@@ -35,22 +37,31 @@ def _hub_cache() -> str:
         return os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
 
 
-def _how_to_get(repo_id: str) -> str:
+# how each kind of release is loaded and converted once downloaded: (loader, convert sub-command)
+_USE = {
+    "tokenizer": ("mstok.load_tokenizer", "titok"),
+    "generator": ("mstok.generators.load_generator", "titok-generator"),
+}
+
+
+def _how_to_get(repo_id: str, kind: str = "tokenizer") -> str:
     local = repo_id.rsplit("/", 1)[-1]
+    loader, command = _USE[kind]
     return (
         f"  To fix: on a machine with internet access run (huggingface_hub's CLI; `huggingface-cli` in old versions)\n"
         f"      hf download {repo_id} --local-dir {local}\n"
         f"  (or download config.json and model.safetensors from https://huggingface.co/{repo_id}),\n"
-        f"  copy the folder here and load it with mstok.load_tokenizer({local!r}), or convert it once with\n"
-        f"      mstok convert titok {local} OUT\n"
+        f"  copy the folder here and load it with {loader}({local!r}), or convert it once with\n"
+        f"      mstok convert {command} {local} OUT\n"
         f"  A copy already in the hub cache ({_hub_cache()}; $HF_HOME moves it) is used without network."
     )
 
 
-def download(repo_id: str, revision: str | None = None) -> Path:
+def download(repo_id: str, revision: str | None = None, kind: str = "tokenizer") -> Path:
     """The local folder of ``repo_id``'s config.json and weights, downloaded into the hub cache if needed.
 
     Fetches ``model.safetensors`` when the repository has one, else ``pytorch_model.bin``.
+    ``kind`` (``tokenizer`` or ``generator``) only changes what the error messages advise.
 
     Raises:
         MissingWeightsError: the files are not cached and cannot be downloaded (offline,
@@ -72,10 +83,10 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     except Exception as err:  # huggingface_hub raises many types (offline, HTTP, connection, not found)
         raise MissingWeightsError(
             f"{repo_id} is no local folder, and getting it from the Hugging Face hub failed: "
-            f"{type(err).__name__}: {err}\n" + _how_to_get(repo_id)
+            f"{type(err).__name__}: {err}\n" + _how_to_get(repo_id, kind)
         ) from err
     if not (folder / "config.json").is_file():
-        raise MissingWeightsError(f"{repo_id} has no config.json: not an official TiTok tokenizer repository")
+        raise MissingWeightsError(f"{repo_id} has no config.json: not an official TiTok {kind} repository")
     return folder
 
 

@@ -326,6 +326,32 @@ def _listing(label: str, items: list[str]) -> str:
     return f"  {label} ({len(items)}):\n    {shown}"
 
 
+def check_official_keys(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    headline: str,
+    hint: str = "Check that the config (config.json or --release) is the one these weights were released with.",
+) -> None:
+    """Compare a checkpoint with the official key -> shape layout it should have.
+
+    Raises:
+        ConversionError: ``headline``, then every missing key, every unexpected key (with its
+            shape) and every shape mismatch (expected vs found), at once, then ``hint``.
+    """
+    missing = [f"{k} (expected shape {shape})" for k, shape in expected.items() if k not in state]
+    unexpected = [f"{k} (shape {tuple(v.shape)})" for k, v in state.items() if k not in expected]
+    wrong = [
+        f"{k}: expected {shape}, found {tuple(state[k].shape)}"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != shape
+    ]
+    if missing or unexpected or wrong:
+        problems = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        raise ConversionError(
+            f"{headline}:\n" + "\n".join(_listing(label, items) for label, items in problems if items) + f"\n{hint}"
+        )
+
+
 def convert_titok_state_dict(
     state: Mapping[str, torch.Tensor], config: TiTokConfig, source: str = "the checkpoint"
 ) -> dict[str, torch.Tensor]:
@@ -337,20 +363,7 @@ def convert_titok_state_dict(
     """
     layout = official_layout(config)
     expected = {official: shape for official, shape, _ in layout.values() if official is not None}
-    missing = [f"{k} (expected shape {shape})" for k, shape in expected.items() if k not in state]
-    unexpected = [f"{k} (shape {tuple(v.shape)})" for k, v in state.items() if k not in expected]
-    wrong = [
-        f"{k}: expected {shape}, found {tuple(state[k].shape)}"
-        for k, shape in expected.items()
-        if k in state and tuple(state[k].shape) != shape
-    ]
-    if missing or unexpected or wrong:
-        problems = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-        raise ConversionError(
-            f"{source} does not match the official TiTok layout for {describe(config)}:\n"
-            + "\n".join(_listing(label, items) for label, items in problems if items)
-            + "\nCheck that the config (config.json or --release) is the one these weights were released with."
-        )
+    check_official_keys(state, expected, f"{source} does not match the official TiTok layout for {describe(config)}")
     converted = {}
     for key, (official, _, shape) in layout.items():
         if official is None:

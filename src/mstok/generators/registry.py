@@ -46,18 +46,37 @@ def create_generator(name: str, **overrides: Any) -> MaskGITGenerator:
 def load_generator(path: str | Path, weights: str = WEIGHTS_FILE) -> MaskGITGenerator:
     """Load a generator saved by ``save_pretrained`` (or a training checkpoint folder).
 
+    Official TiTok generators load too, converted on the fly (:mod:`mstok.convert.generator`):
+    a Hugging Face hub id such as ``"yucornetto/generator_titok_l32_imagenet"`` (a string that
+    is not a local path; downloaded into the hub cache), or a folder holding such a release.
+
     Args:
-        path: folder with ``config.json`` and the weights file.
+        path: folder with ``config.json`` and the weights file, or a hub id.
         weights: the weights file inside it (``ema.safetensors`` for a checkpoint's EMA weights).
     """
+    if isinstance(path, str) and not Path(path).exists():
+        from mstok.convert.hub import is_hub_id  # lazy: only hub ids and official folders need the converter
+
+        if is_hub_id(path):
+            from mstok.convert.generator import load_generator_from_hub
+
+            return load_generator_from_hub(path)
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok generator")
     try:
         meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not a valid mstok model config ({err})") from err
+    if isinstance(meta, dict) and "family" not in meta:
+        from mstok.convert.generator import is_official_generator_config, load_official_generator
+
+        if is_official_generator_config(meta):
+            return load_official_generator(path)
+    try:
         family, fields = meta["family"], meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise ValueError(f"{config_path} is not a valid mstok model config ({err})") from err
     if family != GeneratorConfig.family:
         raise ValueError(f"{path} holds a {family!r} model, not a generator (load it with mstok.load_tokenizer)")
