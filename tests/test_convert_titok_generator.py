@@ -53,6 +53,7 @@ SAMPLERS = {
     "noisy_linear": (2.0, 2.0, "linear", 8, 7),
     "noisy_none": (3.0, 0.0, "constant", 8, 11),
     "noisy_power_cosine": (2.0, 3.0, "power-cosine", 8, 13),
+    "noisy_softmax": (2.0, 2.0, "linear", 8, 17),  # with softmax_temperature_annealing=True
 }
 
 
@@ -134,7 +135,9 @@ def test_sampler_matches_official_generate(name: str, case: str) -> None:
         return forward(tokens, labels)
 
     model.forward = official_rng_use
-    config = SamplingConfig.official_titok(temperature, scale, decay, steps=steps)
+    config = SamplingConfig.official_titok(
+        temperature, scale, decay, steps=steps, softmax_annealing=case == "noisy_softmax"
+    )
     if seed is not None:
         torch.manual_seed(seed)
     ids = sample(model, ref["gen_labels"], config)
@@ -391,3 +394,14 @@ def test_config_errors(tmp_path: Path) -> None:
     mstok.create_generator("maskgit_tiny").save_pretrained(tmp_path / "ours")
     with pytest.raises(ConversionError, match="already an mstok checkpoint"):
         convert_titok_generator(tmp_path / "ours", tmp_path / "out")
+
+
+def test_softmax_annealing_changes_the_samples() -> None:
+    """The official FID script's softmax annealing is not a no-op: without it, seed 17 differs."""
+    ref = _reference("generator_bert")
+    model = load_official_generator(FIXTURES / "generator_bert")
+    forward = model.forward
+    model.forward = lambda tokens, labels: (torch.rand(tokens.shape[0]), forward(tokens, labels))[1]
+    torch.manual_seed(17)
+    ids = sample(model, ref["gen_labels"], SamplingConfig.official_titok(2.0, 2.0, "linear"))
+    assert not torch.equal(ids, ref["ids_noisy_softmax"])

@@ -188,6 +188,8 @@ def _sampling_fields(args: argparse.Namespace) -> dict:
     fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.anneal_temperature:
         fields["anneal_temperature"] = True
+    if args.softmax_annealing:
+        fields["softmax_annealing"] = True
     return fields
 
 
@@ -453,6 +455,9 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--schedule", help="masking schedule: arccos (default), cosine, linear, sqrt")
     sample.add_argument("--temperature", type=float, help="token sampling temperature (default 1.0)")
     sample.add_argument("--anneal-temperature", action="store_true", help="scale the temperature by 1 - t/S")
+    sample.add_argument(
+        "--softmax-annealing", action="store_true", help="divide logits by 0.5 + 0.8 (1 - t/S) (official FID script)"
+    )
     sample.add_argument("--choice-temperature", type=float, help="confidence Gumbel noise, annealed (default 4.5)")
     sample.add_argument("--confidence", help="log_prob (default) or logit (official TiTok)")
     sample.add_argument("--guidance-scale", type=float, help="CFG weight w: cond + w (cond - uncond); 0 = none")

@@ -45,9 +45,9 @@ Sampling: the release's config gives the official sampler's settings (``randomiz
 through :meth:`SamplingConfig.official_titok`, and a converted folder keeps them in
 ``sampling.json``, which ``mstok sample`` reads. The official FID script
 (``sample_imagenet_titok.py``) also passes ``softmax_temperature_annealing=True`` (logits divided
-by ``0.5 + 0.8 (1 - r)`` before the noise, which amounts to noise scaled by that factor); mstok's
-sampler has no such option, so that part of the official recipe is not reproduced
-(``conversion.json`` records it).
+by ``0.5 + 0.8 (1 - r)`` before the noise); the demo and the infer configs do not, so
+``sampling.json`` leaves it off and ``mstok sample --softmax-annealing`` (``SamplingConfig.
+softmax_annealing``) turns it on (``conversion.json`` records it).
 """
 
 from __future__ import annotations
@@ -444,7 +444,7 @@ def convert_titok_generator(
         "official_sampling": {
             **{k: gen[k] for k in (*SAMPLING_KEYS, "num_steps") if k in gen},
             "guidance_scale_pow": OFFICIAL_GUIDANCE_POWER,
-            "softmax_temperature_annealing": "true in sample_imagenet_titok.py; not reproduced by mstok's sampler",
+            "softmax_temperature_annealing": "true in sample_imagenet_titok.py: mstok sample --softmax-annealing",
         },
     }
     (out / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -6,6 +6,7 @@ At step t (0-based) of S, with progress ``r = (t + 1) / S``:
    ``logits = cond + w_t * (cond - uncond)`` where ``uncond`` uses the null class. ``w_t = 0``
    is plain conditional sampling (and skips the unconditional pass); this equals
    ``uncond + (1 + w_t)(cond - uncond)``, the form with scale ``1 + w_t``.
+   With ``softmax_annealing`` the logits are then divided by ``0.5 + 0.8 (1 - r)``.
 2. Every masked slot draws a token from ``softmax(logits / tau)`` (Gumbel-max, so ``tau = 0``
    is argmax); ``tau`` is ``temperature``, times ``1 - r`` when ``anneal_temperature``.
 3. Each new token gets a confidence, its log-probability (or its raw logit, as in the
@@ -50,6 +51,8 @@ class SamplingConfig(ConfigDict):
         guidance_scale: classifier-free guidance weight w (0 = none).
         guidance_schedule: ``constant``, ``linear`` or ``power_cosine`` (see schedules.py).
         guidance_power: the exponent p of ``power_cosine``.
+        softmax_annealing: divide the (guided) logits by ``0.5 + 0.8 (1 - r)`` before sampling
+            and scoring (the official TiTok FID script's ``softmax_temperature_annealing``).
     """
 
     steps: int = 8
@@ -61,6 +64,7 @@ class SamplingConfig(ConfigDict):
     guidance_scale: float = 0.0
     guidance_schedule: str = "constant"
     guidance_power: float = 3.0
+    softmax_annealing: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -148,6 +152,8 @@ def sample(
         r = (t + 1) / steps
         weight = guidance_weight(config.guidance_scale, t, steps, config.guidance_schedule, config.guidance_power)
         logits = guided_logits(model, ids, labels, weight)  # (B, K, V)
+        if config.softmax_annealing:
+            logits = logits / (0.5 + 0.8 * (1.0 - r))
         tau = config.temperature * ((1.0 - r) if config.anneal_temperature else 1.0)
         noisy = logits if tau == 0 else logits + tau * _gumbel(logits.shape, generator, device)
         drawn = noisy.argmax(-1)  # (B, K)
