@@ -1,5 +1,5 @@
-"""The ``mstok`` command line: presets, train, train-proxy, train-generator, sample, eval, probe, pretokenize,
-bench, demo and data."""
+"""The ``mstok`` command line: presets, train, train-proxy, train-generator, eval, probe, bench, demo and data;
+pretokenize, sample and convert live in cli_generation.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from mstok.cli_generation import add_generation_commands
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -99,100 +101,6 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
     return _run_training(args, "generator")
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
-    import time
-
-    from mstok.generators import SamplingConfig, generate_images, load_generator
-    from mstok.generators.sampling import write_samples
-    from mstok.tokenizers import load_tokenizer
-    from mstok.training.checkpoint import default_weights, find_model_folder
-    from mstok.training.distributed import resolve_device
-
-    if not (args.out or args.out_dir):
-        raise ValueError("give --out grid.png and/or --out-dir DIR")
-    device = resolve_device(args.device)
-    folder = find_model_folder(args.generator, "--generator")
-    generator = load_generator(folder, default_weights(folder, args.weights)).to(device)
-    tok_folder = find_model_folder(args.tokenizer, "--tokenizer")
-    tokenizer = load_tokenizer(tok_folder, default_weights(tok_folder, args.tokenizer_weights)).to(device)
-    g, t = generator.config, tokenizer.config
-    if (g.num_tokens, g.codebook_size) != (t.num_latent_tokens, t.codebook_size):
-        raise ValueError(
-            f"the generator models K={g.num_tokens}, V={g.codebook_size} tokens but the tokenizer has "
-            f"K={t.num_latent_tokens}, V={t.codebook_size}: use the tokenizer its tokens came from"
-        )
-    _check_generator_tokens(folder, tokenizer)
-    if args.classes == "all":
-        classes = list(range(g.num_classes))
-    else:
-        try:
-            classes = [int(c) for c in args.classes.split(",") if c.strip()]
-        except ValueError as err:
-            raise ValueError(f"--classes must be comma-separated class ids or 'all', got {args.classes!r}") from err
-    labels = torch.tensor(classes).repeat_interleave(args.n)
-    base = {**SamplingConfig().to_dict(), **_sampling_file(args.sampling, folder)}
-    config = SamplingConfig.from_dict({**base, **_sampling_fields(args)})
-    started = time.perf_counter()
-    images, ids = generate_images(
-        generator, tokenizer, labels, config, args.seed, args.batch_size, progress=not args.no_progress
-    )
-    seconds = time.perf_counter() - started
-    written = write_samples(images, labels, ids, args.n, grid=args.out, out_dir=args.out_dir)
-    print(f"{len(labels)} images in {seconds:.1f} s ({len(labels) / seconds:.2f} img/s); wrote {', '.join(written)}")
-    return 0
-
-
-def _check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> None:
-    """When the generator's training tokens are reachable, refuse a tokenizer other than theirs."""
-    import json
-
-    from mstok.data.tokens import identity_differences, tokenizer_identity
-
-    try:
-        data = Path(json.loads((folder / "train_config.json").read_text())["data"]["path"])
-        made_by = json.loads((data / "index.json").read_text())["tokenizer"]
-    except (OSError, KeyError, TypeError, ValueError):
-        return  # a converted or copied generator: nothing to compare with
-    differ = identity_differences(made_by, tokenizer_identity(tokenizer))
-    if differ:
-        raise ValueError(
-            f"this generator was trained on tokens of {made_by.get('checkpoint')} (see {data}); the --tokenizer "
-            f"differs in {', '.join(differ)}, so its samples would be noise"
-        )
-
-
-def _sampling_file(given: str | None, folder: Path) -> dict:
-    """SamplingConfig fields from ``--sampling FILE``, else from the generator folder's ``sampling.json``
-    (``mstok convert titok-generator`` writes the release's official settings there), else none."""
-    import json
-
-    path = Path(given) if given else folder / "sampling.json"
-    if not path.is_file():
-        if given:
-            raise FileNotFoundError(f"--sampling: no such file {path}")
-        return {}
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a JSON object of sampling settings, got {type(values).__name__}")
-    print(f"sampling settings from {path} (flags given override them)")
-    return values
-
-
-def _sampling_fields(args: argparse.Namespace) -> dict:
-    """The sampling flags that were given, as SamplingConfig fields."""
-    names = ("steps", "schedule", "temperature", "choice_temperature", "confidence", "guidance_scale",
-             "guidance_schedule", "guidance_power")  # fmt: skip
-    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.anneal_temperature:
-        fields["anneal_temperature"] = True
-    if args.softmax_annealing:
-        fields["softmax_annealing"] = True
-    return fields
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mstok.demo import run_demo
 
@@ -275,53 +183,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
         results = {"checkpoint": str(folder), "weights": weights, "data": str(args.data), **results}
     print(ev.write_results(results, args.out))
-    return 0
-
-
-def _cmd_pretokenize(args: argparse.Namespace) -> int:
-    import time
-
-    from mstok.data import center_crop_transform, open_image_dataset
-    from mstok.data.tokens import pretokenize
-    from mstok.tokenizers import load_tokenizer
-    from mstok.training.checkpoint import default_weights, find_model_folder
-    from mstok.training.distributed import DistContext
-
-    folder = find_model_folder(args.checkpoint, "--checkpoint")
-    # same default as eval: the EMA weights of a training checkpoint when it has them
-    weights = default_weights(folder, args.weights)
-    model = load_tokenizer(folder, weights=weights)
-    resolution = args.resolution or model.config.image_size
-    if resolution != model.config.image_size:
-        raise ValueError(f"--resolution {resolution}: this tokenizer takes {model.config.image_size}px images")
-    dataset = open_image_dataset(args.data, center_crop_transform(resolution))
-    dist = DistContext.from_env(args.device)
-    started = time.perf_counter()
-    try:
-        index = pretokenize(
-            model,
-            dataset,
-            args.out,
-            flip=args.flip,
-            batch_size=args.batch_size,
-            device=dist.device,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            shard_size=args.shard_size,
-            num_workers=args.workers,
-            source=str(args.data),
-            checkpoint=str(folder / weights),
-            progress=not args.no_progress,
-            barrier=dist.barrier,
-        )
-    finally:
-        dist.shutdown()
-    if dist.is_main:
-        print(
-            f"pretokenized {index['num_images']} images ({index['num_valid']} valid, {index['views']} view(s), "
-            f"K={index['num_tokens']}) into {len(index['shards'])} shards in {args.out} "
-            f"in {time.perf_counter() - started:.1f} s"
-        )
     return 0
 
 
@@ -438,113 +299,6 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=_cmd_bench)
 
 
-def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
-    sample = sub.add_parser("sample", help="generate images of some classes with a generator + its tokenizer")
-    sample.add_argument("--generator", required=True, help="a saved generator, checkpoint or run folder")
-    sample.add_argument("--tokenizer", required=True, help="the tokenizer the generator's tokens came from")
-    sample.add_argument("--classes", default="0", help="comma-separated class ids, or 'all' (default 0)")
-    sample.add_argument("--n", type=int, default=8, help="images per class (default 8)")
-    sample.add_argument("--out", help="grid PNG: one row per class")
-    sample.add_argument("--out-dir", help="folder for one PNG per image and samples.npz (uint8 NHWC, for FID)")
-    sample.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same images")
-    sample.add_argument("--batch-size", type=int, default=32)
-    sample.add_argument(
-        "--sampling", metavar="FILE", help="JSON of sampling settings (default: the generator's sampling.json if any)"
-    )
-    sample.add_argument("--steps", type=int, help="sampling steps S (default 8)")
-    sample.add_argument("--schedule", help="masking schedule: arccos (default), cosine, linear, sqrt")
-    sample.add_argument("--temperature", type=float, help="token sampling temperature (default 1.0)")
-    sample.add_argument("--anneal-temperature", action="store_true", help="scale the temperature by 1 - t/S")
-    sample.add_argument(
-        "--softmax-annealing", action="store_true", help="divide logits by 0.5 + 0.8 (1 - t/S) (official FID script)"
-    )
-    sample.add_argument("--choice-temperature", type=float, help="confidence Gumbel noise, annealed (default 4.5)")
-    sample.add_argument("--confidence", help="log_prob (default) or logit (official TiTok)")
-    sample.add_argument("--guidance-scale", type=float, help="CFG weight w: cond + w (cond - uncond); 0 = none")
-    sample.add_argument("--guidance-schedule", help="constant (default), linear, power_cosine")
-    sample.add_argument("--guidance-power", type=float, help="exponent of power_cosine (default 3)")
-    sample.add_argument("--weights", help="generator weights file (default: ema.safetensors when present)")
-    sample.add_argument("--tokenizer-weights", help="tokenizer weights file (default: ema.safetensors when present)")
-    sample.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    sample.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    sample.set_defaults(func=_cmd_sample)
-
-
-def _cmd_convert_titok(args: argparse.Namespace) -> int:
-    import json
-
-    from mstok.convert.hub import download, is_hub_id
-    from mstok.convert.titok import convert_titok, describe
-    from mstok.tokenizers import TiTokConfig
-
-    src = args.src
-    if not Path(src).exists() and is_hub_id(src):
-        src = download(src)  # a hub id: fetch the release into the hub cache first
-    out = convert_titok(src, args.out, release=args.release, overwrite=args.overwrite)
-    config = TiTokConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
-    print(f"converted {args.src} into {out} ({describe(config)}); load it with mstok.load_tokenizer({str(out)!r})")
-    return 0
-
-
-def _cmd_convert_titok_generator(args: argparse.Namespace) -> int:
-    import json
-
-    from mstok.convert.generator import SAMPLING_FILE, convert_titok_generator, describe_generator
-    from mstok.convert.hub import download, is_hub_id
-    from mstok.generators import GeneratorConfig
-
-    src = args.src
-    if not Path(src).exists() and is_hub_id(src):
-        src = download(src, kind="generator")  # a hub id: fetch the release into the hub cache first
-    out = convert_titok_generator(src, args.out, release=args.release, overwrite=args.overwrite)
-    config = GeneratorConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
-    sampling = f"; official sampling settings in {out / SAMPLING_FILE}" if (out / SAMPLING_FILE).is_file() else ""
-    print(
-        f"converted {args.src} into {out} ({describe_generator(config)}){sampling}; sample with "
-        f"mstok sample --generator {out} --tokenizer TOKENIZER --classes 207 --out grid.png"
-    )
-    return 0
-
-
-def _add_convert_generator_parser(convert_sub: argparse._SubParsersAction) -> None:
-    """``mstok convert titok-generator``."""
-    gen = convert_sub.add_parser(
-        "titok-generator",
-        help="an official TiTok generator (yucornetto/generator_titok_*, fun-research/TiTok generator_*.bin)",
-        description="Convert an official TiTok generator release (bytedance/1d-tokenizer ImageBert or UViTBert) "
-        "into an mstok generator folder, with the release's official sampling settings in sampling.json: SRC is a "
-        "release folder (config.json + model.safetensors or pytorch_model.bin), a weights file (with --release, or "
-        "named like generator_titok_l32.bin), or a hub id such as yucornetto/generator_titok_l32_imagenet.",
-    )
-    gen.add_argument("src", help="release folder, weights file or hub id")
-    gen.add_argument("out", help="output folder (config.json, model.safetensors, sampling.json)")
-    gen.add_argument("--release", help="release name when SRC has no config.json: titok_l32, titok_b64, titok_s128")
-    gen.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
-    gen.set_defaults(func=_cmd_convert_titok_generator)
-
-
-def _add_convert_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """``mstok convert``: one sub-command per family of official checkpoints; returns its sub-parsers."""
-    convert = sub.add_parser(
-        "convert", help="import official checkpoints (TiTok tokenizers, generators) as mstok checkpoints"
-    )
-    convert_sub = convert.add_subparsers(dest="convert_command", required=True)
-    titok = convert_sub.add_parser(
-        "titok",
-        help="an official TiTok tokenizer (yucornetto/tokenizer_titok_*, fun-research/TiTok .bin)",
-        description="Convert an official TiTok tokenizer release (bytedance/1d-tokenizer) into an mstok checkpoint "
-        "folder: SRC is a release folder (config.json + model.safetensors or pytorch_model.bin), a weights file "
-        "(with --release, or named like tokenizer_titok_l32.bin), or a hub id such as "
-        "yucornetto/tokenizer_titok_l32_imagenet.",
-    )
-    titok.add_argument("src", help="release folder, weights file or hub id")
-    titok.add_argument("out", help="output folder (config.json + model.safetensors, read by mstok.load_tokenizer)")
-    titok.add_argument("--release", help="release name when SRC has no config.json, e.g. titok_l32, titok_bl64_vq8k")
-    titok.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
-    titok.set_defaults(func=_cmd_convert_titok)
-    return convert_sub
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mstok", description="Compact 1D image tokenizers (MsTok, TiTok).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -640,24 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_shards.add_argument("--workers", type=int, default=0, help="processes that test-decode images (default 0)")
     to_shards.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     to_shards.set_defaults(func=_cmd_data_to_shards)
-    pretok = sub.add_parser(
-        "pretokenize", help="encode a dataset once into token shards for generator training (torchrun works too)"
-    )
-    pretok.add_argument("--checkpoint", required=True, help="a saved tokenizer, checkpoint or run folder")
-    pretok.add_argument("--data", required=True, help="image folder or shards (resize + center crop)")
-    pretok.add_argument("--out", required=True, help="token-shard folder (an unfinished run there is resumed)")
-    pretok.add_argument("--flip", action="store_true", help="also encode the horizontally flipped images")
-    pretok.add_argument("--weights", help="weights file in the folder (default: ema.safetensors when present)")
-    pretok.add_argument("--resolution", type=int, help="image resolution (default: the tokenizer's)")
-    pretok.add_argument("--batch-size", type=int, default=64, help="images per encode call (default 64)")
-    pretok.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
-    pretok.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
-    pretok.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    pretok.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    pretok.set_defaults(func=_cmd_pretokenize)
-    _add_sample_parser(sub)
+    add_generation_commands(sub)  # pretokenize, sample, convert (cli_generation.py)
     _add_bench_parser(sub)
-    _add_convert_generator_parser(_add_convert_parser(sub))  # `mstok convert titok` and `titok-generator`
     return parser
 
 
