@@ -214,7 +214,7 @@ def test_cli_convert_writes_sampling_json(tmp_path: Path, capsys: pytest.Capture
     assert json.loads((out / "sampling.json").read_text()) == official.to_dict()
     record = json.loads((out / "conversion.json").read_text())
     assert record["official_sampling"]["randomize_temperature"] == 2.0
-    assert "not reproduced" in record["official_sampling"]["softmax_temperature_annealing"]
+    assert "--softmax-annealing" in record["official_sampling"]["softmax_temperature_annealing"]
     ref = _reference("generator_bert")
     loaded = load_generator(out)
     assert (_logits(loaded, ref["tokens"], ref["labels"]) - ref["logits_cond"]).abs().max() < TOLERANCE
