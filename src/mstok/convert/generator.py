@@ -61,11 +61,10 @@ from typing import Any
 import torch
 
 from mstok.convert.titok import (
-    HUB_OWNER,
-    WEIGHT_FILES,
     ConversionError,
     check_official_keys,
     is_official_titok_config,
+    locate_release,
     release_key,
 )
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
@@ -357,50 +356,22 @@ def convert_generator_state_dict(
     return converted
 
 
-def locate_official_generator(src: str | Path, release: str | None = None) -> tuple[dict[str, Any], Path]:
-    """The official config and the weights file of a generator release folder or weights file.
+def _check_generator_config(values: Any, config_path: Path) -> None:
+    if not is_official_generator_config(values):
+        tokenizer = is_official_titok_config(values)  # model.vq_model only: a tokenizer's config
+        raise ConversionError(
+            f"{config_path} is not an official TiTok generator config (it has no model.generator section)"
+            + ("; it is a tokenizer's: convert it with mstok convert titok" if tokenizer else "")
+        )
 
-    The config is, in this order: the table entry of ``release``; ``config.json`` in the folder
-    (or beside the file); the release the folder's or file's name names.
-    """
-    src = Path(src)
-    if src.is_dir():
-        found = [src / name for name in WEIGHT_FILES if (src / name).is_file()]
-        found = found or sorted(p for p in src.iterdir() if p.suffix in (".safetensors", ".bin"))
-        if not found:
-            raise FileNotFoundError(
-                f"no weights in {src}: expected model.safetensors or pytorch_model.bin "
-                f"(the files of a {HUB_OWNER}/generator_titok_* hub repository)"
-            )
-        weights, folder = found[0], src
-    elif src.is_file():
-        weights, folder = src, src.parent
-    else:
-        raise FileNotFoundError(f"no such file or folder: {src}")
-    if release is not None:
-        return generator_release_config(release), weights
-    config_path = folder / "config.json"
-    if config_path.is_file():
-        try:
-            values = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConversionError(f"{config_path} is not valid JSON ({err})") from err
-        if isinstance(values, dict) and "family" in values:
-            raise ConversionError(f"{src} is already an mstok checkpoint: load it with mstok.load_generator")
-        if not is_official_generator_config(values):
-            tokenizer = is_official_titok_config(values)  # model.vq_model only: a tokenizer's config
-            raise ConversionError(
-                f"{config_path} is not an official TiTok generator config (it has no model.generator section)"
-                + ("; it is a tokenizer's: convert it with mstok convert titok" if tokenizer else "")
-            )
-        return values, weights
-    for name in (weights.name, folder.name):
-        if generator_release_key(name) in GENERATOR_RELEASES:
-            return generator_release_config(name), weights
-    raise ConversionError(
-        f"no config.json beside {weights} and its name is no known release: pass the release "
-        f"(release=..., --release NAME), one of {', '.join(GENERATOR_RELEASES)}"
-    )
+
+def locate_official_generator(src: str | Path, release: str | None = None) -> tuple[dict[str, Any], Path]:
+    """The official config and the weights file of a generator release folder or weights file
+    (see :func:`mstok.convert.titok.locate_release`)."""
+    return locate_release(
+        src, release, kind="generator", releases=GENERATOR_RELEASES, release_key=generator_release_key,
+        release_config=generator_release_config, loader="load_generator", check_config=_check_generator_config,
+    )  # fmt: skip
 
 
 def load_official_generator(src: str | Path, release: str | None = None) -> MaskGITGenerator:
@@ -453,16 +424,8 @@ def convert_titok_generator(
 
 def load_generator_from_hub(repo_id: str, revision: str | None = None) -> MaskGITGenerator:
     """Download (or read from the hub cache) an official TiTok generator and convert it on the fly."""
-    from mstok.convert.hub import download
+    from mstok.convert.hub import download, read_release_config
 
     folder = download(repo_id, revision, kind="generator")
-    try:
-        values = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"the config.json of {repo_id} is not valid JSON ({err})") from err
-    if not is_official_generator_config(values):
-        raise ValueError(
-            f"{repo_id} is not an official TiTok generator (its config.json has no model.generator); "
-            "mstok converts the yucornetto/generator_titok_* releases"
-        )
+    read_release_config(folder, repo_id, is_official_generator_config, "generator", "generator")
     return load_official_generator(folder)

@@ -14,8 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from mstok.convert.titok import HUB_OWNER
 from mstok.tokenizers.titok import TiTok
 from mstok.weights import MissingWeightsError
 
@@ -90,18 +93,26 @@ def download(repo_id: str, revision: str | None = None, kind: str = "tokenizer")
     return folder
 
 
+def read_release_config(
+    folder: Path, repo_id: str, is_official: Callable[[Any], bool], kind: str, section: str
+) -> None:
+    """Check that a downloaded repository's config.json is an official TiTok ``kind`` config
+    (it has ``model.<section>``); raise a ValueError naming the repository otherwise."""
+    try:
+        values = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the config.json of {repo_id} is not valid JSON ({err})") from err
+    if not is_official(values):
+        raise ValueError(
+            f"{repo_id} is not an official TiTok {kind} (its config.json has no model.{section}); "
+            f"mstok converts the {HUB_OWNER}/{kind}_titok_* releases"
+        )
+
+
 def load_from_hub(repo_id: str, revision: str | None = None) -> TiTok:
     """Download (or read from the cache) an official TiTok release and convert it to an mstok TiTok."""
     from mstok.convert.titok import is_official_titok_config, load_official_titok
 
     folder = download(repo_id, revision)
-    try:
-        values = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"the config.json of {repo_id} is not valid JSON ({err})") from err
-    if not is_official_titok_config(values):
-        raise ValueError(
-            f"{repo_id} is not an official TiTok tokenizer (its config.json has no model.vq_model); "
-            "mstok converts the yucornetto/tokenizer_titok_* releases"
-        )
+    read_release_config(folder, repo_id, is_official_titok_config, "tokenizer", "vq_model")
     return load_official_titok(folder)

@@ -44,7 +44,7 @@ describe the difference in an ``"mstok_extensions"`` entry of their config.json,
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -374,11 +374,23 @@ def convert_titok_state_dict(
     return converted
 
 
-def locate_official(src: str | Path, release: str | None = None) -> tuple[dict[str, Any], Path]:
-    """The official config and the weights file of a release folder or weights file.
+def locate_release(
+    src: str | Path,
+    release: str | None,
+    *,
+    kind: str,
+    releases: Mapping[str, Any],
+    release_key: Callable[[str], str],
+    release_config: Callable[[str], dict[str, Any]],
+    loader: str,
+    check_config: Callable[[Any, Path], None] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """The official config and the weights file of a release folder or weights file, for the
+    ``kind`` of release (``tokenizer`` or ``generator``) whose table is ``releases``.
 
     The config is, in this order: the table entry of ``release``; ``config.json`` in the folder
-    (or beside the file); the release the folder's or file's name names.
+    (or beside the file; ``check_config(values, path)`` may refuse it); the release the folder's
+    or file's name names. ``loader`` names the mstok function that opens an mstok checkpoint.
     """
     src = Path(src)
     if src.is_dir():
@@ -387,7 +399,7 @@ def locate_official(src: str | Path, release: str | None = None) -> tuple[dict[s
         if not found:
             raise FileNotFoundError(
                 f"no weights in {src}: expected model.safetensors or pytorch_model.bin "
-                f"(the files of a {HUB_OWNER}/tokenizer_titok_* hub repository)"
+                f"(the files of a {HUB_OWNER}/{kind}_titok_* hub repository)"
             )
         weights, folder = found[0], src
     elif src.is_file():
@@ -403,15 +415,26 @@ def locate_official(src: str | Path, release: str | None = None) -> tuple[dict[s
         except json.JSONDecodeError as err:
             raise ConversionError(f"{config_path} is not valid JSON ({err})") from err
         if isinstance(values, dict) and "family" in values:
-            raise ConversionError(f"{src} is already an mstok checkpoint: load it with mstok.load_tokenizer")
+            raise ConversionError(f"{src} is already an mstok checkpoint: load it with mstok.{loader}")
+        if check_config is not None:
+            check_config(values, config_path)
         return values, weights
     for name in (weights.name, folder.name):
-        if release_key(name) in RELEASES:
+        if release_key(name) in releases:
             return release_config(name), weights
     raise ConversionError(
         f"no config.json beside {weights} and its name is no known release: pass the release "
-        f"(release=..., --release NAME), one of {', '.join(RELEASES)}"
+        f"(release=..., --release NAME), one of {', '.join(releases)}"
     )
+
+
+def locate_official(src: str | Path, release: str | None = None) -> tuple[dict[str, Any], Path]:
+    """The official config and the weights file of a tokenizer release folder or weights file
+    (see :func:`locate_release`)."""
+    return locate_release(
+        src, release, kind="tokenizer", releases=RELEASES, release_key=release_key,
+        release_config=release_config, loader="load_tokenizer",
+    )  # fmt: skip
 
 
 def load_official_titok(

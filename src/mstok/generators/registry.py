@@ -10,12 +10,11 @@ K, V and the class count are overridden from the tokens a generator is trained o
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any
 
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
-from mstok.tokenizers.base import CONFIG_FILE, WEIGHTS_FILE
+from mstok.tokenizers.base import WEIGHTS_FILE, read_saved_config, split_saved_config
 
 _VIT = {"width": 768, "depth": 24, "num_heads": 16}
 _TINY = {"width": 128, "depth": 4, "num_heads": 4, "num_tokens": 32, "codebook_size": 1024, "num_classes": 200}
@@ -62,22 +61,13 @@ def load_generator(path: str | Path, weights: str = WEIGHTS_FILE) -> MaskGITGene
 
             return load_generator_from_hub(path)
     path = Path(path)
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok generator")
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not a valid mstok model config ({err})") from err
+    meta = read_saved_config(path, "generator")
     if isinstance(meta, dict) and "family" not in meta:
         from mstok.convert.generator import is_official_generator_config, load_official_generator
 
         if is_official_generator_config(meta):
             return load_official_generator(path)
-    try:
-        family, fields = meta["family"], meta["config"]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{config_path} is not a valid mstok model config ({err})") from err
+    family, fields = split_saved_config(meta, path, "generator")
     if family != GeneratorConfig.family:
         raise ValueError(f"{path} holds a {family!r} model, not a generator (load it with mstok.load_tokenizer)")
     model = MaskGITGenerator(GeneratorConfig.from_dict(fields))

@@ -75,6 +75,27 @@ class SavedModel:
         load_state_dict_checked(self, read_safetensors(path), str(path))
 
 
+def read_saved_config(path: Path, what: str) -> Any:
+    """The parsed ``config.json`` of a model folder (the inverse of ``save_pretrained``'s write),
+    or an error naming ``what`` the folder should hold. Official TiTok ``config.json`` files parse
+    too; :func:`split_saved_config` then tells them apart."""
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok {what}")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not a valid mstok {what} config ({err})") from err
+
+
+def split_saved_config(meta: Any, path: Path, what: str) -> tuple[str, dict[str, Any]]:
+    """``(family, config fields)`` of a parsed mstok ``config.json``."""
+    try:
+        return meta["family"], meta["config"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path / CONFIG_FILE} is not a valid mstok {what} config ({err})") from err
+
+
 @dataclass
 class TokenizerConfig(ConfigDict):
     """Fields shared by every tokenizer family; a family's config subclasses this."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any
 
-from mstok.tokenizers.base import CONFIG_FILE, WEIGHTS_FILE, Tokenizer, TokenizerConfig
+from mstok.tokenizers.base import WEIGHTS_FILE, Tokenizer, TokenizerConfig, read_saved_config, split_saved_config
 from mstok.tokenizers.mstok import MsTok
 from mstok.tokenizers.titok import TiTok
 from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
@@ -119,22 +118,13 @@ def load_tokenizer(path: str | Path, weights: str = WEIGHTS_FILE) -> AnyTokenize
         if is_hub_id(path):
             return load_from_hub(path)
     path = Path(path)
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok tokenizer")
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not a valid mstok tokenizer config ({err})") from err
+    meta = read_saved_config(path, "tokenizer")
     if isinstance(meta, dict) and "family" not in meta:
         from mstok.convert.titok import is_official_titok_config, load_official_titok  # lazy: it imports TiTok
 
         if is_official_titok_config(meta):
             return load_official_titok(path)
-    try:
-        family, fields = meta["family"], meta["config"]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{config_path} is not a valid mstok tokenizer config ({err})") from err
+    family, fields = split_saved_config(meta, path, "tokenizer")
     model = tokenizer_from_config(family, fields)
     model.load_weights(path / weights)
     return model.eval()
