@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mstok.cli_generation import add_generation_commands
+from mstok.cli_generation import add_generation_commands, check_resolution
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -141,8 +141,7 @@ def _cmd_data_to_shards(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mstok.evaluation import evaluate as ev
-    from mstok.tokenizers import load_tokenizer
-    from mstok.training.checkpoint import default_weights, find_model_folder
+    from mstok.training.checkpoint import load_tokenizer_folder
     from mstok.training.distributed import resolve_device
 
     device = resolve_device(args.device)  # one process: eval never joins a process group
@@ -159,12 +158,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         if not (args.checkpoint and args.data):
             raise ValueError("mstok eval needs --checkpoint DIR and --data DIR (or --generated DIR --reference FILE)")
-        folder = find_model_folder(args.checkpoint, "--checkpoint")
-        weights = default_weights(folder, args.weights)
-        model = load_tokenizer(folder, weights=weights)
-        resolution = args.resolution or model.config.image_size
-        if resolution != model.config.image_size:
-            raise ValueError(f"--resolution {resolution}: this tokenizer takes {model.config.image_size}px images")
+        model, folder, weights = load_tokenizer_folder(args.checkpoint, args.weights, "--checkpoint")
+        resolution = check_resolution(model, args.resolution)
         reference = ev.load_reference(args.reference) if args.reference else None
         results = ev.evaluate_reconstruction(
             model,

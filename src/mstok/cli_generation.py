@@ -11,6 +11,14 @@ from pathlib import Path
 import torch
 
 
+def check_resolution(model: torch.nn.Module, resolution: int | None) -> int:
+    """The ``--resolution`` to use: the tokenizer's own; any other value is an error."""
+    resolution = resolution or model.config.image_size
+    if resolution != model.config.image_size:
+        raise ValueError(f"--resolution {resolution}: this tokenizer takes {model.config.image_size}px images")
+    return resolution
+
+
 def add_generation_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``pretokenize``, ``sample`` and ``convert`` on the top-level sub-parsers."""
     _add_pretokenize_parser(sub)
@@ -41,8 +49,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from mstok.generators import SamplingConfig, generate_images, load_generator
     from mstok.generators.sampling import write_samples
-    from mstok.tokenizers import load_tokenizer
-    from mstok.training.checkpoint import default_weights, find_model_folder
+    from mstok.training.checkpoint import default_weights, find_model_folder, load_tokenizer_folder
     from mstok.training.distributed import resolve_device
 
     if not (args.out or args.out_dir):
@@ -50,8 +57,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     folder = find_model_folder(args.generator, "--generator")
     generator = load_generator(folder, default_weights(folder, args.weights)).to(device)
-    tok_folder = find_model_folder(args.tokenizer, "--tokenizer")
-    tokenizer = load_tokenizer(tok_folder, default_weights(tok_folder, args.tokenizer_weights)).to(device)
+    tokenizer = load_tokenizer_folder(args.tokenizer, args.tokenizer_weights, "--tokenizer")[0].to(device)
     g, t = generator.config, tokenizer.config
     if (g.num_tokens, g.codebook_size) != (t.num_latent_tokens, t.codebook_size):
         raise ValueError(
@@ -135,17 +141,12 @@ def _cmd_pretokenize(args: argparse.Namespace) -> int:
 
     from mstok.data import center_crop_transform, open_image_dataset
     from mstok.data.tokens import pretokenize
-    from mstok.tokenizers import load_tokenizer
-    from mstok.training.checkpoint import default_weights, find_model_folder
+    from mstok.training.checkpoint import load_tokenizer_folder
     from mstok.training.distributed import DistContext
 
-    folder = find_model_folder(args.checkpoint, "--checkpoint")
     # same default as eval: the EMA weights of a training checkpoint when it has them
-    weights = default_weights(folder, args.weights)
-    model = load_tokenizer(folder, weights=weights)
-    resolution = args.resolution or model.config.image_size
-    if resolution != model.config.image_size:
-        raise ValueError(f"--resolution {resolution}: this tokenizer takes {model.config.image_size}px images")
+    model, folder, weights = load_tokenizer_folder(args.checkpoint, args.weights, "--checkpoint")
+    resolution = check_resolution(model, args.resolution)
     dataset = open_image_dataset(args.data, center_crop_transform(resolution))
     dist = DistContext.from_env(args.device)
     started = time.perf_counter()

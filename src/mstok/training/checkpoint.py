@@ -69,6 +69,18 @@ def default_weights(folder: str | Path, given: str | None = None) -> str:
     return EMA_FILE if (Path(folder) / EMA_FILE).is_file() else "model.safetensors"
 
 
+def load_tokenizer_folder(
+    path: str | Path, weights: str | None = None, what: str = "checkpoint"
+) -> tuple[torch.nn.Module, Path, str]:
+    """A tokenizer from a saved folder, a ``step_*`` checkpoint or a run folder (its newest
+    checkpoint), with :func:`default_weights`; returns (model, folder, weights file name)."""
+    from mstok.tokenizers import load_tokenizer  # lazy: the registry imports the converters lazily too
+
+    folder = find_model_folder(path, what)
+    weights = default_weights(folder, weights)
+    return load_tokenizer(folder, weights=weights), folder, weights
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,

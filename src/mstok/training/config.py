@@ -186,14 +186,11 @@ class TrainConfig(RunConfig):
 
 
 @dataclass
-class GeneratorModelConfig:
-    """Which generator to train: a preset plus overrides (K, V and the class count default
-    to the token data's), and optional starting weights."""
+class GeneratorModelConfig(ModelConfig):
+    """:class:`ModelConfig` for a generator preset (K, V and the class count default to the
+    token data's)."""
 
     preset: str = "maskgit_tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    init_from: str = ""
-    init_weights: str = "ema.safetensors"
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from mstok.data.tokens import TokenDataset
 from mstok.generators import create_generator, generate_images
 from mstok.losses.masked import MaskedTokenLoss, MaskedTokens
-from mstok.training.checkpoint import default_weights, find_model_folder
+from mstok.training.checkpoint import load_tokenizer_folder
 from mstok.training.config import GeneratorTrainConfig
 from mstok.training.distributed import DistContext
 from mstok.training.engine import Engine, MicroBatch
@@ -77,10 +77,7 @@ class GeneratorTrainer(Engine):
         self.loss_fn = MaskedTokenLoss(config.loss.label_smoothing, config.loss.unmasked_weight)
         self.tokenizer = None
         if config.tokenizer and config.sample_every:
-            from mstok.tokenizers import load_tokenizer
-
-            folder = find_model_folder(config.tokenizer, "tokenizer")
-            self.tokenizer = load_tokenizer(folder, weights=default_weights(folder, config.tokenizer_weights))
+            self.tokenizer = load_tokenizer_folder(config.tokenizer, config.tokenizer_weights, "tokenizer")[0]
             if isinstance(dataset, TokenDataset):
                 dataset.check_matches(self.tokenizer)  # a grid from another tokenizer is noise
             self.tokenizer.to(self.device)
