@@ -157,8 +157,9 @@ def sample(
         tau = config.temperature * ((1.0 - r) if config.anneal_temperature else 1.0)
         noisy = logits if tau == 0 else logits + tau * _gumbel(logits.shape, generator, device)
         drawn = noisy.argmax(-1)  # (B, K)
-        scores = logits.log_softmax(-1) if config.confidence == "log_prob" else logits
-        confidence = scores.gather(-1, drawn[..., None]).squeeze(-1)  # (B, K)
+        confidence = logits.gather(-1, drawn[..., None]).squeeze(-1)  # (B, K)
+        if config.confidence == "log_prob":
+            confidence = confidence - logits.logsumexp(-1)  # log-softmax at the drawn ids only
         is_mask = ids == cfg.mask_id
         ids = torch.where(is_mask, drawn, ids)
         if counts[t] > 0:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -108,17 +107,20 @@ class MaskedTokenLoss(nn.Module):
 
         Normalising by totals over the whole global batch (see the generator trainer) makes data
         parallel training equal to one process, which a per-rank ratio would not."""
-        logits = logits.float().transpose(1, 2)  # (B, V, K): cross_entropy wants classes second
-        ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="none")
+        # one log-softmax serves both cross-entropies: label smoothing eps is
+        # (1 - eps) * nll + eps * mean over the V codes of -log p (PyTorch's definition)
+        logp = logits.float().log_softmax(-1)  # (B, K, V)
+        nll = -logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, K)
+        eps = self.label_smoothing
+        ce = nll if eps == 0 else (1.0 - eps) * nll - eps * logp.mean(-1)
         weights = self.weights(mask)
         with torch.no_grad():
             masked = mask.float()
-            plain = F.cross_entropy(logits, targets, reduction="none")
             out = {
                 "weight": weights.sum(),
                 "masked": masked.sum(),
-                "masked_ce": (plain * masked).sum(),
-                "correct": ((logits.argmax(1) == targets).float() * masked).sum(),
+                "masked_ce": (nll * masked).sum(),
+                "correct": ((logp.argmax(-1) == targets).float() * masked).sum(),
             }
         return {"weighted": (ce * weights).sum(), **out}
 
