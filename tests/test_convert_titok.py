@@ -304,6 +304,9 @@ def test_new_options_default_to_todays_titok() -> None:
         "token_projection",
         "quantizer",
         "kl_weight",
+        "position_embedding",
+        "qk_norm",
+        "pixel_head",
     }
     assert config.decoder_dims == (768, 12, 12) and config.replace(decoder_depth=2).decoder_dims == (768, 2, 12)
     with pytest.raises(ValueError, match="token_projection must be one of"):

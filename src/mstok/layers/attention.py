@@ -6,6 +6,11 @@ projection reads a context sequence. Both keep a bias on every projection by def
 their parameter layout matches a standard ViT block (and the official TiTok weights);
 U-ViT generators drop the qkv bias.
 
+Both can normalise queries and keys per head before the dot product (``qk_norm``, as in
+ViT-22B): a LayerNorm over d bounds the attention logits, so a large learning rate cannot
+grow them until the softmax saturates. Off by default (the official weights have no such
+norms); the tiny recipes switch it on.
+
 Glossary: B batch, N query length, M context length, D width, H heads, d = D / H.
 """
 
@@ -22,6 +27,19 @@ def _check_heads(dim: int, num_heads: int) -> None:
         raise ValueError(f"width {dim} must be a positive multiple of num_heads {num_heads}")
 
 
+class QKNorm(nn.Module):
+    """LayerNorm of queries and keys over the head dim d (identity when disabled)."""
+
+    def __init__(self, head_dim: int, enabled: bool) -> None:
+        super().__init__()
+        self.q_norm = nn.LayerNorm(head_dim) if enabled else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim) if enabled else nn.Identity()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (B, H, N, d), k: (B, H, M, d) -> both normalised over d."""
+        return self.q_norm(q), self.k_norm(k)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
@@ -30,20 +48,25 @@ class SelfAttention(nn.Module):
         num_heads: number of heads H (D must be divisible by H).
         qkv_bias: give the qkv projection a bias.
         dropout: dropout on the attention weights and on the output (training only).
+        qk_norm: LayerNorm on queries and keys per head.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, dropout: float = 0.0, qk_norm: bool = False
+    ) -> None:
         super().__init__()
         _check_heads(dim, num_heads)
         self.num_heads = num_heads
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qk_norm = QKNorm(dim // num_heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, D); attn_mask: bool/float mask broadcastable to (B, H, N, N). -> (B, N, D)"""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k = self.qk_norm(q, k)
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, N, d)
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
@@ -56,19 +79,22 @@ class CrossAttention(nn.Module):
         dim: width D of the queries and of the output.
         num_heads: number of heads H.
         context_dim: width of the context (defaults to ``dim``).
+        qk_norm: LayerNorm on queries and keys per head.
     """
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None) -> None:
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qk_norm: bool = False) -> None:
         super().__init__()
         _check_heads(dim, num_heads)
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.qk_norm = QKNorm(dim // num_heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, D) queries; context: (B, M, Dc). -> (B, N, D)"""
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
         k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
+        q, k = self.qk_norm(q, k)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))

@@ -42,6 +42,7 @@ class SelfAttentionBlock(nn.Module):
         dropout: attention and residual-branch dropout (training only).
         norm_first: pre-LN (True) or post-LN (False).
         norm_eps: LayerNorm epsilon (BERT uses 1e-12).
+        qk_norm: LayerNorm on queries and keys per head (:class:`~mstok.layers.attention.QKNorm`).
     """
 
     def __init__(
@@ -53,11 +54,12 @@ class SelfAttentionBlock(nn.Module):
         dropout: float = 0.0,
         norm_first: bool = True,
         norm_eps: float = 1e-5,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = SelfAttention(dim, num_heads, qkv_bias=qkv_bias, dropout=dropout)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias=qkv_bias, dropout=dropout, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout)
 
@@ -81,6 +83,7 @@ class CrossAttentionBlock(nn.Module):
         mlp_ratio: MLP hidden size as a multiple of D.
         self_attention: add a self-attention sub-layer among the queries.
         context_dim: context width (defaults to D).
+        qk_norm: LayerNorm on queries and keys per head, in both attentions.
     """
 
     def __init__(
@@ -90,14 +93,15 @@ class CrossAttentionBlock(nn.Module):
         mlp_ratio: float = 4.0,
         self_attention: bool = False,
         context_dim: int | None = None,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.norm_q = nn.LayerNorm(dim)
         self.norm_context = nn.LayerNorm(context_dim or dim)
-        self.cross_attn = CrossAttention(dim, num_heads, context_dim)
+        self.cross_attn = CrossAttention(dim, num_heads, context_dim, qk_norm=qk_norm)
         if self_attention:
             self.norm_self = nn.LayerNorm(dim)
-            self.self_attn = SelfAttention(dim, num_heads)
+            self.self_attn = SelfAttention(dim, num_heads, qk_norm=qk_norm)
         else:
             self.norm_self = self.self_attn = None
         self.norm2 = nn.LayerNorm(dim)
@@ -114,9 +118,11 @@ class CrossAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of :class:`SelfAttentionBlock` that can also return intermediate layers."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(SelfAttentionBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(dim, num_heads, mlp_ratio, qk_norm=qk_norm) for _ in range(depth)
+        )
 
     def forward(
         self,

@@ -1,4 +1,11 @@
-"""Patch embedding and the output heads that turn P patch tokens back into an image.
+"""Patch embedding, positional embeddings and the output heads that turn P patch tokens
+back into an image.
+
+Positional embeddings of a patch grid come in three kinds (``POSITION_EMBEDDINGS``):
+``learned`` (a parameter with a random start, the ViT/TiTok layout), ``sincos`` (the same
+parameter, started from the fixed 2D sine-cosine table of MAE, so that neighbouring patches
+start with similar embeddings and attention can tell positions apart from step one), and
+``fixed_sincos`` (that table as a non-trainable buffer under the same state-dict key).
 
 Glossary: B batch, P patches (= grid * grid), D width, p patch size.
 """
@@ -8,6 +15,51 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from torch import nn
+
+POSITION_EMBEDDINGS = ("learned", "sincos", "fixed_sincos")
+
+
+def sincos_2d(grid_size: int, dim: int, leading: int = 0) -> torch.Tensor:
+    """The 2D sine-cosine table (leading + grid^2, D), rows in raster order.
+
+    Half of the channels encode the row, half the column; each half is sines and cosines
+    of the coordinate at D/4 frequencies from 1 down to 1/10000. ``leading`` extra rows of
+    zeros come first (class-token slots carry no position).
+    """
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos positional embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega  # (P, D/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (P, D/2)
+
+    table = torch.cat([encode(rows), encode(cols)], dim=1)  # (P, D)
+    return torch.cat([table.new_zeros(leading, dim), table]).float()
+
+
+def add_grid_position_embedding(
+    module: nn.Module, name: str, grid_size: int, dim: int, kind: str = "learned", leading: int = 0
+) -> None:
+    """Register ``module.<name>``, a (leading + grid^2, D) positional embedding of the given kind.
+
+    ``learned`` and ``sincos`` register a parameter (``init_weights`` fills it: randomly, or
+    with :func:`sincos_2d` for the names listed in ``module.sincos_init``); ``fixed_sincos``
+    registers the table as a buffer, which keeps the state-dict key.
+    """
+    if kind not in POSITION_EMBEDDINGS:
+        raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {kind!r}")
+    rows = leading + grid_size**2
+    if kind == "fixed_sincos":
+        module.register_buffer(name, sincos_2d(grid_size, dim, leading))
+        return
+    module.register_parameter(name, nn.Parameter(torch.empty(rows, dim)))
+    if kind == "sincos":
+        sincos = dict(getattr(module, "sincos_init", {}))
+        sincos[name] = (grid_size, leading)
+        module.sincos_init = sincos
 
 
 class PatchEmbed(nn.Module):
@@ -22,17 +74,25 @@ class PatchEmbed(nn.Module):
 
 
 class PatchTokens(nn.Module):
-    """Patch embedding + an optional class token + learned positional embeddings.
+    """Patch embedding + an optional class token + positional embeddings.
 
     (B, 3, H, W) -> (B, 1 + P, D) with the class token first, or (B, P, D) without it.
+    ``position_embedding`` is one of ``POSITION_EMBEDDINGS`` (module docstring).
     """
 
-    def __init__(self, image_size: int, patch_size: int, dim: int, class_token: bool = True) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        dim: int,
+        class_token: bool = True,
+        position_embedding: str = "learned",
+    ) -> None:
         super().__init__()
-        num_patches = (image_size // patch_size) ** 2
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.class_token = nn.Parameter(torch.empty(1, dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.empty(num_patches + int(class_token), dim))
+        grid = image_size // patch_size
+        add_grid_position_embedding(self, "pos_embed", grid, dim, position_embedding, leading=int(class_token))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)  # (B, P, D)
@@ -68,6 +128,49 @@ class PixelHead(nn.Module):
         return self.conv(image)
 
 
+class ConvPixelHead(nn.Module):
+    """Patch tokens to pixels through a small convolutional decoder at full resolution.
+
+    A per-patch linear map to ``channels`` feature maps (unpatchified to (B, c, H, W)),
+    ``num_blocks`` residual blocks ``x + conv(GELU(conv(GELU(x))))`` of 3x3 convs, and a
+    3x3 conv to RGB. A linear head must paint every pixel of a patch from one token, which
+    leaves blocky seams and makes the transformer learn pixel-level detail it is slow at;
+    the convs share texture and edges across patch borders. Cost grows with H*W*c^2, so c
+    stays small (32 by default).
+    """
+
+    def __init__(
+        self, dim: int, patch_size: int, grid_size: int, channels: int = 32, num_blocks: int = 2, out_channels: int = 3
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.grid_size = grid_size
+        self.proj = nn.Linear(dim, patch_size * patch_size * channels)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.GELU(),
+                nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            )
+            for _ in range(num_blocks)
+        )
+        self.out = nn.Sequential(nn.GELU(), nn.Conv2d(channels, out_channels, kernel_size=3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, P, D) -> (B, 3, H, W)"""
+        features = rearrange(
+            self.proj(x),
+            "b (gh gw) (ph pw c) -> b c (gh ph) (gw pw)",
+            gh=self.grid_size,
+            ph=self.patch_size,
+            pw=self.patch_size,
+        )  # (B, c, H, W)
+        for block in self.blocks:
+            features = features + block(features)
+        return self.out(features)
+
+
 class ProxyCodeHead(nn.Module):
     """Per-patch logits over a 2D proxy tokenizer's codebook (TiTok's stage-1 target).
 
@@ -85,9 +188,16 @@ class ProxyCodeHead(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def build_head(kind: str, dim: int, patch_size: int, grid_size: int, proxy_codebook_size: int) -> nn.Module:
-    """Build the decoder head named by a config's ``head`` field (``pixels`` or ``proxy_codes``)."""
+def build_head(
+    kind: str, dim: int, patch_size: int, grid_size: int, proxy_codebook_size: int, pixel_head: str = "linear"
+) -> nn.Module:
+    """Build the decoder head named by a config's ``head`` field (``pixels`` or ``proxy_codes``);
+    ``pixel_head`` picks the pixel head's kind (``linear`` or ``conv``)."""
     if kind == "pixels":
+        if pixel_head == "conv":
+            return ConvPixelHead(dim, patch_size, grid_size)
+        if pixel_head != "linear":
+            raise ValueError(f"unknown pixel_head {pixel_head!r}; expected 'linear' or 'conv'")
         return PixelHead(dim, patch_size, grid_size)
     if kind == "proxy_codes":
         return ProxyCodeHead(dim, proxy_codebook_size)

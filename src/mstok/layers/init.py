@@ -16,6 +16,10 @@
   ``D ** -0.5``, so each token starts with unit expected norm like a LayerNorm output.
 * Free 1-D parameters (e.g. the level weights of weighted-add aggregation): zero, so a
   softmax over them starts uniform.
+* Free parameters a module names in its ``sincos_init`` dict (``name -> (grid, leading)``,
+  set by :func:`~mstok.layers.embeddings.add_grid_position_embedding` for
+  ``position_embedding = "sincos"``): the 2D sine-cosine table of that patch grid, zeros in
+  the ``leading`` class-token rows.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import math
 
 import torch
 from torch import nn
+
+from mstok.layers.embeddings import sincos_2d
 
 
 @torch.no_grad()
@@ -39,6 +45,7 @@ def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     return tensor
 
 
+@torch.no_grad()
 def init_weights(model: nn.Module) -> None:
     """Initialise every parameter of ``model`` in place by the rules in this module's docstring."""
     for module in model.modules():
@@ -55,8 +62,12 @@ def init_weights(model: nn.Module) -> None:
             bound = 1.0 / module.num_embeddings
             nn.init.uniform_(module.weight, -bound, bound)
         else:
-            for param in module.parameters(recurse=False):
-                if param.dim() >= 2:
+            sincos = getattr(module, "sincos_init", {})
+            for name, param in module.named_parameters(recurse=False):
+                if name in sincos:
+                    grid, leading = sincos[name]
+                    param.copy_(sincos_2d(grid, param.shape[-1], leading))
+                elif param.dim() >= 2:
                     nn.init.normal_(param, std=param.shape[-1] ** -0.5)
                 else:
                     nn.init.zeros_(param)

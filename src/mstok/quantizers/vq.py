@@ -26,7 +26,7 @@ class QuantizerOutput:
     Attributes:
         latents: (B, K, C) the float32 inputs as searched (L2-normalised when enabled).
         codes: (B, K, C) quantized vectors with straight-through gradients to the input.
-        indices: (B, K) long code ids in [0, V).
+        indices: (B, K) long code ids in [0, V), or None for a continuous bottleneck.
         loss: commitment + codebook loss (scalar).
         commitment_loss: beta * ||z - sg[q]||^2 (scalar).
         codebook_loss: ||sg[z] - q||^2 (scalar).
@@ -34,7 +34,7 @@ class QuantizerOutput:
 
     latents: torch.Tensor
     codes: torch.Tensor
-    indices: torch.Tensor
+    indices: torch.Tensor | None
     loss: torch.Tensor
     commitment_loss: torch.Tensor
     codebook_loss: torch.Tensor

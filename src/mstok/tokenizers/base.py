@@ -21,11 +21,13 @@ from torch import nn
 
 from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
 from mstok.layers import init_weights
-from mstok.quantizers import VectorQuantizer
+from mstok.layers.embeddings import POSITION_EMBEDDINGS
+from mstok.quantizers import IdentityQuantizer, VectorQuantizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HEADS = ("pixels", "proxy_codes")
+PIXEL_HEADS = ("linear", "conv")
 
 
 class ConfigDict:
@@ -98,7 +100,25 @@ def split_saved_config(meta: Any, path: Path, what: str) -> tuple[str, dict[str,
 
 @dataclass
 class TokenizerConfig(ConfigDict):
-    """Fields shared by every tokenizer family; a family's config subclasses this."""
+    """Fields shared by every tokenizer family; a family's config subclasses this.
+
+    The fields after ``pixel_decoder`` are convergence switches (benchmarks/convergence.py
+    measures each). Their defaults are the papers' layout, which the released checkpoints
+    need; the tiny presets switch them on:
+
+    Attributes:
+        position_embedding: patch-grid positional embeddings of the encoder and of the
+            decoder's mask tokens: ``learned`` (random start), ``sincos`` (learned, started
+            from the 2D sine-cosine table) or ``fixed_sincos`` (the table, frozen). The
+            layout (state-dict keys and shapes) is the same for all three.
+        quantizer: ``vq`` (vector quantization into V ids, the default) or ``none`` (a
+            continuous bottleneck of K x C floats: ``encode`` returns float latents and
+            ``decode`` takes them; the convergence study's control). TiTok adds ``vae``.
+        qk_norm: LayerNorm on queries and keys in every attention (adds parameters).
+        pixel_head: ``linear`` (per-patch linear map + one 3x3 conv, the ViT/TiTok head) or
+            ``conv`` (per-patch linear map to feature channels, then residual 3x3 conv
+            blocks at full resolution; :class:`~mstok.layers.embeddings.ConvPixelHead`).
+    """
 
     image_size: int = 256
     patch_size: int = 16
@@ -114,8 +134,28 @@ class TokenizerConfig(ConfigDict):
     head: str = "pixels"
     proxy_codebook_size: int = 1024
     pixel_decoder: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantizer: str = "vq"
+    position_embedding: str = "learned"
+    qk_norm: bool = False
+    pixel_head: str = "linear"
 
     family: ClassVar[str] = ""
+    quantizers: ClassVar[tuple[str, ...]] = ("vq", "none")
+    # Fields added after configs were first saved: to_dict() leaves them out while they hold
+    # their default, so a saved config.json (and every hash of it) of a preset stays as it was.
+    optional_defaults: ClassVar[dict[str, Any]] = {
+        "quantizer": "vq",
+        "position_embedding": "learned",
+        "qk_norm": False,
+        "pixel_head": "linear",
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        for name, default in self.optional_defaults.items():
+            if values[name] == default:
+                del values[name]
+        return values
 
     def __post_init__(self) -> None:
         for name in (
@@ -136,8 +176,19 @@ class TokenizerConfig(ConfigDict):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        if not isinstance(self.use_l2_norm, bool):
-            raise ValueError(f"use_l2_norm must be true or false, got {self.use_l2_norm!r}")
+        for name in ("use_l2_norm", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}"
+            )
+        if self.position_embedding != "learned" and self.width % 4:
+            raise ValueError(f"position_embedding={self.position_embedding!r} needs a width divisible by 4")
+        if self.quantizer not in self.quantizers:
+            raise ValueError(f"quantizer must be one of {self.quantizers}, got {self.quantizer!r}")
+        if self.pixel_head not in PIXEL_HEADS:
+            raise ValueError(f"pixel_head must be one of {PIXEL_HEADS}, got {self.pixel_head!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.num_heads:
@@ -154,6 +205,11 @@ class TokenizerConfig(ConfigDict):
             check_pixel_decoder_fits(
                 self.pixel_decoder, self.image_size, self.grid_size, self.proxy_codebook_size, self.head
             )
+
+    @property
+    def continuous(self) -> bool:
+        """True when tokens are float latents (B, K, C) rather than ids (B, K)."""
+        return self.quantizer != "vq"
 
     @property
     def grid_size(self) -> int:
@@ -174,7 +230,7 @@ class TokenizerOutput:
         reconstruction: (B, 3, H, W) unclamped pixels for the ``pixels`` head or through the
             pixel decoder of a two-stage tokenizer, else None.
         logits: (B, P, V_proxy) proxy-code logits for the ``proxy_codes`` head, else None.
-        indices: (B, K) code ids.
+        indices: (B, K) code ids, or None for a continuous bottleneck.
         latents: (B, K, C) float32 encoder outputs as the quantizer searched them.
         quantizer_loss: commitment + codebook loss (scalar).
         commitment_loss: the commitment part (scalar).
@@ -183,7 +239,7 @@ class TokenizerOutput:
 
     reconstruction: torch.Tensor | None
     logits: torch.Tensor | None
-    indices: torch.Tensor
+    indices: torch.Tensor | None
     latents: torch.Tensor
     quantizer_loss: torch.Tensor
     commitment_loss: torch.Tensor
@@ -238,6 +294,22 @@ def check_tokens(tokens: Any, num_tokens: int, codebook_size: int) -> torch.Tens
     return tokens.long()
 
 
+def check_latents(latents: Any, num_tokens: int, code_dim: int, kind: str = "VAE") -> torch.Tensor:
+    """Validate continuous latents (a VAE's or an unquantized bottleneck's, named by ``kind``):
+    finite float (B, K, C)."""
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        got = f"dtype {latents.dtype}" if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(
+            f"this tokenizer has continuous ({kind}) latents: decode() takes a float tensor (B, {num_tokens}, "
+            f"{code_dim}) from encode(), got {got}"
+        )
+    if latents.dim() != 3 or tuple(latents.shape[1:]) != (num_tokens, code_dim):
+        raise ValueError(f"latents must have shape (B, {num_tokens}, {code_dim}), got {tuple(latents.shape)}")
+    if latents.numel() and not torch.isfinite(latents).all():
+        raise ValueError("latents contain NaN or infinite values")
+    return latents
+
+
 class Tokenizer(SavedModel, nn.Module):
     """Base class: image <-> K discrete tokens. Subclasses implement :meth:`build`."""
 
@@ -263,7 +335,10 @@ class Tokenizer(SavedModel, nn.Module):
         raise NotImplementedError
 
     def build_quantizer(self, config: TokenizerConfig) -> nn.Module:
-        """The quantizer between encoder and decoder: a :class:`VectorQuantizer` unless a family overrides it."""
+        """The quantizer between encoder and decoder: a :class:`VectorQuantizer`, or an
+        :class:`IdentityQuantizer` for ``quantizer="none"`` (a family may add others)."""
+        if config.quantizer == "none":
+            return IdentityQuantizer(config.code_dim)
         return VectorQuantizer(config.codebook_size, config.code_dim, config.use_l2_norm, config.commitment_weight)
 
     # ----------------------------------------------------------------- checks
@@ -276,7 +351,11 @@ class Tokenizer(SavedModel, nn.Module):
         return check_images(images, self.config.image_size, check_values)
 
     def check_tokens(self, tokens: Any) -> torch.Tensor:
-        """Validate token ids: integer (B, K) with every id in [0, V)."""
+        """Validate token ids: integer (B, K) with every id in [0, V); or, for a continuous
+        bottleneck, finite float latents (B, K, C)."""
+        if self.config.continuous:
+            kind = "VAE" if self.config.quantizer == "vae" else "unquantized"
+            return check_latents(tokens, self.config.num_latent_tokens, self.config.code_dim, kind)
         return check_tokens(tokens, self.config.num_latent_tokens, self.config.codebook_size)
 
     # ----------------------------------------------------------------- compute
@@ -303,8 +382,10 @@ class Tokenizer(SavedModel, nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images (B, 3, H, W) in [0, 1] -> token ids (B, K) in [0, V)."""
-        return self.quantizer(self.encoder(self.check_images(images))).indices
+        """Float images (B, 3, H, W) in [0, 1] -> token ids (B, K) in [0, V) (float32 latents
+        (B, K, C) for a continuous bottleneck)."""
+        quant = self.quantizer(self.encoder(self.check_images(images)))
+        return quant.latents if quant.indices is None else quant.indices
 
     @torch.no_grad()
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -339,11 +420,13 @@ class Tokenizer(SavedModel, nn.Module):
 
     def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, K), already checked by :meth:`check_tokens` -> the code vectors (B, K, C) the decoder reads."""
+        if self.config.continuous:
+            return tokens.float()  # latents are already the decoder's input
         return self.quantizer.indices_to_codes(tokens)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors (B, K, C) -> the head's raw output (differentiable)."""
-        return self.decoder(codes.to(self.quantizer.embedding.weight.dtype))
+        return self.decoder(codes.to(next(self.decoder.parameters()).dtype))
 
     # ----------------------------------------------------------------- bookkeeping
     def parameter_counts(self) -> dict[str, int]:

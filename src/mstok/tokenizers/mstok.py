@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from mstok.layers import CrossAttentionBlock, PatchTokens, Transformer, build_head
+from mstok.layers.embeddings import add_grid_position_embedding
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 
 AGGREGATIONS = ("concat", "weighted_add")
@@ -120,10 +121,13 @@ class MultiScaleMemory(nn.Module):
 class QueryAttention(nn.Module):
     """QAM: queries (B, N, D) attend to a context (B, M, D) through cross-attention blocks."""
 
-    def __init__(self, dim: int, num_heads: int, depth: int, mlp_ratio: float, self_attention: bool) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, depth: int, mlp_ratio: float, self_attention: bool, qk_norm: bool = False
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            CrossAttentionBlock(dim, num_heads, mlp_ratio, self_attention=self_attention) for _ in range(depth)
+            CrossAttentionBlock(dim, num_heads, mlp_ratio, self_attention=self_attention, qk_norm=qk_norm)
+            for _ in range(depth)
         )
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -154,13 +158,15 @@ class MsTokEncoder(nn.Module):
         super().__init__()
         d = cfg.width
         self.memory_layers = cfg.memory_layers
-        self.patch_tokens = PatchTokens(cfg.image_size, cfg.patch_size, d)
+        self.patch_tokens = PatchTokens(cfg.image_size, cfg.patch_size, d, position_embedding=cfg.position_embedding)
         self.ln_pre = nn.LayerNorm(d)
-        self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+        self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm)
         self.memory = MultiScaleMemory(d, len(cfg.memory_layers), cfg.scale_embedding, cfg.aggregation)
         self.query_tokens = nn.Parameter(torch.empty(cfg.num_latent_tokens, d))
         if cfg.readout == "cross_attention":
-            self.qam = QueryAttention(d, cfg.num_heads, cfg.qam_depth, cfg.mlp_ratio, cfg.qam_self_attention)
+            self.qam = QueryAttention(
+                d, cfg.num_heads, cfg.qam_depth, cfg.mlp_ratio, cfg.qam_self_attention, qk_norm=cfg.qk_norm
+            )
         else:
             self.qam = LinearReadout(cfg.num_latent_tokens, cfg.memory_length)
         self.ln_post = nn.LayerNorm(d)
@@ -191,12 +197,16 @@ class MsTokDecoder(nn.Module):
         self.embed = nn.Linear(cfg.code_dim, d)
         self.latent_pos_embed = nn.Parameter(torch.empty(cfg.num_latent_tokens, d))
         self.mask_token = nn.Parameter(torch.empty(1, d))
-        self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches, d))
-        self.qam = QueryAttention(d, cfg.num_heads, cfg.qam_depth, cfg.mlp_ratio, cfg.qam_self_attention)
+        add_grid_position_embedding(self, "pos_embed", cfg.grid_size, d, cfg.position_embedding)
+        self.qam = QueryAttention(
+            d, cfg.num_heads, cfg.qam_depth, cfg.mlp_ratio, cfg.qam_self_attention, qk_norm=cfg.qk_norm
+        )
         self.ln_pre = nn.LayerNorm(d)
-        self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+        self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm)
         self.ln_post = nn.LayerNorm(d)
-        self.head = build_head(cfg.head, d, cfg.patch_size, cfg.grid_size, cfg.proxy_codebook_size)
+        self.head = build_head(
+            cfg.head, d, cfg.patch_size, cfg.grid_size, cfg.proxy_codebook_size, pixel_head=cfg.pixel_head
+        )
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         context = self.embed(codes) + self.latent_pos_embed  # (B, K, D)

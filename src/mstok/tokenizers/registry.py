@@ -7,13 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from mstok.tokenizers.base import WEIGHTS_FILE, Tokenizer, TokenizerConfig, read_saved_config, split_saved_config
+from mstok.tokenizers.convae import ConvAE
 from mstok.tokenizers.mstok import MsTok
 from mstok.tokenizers.titok import TiTok
 from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
 
 # The proxy VQGAN is not a Tokenizer subclass (its keys follow the official file) but has the same API.
 AnyTokenizer = Tokenizer | MaskGITVQGAN
-FAMILIES: dict[str, type[AnyTokenizer]] = {"titok": TiTok, "mstok": MsTok, "maskgit_vqgan": MaskGITVQGAN}
+FAMILIES: dict[str, type[AnyTokenizer]] = {
+    "titok": TiTok,
+    "mstok": MsTok,
+    "convae": ConvAE,
+    "maskgit_vqgan": MaskGITVQGAN,
+}
 
 # ViT sizes used by TiTok and MsTok (MLP ratio 4, pre-LN).
 SIZES: dict[str, dict[str, int]] = {
@@ -45,6 +51,17 @@ _VQGAN_TINY = {
     "codebook_size": 1024,
     "norm_groups": 8,
 }
+# The conv-autoencoder calibration (tokenizers/convae.py) at the tiny presets' bottleneck size.
+_CONVAE_TINY = {
+    "image_size": 64,
+    "patch_size": 8,
+    "width": 64,
+    "depth": 1,
+    "num_heads": 1,
+    "num_latent_tokens": 64,
+    "code_dim": 6,
+    "codebook_size": 32,
+}
 
 
 def _sized(size: str, k: int, family: str) -> dict[str, Any]:
@@ -64,6 +81,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mstok_b256": ("mstok", _sized("B", 256, "mstok")),
     "titok_tiny": ("titok", dict(_TINY)),
     "mstok_tiny": ("mstok", {**_TINY, "memory_layers": (1, 2, 3, 4)}),
+    # the conv-autoencoder calibration at the tiny presets' bottleneck: an 8x8 grid of 6 floats
+    # (quantizer="none": 384 floats = 32 x 12) or of 5-bit codes (VQ, V = 32: 320 bits = 32 x log2 1024)
+    "convae_tiny": ("convae", _CONVAE_TINY),
     # the official MaskGIT-VQGAN (256px, f16, 1024 codes), the two-stage proxy
     "maskgit_vqgan_f16": ("maskgit_vqgan", {}),
     # 64px, f8: its 8x8 code grid matches the tiny presets' 8x8 patch grid

@@ -26,21 +26,11 @@ import torch
 from torch import nn
 
 from mstok.layers import PatchTokens, Transformer, build_head
+from mstok.layers.embeddings import add_grid_position_embedding
 from mstok.quantizers import DiagonalGaussianQuantizer
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig, TokenizerOutput
 
 TOKEN_PROJECTIONS = ("per_token", "legacy")
-QUANTIZERS = ("vq", "vae")
-# Options added after configs were first saved: to_dict() leaves them out while they hold
-# their default, so a saved config.json (and every hash of it) of a preset stays as it was.
-_OPTIONAL_DEFAULTS: dict[str, Any] = {
-    "decoder_width": None,
-    "decoder_depth": None,
-    "decoder_num_heads": None,
-    "token_projection": "per_token",
-    "quantizer": "vq",
-    "kl_weight": 1e-6,
-}
 
 
 @dataclass
@@ -62,10 +52,11 @@ class TiTokConfig(TokenizerConfig):
             (``is_legacy: False``). Only the encoder is affected: the official decoder reshapes
             its (B, C, 1, K) input correctly; its legacy side is the proxy-code head
             (``head="proxy_codes"``: 1x1 conv D -> 2D, tanh, 1x1 conv 2D -> 1024).
-        quantizer: ``vq`` (default), nearest-neighbour vector quantization into K ids; or
-            ``vae``, diagonal Gaussian latents (:class:`DiagonalGaussianQuantizer`): the encoder
-            emits a mean and a log-variance of C numbers per token, ``encode`` returns
-            continuous (B, K, C) latents (the mean, or a sample) and ``decode`` takes them.
+        quantizer: ``vq`` (default), nearest-neighbour vector quantization into K ids;
+            ``none`` (see :class:`TokenizerConfig`); or ``vae``, diagonal Gaussian latents
+            (:class:`DiagonalGaussianQuantizer`): the encoder emits a mean and a log-variance
+            of C numbers per token, ``encode`` returns continuous (B, K, C) latents (the mean,
+            or a sample) and ``decode`` takes them.
             The codebook fields are then unused.
         kl_weight: weight of the KL term in ``quantizer_loss`` when ``quantizer="vae"``
             (1e-6 in the official VAE training configs).
@@ -75,10 +66,18 @@ class TiTokConfig(TokenizerConfig):
     decoder_depth: int | None = None
     decoder_num_heads: int | None = None
     token_projection: str = "per_token"
-    quantizer: str = "vq"
     kl_weight: float = 1e-6
 
     family: ClassVar[str] = "titok"
+    quantizers: ClassVar[tuple[str, ...]] = ("vq", "vae", "none")
+    optional_defaults: ClassVar[dict[str, Any]] = {
+        **TokenizerConfig.optional_defaults,
+        "decoder_width": None,
+        "decoder_depth": None,
+        "decoder_num_heads": None,
+        "token_projection": "per_token",
+        "kl_weight": 1e-6,
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,8 +90,6 @@ class TiTokConfig(TokenizerConfig):
             raise ValueError(f"decoder width {width} is not a multiple of decoder num_heads {heads}")
         if self.token_projection not in TOKEN_PROJECTIONS:
             raise ValueError(f"token_projection must be one of {TOKEN_PROJECTIONS}, got {self.token_projection!r}")
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if not isinstance(self.kl_weight, (int, float)) or isinstance(self.kl_weight, bool) or self.kl_weight < 0:
             raise ValueError(f"kl_weight must be a non-negative number, got {self.kl_weight!r}")
 
@@ -105,13 +102,6 @@ class TiTokConfig(TokenizerConfig):
             self.num_heads if self.decoder_num_heads is None else self.decoder_num_heads,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        values = super().to_dict()
-        for name, default in _OPTIONAL_DEFAULTS.items():
-            if values[name] == default:
-                del values[name]
-        return values
-
 
 class TiTokEncoder(nn.Module):
     """(B, 3, H, W) -> latents (B, K, C) (or (B, K, 2C) mean and log-variance for a VAE)
@@ -122,11 +112,11 @@ class TiTokEncoder(nn.Module):
         d, k = cfg.width, cfg.num_latent_tokens
         self.num_latent_tokens = k
         self.legacy_projection = cfg.token_projection == "legacy"
-        self.patch_tokens = PatchTokens(cfg.image_size, cfg.patch_size, d)
+        self.patch_tokens = PatchTokens(cfg.image_size, cfg.patch_size, d, position_embedding=cfg.position_embedding)
         self.latent_tokens = nn.Parameter(torch.empty(k, d))
         self.latent_pos_embed = nn.Parameter(torch.empty(k, d))
         self.ln_pre = nn.LayerNorm(d)
-        self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+        self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm)
         self.ln_post = nn.LayerNorm(d)
         self.proj = nn.Linear(d, cfg.code_dim * (2 if cfg.quantizer == "vae" else 1))
 
@@ -160,11 +150,13 @@ class TiTokDecoder(nn.Module):
         self.latent_pos_embed = nn.Parameter(torch.empty(cfg.num_latent_tokens, d))
         self.class_token = nn.Parameter(torch.empty(1, d))
         self.mask_token = nn.Parameter(torch.empty(1, d))
-        self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches + 1, d))
+        add_grid_position_embedding(self, "pos_embed", cfg.grid_size, d, cfg.position_embedding, leading=1)
         self.ln_pre = nn.LayerNorm(d)
-        self.transformer = Transformer(d, depth, heads, cfg.mlp_ratio)
+        self.transformer = Transformer(d, depth, heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm)
         self.ln_post = nn.LayerNorm(d)
-        self.head = build_head(cfg.head, d, cfg.patch_size, cfg.grid_size, cfg.proxy_codebook_size)
+        self.head = build_head(
+            cfg.head, d, cfg.patch_size, cfg.grid_size, cfg.proxy_codebook_size, pixel_head=cfg.pixel_head
+        )
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         b = codes.shape[0]
@@ -173,21 +165,6 @@ class TiTokDecoder(nn.Module):
         x = self.ln_pre(torch.cat([slots.expand(b, -1, -1), latents], dim=1))  # (B, 1+P+K, D)
         x, _ = self.transformer(x)
         return self.head(self.ln_post(x[:, 1 : 1 + self.num_patches]))
-
-
-def check_latents(latents: Any, num_tokens: int, code_dim: int) -> torch.Tensor:
-    """Validate continuous latents of a VAE tokenizer: finite float (B, num_tokens, code_dim)."""
-    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-        kind = f"dtype {latents.dtype}" if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(
-            f"this tokenizer has continuous (VAE) latents: decode() takes a float tensor (B, {num_tokens}, "
-            f"{code_dim}) from encode(), got {kind}"
-        )
-    if latents.dim() != 3 or tuple(latents.shape[1:]) != (num_tokens, code_dim):
-        raise ValueError(f"latents must have shape (B, {num_tokens}, {code_dim}), got {tuple(latents.shape)}")
-    if latents.numel() and not torch.isfinite(latents).all():
-        raise ValueError("latents contain NaN or infinite values")
-    return latents
 
 
 class TiTok(Tokenizer):
@@ -238,18 +215,3 @@ class TiTok(Tokenizer):
                 raise ValueError("sample=True is for VAE tokenizers (quantizer='vae'); this one quantizes to ids")
             return super().encode(images)
         return self.quantizer(self.encoder(self.check_images(images)), sample=sample).latents
-
-    def check_tokens(self, tokens: Any) -> torch.Tensor:
-        """Validate token ids (B, K), or a VAE's float latents (B, K, C)."""
-        if not self.is_vae:
-            return super().check_tokens(tokens)
-        return check_latents(tokens, self.config.num_latent_tokens, self.config.code_dim)
-
-    def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
-        # a VAE's latents are already the decoder's input
-        return tokens.float() if self.is_vae else super().tokens_to_codes(tokens)
-
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if not self.is_vae:
-            return super().decode_codes(codes)
-        return self.decoder(codes.to(self.decoder.embed.weight.dtype))

@@ -1,0 +1,236 @@
+"""The convergence switches (position_embedding, qk_norm, pixel_head), the continuous
+bottleneck (quantizer="none") and the conv-autoencoder calibration: shapes, gradients to
+every parameter, exact math against plain references, save/load, and that the defaults
+leave every released layout untouched."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import mstok
+from mstok.layers import SelfAttention, init_weights
+from mstok.layers.attention import CrossAttention
+from mstok.layers.embeddings import ConvPixelHead, PatchTokens, sincos_2d
+from mstok.tokenizers import PRESETS, preset_config
+
+B, IMAGE = 2, 64
+SWITCHED = {"position_embedding": "sincos", "qk_norm": True, "pixel_head": "conv"}
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("titok_tiny", SWITCHED),
+    ("mstok_tiny", SWITCHED),
+    ("titok_tiny", {"position_embedding": "fixed_sincos"}),
+    ("mstok_tiny", {"position_embedding": "fixed_sincos", "qk_norm": True}),
+    ("titok_tiny", {"quantizer": "none"}),
+    ("mstok_tiny", {**SWITCHED, "quantizer": "none"}),
+    ("convae_tiny", {}),
+    ("convae_tiny", {"quantizer": "none"}),
+]
+IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in VARIANTS]
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(B, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS, ids=IDS)
+def test_forward_gradients_and_inference(images, name: str, overrides: dict[str, Any]) -> None:
+    model = mstok.create_tokenizer(name, **overrides).train()
+    cfg = model.config
+    out = model(images)
+    assert out.reconstruction.shape == (B, 3, IMAGE, IMAGE)
+    if cfg.quantizer == "none":
+        assert out.indices is None
+        assert out.quantizer_loss.item() == 0.0
+    else:
+        assert out.indices.shape == (B, cfg.num_latent_tokens)
+    ((out.reconstruction - images).abs().mean() + out.quantizer_loss).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert no_grad == [], f"parameters without gradient: {no_grad}"
+
+    model.eval()
+    tokens = model.encode(images)
+    if cfg.quantizer == "none":
+        assert tokens.shape == (B, cfg.num_latent_tokens, cfg.code_dim) and tokens.dtype == torch.float32
+    else:
+        assert tokens.shape == (B, cfg.num_latent_tokens) and tokens.dtype == torch.int64
+    recon = model.decode(tokens)
+    assert_close(recon, model(images).reconstruction.clamp(0, 1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS, ids=IDS)
+def test_save_load_round_trip(tmp_path, images, name: str, overrides: dict[str, Any]) -> None:
+    model = mstok.create_tokenizer(name, **overrides).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(tmp_path / "tok")
+    loaded = mstok.load_tokenizer(tmp_path / "tok")
+    assert loaded.config == model.config
+    assert torch.equal(loaded.decode(model.encode(images)), model.decode(model.encode(images)))
+
+
+def test_continuous_decode_rejects_ids_and_bad_latents() -> None:
+    model = mstok.create_tokenizer("mstok_tiny", quantizer="none").eval()
+    with pytest.raises(ValueError, match=r"continuous \(unquantized\) latents"):
+        model.decode(torch.zeros(B, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, 32, 12\)"):
+        model.decode(torch.zeros(B, 32, 8))
+    with pytest.raises(ValueError, match="NaN"):
+        model.decode(torch.full((B, 32, 12), float("nan")))
+
+
+def test_sincos_table_matches_a_plain_loop() -> None:
+    grid, dim = 4, 16
+    table = sincos_2d(grid, dim, leading=1)
+    assert table.shape == (1 + grid * grid, dim)
+    assert torch.equal(table[0], torch.zeros(dim))
+    quarter = dim // 4
+    for index in range(grid * grid):
+        row, col = divmod(index, grid)
+        expected = []
+        for pos in (row, col):
+            freqs = [1.0 / 10000 ** (i / quarter) for i in range(quarter)]
+            expected += [math.sin(pos * f) for f in freqs] + [math.cos(pos * f) for f in freqs]
+        assert_close(table[1 + index], torch.tensor(expected, dtype=torch.float32))
+
+
+def test_position_embedding_kinds_keep_the_layout() -> None:
+    learned = PatchTokens(64, 8, 32, position_embedding="learned")
+    sincos = PatchTokens(64, 8, 32, position_embedding="sincos")
+    fixed = PatchTokens(64, 8, 32, position_embedding="fixed_sincos")
+    for module in (learned, sincos, fixed):
+        init_weights(module)
+        assert module.state_dict()["pos_embed"].shape == (65, 32)
+    table = sincos_2d(8, 32, leading=1)
+    assert torch.equal(sincos.pos_embed.data, table)  # learned, started from the table
+    assert isinstance(sincos.pos_embed, torch.nn.Parameter)
+    assert not torch.equal(learned.pos_embed.data, table)
+    assert "pos_embed" not in dict(fixed.named_parameters())  # frozen: a buffer under the same key
+    assert torch.equal(fixed.pos_embed, table)
+    assert learned.state_dict().keys() == fixed.state_dict().keys()
+
+
+def test_tokenizer_decoder_grid_embedding_is_sincos() -> None:
+    titok = mstok.create_tokenizer("titok_tiny", position_embedding="sincos")
+    assert torch.equal(titok.decoder.pos_embed.data, sincos_2d(8, 128, leading=1))
+    assert torch.equal(titok.encoder.patch_tokens.pos_embed.data, sincos_2d(8, 128, leading=1))
+    ms = mstok.create_tokenizer("mstok_tiny", position_embedding="sincos")
+    assert torch.equal(ms.decoder.pos_embed.data, sincos_2d(8, 128))
+
+
+def test_fixed_sincos_loads_a_learned_checkpoint(tmp_path) -> None:
+    """fixed_sincos keeps the key, so a checkpoint of either kind loads into the other."""
+    learned = mstok.create_tokenizer("titok_tiny")
+    learned.save_pretrained(tmp_path)
+    fixed = mstok.create_tokenizer("titok_tiny", position_embedding="fixed_sincos")
+    fixed.load_weights(tmp_path / "model.safetensors")
+    assert torch.equal(fixed.decoder.pos_embed, learned.decoder.pos_embed)
+
+
+def _reference_attention(q, k, v, heads, q_norm=None, k_norm=None):
+    """Plain multi-head attention in float64 with optional per-head LayerNorms of q and k."""
+    b, n, d = q.shape
+    m = k.shape[1]
+    q = q.view(b, n, heads, d // heads).transpose(1, 2)
+    k = k.view(b, m, heads, d // heads).transpose(1, 2)
+    v = v.view(b, m, heads, d // heads).transpose(1, 2)
+    if q_norm is not None:
+        q = F.layer_norm(q, (d // heads,), q_norm.weight, q_norm.bias, q_norm.eps)
+        k = F.layer_norm(k, (d // heads,), k_norm.weight, k_norm.bias, k_norm.eps)
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(d // heads)).softmax(-1)
+    return (weights @ v).transpose(1, 2).reshape(b, n, d)
+
+
+def test_qk_norm_self_attention_matches_reference() -> None:
+    attn = SelfAttention(16, 4, qk_norm=True).double()
+    with torch.no_grad():  # non-trivial norm parameters
+        for norm in (attn.qk_norm.q_norm, attn.qk_norm.k_norm):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)
+    expected = attn.proj(_reference_attention(q, k, v, 4, attn.qk_norm.q_norm, attn.qk_norm.k_norm))
+    assert_close(attn(x), expected)
+    # large inputs: the normalised logits stay bounded, so attention does not collapse to one-hot
+    big = attn(x * 1e4)
+    assert torch.isfinite(big).all()
+
+
+def test_qk_norm_cross_attention_matches_reference() -> None:
+    attn = CrossAttention(16, 2, context_dim=8, qk_norm=True).double()
+    x, ctx = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
+    k, v = attn.kv(ctx).chunk(2, dim=-1)
+    expected = attn.proj(_reference_attention(attn.q(x), k, v, 2, attn.qk_norm.q_norm, attn.qk_norm.k_norm))
+    assert_close(attn(x, ctx), expected)
+
+
+def test_qk_norm_off_adds_no_parameters() -> None:
+    plain, normed = SelfAttention(16, 4), SelfAttention(16, 4, qk_norm=True)
+    assert set(dict(normed.named_parameters())) - set(dict(plain.named_parameters())) == {
+        "qk_norm.q_norm.weight", "qk_norm.q_norm.bias", "qk_norm.k_norm.weight", "qk_norm.k_norm.bias",
+    }  # fmt: skip
+    assert plain.state_dict().keys() == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+
+
+def test_conv_pixel_head_layout_and_residuals() -> None:
+    head = ConvPixelHead(dim=8, patch_size=2, grid_size=2, channels=4, num_blocks=1)
+    x = torch.randn(1, 4, 8)
+    features = head.proj(x).view(1, 2, 2, 2, 2, 4)  # (B, gh, gw, ph, pw, c)
+    grid = features.permute(0, 5, 1, 3, 2, 4).reshape(1, 4, 4, 4)  # (B, c, H, W)
+    expected = head.out(grid + head.blocks[0](grid))
+    assert_close(head(x), expected)
+
+
+@pytest.mark.parametrize("name", [n for n, (family, _) in PRESETS.items() if family in ("titok", "mstok")])
+def test_defaults_change_no_preset_layout(name: str) -> None:
+    """Every preset without the switches saves the same config.json keys as before they existed."""
+    cfg = preset_config(name)
+    saved = cfg.to_dict()
+    for field in ("position_embedding", "qk_norm", "pixel_head", "quantizer"):
+        assert field not in saved, field
+
+
+def test_convae_bottleneck_sizes() -> None:
+    vq = mstok.create_tokenizer("convae_tiny")
+    cont = mstok.create_tokenizer("convae_tiny", quantizer="none")
+    titok = preset_config("titok_tiny")
+    bits = vq.config.num_latent_tokens * math.log2(vq.config.codebook_size)
+    assert bits == titok.num_latent_tokens * math.log2(titok.codebook_size) == 320
+    assert cont.config.num_latent_tokens * cont.config.code_dim == titok.num_latent_tokens * titok.code_dim == 384
+    assert 0.5e6 < vq.parameter_counts()["total"] < 0.8e6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"num_latent_tokens": 32}, "grid's cell count 64"),
+        ({"patch_size": 6, "image_size": 60, "num_latent_tokens": 100}, "power of two"),
+        ({"qk_norm": True}, "no transformer"),
+        ({"head": "proxy_codes"}, "pixels only"),
+    ],
+)
+def test_convae_rejects_bad_settings(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        preset_config("convae_tiny", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"position_embedding": "rope"}, "position_embedding must be one of"),
+        ({"pixel_head": "deconv"}, "pixel_head must be one of"),
+        ({"qk_norm": "yes"}, "qk_norm must be true or false"),
+        ({"quantizer": "fsq"}, "quantizer must be one of"),
+        ({"quantizer": "vae"}, "quantizer must be one of"),
+    ],
+)
+def test_switch_validation(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        preset_config("mstok_tiny", **overrides)
