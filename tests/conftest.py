@@ -30,6 +30,15 @@ def tiny_imagenet() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads() -> None:
+def _seed_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # The engine's automatic thread count follows the machine's load, so two runs of one test
+    # could get different counts (hence different float summation orders) and tests that compare
+    # runs bit for bit would turn flaky: keep the count above unless a config sets ``threads``.
+    from mstok.training import engine, threads
+
+    def fixed_unless_set(requested: int, *args, **kwargs) -> tuple[int | None, str]:
+        return threads.resolve_threads(requested, *args, **kwargs) if requested else (None, "fixed by conftest")
+
+    monkeypatch.setattr(engine, "resolve_threads", fixed_unless_set)

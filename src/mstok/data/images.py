@@ -109,6 +109,24 @@ class InMemoryImages(Dataset):
         return to_tensor(image), self.labels[index]
 
 
+class IndexSubset(Dataset):
+    """The items ``indices`` of a dataset indexed by ``(index, seed)``, renumbered from 0
+    (e.g. a training set with its held-out images taken out)."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int] | np.ndarray) -> None:
+        if not len(indices):
+            raise ValueError("IndexSubset needs at least one index")
+        # a numpy array, not a list of Python ints: forked loader workers share it copy-free
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        index, seed = key
+        return self.dataset[(int(self.indices[index]), seed)]
+
+
 class EpochSampler(Sampler):
     """Endless ``(index, seed)`` stream: a fresh permutation per epoch, a seed per sample.
 

@@ -33,13 +33,31 @@ def eval_dataset(path: str | Path, resolution: int) -> Dataset:
     return open_image_dataset(path, center_crop_transform(resolution))
 
 
-def _optional(name: str, build) -> tuple[Any, str | None]:
-    """Build an optional metric's network, or return the reason it is unavailable."""
+def _optional(name: str, build, level: int = logging.WARNING) -> tuple[Any, str | None]:
+    """Build an optional metric's network, or return (and log at ``level``) why it is unavailable."""
     try:
         return build(), None
     except MissingWeightsError as err:
-        log.warning("%s unavailable: %s", name, err)
+        log.log(level, "%s unavailable: %s", name, err)
         return None, str(err)
+
+
+def load_lpips(
+    device: torch.device,
+    lpips_weights: tuple[str | None, str | None] = (None, None),
+    cache: str | None = None,
+    download: bool = True,
+    level: int = logging.WARNING,
+) -> tuple[Any, str | None]:
+    """(LPIPS on ``device``, None) or (None, why it is unavailable, also logged at ``level``);
+    ``lpips_weights`` are the explicit VGG16 and LPIPS files (None: the cache, downloading there
+    when ``download``)."""
+    from mstok.losses.perceptual import LPIPS
+
+    def build():
+        return LPIPS.from_pretrained(*lpips_weights, cache=cache, download=download).to(device)
+
+    return _optional("LPIPS", build, level)
 
 
 def load_metric_networks(
@@ -50,10 +68,9 @@ def load_metric_networks(
 ) -> tuple[Any, Any, dict[str, str]]:
     """(LPIPS or None, FID-Inception or None, reasons for what is unavailable)."""
     from mstok.evaluation.inception import load_fid_inception
-    from mstok.losses.perceptual import LPIPS
 
     unavailable = {}
-    lpips, why = _optional("LPIPS", lambda: LPIPS.from_pretrained(*lpips_weights, download=download).to(device))
+    lpips, why = load_lpips(device, lpips_weights, download=download)
     if why:
         unavailable["lpips"] = why
     inception, why = _optional(

@@ -8,13 +8,15 @@ tokenizer, a head that cannot produce what the losses need).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mstok.data import RandomResizedCropFlip, center_crop_transform, open_image_dataset
+from mstok.data import IndexSubset, RandomResizedCropFlip, center_crop_transform, open_image_dataset
 from mstok.losses import TokenizerLoss
 from mstok.training.checkpoint import find_model_folder
 from mstok.training.config import TrainConfig
@@ -112,18 +114,61 @@ def build_dataset(config: TrainConfig, image_size: int) -> Dataset:
     )
 
 
-def fixed_batch(dataset: Dataset, count: int, image_size: int) -> torch.Tensor | None:
-    """``count`` evenly spaced readable images of ``dataset``, resized and center-cropped (the same
-    every time), or None. The dataset's file index is shared, not rebuilt: a shallow copy only swaps
-    its ``transform``."""
+def _center_cropped(dataset: Dataset, indices: Iterable[int], count: int, image_size: int) -> torch.Tensor | None:
+    """Up to ``count`` readable images at ``indices`` of ``dataset``, resized and center-cropped,
+    or None. The dataset's file index is shared, not rebuilt: a shallow copy only swaps its
+    ``transform``."""
     dataset = copy.copy(dataset)
     dataset.transform = center_crop_transform(image_size)
-    step = max(1, len(dataset) // count)
     images = []
-    for index in range(0, len(dataset), step):
-        item = dataset[(index, 0)]
+    for index in indices:
+        item = dataset[(int(index), 0)]
         if item is not None:
             images.append(item[0])
         if len(images) == count:
             break
     return torch.stack(images) if images else None
+
+
+def fixed_batch(dataset: Dataset, count: int, image_size: int) -> torch.Tensor | None:
+    """``count`` evenly spaced readable images of ``dataset``, resized and center-cropped (the same
+    every time), or None."""
+    return _center_cropped(dataset, range(0, len(dataset), max(1, len(dataset) // count)), count, image_size)
+
+
+def held_out_indices(num_items: int, count: int) -> np.ndarray:
+    """``count`` evenly spaced indices of ``num_items`` items: a function of the two numbers
+    alone, so every DDP rank and every resume of a run holds out the same images."""
+    if count >= num_items:
+        raise ValueError(
+            f"val_images = {count} would hold out all {num_items} training images: lower it or set data.val_path"
+        )
+    return np.arange(count, dtype=np.int64) * num_items // count
+
+
+def build_validation(
+    config: TrainConfig, dataset: Dataset | None, image_size: int
+) -> tuple[Dataset | None, torch.Tensor | None]:
+    """The held-out batch for ``val_every``, and the training set without it.
+
+    ``val_images`` evenly spaced images of ``data.val_path`` when it is set (the training set is
+    then used whole); else of ``dataset`` (the one read from ``data.path``), whose other images
+    become the training set. Returns ``(training set, held-out images (N, 3, S, S))``, where the
+    training set is ``dataset`` itself with ``data.val_path``, and ``(None, None)`` when neither
+    source exists. The held-out indices depend only on the folder's size and ``val_images``, so
+    every rank and every resume trains on the same images.
+    """
+    count = config.val_images
+    if config.data.val_path:
+        val_set = open_image_dataset(config.data.val_path, center_crop_transform(image_size))
+        images = fixed_batch(val_set, count, image_size)
+        if images is None:
+            raise ValueError(f"data.val_path: no readable image in {config.data.val_path}")
+        return dataset, images
+    if dataset is None:
+        return None, None
+    held = held_out_indices(len(dataset), count)
+    images = _center_cropped(dataset, held, count, image_size)
+    if images is None:
+        raise ValueError(f"none of the {count} images held out of data.path for validation is readable")
+    return IndexSubset(dataset, np.setdiff1d(np.arange(len(dataset)), held)), images

@@ -45,9 +45,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from (an image folder or WebDataset shards) and their augmentation."""
+    """Where images come from (an image folder or WebDataset shards) and their augmentation.
+
+    ``val_path`` is a folder (or shards) of held-out images for validation (``val_every``);
+    empty holds out ``val_images`` evenly spaced images of ``path`` and trains on the rest.
+    """
 
     path: str = ""
+    val_path: str = ""
     crop_scale: tuple[float, float] = (0.8, 1.0)
     flip: bool = True
     num_workers: int = 2
@@ -127,7 +132,11 @@ class ProxyConfig:
 class RunConfig:
     """What every training run shares; the engine (engine.py) reads only these fields.
     ``batch_size`` is the global batch per optimizer step, split over ``grad_accum``
-    micro-steps and the data-parallel ranks."""
+    micro-steps and the data-parallel ranks. ``threads`` is the number of torch intra-op
+    threads: > 0 exactly that many; 0 (auto) on a CPU device the usable cores minus the
+    data-loader workers minus the cores other processes keep busy, at least 1 (threads.py),
+    and torch's default on CUDA or when ``OMP_NUM_THREADS`` is set. Resume is bit-identical
+    for the same thread count: pin ``threads`` when a resumed run must match exactly."""
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000
@@ -146,6 +155,7 @@ class RunConfig:
     sample_every: int = 0
     num_samples: int = 8
     tensorboard: bool = True
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -155,6 +165,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.sample_every < 0:
             raise ValueError(f"sample_every must be >= 0 (0 = never), got {self.sample_every}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = auto), got {self.threads}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -167,7 +179,13 @@ class RunConfig:
 
 @dataclass
 class TrainConfig(RunConfig):
-    """A tokenizer training run: the model, its data, losses and stage."""
+    """A tokenizer training run: the model, its data, losses and stage.
+
+    Validation: every ``val_every`` steps and at the last step (0 = never) the EMA model
+    reconstructs a fixed held-out batch of ``val_images`` images (from ``data.val_path``, else
+    held out of ``data.path``); PSNR, SSIM and, when its weights are on this machine, LPIPS
+    go to the log as ``val`` events.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -177,12 +195,18 @@ class TrainConfig(RunConfig):
     stage: StageConfig = field(default_factory=StageConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     dead_code_threshold: float = 0.01
+    val_every: int = 0
+    val_images: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name, value in dataclasses.asdict(self.loss).items():
             if value < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {value}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0 (0 = no validation), got {self.val_every}")
+        if self.val_images < 1:
+            raise ValueError(f"val_images must be at least 1, got {self.val_images}")
 
 
 @dataclass

@@ -5,7 +5,7 @@ and gradient accumulation, autocast and grad scaling, ``torch.compile``, AdamW w
 cosine, the weight EMA, the data stream, atomic checkpoints, bit-identical resume, JSONL /
 TensorBoard logging and the progress bar. A trainer subclass builds its model and data,
 calls :meth:`Engine.setup`, and implements :meth:`Engine.train_step` (plus the optional hooks
-for extra checkpoint state and sample grids).
+for extra checkpoint state, sample grids and held-out validation).
 
 A resumed run continues bit-identically: the data order and every augmentation are
 functions of (seed, sample position), and model, EMA, optimizer, scheduler, scaler, the
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from mstok.training.config import RunConfig
 from mstok.training.distributed import DistContext
 from mstok.training.logger import RunLogger
 from mstok.training.optim import ModelEMA, build_optimizer, build_scheduler
+from mstok.training.threads import resolve_threads
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,15 +49,30 @@ class Engine:
         config: the run's shared settings (a subclass of :class:`RunConfig`).
         progress: show a tqdm progress bar (rank 0 only).
         dist: the process's place in a DDP job; read from the torchrun environment by default.
+        desc: the progress bar's label (e.g. ``"titok_tiny (1/2, mstok_tiny next)"``).
+
+    Setting up sets torch's intra-op thread count for the process (``config.threads``; see
+    threads.py), and the ``start`` log event records it with the reason.
     """
 
     postfix_keys: tuple[str, ...] = ("loss",)  # logged terms shown on the progress bar
+    val_postfix_keys: tuple[str, ...] = ("val_psnr",)  # validation results shown on it
 
-    def __init__(self, config: RunConfig, progress: bool = True, dist: DistContext | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, progress: bool = True, dist: DistContext | None = None, desc: str = "train"
+    ) -> None:
         self.config = config
         self.dist = dist or DistContext.from_env(config.device)
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
+        self.desc = desc
+        workers = getattr(getattr(config, "data", None), "num_workers", 0)
+        # DDP ranks on one machine share its cores (torchrun tells how many run here)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.dist.enabled else 1
+        threads, self.threads_reason = resolve_threads(config.threads, self.device, workers, local_ranks)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         per_step = self.dist.world_size * config.grad_accum
         if config.batch_size % per_step:
             raise ValueError(
@@ -71,6 +89,8 @@ class Engine:
         self.samples_seen = 0
         self.skipped = 0
         self.history: list[dict[str, Any]] = []
+        self.val_every = 0  # a subclass implementing validate() sets it (0: never)
+        self.val_history: list[dict[str, Any]] = []  # the val events of this process (rank 0)
 
     def setup(self, model: nn.Module, dataset: Dataset) -> None:
         """Take the model (with ``requires_grad`` already set per the stage) and the dataset:
@@ -108,6 +128,13 @@ class Engine:
 
     def write_samples(self, logger: RunLogger) -> None:
         """Write an image grid for the current step (every ``sample_every`` steps)."""
+
+    def validate(self) -> dict[str, float]:
+        """Measure the model on held-out data; ``{name: value}`` with ``val_`` names, logged as a
+        ``val`` event. Called every ``val_every`` steps and at the last step, on rank 0 only (the
+        other ranks wait at a barrier), so it must not use collectives; it must not change the
+        training state either (RNG included), or resumed runs would differ."""
+        return {}
 
     # ----------------------------------------------------------------- state
     def resume(self, which: str | Path) -> Path | None:
@@ -234,7 +261,8 @@ class Engine:
         return {}
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train until ``config.steps``; returns the logged windows (also in ``log.jsonl``)."""
+        """Train until ``config.steps``; returns the logged windows (also in ``log.jsonl``). The
+        ``val`` events of :meth:`validate` go to ``log.jsonl`` and, on rank 0, ``val_history``."""
         cfg = self.config
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -250,9 +278,12 @@ class Engine:
             grad_accum=cfg.grad_accum,
             seed=cfg.seed,
             sample_seeds="per sample: f(seed, epoch, position); rank r reads slice r of each chunk",
+            threads=self.threads,
+            threads_reason=self.threads_reason,
             **self.start_fields(),
         )
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc=self.desc, unit="step")
+        postfix: dict[str, str] = {}
         window_items = 0
         epoch = self.samples_seen // len(self.dataset)
         try:
@@ -271,11 +302,18 @@ class Engine:
                     record = logger.flush(self.step, window_items, extra)
                     self.history.append({"step": self.step, **record})
                     window_items = 0
-                    bar.set_postfix({k: f"{record[k]:.4f}" for k in self.postfix_keys if k in record})
+                    postfix.update({k: f"{record[k]:.4f}" for k in self.postfix_keys if k in record})
+                    if "images_per_s" in record:
+                        postfix["img/s"] = f"{record['images_per_s']:.1f}"  # of this log window
+                    bar.set_postfix(postfix)
                     new_epoch = self.samples_seen // len(self.dataset)
                     if new_epoch > epoch:
                         logger.end_epoch(new_epoch - 1, self.step)  # the last epoch completed
                         epoch = new_epoch
+                if self.val_every and (self.step % self.val_every == 0 or done):
+                    metrics = self._validate(logger)
+                    postfix.update({k: f"{metrics[k]:.1f}" for k in self.val_postfix_keys if k in metrics})
+                    bar.set_postfix(postfix)
                 if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
                     self.write_samples(logger)
                 if checkpoint:
@@ -286,3 +324,14 @@ class Engine:
             bar.close()
             logger.close()
         return self.history
+
+    def _validate(self, logger: RunLogger) -> dict[str, float]:
+        """Run :meth:`validate` on rank 0 and log it; every rank leaves together."""
+        started = time.perf_counter()
+        metrics = self.validate() if self.dist.is_main else {}
+        self.dist.barrier()  # the other ranks wait here rather than in the next step's all-reduce
+        seconds = time.perf_counter() - started
+        logger.exclude_time(seconds)  # the window's images/s measures training alone
+        if metrics:
+            self.val_history.append(logger.validation(self.step, metrics, seconds))
+        return metrics

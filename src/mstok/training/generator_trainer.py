@@ -54,6 +54,7 @@ class GeneratorTrainer(Engine):
         dataset: optional :class:`TokenDataset` (defaults to the one at ``config.data.path``).
         progress: show a tqdm progress bar (rank 0 only).
         dist: the process's place in a DDP job; read from the torchrun environment by default.
+        desc: the progress bar's label.
     """
 
     config: GeneratorTrainConfig
@@ -65,8 +66,9 @@ class GeneratorTrainer(Engine):
         dataset: Dataset | None = None,
         progress: bool = True,
         dist: DistContext | None = None,
+        desc: str = "train",
     ) -> None:
-        super().__init__(config, progress, dist)
+        super().__init__(config, progress, dist, desc)
         if dataset is None:
             if not config.data.path:
                 raise ValueError("data.path is empty: point it at a folder written by `mstok pretokenize`")

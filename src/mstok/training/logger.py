@@ -98,6 +98,21 @@ class RunLogger:
         self.window, self.window_steps, self.started = [], [], time.perf_counter()
         return record
 
+    def exclude_time(self, seconds: float) -> None:
+        """Leave ``seconds`` (spent on something else than training, e.g. validation) out of the
+        current window's images/s."""
+        self.started += seconds
+
+    def validation(self, step: int, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
+        """Write a ``val`` event (``val_*`` metrics and the seconds they took) and the metrics as
+        TensorBoard scalars ``val/<name>``; returns the record."""
+        record = {"event": "val", "step": step, **metrics, "val_seconds": seconds}
+        self.event(**record)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"val/{k.removeprefix('val_')}", v, step)
+        return record
+
     def end_epoch(self, epoch: int, step: int) -> None:
         """Write the mean of every flushed window since the last epoch boundary."""
         if not self.epoch_count:

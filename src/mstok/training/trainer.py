@@ -2,15 +2,17 @@
 
 ``Trainer(config).fit()`` trains the model named in the config with the losses and the
 stage the config describes (single stage, two-stage stage 1 or 2, or a MaskGIT-VQGAN proxy).
+With ``val_every`` set, the EMA model is measured on a fixed held-out batch as it trains.
 The same command runs on one CPU or under ``torchrun`` on many GPUs (DDP); the global
 batch is ``batch_size``, split into ``grad_accum`` micro-steps per rank. The loop, resume
 and checkpoints are the shared :class:`~mstok.training.engine.Engine`'s; this class adds the
-reconstruction losses, the proxy codes, the GAN discriminator and dead-code revival.
+reconstruction losses, the proxy codes, the GAN discriminator, dead-code revival and validation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from mstok.tokenizers import create_tokenizer
 from mstok.training.components import (
     build_dataset,
     build_loss,
+    build_validation,
     check_model_fits_loss,
     fixed_batch,
     load_proxy,
@@ -33,6 +36,10 @@ from mstok.training.optim import build_optimizer, build_scheduler
 from mstok.training.stages import apply_stage, copy_pixel_decoder, load_initial_weights
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 class Trainer(Engine):
     """Trains one tokenizer according to a :class:`TrainConfig`.
 
@@ -42,6 +49,11 @@ class Trainer(Engine):
             None; defaults to the image folder or shards at ``config.data.path``.
         progress: show a tqdm progress bar (rank 0 only).
         dist: the process's place in a DDP job; read from the torchrun environment by default.
+        val_images: the held-out batch for ``config.val_every``, (N, 3, S, S) in [0, 1] at the
+            model's resolution. Without it the batch comes from ``data.val_path``, else it is
+            held out of ``data.path`` (and taken out of training); a ``dataset`` passed in is
+            never split, so validating with one needs ``val_images`` or ``data.val_path``.
+        desc: the progress bar's label.
     """
 
     config: TrainConfig
@@ -53,8 +65,16 @@ class Trainer(Engine):
         dataset: Dataset | None = None,
         progress: bool = True,
         dist: DistContext | None = None,
+        val_images: torch.Tensor | None = None,
+        desc: str = "train",
     ) -> None:
-        super().__init__(config, progress, dist)
+        super().__init__(config, progress, dist, desc)
+        self.val_every = config.val_every
+        if self.val_every and val_images is None and dataset is not None and not config.data.val_path:
+            raise ValueError(
+                "val_every > 0 needs held-out images: set data.val_path (or data.path instead of passing a "
+                "dataset) or pass val_images= to Trainer"
+            )
         self.proxy = load_proxy(config.proxy.checkpoint, config.proxy.weights) if config.proxy.checkpoint else None
         if self.proxy is not None:
             self.proxy.to(self.device)
@@ -79,11 +99,46 @@ class Trainer(Engine):
             self.d_scheduler = build_scheduler(self.d_optimizer, config.steps, d.warmup_steps, d.lr, d.lr)
             self.d_scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         size = model.config.image_size
-        self.setup(model, dataset if dataset is not None else build_dataset(config, size))
-        # grids use the folder or shards of data.path; a dataset passed in gets none
-        self.fixed_images = (
-            fixed_batch(self.dataset, config.num_samples, size) if dataset is None and config.sample_every else None
-        )
+        full = dataset if dataset is not None else build_dataset(config, size)
+        train = full
+        self.val_images: torch.Tensor | None = None
+        if self.val_every:
+            if val_images is not None:
+                self.val_images = _checked_val_images(val_images, size)
+            else:  # from data.val_path, or held out of data.path (never of a dataset passed in)
+                split, self.val_images = build_validation(config, full if dataset is None else None, size)
+                train = split if split is not None else full
+        self.setup(model, train)
+        # grids show held-out images when there are some (else the folder or shards of data.path;
+        # a dataset passed in without val_images gets none)
+        self.fixed_images = None
+        if config.sample_every and self.val_images is not None:
+            self.fixed_images = self.val_images[: config.num_samples]
+        elif config.sample_every and dataset is None:
+            self.fixed_images = fixed_batch(full, config.num_samples, size)
+        self.val_lpips, self.val_lpips_missing = None, None
+        self.val_mean_colour_psnr = 0.0
+        if self.val_images is not None and self.dist.is_main:
+            self._setup_validation()
+
+    def _setup_validation(self) -> None:
+        """LPIPS for validation (the loss's when it has one; else only from local files, never a
+        download), and the PSNR of painting each held-out image in its mean colour, a floor to
+        read the reconstructions' PSNR against."""
+        # imported here: evaluation imports the training package (its grids), and torchmetrics
+        # takes seconds to import, which a run without validation need not pay
+        from mstok.evaluation.evaluate import load_lpips
+        from mstok.evaluation.metrics import psnr
+
+        self.val_lpips = self.loss_fn.perceptual
+        if self.val_lpips is None:
+            p = self.config.perceptual
+            # an extra, so its absence is logged at info level (and in the start event), not warned
+            self.val_lpips, self.val_lpips_missing = load_lpips(
+                self.device, (p.vgg_weights or None, p.lpips_weights or None), p.cache or None, False, logging.INFO
+            )
+        flat = self.val_images.mean(dim=(2, 3), keepdim=True).expand_as(self.val_images)
+        self.val_mean_colour_psnr = _mean(psnr(self.val_images, flat))
 
     # ----------------------------------------------------------------- engine hooks
     def extra_state(self) -> dict[str, Any]:
@@ -107,12 +162,46 @@ class Trainer(Engine):
         self.d_scaler.load_state_dict(state["d_scaler"])
 
     def start_fields(self) -> dict[str, Any]:
-        return {"trainable": len(self.trainable), "frozen": len(self.frozen)}
+        fields: dict[str, Any] = {"trainable": len(self.trainable), "frozen": len(self.frozen)}
+        fields["train_images"] = len(self.dataset)
+        if self.val_images is not None:
+            fields["val_images"] = len(self.val_images)
+            if self.val_lpips_missing:
+                fields["val_lpips_unavailable"] = self.val_lpips_missing.splitlines()[0]
+        return fields
 
     def write_samples(self, logger: RunLogger) -> None:
         recon = self.reconstruct_fixed()
         if recon is not None:
             logger.image_grid(self.step, self.fixed_images, recon.cpu())
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """PSNR, SSIM (and LPIPS when available) of the EMA model's reconstructions of the
+        held-out batch, means over its images; in micro-batches, so it fits where training does."""
+        from mstok.evaluation.metrics import psnr, ssim
+
+        if self.val_images is None:
+            return {}
+        model = self.ema.module.eval()
+        recons, distances = [], []
+        # the RNG is forked so that a stochastic module (a VAE's sampling) cannot shift the
+        # training stream: validating must leave resumed runs bit-identical
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for chunk in self.val_images.split(self.micro_batch):
+                images = chunk.to(self.device)
+                recon = self.reconstruct(model, images)
+                if recon is None:
+                    return {}  # a proxy-code head without the proxy: no pixels to measure
+                recons.append(recon.float().cpu())
+                if self.val_lpips is not None:
+                    distances += self.val_lpips(recon.float(), images).tolist()
+        recon = torch.cat(recons)
+        metrics = {"val_psnr": _mean(psnr(self.val_images, recon)), "val_ssim": _mean(ssim(self.val_images, recon))}
+        if distances:
+            metrics["val_lpips"] = _mean(distances)
+        metrics["val_mean_colour_psnr"] = self.val_mean_colour_psnr
+        return metrics
 
     # ----------------------------------------------------------------- training
     @torch.no_grad()
@@ -149,6 +238,8 @@ class Trainer(Engine):
         sums["grad_norm"] = self.optimizer_step()
         if gan_active:
             sums.update(self.discriminator_step(reals, fakes))
+        if indices[0] is None:  # a continuous bottleneck: no codes to revive or count
+            return sums
         all_indices = self.dist.all_gather_cat(torch.cat(indices), same_size=True)  # SkipBroken fixes sizes
         quantizer = self.model.quantizer
         if cfg.dead_code_threshold > 0 and quantizer.embedding.weight.requires_grad:
@@ -183,13 +274,27 @@ class Trainer(Engine):
 
     @torch.no_grad()
     def reconstruct_fixed(self) -> torch.Tensor | None:
-        """EMA-model reconstructions of the fixed batch (through the proxy for a bare proxy-code head)."""
+        """EMA-model reconstructions of the fixed batch."""
         if self.fixed_images is None:
             return None
-        images = self.fixed_images.to(self.device)
-        output = self.ema.module(images)
+        return self.reconstruct(self.ema.module, self.fixed_images.to(self.device))
+
+    @torch.no_grad()
+    def reconstruct(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+        """``model``'s reconstructions of ``images`` clamped to [0, 1] (through the proxy for a bare
+        proxy-code head), or None when it has no way to pixels."""
+        output = model(images)
         if output.reconstruction is not None:
             return output.reconstruction.clamp(0, 1)
         if self.proxy is not None:
             return self.proxy.decode_probabilities(output.logits.float().softmax(-1)).clamp(0, 1)
         return None
+
+
+def _checked_val_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """``images`` as a float (N, 3, S, S) CPU batch, or a ValueError saying what is wrong."""
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (image_size, image_size):
+        raise ValueError(f"val_images must be (N, 3, {image_size}, {image_size}), got {tuple(images.shape)}")
+    if not len(images):
+        raise ValueError("val_images is empty")
+    return images.detach().float().cpu()
