@@ -16,11 +16,11 @@ from torch.testing import assert_close
 import mstok
 from mstok.layers import SelfAttention, init_weights
 from mstok.layers.attention import CrossAttention
-from mstok.layers.embeddings import ConvPixelHead, PatchTokens, sincos_2d
+from mstok.layers.embeddings import ConvPixelHead, PatchTokens, latent_grid, sincos_2d, sincos_at
 from mstok.tokenizers import PRESETS, preset_config
 
 B, IMAGE = 2, 64
-SWITCHED = {"position_embedding": "sincos", "qk_norm": True, "pixel_head": "conv"}
+SWITCHED = {"position_embedding": "sincos", "latent_init": "grid", "qk_norm": True, "pixel_head": "conv"}
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("titok_tiny", SWITCHED),
     ("mstok_tiny", SWITCHED),
@@ -125,6 +125,33 @@ def test_tokenizer_decoder_grid_embedding_is_sincos() -> None:
     assert torch.equal(ms.decoder.pos_embed.data, sincos_2d(8, 128))
 
 
+def test_latent_grid_positions() -> None:
+    assert torch.equal(
+        latent_grid(4, 8), torch.tensor([[1.5, 1.5], [1.5, 5.5], [5.5, 1.5], [5.5, 5.5]], dtype=torch.float64)
+    )
+    grid = latent_grid(32, 8)  # 4 x 8 cells of 2 x 1 patches
+    assert grid.shape == (32, 2)
+    assert sorted(set(grid[:, 0].tolist())) == [0.5, 2.5, 4.5, 6.5]
+    assert sorted(set(grid[:, 1].tolist())) == [float(c) for c in range(8)]
+    assert latent_grid(7, 8).shape == (7, 2)  # a prime K: one row
+    # at a patch centre the latent's embedding equals that patch's positional embedding
+    assert_close(sincos_at(torch.tensor([[2.0, 3.0]]), 16)[0], sincos_2d(8, 16)[2 * 8 + 3])
+
+
+@pytest.mark.parametrize("name", ["titok_tiny", "mstok_tiny"])
+def test_latent_grid_init(name: str) -> None:
+    model = mstok.create_tokenizer(name, position_embedding="sincos", latent_init="grid")
+    table = sincos_at(latent_grid(32, 8), 128)
+    if name == "titok_tiny":
+        assert torch.equal(model.encoder.latent_tokens.data, torch.zeros(32, 128))
+        assert torch.equal(model.encoder.latent_pos_embed.data, table)
+    else:
+        assert torch.equal(model.encoder.query_tokens.data, table)
+    assert torch.equal(model.decoder.latent_pos_embed.data, table)
+    plain = mstok.create_tokenizer(name, position_embedding="sincos")
+    assert plain.state_dict().keys() == model.state_dict().keys()  # initialisation only
+
+
 def test_fixed_sincos_loads_a_learned_checkpoint(tmp_path) -> None:
     """fixed_sincos keeps the key, so a checkpoint of either kind loads into the other."""
     learned = mstok.create_tokenizer("titok_tiny")
@@ -193,7 +220,7 @@ def test_defaults_change_no_preset_layout(name: str) -> None:
     """Every preset without the switches saves the same config.json keys as before they existed."""
     cfg = preset_config(name)
     saved = cfg.to_dict()
-    for field in ("position_embedding", "qk_norm", "pixel_head", "quantizer"):
+    for field in ("position_embedding", "latent_init", "qk_norm", "pixel_head", "quantizer"):
         assert field not in saved, field
 
 
@@ -229,6 +256,8 @@ def test_convae_rejects_bad_settings(overrides: dict[str, Any], match: str) -> N
         ({"qk_norm": "yes"}, "qk_norm must be true or false"),
         ({"quantizer": "fsq"}, "quantizer must be one of"),
         ({"quantizer": "vae"}, "quantizer must be one of"),
+        ({"latent_init": "grid"}, "needs position_embedding 'sincos' or 'fixed_sincos'"),
+        ({"latent_init": "zeros"}, "latent_init must be one of"),
     ],
 )
 def test_switch_validation(overrides: dict[str, Any], match: str) -> None:

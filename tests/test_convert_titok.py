@@ -305,6 +305,7 @@ def test_new_options_default_to_todays_titok() -> None:
         "quantizer",
         "kl_weight",
         "position_embedding",
+        "latent_init",
         "qk_norm",
         "pixel_head",
     }

@@ -1,17 +1,24 @@
 """``mstok demo``: TiTok vs MsTok at the same budget, on photos bundled with scikit-image.
 
-Both tiny models train with identical settings (steps, batch, seed, data stream) on
-random crops of six of scikit-image's colour photos; two photos are held out. The held-out
-crops are tokenized to K tokens each with the EMA weights, reconstructed and scored, and a
-Markdown report with an image grid and loss curves is written. ``--data DIR`` trains on
-your own images instead (every 10th file is held out).
+Both tiny models train with the tiny recipe (``mstok.training.recipes``) and identical
+settings (steps, batch, seed, data stream) on random crops of six of scikit-image's colour
+photos; two photos are held out. The held-out crops are validated during training and, at
+the end, tokenized to K tokens each with the EMA weights, reconstructed and scored (PSNR,
+SSIM, and LPIPS when its weights are on the machine) against painting each crop in its mean
+colour. A Markdown report with an image grid, loss and validation curves is written.
+``--data DIR`` trains on your own images instead (every 10th file is held out).
+
+Threads: the trainer picks them (``threads = 0``, auto): the free cores, so that a demo on a
+machine where another process is busy does not slow itself down tenfold.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +29,8 @@ from mstok.evaluation.metrics import bits_per_pixel, psnr, ssim
 from mstok.tokenizers import Tokenizer, load_tokenizer, preset_config
 from mstok.training import TrainConfig, Trainer
 from mstok.training.checkpoint import EMA_FILE
-from mstok.training.config import DataConfig, ModelConfig, OptimConfig
+from mstok.training.config import DataConfig, ModelConfig
+from mstok.training.recipes import TINY_EMA_DECAY, TINY_OPTIM, tiny_optim
 
 MODELS = ("titok_tiny", "mstok_tiny")
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle")
@@ -78,25 +86,38 @@ def image_grid(rows: list[tuple[str, torch.Tensor]], scale: int = 2) -> Image.Im
     return canvas
 
 
-def plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
-    """Training loss (and its L1 part) per step for each model, as a PNG."""
+def plot_losses(
+    histories: dict[str, list[dict]], path: Path, validation: dict[str, list[dict]] | None = None, floor: float = 0.0
+) -> None:
+    """Training loss (and its L1 part) per step for each model, and, when given, the held-out
+    PSNR of each validation with the mean-colour ``floor``, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = 3 if validation else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
     for name, history in histories.items():
         steps = [h["step"] for h in history]
-        for ax, key in zip(axes, ("loss", "l1"), strict=True):
+        for ax, key in zip(axes[:2], ("loss", "l1"), strict=True):
             values = np.array([h[key] for h in history])
             window = max(1, len(values) // 40)
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
             ax.plot(steps[window - 1 :], smooth, label=name)
-    for ax, title in zip(axes, ("total loss", "L1 reconstruction"), strict=True):
+    for ax, title in zip(axes[:2], ("total loss", "L1 reconstruction"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if validation:
+        ax = axes[2]
+        for name, records in validation.items():
+            ax.plot([r["step"] for r in records], [r["val_psnr"] for r in records], marker=".", label=name)
+        ax.axhline(floor, color="grey", lw=0.8, label="mean colour")
+        ax.set_title("held-out PSNR (dB), EMA weights")
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -104,13 +125,14 @@ def plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def _evaluate(model: Tokenizer, crops: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def _evaluate(model: Tokenizer, crops: torch.Tensor, lpips: Any) -> tuple[torch.Tensor, dict[str, float]]:
     tokens = model.encode(crops)
     recon = model.decode(tokens)
     cfg = model.config
     return recon, {
         "psnr": float(np.mean(psnr(crops, recon))),
         "ssim": float(np.mean(ssim(crops, recon))),
+        "lpips": float(lpips(recon, crops).mean()) if lpips is not None else None,
         "tokens_per_image": cfg.num_latent_tokens,
         "bits_per_pixel": bits_per_pixel(cfg.num_latent_tokens, cfg.codebook_size, cfg.image_size, cfg.image_size),
         "codebook_usage": model.quantizer.usage_statistics(tokens)["usage"],
@@ -144,77 +166,112 @@ def run_demo(
     size = sizes.pop()
     crops = held_out_crops(held_photos, size, per_photo, seed)  # the same held-out batch for every model
 
-    results, histories, recons = {}, {}, {}
-    for name in MODELS:
+    from mstok.evaluation.evaluate import load_lpips  # lazy: torchmetrics is slow to import
+
+    lpips, lpips_missing = load_lpips(torch.device("cpu"), download=False, level=logging.INFO)
+    results, histories, validation, recons = {}, {}, {}, {}
+    for i, name in enumerate(MODELS):
         config = TrainConfig(
             model=ModelConfig(preset=name),
             data=DataConfig(num_workers=0),
-            optim=OptimConfig(lr=5e-4, end_lr=5e-5, warmup_steps=max(1, steps // 20)),
+            optim=tiny_optim(),
             steps=steps,
             batch_size=batch_size,
-            ema_decay=0.999,
+            ema_decay=TINY_EMA_DECAY,
             seed=seed,
             out_dir=str(out_dir / name),
             log_every=max(1, steps // 50),
             ckpt_every=steps,
             keep_last=1,
+            val_every=max(1, steps // 10),
         )
         dataset = InMemoryImages(train_photos, RandomResizedCropFlip(size, CROP_SCALE if data is None else (0.5, 1.0)))
-        trainer = Trainer(config, dataset=dataset, progress=progress)
+        following = f", {MODELS[i + 1]} next" if i + 1 < len(MODELS) else ""
+        desc = f"{name} ({i + 1}/{len(MODELS)}{following})"
+        trainer = Trainer(config, dataset=dataset, progress=progress, val_images=crops, desc=desc)
         started = time.perf_counter()
         histories[name] = trainer.fit()
         seconds = time.perf_counter() - started
+        validation[name] = trainer.val_history
         model = load_tokenizer(trainer.ckpt_dir / f"step_{steps:07d}", weights=EMA_FILE)
-        recons[name], metrics = _evaluate(model, crops)
+        recons[name], metrics = _evaluate(model, crops, lpips)
         counts = model.parameter_counts()
         results[name] = {
             **metrics,
             "train_seconds": seconds,
+            "seconds_per_step": trainer.train_seconds / steps,
+            "threads": trainer.threads,
             "final_loss": histories[name][-1]["loss"],
             "params": counts["total"],
         }
 
     mean_colour = crops.mean(dim=(2, 3), keepdim=True).expand_as(crops)
-    reference = {"psnr": float(np.mean(psnr(crops, mean_colour))), "ssim": float(np.mean(ssim(crops, mean_colour)))}
+    reference = {
+        "psnr": float(np.mean(psnr(crops, mean_colour))),
+        "ssim": float(np.mean(ssim(crops, mean_colour))),
+        "lpips": float(lpips(mean_colour, crops).mean()) if lpips is not None else None,
+    }
     image_grid([("original", crops), *[(n.split("_")[0], recons[n]) for n in MODELS]]).save(out_dir / "grid.png")
-    plot_losses(histories, out_dir / "loss_curves.png")
+    plot_losses(histories, out_dir / "loss_curves.png", validation, reference["psnr"])
     (out_dir / "metrics.json").write_text(json.dumps({**results, "mean_colour_reference": reference}, indent=2) + "\n")
     report = out_dir / "report.md"
-    report.write_text(_report_text(results, reference, source, held_desc, steps, batch_size, seed, len(crops)))
+    text = _report_text(results, reference, source, held_desc, steps, batch_size, seed, len(crops), lpips_missing)
+    report.write_text(text)
     return report
 
 
 def _report_text(
-    results: dict, reference: dict, source: str, held: str, steps: int, batch: int, seed: int, n_eval: int
+    results: dict,
+    reference: dict,
+    source: str,
+    held: str,
+    steps: int,
+    batch: int,
+    seed: int,
+    n_eval: int,
+    lpips_missing: str | None,
 ) -> str:
+    def fmt_lpips(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    recipe = ", ".join(f"{k} {v}" for k, v in TINY_OPTIM.items())
     lines = [
         "# mstok demo: TiTok vs MsTok at the same budget",
         "",
-        f"Trained on random 64x64 crops of {source}; {steps} steps, batch {batch}, seed {seed}, "
-        "AdamW lr 5e-4 with warmup + cosine, L1 + MSE + VQ losses. Evaluated with EMA weights on "
-        f"{n_eval} held-out crops of {held}.",
+        f"Trained on random 64x64 crops of {source}; {steps} steps, batch {batch}, seed {seed}, the tiny "
+        f"recipe (AdamW {recipe}, warmup + cosine, EMA {TINY_EMA_DECAY}), L1 + MSE + VQ losses. "
+        f"Evaluated with EMA weights on {n_eval} held-out crops of {held}.",
         "",
-        "| model | params | tokens/image | bits/pixel | PSNR (dB) | SSIM | codebook usage | final loss | train time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | tokens/image | bits/pixel | PSNR (dB) | vs mean colour | SSIM | LPIPS "
+        "| codebook usage | final loss | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['params'] / 1e6:.2f}M | {r['tokens_per_image']} | {r['bits_per_pixel']:.4f} | "
-            f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['codebook_usage']:.3f} | {r['final_loss']:.4f} | "
-            f"{r['train_seconds']:.0f} s |"
+            f"{r['psnr']:.2f} | {r['psnr'] - reference['psnr']:+.2f} dB | {r['ssim']:.4f} | {fmt_lpips(r['lpips'])} | "
+            f"{r['codebook_usage']:.3f} | {r['final_loss']:.4f} | {r['train_seconds']:.0f} s "
+            f"({r['seconds_per_step']:.2f} s/step, {r['threads']} thread(s)) |"
         )
     ref_psnr, ref_ssim = reference["psnr"], reference["ssim"]
-    lines.append(f"| each crop's mean colour (reference) | - | - | - | {ref_psnr:.2f} | {ref_ssim:.4f} | - | - | - |")
+    lines.append(
+        f"| each crop's mean colour (reference) | - | - | - | {ref_psnr:.2f} | - | {ref_ssim:.4f} | "
+        f"{fmt_lpips(reference['lpips'])} | - | - | - |"
+    )
     lines += [
         "",
         "Codebook usage is the fraction of the V codes used by the held-out tokens. The reference row "
         "paints each crop in its own mean colour: a tokenizer must beat it to carry more than colour.",
+    ]
+    if lpips_missing:
+        lines.append(f"LPIPS: not measured ({lpips_missing.splitlines()[0]}).")
+    lines += [
         "",
         "## Reconstructions (originals | TiTok | MsTok)",
         "",
         "![reconstructions](grid.png)",
         "",
-        "## Loss curves",
+        "## Loss and held-out PSNR curves",
         "",
         "![loss curves](loss_curves.png)",
         "",

@@ -7,10 +7,17 @@ parameter, started from the fixed 2D sine-cosine table of MAE, so that neighbour
 start with similar embeddings and attention can tell positions apart from step one), and
 ``fixed_sincos`` (that table as a non-trainable buffer under the same state-dict key).
 
+The same table, evaluated at the centres of a coarse grid (:func:`latent_grid`), is the
+"grid" start of a 1D tokenizer's latent tokens (``latent_init = "grid"``): latent k starts
+with the position of one region of the image, so it can attend to that region from the
+first step instead of waiting for the encoder and decoder to agree who carries what.
+
 Glossary: B batch, P patches (= grid * grid), D width, p patch size.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from einops import rearrange
@@ -19,25 +26,53 @@ from torch import nn
 POSITION_EMBEDDINGS = ("learned", "sincos", "fixed_sincos")
 
 
-def sincos_2d(grid_size: int, dim: int, leading: int = 0) -> torch.Tensor:
-    """The 2D sine-cosine table (leading + grid^2, D), rows in raster order.
+def sincos_at(coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """2D sine-cosine embeddings (N, D) of N (row, col) positions ``coords`` (N, 2), which may
+    lie between grid points.
 
     Half of the channels encode the row, half the column; each half is sines and cosines
-    of the coordinate at D/4 frequencies from 1 down to 1/10000. ``leading`` extra rows of
-    zeros come first (class-token slots carry no position).
+    of the coordinate at D/4 frequencies from 1 down to 1/10000.
     """
     if dim % 4:
         raise ValueError(f"a 2D sin-cos positional embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
 
     def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega  # (P, D/4)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (P, D/2)
+        angles = pos.double().reshape(-1, 1) * omega  # (N, D/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (N, D/2)
 
-    table = torch.cat([encode(rows), encode(cols)], dim=1)  # (P, D)
-    return torch.cat([table.new_zeros(leading, dim), table]).float()
+    return torch.cat([encode(coords[:, 0]), encode(coords[:, 1])], dim=1).float()
+
+
+def sincos_2d(grid_size: int, dim: int, leading: int = 0) -> torch.Tensor:
+    """The 2D sine-cosine table (leading + grid^2, D) of a patch grid, rows in raster order;
+    ``leading`` extra rows of zeros come first (class-token slots carry no position)."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    table = sincos_at(torch.stack([rows.flatten(), cols.flatten()], dim=1), dim)  # (P, D)
+    return torch.cat([table.new_zeros(leading, dim), table])
+
+
+def latent_grid(num_tokens: int, grid_size: int) -> torch.Tensor:
+    """(K, 2) positions, in patch-grid coordinates, of K latent tokens laid out as an
+    ``h x w`` grid (the factorisation of K closest to a square, h <= w) over the image:
+    each is the centre of its cell, e.g. K = 32 on an 8 x 8 patch grid is 4 x 8 cells of
+    2 x 1 patches."""
+    h = int(math.isqrt(num_tokens))
+    while num_tokens % h:
+        h -= 1
+    w = num_tokens // h
+    rows = (torch.arange(h, dtype=torch.float64) + 0.5) * grid_size / h - 0.5
+    cols = (torch.arange(w, dtype=torch.float64) + 0.5) * grid_size / w - 0.5
+    r, c = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack([r.flatten(), c.flatten()], dim=1)
+
+
+def set_init_table(module: nn.Module, name: str, table: torch.Tensor) -> None:
+    """Ask :func:`~mstok.layers.init.init_weights` to start ``module.<name>`` from ``table``
+    instead of its random rule (the table is kept as a plain attribute, not in the state dict)."""
+    tables = dict(getattr(module, "init_tables", {}))
+    tables[name] = table
+    module.init_tables = tables
 
 
 def add_grid_position_embedding(
@@ -46,20 +81,17 @@ def add_grid_position_embedding(
     """Register ``module.<name>``, a (leading + grid^2, D) positional embedding of the given kind.
 
     ``learned`` and ``sincos`` register a parameter (``init_weights`` fills it: randomly, or
-    with :func:`sincos_2d` for the names listed in ``module.sincos_init``); ``fixed_sincos``
-    registers the table as a buffer, which keeps the state-dict key.
+    from :func:`sincos_2d` through :func:`set_init_table`); ``fixed_sincos`` registers the
+    table as a buffer, which keeps the state-dict key.
     """
     if kind not in POSITION_EMBEDDINGS:
         raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {kind!r}")
-    rows = leading + grid_size**2
     if kind == "fixed_sincos":
         module.register_buffer(name, sincos_2d(grid_size, dim, leading))
         return
-    module.register_parameter(name, nn.Parameter(torch.empty(rows, dim)))
+    module.register_parameter(name, nn.Parameter(torch.empty(leading + grid_size**2, dim)))
     if kind == "sincos":
-        sincos = dict(getattr(module, "sincos_init", {}))
-        sincos[name] = (grid_size, leading)
-        module.sincos_init = sincos
+        set_init_table(module, name, sincos_2d(grid_size, dim, leading))
 
 
 class PatchEmbed(nn.Module):

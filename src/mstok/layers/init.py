@@ -16,10 +16,10 @@
   ``D ** -0.5``, so each token starts with unit expected norm like a LayerNorm output.
 * Free 1-D parameters (e.g. the level weights of weighted-add aggregation): zero, so a
   softmax over them starts uniform.
-* Free parameters a module names in its ``sincos_init`` dict (``name -> (grid, leading)``,
-  set by :func:`~mstok.layers.embeddings.add_grid_position_embedding` for
-  ``position_embedding = "sincos"``): the 2D sine-cosine table of that patch grid, zeros in
-  the ``leading`` class-token rows.
+* Free parameters a module names in its ``init_tables`` dict (``name -> table``, set by
+  :func:`~mstok.layers.embeddings.set_init_table`): that table. The tokenizers use it for
+  2D sine-cosine starts of positional embeddings (``position_embedding = "sincos"``) and of
+  latent tokens (``latent_init = "grid"``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import math
 
 import torch
 from torch import nn
-
-from mstok.layers.embeddings import sincos_2d
 
 
 @torch.no_grad()
@@ -62,11 +60,10 @@ def init_weights(model: nn.Module) -> None:
             bound = 1.0 / module.num_embeddings
             nn.init.uniform_(module.weight, -bound, bound)
         else:
-            sincos = getattr(module, "sincos_init", {})
+            tables = getattr(module, "init_tables", {})
             for name, param in module.named_parameters(recurse=False):
-                if name in sincos:
-                    grid, leading = sincos[name]
-                    param.copy_(sincos_2d(grid, param.shape[-1], leading))
+                if name in tables:
+                    param.copy_(tables[name])
                 elif param.dim() >= 2:
                     nn.init.normal_(param, std=param.shape[-1] ** -0.5)
                 else:

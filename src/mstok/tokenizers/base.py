@@ -21,13 +21,14 @@ from torch import nn
 
 from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
 from mstok.layers import init_weights
-from mstok.layers.embeddings import POSITION_EMBEDDINGS
+from mstok.layers.embeddings import POSITION_EMBEDDINGS, latent_grid, sincos_at
 from mstok.quantizers import IdentityQuantizer, VectorQuantizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HEADS = ("pixels", "proxy_codes")
 PIXEL_HEADS = ("linear", "conv")
+LATENT_INITS = ("random", "grid")
 
 
 class ConfigDict:
@@ -114,6 +115,12 @@ class TokenizerConfig(ConfigDict):
         quantizer: ``vq`` (vector quantization into V ids, the default) or ``none`` (a
             continuous bottleneck of K x C floats: ``encode`` returns float latents and
             ``decode`` takes them; the convergence study's control). TiTok adds ``vae``.
+        latent_init: how the latent tokens start: ``random`` (the rule of ``init_weights``)
+            or ``grid``: the encoder's latent (query) tokens and the decoder's latent
+            positional embeddings start as the sin-cos embeddings of the centres of an
+            ``h x w`` grid over the image (h * w = K), so latent k begins tied to one region
+            (:func:`~mstok.layers.embeddings.latent_grid`). Initialisation only: the layout
+            is unchanged. Needs sin-cos patch positions to line up with.
         qk_norm: LayerNorm on queries and keys in every attention (adds parameters).
         pixel_head: ``linear`` (per-patch linear map + one 3x3 conv, the ViT/TiTok head) or
             ``conv`` (per-patch linear map to feature channels, then residual 3x3 conv
@@ -136,6 +143,7 @@ class TokenizerConfig(ConfigDict):
     pixel_decoder: dict[str, Any] = dataclasses.field(default_factory=dict)
     quantizer: str = "vq"
     position_embedding: str = "learned"
+    latent_init: str = "random"
     qk_norm: bool = False
     pixel_head: str = "linear"
 
@@ -146,6 +154,7 @@ class TokenizerConfig(ConfigDict):
     optional_defaults: ClassVar[dict[str, Any]] = {
         "quantizer": "vq",
         "position_embedding": "learned",
+        "latent_init": "random",
         "qk_norm": False,
         "pixel_head": "linear",
     }
@@ -187,6 +196,13 @@ class TokenizerConfig(ConfigDict):
             raise ValueError(f"position_embedding={self.position_embedding!r} needs a width divisible by 4")
         if self.quantizer not in self.quantizers:
             raise ValueError(f"quantizer must be one of {self.quantizers}, got {self.quantizer!r}")
+        if self.latent_init not in LATENT_INITS:
+            raise ValueError(f"latent_init must be one of {LATENT_INITS}, got {self.latent_init!r}")
+        if self.latent_init == "grid" and self.position_embedding == "learned":
+            raise ValueError(
+                "latent_init='grid' places latent tokens in the sin-cos position code of the patches: "
+                "it needs position_embedding 'sincos' or 'fixed_sincos'"
+            )
         if self.pixel_head not in PIXEL_HEADS:
             raise ValueError(f"pixel_head must be one of {PIXEL_HEADS}, got {self.pixel_head!r}")
         if self.image_size % self.patch_size:
@@ -205,6 +221,12 @@ class TokenizerConfig(ConfigDict):
             check_pixel_decoder_fits(
                 self.pixel_decoder, self.image_size, self.grid_size, self.proxy_codebook_size, self.head
             )
+
+    def latent_init_table(self) -> torch.Tensor | None:
+        """(K, D) starting embeddings of the latent tokens for ``latent_init="grid"``, else None."""
+        if self.latent_init != "grid":
+            return None
+        return sincos_at(latent_grid(self.num_latent_tokens, self.grid_size), self.width)
 
     @property
     def continuous(self) -> bool:

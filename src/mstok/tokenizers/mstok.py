@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from mstok.layers import CrossAttentionBlock, PatchTokens, Transformer, build_head
-from mstok.layers.embeddings import add_grid_position_embedding
+from mstok.layers.embeddings import add_grid_position_embedding, set_init_table
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 
 AGGREGATIONS = ("concat", "weighted_add")
@@ -163,6 +163,9 @@ class MsTokEncoder(nn.Module):
         self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm)
         self.memory = MultiScaleMemory(d, len(cfg.memory_layers), cfg.scale_embedding, cfg.aggregation)
         self.query_tokens = nn.Parameter(torch.empty(cfg.num_latent_tokens, d))
+        grid = cfg.latent_init_table()
+        if grid is not None:  # query k starts as "the region at grid cell k"
+            set_init_table(self, "query_tokens", grid)
         if cfg.readout == "cross_attention":
             self.qam = QueryAttention(
                 d, cfg.num_heads, cfg.qam_depth, cfg.mlp_ratio, cfg.qam_self_attention, qk_norm=cfg.qk_norm
@@ -196,6 +199,9 @@ class MsTokDecoder(nn.Module):
         d = cfg.width
         self.embed = nn.Linear(cfg.code_dim, d)
         self.latent_pos_embed = nn.Parameter(torch.empty(cfg.num_latent_tokens, d))
+        grid = cfg.latent_init_table()
+        if grid is not None:
+            set_init_table(self, "latent_pos_embed", grid)
         self.mask_token = nn.Parameter(torch.empty(1, d))
         add_grid_position_embedding(self, "pos_embed", cfg.grid_size, d, cfg.position_embedding)
         self.qam = QueryAttention(

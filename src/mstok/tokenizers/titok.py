@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mstok.layers import PatchTokens, Transformer, build_head
-from mstok.layers.embeddings import add_grid_position_embedding
+from mstok.layers.embeddings import add_grid_position_embedding, set_init_table
 from mstok.quantizers import DiagonalGaussianQuantizer
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig, TokenizerOutput
 
@@ -115,6 +115,10 @@ class TiTokEncoder(nn.Module):
         self.patch_tokens = PatchTokens(cfg.image_size, cfg.patch_size, d, position_embedding=cfg.position_embedding)
         self.latent_tokens = nn.Parameter(torch.empty(k, d))
         self.latent_pos_embed = nn.Parameter(torch.empty(k, d))
+        grid = cfg.latent_init_table()
+        if grid is not None:  # latent k starts as "the region at grid cell k"
+            set_init_table(self, "latent_tokens", torch.zeros(k, d))
+            set_init_table(self, "latent_pos_embed", grid)
         self.ln_pre = nn.LayerNorm(d)
         self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm)
         self.ln_post = nn.LayerNorm(d)
@@ -148,6 +152,9 @@ class TiTokDecoder(nn.Module):
         self.num_patches = cfg.num_patches
         self.embed = nn.Linear(cfg.code_dim, d)
         self.latent_pos_embed = nn.Parameter(torch.empty(cfg.num_latent_tokens, d))
+        grid = cfg.latent_init_table()
+        if grid is not None and d == cfg.width:  # a decoder of another width keeps the random start
+            set_init_table(self, "latent_pos_embed", grid)
         self.class_token = nn.Parameter(torch.empty(1, d))
         self.mask_token = nn.Parameter(torch.empty(1, d))
         add_grid_position_embedding(self, "pos_embed", cfg.grid_size, d, cfg.position_embedding, leading=1)

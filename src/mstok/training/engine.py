@@ -90,6 +90,7 @@ class Engine:
         self.skipped = 0
         self.history: list[dict[str, Any]] = []
         self.val_every = 0  # a subclass implementing validate() sets it (0: never)
+        self.train_seconds = 0.0  # this process's training time (data + steps), for val events
         self.val_history: list[dict[str, Any]] = []  # the val events of this process (rank 0)
 
     def setup(self, model: nn.Module, dataset: Dataset) -> None:
@@ -287,8 +288,12 @@ class Engine:
         window_items = 0
         epoch = self.samples_seen // len(self.dataset)
         try:
+            tick = time.perf_counter()
             for micro_batches in self.batches():
                 terms = self.train_step(micro_batches)
+                # data + step time only: validation, grids and checkpoints are left out, so
+                # val events can be read against training time (benchmarks/convergence.py)
+                self.train_seconds += time.perf_counter() - tick
                 self.step += 1
                 self.samples_seen += cfg.batch_size
                 window_items += cfg.batch_size
@@ -320,6 +325,7 @@ class Engine:
                     self.save()
                 if done:
                     break
+                tick = time.perf_counter()
         finally:
             bar.close()
             logger.close()
@@ -333,5 +339,6 @@ class Engine:
         seconds = time.perf_counter() - started
         logger.exclude_time(seconds)  # the window's images/s measures training alone
         if metrics:
+            metrics = {**metrics, "train_seconds": self.train_seconds}
             self.val_history.append(logger.validation(self.step, metrics, seconds))
         return metrics

@@ -110,7 +110,8 @@ class RunLogger:
         self.event(**record)
         if self.writer is not None:
             for k, v in metrics.items():
-                self.writer.add_scalar(f"val/{k.removeprefix('val_')}", v, step)
+                if k.startswith("val_"):
+                    self.writer.add_scalar(f"val/{k.removeprefix('val_')}", v, step)
         return record
 
     def end_epoch(self, epoch: int, step: int) -> None:

@@ -1,0 +1,270 @@
+"""How fast the tiny tokenizers learn, against a calibration measured in the same run.
+
+Every row trains on the same data stream (35 images per class of tiny-imagenet-64, random
+crops and flips) and is measured with its EMA weights on the same held-out images (one of
+the other 5 per class, never trained on), every ``--val-every`` steps: PSNR and SSIM at fixed
+steps, PSNR at fixed training time, and seconds per step. Three groups of rows:
+
+* **candidates**: today's ``titok_tiny`` recipe, then each candidate fix applied alone to it;
+* **recipe**: the chosen combination on TiTok and MsTok, with VQ (V = 1024, 320 bits) and
+  with no quantizer at all (a continuous 32 x 12 bottleneck);
+* **calibration**: a plain conv autoencoder (``convae_tiny``, 0.63M parameters) with the same
+  continuous bottleneck size (8 x 8 x 6 = 384 floats) and with VQ at equal bits (64 codes of
+  V = 32 = 320 bits), and each held-out image painted in its own mean colour.
+
+    python benchmarks/convergence.py                      # all rows, 600 steps, 2 rows at a time
+    python benchmarks/convergence.py --steps 2000 --groups recipe,calibration
+    python benchmarks/convergence.py --rows "titok VQ (recipe)" --steps 200 --no-append
+
+``--jobs 2`` trains two rows at once with one thread each (on 2 cores, the fairest use of the
+machine: every row sees the same contention, so seconds per step compare across rows).
+Finished rows are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
+The table, a PSNR-vs-step plot and the command go to ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mstok.data import ImageFolder, IndexSubset, RandomResizedCropFlip, center_crop_transform
+from mstok.evaluation.metrics import psnr, ssim
+from mstok.evaluation.probe import split_per_class
+from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
+from mstok.tokenizers import create_tokenizer
+from mstok.training import Trainer, load_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
+# Today's titok_tiny.toml recipe before this study (lr 5e-4, warmup 100, betas 0.9/0.99).
+BASELINE_OPTIM = ["optim.lr=5e-4", "optim.end_lr=5e-5", "optim.warmup_steps=100", "optim.betas=[0.9, 0.99]"]
+# The recipe this study chose (see RESULTS.md "Convergence of the tiny tokenizers").
+RECIPE_MODEL = {"position_embedding": "sincos", "qk_norm": True, "pixel_head": "conv"}
+RECIPE_OPTIM = ["optim.lr=2e-3", "optim.end_lr=2e-4", "optim.warmup_steps=50", "optim.betas=[0.9, 0.95]"]
+
+
+@dataclass
+class Row:
+    """One training run of the table: a preset, config-field overrides and run settings."""
+
+    group: str
+    preset: str
+    model: dict[str, Any] = field(default_factory=dict)
+    settings: list[str] = field(default_factory=list)
+
+
+ROWS: dict[str, Row] = {
+    "titok VQ, today's recipe": Row("candidates", "titok_tiny", {}, BASELINE_OPTIM),
+    "+ lr 2e-3, betas 0.95, warmup 50": Row("candidates", "titok_tiny", {}, RECIPE_OPTIM),
+    "+ sincos positions": Row("candidates", "titok_tiny", {"position_embedding": "sincos"}, BASELINE_OPTIM),
+    "+ fixed sincos positions": Row("candidates", "titok_tiny", {"position_embedding": "fixed_sincos"}, BASELINE_OPTIM),
+    "+ qk-norm": Row("candidates", "titok_tiny", {"qk_norm": True}, BASELINE_OPTIM),
+    "+ qk-norm, lr 2e-3": Row("candidates", "titok_tiny", {"qk_norm": True}, RECIPE_OPTIM),
+    "+ conv pixel head": Row("candidates", "titok_tiny", {"pixel_head": "conv"}, BASELINE_OPTIM),
+    "+ EMA 0.99": Row("candidates", "titok_tiny", {}, [*BASELINE_OPTIM, "ema_decay=0.99"]),
+    "titok VQ (recipe)": Row("recipe", "titok_tiny", RECIPE_MODEL, RECIPE_OPTIM),
+    "titok continuous (recipe)": Row("recipe", "titok_tiny", {**RECIPE_MODEL, "quantizer": "none"}, RECIPE_OPTIM),
+    "mstok VQ (recipe)": Row("recipe", "mstok_tiny", RECIPE_MODEL, RECIPE_OPTIM),
+    "mstok continuous (recipe)": Row("recipe", "mstok_tiny", {**RECIPE_MODEL, "quantizer": "none"}, RECIPE_OPTIM),
+    "conv AE continuous 8x8x6": Row("calibration", "convae_tiny", {"quantizer": "none"}, RECIPE_OPTIM),
+    "conv AE VQ 8x8, V=32 (320 bits)": Row("calibration", "convae_tiny", {}, RECIPE_OPTIM),
+}
+GROUPS = ("candidates", "recipe", "calibration")
+
+
+def _split(data: str, val_count: int) -> tuple[list[int], list[int]]:
+    """Training indices (35 per class) and ``val_count`` held-out indices (from the other 5 per class,
+    spread over the classes)."""
+    labels = [label for _, label in ImageFolder(data, center_crop_transform(64)).samples]
+    train_idx, val_idx = (t.tolist() for t in split_per_class(labels, 35, 5, seed=0))
+    by_class: dict[int, list[int]] = {}
+    for i in val_idx:
+        by_class.setdefault(labels[i], []).append(i)
+    spread = [i for round_ in range(5) for members in by_class.values() for i in members[round_ : round_ + 1]]
+    return train_idx, spread[:val_count]
+
+
+def held_out_images(data: str, indices: list[int]) -> torch.Tensor:
+    """The held-out images, center-cropped: (N, 3, 64, 64) in [0, 1]."""
+    fixed = ImageFolder(data, center_crop_transform(64))
+    return torch.stack([fixed[(i, 0)][0] for i in indices])
+
+
+def run_row(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """Train one row (or reuse a finished one) and return its val history and timings."""
+    row = ROWS[name]
+    out = Path(args.work_dir) / "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    identity = {"preset": row.preset, "model": row.model, "settings": row.settings, "steps": args.steps,
+                "batch_size": args.batch_size, "val_every": args.val_every, "val_images": args.val_images}  # fmt: skip
+    done = out / "result.json"
+    if done.is_file() and not args.fresh:
+        saved = json.loads(done.read_text())
+        if saved.get("identity") == identity:
+            return saved
+    if out.exists():
+        shutil.rmtree(out)  # a stale or unfinished run: the trainer would resume it
+    settings = [
+        f"model.preset='{row.preset}'",
+        f"steps={args.steps}",
+        f"batch_size={args.batch_size}",
+        f"out_dir='{out}'",
+        f"val_every={args.val_every}",
+        f"ckpt_every={args.steps}",
+        "keep_last=1",
+        f"log_every={args.val_every}",
+        "tensorboard=false",
+        "data.num_workers=0",
+        f"threads={threads}",
+        *row.settings,
+        *[f"model.overrides.{k}={json.dumps(v)}" for k, v in row.model.items()],
+    ]
+    config = load_train_config(None, settings)
+    train_idx, val_idx = _split(args.data, args.val_images)
+    train = IndexSubset(ImageFolder(args.data, RandomResizedCropFlip(64, (0.8, 1.0))), train_idx)
+    trainer = Trainer(config, dataset=train, val_images=held_out_images(args.data, val_idx), progress=False)
+    started = time.perf_counter()
+    history = trainer.fit()
+    result = {
+        "identity": identity,
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "val": [{k: v for k, v in r.items() if k != "event"} for r in trainer.val_history],
+        "loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        "seconds_per_step": trainer.train_seconds / args.steps,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _at_time(val: list[dict[str, Any]], seconds: float) -> float:
+    """PSNR of the last validation whose training time is within ``seconds`` (NaN if none)."""
+    within = [r["val_psnr"] for r in val if r["train_seconds"] <= seconds]
+    return within[-1] if within else math.nan
+
+
+def table(results: dict[str, dict[str, Any]], mean_colour: tuple[float, float], args: argparse.Namespace) -> str:
+    """Markdown: one row per run, PSNR at each validation step, at fixed times, final SSIM, s/step."""
+    steps = sorted({r["step"] for res in results.values() for r in res["val"]})
+    shown = [s for s in steps if s in _milestones(args.steps, args.val_every)]
+    times = [float(t) for t in args.wall.split(",") if t]
+    head = ["row", "params", "s/step", *[f"PSNR @{s}" for s in shown], *[f"PSNR @{t:.0f}s" for t in times],
+            f"SSIM @{args.steps}"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for name, res in results.items():
+        by_step = {r["step"]: r for r in res["val"]}
+        cells = [name, f"{res['params'] / 1e6:.2f}M", f"{res['seconds_per_step']:.3f}"]
+        cells += [f"{by_step[s]['val_psnr']:.2f}" if s in by_step else "-" for s in shown]
+        cells += [f"{_at_time(res['val'], t):.2f}" for t in times]
+        cells.append(f"{by_step[args.steps]['val_ssim']:.4f}" if args.steps in by_step else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    psnr_cells = [f"{mean_colour[0]:.2f}"] * (len(shown) + len(times))
+    lines.append("| each image in its mean colour | - | - | " + " | ".join(psnr_cells) + f" | {mean_colour[1]:.4f} |")
+    return "\n".join(lines)
+
+
+def _milestones(steps: int, every: int) -> set[int]:
+    """About four evenly spaced validation steps to show in the table, the last included."""
+    all_steps = list(range(every, steps + 1, every))
+    if all_steps[-1] != steps:
+        all_steps.append(steps)
+    pick = max(1, len(all_steps) // 4)
+    return {s for i, s in enumerate(all_steps, start=1) if i % pick == 0} | {steps}
+
+
+def plot(results: dict[str, dict[str, Any]], mean_colour: float, path: Path) -> None:
+    """Held-out PSNR against step for every row, with the mean-colour floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, res in results.items():
+        group = ROWS[name].group
+        style = {"candidates": ":", "recipe": "-", "calibration": "--"}[group]
+        ax.plot([r["step"] for r in res["val"]], [r["val_psnr"] for r in res["val"]], style, label=name)
+    ax.axhline(mean_colour, color="grey", lw=0.8, label="mean colour")
+    ax.set_xlabel("step (batch 32)")
+    ax.set_ylabel("held-out PSNR (dB), EMA weights")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--val-every", type=int, default=50)
+    parser.add_argument("--val-images", type=int, default=200, help="held-out images (one per class first)")
+    parser.add_argument("--wall", default="60,120", help="training seconds at which to read PSNR")
+    parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")
+    parser.add_argument("--rows", default="", help="comma-separated row names (default: every row of --groups)")
+    parser.add_argument("--jobs", type=int, default=2, help="rows trained at once (one thread each when > 1)")
+    parser.add_argument("--threads", type=int, default=0, help="threads per row with --jobs 1 (0 = auto)")
+    parser.add_argument("--work-dir", default="runs/convergence")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "convergence.png"))
+    parser.add_argument("--no-append", action="store_true", help="print only; write neither --out nor --plot")
+    parser.add_argument("--fresh", action="store_true", help="retrain finished rows")
+    args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    names = [n.strip() for n in args.rows.split(",") if n.strip()] or [n for n, r in ROWS.items() if r.group in groups]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
+    if not Path(args.data).is_dir():
+        parser.error(f"--data {args.data} not found (tiny-imagenet-64 ships in ../shared/datasets)")
+    for name in names:  # fail fast on a bad row, before any training
+        create_tokenizer(ROWS[name].preset, **ROWS[name].model)
+
+    loads, started = [load_1min()], time.perf_counter()
+    threads = 1 if args.jobs > 1 else args.threads
+    results: dict[str, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {name: pool.submit(run_row, name, args, threads) for name in names}
+        for name in names:  # in table order; the pool runs them --jobs at a time
+            results[name] = futures[name].result()
+            loads.append(load_1min())
+            last = results[name]["val"][-1]
+            print(f"{name}: PSNR {last['val_psnr']:.2f} SSIM {last['val_ssim']:.4f} at step {last['step']}, "
+                  f"{results[name]['seconds_per_step']:.3f} s/step", flush=True)  # fmt: skip
+
+    _, val_idx = _split(args.data, args.val_images)
+    images = held_out_images(args.data, val_idx)
+    flat = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    mean_colour = (float(np.mean(psnr(images, flat))), float(np.mean(ssim(images, flat))))
+    text = table(results, mean_colour, args)
+    print(text)
+    if not args.no_append:
+        plot(results, mean_colour[0], Path(args.plot))
+        minutes = (time.perf_counter() - started) / 60
+        notes = [
+            f"{args.steps} steps of batch {args.batch_size} per row; {args.val_images} held-out images validated "
+            f"every {args.val_every} steps with EMA weights; {args.jobs} rows at a time "
+            f"({threads or 'auto'} thread(s) each); {minutes:.0f} min in all (reused rows count 0); "
+            f"{load_summary(loads)}. PSNR @Ns reads the last validation within N s of training time "
+            f"(data + steps; validation excluded). Plot: `{Path(args.plot).name}`.",
+        ]
+        section = results_section("Convergence of the tiny tokenizers", command_line(__file__, argv), "cpu",
+                                  [text], notes)  # fmt: skip
+        append_section(args.out, section)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
