@@ -57,7 +57,7 @@ def latent_grid(num_tokens: int, grid_size: int) -> torch.Tensor:
     ``h x w`` grid (the factorisation of K closest to a square, h <= w) over the image:
     each is the centre of its cell, e.g. K = 32 on an 8 x 8 patch grid is 4 x 8 cells of
     2 x 1 patches."""
-    h = int(math.isqrt(num_tokens))
+    h = math.isqrt(num_tokens)
     while num_tokens % h:
         h -= 1
     w = num_tokens // h
