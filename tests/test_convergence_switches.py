@@ -20,7 +20,13 @@ from mstok.layers.embeddings import ConvPixelHead, PatchTokens, latent_grid, sin
 from mstok.tokenizers import PRESETS, preset_config
 
 B, IMAGE = 2, 64
-SWITCHED = {"position_embedding": "sincos", "latent_init": "grid", "qk_norm": True, "pixel_head": "conv"}
+SWITCHED = {
+    "position_embedding": "sincos",
+    "latent_init": "grid",
+    "attention_init": "mimetic",
+    "qk_norm": True,
+    "pixel_head": "conv",
+}
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("titok_tiny", SWITCHED),
     ("mstok_tiny", SWITCHED),
@@ -152,6 +158,27 @@ def test_latent_grid_init(name: str) -> None:
     assert plain.state_dict().keys() == model.state_dict().keys()  # initialisation only
 
 
+@pytest.mark.parametrize("name", ["titok_tiny", "mstok_tiny"])
+def test_mimetic_attention_init_ties_query_and_key(name: str) -> None:
+    model = mstok.create_tokenizer(name, attention_init="mimetic")
+    attentions = [m for m in model.modules() if isinstance(m, (SelfAttention, CrossAttention))]
+    assert attentions
+    for attn in attentions:
+        if isinstance(attn, SelfAttention):
+            q, k, v = attn.qkv.weight.chunk(3)
+            assert torch.equal(q, k) and not torch.equal(q, v)
+        else:
+            assert torch.equal(attn.kv.weight[: attn.q.weight.shape[0]], attn.q.weight)
+    # the start is a similarity: every token's logit with itself is the largest of its row
+    attn = next(m for m in attentions if isinstance(m, SelfAttention))
+    x = torch.randn(1, 6, attn.qkv.weight.shape[1])
+    q, k, _ = attn.qkv(x).chunk(3, dim=-1)
+    logits = q @ k.transpose(-1, -2)
+    assert torch.equal(logits.argmax(-1), torch.arange(6)[None])
+    plain = mstok.create_tokenizer(name)
+    assert plain.state_dict().keys() == model.state_dict().keys()
+
+
 def test_fixed_sincos_loads_a_learned_checkpoint(tmp_path) -> None:
     """fixed_sincos keeps the key, so a checkpoint of either kind loads into the other."""
     learned = mstok.create_tokenizer("titok_tiny")
@@ -220,7 +247,7 @@ def test_defaults_change_no_preset_layout(name: str) -> None:
     """Every preset without the switches saves the same config.json keys as before they existed."""
     cfg = preset_config(name)
     saved = cfg.to_dict()
-    for field in ("position_embedding", "latent_init", "qk_norm", "pixel_head", "quantizer"):
+    for field in ("position_embedding", "latent_init", "attention_init", "qk_norm", "pixel_head", "quantizer"):
         assert field not in saved, field
 
 
@@ -240,6 +267,7 @@ def test_convae_bottleneck_sizes() -> None:
         ({"num_latent_tokens": 32}, "grid's cell count 64"),
         ({"patch_size": 6, "image_size": 60, "num_latent_tokens": 100}, "power of two"),
         ({"qk_norm": True}, "no transformer"),
+        ({"attention_init": "mimetic"}, "no transformer"),
         ({"head": "proxy_codes"}, "pixels only"),
     ],
 )
@@ -258,6 +286,7 @@ def test_convae_rejects_bad_settings(overrides: dict[str, Any], match: str) -> N
         ({"quantizer": "vae"}, "quantizer must be one of"),
         ({"latent_init": "grid"}, "needs position_embedding 'sincos' or 'fixed_sincos'"),
         ({"latent_init": "zeros"}, "latent_init must be one of"),
+        ({"attention_init": "xavier"}, "attention_init must be one of"),
     ],
 )
 def test_switch_validation(overrides: dict[str, Any], match: str) -> None:

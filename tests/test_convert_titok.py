@@ -306,6 +306,7 @@ def test_new_options_default_to_todays_titok() -> None:
         "kl_weight",
         "position_embedding",
         "latent_init",
+        "attention_init",
         "qk_norm",
         "pixel_head",
     }

@@ -20,6 +20,12 @@
   :func:`~mstok.layers.embeddings.set_init_table`): that table. The tokenizers use it for
   2D sine-cosine starts of positional embeddings (``position_embedding = "sincos"``) and of
   latent tokens (``latent_init = "grid"``).
+* Attention modules flagged ``mimetic_init = True`` (the tokenizers' ``attention_init =
+  "mimetic"``), after the rules above: the key projection starts as a copy of the query
+  projection (the query-key half of Trockman & Kolter's mimetic initialisation, 2023), so
+  that ``q_i . k_j`` starts as a similarity of tokens i and j instead of a random bilinear
+  form. Tokens then attend to tokens like them from the first step; with sin-cos positions
+  that means nearby positions, and with grid latents, latent k reads its own region.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import math
 
 import torch
 from torch import nn
+
+from mstok.layers.attention import CrossAttention, SelfAttention
 
 
 @torch.no_grad()
@@ -68,3 +76,20 @@ def init_weights(model: nn.Module) -> None:
                     nn.init.normal_(param, std=param.shape[-1] ** -0.5)
                 else:
                     nn.init.zeros_(param)
+    for module in model.modules():  # after every Linear is initialised
+        if getattr(module, "mimetic_init", False):
+            tie_query_key(module)
+
+
+@torch.no_grad()
+def tie_query_key(module: nn.Module) -> None:
+    """Copy the query projection's weights into the key projection (the mimetic rule above)."""
+    if isinstance(module, SelfAttention):
+        dim = module.qkv.weight.shape[1]
+        module.qkv.weight[dim : 2 * dim].copy_(module.qkv.weight[:dim])
+    elif isinstance(module, CrossAttention):
+        if module.kv.weight.shape[1] != module.q.weight.shape[1]:
+            raise ValueError("mimetic initialisation needs queries and context of the same width")
+        module.kv.weight[: module.q.weight.shape[0]].copy_(module.q.weight)
+    else:
+        raise TypeError(f"mimetic initialisation applies to attention modules, not {type(module).__name__}")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
-from mstok.layers import init_weights
+from mstok.layers import CrossAttention, SelfAttention, init_weights
 from mstok.layers.embeddings import POSITION_EMBEDDINGS, latent_grid, sincos_at
 from mstok.quantizers import IdentityQuantizer, VectorQuantizer
 
@@ -29,6 +29,7 @@ WEIGHTS_FILE = "model.safetensors"
 HEADS = ("pixels", "proxy_codes")
 PIXEL_HEADS = ("linear", "conv")
 LATENT_INITS = ("random", "grid")
+ATTENTION_INITS = ("random", "mimetic")
 
 
 class ConfigDict:
@@ -121,6 +122,9 @@ class TokenizerConfig(ConfigDict):
             ``h x w`` grid over the image (h * w = K), so latent k begins tied to one region
             (:func:`~mstok.layers.embeddings.latent_grid`). Initialisation only: the layout
             is unchanged. Needs sin-cos patch positions to line up with.
+        attention_init: ``random`` or ``mimetic``: every attention's key projection starts as
+            a copy of its query projection (:mod:`mstok.layers.init`), so attention starts
+            as token similarity. Initialisation only.
         qk_norm: LayerNorm on queries and keys in every attention (adds parameters).
         pixel_head: ``linear`` (per-patch linear map + one 3x3 conv, the ViT/TiTok head) or
             ``conv`` (per-patch linear map to feature channels, then residual 3x3 conv
@@ -144,6 +148,7 @@ class TokenizerConfig(ConfigDict):
     quantizer: str = "vq"
     position_embedding: str = "learned"
     latent_init: str = "random"
+    attention_init: str = "random"
     qk_norm: bool = False
     pixel_head: str = "linear"
 
@@ -155,6 +160,7 @@ class TokenizerConfig(ConfigDict):
         "quantizer": "vq",
         "position_embedding": "learned",
         "latent_init": "random",
+        "attention_init": "random",
         "qk_norm": False,
         "pixel_head": "linear",
     }
@@ -203,6 +209,8 @@ class TokenizerConfig(ConfigDict):
                 "latent_init='grid' places latent tokens in the sin-cos position code of the patches: "
                 "it needs position_embedding 'sincos' or 'fixed_sincos'"
             )
+        if self.attention_init not in ATTENTION_INITS:
+            raise ValueError(f"attention_init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
         if self.pixel_head not in PIXEL_HEADS:
             raise ValueError(f"pixel_head must be one of {PIXEL_HEADS}, got {self.pixel_head!r}")
         if self.image_size % self.patch_size:
@@ -349,6 +357,11 @@ class Tokenizer(SavedModel, nn.Module):
             from mstok.tokenizers.pixel_decoder import ProxyPixelDecoder  # lazy: it imports this module
 
             self.pixel_decoder = ProxyPixelDecoder.from_dict(config.pixel_decoder)
+        if config.attention_init == "mimetic":
+            for part in (self.encoder, self.decoder):
+                for module in part.modules():
+                    if isinstance(module, (SelfAttention, CrossAttention)):
+                        module.mimetic_init = True
         init_weights(self)
 
     def build(self, config: TokenizerConfig) -> tuple[nn.Module, nn.Module]:
