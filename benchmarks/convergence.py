@@ -5,14 +5,16 @@ crops and flips) and is measured with its EMA weights on the same held-out image
 the other 5 per class, never trained on), every ``--val-every`` steps: PSNR and SSIM at fixed
 steps, PSNR at fixed training time, and seconds per step. Three groups of rows:
 
-* **candidates**: today's ``titok_tiny`` recipe, then each candidate fix applied alone to it;
+* **candidates**: ``titok_tiny`` as it was before this study (learned positions, random
+  latents, no qk-norm, lr 5e-4), then each candidate fix applied alone to it (sin-cos
+  positions with grid latents and mimetic attention init are one idea in three parts);
 * **recipe**: the chosen combination on TiTok and MsTok, with VQ (V = 1024, 320 bits) and
   with no quantizer at all (a continuous 32 x 12 bottleneck);
 * **calibration**: a plain conv autoencoder (``convae_tiny``, 0.63M parameters) with the same
   continuous bottleneck size (8 x 8 x 6 = 384 floats) and with VQ at equal bits (64 codes of
   V = 32 = 320 bits), and each held-out image painted in its own mean colour.
 
-    python benchmarks/convergence.py                      # all rows, 600 steps, 2 rows at a time
+    python benchmarks/convergence.py                      # all rows, 400 steps, 2 rows at a time
     python benchmarks/convergence.py --steps 2000 --groups recipe,calibration
     python benchmarks/convergence.py --rows "titok VQ (recipe)" --steps 200 --no-append
 
@@ -44,14 +46,15 @@ from mstok.evaluation.probe import split_per_class
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
 from mstok.tokenizers import create_tokenizer
 from mstok.training import Trainer, load_train_config
+from mstok.training.recipes import tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
-# Today's titok_tiny.toml recipe before this study (lr 5e-4, warmup 100, betas 0.9/0.99).
+# The tiny presets before this study: random positions and latents, no qk-norm.
+BEFORE = {"position_embedding": "learned", "latent_init": "random", "attention_init": "random", "qk_norm": False}
+# Today's titok_tiny.toml optimiser before this study (lr 5e-4, warmup 100, betas 0.9/0.99).
 BASELINE_OPTIM = ["optim.lr=5e-4", "optim.end_lr=5e-5", "optim.warmup_steps=100", "optim.betas=[0.9, 0.99]"]
-# The recipe this study chose (see RESULTS.md "Convergence of the tiny tokenizers").
-RECIPE_MODEL = {"position_embedding": "sincos", "qk_norm": True, "pixel_head": "conv"}
-RECIPE_OPTIM = ["optim.lr=2e-3", "optim.end_lr=2e-4", "optim.warmup_steps=50", "optim.betas=[0.9, 0.95]"]
+RECIPE_OPTIM = tiny_settings()  # the recipe this study chose (mstok.training.recipes)
 
 
 @dataclass
@@ -64,19 +67,26 @@ class Row:
     settings: list[str] = field(default_factory=list)
 
 
+def _candidate(**switches: Any) -> Row:
+    return Row("candidates", "titok_tiny", {**BEFORE, **switches}, BASELINE_OPTIM)
+
+
 ROWS: dict[str, Row] = {
-    "titok VQ, today's recipe": Row("candidates", "titok_tiny", {}, BASELINE_OPTIM),
-    "+ lr 2e-3, betas 0.95, warmup 50": Row("candidates", "titok_tiny", {}, RECIPE_OPTIM),
-    "+ sincos positions": Row("candidates", "titok_tiny", {"position_embedding": "sincos"}, BASELINE_OPTIM),
-    "+ fixed sincos positions": Row("candidates", "titok_tiny", {"position_embedding": "fixed_sincos"}, BASELINE_OPTIM),
-    "+ qk-norm": Row("candidates", "titok_tiny", {"qk_norm": True}, BASELINE_OPTIM),
-    "+ qk-norm, lr 2e-3": Row("candidates", "titok_tiny", {"qk_norm": True}, RECIPE_OPTIM),
-    "+ conv pixel head": Row("candidates", "titok_tiny", {"pixel_head": "conv"}, BASELINE_OPTIM),
-    "+ EMA 0.99": Row("candidates", "titok_tiny", {}, [*BASELINE_OPTIM, "ema_decay=0.99"]),
-    "titok VQ (recipe)": Row("recipe", "titok_tiny", RECIPE_MODEL, RECIPE_OPTIM),
-    "titok continuous (recipe)": Row("recipe", "titok_tiny", {**RECIPE_MODEL, "quantizer": "none"}, RECIPE_OPTIM),
-    "mstok VQ (recipe)": Row("recipe", "mstok_tiny", RECIPE_MODEL, RECIPE_OPTIM),
-    "mstok continuous (recipe)": Row("recipe", "mstok_tiny", {**RECIPE_MODEL, "quantizer": "none"}, RECIPE_OPTIM),
+    "titok VQ, before (learned pos., lr 5e-4)": _candidate(),
+    "+ lr 2e-3, betas 0.95, warmup 50": Row("candidates", "titok_tiny", BEFORE, RECIPE_OPTIM),
+    "+ qk-norm": _candidate(qk_norm=True),
+    "+ sincos positions": _candidate(position_embedding="sincos"),
+    "+ mimetic attention init": _candidate(attention_init="mimetic"),
+    "+ sincos + grid latents": _candidate(position_embedding="sincos", latent_init="grid"),
+    "+ sincos + grid latents + mimetic": _candidate(
+        position_embedding="sincos", latent_init="grid", attention_init="mimetic"
+    ),
+    "+ conv pixel head": _candidate(pixel_head="conv"),
+    # the recipe: the tiny presets as shipped (sincos, grid latents, mimetic init, qk-norm) + its optimiser
+    "titok VQ (recipe)": Row("recipe", "titok_tiny", {}, RECIPE_OPTIM),
+    "titok continuous (recipe)": Row("recipe", "titok_tiny", {"quantizer": "none"}, RECIPE_OPTIM),
+    "mstok VQ (recipe)": Row("recipe", "mstok_tiny", {}, RECIPE_OPTIM),
+    "mstok continuous (recipe)": Row("recipe", "mstok_tiny", {"quantizer": "none"}, RECIPE_OPTIM),
     "conv AE continuous 8x8x6": Row("calibration", "convae_tiny", {"quantizer": "none"}, RECIPE_OPTIM),
     "conv AE VQ 8x8, V=32 (320 bits)": Row("calibration", "convae_tiny", {}, RECIPE_OPTIM),
 }
@@ -207,7 +217,7 @@ def plot(results: dict[str, dict[str, Any]], mean_colour: float, path: Path) -> 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--val-images", type=int, default=200, help="held-out images (one per class first)")

@@ -1,7 +1,7 @@
 """The papers' claims at small scale: TiTok vs MsTok and MsTok's ablations on tiny-imagenet-64.
 
-Every variant trains with the same budget (steps, batch, learning rate, width, depth, data
-stream) on 35 images per class of ``../shared/datasets/tiny-imagenet-64`` and is evaluated on
+Every variant trains with the tiny recipe (``mstok.training.recipes``; the tiny presets carry
+its model side) and the same budget (steps, batch, learning rate, width, depth, data stream) on 35 images per class of ``../shared/datasets/tiny-imagenet-64`` and is evaluated on
 the other 5 per class: PSNR and SSIM of the EMA model's reconstructions, codebook usage, and
 linear-probe top-1 (frozen encoder, mean-pooled pre-quantization latents, BatchNorm + linear,
 LARS; features of the same split). Each variant runs with several seeds; the table reports
@@ -39,6 +39,7 @@ from mstok.evaluation.report import load_1min, load_summary, machine_line
 from mstok.tokenizers import load_tokenizer
 from mstok.training import Trainer, load_train_config
 from mstok.training.checkpoint import EMA_FILE, latest_checkpoint
+from mstok.training.recipes import TINY_OPTIM, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
@@ -79,7 +80,7 @@ def run_variant(
     out = Path(args.work_dir) / name.replace(" ", "_").replace("=", "").replace(".", "") / f"seed{seed}"
     done = out / "result.json"
     identity = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "classes": args.classes,
-                "probe_epochs": args.probe_epochs, "probe_lr": args.probe_lr}  # fmt: skip
+                "probe_epochs": args.probe_epochs, "probe_lr": args.probe_lr, "recipe": tiny_settings()}  # fmt: skip
     if done.is_file() and not args.fresh:
         saved = json.loads(done.read_text())
         if saved.get("settings") == identity:  # a finished run with the same budget: reuse it
@@ -93,9 +94,10 @@ def run_variant(
         f"seed={seed}",
         f"out_dir='{out}'",
         f"device='{args.device}'",
+        *tiny_settings(),  # the tiny recipe (the presets carry its model side); --lr overrides its lr
         f"optim.lr={args.lr}",
         f"optim.end_lr={args.lr / 10}",
-        f"optim.warmup_steps={max(1, args.steps // 20)}",
+        f"threads={args.threads}",
         f"ckpt_every={args.steps}",
         "keep_last=1",
         f"log_every={max(1, args.steps // 20)}",
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=TINY_OPTIM["lr"], help="peak lr (default: the tiny recipe's)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = auto)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--classes", type=int, default=200, help="use the first N classes (quick runs)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")

@@ -190,6 +190,7 @@ def build_trainer(row: Row, args: argparse.Namespace, batch_size: int, proxies: 
             f"steps={args.warmup + args.steps + 2}",
             "tensorboard=false",
             "data.num_workers=0",
+            f"threads={torch.get_num_threads()}",  # keep --threads (the engine would pick its own)
             f"out_dir='{tmp / 'run'}'",
             *stage_overrides(row.stage, proxy_dir),
         ],

@@ -18,6 +18,7 @@ from mstok.layers import SelfAttention, init_weights
 from mstok.layers.attention import CrossAttention
 from mstok.layers.embeddings import ConvPixelHead, PatchTokens, latent_grid, sincos_2d, sincos_at
 from mstok.tokenizers import PRESETS, preset_config
+from mstok.tokenizers.registry import TINY_RECIPE
 
 B, IMAGE = 2, 64
 SWITCHED = {
@@ -181,7 +182,7 @@ def test_mimetic_attention_init_ties_query_and_key(name: str) -> None:
 
 def test_fixed_sincos_loads_a_learned_checkpoint(tmp_path) -> None:
     """fixed_sincos keeps the key, so a checkpoint of either kind loads into the other."""
-    learned = mstok.create_tokenizer("titok_tiny")
+    learned = mstok.create_tokenizer("titok_tiny", position_embedding="learned", latent_init="random")
     learned.save_pretrained(tmp_path)
     fixed = mstok.create_tokenizer("titok_tiny", position_embedding="fixed_sincos")
     fixed.load_weights(tmp_path / "model.safetensors")
@@ -242,13 +243,22 @@ def test_conv_pixel_head_layout_and_residuals() -> None:
     assert_close(head(x), expected)
 
 
-@pytest.mark.parametrize("name", [n for n, (family, _) in PRESETS.items() if family in ("titok", "mstok")])
-def test_defaults_change_no_preset_layout(name: str) -> None:
-    """Every preset without the switches saves the same config.json keys as before they existed."""
-    cfg = preset_config(name)
-    saved = cfg.to_dict()
+FULL_SIZE = [n for n, (family, _) in PRESETS.items() if family in ("titok", "mstok") and not n.endswith("_tiny")]
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_defaults_change_no_full_size_preset(name: str) -> None:
+    """Every full-size preset saves the same config.json keys as before the switches existed."""
+    saved = preset_config(name).to_dict()
     for field in ("position_embedding", "latent_init", "attention_init", "qk_norm", "pixel_head", "quantizer"):
         assert field not in saved, field
+
+
+@pytest.mark.parametrize("name", ["titok_tiny", "mstok_tiny"])
+def test_tiny_presets_carry_the_recipe(name: str) -> None:
+    cfg = preset_config(name)
+    for field, value in TINY_RECIPE.items():
+        assert getattr(cfg, field) == value and cfg.to_dict()[field] == value, field
 
 
 def test_convae_bottleneck_sizes() -> None:
@@ -284,7 +294,7 @@ def test_convae_rejects_bad_settings(overrides: dict[str, Any], match: str) -> N
         ({"qk_norm": "yes"}, "qk_norm must be true or false"),
         ({"quantizer": "fsq"}, "quantizer must be one of"),
         ({"quantizer": "vae"}, "quantizer must be one of"),
-        ({"latent_init": "grid"}, "needs position_embedding 'sincos' or 'fixed_sincos'"),
+        ({"position_embedding": "learned"}, "needs position_embedding 'sincos' or 'fixed_sincos'"),
         ({"latent_init": "zeros"}, "latent_init must be one of"),
         ({"attention_init": "xavier"}, "attention_init must be one of"),
     ],
@@ -292,3 +302,18 @@ def test_convae_rejects_bad_settings(overrides: dict[str, Any], match: str) -> N
 def test_switch_validation(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         preset_config("mstok_tiny", **overrides)
+
+
+@pytest.mark.parametrize("name", ["titok_tiny", "mstok_tiny"])
+def test_shipped_tiny_configs_use_the_recipe(name: str) -> None:
+    from pathlib import Path
+
+    from mstok.training import load_train_config
+    from mstok.training.recipes import TINY_EMA_DECAY, tiny_optim, tiny_settings
+
+    config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+    assert config.model.preset == name
+    assert config.optim == tiny_optim()
+    assert config.ema_decay == TINY_EMA_DECAY
+    assert config.val_every > 0 and config.sample_every > 0  # validation and grids on by default
+    assert load_train_config(None, tiny_settings()).optim == tiny_optim()

@@ -30,7 +30,16 @@ SIZES: dict[str, dict[str, int]] = {
 # Memory taps at each quarter of the encoder depth (MsTok paper, appendix B).
 MEMORY_LAYERS = {"S": (2, 4, 6, 8), "B": (3, 6, 9, 12), "L": (6, 12, 18, 24)}
 
-# Small models for tests and CPU demos: 64x64 images, patch 8 (P = 64), K = 32.
+# Small models for tests and CPU demos: 64x64 images, patch 8 (P = 64), K = 32. They carry
+# the convergence recipe of benchmarks/convergence.py (RESULTS.md, "Convergence of the tiny
+# tokenizers"): without it they sit on the mean-image plateau for hundreds of steps. The
+# full-size presets keep the papers' layout and initialisation.
+TINY_RECIPE: dict[str, Any] = {
+    "position_embedding": "sincos",
+    "latent_init": "grid",
+    "attention_init": "mimetic",
+    "qk_norm": True,
+}
 _TINY = {
     "image_size": 64,
     "patch_size": 8,
@@ -39,6 +48,7 @@ _TINY = {
     "num_heads": 4,
     "num_latent_tokens": 32,
     "codebook_size": 1024,
+    **TINY_RECIPE,
 }
 # The proxy VQGAN for CPU tests: 64x64 images, f8, so its 8x8 code grid matches the tiny
 # presets' patch grid; widths 16..64 keep a batch-32 train step around 0.2 s on 2 cores.
