@@ -1,8 +1,9 @@
 """The papers' claims at small scale: TiTok vs MsTok and MsTok's ablations on tiny-imagenet-64.
 
 Every variant trains with the tiny recipe (``mstok.training.recipes``; the tiny presets carry
-its model side) and the same budget (steps, batch, learning rate, width, depth, data stream) on 35 images per class of ``../shared/datasets/tiny-imagenet-64`` and is evaluated on
-the other 5 per class: PSNR and SSIM of the EMA model's reconstructions, codebook usage, and
+its model side) and the same budget (steps, batch, learning rate, width, depth, data stream)
+on 35 images per class of ``../shared/datasets/tiny-imagenet-64`` and is evaluated on the
+other 5 per class: PSNR and SSIM of the EMA model's reconstructions, codebook usage, and
 linear-probe top-1 (frozen encoder, mean-pooled pre-quantization latents, BatchNorm + linear,
 LARS; features of the same split). Each variant runs with several seeds; the table reports
 mean +- standard deviation over seeds, and ``benchmarks/REPLICATION.md`` records it with the
