@@ -88,7 +88,7 @@ ROWS: dict[str, Row] = {
     "mstok VQ (recipe)": Row("recipe", "mstok_tiny", {}, RECIPE_OPTIM),
     "mstok continuous (recipe)": Row("recipe", "mstok_tiny", {"quantizer": "none"}, RECIPE_OPTIM),
     "conv AE continuous 8x8x6": Row("calibration", "convae_tiny", {"quantizer": "none"}, RECIPE_OPTIM),
-    "conv AE VQ 8x8, V=32 (320 bits)": Row("calibration", "convae_tiny", {}, RECIPE_OPTIM),
+    "conv AE VQ 8x8 V=32 (320 bits)": Row("calibration", "convae_tiny", {}, RECIPE_OPTIM),
 }
 GROUPS = ("candidates", "recipe", "calibration")
 
