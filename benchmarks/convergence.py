@@ -84,6 +84,7 @@ ROWS: dict[str, Row] = {
     "+ conv pixel head": _candidate(pixel_head="conv"),
     # the recipe: the tiny presets as shipped (sincos, grid latents, mimetic init, qk-norm) + its optimiser
     "titok VQ (recipe)": Row("recipe", "titok_tiny", {}, RECIPE_OPTIM),
+    "titok VQ (recipe), MSE only": Row("recipe", "titok_tiny", {}, [*RECIPE_OPTIM, "loss.l1_weight=0"]),
     "titok continuous (recipe)": Row("recipe", "titok_tiny", {"quantizer": "none"}, RECIPE_OPTIM),
     "mstok VQ (recipe)": Row("recipe", "mstok_tiny", {}, RECIPE_OPTIM),
     "mstok continuous (recipe)": Row("recipe", "mstok_tiny", {"quantizer": "none"}, RECIPE_OPTIM),

@@ -15,7 +15,8 @@ command that made it, whatever the result.
 Variants (tiny presets: 64x64, patch 8, width 128, depth 4, V 1024):
     titok / mstok at K = 32 and 64; MsTok with 1, 2, 3 or 4 memory levels (the last layers:
     (4), (2, 4), (2, 3, 4), (1, 2, 3, 4)); without scale embeddings; weighted_add instead of
-    concat aggregation; a linear readout instead of query cross-attention.
+    concat aggregation; a linear readout instead of query cross-attention; and TiTok's
+    two-stage recipe (proxy, stage 1, stage 2) at the same budget (``train_two_stage``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
-from mstok.data import ImageFolder, RandomResizedCropFlip, center_crop_transform
+from mstok.data import ImageFolder, IndexSubset, RandomResizedCropFlip, center_crop_transform
 from mstok.evaluation.evaluate import evaluate_reconstruction
 from mstok.evaluation.probe import extract_features, split_per_class, train_probe
 from mstok.evaluation.report import load_1min, load_summary, machine_line
@@ -44,6 +44,7 @@ from mstok.training.recipes import TINY_OPTIM, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
+CONFIGS = ROOT / "configs"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "titok K=32": ("titok_tiny", {}),
     "mstok K=32": ("mstok_tiny", {}),
@@ -56,28 +57,61 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mstok weighted_add": ("mstok_tiny", {"aggregation": "weighted_add"}),
     "mstok linear readout": ("mstok_tiny", {"readout": "linear"}),
 }
+# Rows trained by another recipe than single-stage pixel training (train_two_stage).
+TWO_STAGE = ("titok two-stage",)
 METRICS = ("psnr", "ssim", "codebook_usage", "probe_top1")
 
 
-class Subset(Dataset):
-    """The items ``indices`` of a dataset indexed by ``(index, seed)``."""
+def _common(steps: int, seed: int, out: Path, args: argparse.Namespace) -> list[str]:
+    """Settings every training of the study shares."""
+    return [
+        f"steps={steps}",
+        f"batch_size={args.batch_size}",
+        f"seed={seed}",
+        f"out_dir='{out}'",
+        f"device='{args.device}'",
+        f"threads={args.threads}",
+        f"ckpt_every={steps}",
+        "keep_last=1",
+        f"log_every={max(1, steps // 20)}",
+        "tensorboard=false",
+        "sample_every=0",
+        "val_every=0",
+        f"data.num_workers={args.workers}",
+    ]
 
-    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
-        self.dataset, self.indices = dataset, indices
 
-    def __len__(self) -> int:
-        return len(self.indices)
+def _fit(config_file: Path | None, settings: list[str], train: IndexSubset) -> Path:
+    """Train one config on the study's training split; returns the run's checkpoints folder."""
+    config = load_train_config(config_file, settings)
+    trainer = Trainer(config, dataset=train, progress=False)
+    trainer.fit()
+    return trainer.ckpt_dir
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        return self.dataset[(self.indices[index], seed)]
+
+def train_two_stage(seed: int, args: argparse.Namespace, out: Path, train: IndexSubset) -> Path:
+    """TiTok's two-stage recipe at tiny scale with the shipped configs: a MaskGIT-VQGAN proxy
+    (``--steps`` steps, trained first and not counted in the budget, as a released proxy would
+    not be), then stage 1 (proxy-code cross-entropy, 2/3 of ``--steps``, the tiny optimiser)
+    and stage 2 (decoder and pixel decoder on MSE, the remaining 1/3, the GAN off so that PSNR
+    compares with single-stage training). Returns stage 2's checkpoints folder."""
+    proxy = _fit(CONFIGS / "proxy_tiny.toml", _common(args.steps, seed, out / "proxy", args), train)
+    first = max(1, 2 * args.steps // 3)
+    stage1 = _fit(
+        CONFIGS / "titok_tiny_stage1.toml",
+        [*_common(first, seed, out / "stage1", args), *tiny_settings(), f"proxy.checkpoint='{proxy}'"],
+        train,
+    )
+    settings = [*_common(max(1, args.steps - first), seed, out / "stage2", args), f"proxy.checkpoint='{proxy}'"]
+    return _fit(
+        CONFIGS / "titok_tiny_stage2.toml", [*settings, f"model.init_from='{stage1}'", "loss.gan_weight=0"], train
+    )
 
 
 def run_variant(
     name: str, seed: int, args: argparse.Namespace, train_idx: list[int], val_idx: list[int]
 ) -> dict[str, float]:
     """Train one variant with one seed, then measure it on the held-out split."""
-    preset, overrides = VARIANTS[name]
     out = Path(args.work_dir) / name.replace(" ", "_").replace("=", "").replace(".", "") / f"seed{seed}"
     done = out / "result.json"
     identity = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "classes": args.classes,
@@ -86,36 +120,31 @@ def run_variant(
         saved = json.loads(done.read_text())
         if saved.get("settings") == identity:  # a finished run with the same budget: reuse it
             return saved["metrics"]
-    if args.fresh and out.exists():
-        shutil.rmtree(out)  # otherwise the trainer would resume the old run
-    settings = [
-        f"model.preset='{preset}'",
-        f"steps={args.steps}",
-        f"batch_size={args.batch_size}",
-        f"seed={seed}",
-        f"out_dir='{out}'",
-        f"device='{args.device}'",
-        *tiny_settings(),  # the tiny recipe (the presets carry its model side); --lr overrides its lr
-        f"optim.lr={args.lr}",
-        f"optim.end_lr={args.lr / 10}",
-        f"threads={args.threads}",
-        f"ckpt_every={args.steps}",
-        "keep_last=1",
-        f"log_every={max(1, args.steps // 20)}",
-        "tensorboard=false",
-        f"data.num_workers={args.workers}",
-    ]
-    settings += [f"model.overrides.{k}={json.dumps(v)}" for k, v in overrides.items()]
-    config = load_train_config(None, settings)
-    train = Subset(ImageFolder(args.data, RandomResizedCropFlip(64, (0.8, 1.0))), train_idx)
+    if out.exists():
+        shutil.rmtree(out)  # stale or unfinished: otherwise the trainer would resume the old run
+    train = IndexSubset(ImageFolder(args.data, RandomResizedCropFlip(64, (0.8, 1.0))), train_idx)
     started = time.perf_counter()
-    Trainer(config, dataset=train, progress=False).fit()
+    if name in TWO_STAGE:
+        checkpoints = train_two_stage(seed, args, out, train)
+    else:
+        preset, overrides = VARIANTS[name]
+        settings = [
+            f"model.preset='{preset}'",
+            *_common(args.steps, seed, out, args),
+            *tiny_settings(),  # the tiny recipe (the presets carry its model side); --lr overrides its lr
+            f"optim.lr={args.lr}",
+            f"optim.end_lr={args.lr / 10}",
+            *[f"model.overrides.{k}={json.dumps(v)}" for k, v in overrides.items()],
+        ]
+        checkpoints = _fit(None, settings, train)
     train_seconds = time.perf_counter() - started
-    model = load_tokenizer(latest_checkpoint(out / "checkpoints"), weights=EMA_FILE)
+    model = load_tokenizer(latest_checkpoint(checkpoints), weights=EMA_FILE)
     fixed = ImageFolder(args.data, center_crop_transform(64))
-    recon = evaluate_reconstruction(model, Subset(fixed, val_idx), batch_size=128, device=args.device, progress=False)
-    train_feats, train_labels = extract_features(model, Subset(fixed, train_idx), device=args.device)
-    val_feats, val_labels = extract_features(model, Subset(fixed, val_idx), device=args.device)
+    recon = evaluate_reconstruction(
+        model, IndexSubset(fixed, val_idx), batch_size=128, device=args.device, progress=False
+    )
+    train_feats, train_labels = extract_features(model, IndexSubset(fixed, train_idx), device=args.device)
+    val_feats, val_labels = extract_features(model, IndexSubset(fixed, val_idx), device=args.device)
     probe = train_probe(
         train_feats, train_labels, val_feats, val_labels, args.classes, epochs=args.probe_epochs, base_lr=args.probe_lr,
         warmup_epochs=round(args.probe_epochs / 9),
@@ -159,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = auto)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--classes", type=int, default=200, help="use the first N classes (quick runs)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
+    parser.add_argument("--variants", default=",".join([*VARIANTS, *TWO_STAGE]), help="comma-separated variant names")
     parser.add_argument("--probe-epochs", type=int, default=90)
     parser.add_argument("--probe-lr", type=float, default=1.0, help="LARS base lr (see probe.py on small data)")
     parser.add_argument("--device", default="cpu")
@@ -172,9 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     )
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and n not in TWO_STAGE]
     if unknown:
-        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join([*VARIANTS, *TWO_STAGE])}")
     seeds = [int(s) for s in args.seeds.split(",")]
     labels = [label for _, label in ImageFolder(args.data, center_crop_transform(64)).samples]
     train_idx, val_idx = (t.tolist() for t in split_per_class(labels, 35, 5, seed=0))

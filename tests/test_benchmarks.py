@@ -188,3 +188,20 @@ def test_replicate_runs_a_variant_end_to_end(tmp_path, tiny_imagenet):
     result_file.write_text(json.dumps(saved))
     again = replicate.main([*argv, "--no-append"])
     assert again["mstok K=32"][0]["psnr"] == -1.0
+
+
+def test_replicate_two_stage_row_end_to_end(tmp_path, tiny_imagenet):
+    """The two-stage row trains a proxy, stage 1 and stage 2 and measures stage 2's pixels."""
+    spec = importlib.util.spec_from_file_location(
+        "replicate", Path(__file__).parents[1] / "benchmarks" / "replicate.py"
+    )
+    replicate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replicate)
+    argv = ["--data", str(tiny_imagenet), "--steps", "3", "--batch-size", "4", "--classes", "2", "--seeds", "0"]
+    argv += ["--variants", "titok two-stage", "--probe-epochs", "1", "--workers", "0", "--work-dir", str(tmp_path)]
+    results = replicate.main([*argv, "--no-append"])
+    (run,) = results["titok two-stage"]
+    assert run["psnr"] > 0 and 0 <= run["probe_top1"] <= 1
+    seed_dir = tmp_path / "titok_two-stage" / "seed0"
+    for part, steps in (("proxy", 3), ("stage1", 2), ("stage2", 1)):
+        assert (seed_dir / part / "checkpoints" / f"step_{steps:07d}").is_dir(), part
