@@ -169,11 +169,7 @@ def test_mstok_bench_without_benchmarks_folder(tmp_path: Path, capsys) -> None:
 
 
 def test_replicate_runs_a_variant_end_to_end(tmp_path, tiny_imagenet):
-    spec = importlib.util.spec_from_file_location(
-        "replicate", Path(__file__).parents[1] / "benchmarks" / "replicate.py"
-    )
-    replicate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replicate)
+    replicate = _load("replicate")
     argv = ["--data", str(tiny_imagenet), "--steps", "2", "--batch-size", "8", "--classes", "3", "--seeds", "0"]
     argv += ["--variants", "mstok K=32", "--probe-epochs", "2", "--workers", "0", "--work-dir", str(tmp_path)]
     results = replicate.main([*argv, "--out", str(tmp_path / "REPLICATION.md")])
@@ -192,11 +188,7 @@ def test_replicate_runs_a_variant_end_to_end(tmp_path, tiny_imagenet):
 
 def test_replicate_two_stage_row_end_to_end(tmp_path, tiny_imagenet):
     """The two-stage row trains a proxy, stage 1 and stage 2 and measures stage 2's pixels."""
-    spec = importlib.util.spec_from_file_location(
-        "replicate", Path(__file__).parents[1] / "benchmarks" / "replicate.py"
-    )
-    replicate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replicate)
+    replicate = _load("replicate")
     argv = ["--data", str(tiny_imagenet), "--steps", "3", "--batch-size", "4", "--classes", "2", "--seeds", "0"]
     argv += ["--variants", "titok two-stage", "--probe-epochs", "1", "--workers", "0", "--work-dir", str(tmp_path)]
     results = replicate.main([*argv, "--no-append"])
@@ -205,3 +197,26 @@ def test_replicate_two_stage_row_end_to_end(tmp_path, tiny_imagenet):
     seed_dir = tmp_path / "titok_two-stage" / "seed0"
     for part, steps in (("proxy", 3), ("stage1", 2), ("stage2", 1)):
         assert (seed_dir / part / "checkpoints" / f"step_{steps:07d}").is_dir(), part
+
+
+def test_convergence_benchmark_end_to_end(tmp_path, tiny_imagenet):
+    convergence = _load("convergence")
+    rows = "titok VQ (recipe),mstok continuous (recipe),conv AE VQ 8x8 V=32 (320 bits)"
+    argv = ["--data", str(tiny_imagenet), "--steps", "4", "--val-every", "2", "--val-images", "8", "--jobs", "1"]
+    argv += ["--threads", "1", "--wall", "1000", "--work-dir", str(tmp_path / "work")]
+    out = tmp_path / "RESULTS.md"
+    results = convergence.main([*argv, "--rows", rows, "--out", str(out), "--plot", str(tmp_path / "c.png")])
+    assert list(results) == rows.split(",")
+    for result in results.values():
+        assert [r["step"] for r in result["val"]] == [2, 4]
+        assert all(r["val_psnr"] > 0 and r["train_seconds"] > 0 for r in result["val"])
+    text = out.read_text()
+    assert "| titok VQ (recipe) |" in text and "| each image in its mean colour |" in text
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    # finished rows are reused, not retrained
+    saved_file = next((tmp_path / "work").glob("titok_VQ*/result.json"))
+    saved = json.loads(saved_file.read_text())
+    saved["val"][-1]["val_psnr"] = -1.0
+    saved_file.write_text(json.dumps(saved))
+    again = convergence.main([*argv, "--rows", "titok VQ (recipe)", "--no-append"])
+    assert again["titok VQ (recipe)"]["val"][-1]["val_psnr"] == -1.0
