@@ -176,7 +176,8 @@ def table(results: dict[str, dict[str, Any]], mean_colour: tuple[float, float], 
         by_step = {r["step"]: r for r in res["val"]}
         cells = [name, f"{res['params'] / 1e6:.2f}M", f"{res['seconds_per_step']:.3f}"]
         cells += [f"{by_step[s]['val_psnr']:.2f}" if s in by_step else "-" for s in shown]
-        cells += [f"{_at_time(res['val'], t):.2f}" for t in times]
+        at_times = [_at_time(res["val"], t) for t in times]
+        cells += ["-" if math.isnan(v) else f"{v:.2f}" for v in at_times]  # no validation by then
         cells.append(f"{by_step[args.steps]['val_ssim']:.4f}" if args.steps in by_step else "-")
         lines.append("| " + " | ".join(cells) + " |")
     psnr_cells = [f"{mean_colour[0]:.2f}"] * (len(shown) + len(times))
