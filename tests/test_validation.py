@@ -196,7 +196,7 @@ def test_resume_with_validation_is_bit_identical(tmp_path):
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in straight.history[3:]] == [h["loss"] for h in resumed.history]
-    drop = ("val_seconds",)
+    drop = ("val_seconds", "train_seconds")  # timings differ between runs
     after = [{k: v for k, v in r.items() if k not in drop} for r in straight.val_history if r["step"] > 3]
     assert after == [{k: v for k, v in r.items() if k not in drop} for r in resumed.val_history]
     assert [r["step"] for r in resumed.val_history] == [4, 6]

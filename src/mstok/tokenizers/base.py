@@ -194,6 +194,16 @@ class TokenizerConfig(ConfigDict):
         for name in ("use_l2_norm", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if not isinstance(self.pixel_decoder, dict):
+            raise ValueError(
+                f"pixel_decoder must be a table of MaskGIT-VQGAN config fields, got {self.pixel_decoder!r}"
+            )
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(
                 f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}"
@@ -213,16 +223,6 @@ class TokenizerConfig(ConfigDict):
             raise ValueError(f"attention_init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
         if self.pixel_head not in PIXEL_HEADS:
             raise ValueError(f"pixel_head must be one of {PIXEL_HEADS}, got {self.pixel_head!r}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
-        if not isinstance(self.pixel_decoder, dict):
-            raise ValueError(
-                f"pixel_decoder must be a table of MaskGIT-VQGAN config fields, got {self.pixel_decoder!r}"
-            )
         if self.pixel_decoder:
             from mstok.tokenizers.pixel_decoder import check_pixel_decoder_fits  # lazy: it imports this module
 
