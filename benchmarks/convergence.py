@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from mstok.data import ImageFolder, IndexSubset, RandomResizedCropFlip, center_crop_transform
-from mstok.evaluation.metrics import psnr, ssim
+from mstok.evaluation.metrics import mean_colour, psnr, ssim
 from mstok.evaluation.probe import split_per_class
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
 from mstok.tokenizers import create_tokenizer
@@ -164,7 +164,7 @@ def _at_time(val: list[dict[str, Any]], seconds: float) -> float:
     return within[-1] if within else math.nan
 
 
-def table(results: dict[str, dict[str, Any]], mean_colour: tuple[float, float], args: argparse.Namespace) -> str:
+def table(results: dict[str, dict[str, Any]], floor: tuple[float, float], args: argparse.Namespace) -> str:
     """Markdown: one row per run, PSNR at each validation step, at fixed times, final SSIM, s/step."""
     steps = sorted({r["step"] for res in results.values() for r in res["val"]})
     shown = [s for s in steps if s in _milestones(args.steps, args.val_every)]
@@ -180,8 +180,8 @@ def table(results: dict[str, dict[str, Any]], mean_colour: tuple[float, float], 
         cells += ["-" if math.isnan(v) else f"{v:.2f}" for v in at_times]  # no validation by then
         cells.append(f"{by_step[args.steps]['val_ssim']:.4f}" if args.steps in by_step else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    psnr_cells = [f"{mean_colour[0]:.2f}"] * (len(shown) + len(times))
-    lines.append("| each image in its mean colour | - | - | " + " | ".join(psnr_cells) + f" | {mean_colour[1]:.4f} |")
+    psnr_cells = [f"{floor[0]:.2f}"] * (len(shown) + len(times))
+    lines.append("| each image in its mean colour | - | - | " + " | ".join(psnr_cells) + f" | {floor[1]:.4f} |")
     return "\n".join(lines)
 
 
@@ -194,7 +194,7 @@ def _milestones(steps: int, every: int) -> set[int]:
     return {s for i, s in enumerate(all_steps, start=1) if i % pick == 0} | {steps}
 
 
-def plot(results: dict[str, dict[str, Any]], mean_colour: float, path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], floor: float, path: Path) -> None:
     """Held-out PSNR against step for every row, with the mean-colour floor."""
     import matplotlib
 
@@ -206,7 +206,7 @@ def plot(results: dict[str, dict[str, Any]], mean_colour: float, path: Path) -> 
         group = ROWS[name].group
         style = {"candidates": ":", "recipe": "-", "calibration": "--"}[group]
         ax.plot([r["step"] for r in res["val"]], [r["val_psnr"] for r in res["val"]], style, label=name)
-    ax.axhline(mean_colour, color="grey", lw=0.8, label="mean colour")
+    ax.axhline(floor, color="grey", lw=0.8, label="mean colour")
     ax.set_xlabel("step (batch 32)")
     ax.set_ylabel("held-out PSNR (dB), EMA weights")
     ax.grid(alpha=0.3)
@@ -258,12 +258,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
     _, val_idx = _split(args.data, args.val_images)
     images = held_out_images(args.data, val_idx)
-    flat = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
-    mean_colour = (float(np.mean(psnr(images, flat))), float(np.mean(ssim(images, flat))))
-    text = table(results, mean_colour, args)
+    flat = mean_colour(images)
+    floor = (float(np.mean(psnr(images, flat))), float(np.mean(ssim(images, flat))))
+    text = table(results, floor, args)
     print(text)
     if not args.no_append:
-        plot(results, mean_colour[0], Path(args.plot))
+        plot(results, floor[0], Path(args.plot))
         minutes = (time.perf_counter() - started) / 60
         notes = [
             f"{args.steps} steps of batch {args.batch_size} per row; {args.val_images} held-out images validated "

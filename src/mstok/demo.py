@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mstok.data import InMemoryImages, RandomResizedCropFlip, find_images, load_rgb, to_tensor
-from mstok.evaluation.metrics import bits_per_pixel, psnr, ssim
+from mstok.evaluation.metrics import bits_per_pixel, mean_colour, psnr, ssim
 from mstok.tokenizers import Tokenizer, load_tokenizer, preset_config
 from mstok.training import TrainConfig, Trainer
 from mstok.training.checkpoint import EMA_FILE
@@ -211,11 +211,11 @@ def run_demo(
             "params": counts["total"],
         }
 
-    mean_colour = crops.mean(dim=(2, 3), keepdim=True).expand_as(crops)
+    flat = mean_colour(crops)
     reference = {
-        "psnr": float(np.mean(psnr(crops, mean_colour))),
-        "ssim": float(np.mean(ssim(crops, mean_colour))),
-        "lpips": float(lpips(mean_colour, crops).mean()) if lpips is not None else None,
+        "psnr": float(np.mean(psnr(crops, flat))),
+        "ssim": float(np.mean(ssim(crops, flat))),
+        "lpips": float(lpips(flat, crops).mean()) if lpips is not None else None,
     }
     image_grid([("original", crops), *[(n.split("_")[0], recons[n]) for n in MODELS]]).save(out_dir / "grid.png")
     plot_losses(histories, out_dir / "loss_curves.png", validation, reference["psnr"])

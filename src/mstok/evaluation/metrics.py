@@ -46,6 +46,12 @@ def ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> list[float]:
     ]
 
 
+def mean_colour(images: torch.Tensor) -> torch.Tensor:
+    """Each image (B, 3, H, W) painted in its own mean colour: the calibration floor that a
+    reconstruction must beat to carry more than colour."""
+    return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+
+
 def bits_per_pixel(num_tokens: int, codebook_size: int, height: int, width: int) -> float:
     """Bits per pixel of a K-token code: ``K * log2(V) / (H * W)``."""
     return num_tokens * math.log2(codebook_size) / (height * width)

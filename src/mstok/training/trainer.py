@@ -128,7 +128,7 @@ class Trainer(Engine):
         # imported here: evaluation imports the training package (its grids), and torchmetrics
         # takes seconds to import, which a run without validation need not pay
         from mstok.evaluation.evaluate import load_lpips
-        from mstok.evaluation.metrics import psnr
+        from mstok.evaluation.metrics import mean_colour, psnr
 
         self.val_lpips = self.loss_fn.perceptual
         if self.val_lpips is None:
@@ -137,8 +137,7 @@ class Trainer(Engine):
             self.val_lpips, self.val_lpips_missing = load_lpips(
                 self.device, (p.vgg_weights or None, p.lpips_weights or None), p.cache or None, False, logging.INFO
             )
-        flat = self.val_images.mean(dim=(2, 3), keepdim=True).expand_as(self.val_images)
-        self.val_mean_colour_psnr = _mean(psnr(self.val_images, flat))
+        self.val_mean_colour_psnr = _mean(psnr(self.val_images, mean_colour(self.val_images)))
 
     # ----------------------------------------------------------------- engine hooks
     def extra_state(self) -> dict[str, Any]:
