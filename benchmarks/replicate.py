@@ -27,6 +27,8 @@ import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ import torch
 
 from mstok.data import ImageFolder, IndexSubset, RandomResizedCropFlip, center_crop_transform
 from mstok.evaluation.evaluate import evaluate_reconstruction
+from mstok.evaluation.metrics import mean_colour, psnr
 from mstok.evaluation.probe import extract_features, split_per_class, train_probe
 from mstok.evaluation.report import load_1min, load_summary, machine_line
 from mstok.tokenizers import load_tokenizer
@@ -185,14 +188,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=TINY_OPTIM["lr"], help="peak lr (default: the tiny recipe's)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = auto)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run with --jobs 1 (0 = auto)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each when > 1)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--classes", type=int, default=200, help="use the first N classes (quick runs)")
     parser.add_argument("--variants", default=",".join([*VARIANTS, *TWO_STAGE]), help="comma-separated variant names")
     parser.add_argument("--probe-epochs", type=int, default=90)
     parser.add_argument("--probe-lr", type=float, default=1.0, help="LARS base lr (see probe.py on small data)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="data-loader workers per run")
     parser.add_argument("--work-dir", default="runs/replicate")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "REPLICATION.md"))
     parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
@@ -212,13 +216,20 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     results: dict[str, list[dict[str, float]]] = {}
     started = time.perf_counter()
     loads = [load_1min()]
-    for name in names:
-        for seed in seeds:
-            run = run_variant(name, seed, args, train_idx, val_idx)
+    if args.jobs > 1:
+        args.threads = 1  # --jobs runs share the cores: one thread each never oversubscribes them
+    tasks = [(name, seed) for name in names for seed in seeds]
+    with ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else nullcontext() as pool:
+        futures = [pool.submit(run_variant, n, s, args, train_idx, val_idx) for n, s in tasks] if pool else None
+        for i, (name, seed) in enumerate(tasks):  # in table order; a pool runs --jobs at a time
+            run = futures[i].result() if futures else run_variant(name, seed, args, train_idx, val_idx)
             loads.append(load_1min())
             results.setdefault(name, []).append(run)
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.items()), flush=True)
-    table = summarise(results)
+    fixed = ImageFolder(args.data, center_crop_transform(64))
+    held_out = torch.stack([fixed[(i, 0)][0] for i in val_idx])
+    floor = statistics.mean(psnr(held_out, mean_colour(held_out)))
+    table = summarise(results) + f"\n| each image in its own mean colour | {floor:.2f} | | | | |"
     minutes = (time.perf_counter() - started) / 60
     print(table)
     if not args.no_append:
@@ -227,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         text = (
             f"\n## Run of {stamp}\n\nCommand: `{command.strip()}`\n\n"
             f"{len(train_idx)} training / {len(val_idx)} held-out images, {args.steps} steps of batch "
-            f"{args.batch_size}, lr {args.lr}, seeds {args.seeds}, device {args.device}, torch {torch.__version__}; "
+            f"{args.batch_size}, lr {args.lr}, seeds {args.seeds}, {args.jobs} run(s) at a time, device {args.device}, "
+            f"torch {torch.__version__}; "
             f"{minutes:.0f} min in all (runs reused from --work-dir count as 0). {machine_line(args.device)}; "
             f"{load_summary(loads)}. Metrics on the held-out images with EMA weights; mean ± std over seeds.\n\n"
             f"{table}\n"

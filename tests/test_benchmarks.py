@@ -171,12 +171,13 @@ def test_mstok_bench_without_benchmarks_folder(tmp_path: Path, capsys) -> None:
 def test_replicate_runs_a_variant_end_to_end(tmp_path, tiny_imagenet):
     replicate = _load("replicate")
     argv = ["--data", str(tiny_imagenet), "--steps", "2", "--batch-size", "8", "--classes", "3", "--seeds", "0"]
-    argv += ["--variants", "mstok K=32", "--probe-epochs", "2", "--workers", "0", "--work-dir", str(tmp_path)]
+    argv += ["--variants", "mstok K=32", "--probe-epochs", "2", "--jobs", "1", "--work-dir", str(tmp_path)]
     results = replicate.main([*argv, "--out", str(tmp_path / "REPLICATION.md")])
     runs = results["mstok K=32"]
     assert len(runs) == 1 and all(r["psnr"] > 0 and 0 <= r["probe_top1"] <= 1 for r in runs)
     text = (tmp_path / "REPLICATION.md").read_text()
     assert "| mstok K=32 |" in text and "Command: `python benchmarks/replicate.py --data" in text
+    assert "| each image in its own mean colour |" in text
     # A second call reuses the finished run instead of retraining it (the study is resumable).
     result_file = next(tmp_path.glob("mstok_K32/seed0/result.json"))
     saved = json.loads(result_file.read_text())
@@ -190,7 +191,7 @@ def test_replicate_two_stage_row_end_to_end(tmp_path, tiny_imagenet):
     """The two-stage row trains a proxy, stage 1 and stage 2 and measures stage 2's pixels."""
     replicate = _load("replicate")
     argv = ["--data", str(tiny_imagenet), "--steps", "3", "--batch-size", "4", "--classes", "2", "--seeds", "0"]
-    argv += ["--variants", "titok two-stage", "--probe-epochs", "1", "--workers", "0", "--work-dir", str(tmp_path)]
+    argv += ["--variants", "titok two-stage", "--probe-epochs", "1", "--jobs", "1", "--work-dir", str(tmp_path)]
     results = replicate.main([*argv, "--no-append"])
     (run,) = results["titok two-stage"]
     assert run["psnr"] > 0 and 0 <= run["probe_top1"] <= 1
