@@ -52,8 +52,14 @@ def test_masked_counts_follow_the_schedule(name: str, k: int, steps: int) -> Non
     for t, c in enumerate(counts[:-1]):
         assert c <= previous  # never re-masks more than before
         assert c >= 1  # something stays masked until the last step
-        target = math.floor(k * float(mask_ratio((t + 1) / steps, name)))
-        assert c == max(1, min(previous - 1, target))  # the schedule, clamped
+        # the paper's gamma written out here (not the implementation's mask_ratio), then clamped
+        gamma = {
+            "cosine": math.cos(math.pi / 2 * (t + 1) / steps),
+            "arccos": math.acos((t + 1) / steps) * 2 / math.pi,
+            "linear": 1 - (t + 1) / steps,
+            "sqrt": 1 - math.sqrt((t + 1) / steps),
+        }[name]
+        assert c == max(1, min(previous - 1, math.floor(k * gamma)))
         if previous > 1:
             assert c < previous  # at least one token revealed per step while possible
         previous = c
@@ -150,7 +156,7 @@ def test_sampling_reveals_per_schedule_and_never_changes_revealed_tokens() -> No
     model = small()
     config = SamplingConfig(steps=6, schedule="cosine")
     ids, history = sample(model, torch.arange(4) % 5, config, torch.Generator().manual_seed(0), return_history=True)
-    expected = masked_counts(16, 6, "cosine")
+    expected = [15, 13, 11, 8, 4, 0]  # floor(16 cos(pi/2 (t+1)/6)), hand-evaluated (test_sampling_reference.py)
     for step, state in enumerate(history):
         assert ((state == 64).sum(1) == expected[step]).all()
         if step:
