@@ -15,34 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from mstok.data.decode import CorruptImageError, check_max_pixels, load_rgb
 from mstok.data.transforms import to_tensor
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 Transform = Callable[[Image.Image, np.random.Generator], Image.Image]
-
-
-class CorruptImageError(ValueError):
-    """An image file that exists but cannot be decoded."""
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as RGB (grayscale, palette and RGBA are converted)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
-                # composite on white: dropping alpha would expose whatever colour hides under it
-                image = image.convert("RGBA")
-                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, image).convert("RGB")
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(f"cannot decode image {path}: {err}") from err
 
 
 def find_images(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -71,23 +53,35 @@ class ImageFolder(Dataset):
     the file cannot be decoded.
     """
 
-    def __init__(self, root: str | Path, transform: Transform) -> None:
+    def __init__(self, root: str | Path, transform: Transform, max_pixels: int | None = None) -> None:
         self.root = Path(root)
         self.samples, self.classes = find_images(root)
         self.transform = transform
+        self.max_pixels = check_max_pixels(max_pixels)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
-        index, seed = key
+    @property
+    def labels(self) -> list[int]:
+        """The class index of every file, in dataset order (known without decoding)."""
+        return [label for _, label in self.samples]
+
+    def load_image(self, index: int) -> tuple[Image.Image, int] | None:
+        """The decoded, untransformed RGB image ``index`` and its label, or None (logged) if unreadable."""
         path, label = self.samples[index]
         try:
-            image = load_rgb(path)
+            return load_rgb(path, self.max_pixels), label
         except CorruptImageError as err:
             log.warning("skipping %s", err)
             return None
-        return to_tensor(self.transform(image, np.random.default_rng(seed))), label
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        index, seed = key
+        item = self.load_image(index)
+        if item is None:
+            return None
+        return to_tensor(self.transform(item[0], np.random.default_rng(seed))), item[1]
 
 
 class InMemoryImages(Dataset):
@@ -168,6 +162,29 @@ class EpochSampler(Sampler):
                 yield item
 
 
+class NoReadableImageError(ValueError):
+    """A dataset none of whose files decodes."""
+
+
+def data_source(dataset: Dataset) -> str:
+    """The folder a dataset reads (looking through wrappers such as :class:`IndexSubset`), for messages."""
+    while dataset is not None:
+        root = getattr(dataset, "root", None)
+        if root is not None:
+            return str(root)
+        dataset = getattr(dataset, "dataset", None)
+    return "the dataset"
+
+
+def no_readable_image(dataset: Dataset, count: int | None = None) -> NoReadableImageError:
+    """The error for a dataset without one readable file, naming its folder and the count."""
+    count = len(dataset) if count is None else count
+    return NoReadableImageError(
+        f"no readable image in {data_source(dataset)}: all {count} image file(s) failed to decode "
+        "(the warnings above name each file and why)"
+    )
+
+
 class SkipBroken(Dataset):
     """Replace an undecodable sample by the next readable one, keeping batch sizes fixed.
 
@@ -175,11 +192,17 @@ class SkipBroken(Dataset):
     ``(image, label, skipped)`` where ``skipped`` counts the files passed over. Fixed batch
     sizes keep DDP ranks in lockstep (no rank ever holds an empty batch) and let compiled
     models keep static shapes; the substitute depends only on ``(index, seed)``, so runs stay
-    reproducible. A dataset with no readable file at all is an error.
+    reproducible.
+
+    A dataset with no readable file at all is an error, raised here in the constructor, in
+    the main process: raised later inside a DataLoader worker it would reach the user as the
+    worker's traceback. Finding the first readable file usually costs one decode.
     """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        if not any(dataset[(i, 0)] is not None for i in range(len(dataset))):
+            raise no_readable_image(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -190,7 +213,7 @@ class SkipBroken(Dataset):
             item = self.dataset[((index + skipped) % len(self.dataset), seed)]
             if item is not None:
                 return item[0], item[1], skipped
-        raise ValueError(f"no readable image in the dataset ({len(self.dataset)} files failed to decode)")
+        raise no_readable_image(self.dataset)  # only if files broke after the constructor's check
 
 
 def collate_skip_broken(

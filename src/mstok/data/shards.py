@@ -31,24 +31,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import groupby
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from webdataset.tariterators import base_plus_ext
 
-from mstok.data.images import (
-    IMAGE_EXTENSIONS,
-    CorruptImageError,
-    ImageFolder,
-    Transform,
-    find_images,
-    load_rgb,
-)
+from mstok.data.decode import CorruptImageError, check_max_pixels, load_rgb
+from mstok.data.images import IMAGE_EXTENSIONS, ImageFolder, Transform, find_images
 from mstok.data.transforms import to_tensor
 
 log = logging.getLogger(__name__)
@@ -75,19 +70,20 @@ class _NamedBytes(io.BytesIO):
         return self.label
 
 
-def _read_checked(item: tuple[Path, str]) -> tuple[bytes | None, str | None]:
-    """(bytes, None) for a file that decodes, (None, reason) otherwise; runs in pool workers."""
-    path, name = item
+def _read_checked(item: tuple[Path, str, int]) -> tuple[bytes | None, str | None]:
+    """(bytes, None) for a file that decodes within ``max_pixels``, (None, reason) otherwise;
+    runs in pool workers."""
+    path, name, max_pixels = item
     try:
         data = path.read_bytes()
-        load_rgb(_NamedBytes(data, name))
+        load_rgb(_NamedBytes(data, name), max_pixels)
     except (OSError, CorruptImageError) as err:
         return None, str(err)
     return data, None
 
 
 @contextmanager
-def _checked_reader(workers: int) -> Iterator[Callable[[Iterator[tuple[Path, str]]], Iterator]]:
+def _checked_reader(workers: int) -> Iterator[Callable[[Iterator[tuple[Path, str, int]]], Iterator]]:
     """Yield a lazy, order-preserving map of :func:`_read_checked`, in ``workers`` processes if > 0."""
     if workers <= 0:
         yield lambda items: map(_read_checked, items)
@@ -123,6 +119,7 @@ def write_shards(
     *,
     overwrite: bool = False,
     workers: int = 0,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Convert an image folder (see :func:`find_images`) into WebDataset tar shards.
 
@@ -134,6 +131,8 @@ def write_shards(
         progress: show a tqdm progress bar.
         overwrite: replace shards and ``index.json`` already in ``dst`` instead of refusing.
         workers: processes that read and test-decode files (0: in this process).
+        max_pixels: images with more pixels are skipped like unreadable files (None: the default
+            of :func:`~mstok.data.decode.load_rgb`).
 
     Returns:
         The content of ``index.json``: ``classes``, ``num_samples``, ``shards`` and ``skipped``.
@@ -141,11 +140,12 @@ def write_shards(
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     src, dst = Path(src), Path(dst)
+    max_pixels = check_max_pixels(max_pixels)
     files, classes = find_images(src)
     _prepare_output(dst, overwrite)
     order = range(len(files)) if seed is None else np.random.default_rng(seed).permutation(len(files))
     ordered = [files[i] for i in order]
-    items = ((path, path.relative_to(src).as_posix()) for path, _ in ordered)
+    items = ((path, path.relative_to(src).as_posix(), max_pixels) for path, _ in ordered)
 
     shards: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -258,13 +258,29 @@ def _load_index(path: Path) -> dict[str, Any]:
     for key in ("classes", "shards"):
         if not isinstance(index.get(key), list):
             raise ValueError(f"{path} lacks the list {key!r}")
-    for shard in index["shards"]:
+    for number, shard in enumerate(index["shards"]):
+        if not isinstance(shard, dict):
+            raise ValueError(f"{path}: shard entry {number} is not an object: {shard!r:.80}")
         missing = [k for k in ("file", "num_samples", "bytes", "offsets", "sizes", "labels") if k not in shard]
         if missing:
             raise ValueError(f"{path}: a shard entry lacks {', '.join(missing)}")
+        _check_shard_file(path, number, shard["file"])
         if not len(shard["offsets"]) == len(shard["sizes"]) == len(shard["labels"]) == shard["num_samples"]:
             raise ValueError(f"{path}: shard {shard['file']} lists a different number of offsets, sizes and labels")
     return index
+
+
+def _check_shard_file(path: Path, number: int, name: Any) -> None:
+    """A shard entry's ``file`` must be a relative path inside the shard folder: an index that
+    points elsewhere (absolute, ``..``, a drive) would make the reader open arbitrary files."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{path}: shard entry {number} has file {name!r}; expected a name like shard-000000.tar")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts or ".." in windows.parts:
+        raise ValueError(
+            f"{path}: shard entry {number} has file {name!r}, which leaves the shard folder {path.parent} "
+            "(absolute paths and '..' are not allowed; list shards relative to the folder)"
+        )
 
 
 def _scan_folder(root: Path) -> dict[str, Any]:
@@ -289,10 +305,15 @@ class ShardDataset(Dataset):
         root: folder with the shards and, if written by :func:`write_shards`, ``index.json``.
         transform: augmentation driven by a numpy Generator seeded with the sample's seed.
         max_open_files: open shard handles kept per process (least recently used are closed).
+        max_pixels: images with more pixels are skipped like unreadable ones (None: the default
+            of :func:`~mstok.data.decode.load_rgb`).
     """
 
-    def __init__(self, root: str | Path, transform: Transform, max_open_files: int = 64) -> None:
+    def __init__(
+        self, root: str | Path, transform: Transform, max_open_files: int = 64, max_pixels: int | None = None
+    ) -> None:
         self.root = Path(root)
+        self.max_pixels = check_max_pixels(max_pixels)
         if not self.root.is_dir():
             raise FileNotFoundError(f"shard folder not found: {self.root}")
         index_path = self.root / INDEX_NAME
@@ -349,18 +370,24 @@ class ShardDataset(Dataset):
         # pread keeps no file position, so one handle serves any order of reads
         return os.pread(self._handle(shard).fileno(), size, offset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
-        index, seed = key
+    def load_image(self, index: int) -> tuple[Image.Image, int] | None:
+        """The decoded, untransformed RGB image ``index`` and its label, or None (logged) if unreadable."""
         data = self.read_bytes(index)
         name = f"{self.files[int(self._shard[index])].name}@{int(self._offsets[index])}"
         try:
             if len(data) != int(self._sizes[index]):
                 raise CorruptImageError(f"cannot decode image {name}: the shard ends early")
-            image = load_rgb(_NamedBytes(data, name))
+            return load_rgb(_NamedBytes(data, name), self.max_pixels), int(self.labels[index])
         except CorruptImageError as err:
             log.warning("skipping %s", err)
             return None
-        return to_tensor(self.transform(image, np.random.default_rng(seed))), int(self.labels[index])
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        index, seed = key
+        item = self.load_image(index)
+        if item is None:
+            return None
+        return to_tensor(self.transform(item[0], np.random.default_rng(seed))), item[1]
 
     def close(self) -> None:
         """Close this process's shard handles (they reopen on the next read)."""
@@ -368,14 +395,14 @@ class ShardDataset(Dataset):
             self._handles.popitem()[1].close()
 
 
-def open_image_dataset(path: str | Path, transform: Transform) -> Dataset:
+def open_image_dataset(path: str | Path, transform: Transform, max_pixels: int | None = None) -> Dataset:
     """A :class:`ShardDataset` for a folder of shards (``index.json`` or ``*.tar``), else an
-    :class:`ImageFolder`."""
+    :class:`ImageFolder`; images over ``max_pixels`` pixels are skipped as unreadable."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image folder not found: {path} (expected a folder of images or of .tar shards)")
     if not path.is_dir():
         raise ValueError(f"expected a folder of images or of .tar shards, got the file {path}")
     if (path / INDEX_NAME).is_file() or any(path.glob("*.tar")):
-        return ShardDataset(path, transform)
-    return ImageFolder(path, transform)
+        return ShardDataset(path, transform, max_pixels=max_pixels)
+    return ImageFolder(path, transform, max_pixels)

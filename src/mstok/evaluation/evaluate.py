@@ -2,7 +2,9 @@
 
 One pass over the images (resize + center crop) gives, per image and averaged: PSNR, SSIM,
 LPIPS; over the set: rFID and Inception Score of the reconstructions, codebook usage with a
-histogram, bits per pixel and tokens per image, and a grid of the first reconstructions.
+histogram, bits per pixel and tokens per image, and a grid of reconstructions sampled across
+classes. Unreadable and oversized files are skipped and counted (``skipped``); images smaller
+than the model's resolution are upscaled, counted (``upscaled``) and warned about.
 A metric whose weights are missing is reported as unavailable with the reason; the others
 still run. ``evaluate_generated`` gives gFID / IS of a folder of samples.
 """
@@ -12,15 +14,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
+from mstok.data import center_crop_transform, open_image_dataset, to_tensor
+from mstok.data.images import data_source, no_readable_image
 from mstok.evaluation.metrics import bits_per_pixel, codebook_usage, psnr, save_usage_histogram, ssim
 from mstok.training.logger import make_grid
 from mstok.weights import MissingWeightsError
@@ -28,9 +33,72 @@ from mstok.weights import MissingWeightsError
 log = logging.getLogger(__name__)
 
 
-def eval_dataset(path: str | Path, resolution: int) -> Dataset:
-    """Images under ``path`` (folder or shards), resized and center-cropped to ``resolution``."""
-    return open_image_dataset(path, center_crop_transform(resolution))
+def eval_dataset(path: str | Path, resolution: int, max_pixels: int | None = None) -> Dataset:
+    """Images under ``path`` (folder or shards), resized and center-cropped to ``resolution``;
+    images over ``max_pixels`` pixels are skipped as unreadable (None: the decoder's default)."""
+    return open_image_dataset(path, center_crop_transform(resolution), max_pixels)
+
+
+class _EvalItems(Dataset):
+    """``(image, label, index, upscaled)`` per ``(index, seed)`` key, or None for an unreadable file.
+
+    ``upscaled`` says whether the image's short side was below ``resolution`` (the center crop
+    then enlarges it); it is known only for datasets that expose ``load_image`` (image folders
+    and shards), and False otherwise. ``index`` lets the grid pick its images by position.
+    """
+
+    def __init__(self, dataset: Dataset, resolution: int) -> None:
+        self.dataset, self.resolution = dataset, resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int, bool] | None:
+        index, seed = key
+        load = getattr(self.dataset, "load_image", None)
+        if load is None:
+            item = self.dataset[key]
+            return None if item is None else (item[0], item[1], index, False)
+        loaded = load(index)
+        if loaded is None:
+            return None
+        image, label = loaded
+        tensor = to_tensor(self.dataset.transform(image, np.random.default_rng(seed)))
+        return tensor, label, index, min(image.size) < self.resolution
+
+
+def _collate_eval(
+    batch: list[tuple[torch.Tensor, int, int, bool] | None],
+) -> tuple[torch.Tensor, torch.Tensor, list[int], int, int]:
+    """(images, labels, dataset indices, upscaled count, unreadable count) of one batch."""
+    good = [item for item in batch if item is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), [], 0, len(batch)
+    images = torch.stack([item[0] for item in good])
+    labels = torch.tensor([item[1] for item in good], dtype=torch.long)
+    return images, labels, [item[2] for item in good], sum(item[3] for item in good), len(batch) - len(good)
+
+
+def grid_indices(labels: Sequence[int] | None, count: int, n: int) -> list[int]:
+    """``n`` indices among the first ``count`` items, spread across classes: the first image of
+    each class, then the second of each, ... (with more classes than ``n``, evenly spaced classes).
+
+    A folder sorted by class would otherwise fill the grid with its first class. Without labels,
+    the first ``n`` indices."""
+    if labels is None:
+        return list(range(min(count, n)))
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(list(labels)[:count]):
+        by_class.setdefault(int(label), []).append(index)
+    classes = sorted(by_class)
+    if len(classes) > n:
+        classes = [classes[i * len(classes) // n] for i in range(n)]
+    picked: list[int] = []
+    for rank in range(max((len(v) for v in by_class.values()), default=0)):
+        for cls in classes:
+            if rank < len(by_class[cls]) and len(picked) < n:
+                picked.append(by_class[cls][rank])
+    return picked
 
 
 def _optional(name: str, build, level: int = logging.WARNING) -> tuple[Any, str | None]:
@@ -122,15 +190,24 @@ def evaluate_reconstruction(
     count = len(dataset) if limit is None else min(limit, len(dataset))
     keys = [(i, 0) for i in range(count)]  # in order; the evaluation transform draws nothing from the seed
     loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers, collate_fn=collate_skip_broken
+        _EvalItems(dataset, cfg.image_size),
+        batch_size=batch_size,
+        sampler=keys,
+        num_workers=num_workers,
+        collate_fn=_collate_eval,
     )
     per_image: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
     counts = torch.zeros(cfg.codebook_size, dtype=torch.long)
     real_stats, recon_stats, logits = FeatureStats(), FeatureStats(), []
-    grid_real, grid_recon = [], []
-    skipped, started = 0, time.perf_counter()
-    for images, _labels, broken in tqdm(loader, disable=not progress, desc="eval", unit="batch"):
+    slot_of = {
+        index: slot for slot, index in enumerate(grid_indices(getattr(dataset, "labels", None), count, grid_images))
+    }
+    grid: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (image, reconstruction)
+    fallback: list[tuple[torch.Tensor, torch.Tensor]] = []  # first readable images, for unreadable picks
+    skipped, upscaled, started = 0, 0, time.perf_counter()
+    for images, _labels, indices, enlarged, broken in tqdm(loader, disable=not progress, desc="eval", unit="batch"):
         skipped += broken
+        upscaled += enlarged
         if not len(images):
             continue
         images = images.to(device)
@@ -148,17 +225,30 @@ def evaluate_reconstruction(
             features, batch_logits = inception(recon)
             recon_stats.update(features)
             logits.append(batch_logits.double().cpu())
-        if sum(len(g) for g in grid_real) < grid_images:
-            grid_real.append(images.cpu())
-            grid_recon.append(recon.cpu())
+        for row, index in enumerate(indices):
+            if index in slot_of:
+                grid[slot_of[index]] = (images[row].cpu(), recon[row].cpu())
+            elif len(fallback) < grid_images:
+                fallback.append((images[row].cpu(), recon[row].cpu()))
     seconds = time.perf_counter() - started
     n = len(per_image["psnr"])
     if n == 0:
-        raise ValueError("no readable image to evaluate")
+        raise no_readable_image(dataset, skipped)
+    if upscaled:
+        log.warning(
+            "%d of %d images in %s are smaller than %dx%d and were upscaled to it: their metrics measure "
+            "upscaled images and are not comparable with results at their own resolution",
+            upscaled,
+            n,
+            data_source(dataset),
+            cfg.image_size,
+            cfg.image_size,
+        )
     continuous = getattr(cfg, "quantizer", "vq") == "vae"  # TiTok VAE releases: no codebook
     results: dict[str, Any] = {
         "images": n,
         "skipped": skipped,
+        "upscaled": upscaled,
         "resolution": cfg.image_size,
         "tokens_per_image": cfg.num_latent_tokens,
         "codebook_size": None if continuous else cfg.codebook_size,
@@ -181,8 +271,10 @@ def evaluate_reconstruction(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        real = torch.cat(grid_real)[:grid_images]
-        Image.fromarray(make_grid(torch.stack([real, torch.cat(grid_recon)[: len(real)]]))).save(out / "grid.png")
+        shown = [grid[slot] for slot in sorted(grid)] + fallback[: max(0, grid_images - len(grid))]
+        real, recon = torch.stack([p[0] for p in shown]), torch.stack([p[1] for p in shown])
+        picture = make_grid(torch.stack([real, recon]), labels=("original", "reconstruction"))
+        Image.fromarray(picture).save(out / "grid.png")
         if not continuous:
             save_usage_histogram(counts, out / "codebook_usage.png")
         if inception is not None and reference_stats is None:
@@ -202,7 +294,11 @@ def write_results(results: dict[str, Any], path: str | Path | None) -> str:
         shown = "unavailable" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
         rows.append(f"  {key:<18} {shown}")
     for key, why in results.get("unavailable", {}).items():
-        rows.append(f"  ({key} unavailable: {why.splitlines()[0]})")
+        # the whole reason: its later lines say how to fix it (which flag, where to put the file)
+        lines = why.splitlines() or [""]
+        rows.append(f"  ({key} unavailable: {lines[0]}")
+        rows.extend(f"    {line.strip()}" for line in lines[1:])
+        rows[-1] += ")"
     return "\n".join(rows)
 
 
@@ -215,8 +311,6 @@ def load_reference(path: str | Path) -> tuple[Any, Any]:
 
 def _generated_batches(path: Path, batch_size: int):
     """uint8 (B, 3, H, W) batches from a folder of images or an ``.npz`` (``arr_0``: N x H x W x 3)."""
-    import numpy as np
-
     from mstok.data import find_images, load_rgb
 
     if path.suffix == ".npz":

@@ -110,7 +110,9 @@ def build_dataset(config: TrainConfig, image_size: int) -> Dataset:
     if not config.data.path:
         raise ValueError("no training data: set data.path in the config or pass --set data.path=DIR")
     return open_image_dataset(
-        config.data.path, RandomResizedCropFlip(image_size, tuple(config.data.crop_scale), flip=config.data.flip)
+        config.data.path,
+        RandomResizedCropFlip(image_size, tuple(config.data.crop_scale), flip=config.data.flip),
+        config.data.max_pixels,
     )
 
 
@@ -160,7 +162,7 @@ def build_validation(
     """
     count = config.val_images
     if config.data.val_path:
-        val_set = open_image_dataset(config.data.val_path, center_crop_transform(image_size))
+        val_set = open_image_dataset(config.data.val_path, center_crop_transform(image_size), config.data.max_pixels)
         images = fixed_batch(val_set, count, image_size)
         if images is None:
             raise ValueError(f"data.val_path: no readable image in {config.data.val_path}")

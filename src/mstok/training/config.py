@@ -13,21 +13,38 @@ A config file mirrors the dataclasses (see ``configs/`` for the papers' recipes)
     [optim]
     lr = 3e-4
 
-Unknown keys are errors (a typo never silently falls back to a default).
+Unknown keys are errors (a typo never silently falls back to a default), and every value is
+checked against its field's type and rule (``field_rules``, :mod:`mstok.config_schema`) when
+the config is built: no coercion, finite numbers, ranges, choices; an error names the key's
+dotted path (``optim.lr``), what it must be and the value given. ``model.overrides`` are
+checked against the preset's own config class at load time too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import tomllib
 
+from mstok.config_schema import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    STRICTLY_POSITIVE,
+    ConfigError,
+    Rule,
+    check_config,
+    one_of,
+)
 from mstok.generators.sampling import SamplingConfig
-from mstok.generators.schedules import check_schedule
+from mstok.generators.schedules import MASK_SCHEDULES
 
 C = TypeVar("C", bound="RunConfig")
 
@@ -49,6 +66,8 @@ class DataConfig:
 
     ``val_path`` is a folder (or shards) of held-out images for validation (``val_every``);
     empty holds out ``val_images`` evenly spaced images of ``path`` and trains on the rest.
+    ``max_pixels``: an image with more pixels (width x height, a possible decompression bomb)
+    is skipped and counted like an unreadable file.
     """
 
     path: str = ""
@@ -56,6 +75,9 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.8, 1.0)
     flip: bool = True
     num_workers: int = 2
+
+    field_rules: ClassVar[dict[str, Rule]] = {"crop_scale": Rule(item=Rule(gt=0, le=1)), "num_workers": NON_NEGATIVE}
+    max_pixels: int = 89_478_485  # mstok.data.DEFAULT_MAX_PIXELS (PIL's warning threshold)
 
 
 @dataclass
@@ -69,6 +91,16 @@ class OptimConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     grad_clip: float = 1.0
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "lr": STRICTLY_POSITIVE,
+        "end_lr": NON_NEGATIVE,
+        "betas": Rule(item=FRACTION),
+        "eps": STRICTLY_POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "grad_clip": STRICTLY_POSITIVE,  # the max gradient norm: 0 would zero every update
+    }
 
 
 @dataclass
@@ -84,6 +116,12 @@ class LossConfig:
     gan_weight: float = 0.0
     gan_start_step: int = 0
     lecam_weight: float = 0.001
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        **{name: NON_NEGATIVE for name in ("l1_weight", "mse_weight", "perceptual_weight", "quantizer_weight")},
+        **{name: NON_NEGATIVE for name in ("proxy_ce_weight", "gan_weight", "gan_start_step", "lecam_weight")},
+        "label_smoothing": FRACTION,
+    }
 
 
 @dataclass
@@ -106,6 +144,15 @@ class DiscriminatorConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 1e-4
     warmup_steps: int = 0
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "base_channels": POSITIVE,
+        "num_layers": POSITIVE,
+        "lr": STRICTLY_POSITIVE,
+        "betas": Rule(item=FRACTION),
+        "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+    }
 
 
 @dataclass
@@ -157,18 +204,20 @@ class RunConfig:
     tensorboard: bool = True
     threads: int = 0
 
+    field_rules: ClassVar[dict[str, Rule]] = {
+        **{name: POSITIVE for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every")},
+        **{name: POSITIVE for name in ("keep_last", "num_samples")},
+        "sample_every": NON_NEGATIVE,  # 0 = never
+        "threads": NON_NEGATIVE,  # 0 = auto
+        "ema_decay": FRACTION,
+        "seed": Rule(ge=0, le=2**32 - 1),  # what every seeded generator (torch, numpy) accepts
+        "precision": one_of(("fp32", "bf16", "fp16")),
+    }
+
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_last", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.sample_every < 0:
-            raise ValueError(f"sample_every must be >= 0 (0 = never), got {self.sample_every}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = auto), got {self.threads}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check_config(self)  # every field, nested sections included, against its type and rule
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps', got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -198,15 +247,20 @@ class TrainConfig(RunConfig):
     val_every: int = 0
     val_images: int = 64
 
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "dead_code_threshold": NON_NEGATIVE,
+        "val_every": NON_NEGATIVE,  # 0 = no validation
+        "val_images": POSITIVE,
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, value in dataclasses.asdict(self.loss).items():
-            if value < 0:
-                raise ValueError(f"loss.{name} must be >= 0, got {value}")
-        if self.val_every < 0:
-            raise ValueError(f"val_every must be >= 0 (0 = no validation), got {self.val_every}")
-        if self.val_images < 1:
-            raise ValueError(f"val_images must be at least 1, got {self.val_images}")
+        low, high = self.data.crop_scale
+        if low > high:
+            raise ConfigError("data.crop_scale", f"must be [min, max] with min <= max, got {[low, high]}")
+        from mstok.tokenizers.registry import PRESETS, preset_config  # lazy: model code, only to check names
+
+        check_model_overrides(self.model, preset_config, PRESETS)
 
 
 @dataclass
@@ -224,6 +278,8 @@ class TokenDataConfig:
     path: str = ""
     num_workers: int = 0
 
+    field_rules: ClassVar[dict[str, Rule]] = {"num_workers": NON_NEGATIVE}
+
 
 @dataclass
 class MaskingConfig:
@@ -233,6 +289,13 @@ class MaskingConfig:
     label_smoothing: float = 0.1
     unmasked_weight: float = 0.1
     class_dropout: float = 0.1
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "schedule": one_of(MASK_SCHEDULES, "a masking schedule"),
+        "label_smoothing": FRACTION,
+        "unmasked_weight": NON_NEGATIVE,
+        "class_dropout": PROBABILITY,
+    }
 
 
 @dataclass
@@ -249,17 +312,32 @@ class GeneratorTrainConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_schedule(self.loss.schedule)
-        if not 0.0 <= self.loss.class_dropout <= 1.0:
-            raise ValueError(f"loss.class_dropout must be in [0, 1], got {self.loss.class_dropout}")
-        if not 0.0 <= self.loss.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {self.loss.label_smoothing}")
-        if self.loss.unmasked_weight < 0:
-            raise ValueError(f"loss.unmasked_weight must be >= 0, got {self.loss.unmasked_weight}")
+        from mstok.generators.registry import GENERATOR_PRESETS, generator_config  # lazy, as for TrainConfig
+
+        check_model_overrides(self.model, generator_config, GENERATOR_PRESETS)
+
+
+# A device name torch understands and the trainer supports; CUDA's availability is checked when
+# the run starts (training/distributed.py), so a config written for a GPU still loads anywhere.
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_model_overrides(model: ModelConfig, make: Callable[..., Any], presets: dict[str, Any]) -> None:
+    """Build the config of ``model.preset`` with ``model.overrides`` (``make``: the registry's
+    config function) so a bad preset or override fails at load time, named ``model.preset`` or
+    ``model.overrides.<field>``, rather than when the model is built."""
+    try:
+        make(model.preset, **model.overrides)
+    except ConfigError as err:
+        raise err.under("model.overrides") from None
+    except (ValueError, TypeError) as err:
+        key = "model.overrides" if model.preset in presets else "model.preset"
+        raise ValueError(f"{key}: {err}") from None
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys; the schema
+    checks of the dataclasses report a bad value under its full dotted key."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -267,14 +345,16 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default) and name != "overrides":
+        if dataclasses.is_dataclass(default):
+            key = f"{where}.{name}" if where else name
             if not isinstance(value, dict):
-                raise ValueError(f"[{where + '.' if where else ''}{name}] must be a table, got {value!r}")
-            value = _build(type(default), value, f"{where}.{name}" if where else name)
-        elif isinstance(value, list):
-            value = tuple(value)
+                raise ConfigError(key, f"must be a table ([{key}] in TOML), got {value!r}")
+            value = _build(type(default), value, key)
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a section that checks itself (e.g. SamplingConfig) names only its field
+        raise err.under(where) if where else err from None
 
 
 def _parse_value(text: str) -> Any:
@@ -312,7 +392,9 @@ def load_train_config(
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            values = tomllib.loads(path.read_text())
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not valid TOML: it is not UTF-8 text ({err})") from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path} is not valid TOML: {err}") from err
     return _build(kind, apply_overrides(values, overrides or []), "")
