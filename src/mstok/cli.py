@@ -13,6 +13,8 @@ import torch
 
 from mstok.cli_generation import add_generation_commands, check_resolution
 
+MAX_PIXELS_HELP = "skip (and count) images with more pixels, width x height (default 89478485, PIL's own limit)"
+
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -127,6 +129,7 @@ def _cmd_data_to_shards(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         workers=args.workers,
+        max_pixels=args.max_pixels,
     )
     skipped = index["skipped"]
     order = "sorted order" if index["seed"] is None else f"shuffled with seed {index['seed']}"
@@ -163,7 +166,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         reference = ev.load_reference(args.reference) if args.reference else None
         results = ev.evaluate_reconstruction(
             model,
-            ev.eval_dataset(args.data, resolution),
+            ev.eval_dataset(args.data, resolution, args.max_pixels),
             batch_size=args.batch_size,
             device=device,
             lpips=lpips,
@@ -348,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N images")
     evaluate.add_argument("--num-workers", type=int, default=2)
+    evaluate.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
     evaluate.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file (default: the cache)")
     evaluate.add_argument("--vgg-weights", help="torchvision vgg16 weights file for LPIPS (default: the cache)")
     evaluate.add_argument("--lpips-weights", help="LPIPS v0.1 vgg.pth linear weights (default: the cache)")
@@ -387,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
     to_shards.add_argument("--overwrite", action="store_true", help="replace shards already in DST")
     to_shards.add_argument("--workers", type=int, default=0, help="processes that test-decode images (default 0)")
+    to_shards.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
     to_shards.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     to_shards.set_defaults(func=_cmd_data_to_shards)
     add_generation_commands(sub)  # pretokenize, sample, convert (cli_generation.py)

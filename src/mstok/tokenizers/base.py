@@ -276,18 +276,36 @@ class TokenizerOutput:
     codebook_loss: torch.Tensor
 
 
-def check_images(images: Any, image_size: int, check_values: bool = True) -> torch.Tensor:
+def _check_finite(images: torch.Tensor) -> None:
+    """Raise naming how many values are NaN or infinite and where the first one is."""
+    bad = ~torch.isfinite(images)
+    if bad.any():
+        b, c, y, x = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"images contain NaN or infinite values: {int(bad.sum())} of {images.numel()}, the first "
+            f"{images[b, c, y, x].item()} at image {b}, channel {c}, pixel (y={y}, x={x})"
+        )
+
+
+def check_images(
+    images: Any, image_size: int, check_values: bool = True, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Validate a batch of images: float (B, 3, image_size, image_size) in [0, 1].
 
     Shared by every model that takes images (tokenizers and the proxy VQGAN), so they all
-    reject bad input with the same messages. ``check_values=False`` skips the NaN and range
-    checks, which reduce over the batch and force a device sync.
+    reject bad input with the same messages. Integer images (uint8 ...) are refused rather
+    than guessed at: 0-255 and 0-65535 data both exist. Float images of another precision
+    (float64, float16, bfloat16) are converted to ``dtype`` (the model's) when it is given.
+    ``check_values=False`` skips the range check, and on accelerators the NaN check too: both
+    reduce over the batch and force a device sync. On the CPU the NaN check costs no sync and
+    always runs.
     """
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if not images.is_floating_point():
         raise ValueError(
-            f"images must be a float tensor in [0, 1], got dtype {images.dtype} (for uint8 images divide by 255 first)"
+            f"images must be a float tensor in [0, 1], got dtype {images.dtype}: scale them to [0, 1] floats "
+            "first (for uint8 images divide by 255: images.float() / 255)"
         )
     if images.dim() != 4:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -298,15 +316,14 @@ def check_images(images: Any, image_size: int, check_values: bool = True) -> tor
             f"this tokenizer takes {image_size}x{image_size} images, got "
             f"{images.shape[2]}x{images.shape[3]}; resize or crop first"
         )
-    if not check_values or not images.numel():
-        return images
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or infinite values")
-    if images.min() < -1e-3 or images.max() > 1 + 1e-3:
+    if images.numel() and (check_values or images.device.type == "cpu"):
+        _check_finite(images)
+    if check_values and images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
         raise ValueError(
             f"images must be in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
         )
-    return images
+    # after the checks, so that their messages report the values as given
+    return images if dtype is None or images.dtype == dtype else images.to(dtype)
 
 
 def check_tokens(tokens: Any, num_tokens: int, codebook_size: int) -> torch.Tensor:
@@ -380,10 +397,14 @@ class Tokenizer(SavedModel, nn.Module):
     def check_images(self, images: Any, check_values: bool = True) -> torch.Tensor:
         """Validate a batch of images: float (B, 3, H, W) in [0, 1] at the model's resolution.
 
-        ``check_values=False`` skips the value checks (NaN, range): they reduce over the whole
-        batch and force a device sync, which the training forward should not pay every step.
+        Float images of another dtype (float64, float16, bfloat16) are returned converted to the
+        model's parameter dtype; integer images are refused (scale them to [0, 1] floats).
+        ``check_values=False`` skips the value checks (range; NaN except on the CPU): they reduce
+        over the whole batch and force a device sync, which the training forward should not pay
+        every step.
         """
-        return check_images(images, self.config.image_size, check_values)
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        return check_images(images, self.config.image_size, check_values, dtype)
 
     def check_tokens(self, tokens: Any) -> torch.Tensor:
         """Validate token ids: integer (B, K) with every id in [0, V); or, for a continuous
