@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from mstok.cli_generation import add_generation_commands, check_resolution
+from mstok.cli_errors import run_command
+from mstok.cli_generation import MODEL_HELP, WEIGHTS_HELP, add_generation_commands, check_resolution, default_out_dir
 
 MAX_PIXELS_HELP = "skip (and count) images with more pixels, width x height (default 89478485, PIL's own limit)"
 
@@ -144,14 +145,24 @@ def _cmd_data_to_shards(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mstok.evaluation import evaluate as ev
+    from mstok.evaluation.inception import FID_WEIGHTS_FILENAME
+    from mstok.losses.perceptual import LPIPS_FILENAME, VGG16_FILENAME
     from mstok.training.checkpoint import load_tokenizer_folder
     from mstok.training.distributed import resolve_device
+    from mstok.weights import command_hints
 
     device = resolve_device(args.device)  # one process: eval never joins a process group
-    lpips, inception, unavailable = ev.load_metric_networks(
-        device, (args.vgg_weights, args.lpips_weights), args.inception_weights, download=not args.no_download
-    )
-    out_dir = Path(args.out).parent if args.out else None
+    # missing-weights messages name this command's flags, not the training config's keys
+    flags = {
+        VGG16_FILENAME: "--vgg-weights",
+        LPIPS_FILENAME: "--lpips-weights",
+        FID_WEIGHTS_FILENAME: "--inception-weights",
+    }
+    with command_hints(**flags, download="--no-download"):
+        lpips, inception, unavailable = ev.load_metric_networks(
+            device, (args.vgg_weights, args.lpips_weights), args.inception_weights, download=not args.no_download
+        )
+    out = args.out
     if args.generated:
         if not args.reference:
             raise ValueError("--generated needs --reference stats.npz (precompute it with `mstok eval --data`)")
@@ -162,6 +173,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not (args.checkpoint and args.data):
             raise ValueError("mstok eval needs --checkpoint DIR and --data DIR (or --generated DIR --reference FILE)")
         model, folder, weights = load_tokenizer_folder(args.checkpoint, args.weights, "--checkpoint")
+        out = Path(args.out) if args.out else default_out_dir(folder, "eval") / "results.json"
         resolution = check_resolution(model, args.resolution)
         reference = ev.load_reference(args.reference) if args.reference else None
         results = ev.evaluate_reconstruction(
@@ -173,14 +185,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             inception=inception,
             reference_stats=reference,
             unavailable=unavailable,
-            out_dir=out_dir or Path("runs") / "eval",
+            out_dir=out.parent,
             limit=args.limit,
             num_workers=args.num_workers,
             progress=not args.no_progress,
             fid_method=args.fid_method,
         )
         results = {"checkpoint": str(folder), "weights": weights, "data": str(args.data), **results}
-    print(ev.write_results(results, args.out))
+    print(ev.write_results(results, out))
+    if out is not None:
+        print(f"results written to {out}" + ("" if args.generated else " (grid.png beside it)"))
     return 0
 
 
@@ -197,14 +211,17 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     import json
 
     from mstok.evaluation.probe import run_probe
+    from mstok.weights import locate_model
 
     if args.val and args.split:
         raise ValueError("--split divides the train folder and cannot be combined with --val")
+    folder, weights = locate_model(args.checkpoint, args.weights, "--checkpoint")
+    out = Path(args.out) if args.out else default_out_dir(folder, "probe") / "probe.json"
     result = run_probe(
-        args.checkpoint,
+        folder,
         args.train,
         val=args.val,
-        weights=args.weights,
+        weights=weights,
         split=args.split or (35, 5),
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -213,7 +230,6 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     seconds, settings = result["seconds"], result["settings"]
@@ -341,13 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     evaluate = sub.add_parser("eval", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID, IS, usage) or gFID")
-    evaluate.add_argument("--checkpoint", help="a saved tokenizer, checkpoint or run folder")
-    evaluate.add_argument("--weights", help="weights file in the folder (default: ema.safetensors when present)")
+    evaluate.add_argument("--checkpoint", help=f"the tokenizer: {MODEL_HELP}")
+    evaluate.add_argument("--weights", help=WEIGHTS_HELP)
     evaluate.add_argument("--data", help="image folder or shards to reconstruct (resize + center crop)")
     evaluate.add_argument("--resolution", type=int, help="evaluation resolution (default: the tokenizer's)")
     evaluate.add_argument("--generated", help="a folder of generated images: report gFID and IS against --reference")
     evaluate.add_argument("--reference", help="Inception statistics .npz (mstok or ADM reference batch)")
-    evaluate.add_argument("--out", help="results JSON path; grid.png, codebook_usage.png go beside it")
+    evaluate.add_argument(
+        "--out",
+        help="results JSON path; grid.png, codebook_usage.png go beside it (default: eval/step_N/results.json in "
+        "the checkpoint's run folder; with --generated, none)",
+    )
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N images")
     evaluate.add_argument("--num-workers", type=int, default=2)
@@ -364,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_cmd_eval)
 
     probe = sub.add_parser("probe", help="linear-probe a tokenizer's frozen latent tokens (MAE protocol, LARS)")
-    probe.add_argument("--checkpoint", required=True, help="a saved tokenizer, checkpoint or run folder")
+    probe.add_argument("--checkpoint", required=True, help=f"the tokenizer: {MODEL_HELP}")
     probe.add_argument("--train", required=True, help="training image folder or shards (class = sub-folder)")
     probe.add_argument("--val", help="validation images with the same classes (default: split --train per class)")
     probe.add_argument(
@@ -374,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--batch-size", type=int, default=256, help="probe batch, also for features (default 256)")
     probe.add_argument("--base-lr", type=float, default=0.1, help="lr = base * batch / 256 (default 0.1)")
     probe.add_argument("--seed", type=int, default=0, help="seed of the split and the probe (default 0)")
-    probe.add_argument("--weights", default="ema.safetensors", help="weights file (model.safetensors if absent)")
-    probe.add_argument("--out", default="probe.json", help="results JSON path (default probe.json)")
+    probe.add_argument("--weights", help=WEIGHTS_HELP)
+    probe.add_argument(
+        "--out", help="results JSON path (default: probe/step_N/probe.json in the checkpoint's run folder)"
+    )
     probe.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     probe.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     probe.set_defaults(func=_cmd_probe)
@@ -403,11 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mstok`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
-        print(f"mstok {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)  # one-line errors for bad input, tracebacks for bugs (cli_errors.py)
 
 
 if __name__ == "__main__":

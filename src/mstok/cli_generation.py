@@ -10,6 +10,23 @@ from pathlib import Path
 
 import torch
 
+from mstok.cli_errors import positive_int
+
+# every command that reads a model says the same (the rule is mstok.weights.locate_model, as in mstok.load_tokenizer)
+MODEL_HELP = "a run folder (its newest checkpoint), a checkpoint or saved-model folder, or a weights file in one"
+WEIGHTS_HELP = (
+    "ema, model, or a weights file name in the folder (default: ema.safetensors when the checkpoint has it, "
+    "else model.safetensors; the same rule as mstok.load_tokenizer)"
+)
+
+
+def default_out_dir(folder: Path, command: str) -> Path:
+    """Where a command writes when no ``--out`` is given: ``<run>/<command>/<step_N>`` for a
+    checkpoint of a run, else ``<model folder>/<command>``; never the current folder."""
+    if folder.parent.name == "checkpoints":
+        return folder.parent.parent / command / folder.name
+    return folder / command
+
 
 def check_resolution(model: torch.nn.Module, resolution: int | None) -> int:
     """The ``--resolution`` to use: the tokenizer's own; any other value is an error."""
@@ -30,11 +47,11 @@ def _add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
     pretok = sub.add_parser(
         "pretokenize", help="encode a dataset once into token shards for generator training (torchrun works too)"
     )
-    pretok.add_argument("--checkpoint", required=True, help="a saved tokenizer, checkpoint or run folder")
+    pretok.add_argument("--checkpoint", required=True, help=f"the tokenizer: {MODEL_HELP}")
     pretok.add_argument("--data", required=True, help="image folder or shards (resize + center crop)")
     pretok.add_argument("--out", required=True, help="token-shard folder (an unfinished run there is resumed)")
     pretok.add_argument("--flip", action="store_true", help="also encode the horizontally flipped images")
-    pretok.add_argument("--weights", help="weights file in the folder (default: ema.safetensors when present)")
+    pretok.add_argument("--weights", help=WEIGHTS_HELP)
     pretok.add_argument("--resolution", type=int, help="image resolution (default: the tokenizer's)")
     pretok.add_argument("--batch-size", type=int, default=64, help="images per encode call (default 64)")
     pretok.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
@@ -49,14 +66,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from mstok.generators import SamplingConfig, generate_images, load_generator
     from mstok.generators.sampling import write_samples
-    from mstok.training.checkpoint import default_weights, find_model_folder, load_tokenizer_folder
+    from mstok.training.checkpoint import load_tokenizer_folder
     from mstok.training.distributed import resolve_device
+    from mstok.weights import locate_model
 
-    if not (args.out or args.out_dir):
-        raise ValueError("give --out grid.png and/or --out-dir DIR")
     device = resolve_device(args.device)
-    folder = find_model_folder(args.generator, "--generator")
-    generator = load_generator(folder, default_weights(folder, args.weights)).to(device)
+    folder, weights = locate_model(args.generator, args.weights, "--generator")
+    generator = load_generator(folder, weights).to(device)
     tokenizer = load_tokenizer_folder(args.tokenizer, args.tokenizer_weights, "--tokenizer")[0].to(device)
     g, t = generator.config, tokenizer.config
     if (g.num_tokens, g.codebook_size) != (t.num_latent_tokens, t.codebook_size):
@@ -64,15 +80,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             f"the generator models K={g.num_tokens}, V={g.codebook_size} tokens but the tokenizer has "
             f"K={t.num_latent_tokens}, V={t.codebook_size}: use the tokenizer its tokens came from"
         )
-    _check_generator_tokens(folder, tokenizer)
-    if args.classes == "all":
-        classes = list(range(g.num_classes))
-    else:
-        try:
-            classes = [int(c) for c in args.classes.split(",") if c.strip()]
-        except ValueError as err:
-            raise ValueError(f"--classes must be comma-separated class ids or 'all', got {args.classes!r}") from err
+    class_names = _check_generator_tokens(folder, tokenizer)
+    classes = parse_classes(args.classes, g.num_classes)
     labels = torch.tensor(classes).repeat_interleave(args.n)
+    grid = args.out
+    if not (grid or args.out_dir):
+        grid = default_out_dir(folder, "samples") / "grid.png"
     base = {**SamplingConfig().to_dict(), **_sampling_file(args.sampling, folder)}
     config = SamplingConfig.from_dict({**base, **_sampling_fields(args)})
     started = time.perf_counter()
@@ -80,28 +93,53 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         generator, tokenizer, labels, config, args.seed, args.batch_size, progress=not args.no_progress
     )
     seconds = time.perf_counter() - started
-    written = write_samples(images, labels, ids, args.n, grid=args.out, out_dir=args.out_dir)
+    names = [f"{c} {class_names[c]}" if c < len(class_names) else f"class {c}" for c in classes]
+    written = write_samples(images, labels, ids, args.n, grid=grid, out_dir=args.out_dir, row_labels=names)
     print(f"{len(labels)} images in {seconds:.1f} s ({len(labels) / seconds:.2f} img/s); wrote {', '.join(written)}")
     return 0
 
 
-def _check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> None:
-    """When the generator's training tokens are reachable, refuse a tokenizer other than theirs."""
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """``--classes``: ``all`` or comma-separated ids, each in ``0 .. num_classes - 1`` (id
+    ``num_classes`` is the generator's null class, which would give unconditional samples)."""
+    if text.strip() == "all":
+        return list(range(num_classes))
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated class ids or 'all', got {text!r}") from None
+    if not classes:
+        raise ValueError(f"--classes names no class: give ids in 0..{num_classes - 1} or 'all'")
+    outside = [c for c in classes if not 0 <= c < num_classes]
+    if outside:
+        raise ValueError(
+            f"--classes {', '.join(map(str, outside))}: this generator has {num_classes} classes, "
+            f"so class ids go from 0 to {num_classes - 1}"
+        )
+    return classes
+
+
+def _check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> list[str]:
+    """When the generator's training tokens are reachable, refuse a tokenizer other than theirs;
+    returns the class names of those tokens' images when known (for the grid's row labels)."""
     import json
 
     from mstok.data.tokens import identity_differences, tokenizer_identity
 
     try:
         data = Path(json.loads((folder / "train_config.json").read_text())["data"]["path"])
-        made_by = json.loads((data / "index.json").read_text())["tokenizer"]
+        index = json.loads((data / "index.json").read_text())
+        made_by = index["tokenizer"]
     except (OSError, KeyError, TypeError, ValueError):
-        return  # a converted or copied generator: nothing to compare with
+        return []  # a converted or copied generator: nothing to compare with
     differ = identity_differences(made_by, tokenizer_identity(tokenizer))
     if differ:
         raise ValueError(
             f"this generator was trained on tokens of {made_by.get('checkpoint')} (see {data}); the --tokenizer "
             f"differs in {', '.join(differ)}, so its samples would be noise"
         )
+    names = index.get("classes")
+    return [str(name) for name in names] if isinstance(names, list) else []
 
 
 def _sampling_file(given: str | None, folder: Path) -> dict:
@@ -180,11 +218,19 @@ def _cmd_pretokenize(args: argparse.Namespace) -> int:
 
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample = sub.add_parser("sample", help="generate images of some classes with a generator + its tokenizer")
-    sample.add_argument("--generator", required=True, help="a saved generator, checkpoint or run folder")
-    sample.add_argument("--tokenizer", required=True, help="the tokenizer the generator's tokens came from")
-    sample.add_argument("--classes", default="0", help="comma-separated class ids, or 'all' (default 0)")
-    sample.add_argument("--n", type=int, default=8, help="images per class (default 8)")
-    sample.add_argument("--out", help="grid PNG: one row per class")
+    sample.add_argument("--generator", required=True, help=f"the generator: {MODEL_HELP}")
+    sample.add_argument(
+        "--tokenizer", required=True, help=f"the tokenizer the generator's tokens came from: {MODEL_HELP}"
+    )
+    sample.add_argument(
+        "--classes", default="0", help="comma-separated class ids in 0..classes-1, or 'all' (default 0)"
+    )
+    sample.add_argument("--n", type=positive_int, default=8, help="images per class, at least 1 (default 8)")
+    sample.add_argument(
+        "--out",
+        help="grid PNG, one labelled row per class (default without --out-dir: samples/grid.png in the "
+        "generator's run folder)",
+    )
     sample.add_argument("--out-dir", help="folder for one PNG per image and samples.npz (uint8 NHWC, for FID)")
     sample.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same images")
     sample.add_argument("--batch-size", type=int, default=32)
@@ -203,8 +249,8 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--guidance-scale", type=float, help="CFG weight w: cond + w (cond - uncond); 0 = none")
     sample.add_argument("--guidance-schedule", help="constant (default), linear, power_cosine")
     sample.add_argument("--guidance-power", type=float, help="exponent of power_cosine (default 3)")
-    sample.add_argument("--weights", help="generator weights file (default: ema.safetensors when present)")
-    sample.add_argument("--tokenizer-weights", help="tokenizer weights file (default: ema.safetensors when present)")
+    sample.add_argument("--weights", help=f"generator weights: {WEIGHTS_HELP}")
+    sample.add_argument("--tokenizer-weights", help=f"tokenizer weights: {WEIGHTS_HELP}")
     sample.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     sample.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sample.set_defaults(func=_cmd_sample)

@@ -1,4 +1,10 @@
-"""Where pretrained weight files come from: an explicit path, the local cache, or a download.
+"""Where weight files come from: the one rule that finds a saved model's weights (API and CLI
+alike), and pretrained networks' files (an explicit path, the local cache, or a download).
+
+:func:`locate_model` is the loading rule of ``mstok.load_tokenizer``, ``mstok.load_generator``
+and every CLI command that reads a model: a run folder (its newest checkpoint), a checkpoint or
+saved-model folder, or a weights file inside one; in a folder the EMA weights when present,
+else ``model.safetensors``.
 
 Pretrained networks used by losses and metrics (LPIPS-VGG, FID-Inception, the MaskGIT VQGAN)
 are resolved here so every one of them fails the same way when its file is absent: a
@@ -9,11 +15,14 @@ download never leaves a truncated file under the final name.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import http.client
 import os
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,10 +32,81 @@ from mstok.io import read_safetensors
 
 CACHE_ENV = "MSTOK_CACHE"
 _CHUNK = 1 << 20
+CONFIG_FILE = "config.json"
+EMA_FILE = "ema.safetensors"
+MODEL_FILE = "model.safetensors"
+# the named choices of ``weights=`` / ``--weights``; any other value is a file name in the folder
+WEIGHT_CHOICES = {"ema": EMA_FILE, "model": MODEL_FILE}
+# what a command calls the settings resolve_weights mentions (see command_hints)
+_HINTS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("mstok_weights_hints", default=None)
 
 
 class MissingWeightsError(FileNotFoundError):
     """A pretrained weights file is neither at the given path, in the cache, nor downloadable."""
+
+
+def _newest_checkpoint(folder: Path) -> Path | None:
+    from mstok.training.checkpoint import latest_checkpoint  # lazy: the training package imports much more
+
+    return latest_checkpoint(folder) or latest_checkpoint(folder / "checkpoints")
+
+
+def locate_model(path: str | Path, weights: str | None = None, what: str = "checkpoint") -> tuple[Path, str]:
+    """The one loading rule: ``(model folder, weights file name)`` for ``path`` and ``weights``.
+
+    Args:
+        path: a folder holding ``config.json`` (a saved model or a ``step_*`` checkpoint), a run
+            folder or its ``checkpoints/`` (the newest ``step_*`` checkpoint is used), or a weights
+            file inside a model folder.
+        weights: ``None`` (the EMA weights when the folder has them, else ``model.safetensors``),
+            ``"ema"``, ``"model"``, or a file name inside the folder.
+        what: how the caller names ``path`` in messages (``"--checkpoint"``, ``"tokenizer"``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, holds no model, or lacks the asked-for weights.
+        ValueError: a weights file was given as ``path`` together with a different ``weights``.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist, so it holds no {CONFIG_FILE} to load")
+    if path.is_file():
+        folder = path.parent
+        if weights is not None and WEIGHT_CHOICES.get(weights, weights) != path.name:
+            raise ValueError(f"{what}: {path} is a weights file, which contradicts weights={weights!r}")
+        weights = path.name
+        if not (folder / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{what}: no {CONFIG_FILE} beside the weights file {path}")
+    elif (path / CONFIG_FILE).is_file():
+        folder = path
+    else:
+        folder = _newest_checkpoint(path)
+        if folder is None:
+            raise FileNotFoundError(
+                f"no {CONFIG_FILE} in {path}: not a saved mstok {what}, nor a run folder "
+                "(no step_* checkpoint in it or in its checkpoints/)"
+            )
+    if weights is None:
+        return folder, EMA_FILE if (folder / EMA_FILE).is_file() else MODEL_FILE
+    if weights == "ema" and not (folder / EMA_FILE).is_file():
+        raise FileNotFoundError(
+            f"{what}: weights 'ema' asked for, but {folder} has no {EMA_FILE} (a saved model holds only "
+            f"{MODEL_FILE}: use weights 'model')"
+        )
+    return folder, WEIGHT_CHOICES.get(weights, weights)
+
+
+@contextlib.contextmanager
+def command_hints(**hints: str) -> Iterator[None]:
+    """Inside the block, missing-weights messages name a command's flags instead of config keys.
+
+    Keys are weight file names (``vgg16-397923af.pth`` -> ``"--vgg-weights"``) and ``download``
+    (the flag that turned downloading off, e.g. ``"--no-download"``).
+    """
+    token = _HINTS.set({**(_HINTS.get() or {}), **hints})
+    try:
+        yield
+    finally:
+        _HINTS.reset(token)
 
 
 def cache_dir() -> Path:
@@ -101,6 +181,10 @@ def resolve_weights(
             the file, its URL and the exact path to place it at.
     """
     label = _describe(what, filename)
+    hints = _HINTS.get() or {}
+    flag = hints.get(filename)
+    if flag:
+        option = flag
     if path is not None and str(path) != "":
         explicit = Path(path).expanduser()
         if explicit.is_file():
@@ -117,7 +201,7 @@ def resolve_weights(
     if url is None:
         reason = "no download URL is known for it"
     elif not download:
-        reason = "downloading is disabled (download=False)"
+        reason = f"downloading is disabled ({hints.get('download', 'download=False')})"
     else:
         try:
             _download(url, target, sha256_prefix)
@@ -125,11 +209,15 @@ def resolve_weights(
         except (OSError, ValueError, http.client.HTTPException) as err:  # HTTPException: truncated reply
             reason = f"the download failed: {err}"
     get = f"download it from {url} and put it at {target}" if url else f"put it at {target}"
-    elsewhere = f"set {option}" if option else "pass path=... (or the matching config option)"
+    if flag:
+        elsewhere = f"pass {flag} FILE with its location"
+    else:
+        where = f"set {option}" if option else "pass path=... (or the matching config option)"
+        elsewhere = f"{where} to its location"
     raise MissingWeightsError(
         f"{label} is not available: {reason}.\n"
         f"  To fix: {get}\n"
-        f"  To use a copy elsewhere, {elsewhere} to its location"
+        f"  To use a copy elsewhere, {elsewhere}"
         + ("." if custom_cache else f"; ${CACHE_ENV} moves the cache folder (now {target.parent}).")
     )
 

@@ -193,6 +193,7 @@ def pretokenize(
         "num_images": num_images,
         "shard_size": shard_size,
         "source": str(source),
+        "classes": [str(name) for name in getattr(dataset, "classes", [])],  # labels of `mstok sample` grids
     }
     _prepare_folder(out, meta, rank)
     num_shards = math.ceil(num_images / shard_size)

@@ -36,10 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
-from mstok.tokenizers.base import WEIGHTS_FILE
 from mstok.tokenizers.registry import load_tokenizer
-from mstok.training.checkpoint import EMA_FILE, find_model_folder
 from mstok.training.distributed import resolve_device
+from mstok.weights import locate_model
 
 log = logging.getLogger(__name__)
 
@@ -301,21 +300,16 @@ def train_probe(
     }
 
 
-def load_probe_tokenizer(checkpoint: str | Path, weights: str = EMA_FILE) -> tuple[nn.Module, Path]:
-    """Load a tokenizer for probing; falls back to ``model.safetensors`` when ``weights`` is absent.
+def load_probe_tokenizer(checkpoint: str | Path, weights: str | None = None) -> tuple[nn.Module, Path]:
+    """Load a tokenizer for probing by the loading rule of ``mstok.load_tokenizer``
+    (:func:`mstok.weights.locate_model`: the EMA weights when present, else ``model.safetensors``).
 
     ``checkpoint`` is a saved tokenizer, a ``step_N`` checkpoint, or a run folder (its newest checkpoint).
 
     Returns:
         the model (eval mode) and the path of the weights file actually loaded.
     """
-    path = find_model_folder(checkpoint, "checkpoint")
-    used = weights
-    if not (path / weights).is_file():
-        if not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"neither {weights} nor {WEIGHTS_FILE} in {path}")
-        log.warning("%s not in %s: probing %s instead", weights, path, WEIGHTS_FILE)
-        used = WEIGHTS_FILE
+    path, used = locate_model(checkpoint, weights, "checkpoint")
     return load_tokenizer(path, weights=used), path / used
 
 
@@ -333,7 +327,7 @@ def run_probe(
     checkpoint: str | Path,
     train: str | Path,
     val: str | Path | None = None,
-    weights: str = EMA_FILE,
+    weights: str | None = None,
     split: tuple[int, int] = (35, 5),
     epochs: int = 90,
     batch_size: int = 256,
@@ -350,7 +344,7 @@ def run_probe(
         train: training images, the class being the first-level sub-folder.
         val: validation images with the same class names; without it ``train`` is split with
             :func:`split_per_class` (``split`` = images per class for train, val).
-        weights: weights file to probe; ``model.safetensors`` is used when it is absent.
+        weights: ``None`` (EMA when present, else model), ``"ema"``, ``"model"`` or a file name.
         warmup_epochs: default keeps MAE's 10-of-90 proportion (10 at 90 epochs).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...; used for extraction and training.
 

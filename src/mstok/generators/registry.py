@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
-from mstok.tokenizers.base import WEIGHTS_FILE, read_saved_config, split_saved_config
+from mstok.tokenizers.base import read_saved_config, split_saved_config
+from mstok.weights import locate_model
 
 _VIT = {"width": 768, "depth": 24, "num_heads": 16}
 _TINY = {"width": 128, "depth": 4, "num_heads": 4, "num_tokens": 32, "codebook_size": 1024, "num_classes": 200}
@@ -42,16 +43,18 @@ def create_generator(name: str, **overrides: Any) -> MaskGITGenerator:
     return MaskGITGenerator(generator_config(name, **overrides))
 
 
-def load_generator(path: str | Path, weights: str = WEIGHTS_FILE) -> MaskGITGenerator:
-    """Load a generator saved by ``save_pretrained`` (or a training checkpoint folder).
+def load_generator(path: str | Path, weights: str | None = None) -> MaskGITGenerator:
+    """Load a generator saved by ``save_pretrained``, a training checkpoint or a run folder, by the
+    same rule as :func:`mstok.load_tokenizer` (:func:`mstok.weights.locate_model`: a run's newest
+    checkpoint; the EMA weights when present, else ``model.safetensors``).
 
     Official TiTok generators load too, converted on the fly (:mod:`mstok.convert.generator`):
     a Hugging Face hub id such as ``"yucornetto/generator_titok_l32_imagenet"`` (a string that
     is not a local path; downloaded into the hub cache), or a folder holding such a release.
 
     Args:
-        path: folder with ``config.json`` and the weights file, or a hub id.
-        weights: the weights file inside it (``ema.safetensors`` for a checkpoint's EMA weights).
+        path: a model, checkpoint or run folder, a weights file in a model folder, or a hub id.
+        weights: ``None`` (EMA when present, else model), ``"ema"``, ``"model"``, or a file name in the folder.
     """
     if isinstance(path, str) and not Path(path).exists():
         from mstok.convert.hub import is_hub_id  # lazy: only hub ids and official folders need the converter
@@ -60,7 +63,7 @@ def load_generator(path: str | Path, weights: str = WEIGHTS_FILE) -> MaskGITGene
             from mstok.convert.generator import load_generator_from_hub
 
             return load_generator_from_hub(path)
-    path = Path(path)
+    path, weights = locate_model(path, weights, "generator")
     meta = read_saved_config(path, "generator")
     if isinstance(meta, dict) and "family" not in meta:
         from mstok.convert.generator import is_official_generator_config, load_official_generator

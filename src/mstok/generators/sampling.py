@@ -21,6 +21,7 @@ All randomness comes from one ``torch.Generator``: a fixed seed reproduces sampl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,10 +208,12 @@ def write_samples(
     per_class: int,
     grid: str | Path | None = None,
     out_dir: str | Path | None = None,
+    row_labels: Sequence[str] | None = None,
 ) -> list[str]:
     """Save generated images: a grid PNG (one row of ``per_class`` images per class, at most
-    32 rows) and/or a folder of ``class{c}_{i}.png`` files plus ``samples.npz`` (``arr_0``:
-    uint8 (N, H, W, 3) as the ADM evaluator reads it, ``labels``, ``tokens``). Returns the paths."""
+    32 rows, named by ``row_labels``, one per class, default ``class <id>``) and/or a folder of
+    ``class{c}_{i}.png`` files plus ``samples.npz`` (``arr_0``: uint8 (N, H, W, 3) as the ADM
+    evaluator reads it, ``labels``, ``tokens``). Returns the paths."""
     from PIL import Image
 
     from mstok.training.logger import make_grid
@@ -219,8 +222,9 @@ def write_samples(
     pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # (N, 3, H, W)
     if grid:
         rows = images[: 32 * per_class].reshape(-1, per_class, *images.shape[1:])  # (classes, n, 3, H, W)
+        names = list(row_labels) if row_labels is not None else [f"class {c}" for c in labels[::per_class].tolist()]
         Path(grid).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(make_grid(rows)).save(grid)
+        Image.fromarray(make_grid(rows, labels=names[: len(rows)])).save(grid)
         written.append(str(grid))
     if out_dir:
         out = Path(out_dir)

@@ -6,11 +6,12 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from mstok.tokenizers.base import WEIGHTS_FILE, Tokenizer, TokenizerConfig, read_saved_config, split_saved_config
+from mstok.tokenizers.base import Tokenizer, TokenizerConfig, read_saved_config, split_saved_config
 from mstok.tokenizers.convae import ConvAE
 from mstok.tokenizers.mstok import MsTok
 from mstok.tokenizers.titok import TiTok
 from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
+from mstok.weights import locate_model
 
 # The proxy VQGAN is not a Tokenizer subclass (its keys follow the official file) but has the same API.
 AnyTokenizer = Tokenizer | MaskGITVQGAN
@@ -129,8 +130,12 @@ def tokenizer_from_config(family: str, fields: dict[str, Any]) -> AnyTokenizer:
     return FAMILIES[family](FAMILIES[family].config_class.from_dict(fields))
 
 
-def load_tokenizer(path: str | Path, weights: str = WEIGHTS_FILE) -> AnyTokenizer:
-    """Load a tokenizer saved by :meth:`Tokenizer.save_pretrained` (or a training checkpoint).
+def load_tokenizer(path: str | Path, weights: str | None = None) -> AnyTokenizer:
+    """Load a tokenizer saved by :meth:`Tokenizer.save_pretrained`, a training checkpoint or a run.
+
+    The rule every CLI command follows too (:func:`mstok.weights.locate_model`): ``path`` is a run
+    folder (its newest checkpoint), a checkpoint or saved-model folder, or a weights file in one;
+    in a folder the EMA weights (``ema.safetensors``) are read when present, else ``model.safetensors``.
 
     Official TiTok releases load too, converted on the fly (:mod:`mstok.convert.titok`): a
     Hugging Face hub id such as ``"yucornetto/tokenizer_titok_l32_imagenet"`` (a string that
@@ -138,16 +143,16 @@ def load_tokenizer(path: str | Path, weights: str = WEIGHTS_FILE) -> AnyTokenize
     ``config.json`` and weights.
 
     Args:
-        path: folder with ``config.json`` and the weights file, or a hub id.
-        weights: weights file name inside the folder (``ema.safetensors`` for a training
-            checkpoint's EMA weights).
+        path: a model, checkpoint or run folder, a weights file in a model folder, or a hub id.
+        weights: ``None`` (EMA when present, else model), ``"ema"``, ``"model"``, or a file name
+            inside the folder.
     """
     if isinstance(path, str) and not Path(path).exists():
         from mstok.convert.hub import is_hub_id, load_from_hub  # lazy: only hub ids need it
 
         if is_hub_id(path):
             return load_from_hub(path)
-    path = Path(path)
+    path, weights = locate_model(path, weights, "tokenizer")
     meta = read_saved_config(path, "tokenizer")
     if isinstance(meta, dict) and "family" not in meta:
         from mstok.convert.titok import is_official_titok_config, load_official_titok  # lazy: it imports TiTok

@@ -72,12 +72,12 @@ def default_weights(folder: str | Path, given: str | None = None) -> str:
 def load_tokenizer_folder(
     path: str | Path, weights: str | None = None, what: str = "checkpoint"
 ) -> tuple[torch.nn.Module, Path, str]:
-    """A tokenizer from a saved folder, a ``step_*`` checkpoint or a run folder (its newest
-    checkpoint), with :func:`default_weights`; returns (model, folder, weights file name)."""
+    """A tokenizer by the loading rule of :func:`mstok.weights.locate_model` (the one of
+    ``mstok.load_tokenizer``); returns (model, folder, weights file name)."""
     from mstok.tokenizers import load_tokenizer  # lazy: the registry imports the converters lazily too
+    from mstok.weights import locate_model
 
-    folder = find_model_folder(path, what)
-    weights = default_weights(folder, weights)
+    folder, weights = locate_model(path, weights, what)
     return load_tokenizer(folder, weights=weights), folder, weights
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +128,15 @@ class RunLogger:
                 self.writer.add_scalar(f"epoch/{k}", v, epoch)
         self.epoch_sums, self.epoch_count = {}, 0
 
-    def image_grid(self, step: int, *rows: torch.Tensor, tag: str = "reconstructions") -> Path | None:
+    def image_grid(
+        self, step: int, *rows: torch.Tensor, tag: str = "reconstructions", labels: Sequence[str] | None = None
+    ) -> Path | None:
         """Save rows of N images (each (N, 3, H, W) in [0, 1]; e.g. originals over reconstructions)
-        as ``<tag>/step_*.png`` (``samples/`` for reconstructions) and to TensorBoard."""
+        as ``<tag>/step_*.png`` (``samples/`` for reconstructions) and to TensorBoard; ``labels``
+        name the rows."""
         if not self.dist.is_main:
             return None
-        grid = make_grid(torch.stack(rows))
+        grid = make_grid(torch.stack(rows), labels=labels)
         folder = "samples" if tag == "reconstructions" else tag
         path = self.out_dir / folder / f"step_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +154,9 @@ class RunLogger:
             self.writer = None
 
 
-def make_grid(rows: torch.Tensor, pad: int = 2) -> np.ndarray:
-    """(R, N, 3, H, W) images in [0, 1] -> one uint8 (R*(H+pad)+pad, N*(W+pad)+pad, 3) array."""
+def make_grid(rows: torch.Tensor, pad: int = 2, labels: Sequence[str] | None = None) -> np.ndarray:
+    """(R, N, 3, H, W) images in [0, 1] -> one uint8 (R*(H+pad)+pad, N*(W+pad)+pad, 3) array;
+    with ``labels`` (one per row) a white column on the left names each row."""
     r, n, _, h, w = rows.shape
     canvas = np.full((r * (h + pad) + pad, n * (w + pad) + pad, 3), 255, dtype=np.uint8)
     pixels = rearrange((rows.detach().float().clamp(0, 1) * 255).round().to(torch.uint8), "r n c h w -> r n h w c")
@@ -160,4 +165,24 @@ def make_grid(rows: torch.Tensor, pad: int = 2) -> np.ndarray:
         for j in range(n):
             top, left = pad + i * (h + pad), pad + j * (w + pad)
             canvas[top : top + h, left : left + w] = pixels[i, j]
-    return canvas
+    return canvas if labels is None else label_rows(canvas, labels, h, pad)
+
+
+def label_rows(grid: np.ndarray, labels: Sequence[str], height: int, pad: int = 2) -> np.ndarray:
+    """``grid`` (rows of ``height`` px images, ``pad`` apart) with a column of row names on its left,
+    drawn in PIL's default font."""
+    from PIL import ImageDraw, ImageFont
+
+    if len(labels) != (grid.shape[0] - pad) // (height + pad):
+        raise ValueError(f"{len(labels)} labels for a grid of {(grid.shape[0] - pad) // (height + pad)} rows")
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [measure.textbbox((0, 0), str(text), font=font) for text in labels]
+    width = max(box[2] - box[0] for box in boxes) + 3 * pad
+    canvas = Image.new("RGB", (width + grid.shape[1], grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (width, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (text, box) in enumerate(zip(labels, boxes, strict=True)):
+        top = pad + i * (height + pad) + max(0, (height - (box[3] - box[1])) // 2) - box[1]
+        draw.text((pad, top), str(text), fill="black", font=font)
+    return np.asarray(canvas)

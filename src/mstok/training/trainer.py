@@ -172,7 +172,9 @@ class Trainer(Engine):
     def write_samples(self, logger: RunLogger) -> None:
         recon = self.reconstruct_fixed()
         if recon is not None:
-            logger.image_grid(self.step, self.fixed_images, recon.cpu())
+            stage = self.config.stage.name
+            labels = ("original", "reconstruction" if stage == "single" else f"reconstruction ({stage})")
+            logger.image_grid(self.step, self.fixed_images, recon.cpu(), labels=labels)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
