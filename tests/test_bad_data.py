@@ -243,6 +243,11 @@ def test_all_broken_folder_is_one_clear_error_in_eval(broken_folder, model):
         ev.evaluate_reconstruction(model, ev.eval_dataset(broken_folder, SIZE), num_workers=2, progress=False)
 
 
+def test_all_broken_folder_is_one_clear_error_in_to_shards(broken_folder, tmp_path):
+    with pytest.raises(ValueError, match=f"no readable image under {broken_folder}: all 3 image files failed"):
+        write_shards(broken_folder, tmp_path / "shards", progress=False)
+
+
 # ------------------------------------------------------------------ shard index paths
 @pytest.mark.parametrize("name", ["/etc/passwd", "../outside.tar", "sub/../../outside.tar", "C:\\x.tar", "", 7])
 def test_shard_index_paths_must_stay_in_the_folder(folder_with_bomb, tmp_path, name):
