@@ -34,6 +34,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("titok_tiny", {"position_embedding": "fixed_sincos"}),
     ("mstok_tiny", {"position_embedding": "fixed_sincos", "qk_norm": True}),
     ("titok_tiny", {"quantizer": "none"}),
+    ("titok_tiny", {"quantizer": "none", "use_l2_norm": False}),
     ("mstok_tiny", {**SWITCHED, "quantizer": "none"}),
     ("convae_tiny", {}),
     ("convae_tiny", {"quantizer": "none"}),
@@ -81,6 +82,19 @@ def test_save_load_round_trip(tmp_path, images, name: str, overrides: dict[str, 
     loaded = mstok.load_tokenizer(tmp_path / "tok")
     assert loaded.config == model.config
     assert torch.equal(loaded.decode(model.encode(images)), model.decode(model.encode(images)))
+
+
+@pytest.mark.parametrize("use_l2_norm", [True, False])
+def test_continuous_latents_follow_use_l2_norm(images, use_l2_norm: bool) -> None:
+    """Unquantized latents are unit vectors exactly when use_l2_norm (as VQ's codes are), and
+    the decoder reads what encode() returns."""
+    model = mstok.create_tokenizer("titok_tiny", quantizer="none", use_l2_norm=use_l2_norm).eval()
+    raw = model.encoder(images)  # (B, K, C) before the bottleneck
+    tokens = model.encode(images)
+    expected = raw / raw.norm(dim=-1, keepdim=True) if use_l2_norm else raw
+    assert_close(tokens, expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(tokens.norm(dim=-1), torch.ones(()), atol=1e-5) == use_l2_norm
+    assert_close(model.decode(tokens), model(images).reconstruction.clamp(0, 1), rtol=1e-4, atol=1e-5)
 
 
 def test_continuous_decode_rejects_ids_and_bad_latents() -> None:

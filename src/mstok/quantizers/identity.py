@@ -11,25 +11,31 @@ Glossary: B batch, K latent tokens, C code dim.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mstok.quantizers.vq import QuantizerOutput
 
 
 class IdentityQuantizer(nn.Module):
-    """Passes latents (B, K, C) through unchanged (as float32); no ids, no loss.
+    """Passes latents (B, K, C) through (as float32), optionally L2-normalised; no ids, no loss.
 
     Args:
         code_dim: C, checked against the input's last dimension.
+        use_l2_norm: project each latent onto the unit sphere, as the VQ quantizer does before
+            its search. The decoder then sees inputs of the scale VQ codes have; without it a
+            continuous TiTok-tiny started slower than the same model with VQ (RESULTS.md).
     """
 
-    def __init__(self, code_dim: int) -> None:
+    def __init__(self, code_dim: int, use_l2_norm: bool = False) -> None:
         super().__init__()
         self.code_dim = code_dim
+        self.use_l2_norm = use_l2_norm
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """z: (B, K, C) -> :class:`QuantizerOutput` with ``codes = latents = z`` and ``indices=None``."""
+        """z: (B, K, C) -> :class:`QuantizerOutput` with ``codes = latents`` (z, normalised when ``use_l2_norm``) and ``indices=None``."""
         if z.shape[-1] != self.code_dim:
             raise ValueError(f"expected latents with {self.code_dim} channels, got shape {tuple(z.shape)}")
         zero = z.new_zeros((), dtype=torch.float32)
-        return QuantizerOutput(z.float(), z, None, zero, zero, zero)
+        codes = F.normalize(z.float(), dim=-1) if self.use_l2_norm else z.float()
+        return QuantizerOutput(codes, codes, None, zero, zero, zero)

@@ -390,7 +390,7 @@ class Tokenizer(SavedModel, nn.Module):
         """The quantizer between encoder and decoder: a :class:`VectorQuantizer`, or an
         :class:`IdentityQuantizer` for ``quantizer="none"`` (a family may add others)."""
         if config.quantizer == "none":
-            return IdentityQuantizer(config.code_dim)
+            return IdentityQuantizer(config.code_dim, config.use_l2_norm)
         return VectorQuantizer(config.codebook_size, config.code_dim, config.use_l2_norm, config.commitment_weight)
 
     # ----------------------------------------------------------------- checks
