@@ -172,7 +172,7 @@ def test_unknown_override_field(name: str, field: str, cls: str) -> None:
         ("mstok_tiny", {"aggregation": "sum"}, "aggregation must be one of .*got 'sum'"),
         ("mstok_tiny", {"readout": "mlp"}, "readout must be one of .*got 'mlp'"),
         ("mstok_tiny", {"head": "tokens"}, "head must be one of .*got 'tokens'"),
-        ("mstok_tiny", {"qam_depth": 0}, "qam_depth must be at least 1, got 0"),
+        ("mstok_tiny", {"qam_depth": 0}, "qam_depth must be a positive integer, got 0"),
     ],
 )
 def test_invalid_config_values(name: str, overrides: dict, match: str) -> None:

@@ -31,6 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mstok.config_schema import (
+    FRACTION,
+    MAX_CODEBOOK,
+    MAX_DEPTH,
+    MAX_TOKENS,
+    MAX_WIDTH,
+    STRICTLY_POSITIVE,
+    Rule,
+    one_of,
+    positive,
+)
 from mstok.layers import init_weights
 from mstok.layers.blocks import SelfAttentionBlock
 from mstok.tokenizers.base import ConfigDict, SavedModel
@@ -70,18 +81,23 @@ class GeneratorConfig(ConfigDict):
     dropout: float = 0.1
 
     family: ClassVar[str] = "maskgit"
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "num_tokens": positive(MAX_TOKENS),
+        "codebook_size": positive(MAX_CODEBOOK, "the embedding table and logits have a row per code"),
+        "num_classes": positive(MAX_CODEBOOK, "the embedding table has a row per class"),
+        "width": positive(MAX_WIDTH),
+        "depth": positive(MAX_DEPTH),
+        "num_heads": positive(MAX_WIDTH),
+        "mlp_ratio": Rule(gt=0, cap=64),
+        "architecture": one_of(ARCHITECTURES),
+        "norm_eps": STRICTLY_POSITIVE,
+        "dropout": FRACTION,
+    }
 
     def __post_init__(self) -> None:
-        for name in ("num_tokens", "codebook_size", "num_classes", "width", "depth", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        super().__post_init__()  # the schema (field_rules); cross-field checks follow
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.architecture == "uvit" and not self.norm_first:
             raise ValueError("the uvit architecture is pre-LN: set norm_first = true")
 

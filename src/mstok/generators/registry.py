@@ -31,6 +31,11 @@ GENERATOR_PRESETS: dict[str, dict[str, Any]] = {
 
 def generator_config(name: str, **overrides: Any) -> GeneratorConfig:
     """The config of generator preset ``name`` with ``overrides`` applied (unknown names/fields raise)."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"generator_config(name=...): name must be a generator preset name (a string, e.g. 'maskgit_tiny'), "
+            f"got {name!r} ({type(name).__name__})"
+        )
     if name not in GENERATOR_PRESETS:
         close = difflib.get_close_matches(name, GENERATOR_PRESETS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -73,6 +78,10 @@ def load_generator(path: str | Path, weights: str | None = None) -> MaskGITGener
     family, fields = split_saved_config(meta, path, "generator")
     if family != GeneratorConfig.family:
         raise ValueError(f"{path} holds a {family!r} model, not a generator (load it with mstok.load_tokenizer)")
-    model = MaskGITGenerator(GeneratorConfig.from_dict(fields))
+    try:
+        config = GeneratorConfig.from_dict(fields)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path / 'config.json'}: {err}") from err
+    model = MaskGITGenerator(config)
     model.load_weights(path / weights)
     return model.eval()

@@ -24,15 +24,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from mstok.config_schema import NON_NEGATIVE, Rule, one_of, positive
 from mstok.generators.maskgit import MaskGITGenerator
-from mstok.generators.schedules import GUIDANCE_SCHEDULES, check_schedule, guidance_weight, masked_counts
+from mstok.generators.schedules import GUIDANCE_SCHEDULES, MASK_SCHEDULES, guidance_weight, masked_counts
 from mstok.tokenizers.base import ConfigDict
 
 CONFIDENCES = ("log_prob", "logit")
@@ -67,17 +68,16 @@ class SamplingConfig(ConfigDict):
     guidance_power: float = 3.0
     softmax_annealing: bool = False
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        check_schedule(self.schedule)
-        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.guidance_schedule!r}")
-        if self.confidence not in CONFIDENCES:
-            raise ValueError(f"confidence must be one of {CONFIDENCES}, got {self.confidence!r}")
-        for name in ("temperature", "choice_temperature", "guidance_scale"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    # checked by ConfigDict.__post_init__ (mstok.config_schema)
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "steps": positive(4096),
+        "schedule": one_of(MASK_SCHEDULES, "a masking schedule"),
+        "temperature": NON_NEGATIVE,
+        "choice_temperature": NON_NEGATIVE,
+        "confidence": one_of(CONFIDENCES),
+        "guidance_scale": NON_NEGATIVE,
+        "guidance_schedule": one_of(GUIDANCE_SCHEDULES, "a guidance schedule"),
+    }
 
     @classmethod
     def official_titok(

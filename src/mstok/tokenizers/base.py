@@ -19,6 +19,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mstok.config_schema import (
+    MAX_CODEBOOK,
+    MAX_DEPTH,
+    MAX_IMAGE_SIZE,
+    MAX_TOKENS,
+    MAX_WIDTH,
+    NON_NEGATIVE,
+    Rule,
+    check_config,
+    one_of,
+    positive,
+)
 from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
 from mstok.layers import CrossAttention, SelfAttention, init_weights
 from mstok.layers.embeddings import POSITION_EMBEDDINGS, latent_grid, sincos_at
@@ -33,7 +45,11 @@ ATTENTION_INITS = ("random", "mimetic")
 
 
 class ConfigDict:
-    """Dict conversion shared by the config dataclasses of every model family."""
+    """Dict conversion and schema checks (:mod:`mstok.config_schema`, rules in each class's
+    ``field_rules``) shared by the config dataclasses of every model family."""
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -45,6 +61,8 @@ class ConfigDict:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Any:
         """Build a config, rejecting unknown fields with the list of valid ones (lists become tuples)."""
+        if not isinstance(values, dict):
+            raise TypeError(f"{cls.__name__} fields must be a dict of field values, got {values!r}")
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}")
@@ -87,17 +105,25 @@ def read_saved_config(path: Path, what: str) -> Any:
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok {what}")
     try:
-        return json.loads(config_path.read_text())
+        return json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{config_path} is not a valid mstok {what} config: not UTF-8 text ({err})") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not a valid mstok {what} config ({err})") from err
+        raise ValueError(f"{config_path} is not a valid mstok {what} config: not JSON ({err})") from err
 
 
 def split_saved_config(meta: Any, path: Path, what: str) -> tuple[str, dict[str, Any]]:
-    """``(family, config fields)`` of a parsed mstok ``config.json``."""
-    try:
-        return meta["family"], meta["config"]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path / CONFIG_FILE} is not a valid mstok {what} config ({err})") from err
+    """``(family, config fields)`` of a parsed mstok ``config.json``: a table with a string
+    ``family`` and a table ``config``, else a ValueError naming the file."""
+    where = f"{path / CONFIG_FILE} is not a valid mstok {what} config"
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: it must hold a JSON object, got {type(meta).__name__}")
+    for key, kind, name in (("family", str, "a string"), ("config", dict, "a table of config fields")):
+        if key not in meta:
+            raise ValueError(f"{where}: no {key!r} entry")
+        if not isinstance(meta[key], kind):
+            raise ValueError(f"{where}: {key!r} must be {name}, got {meta[key]!r}")
+    return meta["family"], meta["config"]
 
 
 @dataclass
@@ -154,6 +180,25 @@ class TokenizerConfig(ConfigDict):
 
     family: ClassVar[str] = ""
     quantizers: ClassVar[tuple[str, ...]] = ("vq", "none")
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "image_size": positive(MAX_IMAGE_SIZE),
+        "patch_size": positive(MAX_IMAGE_SIZE),
+        "width": positive(MAX_WIDTH),
+        "depth": positive(MAX_DEPTH),
+        "num_heads": positive(MAX_WIDTH),
+        "mlp_ratio": Rule(gt=0, cap=64),
+        "num_latent_tokens": positive(MAX_TOKENS),
+        "codebook_size": positive(MAX_CODEBOOK, "the codebook is allocated up front"),
+        "code_dim": positive(MAX_WIDTH),
+        "commitment_weight": NON_NEGATIVE,
+        "head": one_of(HEADS),
+        "proxy_codebook_size": positive(MAX_CODEBOOK, "the proxy-code logits are allocated up front"),
+        "quantizer": one_of(quantizers),
+        "position_embedding": one_of(POSITION_EMBEDDINGS),
+        "latent_init": one_of(LATENT_INITS),
+        "attention_init": one_of(ATTENTION_INITS),
+        "pixel_head": one_of(PIXEL_HEADS),
+    }
     # Fields added after configs were first saved: to_dict() leaves them out while they hold
     # their default, so a saved config.json (and every hash of it) of a preset stays as it was.
     optional_defaults: ClassVar[dict[str, Any]] = {
@@ -173,56 +218,19 @@ class TokenizerConfig(ConfigDict):
         return values
 
     def __post_init__(self) -> None:
-        for name in (
-            "image_size",
-            "patch_size",
-            "width",
-            "depth",
-            "num_heads",
-            "num_latent_tokens",
-            "codebook_size",
-            "code_dim",
-            "proxy_codebook_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("mlp_ratio", "commitment_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        for name in ("use_l2_norm", "qk_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        super().__post_init__()  # the schema: types, ranges, choices (field_rules)
+        # Cross-field checks the per-field schema cannot express:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
-        if not isinstance(self.pixel_decoder, dict):
-            raise ValueError(
-                f"pixel_decoder must be a table of MaskGIT-VQGAN config fields, got {self.pixel_decoder!r}"
-            )
-        if self.position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(
-                f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}"
-            )
         if self.position_embedding != "learned" and self.width % 4:
             raise ValueError(f"position_embedding={self.position_embedding!r} needs a width divisible by 4")
-        if self.quantizer not in self.quantizers:
-            raise ValueError(f"quantizer must be one of {self.quantizers}, got {self.quantizer!r}")
-        if self.latent_init not in LATENT_INITS:
-            raise ValueError(f"latent_init must be one of {LATENT_INITS}, got {self.latent_init!r}")
         if self.latent_init == "grid" and self.position_embedding == "learned":
             raise ValueError(
                 "latent_init='grid' places latent tokens in the sin-cos position code of the patches: "
                 "it needs position_embedding 'sincos' or 'fixed_sincos'"
             )
-        if self.attention_init not in ATTENTION_INITS:
-            raise ValueError(f"attention_init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
-        if self.pixel_head not in PIXEL_HEADS:
-            raise ValueError(f"pixel_head must be one of {PIXEL_HEADS}, got {self.pixel_head!r}")
         if self.pixel_decoder:
             from mstok.tokenizers.pixel_decoder import check_pixel_decoder_fits  # lazy: it imports this module
 

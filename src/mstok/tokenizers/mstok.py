@@ -30,6 +30,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from mstok.config_schema import MAX_DEPTH, Rule, one_of, positive
 from mstok.layers import CrossAttentionBlock, PatchTokens, Transformer, build_head
 from mstok.layers.embeddings import add_grid_position_embedding, set_init_table
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
@@ -62,18 +63,17 @@ class MsTokConfig(TokenizerConfig):
     qam_self_attention: bool = True
 
     family: ClassVar[str] = "mstok"
+    field_rules: ClassVar[dict[str, Rule]] = {
+        # the block numbers' range depends on depth: checked in __post_init__
+        "memory_layers": Rule(item=Rule(cap=MAX_DEPTH)),
+        "aggregation": one_of(AGGREGATIONS),
+        "readout": one_of(READOUTS),
+        "qam_depth": positive(MAX_DEPTH),
+    }
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("scale_embedding", "qam_self_attention"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.memory_layers, (list, tuple)) or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in self.memory_layers
-        ):
-            raise ValueError(f"memory_layers must be a list of block numbers, got {self.memory_layers!r}")
-        layers = tuple(self.memory_layers)
-        self.memory_layers = layers
+        super().__post_init__()  # the schema (field_rules) made memory_layers a tuple of ints
+        layers = self.memory_layers
         if not layers or list(layers) != sorted(set(layers)):
             raise ValueError(f"memory_layers must be a non-empty increasing list, got {list(layers)}")
         if layers[0] < 1 or layers[-1] != self.depth:
@@ -81,12 +81,6 @@ class MsTokConfig(TokenizerConfig):
                 f"memory_layers {list(layers)} must lie in 1..depth and end at the last block ({self.depth}); "
                 "blocks after the last memory layer would never be used"
             )
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
-        if not isinstance(self.qam_depth, int) or self.qam_depth < 1:
-            raise ValueError(f"qam_depth must be at least 1, got {self.qam_depth}")
 
     @property
     def memory_length(self) -> int:

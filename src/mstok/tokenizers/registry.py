@@ -6,7 +6,13 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from mstok.tokenizers.base import Tokenizer, TokenizerConfig, read_saved_config, split_saved_config
+from mstok.tokenizers.base import (
+    CONFIG_FILE,
+    Tokenizer,
+    TokenizerConfig,
+    read_saved_config,
+    split_saved_config,
+)
 from mstok.tokenizers.convae import ConvAE
 from mstok.tokenizers.mstok import MsTok
 from mstok.tokenizers.titok import TiTok
@@ -107,8 +113,18 @@ def list_presets() -> list[str]:
     return list(PRESETS)
 
 
+def _check_preset_name(name: Any, function: str) -> None:
+    """A TypeError naming ``function``'s ``name`` argument when it is not a string."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{function}(name=...): name must be a preset name (a string, e.g. 'mstok_tiny'; see "
+            f"mstok.list_presets()), got {name!r} ({type(name).__name__})"
+        )
+
+
 def preset_config(name: str, **overrides: Any) -> TokenizerConfig | VQGANConfig:
     """The config of preset ``name`` with ``overrides`` applied (unknown names/fields raise)."""
+    _check_preset_name(name, "preset_config")
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -119,15 +135,23 @@ def preset_config(name: str, **overrides: Any) -> TokenizerConfig | VQGANConfig:
 
 def create_tokenizer(name: str, **overrides: Any) -> AnyTokenizer:
     """A freshly initialised tokenizer from a preset, e.g. ``create_tokenizer("mstok_b64", num_latent_tokens=128)``."""
+    _check_preset_name(name, "create_tokenizer")
     config = preset_config(name, **overrides)
     return FAMILIES[config.family](config)
 
 
-def tokenizer_from_config(family: str, fields: dict[str, Any]) -> AnyTokenizer:
-    """Build an untrained tokenizer of ``family`` from a dict of config fields."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tokenizer family {family!r}; known: {', '.join(FAMILIES)}")
-    return FAMILIES[family](FAMILIES[family].config_class.from_dict(fields))
+def tokenizer_from_config(family: str, fields: dict[str, Any], source: str | Path = "") -> AnyTokenizer:
+    """Build an untrained tokenizer of ``family`` from a dict of config fields; ``source`` (the
+    file they come from) prefixes any error."""
+    try:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown tokenizer family {family!r}; known: {', '.join(FAMILIES)}")
+        config = FAMILIES[family].config_class.from_dict(fields)
+    except (ValueError, TypeError) as err:
+        if not source:
+            raise
+        raise ValueError(f"{source}: {err}") from err
+    return FAMILIES[family](config)
 
 
 def load_tokenizer(path: str | Path, weights: str | None = None) -> AnyTokenizer:
@@ -160,6 +184,6 @@ def load_tokenizer(path: str | Path, weights: str | None = None) -> AnyTokenizer
         if is_official_titok_config(meta):
             return load_official_titok(path)
     family, fields = split_saved_config(meta, path, "tokenizer")
-    model = tokenizer_from_config(family, fields)
+    model = tokenizer_from_config(family, fields, source=path / CONFIG_FILE)
     model.load_weights(path / weights)
     return model.eval()

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mstok.config_schema import MAX_DEPTH, MAX_WIDTH, NON_NEGATIVE, Rule, one_of, positive
 from mstok.layers import PatchTokens, Transformer, build_head
 from mstok.layers.embeddings import add_grid_position_embedding, set_init_table
 from mstok.quantizers import DiagonalGaussianQuantizer
@@ -70,6 +71,14 @@ class TiTokConfig(TokenizerConfig):
 
     family: ClassVar[str] = "titok"
     quantizers: ClassVar[tuple[str, ...]] = ("vq", "vae", "none")
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "decoder_width": positive(MAX_WIDTH),
+        "decoder_depth": positive(MAX_DEPTH),
+        "decoder_num_heads": positive(MAX_WIDTH),
+        "token_projection": one_of(TOKEN_PROJECTIONS),
+        "kl_weight": NON_NEGATIVE,
+        "quantizer": one_of(quantizers),
+    }
     optional_defaults: ClassVar[dict[str, Any]] = {
         **TokenizerConfig.optional_defaults,
         "decoder_width": None,
@@ -81,17 +90,9 @@ class TiTokConfig(TokenizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("decoder_width", "decoder_depth", "decoder_num_heads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or null (= the encoder's), got {value!r}")
         width, _, heads = self.decoder_dims
         if width % heads:
             raise ValueError(f"decoder width {width} is not a multiple of decoder num_heads {heads}")
-        if self.token_projection not in TOKEN_PROJECTIONS:
-            raise ValueError(f"token_projection must be one of {TOKEN_PROJECTIONS}, got {self.token_projection!r}")
-        if not isinstance(self.kl_weight, (int, float)) or isinstance(self.kl_weight, bool) or self.kl_weight < 0:
-            raise ValueError(f"kl_weight must be a non-negative number, got {self.kl_weight!r}")
 
     @property
     def decoder_dims(self) -> tuple[int, int, int]:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from mstok.config_schema import FRACTION, MAX_CODEBOOK, MAX_IMAGE_SIZE, MAX_WIDTH, NON_NEGATIVE, Rule, positive
 from mstok.io import load_state_dict_checked
 from mstok.layers import init_weights
 from mstok.quantizers import VectorQuantizer
@@ -60,27 +61,24 @@ class VQGANConfig(ConfigDict):
     dropout: float = 0.0
 
     family: ClassVar[str] = "maskgit_vqgan"
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "image_size": positive(MAX_IMAGE_SIZE),
+        "channels": positive(MAX_WIDTH),
+        # each entry halves the resolution once more (2 ** 14 = MAX_IMAGE_SIZE)
+        "channel_mult": Rule(min_len=1, item=positive(64)),
+        "num_res_blocks": positive(64),
+        "z_channels": positive(MAX_WIDTH),
+        "codebook_size": positive(MAX_CODEBOOK, "the codebook is allocated up front"),
+        "commitment_weight": NON_NEGATIVE,
+        "norm_groups": positive(MAX_WIDTH),
+        "dropout": FRACTION,
+    }
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "channels", "num_res_blocks", "z_channels", "codebook_size", "norm_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__post_init__()  # the schema (field_rules); cross-field checks follow
         mult = self.channel_mult
-        if isinstance(mult, list):
-            mult = self.channel_mult = tuple(mult)
-        if (
-            not isinstance(mult, tuple)
-            or not mult
-            or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in mult)
-        ):
-            raise ValueError(f"channel_mult must be a non-empty tuple of positive integers, got {mult!r}")
-        if not isinstance(self.commitment_weight, (int, float)) or isinstance(self.commitment_weight, bool):
-            raise ValueError(f"commitment_weight must be a non-negative number, got {self.commitment_weight!r}")
-        if self.commitment_weight < 0:
-            raise ValueError(f"commitment_weight must be a non-negative number, got {self.commitment_weight!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if len(mult) > 15:
+            raise ValueError(f"channel_mult has {len(mult)} levels: at most 15 (each halves the resolution)")
         if self.image_size % self.downsample_factor:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of the downsample factor {self.downsample_factor} "

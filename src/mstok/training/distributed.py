@@ -16,11 +16,24 @@ import torch
 import torch.distributed as dist
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+def resolve_device(device: str, what: str = "device") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``
+    and must be available here. Errors are ValueErrors naming ``what`` (the config key
+    ``device`` by default), not torch's RuntimeError from deep inside the first ``.to()``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{what} = {device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:<index>'") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} = {device!r}, but CUDA is not available on this machine: use 'auto' or 'cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} = {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{what} = {device!r}, but MPS is not available on this machine: use 'auto' or 'cpu'")
+    return resolved
 
 
 @dataclass
@@ -42,21 +55,20 @@ class DistContext:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str = "auto") -> DistContext:
+    def from_env(cls, device: str = "auto", what: str = "device") -> DistContext:
         """Join the process group when launched by torchrun, else describe a single process.
 
         Args:
             device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``; under
                 torchrun a CUDA run uses ``cuda:LOCAL_RANK``.
+            what: the setting ``device`` came from, named in errors (:func:`resolve_device`).
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        requested = resolve_device(device)
+        requested = resolve_device(device, what)
         kind = requested.type
         if kind == "cuda":
-            if not torch.cuda.is_available():
-                raise RuntimeError("device 'cuda' requested but CUDA is not available")
             index = local_rank if world_size > 1 else (requested.index or 0)
             torch.cuda.set_device(index)
             resolved = torch.device("cuda", index)
