@@ -30,6 +30,7 @@ import ast
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.module}:{m.line} {m.description}")
         return 0
+    # a plain kill must still remove the temporary copy (the context manager's exit runs on SystemExit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     command = "python tools/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory(prefix="mstok-mutate-") as tmp:
