@@ -86,6 +86,7 @@ BAD = [
     pytest.param(_set("ema_decay=1.0"), ConfigError, "ema_decay", "1.0", id="ema-one"),
     pytest.param(_set("precision='fp8'"), ConfigError, "precision", "'fp8'", id="precision"),
     pytest.param(_set("device='gpu'"), ConfigError, "device", "'gpu'", id="device-name"),
+    pytest.param(_set("data.max_pixels=0"), ConfigError, "data.max_pixels", "got 0", id="max-pixels"),
     pytest.param(_set("out_dir=5"), ConfigError, "out_dir", "5", id="out-dir-int"),
     pytest.param(_set("stage.train=['encoder', 3]"), ConfigError, "stage.train", "3", id="stage-item"),
     pytest.param(_set("model.overrides=5"), ConfigError, "model.overrides", "5", id="overrides-int"),

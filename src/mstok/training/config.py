@@ -75,9 +75,13 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.8, 1.0)
     flip: bool = True
     num_workers: int = 2
-
-    field_rules: ClassVar[dict[str, Rule]] = {"crop_scale": Rule(item=Rule(gt=0, le=1)), "num_workers": NON_NEGATIVE}
     max_pixels: int = 89_478_485  # mstok.data.DEFAULT_MAX_PIXELS (PIL's warning threshold)
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "crop_scale": Rule(item=Rule(gt=0, le=1)),
+        "num_workers": NON_NEGATIVE,
+        "max_pixels": POSITIVE,
+    }
 
 
 @dataclass
