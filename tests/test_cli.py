@@ -59,7 +59,9 @@ def test_train_command_writes_a_loadable_checkpoint(tmp_path, capsys):
     checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert checkpoint is not None and checkpoint.name == "step_0000002"
     assert load_tokenizer(checkpoint).config.family == "titok"
-    assert main([*args, "--resume", "auto", "--set", "steps=3"]) == 0
+    assert main([*args, "--resume", "auto", "--set", "steps=3"]) == 2  # a longer run is another schedule
+    assert "steps: 2 -> 3" in capsys.readouterr().err
+    assert main([*args, "--resume", "auto", "--set", "steps=3", "--allow-changes"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_0000003"
 

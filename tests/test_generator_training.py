@@ -64,7 +64,8 @@ def test_masked_loss_falls_to_the_entropy_of_a_toy_distribution(tmp_path):
 def test_resume_is_bit_identical(tmp_path):
     straight = GeneratorTrainer(toy_config(tmp_path / "a", 6, ckpt_every=3), dataset=ToyTokens(256), progress=False)
     straight.fit()
-    first = GeneratorTrainer(toy_config(tmp_path / "b", 3, ckpt_every=3), dataset=ToyTokens(256), progress=False)
+    first = GeneratorTrainer(toy_config(tmp_path / "b", 6, ckpt_every=3), dataset=ToyTokens(256), progress=False)
+    first.config.steps = 3  # "killed" after step 3 (the run's settings stay those it was built with)
     first.fit()
     resumed = GeneratorTrainer(toy_config(tmp_path / "b", 6, ckpt_every=3), dataset=ToyTokens(256), progress=False)
     assert resumed.resume("auto") is not None and resumed.step == 3

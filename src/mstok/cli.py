@@ -77,7 +77,7 @@ def _run_training(args: argparse.Namespace, kind: str) -> int:
     say = print if trainer.dist.is_main else (lambda *_: None)
     try:
         if args.resume:
-            used = trainer.resume(args.resume)
+            used = trainer.resume(args.resume, allow_changes=args.allow_changes)
             say(f"resumed from {used} (step {trainer.step})" if used else "no checkpoint to resume: starting fresh")
         trainer.fit()
         say(f"done: step {trainer.step}; checkpoints in {trainer.ckpt_dir} (log: {trainer.out_dir / 'log.jsonl'})")
@@ -341,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument(
             "--resume", metavar="auto|DIR", help="resume from a checkpoint folder, or the newest with 'auto'"
+        )
+        command.add_argument(
+            "--allow-changes",
+            action="store_true",
+            help="with --resume: accept settings that differ from the saved run's (steps, lr, data...; logged)",
         )
         command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     proxy.set_defaults(func=_cmd_train_proxy)

@@ -15,12 +15,33 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path, mode: int = 0o666) -> None:
+    """Give a file written through a private temporary (``tempfile.mkstemp``, safetensors: both
+    0600) the mode an ordinary ``open`` would, ``mode & ~umask``, so colleagues sharing the
+    folder can read it. Writers of weights, checkpoints and data files call it."""
+    os.chmod(path, mode & ~current_umask())
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """Write ``tensors`` to ``path`` via a temporary file and a rename, so a crash never
-    leaves a half-written file under the final name."""
+    leaves a half-written file under the final name; the file's mode follows the umask."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    apply_umask(tmp)  # safetensors creates its files 0600
     os.replace(tmp, path)
 
 

@@ -9,13 +9,18 @@ for extra checkpoint state, sample grids and held-out validation).
 
 A resumed run continues bit-identically: the data order and every augmentation are
 functions of (seed, sample position), and model, EMA, optimizer, scheduler, scaler, the
-subclass's extra state and RNG states are restored. Checkpoints are written atomically by
-rank 0.
+subclass's extra state and RNG states are restored. A resume falls back past broken
+checkpoints, refuses changed run settings unless allowed, and archives what an abandoned
+attempt did past the resume point (resume.py). Checkpoints are written atomically and durably
+by rank 0, and only when the loss, the gradient norm and the weights are finite: a checkpoint
+is always one to go back to. Ctrl-C finishes the current step, saves it and raises
+:class:`TrainingInterrupted`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -30,16 +35,25 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mstok.data import EpochSampler, SkipBroken, collate_skip_broken
-from mstok.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mstok.io import load_state_dict_checked
+from mstok.training.checkpoint import EMA_FILE, checkpoint_dirs, recover_checkpoints, save_checkpoint, step_of
 from mstok.training.config import RunConfig
 from mstok.training.distributed import DistContext
+from mstok.training.interrupt import DeferredInterrupt
 from mstok.training.logger import RunLogger
 from mstok.training.optim import ModelEMA, build_optimizer, build_scheduler
+from mstok.training.resume import archive_future, check_config, pick_checkpoint
 from mstok.training.threads import resolve_threads
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels) of one micro-step
+# optimizer settings a resume with allowed changes takes from the new config, not the checkpoint
+_GROUP_SETTINGS = ("initial_lr", "betas", "eps", "weight_decay")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run at a step boundary; the message says which checkpoint holds it."""
 
 
 class Engine:
@@ -92,6 +106,9 @@ class Engine:
         self.val_every = 0  # a subclass implementing validate() sets it (0: never)
         self.train_seconds = 0.0  # this process's training time (data + steps), for val events
         self.val_history: list[dict[str, Any]] = []  # the val events of this process (rank 0)
+        self.saved_step = -1  # the step of the newest checkpoint written or resumed from
+        self.resume_record: dict[str, Any] | None = None  # the resume event fit() logs
+        self.interrupt = DeferredInterrupt(enabled=False)  # fit() installs the Ctrl-C handler
 
     def setup(self, model: nn.Module, dataset: Dataset) -> None:
         """Take the model (with ``requires_grad`` already set per the stage) and the dataset:
@@ -114,6 +131,9 @@ class Engine:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.dataset = dataset
+        # the settings the run is built with (the schedule above is fixed now): saved with every
+        # checkpoint and compared on resume, even if ``config`` is changed afterwards
+        self.run_config_json = cfg.to_json()
 
     # ----------------------------------------------------------------- hooks
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
@@ -138,31 +158,108 @@ class Engine:
         return {}
 
     # ----------------------------------------------------------------- state
-    def resume(self, which: str | Path) -> Path | None:
-        """Restore from a checkpoint folder, or the newest one with ``"auto"``.
+    def resume(self, which: str | Path, allow_changes: bool = False) -> Path | None:
+        """Restore from a checkpoint folder, or the newest intact one with ``"auto"``.
+
+        The checkpoint's saved settings must match this run's, except for bookkeeping (logging,
+        checkpoint cadence, workers...): a difference that changes the schedule, the data or the
+        model is a ValueError listing each key (old -> new), unless ``allow_changes``; then the
+        new settings apply from here on, with a warning and a ``resume`` event in ``log.jsonl``.
+        What the run did past the resume point is archived (resume.py).
 
         Returns the folder used, or None when ``"auto"`` finds nothing (a fresh start).
+
+        Raises:
+            CorruptCheckpointError: the named checkpoint, or every one ``"auto"`` found, is broken.
+            ValueError: the settings differ (see above) or the checkpoint does not fit the model.
         """
-        path = latest_checkpoint(self.ckpt_dir) if str(which) == "auto" else Path(which)
-        if path is None:
+        if self.dist.is_main:
+            recover_checkpoints(self.ckpt_dir)  # a crash inside a save may have left its old folder aside
+        self.dist.barrier()
+        picked = pick_checkpoint(self.ckpt_dir, which)
+        if picked is None:
             return None
-        model_state, ema_state, state = load_checkpoint(path)
-        self.model.load_state_dict(model_state)
-        self.ema.module.load_state_dict(ema_state)
-        self.ema.num_updates = int(state["ema_updates"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        path, (model_state, ema_state, state) = picked
+        changes = check_config(path, json.loads(self.run_config_json), allow_changes)
+        self._restore(path, model_state, ema_state, state, changed=bool(changes))
+        self.dist.barrier()  # every rank has read the checkpoint before rank 0 moves anything
+        archive = archive_future(self.out_dir, self.ckpt_dir, self.step) if self.dist.is_main else None
+        self.dist.barrier()
+        self.saved_step = self.step
+        self.resume_record = {
+            "event": "resume",
+            "step": self.step,
+            "from": str(path),
+            "changes": {k: [old, new] for k, (old, new) in changes.items()},
+            "archived": str(archive) if archive else None,
+        }
+        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def _restore(
+        self,
+        path: Path,
+        model_state: dict[str, torch.Tensor],
+        ema_state: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        changed: bool,
+    ) -> None:
+        """Load a checkpoint read by :func:`pick_checkpoint` into the model, EMA, optimizer...;
+        with ``changed`` settings, the optimizer's settings and the schedule follow the new config."""
+        fresh = [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in self.optimizer.param_groups]
+        try:
+            load_state_dict_checked(self.model, model_state, str(path / "model.safetensors"))
+            load_state_dict_checked(self.ema.module, ema_state, str(path / EMA_FILE))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise ValueError(f"checkpoint {path} does not fit this run's model or optimizer: {err}") from err
         self.load_extra_state(state, path)
+        if changed:  # the checkpoint's groups hold the old lr, betas...: the new config's apply from here
+            for group, settings in zip(self.optimizer.param_groups, fresh, strict=True):
+                group.update(settings)
+            self.scheduler.base_lrs = [s["initial_lr"] for s in fresh]
+            step = self.scheduler.last_epoch
+            for group, base, rule in zip(
+                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * rule(step)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.ema.num_updates = int(state["ema_updates"])
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.samples_seen, self.skipped = state["step"], state["samples_seen"], state["skipped"]
-        log.info("resumed from %s at step %d", path, self.step)
-        return path
+
+    def _last_good(self, before: int) -> Path | None:
+        """The newest checkpoint of this run older than step ``before`` (every saved one passed
+        the finiteness checks)."""
+        older = [p for p in checkpoint_dirs(self.ckpt_dir) if step_of(p) < before]
+        return older[-1] if older else None
+
+    def _check_weights(self) -> None:
+        """FloatingPointError when the model or the EMA holds a non-finite parameter (checked on
+        every rank: they hold the same weights, so all raise together)."""
+        for what, module in (("model", self.model), ("EMA", self.ema.module)):
+            params = dict(module.named_parameters())
+            if bool(torch.stack([p.isfinite().all() for p in params.values()]).all()):
+                continue
+            bad = [name for name, p in params.items() if not bool(p.isfinite().all())]
+            raise FloatingPointError(
+                f"non-finite {what} weights at step {self.step} ({', '.join(bad[:5])}"
+                f"{f', ... ({len(bad)} in all)' if len(bad) > 5 else ''}); not saved; "
+                f"last good checkpoint: {self._last_good(self.step) or 'none yet'}"
+            )
 
     def save(self) -> Path | None:
-        """Write a checkpoint for the current step (rank 0; other ranks wait for it)."""
+        """Write a checkpoint for the current step (rank 0; other ranks wait for it).
+
+        Raises:
+            FloatingPointError: a weight is not finite (nothing is written).
+            CheckpointWriteError: the disk is full or not writable (nothing partial is left).
+        """
+        self._check_weights()
         path = None
         if self.dist.is_main:
             state = {
@@ -185,10 +282,11 @@ class Engine:
                 self.model,
                 self.ema.module.state_dict(),
                 state,
-                self.config.to_json(),
+                self.run_config_json,
                 self.config.keep_last,
             )
         self.dist.barrier()
+        self.saved_step = self.step
         return path
 
     # ----------------------------------------------------------------- data
@@ -248,13 +346,15 @@ class Engine:
         return grad_norm.detach()
 
     def _check_finite(self, logger: RunLogger) -> None:
-        bad = logger.first_non_finite()
+        """FloatingPointError when a step of the log window had a non-finite loss or gradient norm
+        (with fp16 loss scaling an infinite gradient norm is routine: the scaler skips that step)."""
+        keys = ("loss",) if self.scaler.is_enabled() else ("loss", "grad_norm")
+        bad = logger.first_non_finite(keys)
         if bad is not None:
-            step, terms = bad
-            last = latest_checkpoint(self.ckpt_dir)
+            step, key, terms = bad
             raise FloatingPointError(
-                f"non-finite loss {terms['loss']} at step {step} (terms: {terms}); "
-                f"last good checkpoint: {last or 'none yet'}"
+                f"non-finite {key} {terms[key]} at step {step} (terms: {terms}); "
+                f"last good checkpoint: {self._last_good(step) or 'none yet'}"
             )
 
     def start_fields(self) -> dict[str, Any]:
@@ -263,14 +363,32 @@ class Engine:
 
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``config.steps``; returns the logged windows (also in ``log.jsonl``). The
-        ``val`` events of :meth:`validate` go to ``log.jsonl`` and, on rank 0, ``val_history``."""
+        ``val`` events of :meth:`validate` go to ``log.jsonl`` and, on rank 0, ``val_history``.
+
+        Raises:
+            TrainingInterrupted: Ctrl-C (SIGINT) came; the step under way was finished and saved
+                (when finite). Outside the main thread or under DDP, Ctrl-C acts as usual.
+            FloatingPointError: a loss, gradient norm or weight went non-finite (nothing saved).
+        """
         cfg = self.config
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(cfg.to_json() + "\n")
+            (self.out_dir / "train_config.json").write_text(self.run_config_json + "\n")
         if self.step >= cfg.steps:
             return self.history
-        logger = RunLogger(self.out_dir, self.dist, cfg.tensorboard)
+        if cfg.optim.warmup_steps >= cfg.steps and self.dist.is_main:
+            log.warning(
+                "optim.warmup_steps = %d is not shorter than steps = %d: the learning rate only rises and the run "
+                "ends at %s of its peak, never decaying",
+                cfg.optim.warmup_steps,
+                cfg.steps,
+                f"{min(1.0, cfg.steps / cfg.optim.warmup_steps):.0%}",
+            )
+        resumed = self.resume_record is not None
+        logger = RunLogger(self.out_dir, self.dist, cfg.tensorboard, purge_step=self.step + 1 if resumed else None)
+        if self.resume_record is not None:
+            logger.event(**self.resume_record)
+            self.resume_record = None
         logger.event(
             event="start",
             step=self.step,
@@ -285,51 +403,83 @@ class Engine:
         )
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc=self.desc, unit="step")
         postfix: dict[str, str] = {}
-        window_items = 0
-        epoch = self.samples_seen // len(self.dataset)
+        self._window_items = 0
+        self._epoch = self.samples_seen // len(self.dataset)
         try:
-            tick = time.perf_counter()
-            for micro_batches in self.batches():
-                terms = self.train_step(micro_batches)
-                # data + step time only: validation, grids and checkpoints are left out, so
-                # val events can be read against training time (benchmarks/convergence.py)
-                self.train_seconds += time.perf_counter() - tick
-                self.step += 1
-                self.samples_seen += cfg.batch_size
-                window_items += cfg.batch_size
-                logger.add(self.step, terms)
-                bar.update(1)
-                done = self.step >= cfg.steps
-                checkpoint = self.step % cfg.ckpt_every == 0 or done
-                if self.step % cfg.log_every == 0 or checkpoint:
-                    self._check_finite(logger)  # before any save: a checkpoint is always good
-                    extra = {"lr": self.optimizer.param_groups[0]["lr"], "skipped": self.skipped}
-                    record = logger.flush(self.step, window_items, extra)
-                    self.history.append({"step": self.step, **record})
-                    window_items = 0
-                    postfix.update({k: f"{record[k]:.4f}" for k in self.postfix_keys if k in record})
-                    if "images_per_s" in record:
-                        postfix["img/s"] = f"{record['images_per_s']:.1f}"  # of this log window
-                    bar.set_postfix(postfix)
-                    new_epoch = self.samples_seen // len(self.dataset)
-                    if new_epoch > epoch:
-                        logger.end_epoch(new_epoch - 1, self.step)  # the last epoch completed
-                        epoch = new_epoch
-                if self.val_every and (self.step % self.val_every == 0 or done):
-                    metrics = self._validate(logger)
-                    postfix.update({k: f"{metrics[k]:.1f}" for k in self.val_postfix_keys if k in metrics})
-                    bar.set_postfix(postfix)
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
-                    self.write_samples(logger)
-                if checkpoint:
-                    self.save()
-                if done:
-                    break
-                tick = time.perf_counter()
+            with DeferredInterrupt(enabled=not self.dist.enabled) as self.interrupt:
+                self._loop(logger, bar, postfix)
         finally:
             bar.close()
             logger.close()
         return self.history
+
+    def _loop(self, logger: RunLogger, bar: tqdm, postfix: dict[str, str]) -> None:
+        """The steps of :meth:`fit`, until ``config.steps`` or an interrupt."""
+        cfg = self.config
+        batches = self.batches()
+        tick = time.perf_counter()
+        while True:
+            try:
+                micro_batches = next(batches)
+            except Exception:
+                if self.interrupt.requested:  # Ctrl-C also reaches loader workers; no step had begun
+                    break
+                raise
+            terms = self.train_step(micro_batches)
+            # data + step time only: validation, grids and checkpoints are left out, so
+            # val events can be read against training time (benchmarks/convergence.py)
+            self.train_seconds += time.perf_counter() - tick
+            self.step += 1
+            self.samples_seen += cfg.batch_size
+            self._window_items += cfg.batch_size
+            logger.add(self.step, terms)
+            bar.update(1)
+            done = self.step >= cfg.steps
+            checkpoint = self.step % cfg.ckpt_every == 0 or done
+            if self.step % cfg.log_every == 0 or checkpoint:
+                record = self._flush(logger)
+                postfix.update({k: f"{record[k]:.4f}" for k in self.postfix_keys if k in record})
+                if "images_per_s" in record:
+                    postfix["img/s"] = f"{record['images_per_s']:.1f}"  # of this log window
+                bar.set_postfix(postfix)
+            if self.val_every and (self.step % self.val_every == 0 or done):
+                metrics = self._validate(logger)
+                postfix.update({k: f"{metrics[k]:.1f}" for k in self.val_postfix_keys if k in metrics})
+                bar.set_postfix(postfix)
+            if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
+                self.write_samples(logger)
+            if checkpoint:
+                self.save()
+            if done:
+                return
+            if self.interrupt.requested:
+                break
+            tick = time.perf_counter()
+        self._stop_interrupted(logger)
+
+    def _flush(self, logger: RunLogger) -> dict[str, float]:
+        """Check the log window is finite (before any save: a checkpoint is always good), write it,
+        and close the epochs it completed; returns the window's record."""
+        self._check_finite(logger)
+        extra = {"lr": self.optimizer.param_groups[0]["lr"], "skipped": self.skipped}
+        record = logger.flush(self.step, self._window_items, extra)
+        self.history.append({"step": self.step, **record})
+        self._window_items = 0
+        new_epoch = self.samples_seen // len(self.dataset)
+        if new_epoch > self._epoch:
+            logger.end_epoch(new_epoch - 1, self.step)  # the last epoch completed
+            self._epoch = new_epoch
+        return record
+
+    def _stop_interrupted(self, logger: RunLogger) -> None:
+        """After Ctrl-C, at a step boundary: log and save the current step unless it is saved
+        already, then raise :class:`TrainingInterrupted` naming the checkpoint."""
+        if self.saved_step != self.step:
+            if logger.window:
+                self._flush(logger)
+            self.save()
+        where = self.ckpt_dir / f"step_{self.step:07d}"
+        raise TrainingInterrupted(f"stopped at step {self.step}; saved {where} (continue with --resume auto)")
 
     def _validate(self, logger: RunLogger) -> dict[str, float]:
         """Run :meth:`validate` on rank 0 and log it; every rank leaves together."""

@@ -29,9 +29,13 @@ class RunLogger:
         out_dir: the run folder (``log.jsonl`` and ``tb/`` go there).
         dist: the process's place in the job.
         tensorboard: also write TensorBoard event files.
+        purge_step: a resumed run's first new step: TensorBoard drops the events an abandoned
+            attempt wrote from there on (``log.jsonl`` is cut back by the resume itself).
     """
 
-    def __init__(self, out_dir: Path, dist: DistContext, tensorboard: bool = True) -> None:
+    def __init__(
+        self, out_dir: Path, dist: DistContext, tensorboard: bool = True, purge_step: int | None = None
+    ) -> None:
         self.out_dir, self.dist = out_dir, dist
         self.window: list[dict[str, torch.Tensor]] = []
         self.window_steps: list[int] = []
@@ -46,7 +50,7 @@ class RunLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 
-                self.writer = SummaryWriter(str(out_dir / "tb"))
+                self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=purge_step)
 
     def event(self, **fields: Any) -> None:
         """Write a one-off record (run start, resume, ...)."""
@@ -59,16 +63,20 @@ class RunLogger:
         self.window.append(terms)
         self.window_steps.append(step)
 
-    def first_non_finite(self) -> tuple[int, dict[str, float]] | None:
-        """The first step of the current window whose loss is not finite, with its terms."""
+    def first_non_finite(self, keys: tuple[str, ...] = ("loss",)) -> tuple[int, str, dict[str, float]] | None:
+        """The first step of the current window where one of the terms ``keys`` is not finite:
+        (step, the first such key, all its terms); None when all are finite."""
         if not self.window:
             return None
-        losses = torch.stack([t["loss"].float() for t in self.window]).cpu()
-        bad = (~torch.isfinite(losses)).nonzero()
+        keys = tuple(k for k in keys if all(k in t for t in self.window))
+        if not keys:
+            return None
+        values = torch.stack([torch.stack([t[k].float() for k in keys]) for t in self.window]).cpu()  # (steps, keys)
+        bad = (~torch.isfinite(values)).nonzero()
         if not len(bad):
             return None
-        i = int(bad[0])
-        return self.window_steps[i], {k: float(v) for k, v in self.window[i].items()}
+        i, j = int(bad[0, 0]), int(bad[0, 1])
+        return self.window_steps[i], keys[j], {k: float(v) for k, v in self.window[i].items()}
 
     def flush(self, step: int, images: int, extra: dict[str, float] | None = None) -> dict[str, float]:
         """Average the window over steps and ranks, write it, and return the means.
