@@ -365,3 +365,30 @@ def test_trainer_clips_gradients_so_a_huge_loss_moves_weights_little(tmp_path, p
         torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before, strict=True)])
     )
     assert 0 < moved <= lr * clip / eps * 1.001
+
+
+def test_ctrl_c_in_the_cli_saves_and_exits_130(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from mstok.cli import main
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{i % 2}/{i}.png")
+    original = Trainer.train_step
+
+    def ctrl_c(self, batches):
+        signal.raise_signal(signal.SIGINT)
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c)
+    config = Path(__file__).resolve().parents[1] / "configs" / "titok_tiny.toml"
+    settings = ["steps=5", "batch_size=2", f"data.path='{tmp_path / 'imgs'}'", f"out_dir='{tmp_path / 'run'}'"]
+    settings += ["data.num_workers=0", "val_every=0", "tensorboard=false", "sample_every=0"]
+    assert main(["train", "--config", str(config), "--no-progress", "--set", *settings]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "mstok train: interrupted (stopped at step 1; saved" in err and "step_0000001" in err
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_0000001"

@@ -71,8 +71,9 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     name = command_name(args)
     try:
         return func(args)
-    except KeyboardInterrupt:
-        print(f"\nmstok {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        detail = f" ({err})" if str(err) else ""  # the trainer says which checkpoint holds the stopped step
+        print(f"\nmstok {name}: interrupted{detail}", file=sys.stderr)
         return INTERRUPTED_CODE
     except Exception as err:
         if not is_user_error(err):
