@@ -1,5 +1,6 @@
 # make demo: train TiTok-tiny and MsTok-tiny on bundled photos and write runs/demo/report.md
-# make test: lint (ruff) and the test suite
+# make test: lint (ruff) and the whole test suite
+# make test-quick: lint and the tests not marked slow (pytest -m "not slow")
 # Both create .venv when missing. Torch is installed only when none is importable there;
 # TORCH_SPEC picks it (default: the CPU build torch==2.13.0), e.g. for a GPU machine:
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mstok-installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-quick lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,9 @@ format: install
 
 test: lint
 	$(PY) -m pytest -q
+
+test-quick: lint
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install
 	$(PY) benchmarks/flops_vs_tokens.py

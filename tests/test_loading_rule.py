@@ -69,6 +69,7 @@ def test_a_saved_model_without_ema_loads_its_model_weights(tmp_path: Path) -> No
     model = mstok.create_tokenizer("titok_tiny")
     model.save_pretrained(tmp_path / "saved")
     assert locate_model(tmp_path / "saved") == (tmp_path / "saved", "model.safetensors")
+    assert locate_model(tmp_path / "saved", "") == (tmp_path / "saved", "model.safetensors")  # an unset config key
     assert _same(mstok.load_tokenizer(tmp_path / "saved"), model)
     with pytest.raises(FileNotFoundError, match=r"weights 'ema' asked for, but .*saved has no ema\.safetensors"):
         mstok.load_tokenizer(tmp_path / "saved", weights="ema")

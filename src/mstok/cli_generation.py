@@ -287,7 +287,7 @@ def _cmd_convert_titok_generator(args: argparse.Namespace) -> int:
     sampling = f"; official sampling settings in {out / SAMPLING_FILE}" if (out / SAMPLING_FILE).is_file() else ""
     print(
         f"converted {args.src} into {out} ({describe_generator(config)}){sampling}; sample with "
-        f"mstok sample --generator {out} --tokenizer TOKENIZER --classes 207 --out grid.png"
+        f"mstok sample --generator {out} --tokenizer TOKENIZER --classes 207 (the grid goes to {out}/samples/)"
     )
     return 0
 

@@ -66,7 +66,7 @@ def locate_model(path: str | Path, weights: str | None = None, what: str = "chec
         FileNotFoundError: ``path`` does not exist, holds no model, or lacks the asked-for weights.
         ValueError: a weights file was given as ``path`` together with a different ``weights``.
     """
-    path = Path(path).expanduser()
+    path, weights = Path(path).expanduser(), weights or None  # "" (an unset config field) means the default
     if not path.exists():
         raise FileNotFoundError(f"{what}: {path} does not exist, so it holds no {CONFIG_FILE} to load")
     if path.is_file():
