@@ -168,3 +168,17 @@ def test_help_of_every_model_command_states_the_loading_rule(capsys) -> None:
         text = " ".join(capsys.readouterr().out.split())
         assert "ema.safetensors when the checkpoint has it, else model.safetensors" in text, command
         assert "a run folder (its newest checkpoint)" in text, command
+
+
+# ------------------------------------------------------------------ labelled grids
+def test_grid_labels_add_a_text_column_and_must_match_the_rows() -> None:
+    from mstok.training.logger import make_grid
+
+    rows = torch.ones(2, 3, 3, 16, 16)  # white images: any dark pixel is label text
+    plain, labelled = make_grid(rows), make_grid(rows, labels=("original", "reconstruction"))
+    assert labelled.shape[0] == plain.shape[0] and labelled.shape[1] > plain.shape[1]
+    column = labelled[:, : labelled.shape[1] - plain.shape[1]]
+    assert (column[:18] < 128).any() and (column[18:] < 128).any()  # text in each row's band
+    assert np.array_equal(labelled[:, column.shape[1] :], plain)  # the images themselves are unchanged
+    with pytest.raises(ValueError, match="1 labels for a grid of 2 rows"):
+        make_grid(rows, labels=("original",))

@@ -6,6 +6,10 @@
 >>> recon = tok.decode(tokens)       # -> (B, 3, H, W) in [0, 1]
 >>> gen = mstok.create_generator("maskgit_tiny")
 >>> ids = mstok.sample(gen, labels)  # MaskGIT decoding -> (B, K) ids for tok.decode
+>>> tok = mstok.load_tokenizer("runs/mstok_tiny")  # a run, checkpoint or model folder, or a weights file
+
+``load_tokenizer`` and ``load_generator`` follow the CLI's loading rule (``mstok.weights.locate_model``):
+a run folder means its newest checkpoint, and a checkpoint folder its EMA weights when present.
 """
 
 from mstok.generators import (
