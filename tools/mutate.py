@@ -43,11 +43,15 @@ BEGIN, END = "<!-- mutate:begin -->", "<!-- mutate:end -->"
 
 # The test files that exercise each module (the relevant subset keeps a mutant's run short).
 DEFAULT_TESTS: dict[str, list[str]] = {
-    "mstok.evaluation.metrics": ["tests/test_metrics.py", "tests/test_eval_reference.py"],
+    "mstok.evaluation.metrics": [
+        "tests/test_mutation_gaps.py",
+        "tests/test_metrics.py",
+        "tests/test_eval_reference.py",
+    ],
     "mstok.evaluation.fid": ["tests/test_fid.py", "tests/test_eval_reference.py"],
     "mstok.evaluation.inception": ["tests/test_inception_reference.py", "tests/test_fid.py"],
     "mstok.evaluation.evaluate": ["tests/test_eval_reference.py", "tests/test_evaluate.py"],
-    "mstok.quantizers.vq": ["tests/test_quantizer.py"],
+    "mstok.quantizers.vq": ["tests/test_mutation_gaps.py", "tests/test_quantizer.py"],
     "mstok.tokenizers.mstok": ["tests/test_ablation_switches.py", "tests/test_tokenizers.py"],
     "mstok.tokenizers.titok": ["tests/test_tokenizers.py", "tests/test_convert_titok.py"],
     "mstok.layers.attention": ["tests/test_layers.py"],
