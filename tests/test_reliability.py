@@ -31,24 +31,32 @@ from mstok.training.checkpoint import (
 )
 from mstok.training.engine import TrainingInterrupted
 
-# threads pinned: the module-scoped reference run is set up before conftest pins the count per test
-RUN = ("steps=4", "ckpt_every=2", "log_every=1", "keep_last=10", "threads=1")
+RUN = ("steps=4", "ckpt_every=2", "log_every=1", "keep_last=10")
+# a smaller MsTok-tiny, so that every run here takes a fraction of a second
+SMALL = ("width=64", "depth=2", "num_heads=2", "memory_layers=[1, 2]", "codebook_size=256")
 
 
-def _config(out, *extra):
+def _config(out, *extra, small=True):
     return load_train_config(
         None,
         [
             "model.preset='mstok_tiny'",
+            *(f"model.overrides.{x}" for x in (SMALL if small else ())),
             "batch_size=4",
             f"out_dir='{out}'",
             "data.num_workers=0",
             "optim.lr=1e-3",
             "optim.warmup_steps=2",
             "tensorboard=false",
+            # pinned: the module-scoped reference run is set up before conftest pins the count per test
+            "threads=1",
             *extra,
         ],
     )
+
+
+def _small_model():
+    return create_tokenizer("mstok_tiny", width=64, depth=2, num_heads=2, memory_layers=(1, 2), codebook_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +64,9 @@ def photos():
     return skimage_photos(TRAIN_PHOTOS[:2])
 
 
-def _trainer(out, photos, *extra) -> Trainer:
-    return Trainer(_config(out, *extra), InMemoryImages(photos, RandomResizedCropFlip(64, scale=(0.05, 0.3))), False)
+def _trainer(out, photos, *extra, small=True) -> Trainer:
+    dataset = InMemoryImages(photos, RandomResizedCropFlip(64, scale=(0.05, 0.3)))
+    return Trainer(_config(out, *extra, small=small), dataset, False)
 
 
 def _weights(trainer):
@@ -130,7 +139,7 @@ def test_disk_full_is_a_clear_error_and_resume_is_exact(tmp_path, photos, straig
 
 
 def test_resaving_a_step_keeps_the_old_one_until_the_new_one_is_complete(tmp_path, monkeypatch):
-    model = create_tokenizer("mstok_tiny")
+    model = _small_model()
     ema = {k: v.clone() for k, v in model.state_dict().items()}
     state = {"step": 5}
     path = save_checkpoint(tmp_path, 5, model, ema, state, "{}", keep_last=3)
@@ -261,7 +270,7 @@ def test_changed_settings_are_refused_unless_allowed(tmp_path, photos, caplog):
     events = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     (resume,) = [e for e in events if e.get("event") == "resume"]
     assert resume["changes"]["batch_size"] == [4, 8] and resume["changes"]["steps"] == [2, 4]
-    other = _trainer(tmp_path / "titok", photos, "steps=4", "model.preset='titok_tiny'")
+    other = _trainer(tmp_path / "titok", photos, "steps=4", "model.preset='titok_tiny'", small=False)
     with pytest.raises(ValueError, match=r"model.preset: \"mstok_tiny\" -> \"titok_tiny\""):
         other.resume(tmp_path / "checkpoints" / "step_0000004")
     with pytest.raises(ValueError, match=r"does not fit this run.*do not match the model"):
@@ -289,7 +298,7 @@ def test_ctrl_c_saves_the_step_and_resume_is_exact(tmp_path, photos, straight):
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
-    model = create_tokenizer("mstok_tiny")
+    model = _small_model()
     old = os.umask(umask)
     try:
         path = save_checkpoint(tmp_path, 1, model, model.state_dict(), {"step": 1}, "{}", keep_last=1)
@@ -367,6 +376,7 @@ def test_trainer_clips_gradients_so_a_huge_loss_moves_weights_little(tmp_path, p
     assert 0 < moved <= lr * clip / eps * 1.001
 
 
+@pytest.mark.slow  # about 2 s: the shipped titok_tiny config
 def test_ctrl_c_in_the_cli_saves_and_exits_130(tmp_path, capsys, monkeypatch):
     import numpy as np
     from PIL import Image
