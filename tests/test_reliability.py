@@ -161,6 +161,21 @@ def test_resaving_a_step_keeps_the_old_one_until_the_new_one_is_complete(tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["step_0000005"]
 
 
+def test_disk_full_inside_safetensors_is_a_checkpoint_write_error(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import mstok.io
+
+    def full(*args, **kwargs):  # what safetensors raises on a full disk: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(mstok.io, "save_file", full)
+    model = _small_model()
+    with pytest.raises(CheckpointWriteError, match=rf"step 3 into {tmp_path}.*disk is full.*newest complete.*none"):
+        save_checkpoint(tmp_path, 3, model, model.state_dict(), {"step": 3}, "{}", keep_last=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_broken_train_state_falls_back_to_the_previous_checkpoint(tmp_path, photos, caplog):
     _trainer(tmp_path, photos, "steps=2", "ckpt_every=1").fit()
     ckpts = tmp_path / "checkpoints"

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from mstok.io import apply_umask, atomic_save_safetensors, read_safetensors
 from mstok.tokenizers.base import Tokenizer
@@ -201,17 +202,19 @@ def save_checkpoint(
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync(root)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports its I/O errors as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not final.exists():
             os.replace(old, final)
         last = latest_checkpoint(root)
-        raise CheckpointWriteError(
-            err.errno,
-            f"could not write checkpoint step {step} into {root}: {err.strerror or err}"
-            f"{' (the disk is full)' if err.errno == errno.ENOSPC else ''}; nothing partial was left, "
-            f"the newest complete checkpoint is {last or 'none'}",
-        ) from err
+        code = getattr(err, "errno", None)
+        full = code == errno.ENOSPC or f"os error {errno.ENOSPC})" in str(err)
+        message = (
+            f"could not write checkpoint step {step} into {root}: {getattr(err, 'strerror', None) or err}"
+            f"{' (the disk is full)' if full else ''}; nothing partial was left, "
+            f"the newest complete checkpoint is {last or 'none'}"
+        )
+        raise (CheckpointWriteError(code, message) if code else CheckpointWriteError(message)) from err
     shutil.rmtree(old, ignore_errors=True)
     for stale in checkpoint_dirs(root)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
