@@ -186,6 +186,8 @@ def test_broken_train_state_falls_back_to_the_previous_checkpoint(tmp_path, phot
         CorruptCheckpointError, match=rf"{broken} is broken.*the checkpoint before it is .*step_0000001"
     ):
         trainer.resume(ckpts / "step_0000002")
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is not a training checkpoint"):
+        trainer.resume(tmp_path)  # the run folder itself
     ema = ckpts / "step_0000001" / "ema.safetensors"
     good = ema.read_bytes()
     ema.write_bytes(b"garbage")

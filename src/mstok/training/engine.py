@@ -213,9 +213,9 @@ class Engine:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
+            self.load_extra_state(state, path)
         except (ValueError, RuntimeError, KeyError) as err:
             raise ValueError(f"checkpoint {path} does not fit this run's model or optimizer: {err}") from err
-        self.load_extra_state(state, path)
         if changed:  # the checkpoint's groups hold the old lr, betas...: the new config's apply from here
             for group, settings in zip(self.optimizer.param_groups, fresh, strict=True):
                 group.update(settings)
@@ -225,7 +225,7 @@ class Engine:
                 self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
             ):
                 group["lr"] = base * rule(step)
-            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # get_last_lr()'s source
         self.ema.num_updates = int(state["ema_updates"])
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
@@ -243,7 +243,7 @@ class Engine:
         every rank: they hold the same weights, so all raise together)."""
         for what, module in (("model", self.model), ("EMA", self.ema.module)):
             params = dict(module.named_parameters())
-            if bool(torch.stack([p.isfinite().all() for p in params.values()]).all()):
+            if not params or bool(torch.stack([p.isfinite().all() for p in params.values()]).all()):
                 continue
             bad = [name for name, p in params.items() if not bool(p.isfinite().all())]
             raise FloatingPointError(

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from mstok.training.checkpoint import (
+    STATE_FILE,
     STEP_DIR,
     TRAIN_CONFIG_FILE,
     CorruptCheckpointError,
@@ -133,6 +134,11 @@ def pick_checkpoint(ckpt_dir: Path, which: str | Path) -> tuple[Path, Loaded] | 
     """
     if str(which) != "auto":
         path = Path(which)
+        if path.is_dir() and not (path / STATE_FILE).exists() and not STEP_DIR.match(path.name):
+            raise FileNotFoundError(
+                f"{path} is not a training checkpoint (no {STATE_FILE}): pass a step_* folder, or 'auto' for the "
+                "newest checkpoint of this run's out_dir"
+            )
         try:
             return path, read_checkpoint(path)
         except CorruptCheckpointError as err:
