@@ -61,13 +61,14 @@ def test_type_and_runtime_errors_are_user_errors_only_when_mstok_raises_them() -
     assert not is_user_error(raised.value)
 
 
-def test_runtime_error_raised_by_mstok_is_one_line(monkeypatch, capsys) -> None:
+def test_device_error_raised_by_mstok_is_one_line(monkeypatch, capsys) -> None:
     from mstok.training.distributed import DistContext
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert run_command(lambda args: DistContext.from_env("cuda"), _namespace("pretokenize")) == 2
     err = capsys.readouterr().err
-    assert err == "mstok pretokenize: error: device 'cuda' requested but CUDA is not available\n"
+    expected = "device = 'cuda', but CUDA is not available on this machine: use 'auto' or 'cpu'"
+    assert err == f"mstok pretokenize: error: {expected}\n"
 
 
 def test_ctrl_c_exits_130_with_one_line(capsys) -> None:

@@ -104,6 +104,13 @@ BAD = [
         "inf",
         id="commitment-inf",
     ),
+    pytest.param(
+        _set("model.overrides.head='proxy_codes'", "model.overrides.pixel_decoder={dropout=inf}"),
+        ConfigError,
+        "model.overrides.pixel_decoder.dropout",
+        "inf",
+        id="pixel-decoder-inf",
+    ),
     pytest.param(_set("model.preset='mstok_tny'"), ValueError, "model.preset", "'mstok_tny'", id="preset-typo"),
     # whole TOML files
     pytest.param(_toml('[optim]\nlr = "fast"\n'), ConfigError, "optim.lr", "'fast'", id="toml-lr"),

@@ -26,6 +26,7 @@ from mstok.config_schema import (
     MAX_TOKENS,
     MAX_WIDTH,
     NON_NEGATIVE,
+    ConfigError,
     Rule,
     check_config,
     one_of,
@@ -234,9 +235,12 @@ class TokenizerConfig(ConfigDict):
         if self.pixel_decoder:
             from mstok.tokenizers.pixel_decoder import check_pixel_decoder_fits  # lazy: it imports this module
 
-            check_pixel_decoder_fits(
-                self.pixel_decoder, self.image_size, self.grid_size, self.proxy_codebook_size, self.head
-            )
+            try:
+                check_pixel_decoder_fits(
+                    self.pixel_decoder, self.image_size, self.grid_size, self.proxy_codebook_size, self.head
+                )
+            except ConfigError as err:  # a bad VQGAN field: name it inside pixel_decoder
+                raise err.under("pixel_decoder") from None
 
     def latent_init_table(self) -> torch.Tensor | None:
         """(K, D) starting embeddings of the latent tokens for ``latent_init="grid"``, else None."""
