@@ -113,6 +113,12 @@ def test_report_keeps_the_text_around_its_markers(mutate, tmp_path: Path) -> Non
     text = report.read_text()
     assert text.startswith("# Notes\n\nbefore\n\n") and text.endswith("\n\nafter: survivors judged\n")
     assert "old run" not in text and "| `mstok.x` | 2 | 1 | 1 | 0 |" in text and "Survivors (1)" in text
+    # A named section is added beside the default one, and rewritten in place later.
+    mutate.write_report(report, mutate.render_report("cmd a", [(m, "killed")], 1.0, "extra"), "extra")
+    mutate.write_report(report, mutate.render_report("cmd b", [(m, "killed")], 1.0, "extra"), "extra")
+    text = report.read_text()
+    assert text.count("<!-- mutate:begin extra -->") == 1 and "cmd b" in text and "cmd a" not in text
+    assert "Survivors (1)" in text  # the default section is untouched
 
 
 def test_env_puts_the_copy_first_and_module_paths_resolve(mutate, tmp_path: Path) -> None:

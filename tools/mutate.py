@@ -19,7 +19,8 @@ Options: ``--modules`` (dotted names; default: every module in ``DEFAULT_TESTS``
 ``--tests`` (test files for every module instead of the defaults), ``--timeout`` (seconds per
 run; default three times the unmutated run, at least 60), ``--quick`` (deselect tests marked
 slow), ``--list`` (print the mutants, run nothing), ``--report`` (markdown file; only the part
-between the ``mutate:begin``/``mutate:end`` markers is rewritten, so notes around it are kept).
+between the ``mutate:begin``/``mutate:end`` markers is rewritten, so notes around it are kept),
+``--section`` (a name for those markers, so several runs can share one report).
 No dependency beyond the standard library and pytest.
 """
 
@@ -40,6 +41,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- mutate:begin -->", "<!-- mutate:end -->"
+
+
+def markers(section: str = "") -> tuple[str, str]:
+    """The begin/end markers of a report section (``--section``; "" is the default section)."""
+    if not section:
+        return BEGIN, END
+    return f"<!-- mutate:begin {section} -->", f"<!-- mutate:end {section} -->"
+
 
 # The test files that exercise each module (the relevant subset keeps a mutant's run short).
 DEFAULT_TESTS: dict[str, list[str]] = {
@@ -277,9 +286,10 @@ def run_tests(tests: list[str], env: dict[str, str], timeout: float, quick: bool
     return ("survived" if proc.returncode == 0 else "killed"), seconds
 
 
-def render_report(command: str, rows: list[tuple[Mutant, str]], seconds: float) -> str:
+def render_report(command: str, rows: list[tuple[Mutant, str]], seconds: float, section: str = "") -> str:
     """The generated part of the report: the command, counts per module, and each survivor."""
-    lines = [BEGIN, "", f"Command: `{command}`", "", f"{len(rows)} mutants in {seconds / 60:.1f} min.", ""]
+    begin, end = markers(section)
+    lines = [begin, "", f"Command: `{command}`", "", f"{len(rows)} mutants in {seconds / 60:.1f} min.", ""]
     lines += ["| module | mutants | killed | survived | timeout |", "|---|---|---|---|---|"]
     for module in sorted({m.module for m, _ in rows}):
         outcomes = [o for m, o in rows if m.module == module]
@@ -291,17 +301,18 @@ def render_report(command: str, rows: list[tuple[Mutant, str]], seconds: float) 
         rel = m.path.relative_to(REPO) if m.path.is_relative_to(REPO) else m.path
         original = m.path.read_text().splitlines()[m.line - 1].strip() if m.line else ""
         lines.append(f"- `{rel}:{m.line}` {m.description} in `{original}`")
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
-def write_report(path: Path, generated: str) -> None:
-    """Replace the marked part of ``path`` with ``generated``; keep everything around it."""
+def write_report(path: Path, generated: str, section: str = "") -> None:
+    """Replace the marked section of ``path`` with ``generated``; keep everything around it."""
+    begin, end = markers(section)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.is_file() else "# Mutation testing\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + generated + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + generated + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + generated + "\n"
     path.write_text(text)
@@ -319,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="deselect tests marked slow")
     parser.add_argument("--list", action="store_true", help="print the chosen mutants and exit")
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "MUTATION.md", help="markdown report")
+    parser.add_argument("--section", default="", help="name of the report section this run rewrites")
     args = parser.parse_args(argv)
 
     for module in args.modules:
@@ -362,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                 target.write_text(original)
             rows.append((m, outcome))
             print(f"{outcome:>8} {seconds:5.1f}s {m.module}:{m.line} {m.description}", flush=True)
-    generated = render_report(command, rows, time.perf_counter() - started)
-    write_report(args.report, generated)
+    generated = render_report(command, rows, time.perf_counter() - started, args.section)
+    write_report(args.report, generated, args.section)
     survived = sum(o == "survived" for _, o in rows)
     print(f"{len(rows)} mutants, {survived} survived; report: {args.report}")
     return 0
