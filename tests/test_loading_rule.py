@@ -148,7 +148,7 @@ def test_sample_uses_the_ema_generator_and_tokenizer_and_labels_its_grid(run, tm
     assert np.array_equal(saved["arr_0"], (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
     # without --out the grid goes under the generator's run folder, one labelled row per class
     assert cli.main([*args, "--n", "2", "--device", "cpu", "--no-progress"]) == 0
-    with Image.open(tmp_path / "gen" / "samples" / "step_0000003" / "grid.png") as grid:
+    with Image.open(tmp_path / "gen" / "sample" / "step_0000003" / "grid.png") as grid:
         assert grid.size[0] > 2 * 66 + 2 and grid.size[1] == 2 * 66 + 2
 
 

@@ -85,7 +85,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     labels = torch.tensor(classes).repeat_interleave(args.n)
     grid = args.out
     if not (grid or args.out_dir):
-        grid = default_out_dir(folder, "samples") / "grid.png"
+        grid = default_out_dir(folder, "sample") / "grid.png"
     base = {**SamplingConfig().to_dict(), **_sampling_file(args.sampling, folder)}
     config = SamplingConfig.from_dict({**base, **_sampling_fields(args)})
     started = time.perf_counter()
@@ -228,7 +228,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--n", type=positive_int, default=8, help="images per class, at least 1 (default 8)")
     sample.add_argument(
         "--out",
-        help="grid PNG, one labelled row per class (default without --out-dir: samples/grid.png in the "
+        help="grid PNG, one labelled row per class (default without --out-dir: sample/step_N/grid.png in the "
         "generator's run folder)",
     )
     sample.add_argument("--out-dir", help="folder for one PNG per image and samples.npz (uint8 NHWC, for FID)")
@@ -287,7 +287,7 @@ def _cmd_convert_titok_generator(args: argparse.Namespace) -> int:
     sampling = f"; official sampling settings in {out / SAMPLING_FILE}" if (out / SAMPLING_FILE).is_file() else ""
     print(
         f"converted {args.src} into {out} ({describe_generator(config)}){sampling}; sample with "
-        f"mstok sample --generator {out} --tokenizer TOKENIZER --classes 207 (the grid goes to {out}/samples/)"
+        f"mstok sample --generator {out} --tokenizer TOKENIZER --classes 207 (the grid goes to {out}/sample/)"
     )
     return 0
 
