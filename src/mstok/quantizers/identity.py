@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mstok.quantizers.vq import QuantizerOutput
+from mstok.quantizers.base import Quantizer, QuantizerOutput
 
 
-class IdentityQuantizer(nn.Module):
+class IdentityQuantizer(Quantizer):
     """Passes latents (B, K, C) through (as float32), optionally L2-normalised; no ids, no loss.
 
     Args:
@@ -30,10 +29,12 @@ class IdentityQuantizer(nn.Module):
     def __init__(self, code_dim: int, use_l2_norm: bool = False) -> None:
         super().__init__()
         self.code_dim = code_dim
+        self.codebook_size = None  # continuous: no ids
         self.use_l2_norm = use_l2_norm
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """z: (B, K, C) -> :class:`QuantizerOutput` with ``codes = latents`` (z, normalised when ``use_l2_norm``) and ``indices=None``."""
+        """z: (B, K, C) -> :class:`QuantizerOutput` with ``codes = latents`` (z, normalised when
+        ``use_l2_norm``) and ``indices=None``."""
         if z.shape[-1] != self.code_dim:
             raise ValueError(f"expected latents with {self.code_dim} channels, got shape {tuple(z.shape)}")
         zero = z.new_zeros((), dtype=torch.float32)

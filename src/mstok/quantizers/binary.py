@@ -1,0 +1,140 @@
+"""What LFQ and BSQ share: bit ids and the entropy objective over a codebook of 2^C sign patterns.
+
+Glossary: N latent vectors, C bits (the code dim), G bits in a group.
+
+Both quantizers give each latent a soft distribution over the 2^C codes that factorises over
+the bits: bit d is +1 with probability ``sigmoid(a_d)``, where ``a`` is a scaled copy of the
+latent (LFQ and BSQ differ only in the scale). Hence
+
+- the per-sample entropy H(q(z)) is exactly the sum of C binary entropies (closed form, cheap
+  at any C);
+- the codebook entropy H(E[q(z)]) of the batch mean does not factorise (a mixture of
+  factorised distributions is not factorised). For C <= ``exact_max_bits`` it is computed
+  exactly over all 2^C codes (in chunks of latents so memory stays bounded); above, the bits
+  are split into groups of at most ``group_bits`` and the entropies of the groups' marginals are
+  summed: the approximation of BSQ-ViT (Zhao et al. 2024), an upper bound on the exact value,
+  equal to it when the groups are independent under the batch mean.
+
+The objective ``per_sample - diversity_gamma * codebook`` is smallest when each latent is
+certain of its code and the batch uses all codes equally (Jansen et al. 2020, MAGVIT-v2).
+Under DDP the batch mean is averaged over ranks, so every rank sees the global codebook entropy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.distributed as dist
+
+# Latents x codes per chunk when summing a group's 2^G code probabilities (bounds peak memory).
+CHUNK_ELEMENTS = 2**22
+
+
+def straight_through(quantized: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``quantized`` in value (exactly: ``x - sg[x]`` is 0), the identity's gradient to ``x``.
+
+    Unlike ``x + sg[quantized - x]`` the value is bit-equal to ``quantized``, so
+    ``indices_to_codes(ids) == codes`` holds exactly.
+    """
+    return quantized + (x - x.detach())
+
+
+def bits_to_ids(bits: torch.Tensor) -> torch.Tensor:
+    """(..., C) bool/0-1 bits -> (...) int64 ids, bit i weighted 2^i (SemTok eq. 3)."""
+    weights = 2 ** torch.arange(bits.shape[-1], device=bits.device, dtype=torch.int64)
+    return (bits.long() * weights).sum(-1)
+
+
+def ids_to_bits(ids: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """(...) int64 ids -> (..., C) bool bits; inverse of :func:`bits_to_ids`."""
+    shifts = torch.arange(num_bits, device=ids.device, dtype=torch.int64)
+    return ((ids.long()[..., None] >> shifts) & 1).bool()
+
+
+def binary_entropy_from_logits(a: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of a bit with P(+1) = sigmoid(a), elementwise; stable for large |a|."""
+    p = torch.sigmoid(a)
+    # H = -p log p - (1-p) log(1-p) = softplus(a) - p * a, with log-sigmoids instead of logs of ~0
+    return torch.nn.functional.softplus(a) - p * a
+
+
+def bit_groups(num_bits: int, exact_max_bits: int, group_bits: int) -> list[tuple[int, int]]:
+    """Split bits [0, C) into (start, stop) groups: one group when C <= ``exact_max_bits``, else
+    as few groups of at most ``group_bits`` as possible, as equal in size as possible."""
+    if num_bits <= exact_max_bits:
+        return [(0, num_bits)]
+    n = math.ceil(num_bits / group_bits)
+    edges = [round(i * num_bits / n) for i in range(n + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def group_code_probs_sum(p: torch.Tensor) -> torch.Tensor:
+    """(N, G) per-bit P(+1) -> (2^G,) the sum over N of each code's probability.
+
+    Code c (bit i of c = bit i of the group) has probability prod_i p_i^{c_i} (1 - p_i)^{1 - c_i};
+    built bit by bit as an outer product, over chunks of latents so memory is bounded.
+    """
+    n, g = p.shape
+    chunk = max(1, CHUNK_ELEMENTS >> g)
+    total = p.new_zeros(2**g)
+    for start in range(0, n, chunk):
+        part = p[start : start + chunk]
+        probs = part.new_ones(part.shape[0], 1)
+        for i in range(g):
+            # new bit i is the most significant so far: codes [0, 2^i) have it 0, [2^i, 2^(i+1)) have it 1
+            pi = part[:, i : i + 1]
+            probs = torch.cat([probs * (1 - pi), probs * pi], dim=1)
+        total = total + probs.sum(0)
+    return total
+
+
+def _global_mean(sums: torch.Tensor, count: int) -> torch.Tensor:
+    """``sums / count`` averaged over DDP ranks when torch.distributed is initialised.
+
+    The value is the global mean; the gradient flows to this rank's latents as if its batch were
+    the global one (scale 1/local count), so DDP's averaging of gradients over ranks yields the
+    gradient of the global entropy.
+    """
+    local = sums / count
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    packed = torch.cat([sums.detach(), sums.new_tensor([float(count)])])
+    dist.all_reduce(packed)
+    global_mean = packed[:-1] / packed[-1]
+    return local + (global_mean - local).detach()
+
+
+def entropy_terms(
+    logits: torch.Tensor, exact_max_bits: int = 16, group_bits: int = 9
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample and codebook entropies (nats) of factorised bit distributions.
+
+    Args:
+        logits: (..., C) float32; bit d of a latent is +1 with probability sigmoid(logits[..., d]).
+        exact_max_bits: the codebook entropy is exact over all 2^C codes up to this many bits.
+        group_bits: above that, bits are split into groups of at most this many (see module doc).
+
+    Returns:
+        (mean over latents of H(q(z)), H(E[q(z)]) exact or summed over groups), both scalars.
+    """
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    per_sample = binary_entropy_from_logits(flat).sum(-1).mean()
+    probs = torch.sigmoid(flat)
+    codebook = flat.new_zeros(())
+    for start, stop in bit_groups(flat.shape[-1], exact_max_bits, group_bits):
+        mean = _global_mean(group_code_probs_sum(probs[:, start:stop]), flat.shape[0])
+        # clamped inside the log: an unused code (mean 0) would otherwise give 0 * -inf = nan gradients
+        codebook = codebook - torch.special.xlogy(mean, mean.clamp_min(1e-30)).sum()
+    return per_sample, codebook
+
+
+def check_bits(name: str, code_dim: int, max_bits: int) -> None:
+    """Clear errors for a bit count that cannot give int64 ids."""
+    if isinstance(code_dim, bool) or not isinstance(code_dim, int) or code_dim < 1:
+        raise ValueError(f"{name}: code_dim (the number of bits) must be a positive integer, got {code_dim!r}")
+    if code_dim > max_bits:
+        raise ValueError(
+            f"{name}: code_dim={code_dim} bits gives ids beyond int64; at most {max_bits} bits are supported"
+        )

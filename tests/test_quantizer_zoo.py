@@ -1,0 +1,519 @@
+"""The quantizer zoo (VQ options, FSQ, LFQ, BSQ, KL) against hand-written references.
+
+References are deliberately naive: Python loops, or sums over all 2^C codes for small C.
+vector-quantize-pytorch (a dev extra) is a second oracle where its definitions agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mstok.quantizers import (
+    BinarySphericalQuantizer,
+    FiniteScalarQuantizer,
+    KLQuantizer,
+    LookupFreeQuantizer,
+    Quantizer,
+    VectorQuantizer,
+    build_quantizer,
+)
+from mstok.quantizers.binary import bit_groups
+
+SPECS = {
+    "vq": {"type": "vq", "codebook_size": 16},
+    "vq_ema_kmeans": {"type": "vq", "codebook_size": 16, "ema": True, "kmeans_init": True},
+    "fsq": {"type": "fsq", "levels": [8, 5, 5, 5]},
+    "lfq": {"type": "lfq", "entropy_weight": 0.1, "diversity_gamma": 1.0, "inverse_temperature": 100.0},
+    "bsq": {"type": "bsq"},
+    "kl": {"type": "kl", "kl_weight": 1e-6},
+}
+
+
+def _build(name: str) -> Quantizer:
+    return build_quantizer(SPECS[name], 4)
+
+
+def _assert_codes_of_ids(q: Quantizer, ids: torch.Tensor, codes: torch.Tensor) -> None:
+    """``indices_to_codes(ids) == codes``: exactly, except VQ, whose (unchanged) straight-through
+    ``z + sg[q - z]`` is off from ``q`` by float rounding."""
+    if isinstance(q, VectorQuantizer):
+        torch.testing.assert_close(q.indices_to_codes(ids), codes.detach(), rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(q.indices_to_codes(ids), codes.detach())
+
+
+def _all_bits(c: int) -> torch.Tensor:
+    """(2^C, C) the bits of every id, bit i of id n = (n >> i) & 1."""
+    return torch.tensor([[(n >> i) & 1 for i in range(c)] for n in range(2**c)], dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- VQ: default path unchanged
+
+
+def _vq_reference(q: VectorQuantizer, z: torch.Tensor):
+    """A saved copy of the computation of VectorQuantizer.forward before the zoo (issue 13)."""
+    z = z.float()
+    if q.use_l2_norm:
+        z = F.normalize(z, dim=-1)
+    weight = q.embedding.weight.float()
+    codebook = F.normalize(weight, dim=-1) if q.use_l2_norm else weight
+    flat = z.reshape(-1, q.code_dim)
+    distances = codebook.square().sum(dim=1) - 2.0 * flat @ codebook.t()
+    indices = distances.argmin(dim=1).view(z.shape[:-1])
+    quantized = F.embedding(indices, codebook)
+    commitment = q.commitment_weight * F.mse_loss(z, quantized.detach())
+    codebook_loss = F.mse_loss(quantized, z.detach())
+    codes = z + (quantized - z).detach()
+    return z, codes, indices, commitment + codebook_loss, commitment, codebook_loss
+
+
+@pytest.mark.parametrize("use_l2_norm", [True, False])
+def test_vq_default_path_is_bit_identical_to_before(use_l2_norm: bool) -> None:
+    q = VectorQuantizer(32, 8, use_l2_norm=use_l2_norm)
+    z = torch.randn(3, 5, 8)
+    out = q(z)
+    for got, want in zip(
+        (out.latents, out.codes, out.indices, out.loss, out.commitment_loss, out.codebook_loss),
+        _vq_reference(q, z),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
+    assert set(q.state_dict()) == {"embedding.weight", "usage_ema"}  # old checkpoints still load
+    assert set(out.losses) == {"commitment", "codebook"} and torch.equal(out.losses["codebook"], out.codebook_loss)
+
+
+def test_vq_matches_a_nearest_code_loop() -> None:
+    q = VectorQuantizer(20, 3, use_l2_norm=False)
+    z = torch.randn(2, 4, 3)
+    ids = q(z).indices
+    weight = q.embedding.weight.detach()
+    for b, k in itertools.product(range(2), range(4)):
+        assert ids[b, k] == min(range(20), key=lambda v: float(((z[b, k] - weight[v]) ** 2).sum()))
+    _assert_codes_of_ids(q, ids, q(z).codes)
+
+
+def test_vq_ema_update_follows_the_formula() -> None:
+    q = VectorQuantizer(4, 2, use_l2_norm=False, ema=True, ema_decay=0.5, ema_eps=0.1).train()
+    assert not q.embedding.weight.requires_grad
+    before = q.embedding.weight.detach().clone()
+    z = torch.randn(1, 6, 2)
+    out = q(z)
+    assert "codebook" not in out.losses and float(out.codebook_loss) == 0.0
+    counts = torch.stack([(out.indices.reshape(-1) == v).sum() for v in range(4)]).float()
+    sums = torch.stack([z.reshape(-1, 2)[out.indices.reshape(-1) == v].sum(0) for v in range(4)])
+    size = 0.5 * 1.0 + 0.5 * counts
+    embed = 0.5 * before + 0.5 * sums
+    n = size.sum()
+    smoothed = (size + 0.1) / (n + 4 * 0.1) * n
+    torch.testing.assert_close(q.embedding.weight, embed / smoothed[:, None])
+    frozen = q.embedding.weight.clone()
+    q.eval()(z)
+    assert torch.equal(q.embedding.weight, frozen)  # eval never updates
+
+
+def test_vq_kmeans_init_finds_the_clusters_once() -> None:
+    centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
+    z = (centres.repeat(25, 1) + 0.01 * torch.randn(100, 2))[None]
+    q = VectorQuantizer(4, 2, use_l2_norm=False, kmeans_init=True, kmeans_iters=20).train()
+    q(z)
+    found = q.embedding.weight.detach()
+    # every true centre has a code within the noise (k-means with 4 seeds among 4 tight clusters
+    # can merge two; 20 rounds and this seed do not)
+    assert torch.cdist(centres, found).min(dim=1).values.max() < 0.05
+    assert bool(q.kmeans_done) and "kmeans_done" in q.state_dict()
+    q(z + 100.0)
+    assert torch.equal(q.embedding.weight, found)  # only the first batch initialises
+
+
+def test_vq_step_hook_revives_dead_codes_only_when_asked() -> None:
+    q = VectorQuantizer(8, 2, use_l2_norm=False)
+    out = q(torch.randn(1, 4, 2))
+    assert q.step_hook(out.latents, out.indices) == {}
+    twin = copy.deepcopy(q)
+    torch.manual_seed(3)
+    stats = q.step_hook(out.latents, out.indices, dead_code_threshold=0.5)
+    torch.manual_seed(3)
+    revived = twin.revive_dead_codes(out.latents, out.indices, threshold=0.5)  # what the trainer calls today
+    assert float(stats["revived_codes"]) == float(revived) > 0
+    assert torch.equal(q.embedding.weight, twin.embedding.weight) and torch.equal(q.usage_ema, twin.usage_ema)
+    assert Quantizer.step_hook(q, out.latents, out.indices) == {}
+
+
+# ---------------------------------------------------------------- FSQ
+
+
+def _fsq_reference(levels: list[int], z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mentzer et al.'s definition, element by element in Python floats."""
+    codes, ids = torch.zeros_like(z), torch.zeros(z.shape[:-1], dtype=torch.int64)
+    for idx in itertools.product(*(range(n) for n in z.shape[:-1])):
+        number, radix = 0, 1
+        for d, n in enumerate(levels):
+            half = (n - 1) * (1 + 1e-3) / 2
+            offset = 0.5 if n % 2 == 0 else 0.0
+            bounded = math.tanh(float(z[idx][d]) + math.atanh(offset / half)) * half - offset
+            integer = round(bounded)
+            codes[idx][d] = integer / (n // 2)
+            number += (integer + n // 2) * radix
+            radix *= n
+        ids[idx] = number
+    return codes, ids
+
+
+def test_fsq_rounding_and_ids_match_the_reference() -> None:
+    levels = [8, 5, 5, 5]
+    q = FiniteScalarQuantizer(levels, code_dim=4)
+    z = 2.0 * torch.randn(3, 6, 4)
+    out = q(z)
+    codes, ids = _fsq_reference(levels, z)
+    torch.testing.assert_close(out.codes, codes)
+    assert torch.equal(out.indices, ids) and out.indices.dtype == torch.int64
+    assert torch.equal(q.indices_to_codes(out.indices), out.codes)
+    assert q.codebook_size == 1000 and q.bits_per_token == pytest.approx(math.log2(1000))
+    assert float(out.loss) == 0.0 and out.losses == {}
+
+
+def test_fsq_ids_are_a_bijection_onto_the_grid() -> None:
+    q = FiniteScalarQuantizer([3, 4, 2])
+    ids = torch.arange(q.codebook_size)
+    codes = q.indices_to_codes(ids)
+    assert len({tuple(c.tolist()) for c in codes}) == 24 and codes.abs().max() <= 1
+    # a latent whose bounded value lands exactly on each grid point gives back its id
+    levels = torch.tensor([3.0, 4.0, 2.0], dtype=torch.float64)
+    half = (levels - 1) * (1 + 1e-3) / 2
+    offset = (levels % 2 == 0).double() * 0.5
+    integers = codes.double() * torch.div(levels, 2, rounding_mode="floor")
+    z = torch.atanh((integers + offset) / half) - torch.atanh(offset / half)
+    assert torch.equal(q(z.float()[None]).indices[0], ids)
+
+
+def test_fsq_agrees_with_vector_quantize_pytorch() -> None:
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    levels = [8, 5, 5, 5]
+    ours, theirs = FiniteScalarQuantizer(levels), vqp.FSQ(levels)
+    z = 3.0 * torch.randn(4, 9, 4)
+    codes, ids = theirs(z)
+    out = ours(z)
+    torch.testing.assert_close(out.codes, codes)  # same eps, same channel order (channel 0 least significant)
+    assert torch.equal(out.indices, ids.long())
+
+
+# ---------------------------------------------------------------- LFQ and BSQ: signs, ids, entropy
+
+
+@pytest.mark.parametrize("cls", [LookupFreeQuantizer, BinarySphericalQuantizer])
+def test_bit_quantizers_signs_ids_and_codes(cls: type) -> None:
+    c = 6
+    q = cls(c)
+    z = torch.randn(2, 5, c)
+    out = q(z)
+    scale = 1.0 if cls is LookupFreeQuantizer else 1 / math.sqrt(c)
+    for b, k in itertools.product(range(2), range(5)):
+        assert int(out.indices[b, k]) == sum(2**i for i in range(c) if z[b, k, i] > 0)
+        for i in range(c):
+            assert float(out.codes[b, k, i]) == pytest.approx(scale if z[b, k, i] > 0 else -scale)
+    _assert_codes_of_ids(q, out.indices, out.codes)
+    assert q.codebook_size == 64 and q.bits_per_token == 6.0
+
+
+@pytest.mark.parametrize("cls", [LookupFreeQuantizer, BinarySphericalQuantizer])
+def test_bit_ids_are_a_bijection(cls: type) -> None:
+    q = cls(5)
+    ids = torch.arange(32)
+    codes = q.indices_to_codes(ids)
+    assert len({tuple(x.tolist()) for x in codes}) == 32
+    assert torch.equal(q(codes[None]).indices[0], ids)
+
+
+def _brute_entropies(logits_fn, z: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft assignment over all 2^C codes -> (per-sample entropy, codebook entropy, mean probs)."""
+    signs = 2 * _all_bits(c) - 1  # (2^C, C) in {-1, +1}
+    probs = torch.softmax(logits_fn(z.reshape(-1, c).double(), signs), dim=-1)  # (N, 2^C)
+    per_sample = -(probs * probs.log()).sum(-1).mean()
+    mean = probs.mean(0)
+    return per_sample, -(mean * mean.log()).sum(), mean
+
+
+def _lfq_logits(tau: float):
+    return lambda z, signs: -tau * ((z[:, None, :] - signs[None]) ** 2).sum(-1)  # -tau ||z - c||^2
+
+
+def _bsq_logits(tau: float, c: int):
+    # q(c|u) = prod_d sigmoid(2 tau c_d u_d) with c_d = +-1/sqrt(C)  <=>  softmax_c(tau c.u)
+    return lambda z, signs: tau * (F.normalize(z, dim=-1) @ (signs / math.sqrt(c)).t())
+
+
+@pytest.mark.parametrize("c", [4, 5, 6, 8])
+@pytest.mark.parametrize("kind", ["lfq", "bsq"])
+def test_entropy_terms_equal_a_sum_over_all_codes(kind: str, c: int) -> None:
+    tau = 0.7 if kind == "lfq" else 3.0
+    q = (
+        LookupFreeQuantizer(c, inverse_temperature=tau)
+        if kind == "lfq"
+        else BinarySphericalQuantizer(c, inverse_temperature=tau)
+    )
+    logits = _lfq_logits(tau) if kind == "lfq" else _bsq_logits(tau, c)
+    z = torch.randn(3, 7, c)
+    per_sample, codebook = q.entropy_terms(z)
+    want_ps, want_cb, mean = _brute_entropies(logits, z, c)
+    torch.testing.assert_close(per_sample.double(), want_ps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(codebook.double(), want_cb, rtol=1e-5, atol=1e-5)
+    # grouped: the sum of the entropies of each group's marginal of the same mean distribution
+    q.exact_max_bits, q.group_bits = 2, 3
+    _, grouped = q.entropy_terms(z)
+    bits = _all_bits(c).bool()
+    want = 0.0
+    for start, stop in bit_groups(c, 2, 3):
+        sub = (bits[:, start:stop].long() * 2 ** torch.arange(stop - start)).sum(-1)
+        marginal = torch.zeros(2 ** (stop - start), dtype=torch.float64).index_add_(0, sub, mean)
+        want += float(-(marginal * marginal.log()).sum())
+    assert float(grouped) == pytest.approx(want, rel=1e-5)
+    assert float(grouped) >= float(codebook) - 1e-5  # grouping over-estimates the joint entropy
+
+
+def test_lfq_agrees_with_vector_quantize_pytorch() -> None:
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    c, tau = 6, 0.3
+    theirs = vqp.LFQ(dim=c, entropy_loss_weight=1.0, commitment_loss_weight=0.25).train()
+    ours = LookupFreeQuantizer(c, entropy_weight=1.0, inverse_temperature=tau, commitment_weight=0.25).train()
+    z = torch.randn(4, 5, c)
+    (codes, ids, _), (per_sample, codebook, commit) = theirs(z, inv_temperature=tau, return_loss_breakdown=True)
+    out = ours(z)
+    torch.testing.assert_close(out.codes, codes)
+    # theirs numbers bits most-significant first (channel 0 = 2^(C-1)); ours least-significant first
+    reversed_ids = sum(((ids >> (c - 1 - i)) & 1) << i for i in range(c))
+    assert torch.equal(out.indices, reversed_ids.long())
+    mine_ps, mine_cb = ours.entropy_terms(z)
+    # theirs clamps probabilities at 1e-5 inside the log: a negligible difference at this tau
+    torch.testing.assert_close(mine_ps, per_sample, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mine_cb, codebook, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.losses["commitment"], 0.25 * commit)
+
+
+@pytest.mark.parametrize("kind", ["lfq", "bsq"])
+def test_entropy_loss_is_smallest_for_confident_uniform_usage(kind: str) -> None:
+    c = 4
+    q = build_quantizer({"type": kind, "entropy_weight": 1.0, "inverse_temperature": 200.0}, c).train()
+    signs = 2 * _all_bits(c).float() - 1
+    uniform = q(signs[None]).losses["entropy"]
+    collapsed = q(signs[:1].repeat(16, 1)[None]).losses["entropy"]
+    noisy = q(torch.randn(1, 16, c) * 0.05).losses["entropy"]
+    # the objective is bounded below by -gamma * C log 2, reached exactly by confident uniform usage
+    assert float(uniform) == pytest.approx(-c * math.log(2), abs=1e-3)
+    assert float(collapsed) == pytest.approx(0.0, abs=1e-3)
+    assert float(uniform) < float(noisy)
+
+
+@pytest.mark.parametrize("c", [18, 32])
+def test_bsq_trains_at_large_code_dims_on_cpu(c: int) -> None:
+    q = BinarySphericalQuantizer(c, entropy_weight=1.0).train()
+    assert [stop - start for start, stop in bit_groups(c, 16, 9)] == ([9, 9] if c == 18 else [8, 8, 8, 8])
+    z = torch.randn(8, 32, c, requires_grad=True)
+    out = q(z)
+    out.loss.backward()
+    assert out.indices.dtype == torch.int64 and int(out.indices.max()) < 2**c
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert q.codebook_size == 2**c and q.bits_per_token == c
+
+
+# ---------------------------------------------------------------- KL
+
+
+def test_kl_matches_the_closed_form_and_has_no_ids() -> None:
+    q = KLQuantizer(3, kl_weight=0.5)
+    z = torch.randn(2, 4, 6)
+    mean, logvar = z.chunk(2, dim=-1)
+    want = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    )
+    out = q.eval()(z)
+    torch.testing.assert_close(out.losses["kl"], 0.5 * want.sum(dim=(1, 2)).mean())
+    assert out.indices is None and torch.equal(out.codes, mean)
+    torch.manual_seed(1)
+    sampled = q.train()(z).codes
+    torch.manual_seed(1)
+    torch.testing.assert_close(sampled, mean + (0.5 * logvar).exp() * torch.randn_like(mean))
+    assert q.input_dim == 6 and q.codebook_size is None and q.bits_per_token is None and not q.has_ids
+    with pytest.raises(NotImplementedError, match="no ids"):
+        q.indices_to_codes(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="no ids"):
+        q.usage(torch.zeros(1, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- every quantizer: the contract
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_straight_through_gradients_reach_the_input(name: str) -> None:
+    q = _build(name).train()
+    z = torch.randn(2, 3, q.input_dim, requires_grad=True)
+    out = q(z)
+    (out.codes.sum() + out.loss).backward()
+    assert torch.isfinite(z.grad).all() and (z.grad != 0).any()
+    if name == "lfq":  # sign with straight-through: d codes / d z is the identity
+        z.grad = None
+        q.eval()(z).codes.sum().backward()
+        assert torch.equal(z.grad, torch.ones_like(z))
+
+
+@pytest.mark.parametrize("name", [n for n in SPECS if n != "kl"])
+def test_bf16_autocast_does_not_change_ids(name: str) -> None:
+    q = _build(name).eval()
+    z = torch.randn(4, 8, 4)
+    plain = q(z).indices
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = q(z).indices
+    assert torch.equal(plain, auto) and auto.dtype == torch.int64
+    _assert_codes_of_ids(q, plain, q(z).codes)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_state_dict_round_trip(name: str) -> None:
+    q = _build(name).train()
+    z = torch.randn(2, 8, q.input_dim)
+    q(z)  # EMA / k-means state changes on the first training batch
+    fresh = _build(name)
+    fresh.load_state_dict(q.state_dict(), strict=True)
+    a, b = q.eval()(z), fresh.eval()(z)
+    assert torch.equal(a.codes, b.codes) and (a.indices is None or torch.equal(a.indices, b.indices))
+    if name in ("fsq", "lfq", "bsq", "kl"):
+        assert q.state_dict() == {}  # nothing learnt: configs alone rebuild them
+
+
+def test_build_quantizer_makes_every_spec_of_the_issue() -> None:
+    assert isinstance(build_quantizer({"type": "fsq", "levels": [8, 5, 5, 5]}, 4), FiniteScalarQuantizer)
+    assert build_quantizer({"type": "bsq"}, 32).codebook_size == 2**32
+    lfq = build_quantizer(SPECS["lfq"], 10)
+    assert (lfq.entropy_weight, lfq.diversity_gamma, lfq.inverse_temperature) == (0.1, 1.0, 100.0)
+    vq = build_quantizer({"type": "vq", "codebook_size": 1024, "ema": True, "kmeans_init": True}, 12)
+    assert vq.ema and vq.kmeans_init and vq.codebook_size == 1024
+    assert build_quantizer({"type": "kl", "kl_weight": 1e-6}, 12).input_dim == 24
+
+
+@pytest.mark.parametrize(
+    ("spec", "code_dim", "match"),
+    [
+        ({"type": "rvq"}, 4, r"one of \['bsq', 'fsq', 'identity', 'kl', 'lfq', 'vq'\], got 'rvq'"),
+        ({"levels": [8]}, 1, "type must be one of"),
+        ("fsq", 4, "must be a table"),
+        ({"type": "fsq", "levels": [8, 1, 5, 5]}, 4, "level must be >= 2"),
+        ({"type": "fsq", "levels": [8, 5, 5]}, 4, r"code_dim=4 but levels \[8, 5, 5\] give 3 channels"),
+        ({"type": "fsq"}, 4, r"missing required key\(s\) \['levels'\]"),
+        ({"type": "lfq"}, 63, "code_dim=63 bits .* at most 62"),
+        ({"type": "bsq"}, 64, "at most 62"),
+        (
+            {"type": "bsq", "entropy_wieght": 0.1},
+            8,
+            r"unknown key\(s\) \['entropy_wieght'\]; allowed: .*entropy_weight",
+        ),
+        ({"type": "kl", "codebook_size": 1024}, 8, "KL bottleneck has no ids"),
+        ({"type": "lfq", "entropy_weight": "0.1"}, 8, "entropy_weight must be a finite number, got '0.1'"),
+        ({"type": "lfq", "inverse_temperature": 0}, 8, "inverse_temperature must be > 0"),
+        ({"type": "vq", "codebook_size": True}, 8, "codebook_size must be a int, got True"),
+        ({"type": "vq", "codebook_size": 16, "ema_decay": 1.0}, 8, r"ema_decay must lie in \(0, 1\)"),
+        ({"type": "kl", "kl_weight": float("nan")}, 8, "kl_weight must be a finite number"),
+    ],
+)
+def test_bad_settings_fail_with_a_clear_message(spec, code_dim: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_quantizer(spec, code_dim)
+
+
+@pytest.mark.parametrize("name", ["fsq", "lfq", "bsq"])
+def test_out_of_range_ids_are_refused(name: str) -> None:
+    q = _build(name)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, "):
+        q.indices_to_codes(torch.tensor([[q.codebook_size]]))
+    with pytest.raises(ValueError, match="must be an integer tensor"):
+        q.indices_to_codes(torch.zeros(1, 2))
+
+
+# ---------------------------------------------------------------- usage statistics
+
+
+def test_usage_is_exact_for_small_codebooks() -> None:
+    q = _build("fsq")
+    stats = q.usage(torch.tensor([[0, 0, 1, 2]]))
+    assert stats["method"] == "counts" and stats["usage"] == pytest.approx(3 / 1000)
+    probs = torch.tensor([0.5, 0.25, 0.25])
+    assert stats["perplexity"] == pytest.approx(float((-(probs * probs.log()).sum()).exp()))
+
+
+def test_usage_of_a_2_to_the_32_codebook_never_builds_a_v_sized_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = BinarySphericalQuantizer(32)
+    ids = q(torch.randn(4, 64, 32)).indices
+    for fn in ("zeros", "ones", "empty", "full", "arange"):
+        real = getattr(torch, fn)
+
+        def guarded(*args, _real=real, _fn=fn, **kwargs):
+            size = args[0] if (args and not isinstance(args[0], (int, float))) or _fn == "arange" else args
+            numel = math.prod(size) if isinstance(size, (tuple, list, torch.Size)) else 0
+            assert numel <= 2**20 and not (_fn == "arange" and args and float(args[-1]) > 2**20), f"{_fn}{args}"
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, fn, guarded)
+    stats = q.usage(ids)
+    assert stats["method"] == "bits" and stats["distinct_ids"] == 256.0  # random 32-bit ids do not collide
+    assert stats["bit_usage"] == 1.0 and 2**25 < stats["perplexity_bits"] <= 2**32 + 1
+    assert stats["batch_perplexity"] == pytest.approx(256.0) and stats["usage"] == 256 / 2**32
+    huge_fsq = FiniteScalarQuantizer([3] * 30)  # 3^30 codes, not a power of two: hashed
+    hashed = huge_fsq.usage(huge_fsq(torch.randn(2, 50, 30)).indices)
+    assert hashed["method"] == "hashed" and 1 < hashed["perplexity_hashed"] <= 100
+
+
+# ---------------------------------------------------------------- DDP
+
+
+DDP_CASES = [("lfq", {"inverse_temperature": 0.5}), ("bsq", {}), ("bsq", {"exact_max_bits": 4, "group_bits": 3})]
+
+
+def _ddp_quantizer(case: int) -> Quantizer:
+    kind, extra = DDP_CASES[case]
+    return build_quantizer({"type": kind, "entropy_weight": 1.0, **extra}, 6).train()
+
+
+def _ddp_worker(rank: int, world: int, port: int, z: torch.Tensor, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for case in range(len(DDP_CASES)):
+            q = _ddp_quantizer(case)
+            part = z.chunk(world)[rank].clone().requires_grad_(True)
+            loss = q(part).losses["entropy"]
+            loss.backward()
+            results.put((rank, case, float(loss.detach()), part.grad.numpy()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_entropy_equals_one_process_on_the_whole_batch() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    z = torch.randn(4, 6, 6)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_ddp_worker, args=(2, port, z, results), nprocs=2, start_method="spawn")
+    got = [results.get(timeout=60) for _ in range(2 * len(DDP_CASES))]
+    assert sorted((rank, case) for rank, case, _, _ in got) == [(r, c) for r in range(2) for c in range(3)]
+    for rank, case, _, grad in got:
+        whole = z.clone().requires_grad_(True)
+        want = _ddp_quantizer(case)(whole).losses["entropy"]
+        want.backward()
+        # the per-sample term is each rank's own mean, the codebook term the global one: the mean
+        # over ranks (what DDP optimises) is the one-process loss
+        ranks_mean = sum(loss for _, c, loss, _ in got if c == case) / 2
+        assert ranks_mean == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+        # a rank's gradient is the one-process gradient times the world size (DDP then divides by it)
+        torch.testing.assert_close(torch.from_numpy(grad) / 2, whole.grad.chunk(2)[rank], rtol=1e-4, atol=1e-6)
