@@ -95,6 +95,7 @@ class Mutant:
     line: int
     description: str
     source: str = ""  # the mutated module's source
+    original: str = ""  # the original text of the mutated line (the file may change during a run)
 
 
 def _skip_regions(tree: ast.AST) -> set[int]:
@@ -244,7 +245,8 @@ def mutants_of(source: str, module: str = "<module>", path: Path = Path("<string
         except SyntaxError:
             continue
         line = counter.sites[index][0]
-        found.append(Mutant(module, path, index, line, mutator.applied, text))
+        original_line = source.splitlines()[line - 1].strip() if 0 < line <= source.count("\n") + 1 else ""
+        found.append(Mutant(module, path, index, line, mutator.applied, text, original_line))
     return found
 
 
@@ -299,8 +301,7 @@ def render_report(command: str, rows: list[tuple[Mutant, str]], seconds: float, 
     lines += ["", f"Survivors ({len(survivors)}):", ""]
     for m in survivors:
         rel = m.path.relative_to(REPO) if m.path.is_relative_to(REPO) else m.path
-        original = m.path.read_text().splitlines()[m.line - 1].strip() if m.line else ""
-        lines.append(f"- `{rel}:{m.line}` {m.description} in `{original}`")
+        lines.append(f"- `{rel}:{m.line}` {m.description} in `{m.original}`")
     lines += ["", end]
     return "\n".join(lines)
 
