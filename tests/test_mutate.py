@@ -137,3 +137,6 @@ def test_env_puts_the_copy_first_and_module_paths_resolve(mutate, tmp_path: Path
 def test_list_mode_runs_nothing(mutate, capsys) -> None:
     assert mutate.main(["--modules", "mstok.evaluation.metrics", "--max-mutants", "3", "--list"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    assert mutate.main(["--modules", "mstok.evaluation.metrics", "--match", "clamp_min", "--list"]) == 0
+    listed = capsys.readouterr().out.strip().splitlines()
+    assert listed and all(":67 " in line or "clamp" in line for line in listed)

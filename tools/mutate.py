@@ -20,7 +20,8 @@ Options: ``--modules`` (dotted names; default: every module in ``DEFAULT_TESTS``
 run; default three times the unmutated run, at least 60), ``--quick`` (deselect tests marked
 slow), ``--list`` (print the mutants, run nothing), ``--report`` (markdown file; only the part
 between the ``mutate:begin``/``mutate:end`` markers is rewritten, so notes around it are kept),
-``--section`` (a name for those markers, so several runs can share one report).
+``--section`` (a name for those markers, so several runs can share one report), ``--match``
+(only lines containing one of the given texts, to aim at one function or formula).
 No dependency beyond the standard library and pytest.
 """
 
@@ -331,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="deselect tests marked slow")
     parser.add_argument("--list", action="store_true", help="print the chosen mutants and exit")
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "MUTATION.md", help="markdown report")
+    parser.add_argument("--match", nargs="+", help="only mutate lines containing one of these texts")
     parser.add_argument("--section", default="", help="name of the report section this run rewrites")
     args = parser.parse_args(argv)
 
@@ -338,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tests and module not in DEFAULT_TESTS:
             parser.error(f"no default tests for {module}; pass --tests FILE ...")
     pools = {m: mutants_of(module_path(m).read_text(), m, module_path(m)) for m in args.modules}
+    if args.match:  # only mutants of lines holding one of the given texts
+        pools = {m: [x for x in pool if any(t in x.original for t in args.match)] for m, pool in pools.items()}
     chosen = choose(pools, args.max_mutants, args.seed)
     if args.list:
         for m in chosen:
