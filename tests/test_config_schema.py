@@ -115,6 +115,7 @@ BAD = [
     # whole TOML files
     pytest.param(_toml('[optim]\nlr = "fast"\n'), ConfigError, "optim.lr", "'fast'", id="toml-lr"),
     pytest.param(_toml("optim = 5\n"), ConfigError, "optim", "5", id="toml-section-scalar"),
+    pytest.param(_toml(f"[optim]\nlr = {10**400}\n"), ConfigError, "optim.lr", "got 1000", id="toml-lr-huge-int"),
     pytest.param(_toml("seed = -1\n"), ConfigError, "seed", "-1", id="toml-seed"),
     pytest.param(
         _toml("[data]\ncrop_scale = [0.5, 1.0, 1.0]\n"),

@@ -20,7 +20,7 @@ its full dotted path, what it must be, and the value given, e.g.
 of ``num_heads``...) stay in the classes' ``__post_init__``, after this checker.
 
 Hand-written rather than pydantic or similar: those are heavy dependencies for what is a
-hundred-odd lines over dataclasses and type hints, and they coerce by default (the very
+couple of hundred lines over dataclasses and type hints, and they coerce by default (the very
 thing that let ``steps = 2.5`` train 3 steps).
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -170,8 +171,11 @@ def _fits(value: Any, hint: Any, rule: Rule) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool) and _in_range(value, rule)
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok and math.isfinite(value) and _in_range(value, rule)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        # an int stands for a float, but one past float's range (10**400) is not finite either
+        finite = math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max
+        return finite and _in_range(value, rule)
     if hint is str:
         return isinstance(value, str) and (rule.choices is None or value in rule.choices)
     if typing.get_origin(hint) is tuple:
