@@ -92,7 +92,7 @@ def run_row(method: str, c: int, tokens: int, repeats: int, device: str) -> dict
         times.append(time.perf_counter() - start)
         z.grad = None
     return {"seconds": statistics.median(times), "peak_mib": (_peak_bytes(device) - base) / 2**20,
-            "value": float(per_sample - codebook)}  # fmt: skip
+            "value": float((per_sample - codebook).detach())}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

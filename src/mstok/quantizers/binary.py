@@ -17,7 +17,9 @@ latent (LFQ and BSQ differ only in the scale). Hence
 
 The objective ``per_sample - diversity_gamma * codebook`` is smallest when each latent is
 certain of its code and the batch uses all codes equally (Jansen et al. 2020, MAGVIT-v2).
-Under DDP the batch mean is averaged over ranks, so every rank sees the global codebook entropy.
+Under DDP the batch mean is averaged over ranks, so every rank sees the global codebook entropy;
+the per-sample term stays each rank's own mean, so the mean of the ranks' losses (what DDP's
+gradient averaging optimises) equals the one-process loss on the whole batch.
 """
 
 from __future__ import annotations

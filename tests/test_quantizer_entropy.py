@@ -1,0 +1,87 @@
+"""The LFQ/BSQ entropy loss under DDP, and the benchmark's naive full-codebook version.
+
+DDP: two gloo processes on the CPU, each with half of a batch, against one process with all of
+it. The benchmark (benchmarks/quantizer_entropy.py) is checked to compute the same numbers as
+the quantizers, so its table compares like with like.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mstok.quantizers import BinarySphericalQuantizer, Quantizer, build_quantizer
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "quantizer_entropy.py"
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("_bench_quantizer_entropy", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_naive_entropy_equals_the_quantizer() -> None:
+    bench = _benchmark()
+    z = torch.randn(40, 6)
+    naive = bench.naive_entropy(z)
+    ours = BinarySphericalQuantizer(6).entropy_terms(z)
+    for a, b in zip(naive, ours, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    row = bench.run_row("grouped", 32, tokens=16, repeats=1, device="cpu")
+    assert math.isfinite(row["value"]) and row["seconds"] > 0 and row["peak_mib"] >= 0
+
+
+DDP_CASES = [("lfq", {"inverse_temperature": 0.5}), ("bsq", {}), ("bsq", {"exact_max_bits": 4, "group_bits": 3})]
+
+
+def _ddp_quantizer(case: int) -> Quantizer:
+    kind, extra = DDP_CASES[case]
+    return build_quantizer({"type": kind, "entropy_weight": 1.0, **extra}, 6).train()
+
+
+def _ddp_worker(rank: int, world: int, port: int, z: torch.Tensor, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for case in range(len(DDP_CASES)):
+            q = _ddp_quantizer(case)
+            part = z.chunk(world)[rank].clone().requires_grad_(True)
+            loss = q(part).losses["entropy"]
+            loss.backward()
+            results.put((rank, case, float(loss.detach()), part.grad.numpy()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_entropy_equals_one_process_on_the_whole_batch() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    z = torch.randn(4, 6, 6)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_ddp_worker, args=(2, port, z, results), nprocs=2, start_method="spawn")
+    got = [results.get(timeout=60) for _ in range(2 * len(DDP_CASES))]
+    assert sorted((rank, case) for rank, case, _, _ in got) == [(r, c) for r in range(2) for c in range(3)]
+    for rank, case, _, grad in got:
+        whole = z.clone().requires_grad_(True)
+        want = _ddp_quantizer(case)(whole).losses["entropy"]
+        want.backward()
+        # the per-sample term is each rank's own mean, the codebook term the global one: the mean
+        # over ranks (what DDP optimises) is the one-process loss
+        ranks_mean = sum(loss for _, c, loss, _ in got if c == case) / 2
+        assert ranks_mean == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+        # a rank's gradient is the one-process gradient times the world size (DDP then divides by it)
+        torch.testing.assert_close(torch.from_numpy(grad) / 2, whole.grad.chunk(2)[rank], rtol=1e-4, atol=1e-6)
