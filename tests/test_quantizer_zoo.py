@@ -365,6 +365,25 @@ def test_straight_through_gradients_reach_the_input(name: str) -> None:
         assert torch.equal(z.grad, torch.ones_like(z))
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_a_short_training_run_lowers_the_reconstruction_error(name: str) -> None:
+    """Linear encoder -> quantizer -> linear decoder on fixed data: 30 Adam steps must learn."""
+    q = _build(name).train()
+    x = torch.randn(64, 4, 8)
+    encoder, decoder = torch.nn.Linear(8, q.input_dim), torch.nn.Linear(4, 8)
+    params = [p for m in (encoder, decoder, q) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=2e-2, foreach=False)
+    errors = []
+    for _ in range(30):
+        out = q(encoder(x))
+        error = F.mse_loss(decoder(out.codes), x)
+        optimizer.zero_grad()
+        (error + out.loss).backward()
+        optimizer.step()
+        errors.append(float(error.detach()))
+    assert sum(errors[-5:]) / 5 < 0.9 * sum(errors[:5]) / 5, errors[::5]
+
+
 @pytest.mark.parametrize("name", [n for n in SPECS if n != "kl"])
 def test_bf16_autocast_does_not_change_ids(name: str) -> None:
     q = _build(name).eval()
