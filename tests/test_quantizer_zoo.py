@@ -299,6 +299,22 @@ def test_lfq_agrees_with_vector_quantize_pytorch(vqp) -> None:
     torch.testing.assert_close(out.losses["commitment"], 0.25 * commit)
 
 
+def test_bsq_agrees_with_spherical_lfq_of_vector_quantize_pytorch(vqp) -> None:
+    c, tau = 6, 1.0
+    theirs = vqp.LFQ(dim=c, entropy_loss_weight=1.0, spherical=True).train()
+    ours = BinarySphericalQuantizer(c, entropy_weight=1.0, inverse_temperature=tau).train()
+    z = torch.randn(4, 5, c)
+    # theirs: softmax(2 tau' u.c) = sigmoid(4 tau' u_d / sqrt(C)) per bit; BSQ-ViT's paper (ours):
+    # sigmoid(2 tau u_d / sqrt(C)); so tau' = tau / 2. Their codebook entropy is over all 2^C codes.
+    (codes, ids, _), (per_sample, codebook, _) = theirs(z, inv_temperature=tau / 2, return_loss_breakdown=True)
+    out = ours(z)
+    torch.testing.assert_close(out.codes, codes)
+    assert torch.equal(out.indices, sum(((ids >> (c - 1 - i)) & 1) << i for i in range(c)).long())  # bit order
+    mine_ps, mine_cb = ours.entropy_terms(z)
+    torch.testing.assert_close(mine_ps, per_sample, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mine_cb, codebook, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["lfq", "bsq"])
 def test_entropy_loss_is_smallest_for_confident_uniform_usage(kind: str) -> None:
     c = 4

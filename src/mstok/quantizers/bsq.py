@@ -16,7 +16,9 @@ what makes C = 32 (a 2^32 codebook) trainable at all.
 The loss is ``entropy_weight * (per_sample - diversity_gamma * codebook)`` plus an optional
 ``commitment_weight * mean((u - sg[q])^2)``. Written here because vector-quantize-pytorch's
 ``LFQ(spherical=True)`` computes the codebook entropy over all 2^C codes (an (N, 2^C) tensor,
-impossible at C = 32) and has no grouped approximation.
+impossible at C = 32) and has no grouped approximation; its soft assignment
+``softmax(2 tau' u.c)`` is this one with ``tau' = inverse_temperature / 2`` (the tests check the
+two agree at small C under that mapping).
 """
 
 from __future__ import annotations
