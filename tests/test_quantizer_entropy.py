@@ -1,4 +1,5 @@
-"""The LFQ/BSQ entropy loss under DDP, and the benchmark's naive full-codebook version.
+"""Entropies beyond one process and one small codebook: the LFQ/BSQ entropy loss under DDP, the
+benchmark's naive full-codebook version, and codebook usage statistics up to 2^32 codes.
 
 DDP: two gloo processes on the CPU, each with half of a batch, against one process with all of
 it. The benchmark (benchmarks/quantizer_entropy.py) is checked to compute the same numbers as
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mstok.quantizers import BinarySphericalQuantizer, Quantizer, build_quantizer
+from mstok.quantizers import BinarySphericalQuantizer, FiniteScalarQuantizer, Quantizer, build_quantizer
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "quantizer_entropy.py"
 
@@ -82,6 +83,39 @@ def test_ddp_entropy_equals_one_process_on_the_whole_batch() -> None:
         # the per-sample term is each rank's own mean, the codebook term the global one: the mean
         # over ranks (what DDP optimises) is the one-process loss
         ranks_mean = sum(loss for _, c, loss, _ in got if c == case) / 2
-        assert ranks_mean == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+        assert ranks_mean == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6)
         # a rank's gradient is the one-process gradient times the world size (DDP then divides by it)
         torch.testing.assert_close(torch.from_numpy(grad) / 2, whole.grad.chunk(2)[rank], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- usage statistics
+
+
+def test_usage_is_exact_for_small_codebooks() -> None:
+    q = build_quantizer({"type": "fsq", "levels": [8, 5, 5, 5]}, 4)
+    stats = q.usage(torch.tensor([[0, 0, 1, 2]]))
+    assert stats["method"] == "counts" and stats["usage"] == pytest.approx(3 / 1000)
+    probs = torch.tensor([0.5, 0.25, 0.25])
+    assert stats["perplexity"] == pytest.approx(float((-(probs * probs.log()).sum()).exp()))
+
+
+def test_usage_of_a_2_to_the_32_codebook_never_builds_a_v_sized_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = BinarySphericalQuantizer(32)
+    ids = q(torch.randn(4, 64, 32)).indices
+    for fn in ("zeros", "ones", "empty", "full", "arange"):
+        real = getattr(torch, fn)
+
+        def guarded(*args, _real=real, _fn=fn, **kwargs):
+            size = args[0] if (args and not isinstance(args[0], (int, float))) or _fn == "arange" else args
+            numel = math.prod(size) if isinstance(size, (tuple, list, torch.Size)) else 0
+            assert numel <= 2**20 and not (_fn == "arange" and args and float(args[-1]) > 2**20), f"{_fn}{args}"
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, fn, guarded)
+    stats = q.usage(ids)
+    assert stats["method"] == "bits" and stats["distinct_ids"] == 256.0  # random 32-bit ids do not collide
+    assert stats["bit_usage"] == 1.0 and 2**25 < stats["perplexity_bits"] <= 2**32 + 1
+    assert stats["batch_perplexity"] == pytest.approx(256.0) and stats["usage"] == 256 / 2**32
+    huge_fsq = FiniteScalarQuantizer([3] * 30)  # 3^30 codes, not a power of two: hashed
+    hashed = huge_fsq.usage(huge_fsq(torch.randn(2, 50, 30)).indices)
+    assert hashed["method"] == "hashed" and 1 < hashed["perplexity_hashed"] <= 100
