@@ -111,6 +111,8 @@ class VectorQuantizer(Quantizer):
 
     def _forward_options(self, z: torch.Tensor) -> QuantizerOutput:
         """forward with ``ema`` and/or ``kmeans_init``: k-means first, then search, then EMA."""
+        # a copy of the search above rather than a shared helper: the default path stays verbatim,
+        # so its outputs are bit-identical to releases before the options existed (tested)
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.float()
             if self.use_l2_norm:
