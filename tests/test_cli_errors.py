@@ -71,6 +71,17 @@ def test_device_error_raised_by_mstok_is_one_line(monkeypatch, capsys) -> None:
     assert err == f"mstok pretokenize: error: {expected}\n"
 
 
+def test_a_wrong_checkpoint_path_is_one_line_before_any_network_loads(tmp_path, monkeypatch, capsys) -> None:
+    from mstok.evaluation import evaluate
+
+    monkeypatch.setattr(evaluate, "load_metric_networks", _raise(AssertionError("loaded metric networks first")))
+    args = ["eval", "--checkpoint", str(tmp_path / "nope"), "--data", str(tmp_path), "--no-progress"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mstok eval: error: --checkpoint: ") and "nope does not exist" in err
+    assert err.count("\n") == 1
+
+
 def test_ctrl_c_exits_130_with_one_line(capsys) -> None:
     assert run_command(_raise(KeyboardInterrupt()), _namespace("train")) == 130
     err = capsys.readouterr().err

@@ -152,6 +152,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mstok.weights import command_hints
 
     device = resolve_device(args.device)  # one process: eval never joins a process group
+    out = Path(args.out) if args.out else None
+    # check the inputs before the (slow) metric networks load, so a wrong path fails at once
+    if args.generated:
+        if not args.reference:
+            raise ValueError("--generated needs --reference stats.npz (precompute it with `mstok eval --data`)")
+    else:
+        if not (args.checkpoint and args.data):
+            raise ValueError("mstok eval needs --checkpoint DIR and --data DIR (or --generated DIR --reference FILE)")
+        model, folder, weights = load_tokenizer_folder(args.checkpoint, args.weights, "--checkpoint")
+        out = out or default_out_dir(folder, "eval") / "results.json"
+        dataset = ev.eval_dataset(args.data, check_resolution(model, args.resolution), args.max_pixels)
+        reference = ev.load_reference(args.reference) if args.reference else None
     # missing-weights messages name this command's flags, not the training config's keys
     flags = {
         VGG16_FILENAME: "--vgg-weights",
@@ -162,23 +174,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         lpips, inception, unavailable = ev.load_metric_networks(
             device, (args.vgg_weights, args.lpips_weights), args.inception_weights, download=not args.no_download
         )
-    out = args.out
     if args.generated:
-        if not args.reference:
-            raise ValueError("--generated needs --reference stats.npz (precompute it with `mstok eval --data`)")
         results = ev.evaluate_generated(
             args.generated, args.reference, inception, unavailable, args.batch_size, args.fid_method
         )
     else:
-        if not (args.checkpoint and args.data):
-            raise ValueError("mstok eval needs --checkpoint DIR and --data DIR (or --generated DIR --reference FILE)")
-        model, folder, weights = load_tokenizer_folder(args.checkpoint, args.weights, "--checkpoint")
-        out = Path(args.out) if args.out else default_out_dir(folder, "eval") / "results.json"
-        resolution = check_resolution(model, args.resolution)
-        reference = ev.load_reference(args.reference) if args.reference else None
         results = ev.evaluate_reconstruction(
             model,
-            ev.eval_dataset(args.data, resolution, args.max_pixels),
+            dataset,
             batch_size=args.batch_size,
             device=device,
             lpips=lpips,
