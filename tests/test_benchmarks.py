@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -200,6 +201,7 @@ def test_replicate_two_stage_row_end_to_end(tmp_path, tiny_imagenet):
         assert (seed_dir / part / "checkpoints" / f"step_{steps:07d}").is_dir(), part
 
 
+@pytest.mark.slow
 def test_convergence_benchmark_end_to_end(tmp_path, tiny_imagenet):
     convergence = _load("convergence")
     rows = "titok VQ (recipe),mstok continuous (recipe),conv AE VQ 8x8 V=32 (320 bits)"

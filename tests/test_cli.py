@@ -17,6 +17,7 @@ from mstok.training import latest_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_presets_lists_every_preset_with_counts(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
@@ -35,6 +36,7 @@ def _image_folder(root: Path, n: int = 6) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_train_command_writes_a_loadable_checkpoint(tmp_path, capsys):
     data = _image_folder(tmp_path / "imgs")
     args = [
@@ -88,6 +90,7 @@ def test_train_command_reports_bad_input(tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_writes_a_report(tmp_path):
     report = run_demo(out_dir=tmp_path, steps=3, batch_size=4, progress=False)
     text = report.read_text()
@@ -103,6 +106,7 @@ def test_demo_writes_a_report(tmp_path):
         assert np.isfinite(metrics[name]["psnr"]) and 0 < metrics[name]["ssim"] <= 1
 
 
+@pytest.mark.slow
 def test_demo_command_on_a_folder(tmp_path, capsys):
     data = _image_folder(tmp_path / "imgs", n=12)
     assert (

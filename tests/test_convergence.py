@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mstok.training import Trainer, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_tiny_recipe_beats_mean_colour_on_held_out_images(tmp_path, tiny_imagenet):
     """The shipped titok_tiny.toml (VQ, K=32, V=1024) for 300 steps: before the recipe, the
     tiny models were still below mean colour at 600 steps (benchmarks/RESULTS.md)."""

@@ -118,6 +118,7 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r and "epoch" not in r]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path, tiny_imagenet):
     """``torchrun --nproc_per_node=2`` (gloo, CPU) with GAN on equals one process with the same global batch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -155,6 +156,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_imagenet):
     assert start["world_size"] == 2 and start["micro_batch"] == 4
 
 
+@pytest.mark.slow
 def test_torchrun_generator_training_matches_one_process(tmp_path):
     """``mstok train-generator`` under torchrun (2 ranks) equals one process: the masking and the
     class dropout are drawn per sample, so the two runs see identical inputs."""

@@ -55,6 +55,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_eval_reports_every_metric_with_weights(cache, images, checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MSTOK_CACHE", str(cache))
     out = tmp_path / "results.json"

@@ -52,6 +52,7 @@ def toy_config(tmp_path: Path, steps: int, **extra) -> GeneratorTrainConfig:
     return load_train_config(None, settings, GeneratorTrainConfig)
 
 
+@pytest.mark.slow
 def test_masked_loss_falls_to_the_entropy_of_a_toy_distribution(tmp_path):
     trainer = GeneratorTrainer(toy_config(tmp_path, 120), dataset=ToyTokens(), progress=False)
     history = trainer.fit()
@@ -103,6 +104,7 @@ def photos(tmp_path, tiny_imagenet) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_pipeline_from_the_cli(tmp_path, photos, capsys):
     tokenizer = tmp_path / "tok"
     create_tokenizer("titok_tiny").save_pretrained(tokenizer)

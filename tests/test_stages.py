@@ -165,6 +165,7 @@ STAGES = {
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.slow
 def test_frozen_parameters_stay_and_trainable_ones_move(stage, tmp_path, photos, proxy_dir):
     preset, extra = STAGES[stage]
     trainer = Trainer(
@@ -228,6 +229,7 @@ def _lpips_files(folder: Path) -> tuple[Path, Path]:
     return vgg, lin
 
 
+@pytest.mark.slow
 def test_perceptual_loss_needs_weight_files_and_uses_them(tmp_path, photos, monkeypatch):
     monkeypatch.setenv("MSTOK_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(MissingWeightsError, match=r"perceptual\.vgg_weights"):
@@ -263,6 +265,7 @@ def test_init_from_checks_every_key(tmp_path):
         load_initial_weights(target, tmp_path / "a")
 
 
+@pytest.mark.slow
 def test_gan_run_resumes_bit_identically(tmp_path, photos):
     extra = ("steps=4", "loss.gan_weight=0.1", "loss.gan_start_step=1", "discriminator.base_channels=8")
     straight = Trainer(_config(tmp_path / "a", *extra), _dataset(photos), progress=False)
@@ -278,6 +281,7 @@ def test_gan_run_resumes_bit_identically(tmp_path, photos):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_logs_tensorboard_and_reconstruction_grids(tmp_path, tiny_imagenet):
     cfg = _config(
         tmp_path,
@@ -300,6 +304,7 @@ def test_logs_tensorboard_and_reconstruction_grids(tmp_path, tiny_imagenet):
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
 
 
+@pytest.mark.slow
 def test_tiny_two_stage_run_through_the_cli(tmp_path, tiny_imagenet, capsys):
     """train-proxy, stage 1 and stage 2 with the shipped tiny configs, on real photos."""
     from mstok.cli import main

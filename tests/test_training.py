@@ -123,6 +123,7 @@ def _weights(trainer):
     return {**trainer.model.state_dict(), **{"ema." + k: v for k, v in trainer.ema.module.state_dict().items()}}
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, photos):
     """A run killed after step 10 and resumed to step 20 ends bit-identical to a straight run."""
     straight = Trainer(_config(tmp_path / "a", "steps=20", "log_every=1", "ckpt_every=10"), _dataset(photos), False)
@@ -142,6 +143,7 @@ def test_resume_is_bit_identical(tmp_path, photos):
     assert [h["step"] for h in resumed.history] == list(range(11, 21))
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_the_data(tmp_path, photos):
     runs = []
     for workers in (0, 2):
@@ -155,6 +157,7 @@ def test_workers_do_not_change_the_data(tmp_path, photos):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+@pytest.mark.slow
 def test_checkpoints_are_complete_pruned_and_loadable(tmp_path, photos):
     trainer = Trainer(_config(tmp_path, "ckpt_every=2", "keep_last=2"), dataset=_dataset(photos), progress=False)
     (tmp_path / "checkpoints").mkdir(parents=True)
@@ -176,6 +179,7 @@ def test_checkpoints_are_complete_pruned_and_loadable(tmp_path, photos):
     assert {"loss", "l1", "mse", "quantizer", "lr", "grad_norm", "usage", "perplexity", "skipped"} <= lines[0].keys()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, photos):
     trainer = Trainer(_config(tmp_path, "steps=3", "ckpt_every=1"), dataset=_dataset(photos), progress=False)
     trainer.config.steps = 1
@@ -196,6 +200,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, photos):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_broken_files_are_counted_and_all_broken_is_an_error(tmp_path):
     folder = tmp_path / "imgs" / "a"
     folder.mkdir(parents=True)
@@ -214,6 +219,7 @@ def test_broken_files_are_counted_and_all_broken_is_an_error(tmp_path):
         trainer.fit()
 
 
+@pytest.mark.slow
 def test_loss_falls_on_real_images(tmp_path, tiny_imagenet):
     cfg = load_train_config(
         Path(__file__).resolve().parents[1] / "configs" / "mstok_tiny.toml",
@@ -236,6 +242,7 @@ def test_loss_falls_on_real_images(tmp_path, tiny_imagenet):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_mixed_precision_steps_train(tmp_path, photos, precision):
     trainer = Trainer(
         _config(
@@ -252,6 +259,7 @@ def test_mixed_precision_steps_train(tmp_path, photos, precision):
     assert trainer.scaler.is_enabled() == (precision == "fp16")
 
 
+@pytest.mark.slow
 def test_training_on_shards_equals_training_on_the_folder(tmp_path):
     from mstok.data import write_shards
 

@@ -81,6 +81,7 @@ class _Bar:
         pass
 
 
+@pytest.mark.slow
 def test_validation_holds_out_images_and_logs_val_events(tmp_path, monkeypatch):
     folder = _images(tmp_path / "imgs", 10)
     monkeypatch.setattr(engine_module, "tqdm", _Bar)
