@@ -153,7 +153,7 @@ def test_eval_hints_name_flags_and_writes_a_labelled_grid_under_the_run(run_fold
     # the default output goes under the run folder, nothing into the current folder
     results = run_folder / "eval" / "step_0000001" / "results.json"
     assert json.loads(results.read_text())["weights"] == "model.safetensors"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-cache", "imgs", "run"]
+    assert {p.name for p in tmp_path.iterdir()} <= {"empty-cache", "imgs", "run"}
     with Image.open(results.parent / "grid.png") as image:
         grid = np.asarray(image.convert("L"))
     # 4 tiles of 64 px with 2 px gaps: a labelled grid is wider, and its label column holds dark text
