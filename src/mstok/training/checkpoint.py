@@ -100,14 +100,6 @@ def find_model_folder(path: str | Path, what: str = "checkpoint") -> Path:
     return newest
 
 
-def default_weights(folder: str | Path, given: str | None = None) -> str:
-    """The weights file to read from a model folder: ``given`` when set, else the EMA weights
-    of a training checkpoint when present, else ``model.safetensors``."""
-    if given:
-        return given
-    return EMA_FILE if (Path(folder) / EMA_FILE).is_file() else "model.safetensors"
-
-
 def load_tokenizer_folder(
     path: str | Path, weights: str | None = None, what: str = "checkpoint"
 ) -> tuple[torch.nn.Module, Path, str]:
