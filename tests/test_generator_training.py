@@ -120,7 +120,9 @@ def test_pipeline_from_the_cli(tmp_path, photos, capsys):
     assert main(["train-generator", "--config", config, "--no-progress", "--set", *settings]) == 0
     generator = load_generator(run / "checkpoints" / "step_0000004", "ema.safetensors")
     assert generator.config.num_classes == 3 and generator.config.num_tokens == 32
-    assert (run / "generated" / "step_0000004.png").is_file()
+    with Image.open(run / "generated" / "step_0000004.png") as grid:  # one row per sample, named by class
+        assert grid.size[1] == 3 * 66 + 2 and grid.size[0] > 66 + 2
+    assert TokenDataset(tokens).index["classes"] == sorted(p.name for p in photos.iterdir())
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert any("accuracy" in line for line in lines)
 

@@ -78,6 +78,8 @@ class GeneratorTrainer(Engine):
             load_initial_weights(model, config.model.init_from, config.model.init_weights)
         self.loss_fn = MaskedTokenLoss(config.loss.label_smoothing, config.loss.unmasked_weight)
         self.tokenizer = None
+        # names of the token data's classes (pretokenize records the image folder's), for the grid labels
+        self.class_names = [str(n) for n in getattr(dataset, "index", {}).get("classes", [])]
         if config.tokenizer and config.sample_every:
             self.tokenizer = load_tokenizer_folder(config.tokenizer, config.tokenizer_weights, "tokenizer")[0]
             if isinstance(dataset, TokenDataset):
@@ -135,4 +137,6 @@ class GeneratorTrainer(Engine):
         gen = self.ema.module.config
         labels = torch.arange(self.config.num_samples) % gen.num_classes
         images, _ = generate_images(self.ema.module, self.tokenizer, labels, self.config.sampling, seed=0)
-        logger.image_grid(self.step, images, tag="generated")
+        # one labelled row per sample: its class id and, when the tokens know them, its class name
+        names = [f"{c} {self.class_names[c]}" if c < len(self.class_names) else f"class {c}" for c in labels.tolist()]
+        logger.image_grid(self.step, *images[:, None], tag="generated", labels=names)
