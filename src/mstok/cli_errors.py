@@ -7,8 +7,8 @@ The rule (:func:`is_user_error`):
   folders, permissions, a full disk) and ``FloatingPointError`` (a training run that diverged)
   are the user's to fix, wherever they come from;
 - ``TypeError`` and ``RuntimeError`` are, only when mstok raised them on purpose (the innermost
-  frame is a ``raise`` statement in the mstok package: "device 'cuda' requested but CUDA is not
-  available", a config check of a value's type), or when torch ran out of memory;
+  frame is a ``raise`` statement in the mstok package, e.g. ``create_tokenizer(None)``'s "name
+  must be a preset name"), or when torch ran out of memory;
 - everything else (an ``AttributeError``, a ``TypeError`` deep inside torch...) is a bug: its
   traceback is printed as usual, so it can be reported.
 
