@@ -30,6 +30,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from mstok.quantizers.base import MAX_ID_BITS, Quantizer, QuantizerOutput, check_ids, make_output
+
 # Latents x codes per chunk when summing a group's 2^G code probabilities (bounds peak memory).
 CHUNK_ELEMENTS = 2**22
 
@@ -140,3 +142,90 @@ def check_bits(name: str, code_dim: int, max_bits: int) -> None:
         raise ValueError(
             f"{name}: code_dim={code_dim} bits gives ids beyond int64; at most {max_bits} bits are supported"
         )
+
+
+class SignQuantizer(Quantizer):
+    """The body LFQ and BSQ share: codes are ``sign(project(z)) / divisor``, ids their bits.
+
+    A subclass says how latents are projected before the sign (:meth:`project`), the codes'
+    divisor and the scale that turns a projected latent into per-bit logits; the rest (checks,
+    straight-through codes, commitment and entropy terms, ids) is here once.
+
+    Args:
+        code_dim: C, the number of bits (at most 62).
+        entropy_weight: weight of the entropy objective in ``losses["entropy"]``.
+        diversity_gamma: weight of the codebook entropy inside the objective.
+        inverse_temperature: sharpness of the soft code assignment.
+        commitment_weight: weight of ``mean((project(z) - sg[q])^2)``; 0 leaves the term out.
+        exact_max_bits: codebook entropy exact over all 2^C codes up to this many bits.
+        group_bits: above ``exact_max_bits``, bits are grouped in groups of at most this many.
+    """
+
+    name: str = "sign"
+
+    def __init__(
+        self,
+        code_dim: int,
+        entropy_weight: float,
+        diversity_gamma: float,
+        inverse_temperature: float,
+        commitment_weight: float,
+        exact_max_bits: int,
+        group_bits: int,
+    ) -> None:
+        super().__init__()
+        check_bits(self.name, code_dim, MAX_ID_BITS)
+        self.code_dim = code_dim
+        self.codebook_size = 2**code_dim
+        self.entropy_weight = entropy_weight
+        self.diversity_gamma = diversity_gamma
+        self.inverse_temperature = inverse_temperature
+        self.commitment_weight = commitment_weight
+        self.exact_max_bits = exact_max_bits
+        self.group_bits = group_bits
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, K, C) float32 latents -> what the sign is taken of (identity here)."""
+        return z
+
+    @property
+    def divisor(self) -> float:
+        """Every code entry is +-1 / divisor."""
+        return 1.0
+
+    @property
+    def logit_scale(self) -> float:
+        """Bit d of a projected latent u is +1 with probability ``sigmoid(logit_scale * u_d)``."""
+        raise NotImplementedError
+
+    def entropy_terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, C) latents -> (per-sample entropy, codebook entropy), unweighted, in nats."""
+        u = self.project(z.float())
+        return entropy_terms(self.logit_scale * u, self.exact_max_bits, self.group_bits)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """z: (B, K, C) -> codes (straight-through), int64 ids, losses; ``latents`` is ``project(z)``.
+
+        The entropy term is computed in training mode only (a training signal, and at C = 16 an
+        N x 2^16 sum); the commitment term, when weighted, always.
+        """
+        if z.shape[-1] != self.code_dim:
+            raise ValueError(f"{self.name}: expected latents with {self.code_dim} channels, got shape {tuple(z.shape)}")
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            u = self.project(z)
+            positive = u > 0
+            quantized = torch.where(positive, 1.0, -1.0) / self.divisor
+            codes = straight_through(quantized, u)
+            losses: dict[str, torch.Tensor] = {}
+            if self.commitment_weight > 0:
+                losses["commitment"] = self.commitment_weight * (u - quantized).square().mean()
+            if self.training and self.entropy_weight > 0:
+                per_sample, codebook = self.entropy_terms(z)
+                losses["entropy"] = self.entropy_weight * (per_sample - self.diversity_gamma * codebook)
+        return make_output(u, codes, bits_to_ids(positive), losses)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, K) int64 ids -> (B, K, C) float32 codes in {-1/divisor, +1/divisor}."""
+        check_ids(indices, self.codebook_size, f"{self.name} ids")
+        return torch.where(ids_to_bits(indices, self.code_dim), 1.0, -1.0) / self.divisor

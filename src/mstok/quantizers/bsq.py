@@ -28,22 +28,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mstok.quantizers.base import MAX_ID_BITS, Quantizer, QuantizerOutput, check_ids, make_output
-from mstok.quantizers.binary import bits_to_ids, check_bits, entropy_terms, ids_to_bits, straight_through
+from mstok.quantizers.binary import SignQuantizer
 
 
-class BinarySphericalQuantizer(Quantizer):
-    """BSQ with V = 2^C codes in {-1/sqrt(C), +1/sqrt(C)}^C.
+class BinarySphericalQuantizer(SignQuantizer):
+    """BSQ with V = 2^C codes in {-1/sqrt(C), +1/sqrt(C)}^C (arguments: :class:`SignQuantizer`).
 
-    Args:
-        code_dim: C, the number of bits (at most 62).
-        entropy_weight: weight of the entropy objective in ``losses["entropy"]``.
-        diversity_gamma: weight of the codebook entropy inside the objective.
-        inverse_temperature: sharpness of the soft quantization (BSQ-ViT's tau).
-        commitment_weight: weight of ``mean((u - sg[q])^2)``; 0 (BSQ-ViT's default) leaves it out.
-        exact_max_bits: codebook entropy exact over all 2^C codes up to this many bits.
-        group_bits: above ``exact_max_bits``, bits are grouped in groups of at most this many.
+    ``latents`` of the output is the normalised ``u``; bit d has the logit
+    ``2 * inverse_temperature * u_d / sqrt(C)``; BSQ-ViT's defaults: inverse temperature 1, no
+    commitment term.
     """
+
+    name = "bsq"
 
     def __init__(
         self,
@@ -55,46 +51,24 @@ class BinarySphericalQuantizer(Quantizer):
         exact_max_bits: int = 16,
         group_bits: int = 9,
     ) -> None:
-        super().__init__()
-        check_bits("bsq", code_dim, MAX_ID_BITS)
-        self.code_dim = code_dim
-        self.codebook_size = 2**code_dim
-        self.entropy_weight = entropy_weight
-        self.diversity_gamma = diversity_gamma
-        self.inverse_temperature = inverse_temperature
-        self.commitment_weight = commitment_weight
-        self.exact_max_bits = exact_max_bits
-        self.group_bits = group_bits
+        super().__init__(
+            code_dim,
+            entropy_weight,
+            diversity_gamma,
+            inverse_temperature,
+            commitment_weight,
+            exact_max_bits,
+            group_bits,
+        )
 
-    def entropy_terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K, C) raw latents -> (per-sample entropy, codebook entropy), unweighted, in nats."""
-        u = F.normalize(z.float(), dim=-1)
-        scale = 2.0 * self.inverse_temperature / math.sqrt(self.code_dim)
-        return entropy_terms(scale * u, self.exact_max_bits, self.group_bits)
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """Onto the unit sphere: u = z / ||z||."""
+        return F.normalize(z, dim=-1)
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """z: (B, K, C) -> unit-norm codes (straight-through), int64 ids, losses.
+    @property
+    def divisor(self) -> float:
+        return math.sqrt(self.code_dim)
 
-        ``latents`` of the output is the normalised ``u``. The entropy term is computed in
-        training mode only; the commitment term (if weighted) always.
-        """
-        if z.shape[-1] != self.code_dim:
-            raise ValueError(f"bsq: expected latents with {self.code_dim} channels, got shape {tuple(z.shape)}")
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            z = z.float()
-            u = F.normalize(z, dim=-1)
-            positive = u > 0
-            quantized = torch.where(positive, 1.0, -1.0) / math.sqrt(self.code_dim)
-            codes = straight_through(quantized, u)
-            losses: dict[str, torch.Tensor] = {}
-            if self.commitment_weight > 0:
-                losses["commitment"] = self.commitment_weight * (u - quantized).square().mean()
-            if self.training and self.entropy_weight > 0:
-                per_sample, codebook = self.entropy_terms(z)
-                losses["entropy"] = self.entropy_weight * (per_sample - self.diversity_gamma * codebook)
-        return make_output(u, codes, bits_to_ids(positive), losses)
-
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, K) int64 ids -> (B, K, C) float32 codes in {-1/sqrt(C), +1/sqrt(C)}."""
-        check_ids(indices, self.codebook_size, "bsq ids")
-        return torch.where(ids_to_bits(indices, self.code_dim), 1.0, -1.0) / math.sqrt(self.code_dim)
+    @property
+    def logit_scale(self) -> float:
+        return 2.0 * self.inverse_temperature / math.sqrt(self.code_dim)
