@@ -44,7 +44,7 @@ from mstok.config_schema import (
 )
 from mstok.layers import init_weights
 from mstok.layers.blocks import SelfAttentionBlock
-from mstok.tokenizers.base import ConfigDict, SavedModel
+from mstok.saved import ConfigDict, SavedModel
 
 ARCHITECTURES = ("vit", "uvit")
 

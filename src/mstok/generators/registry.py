@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
-from mstok.tokenizers.base import read_saved_config, split_saved_config
+from mstok.saved import read_saved_config, split_saved_config
 from mstok.weights import locate_model
 
 _VIT = {"width": 768, "depth": 24, "num_heads": 16}

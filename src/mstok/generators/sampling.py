@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from mstok.config_schema import NON_NEGATIVE, Rule, one_of, positive
 from mstok.generators.maskgit import MaskGITGenerator
 from mstok.generators.schedules import GUIDANCE_SCHEDULES, MASK_SCHEDULES, guidance_weight, masked_counts
-from mstok.tokenizers.base import ConfigDict
+from mstok.saved import ConfigDict
 
 CONFIDENCES = ("log_prob", "logit")
 

@@ -6,13 +6,8 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from mstok.tokenizers.base import (
-    CONFIG_FILE,
-    Tokenizer,
-    TokenizerConfig,
-    read_saved_config,
-    split_saved_config,
-)
+from mstok.saved import CONFIG_FILE, read_saved_config, split_saved_config
+from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.convae import ConvAE
 from mstok.tokenizers.mstok import MsTok
 from mstok.tokenizers.titok import TiTok

@@ -1,0 +1,105 @@
+"""How models are saved and read back: a folder with ``config.json`` and ``model.safetensors``.
+
+Shared by every model family, tokenizers and generators alike: :class:`ConfigDict` (the dict
+conversion and schema checks of a family's config dataclass), :class:`SavedModel`
+(``save_pretrained`` / ``load_weights``) and the readers of a saved ``config.json``. Nothing
+here knows a family: the registries (``mstok.tokenizers.registry``,
+``mstok.generators.registry``) map a saved ``family`` to its class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mstok.config_schema import check_config
+from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ConfigDict:
+    """Dict conversion and schema checks (:mod:`mstok.config_schema`, rules in each class's
+    ``field_rules``) shared by the config dataclasses of every model family."""
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        """Build a config, rejecting unknown fields with the list of valid ones (lists become tuples)."""
+        if not isinstance(values, dict):
+            raise TypeError(f"{cls.__name__} fields must be a dict of field values, got {values!r}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def replace(self, **overrides: Any) -> Any:
+        """A copy with some fields changed (validated like :meth:`from_dict`)."""
+        return type(self).from_dict({**self.to_dict(), **overrides})
+
+
+class SavedModel:
+    """``save_pretrained`` / ``load_weights`` for an ``nn.Module`` with a ``config`` (a family's config)."""
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (``load_tokenizer`` reads it).
+
+        Args:
+            path: target folder (created if needed).
+            state_dict: weights to save instead of this model's own (e.g. EMA weights).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"family": self.config.family, "config": self.config.to_dict()}
+        tmp = path / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(path / CONFIG_FILE)
+        atomic_save_safetensors(state_dict if state_dict is not None else self.state_dict(), path / WEIGHTS_FILE)
+        return path
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a safetensors file into this model strictly, with a clear error on any mismatch."""
+        load_state_dict_checked(self, read_safetensors(path), str(path))
+
+
+def read_saved_config(path: Path, what: str) -> Any:
+    """The parsed ``config.json`` of a model folder (the inverse of ``save_pretrained``'s write),
+    or an error naming ``what`` the folder should hold. Official TiTok ``config.json`` files parse
+    too; :func:`split_saved_config` then tells them apart."""
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok {what}")
+    try:
+        return json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{config_path} is not a valid mstok {what} config: not UTF-8 text ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not a valid mstok {what} config: not JSON ({err})") from err
+
+
+def split_saved_config(meta: Any, path: Path, what: str) -> tuple[str, dict[str, Any]]:
+    """``(family, config fields)`` of a parsed mstok ``config.json``: a table with a string
+    ``family`` and a table ``config``, else a ValueError naming the file."""
+    where = f"{path / CONFIG_FILE} is not a valid mstok {what} config"
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: it must hold a JSON object, got {type(meta).__name__}")
+    for key, kind, name in (("family", str, "a string"), ("config", dict, "a table of config fields")):
+        if key not in meta:
+            raise ValueError(f"{where}: no {key!r} entry")
+        if not isinstance(meta[key], kind):
+            raise ValueError(f"{where}: {key!r} must be {name}, got {meta[key]!r}")
+    return meta["family"], meta["config"]
