@@ -14,7 +14,7 @@ from mstok.demo import TRAIN_PHOTOS, skimage_photos
 from mstok.losses import TokenizerLoss
 from mstok.losses.perceptual import VGG16Features
 from mstok.tokenizers import create_tokenizer, load_tokenizer
-from mstok.tokenizers.base import TokenizerOutput
+from mstok.tokenizers.contract import TokenizerOutput
 from mstok.tokenizers.vqgan import VQGANConfig
 from mstok.training import Trainer, load_train_config
 from mstok.training.stages import apply_stage, load_initial_weights

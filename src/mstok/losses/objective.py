@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mstok.tokenizers.base import TokenizerOutput
+from mstok.tokenizers.contract import TokenizerOutput
 
 
 class TokenizerLoss(nn.Module):

@@ -1,6 +1,7 @@
 """Tokenizer families (one file each) and the preset registry."""
 
-from mstok.tokenizers.base import Tokenizer, TokenizerConfig, TokenizerOutput
+from mstok.tokenizers.base import Tokenizer, TokenizerConfig
+from mstok.tokenizers.contract import TokenizerOutput
 from mstok.tokenizers.mstok import MsTok, MsTokConfig
 from mstok.tokenizers.registry import (
     PRESETS,

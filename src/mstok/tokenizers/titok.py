@@ -29,7 +29,8 @@ from mstok.config_schema import MAX_DEPTH, MAX_WIDTH, NON_NEGATIVE, Rule, one_of
 from mstok.layers import PatchTokens, Transformer, build_head
 from mstok.layers.embeddings import add_grid_position_embedding, set_init_table
 from mstok.quantizers import DiagonalGaussianQuantizer
-from mstok.tokenizers.base import Tokenizer, TokenizerConfig, TokenizerOutput
+from mstok.tokenizers.base import Tokenizer, TokenizerConfig
+from mstok.tokenizers.contract import TokenizerOutput
 
 TOKEN_PROJECTIONS = ("per_token", "legacy")
 

@@ -41,7 +41,7 @@ from mstok.io import load_state_dict_checked
 from mstok.layers import init_weights
 from mstok.quantizers import VectorQuantizer
 from mstok.saved import ConfigDict, SavedModel
-from mstok.tokenizers.base import TokenizerOutput, check_images, check_tokens
+from mstok.tokenizers.contract import TokenizerOutput, check_images, check_tokens
 from mstok.weights import load_torch_state_dict
 
 USAGE_KEY = "quantize.usage_ema"
