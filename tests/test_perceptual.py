@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -239,6 +241,19 @@ def test_resolve_downloads_file_url_atomically(_private_cache: Path, tmp_path: P
     got = resolve_weights("w.pth", source.as_uri())
     assert got == _private_cache / "w.pth" and got.read_bytes() == payload
     assert sorted(p.name for p in _private_cache.iterdir()) == ["w.pth"]
+
+
+def test_downloaded_weights_follow_the_umask(_private_cache: Path, tmp_path: Path) -> None:
+    """A download lands with the mode an ordinary open() gives (colleagues can read it), not mkstemp's 0600."""
+    source = tmp_path / "remote" / "w.pth"
+    source.parent.mkdir()
+    source.write_bytes(b"weights")
+    old = os.umask(0o022)
+    try:
+        got = resolve_weights("w.pth", source.as_uri())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(got.stat().st_mode) == 0o644
 
 
 def test_resolve_failed_download_leaves_nothing(_private_cache: Path, tmp_path: Path) -> None:

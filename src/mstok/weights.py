@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mstok.io import read_safetensors
+from mstok.io import apply_umask, read_safetensors
 
 CACHE_ENV = "MSTOK_CACHE"
 _CHUNK = 1 << 20
@@ -141,6 +141,7 @@ def _download(url: str, dest: Path, sha256_prefix: str | None = None) -> None:
             raise ValueError(
                 f"checksum mismatch: sha256 {digest.hexdigest()[:16]}... does not start with {sha256_prefix}"
             )
+        apply_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, dest)
     finally:
         # After a successful rename the temporary name no longer exists; otherwise drop the partial file.
