@@ -113,8 +113,9 @@ def train_two_stage(seed: int, args: argparse.Namespace, out: Path, train: Index
 
 def run_variant(
     name: str, seed: int, args: argparse.Namespace, train_idx: list[int], val_idx: list[int]
-) -> dict[str, float]:
-    """Train one variant with one seed, then measure it on the held-out split."""
+) -> dict[str, float] | None:
+    """Train one variant with one seed, then measure it on the held-out split (None: not finished
+    and ``--finished-only``)."""
     out = Path(args.work_dir) / name.replace(" ", "_").replace("=", "").replace(".", "") / f"seed{seed}"
     done = out / "result.json"
     identity = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "classes": args.classes,
@@ -123,6 +124,8 @@ def run_variant(
         saved = json.loads(done.read_text())
         if saved.get("settings") == identity:  # a finished run with the same budget: reuse it
             return saved["metrics"]
+    if args.finished_only:
+        return None
     if out.exists():
         shutil.rmtree(out)  # stale or unfinished: otherwise the trainer would resume the old run
     train = IndexSubset(ImageFolder(args.data, RandomResizedCropFlip(64, (0.8, 1.0))), train_idx)
@@ -167,8 +170,8 @@ def run_variant(
 def summarise(results: dict[str, list[dict[str, float]]]) -> str:
     """Markdown table of mean +- std over seeds."""
     lines = [
-        "| variant | PSNR (dB) | SSIM | codebook usage | probe top-1 (%) | train s/run |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | seeds | PSNR (dB) | SSIM | codebook usage | probe top-1 (%) | train s/run |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in results.items():
         cells = []
@@ -178,7 +181,7 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> str:
             digits = 2 if metric in ("psnr", "probe_top1") else 4
             cells.append(f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}")
         seconds = statistics.mean(r["train_seconds"] for r in runs)
-        lines.append(f"| {name} | {' | '.join(cells)} | {seconds:.0f} |")
+        lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -203,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument(
         "--fresh", action="store_true", help="retrain every run (default: reuse finished runs in --work-dir)"
     )
+    parser.add_argument(
+        "--finished-only", action="store_true", help="train nothing: tabulate the runs already finished in --work-dir"
+    )
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS and n not in TWO_STAGE]
@@ -223,13 +229,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         futures = [pool.submit(run_variant, n, s, args, train_idx, val_idx) for n, s in tasks] if pool else None
         for i, (name, seed) in enumerate(tasks):  # in table order; a pool runs --jobs at a time
             run = futures[i].result() if futures else run_variant(name, seed, args, train_idx, val_idx)
+            if run is None:
+                continue
             loads.append(load_1min())
             results.setdefault(name, []).append(run)
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.items()), flush=True)
     fixed = ImageFolder(args.data, center_crop_transform(64))
     held_out = torch.stack([fixed[(i, 0)][0] for i in val_idx])
     floor = statistics.mean(psnr(held_out, mean_colour(held_out)))
-    table = summarise(results) + f"\n| each image in its own mean colour | {floor:.2f} | | | | |"
+    table = summarise(results) + f"\n| each image in its own mean colour | - | {floor:.2f} | | | | |"
     minutes = (time.perf_counter() - started) / 60
     print(table)
     if not args.no_append:

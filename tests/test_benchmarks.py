@@ -178,7 +178,7 @@ def test_replicate_runs_a_variant_end_to_end(tmp_path, tiny_imagenet):
     assert len(runs) == 1 and all(r["psnr"] > 0 and 0 <= r["probe_top1"] <= 1 for r in runs)
     text = (tmp_path / "REPLICATION.md").read_text()
     assert "| mstok K=32 |" in text and "Command: `python benchmarks/replicate.py --data" in text
-    assert "| each image in its own mean colour |" in text
+    assert "| mstok K=32 | 1 |" in text and "| each image in its own mean colour |" in text
     # A second call reuses the finished run instead of retraining it (the study is resumable).
     result_file = next(tmp_path.glob("mstok_K32/seed0/result.json"))
     saved = json.loads(result_file.read_text())
@@ -186,6 +186,10 @@ def test_replicate_runs_a_variant_end_to_end(tmp_path, tiny_imagenet):
     result_file.write_text(json.dumps(saved))
     again = replicate.main([*argv, "--no-append"])
     assert again["mstok K=32"][0]["psnr"] == -1.0
+    # --finished-only tabulates what is finished and trains nothing (titok K=32 never ran here).
+    both = [a if a != "mstok K=32" else "mstok K=32,titok K=32" for a in argv]
+    partial = replicate.main([*both, "--no-append", "--finished-only"])
+    assert list(partial) == ["mstok K=32"] and not (tmp_path / "titok_K32").exists()
 
 
 def test_replicate_two_stage_row_end_to_end(tmp_path, tiny_imagenet):
