@@ -209,10 +209,11 @@ def test_reconstruction_fid_and_is_score_the_reconstructions(checkpoint: Path, t
     assert results["images"] == 20
     real_feats, real_logits = stub(torch.from_numpy(np.stack(images)))
     fake_feats, fake_logits = stub(torch.from_numpy(recon))
-    # IS of the reconstructions' logits over 10 contiguous chunks of 2 ...
-    assert results["inception_score"] == pytest.approx(_numpy_inception_score(fake_logits.numpy(), 10), rel=1e-6)
+    # IS of the reconstructions' logits in one chunk (20 images: fewer than 50 per chunk) ...
+    assert results["inception_score_splits"] == 1
+    assert results["inception_score"] == pytest.approx(_numpy_inception_score(fake_logits.numpy(), 1), rel=1e-6)
     # ... which is not that of the originals (so scoring the wrong images fails).
-    real_is = _numpy_inception_score(real_logits.numpy(), 10)
+    real_is = _numpy_inception_score(real_logits.numpy(), 1)
     assert abs(real_is - results["inception_score"]) > 1e-2 * real_is
     expected_fid = _numpy_fid(real_feats[:, :12].numpy(), fake_feats[:, :12].numpy())
     assert results["rfid"] == pytest.approx(expected_fid, rel=1e-5, abs=1e-8)
@@ -230,6 +231,13 @@ def test_metrics_clamp_both_images_to_the_unit_range() -> None:
 
 
 # ----------------------------------------------------------------------------- Inception Score known answers
+def test_inception_score_splits_keep_50_images_per_chunk() -> None:
+    from mstok.evaluation.fid import inception_score_splits
+
+    counts = (1, 10, 49, 50, 99, 100, 499, 500, 50_000)
+    assert [inception_score_splits(n) for n in counts] == [1, 1, 1, 1, 1, 2, 9, 10, 10]
+
+
 def test_inception_score_of_uniform_predictions_is_one() -> None:
     assert inception_score(torch.zeros(12, 1008), splits=3) == pytest.approx((1.0, 0.0), abs=1e-12)
     # Identical confident predictions: the marginal equals each p(y|x), so KL = 0 again.

@@ -182,7 +182,7 @@ def evaluate_reconstruction(
     Returns:
         a JSON-able dict of metrics and settings.
     """
-    from mstok.evaluation.fid import FeatureStats, frechet_distance, inception_score
+    from mstok.evaluation.fid import FeatureStats, frechet_distance, inception_score, inception_score_splits
 
     device = torch.device(device)
     model = model.to(device).eval()
@@ -266,7 +266,8 @@ def evaluate_reconstruction(
     if inception is not None:
         mu, sigma = reference_stats if reference_stats is not None else (real_stats.mu, real_stats.sigma)
         results["rfid"] = frechet_distance(mu, sigma, recon_stats.mu, recon_stats.sigma, method=fid_method)
-        results["inception_score"] = inception_score(torch.cat(logits), splits=min(10, n))[0]
+        results["inception_score"] = inception_score(torch.cat(logits), splits=inception_score_splits(n))[0]
+        results["inception_score_splits"] = inception_score_splits(n)
     results["unavailable"] = dict(unavailable or {})
     if out_dir is not None:
         out = Path(out_dir)
@@ -338,7 +339,7 @@ def evaluate_generated(
     fid_method: str = "sqrtm",
 ) -> dict[str, Any]:
     """gFID against reference statistics and Inception Score of generated images."""
-    from mstok.evaluation.fid import FeatureStats, frechet_distance, inception_score
+    from mstok.evaluation.fid import FeatureStats, frechet_distance, inception_score, inception_score_splits
 
     if inception is None:
         why = (unavailable or {}).get("rfid", "no FID-Inception network")
@@ -357,5 +358,6 @@ def evaluate_generated(
         "reference": str(reference),
         "images": stats.n,
         "gfid": frechet_distance(ref_mu, ref_sigma, stats.mu, stats.sigma, method=fid_method),
-        "inception_score": inception_score(torch.cat(logits), splits=min(10, stats.n))[0],
+        "inception_score": inception_score(torch.cat(logits), splits=inception_score_splits(stats.n))[0],
+        "inception_score_splits": inception_score_splits(stats.n),
     }

@@ -192,6 +192,18 @@ def frechet_distance(
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+# The published Inception Score splits 50k images into 10 chunks of 5000. Each chunk's marginal
+# p(y) must come from many images: a chunk of one image is its own marginal, and IS = 1 exactly
+# whatever the images (what `splits=min(10, n)` silently reported for n <= 10).
+IS_SPLITS = 10
+IS_MIN_IMAGES_PER_SPLIT = 50
+
+
+def inception_score_splits(n: int) -> int:
+    """Chunks for the Inception Score of ``n`` images: 10, or fewer so that each holds at least 50."""
+    return max(1, min(IS_SPLITS, n // IS_MIN_IMAGES_PER_SPLIT))
+
+
 def inception_score(
     logits: torch.Tensor | np.ndarray, splits: int = 10, shuffle_seed: int | None = None
 ) -> tuple[float, float]:
