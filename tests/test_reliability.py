@@ -294,6 +294,17 @@ def test_changed_settings_are_refused_unless_allowed(tmp_path, photos, caplog):
         other.resume(tmp_path / "checkpoints" / "step_0000004", allow_changes=True)
 
 
+def test_allowed_changes_reach_the_discriminator_optimizer(tmp_path, photos):
+    """With --allow-changes the GAN's own optimizer takes the new lr too (not the checkpoint's)."""
+    gan = ("loss.gan_weight=0.1", "discriminator.base_channels=8", "discriminator.num_layers=1")
+    _trainer(tmp_path, photos, "steps=2", "ckpt_every=2", *gan).fit()
+    changed = _trainer(tmp_path, photos, "steps=3", *gan, "discriminator.lr=3e-4")
+    changed.resume("auto", allow_changes=True)
+    assert [g["lr"] for g in changed.d_optimizer.param_groups] == pytest.approx([3e-4] * 2)
+    assert changed.d_scheduler.get_last_lr() == pytest.approx([3e-4] * 2)
+    assert changed.d_optimizer.state  # the moments still come from the checkpoint
+
+
 def test_ctrl_c_saves_the_step_and_resume_is_exact(tmp_path, photos, straight):
     trainer = _trainer(tmp_path, photos, *RUN)
     original = trainer.train_step

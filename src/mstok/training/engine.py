@@ -41,7 +41,7 @@ from mstok.training.config import RunConfig
 from mstok.training.distributed import DistContext
 from mstok.training.interrupt import DeferredInterrupt
 from mstok.training.logger import RunLogger
-from mstok.training.optim import ModelEMA, build_optimizer, build_scheduler
+from mstok.training.optim import ModelEMA, build_optimizer, build_scheduler, load_optimizer_state
 from mstok.training.resume import archive_future, check_config, pick_checkpoint
 from mstok.training.threads import resolve_threads
 
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels) of one micro-step
 # optimizer settings a resume with allowed changes takes from the new config, not the checkpoint
-_GROUP_SETTINGS = ("initial_lr", "betas", "eps", "weight_decay")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -144,8 +143,8 @@ class Engine:
         """Subclass state saved with each checkpoint (e.g. a discriminator)."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any], path: Path) -> None:
-        """Restore what :meth:`extra_state` saved."""
+    def load_extra_state(self, state: dict[str, Any], path: Path, changed: bool = False) -> None:
+        """Restore what :meth:`extra_state` saved (``changed``: keep this run's optimizer settings)."""
 
     def write_samples(self, logger: RunLogger) -> None:
         """Write an image grid for the current step (every ``sample_every`` steps)."""
@@ -206,26 +205,15 @@ class Engine:
     ) -> None:
         """Load a checkpoint read by :func:`pick_checkpoint` into the model, EMA, optimizer...;
         with ``changed`` settings, the optimizer's settings and the schedule follow the new config."""
-        fresh = [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in self.optimizer.param_groups]
         try:
             load_state_dict_checked(self.model, model_state, str(path / "model.safetensors"))
             load_state_dict_checked(self.ema.module, ema_state, str(path / EMA_FILE))
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            # with changed settings the checkpoint's groups hold the old lr, betas...: the new config's apply
+            load_optimizer_state(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"], changed)
             self.scaler.load_state_dict(state["scaler"])
-            self.load_extra_state(state, path)
+            self.load_extra_state(state, path, changed)
         except (ValueError, RuntimeError, KeyError) as err:
             raise ValueError(f"checkpoint {path} does not fit this run's model or optimizer: {err}") from err
-        if changed:  # the checkpoint's groups hold the old lr, betas...: the new config's apply from here
-            for group, settings in zip(self.optimizer.param_groups, fresh, strict=True):
-                group.update(settings)
-            self.scheduler.base_lrs = [s["initial_lr"] for s in fresh]
-            step = self.scheduler.last_epoch
-            for group, base, rule in zip(
-                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
-            ):
-                group["lr"] = base * rule(step)
-            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # get_last_lr()'s source
         self.ema.num_updates = int(state["ema_updates"])
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:

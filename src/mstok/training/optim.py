@@ -67,6 +67,37 @@ def build_scheduler(
     )
 
 
+# What a config sets in each optimizer parameter group (the rest of a group is its state).
+GROUP_SETTINGS = ("initial_lr", "betas", "eps", "weight_decay")
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    optimizer_state: dict,
+    scheduler_state: dict,
+    keep_settings: bool = False,
+) -> None:
+    """Restore an optimizer and its schedule from a checkpoint.
+
+    With ``keep_settings`` (a resume whose config changed on purpose) the moments and the step
+    come from the checkpoint, but the lr, betas, eps, weight decay and schedule stay those this
+    optimizer and scheduler were built with, applied at the restored step.
+    """
+    fresh = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    if not keep_settings:
+        return
+    for group, settings in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(settings)
+    scheduler.base_lrs = [s["initial_lr"] for s in fresh]
+    step = scheduler.last_epoch
+    for group, base, rule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * rule(step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # get_last_lr()'s source
+
+
 def ema_decay_at(decay: float, num_updates: int, warmup: bool = True) -> float:
     """Effective EMA decay at update ``num_updates`` (0-based).
 

@@ -32,7 +32,7 @@ from mstok.training.config import TrainConfig
 from mstok.training.distributed import DistContext
 from mstok.training.engine import Engine, MicroBatch
 from mstok.training.logger import RunLogger
-from mstok.training.optim import build_optimizer, build_scheduler
+from mstok.training.optim import build_optimizer, build_scheduler, load_optimizer_state
 from mstok.training.stages import apply_stage, copy_pixel_decoder, load_initial_weights
 
 
@@ -150,14 +150,13 @@ class Trainer(Engine):
             "d_scaler": self.d_scaler.state_dict(),
         }
 
-    def load_extra_state(self, state: dict[str, Any], path: Path) -> None:
+    def load_extra_state(self, state: dict[str, Any], path: Path, changed: bool = False) -> None:
         if self.adversarial is None:
             return
         if "discriminator" not in state:
             raise ValueError(f"{path} has no discriminator state, but this config trains a GAN")
         self.adversarial.load_state_dict(state["discriminator"])
-        self.d_optimizer.load_state_dict(state["d_optimizer"])
-        self.d_scheduler.load_state_dict(state["d_scheduler"])
+        load_optimizer_state(self.d_optimizer, self.d_scheduler, state["d_optimizer"], state["d_scheduler"], changed)
         self.d_scaler.load_state_dict(state["d_scaler"])
 
     def start_fields(self) -> dict[str, Any]:
