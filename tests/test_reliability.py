@@ -305,7 +305,16 @@ def test_allowed_changes_reach_the_discriminator_optimizer(tmp_path, photos):
     assert changed.d_optimizer.state  # the moments still come from the checkpoint
 
 
-def test_ctrl_c_saves_the_step_and_resume_is_exact(tmp_path, photos, straight):
+@pytest.fixture
+def sigint_handled():
+    """Python's own SIGINT handler for the test: a job started in the background (``cmd &`` in a
+    script, as CI may run) inherits SIGINT ignored, and the trainer rightly leaves that alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_the_step_and_resume_is_exact(tmp_path, photos, straight, sigint_handled):
     trainer = _trainer(tmp_path, photos, *RUN)
     original = trainer.train_step
 
@@ -405,7 +414,7 @@ def test_trainer_clips_gradients_so_a_huge_loss_moves_weights_little(tmp_path, p
 
 
 @pytest.mark.slow  # about 2 s: the shipped titok_tiny config
-def test_ctrl_c_in_the_cli_saves_and_exits_130(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_the_cli_saves_and_exits_130(tmp_path, capsys, monkeypatch, sigint_handled):
     import numpy as np
     from PIL import Image
 
