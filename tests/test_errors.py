@@ -254,6 +254,19 @@ def _edit_weights(folder: Path, edit) -> None:
     save_file(tensors, str(folder / "model.safetensors"))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_load_weights_with_non_finite_values(checkpoint: Path, bad: float) -> None:
+    """A weights file holding NaN/inf is refused by name, not loaded into NaN reconstructions."""
+
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t["decoder.mask_token"] = t["decoder.mask_token"].clone()
+        t["decoder.mask_token"].view(-1)[3] = bad
+
+    _edit_weights(checkpoint, edit)
+    with pytest.raises(ValueError, match=r"model\.safetensors hold NaN or infinite values.*decoder\.mask_token"):
+        mstok.load_tokenizer(checkpoint)
+
+
 def test_load_mismatched_checkpoint_lists_every_problem(checkpoint: Path) -> None:
     def edit(t: dict[str, torch.Tensor]) -> None:
         del t["decoder.mask_token"]

@@ -77,4 +77,10 @@ def load_state_dict_checked(module: nn.Module, state_dict: dict[str, torch.Tenso
             problems.append(f"{label}: {shown}")
     if problems:
         raise ValueError(f"weights in {source} do not match the model:\n  " + "\n  ".join(problems))
+    # No mstok model keeps a NaN or infinity in its weights or buffers: such a file is broken
+    # (a diverged run, a bad conversion), and loading it would make every output NaN, silently.
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        shown = ", ".join(broken[:8]) + (f", ... ({len(broken)} in all)" if len(broken) > 8 else "")
+        raise ValueError(f"weights in {source} hold NaN or infinite values (a diverged or broken file): {shown}")
     module.load_state_dict(state_dict, strict=True)
