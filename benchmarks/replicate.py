@@ -9,7 +9,8 @@ LARS; features of the same split). Each variant runs with several seeds; the tab
 mean +- standard deviation over seeds, and ``benchmarks/REPLICATION.md`` records it with the
 command that made it, whatever the result.
 
-    python benchmarks/replicate.py                       # defaults: under an hour on 2 CPU cores
+    python benchmarks/replicate.py --steps 700           # about 90 min on 2 CPU cores (2 runs at a time)
+    python benchmarks/replicate.py --steps 700 --finished-only   # the table of what has finished so far
     python benchmarks/replicate.py --steps 5000 --seeds 0,1,2 --device cuda --batch-size 128
 
 Variants (tiny presets: 64x64, patch 8, width 128, depth 4, V 1024):
@@ -17,6 +18,10 @@ Variants (tiny presets: 64x64, patch 8, width 128, depth 4, V 1024):
     (4), (2, 4), (2, 3, 4), (1, 2, 3, 4)); without scale embeddings; weighted_add instead of
     concat aggregation; a linear readout instead of query cross-attention; and TiTok's
     two-stage recipe (proxy, stage 1, stage 2) at the same budget (``train_two_stage``).
+
+A study is resumable across sessions: each finished run's metrics go to
+``benchmarks/replicate_results.json`` (``--results``, kept in the repository), and a later call
+with the same settings reuses them; only unfinished runs train again.
 """
 
 from __future__ import annotations
@@ -111,6 +116,29 @@ def train_two_stage(seed: int, args: argparse.Namespace, out: Path, train: Index
     )
 
 
+def study_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a finished run must share to be reused."""
+    return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "classes": args.classes,
+            "probe_epochs": args.probe_epochs, "probe_lr": args.probe_lr, "recipe": tiny_settings()}  # fmt: skip
+
+
+def load_results(path: Path, identity: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Finished runs recorded in ``--results`` (``"variant|seed"`` -> metrics) with this identity."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return {key: run["metrics"] for key, run in saved.items() if run.get("settings") == identity}
+
+
+def record_result(path: Path, key: str, identity: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Add one finished run to ``--results`` (written whole through a rename: never half a file)."""
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    saved[key] = {"settings": identity, "metrics": metrics}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def run_variant(
     name: str, seed: int, args: argparse.Namespace, train_idx: list[int], val_idx: list[int]
 ) -> dict[str, float] | None:
@@ -118,8 +146,7 @@ def run_variant(
     and ``--finished-only``)."""
     out = Path(args.work_dir) / name.replace(" ", "_").replace("=", "").replace(".", "") / f"seed{seed}"
     done = out / "result.json"
-    identity = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "classes": args.classes,
-                "probe_epochs": args.probe_epochs, "probe_lr": args.probe_lr, "recipe": tiny_settings()}  # fmt: skip
+    identity = study_identity(args)
     if done.is_file() and not args.fresh:
         saved = json.loads(done.read_text())
         if saved.get("settings") == identity:  # a finished run with the same budget: reuse it
@@ -201,6 +228,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers per run")
     parser.add_argument("--work-dir", default="runs/replicate")
+    parser.add_argument(
+        "--results",
+        default=str(ROOT / "benchmarks" / "replicate_results.json"),
+        help="finished runs' metrics, kept in the repository so a study spans sessions (reused unless --fresh)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "REPLICATION.md"))
     parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
     parser.add_argument(
@@ -225,12 +257,24 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     if args.jobs > 1:
         args.threads = 1  # --jobs runs share the cores: one thread each never oversubscribes them
     tasks = [(name, seed) for name in names for seed in seeds]
+    identity, results_file = study_identity(args), Path(args.results)
+    recorded = {} if args.fresh else load_results(results_file, identity)
     with ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else nullcontext() as pool:
-        futures = [pool.submit(run_variant, n, s, args, train_idx, val_idx) for n, s in tasks] if pool else None
-        for i, (name, seed) in enumerate(tasks):  # in table order; a pool runs --jobs at a time
-            run = futures[i].result() if futures else run_variant(name, seed, args, train_idx, val_idx)
-            if run is None:
-                continue
+        futures = {
+            (n, s): pool.submit(run_variant, n, s, args, train_idx, val_idx)
+            for n, s in tasks
+            if pool and f"{n}|{s}" not in recorded
+        }
+        for name, seed in tasks:  # in table order; a pool runs --jobs at a time
+            key = f"{name}|{seed}"
+            if key in recorded:
+                run = recorded[key]
+            else:
+                future = futures.get((name, seed))
+                run = future.result() if future else run_variant(name, seed, args, train_idx, val_idx)
+                if run is None:
+                    continue
+                record_result(results_file, key, identity, run)
             loads.append(load_1min())
             results.setdefault(name, []).append(run)
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.items()), flush=True)

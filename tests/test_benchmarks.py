@@ -173,19 +173,28 @@ def test_replicate_runs_a_variant_end_to_end(tmp_path, tiny_imagenet):
     replicate = _load("replicate")
     argv = ["--data", str(tiny_imagenet), "--steps", "2", "--batch-size", "8", "--classes", "3", "--seeds", "0"]
     argv += ["--variants", "mstok K=32", "--probe-epochs", "2", "--jobs", "1", "--work-dir", str(tmp_path)]
+    argv += ["--results", str(tmp_path / "results.json")]
     results = replicate.main([*argv, "--out", str(tmp_path / "REPLICATION.md")])
     runs = results["mstok K=32"]
     assert len(runs) == 1 and all(r["psnr"] > 0 and 0 <= r["probe_top1"] <= 1 for r in runs)
     text = (tmp_path / "REPLICATION.md").read_text()
     assert "| mstok K=32 |" in text and "Command: `python benchmarks/replicate.py --data" in text
     assert "| mstok K=32 | 1 |" in text and "| each image in its own mean colour |" in text
-    # A second call reuses the finished run instead of retraining it (the study is resumable).
+    # A second call reuses the finished run instead of retraining it (the study is resumable), from
+    # the --results file that spans sessions, or else from the work dir's result.json.
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    assert recorded["mstok K=32|0"]["metrics"] == runs[0]
+    recorded["mstok K=32|0"]["metrics"]["psnr"] = -1.0  # a marker only a reused run can return
+    (tmp_path / "results.json").write_text(json.dumps(recorded))
+    assert replicate.main([*argv, "--no-append"])["mstok K=32"][0]["psnr"] == -1.0
+    (tmp_path / "results.json").unlink()
     result_file = next(tmp_path.glob("mstok_K32/seed0/result.json"))
     saved = json.loads(result_file.read_text())
-    saved["metrics"]["psnr"] = -1.0  # a marker only a reused run can return
+    saved["metrics"]["psnr"] = -2.0
     result_file.write_text(json.dumps(saved))
     again = replicate.main([*argv, "--no-append"])
-    assert again["mstok K=32"][0]["psnr"] == -1.0
+    assert again["mstok K=32"][0]["psnr"] == -2.0
+    assert json.loads((tmp_path / "results.json").read_text())["mstok K=32|0"]["metrics"]["psnr"] == -2.0
     # --finished-only tabulates what is finished and trains nothing (titok K=32 never ran here).
     both = [a if a != "mstok K=32" else "mstok K=32,titok K=32" for a in argv]
     partial = replicate.main([*both, "--no-append", "--finished-only"])
@@ -197,6 +206,7 @@ def test_replicate_two_stage_row_end_to_end(tmp_path, tiny_imagenet):
     replicate = _load("replicate")
     argv = ["--data", str(tiny_imagenet), "--steps", "3", "--batch-size", "4", "--classes", "2", "--seeds", "0"]
     argv += ["--variants", "titok two-stage", "--probe-epochs", "1", "--jobs", "1", "--work-dir", str(tmp_path)]
+    argv += ["--results", str(tmp_path / "results.json")]
     results = replicate.main([*argv, "--no-append"])
     (run,) = results["titok two-stage"]
     assert run["psnr"] > 0 and 0 <= run["probe_top1"] <= 1
