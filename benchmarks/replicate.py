@@ -9,8 +9,8 @@ LARS; features of the same split). Each variant runs with several seeds; the tab
 mean +- standard deviation over seeds, and ``benchmarks/REPLICATION.md`` records it with the
 command that made it, whatever the result.
 
-    python benchmarks/replicate.py --steps 700           # about 90 min on 2 CPU cores (2 runs at a time)
-    python benchmarks/replicate.py --steps 700 --finished-only   # the table of what has finished so far
+    python benchmarks/replicate.py                       # 700 steps per run: about 90 min on 2 CPU cores
+    python benchmarks/replicate.py --finished-only       # the table of what has finished so far
     python benchmarks/replicate.py --steps 5000 --seeds 0,1,2 --device cuda --batch-size 128
 
 Variants (tiny presets: 64x64, patch 8, width 128, depth 4, V 1024):
@@ -215,7 +215,7 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=700, help="per run (700: past the plateau, REPLICATION.md)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=TINY_OPTIM["lr"], help="peak lr (default: the tiny recipe's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run with --jobs 1 (0 = auto)")
