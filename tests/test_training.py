@@ -176,7 +176,18 @@ def test_checkpoints_are_complete_pruned_and_loadable(tmp_path, photos):
     assert [x["step"] for x in lines] == [2, 4, 6]
     # 2 images, batch 4: two epochs end every step; each log window reports the last one completed
     assert [x["epoch"] for x in records if "epoch" in x] == [3, 7, 11]
-    assert {"loss", "l1", "mse", "quantizer", "lr", "grad_norm", "usage", "perplexity", "skipped"} <= lines[0].keys()
+    assert {
+        "loss",
+        "l1",
+        "mse",
+        "quantizer",
+        "lr",
+        "grad_norm",
+        "usage",
+        "perplexity",
+        "skipped",
+        "revived_codes",
+    } <= lines[0].keys()
 
 
 @pytest.mark.slow

@@ -90,6 +90,8 @@ class Trainer(Engine):
         if config.stage.pixel_decoder_from_proxy:
             copy_pixel_decoder(model, self.proxy)
         self.trainable, self.frozen = apply_stage(model, config.stage.train)
+        # a stage that freezes the quantizer (TiTok's stage 2) must not move its codes either
+        self.quantizer_trains = not any(name.startswith("quantizer.") for name in self.frozen)
 
         self.loss_fn, self.adversarial = build_loss(config, self.device)
         check_model_fits_loss(model, self.loss_fn, self.proxy)
@@ -242,11 +244,9 @@ class Trainer(Engine):
             return sums
         all_indices = self.dist.all_gather_cat(torch.cat(indices), same_size=True)  # SkipBroken fixes sizes
         quantizer = self.model.quantizer
-        if cfg.dead_code_threshold > 0 and quantizer.embedding.weight.requires_grad:
+        if self.quantizer_trains:  # the quantizer's own per-step update (VQ: dead-code revival)
             all_latents = self.dist.all_gather_cat(torch.cat(latents), same_size=True)
-            sums["revived_codes"] = quantizer.revive_dead_codes(
-                all_latents, all_indices, threshold=cfg.dead_code_threshold
-            ).float()
+            sums.update(quantizer.step_hook(all_latents, all_indices, dead_code_threshold=cfg.dead_code_threshold))
         sums.update(quantizer.usage_tensors(all_indices))
         return sums
 
