@@ -46,7 +46,29 @@ def find_images(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return [(p, index[n]) for p, n in zip(files, names, strict=True)], classes
 
 
-class ImageFolder(Dataset):
+class DecodedImages(Dataset):
+    """Base of the datasets that decode stored images (a folder, shards).
+
+    A subclass provides ``transform`` and :meth:`load_image`; ``dataset[(i, seed)]`` returns
+    ``(image (3, S, S) in [0, 1], label)``, the transform drawing from ``seed``, or ``None``
+    when the file cannot be decoded.
+    """
+
+    transform: Transform
+
+    def load_image(self, index: int) -> tuple[Image.Image, int] | None:
+        """The decoded, untransformed RGB image ``index`` and its label, or None (logged) if unreadable."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        index, seed = key
+        item = self.load_image(index)
+        if item is None:
+            return None
+        return to_tensor(self.transform(item[0], np.random.default_rng(seed))), item[1]
+
+
+class ImageFolder(DecodedImages):
     """Images under a folder, recursively; the label is the first-level sub-folder.
 
     ``dataset[(i, seed)]`` returns ``(image (3, S, S) in [0, 1], label)`` or ``None`` when
@@ -75,13 +97,6 @@ class ImageFolder(Dataset):
         except CorruptImageError as err:
             log.warning("skipping %s", err)
             return None
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
-        index, seed = key
-        item = self.load_image(index)
-        if item is None:
-            return None
-        return to_tensor(self.transform(item[0], np.random.default_rng(seed))), item[1]
 
 
 class InMemoryImages(Dataset):

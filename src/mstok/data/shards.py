@@ -35,7 +35,6 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
-import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import Dataset
@@ -43,8 +42,7 @@ from tqdm.auto import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from mstok.data.decode import CorruptImageError, check_max_pixels, load_rgb
-from mstok.data.images import IMAGE_EXTENSIONS, ImageFolder, Transform, find_images
-from mstok.data.transforms import to_tensor
+from mstok.data.images import IMAGE_EXTENSIONS, DecodedImages, ImageFolder, Transform, find_images
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +293,7 @@ def _scan_folder(root: Path) -> dict[str, Any]:
     return {"classes": [str(i) for i in range(num_classes)], "shards": shards}
 
 
-class ShardDataset(Dataset):
+class ShardDataset(DecodedImages):
     """Samples of WebDataset tar shards, read by index (see the module docstring).
 
     ``dataset[(i, seed)]`` returns ``(image (3, S, S) in [0, 1], label)`` or ``None`` when the
@@ -381,13 +379,6 @@ class ShardDataset(Dataset):
         except CorruptImageError as err:
             log.warning("skipping %s", err)
             return None
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
-        index, seed = key
-        item = self.load_image(index)
-        if item is None:
-            return None
-        return to_tensor(self.transform(item[0], np.random.default_rng(seed))), item[1]
 
     def close(self) -> None:
         """Close this process's shard handles (they reopen on the next read)."""

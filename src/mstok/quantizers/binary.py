@@ -155,23 +155,27 @@ class SignQuantizer(Quantizer):
         code_dim: C, the number of bits (at most 62).
         entropy_weight: weight of the entropy objective in ``losses["entropy"]``.
         diversity_gamma: weight of the codebook entropy inside the objective.
-        inverse_temperature: sharpness of the soft code assignment.
-        commitment_weight: weight of ``mean((project(z) - sg[q])^2)``; 0 leaves the term out.
+        inverse_temperature: sharpness of the soft code assignment (None: the subclass's default).
+        commitment_weight: weight of ``mean((project(z) - sg[q])^2)``; 0 leaves the term out
+            (None: the subclass's default).
         exact_max_bits: codebook entropy exact over all 2^C codes up to this many bits.
         group_bits: above ``exact_max_bits``, bits are grouped in groups of at most this many.
     """
 
     name: str = "sign"
+    # A subclass's paper defaults for the two settings LFQ and BSQ disagree on.
+    default_inverse_temperature: float = 1.0
+    default_commitment_weight: float = 0.0
 
     def __init__(
         self,
         code_dim: int,
-        entropy_weight: float,
-        diversity_gamma: float,
-        inverse_temperature: float,
-        commitment_weight: float,
-        exact_max_bits: int,
-        group_bits: int,
+        entropy_weight: float = 0.1,
+        diversity_gamma: float = 1.0,
+        inverse_temperature: float | None = None,
+        commitment_weight: float | None = None,
+        exact_max_bits: int = 16,
+        group_bits: int = 9,
     ) -> None:
         super().__init__()
         check_bits(self.name, code_dim, MAX_ID_BITS)
@@ -179,8 +183,10 @@ class SignQuantizer(Quantizer):
         self.codebook_size = 2**code_dim
         self.entropy_weight = entropy_weight
         self.diversity_gamma = diversity_gamma
-        self.inverse_temperature = inverse_temperature
-        self.commitment_weight = commitment_weight
+        self.inverse_temperature = (
+            self.default_inverse_temperature if inverse_temperature is None else inverse_temperature
+        )
+        self.commitment_weight = self.default_commitment_weight if commitment_weight is None else commitment_weight
         self.exact_max_bits = exact_max_bits
         self.group_bits = group_bits
 

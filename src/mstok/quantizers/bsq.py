@@ -40,26 +40,8 @@ class BinarySphericalQuantizer(SignQuantizer):
     """
 
     name = "bsq"
-
-    def __init__(
-        self,
-        code_dim: int,
-        entropy_weight: float = 0.1,
-        diversity_gamma: float = 1.0,
-        inverse_temperature: float = 1.0,
-        commitment_weight: float = 0.0,
-        exact_max_bits: int = 16,
-        group_bits: int = 9,
-    ) -> None:
-        super().__init__(
-            code_dim,
-            entropy_weight,
-            diversity_gamma,
-            inverse_temperature,
-            commitment_weight,
-            exact_max_bits,
-            group_bits,
-        )
+    default_inverse_temperature = 1.0
+    default_commitment_weight = 0.0
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """Onto the unit sphere: u = z / ||z||."""

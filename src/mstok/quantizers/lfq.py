@@ -31,26 +31,8 @@ class LookupFreeQuantizer(SignQuantizer):
     """
 
     name = "lfq"
-
-    def __init__(
-        self,
-        code_dim: int,
-        entropy_weight: float = 0.1,
-        diversity_gamma: float = 1.0,
-        inverse_temperature: float = 100.0,
-        commitment_weight: float = 0.25,
-        exact_max_bits: int = 16,
-        group_bits: int = 9,
-    ) -> None:
-        super().__init__(
-            code_dim,
-            entropy_weight,
-            diversity_gamma,
-            inverse_temperature,
-            commitment_weight,
-            exact_max_bits,
-            group_bits,
-        )
+    default_inverse_temperature = 100.0
+    default_commitment_weight = 0.25
 
     @property
     def logit_scale(self) -> float:
