@@ -109,7 +109,9 @@ def test_vae_release_matches_official() -> None:
     assert mean.shape == ref["mean"].shape and mean.dtype == torch.float32
     assert (mean - ref["mean"]).abs().max() < TOLERANCE
     with torch.no_grad():
-        post = model.quantizer(model.encoder(ref["images"]), sample=False)
+        post = model.quantizer.gaussian(
+            model.encoder(ref["images"]), sample=False
+        )  # the Gaussian inside the KL bottleneck
     assert (post.logvar - ref["logvar"]).abs().max() < TOLERANCE
     assert math.isclose(post.kl.item(), ref["kl"].item(), rel_tol=1e-5)
     assert (_raw_decode(model, ref["mean"]) - ref["decoded"]).abs().max() < TOLERANCE
@@ -314,6 +316,6 @@ def test_new_options_default_to_todays_titok() -> None:
     with pytest.raises(ValueError, match="token_projection must be one of"):
         config.replace(token_projection="transposed")
     with pytest.raises(ValueError, match="quantizer must be one of"):
-        config.replace(quantizer="fsq")
+        config.replace(quantizer="rvq")
     with pytest.raises(ValueError, match="decoder width 1000 is not a multiple of decoder num_heads 12"):
         config.replace(decoder_width=1000)

@@ -38,7 +38,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
                 cfg.family,
                 f"{cfg.image_size}",
                 f"{cfg.num_latent_tokens}",
-                f"{cfg.codebook_size}",
+                "continuous" if cfg.vocab_size is None else f"{cfg.vocab_size}",
                 *(f"{counts[k] / 1e6:.2f}M" for k in ("encoder", "decoder", "quantizer", "total")),
             )
         )

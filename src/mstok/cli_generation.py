@@ -75,10 +75,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     generator = load_generator(folder, weights).to(device)
     tokenizer = load_tokenizer_folder(args.tokenizer, args.tokenizer_weights, "--tokenizer")[0].to(device)
     g, t = generator.config, tokenizer.config
-    if (g.num_tokens, g.codebook_size) != (t.num_latent_tokens, t.codebook_size):
+    if (g.num_tokens, g.codebook_size) != (t.num_latent_tokens, tokenizer.vocab_size):
         raise ValueError(
             f"the generator models K={g.num_tokens}, V={g.codebook_size} tokens but the tokenizer has "
-            f"K={t.num_latent_tokens}, V={t.codebook_size}: use the tokenizer its tokens came from"
+            f"K={t.num_latent_tokens}, V={tokenizer.vocab_size}: use the tokenizer its tokens came from"
         )
     class_names = _check_generator_tokens(folder, tokenizer)
     classes = parse_classes(args.classes, g.num_classes)

@@ -9,7 +9,8 @@ field:
   ``True`` are errors), a ``float`` field ints or floats, a ``bool`` field only ``True`` or
   ``False``, a ``str`` field only strings, a ``tuple[...]`` field a list or tuple of the
   right length and item types (lists become tuples), a ``dict`` field a table, a nested
-  config dataclass an instance of it (checked in turn, keys prefixed with its name);
+  config dataclass an instance of it (checked in turn, keys prefixed with its name), a
+  union ``X | Y`` a value that fits one of its arms (a ``str`` arm under its rule's choices);
 * that float fields are finite (``inf`` and ``nan`` are always errors);
 * the rule's range, choices, minimum length and sane upper bound (``cap``: a value past it
   is a typo or an out-of-memory crash waiting to happen, e.g. ``codebook_size = 10**12``).
@@ -53,7 +54,7 @@ class ConfigError(ValueError):
 
     def under(self, prefix: str) -> ConfigError:
         """The same error for the field seen from an enclosing config (``prefix.key``)."""
-        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.detail)
+        return ConfigError(".".join(k for k in (prefix, self.key) if k), self.detail)
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,18 @@ def _describe_number(integer: bool, rule: Rule) -> str:
     return base
 
 
+def _union_args(hint: Any) -> tuple[Any, ...]:
+    """The arms of a union hint ``X | Y`` other than None (empty for any other hint)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(hint) if a is not type(None))
+    return ()
+
+
 def _optional_inner(hint: Any) -> Any | None:
     """``X`` for a hint ``X | None``, else None."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
+    args = _union_args(hint)
+    if len(args) == 1 and type(None) in typing.get_args(hint):
+        return args[0]
     return None
 
 
@@ -131,6 +138,8 @@ def describe(hint: Any, rule: Rule = NO_RULE) -> str:
     inner = _optional_inner(hint)
     if inner is not None:
         return f"{describe(inner, rule)} or null (None)"
+    if _union_args(hint):  # X | Y: the rule applies to each arm it fits (choices to a str arm)
+        return " or ".join(describe(a, rule) for a in _union_args(hint))
     if hint is bool:
         return "true or false"
     if hint in (int, float):
@@ -166,6 +175,10 @@ def _fits(value: Any, hint: Any, rule: Rule) -> bool:
     inner = _optional_inner(hint)
     if inner is not None:
         return value is None or _fits(value, inner, rule)
+    if _union_args(hint):
+        return (value is None and type(None) in typing.get_args(hint)) or any(
+            _fits(value, a, rule) for a in _union_args(hint)
+        )
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:

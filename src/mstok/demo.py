@@ -140,7 +140,7 @@ def _evaluate(model: Tokenizer, crops: torch.Tensor, lpips: Any) -> tuple[torch.
         "ssim": float(np.mean(ssim(crops, recon))),
         "lpips": float(lpips(recon, crops).mean()) if lpips is not None else None,
         "tokens_per_image": cfg.num_latent_tokens,
-        "bits_per_pixel": bits_per_pixel(cfg.num_latent_tokens, cfg.codebook_size, cfg.image_size, cfg.image_size),
+        "bits_per_pixel": bits_per_pixel(cfg.num_latent_tokens, cfg.vocab_size, cfg.image_size, cfg.image_size),
         "codebook_usage": model.quantizer.usage_statistics(tokens)["usage"],
     }
 

@@ -312,7 +312,7 @@ def official_layout(config: TiTokConfig) -> dict[str, tuple[str | None, tuple[in
 def describe(config: TiTokConfig) -> str:
     """One line naming the architecture a config describes (for error messages)."""
     width, depth, heads = config.decoder_dims
-    codes = "Gaussian (VAE)" if config.quantizer == "vae" else f"{config.codebook_size} codes"
+    codes = "Gaussian (VAE)" if config.vocab_size is None else f"{config.vocab_size} codes"
     stage = "two-stage (proxy head + pixel decoder)" if config.pixel_decoder else f"{config.head} head"
     return (
         f"{config.image_size}px, encoder {config.width}x{config.depth} ({config.num_heads} heads), decoder "

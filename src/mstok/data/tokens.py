@@ -3,7 +3,7 @@
 A token-shard folder (written by :func:`pretokenize`, behind ``mstok pretokenize``) holds::
 
     meta.json                  tokenizer identity and settings, written when the run starts
-    shard-000000.safetensors   dataset items [0, shard_size): tokens (n, views, K) int16/int32,
+    shard-000000.safetensors   dataset items [0, shard_size): tokens (n, views, K) int16/int32/int64,
     shard-000001.safetensors   labels (n,) int64, valid (n,) bool
     ...
     index.json                 meta + per-shard counts, written last: the run is complete
@@ -75,8 +75,10 @@ def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def token_dtype(codebook_size: int) -> torch.dtype:
-    """The smallest signed dtype that holds ids in [0, codebook_size)."""
-    return torch.int16 if codebook_size <= 32767 else torch.int32
+    """The smallest signed dtype that holds ids in [0, codebook_size) (int64 past 2^31: BSQ/LFQ bits)."""
+    if codebook_size <= 2**15:
+        return torch.int16
+    return torch.int32 if codebook_size <= 2**31 else torch.int64
 
 
 def _write_json(path: Path, value: dict[str, Any], tmp_suffix: str = ".tmp") -> None:
@@ -182,13 +184,18 @@ def pretokenize(
     if num_images < 1:
         raise ValueError("pretokenize got an empty dataset")
     cfg, out = tokenizer.config, Path(out_dir)
+    if tokenizer.vocab_size is None:
+        raise ValueError(
+            f"pretokenize needs token ids, but this tokenizer's bottleneck is continuous "
+            f"(quantizer={cfg.quantizer!r}): it has latents, not ids, to store"
+        )
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "tokenizer": tokenizer_identity(tokenizer, checkpoint),
         "views": 2 if flip else 1,
         "num_tokens": cfg.num_latent_tokens,
-        "codebook_size": cfg.codebook_size,
+        "codebook_size": tokenizer.vocab_size,
         "resolution": cfg.image_size,
         "num_images": num_images,
         "shard_size": shard_size,
@@ -225,7 +232,7 @@ def pretokenize(
         if batches
         else []
     )
-    dtype, views, k = token_dtype(cfg.codebook_size), meta["views"], cfg.num_latent_tokens
+    dtype, views, k = token_dtype(tokenizer.vocab_size), meta["views"], cfg.num_latent_tokens
     bar = tqdm(total=sum(len(b) for b in batches), disable=not (progress and rank == 0), desc="pretokenize", unit="img")
     current: dict[str, Any] | None = None
     with torch.inference_mode():

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from mstok.data import center_crop_transform, open_image_dataset, to_tensor
 from mstok.data.images import data_source, no_readable_image
 from mstok.evaluation.metrics import bits_per_pixel, codebook_usage, psnr, save_usage_histogram, ssim
+from mstok.quantizers.base import DENSE_USAGE_MAX
 from mstok.training.logger import make_grid
 from mstok.weights import MissingWeightsError
 
@@ -197,7 +198,11 @@ def evaluate_reconstruction(
         collate_fn=_collate_eval,
     )
     per_image: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
-    counts = torch.zeros(cfg.codebook_size, dtype=torch.long)
+    vocab = model.vocab_size  # None: continuous latents, no codes to count
+    # per-code counts while V is small; above that the ids themselves (N-sized, never V-sized)
+    dense = vocab is not None and vocab <= DENSE_USAGE_MAX
+    counts = torch.zeros(vocab if dense else 0, dtype=torch.long)
+    all_ids: list[torch.Tensor] = []
     real_stats, recon_stats, logits = FeatureStats(), FeatureStats(), []
     slot_of = {
         index: slot for slot, index in enumerate(grid_indices(getattr(dataset, "labels", None), count, grid_images))
@@ -213,8 +218,10 @@ def evaluate_reconstruction(
         images = images.to(device)
         tokens = model.encode(images)
         recon = model.decode(tokens)
-        if not tokens.is_floating_point():  # a VAE's latents are continuous: no codes to count
-            counts += torch.bincount(tokens.flatten().cpu(), minlength=cfg.codebook_size)
+        if dense:
+            counts += torch.bincount(tokens.flatten().cpu(), minlength=vocab)
+        elif vocab is not None:
+            all_ids.append(tokens.flatten().cpu())
         per_image["psnr"] += psnr(images, recon)
         per_image["ssim"] += ssim(images, recon)
         if lpips is not None:
@@ -244,23 +251,35 @@ def evaluate_reconstruction(
             cfg.image_size,
             cfg.image_size,
         )
-    continuous = getattr(cfg, "quantizer", "vq") == "vae"  # TiTok VAE releases: no codebook
+    continuous = vocab is None
+    if continuous:
+        usage: dict[str, Any] = dict.fromkeys(("codebook_usage", "perplexity", "codes_used"))
+    elif dense:
+        usage = codebook_usage(counts)
+    else:  # a 2^C codebook: the ids seen, and bit statistics (quantizers.base.usage_statistics)
+        stats = model.quantizer.usage(torch.cat(all_ids))
+        usage = {
+            "codebook_usage": stats["usage"],
+            "perplexity": stats["batch_perplexity"],
+            "codes_used": int(stats["distinct_ids"]),
+            **{k: v for k, v in stats.items() if k in ("bit_usage", "perplexity_bits", "perplexity_hashed")},
+        }
     results: dict[str, Any] = {
         "images": n,
         "skipped": skipped,
         "upscaled": upscaled,
         "resolution": cfg.image_size,
         "tokens_per_image": cfg.num_latent_tokens,
-        "codebook_size": None if continuous else cfg.codebook_size,
+        "codebook_size": vocab,
         "bits_per_pixel": None
         if continuous
-        else bits_per_pixel(cfg.num_latent_tokens, cfg.codebook_size, cfg.image_size, cfg.image_size),
+        else bits_per_pixel(cfg.num_latent_tokens, vocab, cfg.image_size, cfg.image_size),
         "psnr": sum(per_image["psnr"]) / n,
         "ssim": sum(per_image["ssim"]) / n,
         "lpips": sum(per_image["lpips"]) / n if per_image["lpips"] else None,
         "rfid": None,
         "inception_score": None,
-        **(dict.fromkeys(codebook_usage(counts)) if continuous else codebook_usage(counts)),
+        **usage,
         "seconds": seconds,
     }
     if inception is not None:
@@ -276,7 +295,7 @@ def evaluate_reconstruction(
         real, recon = torch.stack([p[0] for p in shown]), torch.stack([p[1] for p in shown])
         picture = make_grid(torch.stack([real, recon]), labels=("original", "reconstruction"))
         Image.fromarray(picture).save(out / "grid.png")
-        if not continuous:
+        if dense:
             save_usage_histogram(counts, out / "codebook_usage.png")
         if inception is not None and reference_stats is None:
             real_stats.save_npz(out / "reference_stats.npz")

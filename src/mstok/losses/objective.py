@@ -128,5 +128,6 @@ class TokenizerLoss(nn.Module):
         terms["quantizer"] = output.quantizer_loss
         terms["commitment"] = output.commitment_loss
         terms["codebook"] = output.codebook_loss
+        terms.update(output.quantizer_losses)  # entropy, kl, ... under their own names
         terms["loss"] = total
         return total, {k: v.detach() for k, v in terms.items()}

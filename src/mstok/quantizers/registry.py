@@ -1,19 +1,35 @@
-"""``build_quantizer``: a quantizer from config data, with errors that name the bad setting.
+"""Quantizers as config data: one spec dataclass per type, checked by the shared config schema.
 
 A spec is a table with a ``type`` and that type's settings, e.g. ``{"type": "fsq", "levels":
 [8, 5, 5, 5]}``, ``{"type": "bsq"}``, ``{"type": "lfq", "entropy_weight": 0.1}``, ``{"type":
-"vq", "codebook_size": 1024, "ema": true}`` or ``{"type": "kl", "kl_weight": 1e-6}``. The code
-dim comes from the model (for LFQ and BSQ it is the number of bits, so ``code_dim = 32`` is a
-2^32 codebook). Values are checked for type and range here so that a typo in a TOML file fails
-at construction with the key's name, not as a torch error deep in the first training step.
+"vq", "codebook_size": 1024, "ema": true}`` or ``{"type": "kl", "kl_weight": 1e-6}``. In a
+tokenizer config it is the ``quantizer`` field (``[model.overrides.quantizer]`` in TOML). The
+code dim comes from the model (for LFQ and BSQ it is the number of bits, so ``code_dim = 32``
+is a 2^32 codebook; for FSQ it must equal the number of levels).
+
+Each type's settings are a :class:`~mstok.saved.ConfigDict` dataclass below, so their types
+and ranges are checked by :mod:`mstok.config_schema` like every other config, and a typo in a
+TOML file fails at construction with the key's dotted name (``quantizer.levels``), not as a
+torch error deep in the first training step. A setting left out (``None``) takes the
+quantizer class's own default, stated in that class's docstring.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from mstok.config_schema import (
+    MAX_CODEBOOK,
+    NON_NEGATIVE,
+    POSITIVE,
+    STRICTLY_POSITIVE,
+    ConfigError,
+    Rule,
+    positive,
+)
 from mstok.quantizers.base import MAX_ID_BITS, Quantizer
 from mstok.quantizers.bsq import BinarySphericalQuantizer
 from mstok.quantizers.fsq import FiniteScalarQuantizer
@@ -21,121 +37,208 @@ from mstok.quantizers.identity import IdentityQuantizer
 from mstok.quantizers.kl import KLQuantizer
 from mstok.quantizers.lfq import LookupFreeQuantizer
 from mstok.quantizers.vq import VectorQuantizer
-
-# (kind, check) per setting: kind is the Python type; check returns an error text or None.
-_Check = Callable[[Any], "str | None"]
+from mstok.saved import ConfigDict
 
 
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
+@dataclass
+class QuantizerSpec(ConfigDict):
+    """Settings of one quantizer type; a subclass per type, registered in :data:`SPECS`."""
+
+    kind: ClassVar[str] = ""
+    quantizer_class: ClassVar[type[Quantizer]]
+
+    def settings(self) -> dict[str, Any]:
+        """The settings given (``None`` = the quantizer's default, left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def check_code_dim(self, code_dim: int) -> None:
+        """Raise a :class:`ConfigError` when ``code_dim`` cannot go with these settings."""
+
+    def vocab_size(self, code_dim: int) -> int | None:
+        """V, the number of distinct ids (None for a continuous bottleneck)."""
+        raise NotImplementedError
+
+    def input_dim(self, code_dim: int) -> int:
+        """Channels the encoder must emit per token for ``code_dim`` code channels."""
+        return code_dim
+
+    def build(self, code_dim: int) -> Quantizer:
+        """The quantizer for ``code_dim`` channels."""
+        self.check_code_dim(code_dim)
+        return self.quantizer_class(code_dim=code_dim, **self.settings())
 
 
-def _non_negative(v: float) -> str | None:
-    return None if v >= 0 else "must be >= 0"
+@dataclass
+class VQSpec(QuantizerSpec):
+    """Nearest-neighbour vector quantization (:class:`~mstok.quantizers.VectorQuantizer`)."""
+
+    codebook_size: int | None = None  # required; a tokenizer fills it from its own field
+    use_l2_norm: bool | None = None
+    commitment_weight: float | None = None
+    ema: bool | None = None
+    ema_decay: float | None = None
+    ema_eps: float | None = None
+    kmeans_init: bool | None = None
+    kmeans_iters: int | None = None
+
+    kind = "vq"
+    quantizer_class = VectorQuantizer
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "codebook_size": Rule(ge=2, cap=MAX_CODEBOOK, why="the codebook is allocated up front"),
+        "commitment_weight": NON_NEGATIVE,
+        "ema_decay": Rule(gt=0, lt=1),
+        "ema_eps": STRICTLY_POSITIVE,
+        "kmeans_iters": POSITIVE,
+    }
+
+    def check_code_dim(self, code_dim: int) -> None:
+        if self.codebook_size is None:
+            raise ConfigError("codebook_size", "is required for a 'vq' quantizer")
+
+    def vocab_size(self, code_dim: int) -> int | None:
+        return self.codebook_size
 
 
-def _open_unit(v: float) -> str | None:
-    return None if 0 < v < 1 else "must lie in (0, 1)"
+@dataclass
+class FSQSpec(QuantizerSpec):
+    """Finite scalar quantization (:class:`~mstok.quantizers.FiniteScalarQuantizer`)."""
+
+    levels: tuple[int, ...] = ()
+
+    kind = "fsq"
+    quantizer_class = FiniteScalarQuantizer
+    field_rules: ClassVar[dict[str, Rule]] = {
+        # a channel with one level carries no information
+        "levels": Rule(min_len=1, item=Rule(ge=2, cap=2**16)),
+    }
+
+    def check_code_dim(self, code_dim: int) -> None:
+        if code_dim != len(self.levels):
+            raise ConfigError(
+                "levels",
+                f"has {len(self.levels)} values but the model's code_dim is {code_dim}: "
+                f"give one level per code channel (or set code_dim = {len(self.levels)})",
+            )
+        if math.prod(self.levels) > 2**MAX_ID_BITS:
+            raise ConfigError("levels", f"give {math.prod(self.levels)} codes, more than int64 ids allow")
+
+    def vocab_size(self, code_dim: int) -> int | None:
+        return math.prod(self.levels)
+
+    def build(self, code_dim: int) -> Quantizer:
+        self.check_code_dim(code_dim)
+        return FiniteScalarQuantizer(list(self.levels), code_dim=code_dim)
 
 
-def _at_least(n: int) -> _Check:
-    return lambda v: None if v >= n else f"must be >= {n}"
+@dataclass
+class LFQSpec(QuantizerSpec):
+    """Lookup-free quantization, C bits per token (:class:`~mstok.quantizers.LookupFreeQuantizer`)."""
+
+    entropy_weight: float | None = None
+    diversity_gamma: float | None = None
+    inverse_temperature: float | None = None
+    commitment_weight: float | None = None
+    exact_max_bits: int | None = None
+    group_bits: int | None = None
+
+    kind = "lfq"
+    quantizer_class = LookupFreeQuantizer
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "entropy_weight": NON_NEGATIVE,
+        "diversity_gamma": NON_NEGATIVE,
+        "inverse_temperature": STRICTLY_POSITIVE,
+        "commitment_weight": NON_NEGATIVE,
+        "exact_max_bits": positive(MAX_ID_BITS),
+        "group_bits": positive(MAX_ID_BITS),
+    }
+
+    def check_code_dim(self, code_dim: int) -> None:
+        if code_dim > MAX_ID_BITS:
+            raise ConfigError(
+                "", f"{self.kind!r} with code_dim={code_dim} bits gives ids beyond int64; at most {MAX_ID_BITS}"
+            )
+
+    def vocab_size(self, code_dim: int) -> int | None:
+        return 2**code_dim
 
 
-def _levels(v: list) -> str | None:
-    if not v or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-        return "must be a non-empty list of integers"
-    if any(x < 2 for x in v):
-        return "every level must be >= 2 (a channel with one level carries no information)"
-    return None
+@dataclass
+class BSQSpec(LFQSpec):
+    """Binary spherical quantization (:class:`~mstok.quantizers.BinarySphericalQuantizer`)."""
+
+    kind = "bsq"
+    quantizer_class = BinarySphericalQuantizer
 
 
-_ENTROPY = {
-    "entropy_weight": (float, _non_negative),
-    "diversity_gamma": (float, _non_negative),
-    "inverse_temperature": (float, _positive),
-    "commitment_weight": (float, _non_negative),
-    "exact_max_bits": (int, _at_least(1)),
-    "group_bits": (int, _at_least(1)),
-}
-SCHEMAS: dict[str, dict[str, tuple[type, _Check | None]]] = {
-    "vq": {
-        "codebook_size": (int, _at_least(2)),
-        "use_l2_norm": (bool, None),
-        "commitment_weight": (float, _non_negative),
-        "ema": (bool, None),
-        "ema_decay": (float, _open_unit),
-        "ema_eps": (float, _positive),
-        "kmeans_init": (bool, None),
-        "kmeans_iters": (int, _at_least(1)),
-    },
-    "fsq": {"levels": (list, _levels)},
-    "lfq": _ENTROPY,
-    "bsq": _ENTROPY,
-    "kl": {"kl_weight": (float, _non_negative)},
-    "identity": {"use_l2_norm": (bool, None)},
-}
-REQUIRED = {"vq": ("codebook_size",), "fsq": ("levels",)}
+@dataclass
+class KLSpec(QuantizerSpec):
+    """A diagonal Gaussian bottleneck with a KL term, no ids (:class:`~mstok.quantizers.KLQuantizer`)."""
+
+    kl_weight: float | None = None
+
+    kind = "kl"
+    quantizer_class = KLQuantizer
+    field_rules: ClassVar[dict[str, Rule]] = {"kl_weight": NON_NEGATIVE}
+
+    def vocab_size(self, code_dim: int) -> int | None:
+        return None
+
+    def input_dim(self, code_dim: int) -> int:
+        return 2 * code_dim  # a mean and a log-variance per channel
 
 
-def _check_value(kind: str, key: str, value: Any, expected: type, check: _Check | None) -> Any:
-    where = f"quantizer {kind!r}: {key}"
-    if expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
-    elif expected is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected is list:
-        ok = isinstance(value, (list, tuple))
-        value = list(value) if ok else value
-    else:
-        ok = isinstance(value, expected)
-    if not ok:
-        wanted = "finite number" if expected is float else expected.__name__
-        raise ValueError(f"{where} must be a {wanted}, got {value!r}")
-    problem = check(value) if check else None
-    if problem:
-        raise ValueError(f"{where} {problem}, got {value!r}")
-    return value
+@dataclass
+class IdentitySpec(QuantizerSpec):
+    """No quantization: continuous latents (:class:`~mstok.quantizers.IdentityQuantizer`)."""
+
+    use_l2_norm: bool | None = None
+
+    kind = "identity"
+    quantizer_class = IdentityQuantizer
+
+    def vocab_size(self, code_dim: int) -> int | None:
+        return None
+
+
+SPECS: dict[str, type[QuantizerSpec]] = {s.kind: s for s in (VQSpec, FSQSpec, LFQSpec, BSQSpec, KLSpec, IdentitySpec)}
+
+
+def parse_spec(spec: Any) -> QuantizerSpec:
+    """The checked spec object of a table ``{"type": ..., settings...}``.
+
+    Raises:
+        ConfigError: not a table, no or unknown ``type`` (the message lists the known ones), an
+            unknown key (lists the allowed ones), a value of the wrong type or range; the key
+            is named relative to the table (``levels``, ``type``).
+    """
+    if not isinstance(spec, dict):
+        raise ConfigError("", f"must be a table like {{'type': 'fsq', 'levels': [8, 5, 5, 5]}}, got {spec!r}")
+    kind = spec.get("type")
+    if kind not in SPECS:
+        raise ConfigError("type", f"must be one of {', '.join(map(repr, SPECS))}, got {kind!r}")
+    cls = SPECS[kind]
+    settings = {k: v for k, v in spec.items() if k != "type"}
+    allowed = cls.field_names()
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        hint = " (a continuous bottleneck has no ids, so no codebook)" if "codebook_size" in unknown else ""
+        raise ConfigError(unknown[0], f"is not a setting of a {kind!r} quantizer{hint}; allowed: {', '.join(allowed)}")
+    if kind == "fsq" and "levels" not in settings:
+        raise ConfigError("levels", "is required for an 'fsq' quantizer, e.g. levels = [8, 5, 5, 5]")
+    return cls(**settings)
 
 
 def build_quantizer(spec: dict[str, Any], code_dim: int) -> Quantizer:
-    """A quantizer from ``spec`` (a mapping with ``type`` and settings) for ``code_dim`` channels.
+    """A quantizer from ``spec`` (a table with ``type`` and settings) for ``code_dim`` channels.
 
     Raises:
-        ValueError: not a mapping, no or unknown ``type`` (the message lists the known ones), an
-            unknown key (lists the allowed ones), a value of the wrong type or range, FSQ levels
-            that do not match ``code_dim``, or more than 62 bits for LFQ/BSQ ids.
+        ValueError (a :class:`ConfigError`): see :func:`parse_spec`; also FSQ levels that do not
+            match ``code_dim``, a VQ spec without ``codebook_size``, or more than 62 bits of
+            LFQ/BSQ ids. The message names the key as ``quantizer.<key>``.
     """
-    if not isinstance(spec, dict):
-        raise ValueError(f"quantizer spec must be a table like {{'type': 'fsq', ...}}, got {spec!r}")
-    kind = spec.get("type")
-    if kind not in SCHEMAS:
-        raise ValueError(f"quantizer type must be one of {sorted(SCHEMAS)}, got {kind!r}")
     if isinstance(code_dim, bool) or not isinstance(code_dim, int) or code_dim < 1:
-        raise ValueError(f"quantizer {kind!r}: code_dim must be a positive integer, got {code_dim!r}")
-    schema = SCHEMAS[kind]
-    settings = {k: v for k, v in spec.items() if k != "type"}
-    unknown = sorted(set(settings) - set(schema))
-    if unknown:
-        hint = " (a KL bottleneck has no ids, so no codebook)" if kind == "kl" and "codebook_size" in unknown else ""
-        raise ValueError(f"quantizer {kind!r}: unknown key(s) {unknown}{hint}; allowed: {sorted(schema)}")
-    missing = [k for k in REQUIRED.get(kind, ()) if k not in settings]
-    if missing:
-        raise ValueError(f"quantizer {kind!r}: missing required key(s) {missing}")
-    settings = {k: _check_value(kind, k, v, *schema[k]) for k, v in settings.items()}
-    if kind in ("lfq", "bsq") and code_dim > MAX_ID_BITS:
-        raise ValueError(
-            f"quantizer {kind!r}: code_dim={code_dim} bits gives ids beyond int64; at most {MAX_ID_BITS} bits"
-        )
-    if kind == "vq":
-        return VectorQuantizer(code_dim=code_dim, **settings)
-    if kind == "fsq":
-        return FiniteScalarQuantizer(settings["levels"], code_dim=code_dim)
-    if kind == "lfq":
-        return LookupFreeQuantizer(code_dim, **settings)
-    if kind == "bsq":
-        return BinarySphericalQuantizer(code_dim, **settings)
-    if kind == "kl":
-        return KLQuantizer(code_dim, **settings)
-    return IdentityQuantizer(code_dim, **settings)
+        raise ConfigError("code_dim", f"must be a positive integer, got {code_dim!r}")
+    try:
+        return parse_spec(spec).build(code_dim)
+    except ConfigError as err:
+        raise err.under("quantizer") from None

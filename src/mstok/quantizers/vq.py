@@ -76,6 +76,7 @@ class VectorQuantizer(Quantizer):
         # option buffers exist only when the option is on: default state_dicts keep their keys
         if ema:
             self.embedding.weight.requires_grad_(False)  # learnt by EMA, not by the optimizer
+            self.embedding.weight.updated_by_hook = True  # stages must not hand it to the optimizer
             self.register_buffer("ema_cluster_size", torch.ones(codebook_size))
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
         if kmeans_init:

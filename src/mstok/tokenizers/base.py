@@ -31,7 +31,8 @@ from mstok.config_schema import (
 )
 from mstok.layers import CrossAttention, SelfAttention, init_weights
 from mstok.layers.embeddings import POSITION_EMBEDDINGS, latent_grid, sincos_at
-from mstok.quantizers import IdentityQuantizer, VectorQuantizer
+from mstok.quantizers import Quantizer
+from mstok.quantizers.registry import SPECS, QuantizerSpec, parse_spec
 from mstok.saved import ConfigDict, SavedModel
 from mstok.tokenizers.contract import TokenizerOutput, check_images, check_latents, check_tokens
 from mstok.tokenizers.pixel_decoder import ProxyPixelDecoder, check_pixel_decoder_fits
@@ -55,9 +56,16 @@ class TokenizerConfig(ConfigDict):
             decoder's mask tokens: ``learned`` (random start), ``sincos`` (learned, started
             from the 2D sine-cosine table) or ``fixed_sincos`` (the table, frozen). The
             layout (state-dict keys and shapes) is the same for all three.
-        quantizer: ``vq`` (vector quantization into V ids, the default) or ``none`` (a
-            continuous bottleneck of K x C floats: ``encode`` returns float latents and
-            ``decode`` takes them; the convergence study's control). TiTok adds ``vae``.
+        quantizer: the bottleneck: a name, or a table with a ``type`` and its settings
+            (:mod:`mstok.quantizers.registry`), e.g. ``{"type": "fsq", "levels": [8, 5, 5,
+            5]}`` or ``{"type": "bsq"}`` (C bits per token, V = 2^C). Names: ``vq`` (the
+            default; vector quantization into ``codebook_size`` ids), ``none`` (a continuous
+            bottleneck of K x C floats: ``encode`` returns float latents and ``decode``
+            takes them), ``vae`` (diagonal Gaussian latents with a KL term; the encoder
+            emits 2C numbers per token), or any spec type without required settings
+            (``lfq``, ``bsq``, ``kl``, ``identity``). Settings a ``vq`` or ``none`` table
+            leaves out come from this config's ``codebook_size``, ``use_l2_norm`` and
+            ``commitment_weight`` (:attr:`spec_defaults`); other types ignore those fields.
         latent_init: how the latent tokens start: ``random`` (the rule of ``init_weights``)
             or ``grid``: the encoder's latent (query) tokens and the decoder's latent
             positional embeddings start as the sin-cos embeddings of the centres of an
@@ -87,7 +95,7 @@ class TokenizerConfig(ConfigDict):
     head: str = "pixels"
     proxy_codebook_size: int = 1024
     pixel_decoder: dict[str, Any] = dataclasses.field(default_factory=dict)
-    quantizer: str = "vq"
+    quantizer: str | dict[str, Any] = "vq"
     position_embedding: str = "learned"
     latent_init: str = "random"
     attention_init: str = "random"
@@ -95,7 +103,18 @@ class TokenizerConfig(ConfigDict):
     pixel_head: str = "linear"
 
     family: ClassVar[str] = ""
-    quantizers: ClassVar[tuple[str, ...]] = ("vq", "none")
+    # names of the quantizer field -> spec type (a spec type's own name stands for itself)
+    quantizer_names: ClassVar[dict[str, str]] = {"vq": "vq", "none": "identity", "vae": "kl"}
+    quantizers: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys([*quantizer_names, *SPECS]))
+    # spec type -> {setting: the config field that gives it when the spec leaves it out}
+    spec_defaults: ClassVar[dict[str, dict[str, str]]] = {
+        "vq": {
+            "codebook_size": "codebook_size",
+            "use_l2_norm": "use_l2_norm",
+            "commitment_weight": "commitment_weight",
+        },
+        "identity": {"use_l2_norm": "use_l2_norm"},
+    }
     field_rules: ClassVar[dict[str, Rule]] = {
         "image_size": positive(MAX_IMAGE_SIZE),
         "patch_size": positive(MAX_IMAGE_SIZE),
@@ -147,6 +166,11 @@ class TokenizerConfig(ConfigDict):
                 "latent_init='grid' places latent tokens in the sin-cos position code of the patches: "
                 "it needs position_embedding 'sincos' or 'fixed_sincos'"
             )
+        spec = self.quantizer_spec()  # a bad table raises here, its key under "quantizer."
+        try:
+            spec.check_code_dim(self.code_dim)
+        except ConfigError as err:
+            raise err.under("quantizer") from None
         if self.pixel_decoder:
             try:
                 check_pixel_decoder_fits(
@@ -161,10 +185,35 @@ class TokenizerConfig(ConfigDict):
             return None
         return sincos_at(latent_grid(self.num_latent_tokens, self.grid_size), self.width)
 
+    def quantizer_spec(self) -> QuantizerSpec:
+        """The checked quantizer spec: ``quantizer`` resolved (a name becomes a table) and the
+        settings it leaves out filled from this config's fields (:attr:`spec_defaults`).
+
+        Raises:
+            ConfigError: a bad table, named as ``quantizer.<key>``.
+        """
+        table = self.quantizer if isinstance(self.quantizer, dict) else {"type": self.quantizer}
+        kind = self.quantizer_names.get(table.get("type"), table.get("type"))
+        filled = {k: getattr(self, f) for k, f in self.spec_defaults.get(kind, {}).items() if k not in table}
+        try:
+            return parse_spec({**table, **filled, "type": kind})
+        except ConfigError as err:
+            raise err.under("quantizer") from None
+
+    @property
+    def vocab_size(self) -> int | None:
+        """V, the number of distinct token ids, from the quantizer (None: continuous latents)."""
+        return self.quantizer_spec().vocab_size(self.code_dim)
+
+    @property
+    def quantizer_input_dim(self) -> int:
+        """Channels the encoder emits per latent token (2C for a Gaussian bottleneck, else C)."""
+        return self.quantizer_spec().input_dim(self.code_dim)
+
     @property
     def continuous(self) -> bool:
         """True when tokens are float latents (B, K, C) rather than ids (B, K)."""
-        return self.quantizer != "vq"
+        return self.vocab_size is None
 
     @property
     def grid_size(self) -> int:
@@ -204,12 +253,14 @@ class Tokenizer(SavedModel, nn.Module):
         ``features(images) -> (B,K,D)``; decoder maps codes (B,K,C) -> head output."""
         raise NotImplementedError
 
-    def build_quantizer(self, config: TokenizerConfig) -> nn.Module:
-        """The quantizer between encoder and decoder: a :class:`VectorQuantizer`, or an
-        :class:`IdentityQuantizer` for ``quantizer="none"`` (a family may add others)."""
-        if config.quantizer == "none":
-            return IdentityQuantizer(config.code_dim, config.use_l2_norm)
-        return VectorQuantizer(config.codebook_size, config.code_dim, config.use_l2_norm, config.commitment_weight)
+    def build_quantizer(self, config: TokenizerConfig) -> Quantizer:
+        """The quantizer between encoder and decoder, from :meth:`TokenizerConfig.quantizer_spec`."""
+        return config.quantizer_spec().build(config.code_dim)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """V, the number of distinct token ids (None for a continuous bottleneck)."""
+        return self.quantizer.codebook_size
 
     # ----------------------------------------------------------------- checks
     def check_images(self, images: Any, check_values: bool = True) -> torch.Tensor:
@@ -227,10 +278,10 @@ class Tokenizer(SavedModel, nn.Module):
     def check_tokens(self, tokens: Any) -> torch.Tensor:
         """Validate token ids: integer (B, K) with every id in [0, V); or, for a continuous
         bottleneck, finite float latents (B, K, C)."""
-        if self.config.continuous:
-            kind = "VAE" if self.config.quantizer == "vae" else "unquantized"
+        if self.vocab_size is None:
+            kind = "VAE" if self.quantizer.input_dim != self.quantizer.code_dim else "unquantized"
             return check_latents(tokens, self.config.num_latent_tokens, self.config.code_dim, kind)
-        return check_tokens(tokens, self.config.num_latent_tokens, self.config.codebook_size)
+        return check_tokens(tokens, self.config.num_latent_tokens, self.vocab_size)
 
     # ----------------------------------------------------------------- compute
     def forward(self, images: torch.Tensor) -> TokenizerOutput:
@@ -252,13 +303,25 @@ class Tokenizer(SavedModel, nn.Module):
             quantizer_loss=quant.loss,
             commitment_loss=quant.commitment_loss,
             codebook_loss=quant.codebook_loss,
+            quantizer_losses=quant.losses,
         )
 
+    @property
+    def is_vae(self) -> bool:
+        """True for a Gaussian bottleneck (``quantizer="vae"`` or a ``kl`` table)."""
+        return self.config.quantizer_spec().kind == "kl"
+
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images (B, 3, H, W) in [0, 1] -> token ids (B, K) in [0, V) (float32 latents
-        (B, K, C) for a continuous bottleneck)."""
-        quant = self.quantizer(self.encoder(self.check_images(images)))
+    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Float images (B, 3, H, W) in [0, 1] -> token ids (B, K) in [0, V), or float32 latents
+        (B, K, C) for a continuous bottleneck: for a VAE the posterior mean, or a sample of it
+        with ``sample=True``."""
+        if sample and not self.is_vae:
+            raise ValueError("sample=True is for VAE tokenizers (quantizer='vae'); this one has no posterior to sample")
+        z = self.encoder(self.check_images(images))
+        if self.is_vae:
+            return self.quantizer(z, sample=sample).codes  # the mean unless sampling
+        quant = self.quantizer(z)
         return quant.latents if quant.indices is None else quant.indices
 
     @torch.no_grad()
@@ -294,7 +357,7 @@ class Tokenizer(SavedModel, nn.Module):
 
     def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, K), already checked by :meth:`check_tokens` -> the code vectors (B, K, C) the decoder reads."""
-        if self.config.continuous:
+        if self.vocab_size is None:
             return tokens.float()  # latents are already the decoder's input
         return self.quantizer.indices_to_codes(tokens)
 

@@ -10,7 +10,7 @@ Glossary: B batch, P patches, K latent tokens, C code dim, V codebook size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,9 +26,11 @@ class TokenizerOutput:
         logits: (B, P, V_proxy) proxy-code logits for the ``proxy_codes`` head, else None.
         indices: (B, K) code ids, or None for a continuous bottleneck.
         latents: (B, K, C) float32 encoder outputs as the quantizer searched them.
-        quantizer_loss: commitment + codebook loss (scalar).
+        quantizer_loss: the quantizer's weighted loss terms summed (scalar).
         commitment_loss: the commitment part (scalar).
         codebook_loss: the codebook part (scalar).
+        quantizer_losses: every weighted term of the quantizer by name ("commitment",
+            "codebook", "entropy", "kl", ...), summing to ``quantizer_loss``.
     """
 
     reconstruction: torch.Tensor | None
@@ -38,6 +40,7 @@ class TokenizerOutput:
     quantizer_loss: torch.Tensor
     commitment_loss: torch.Tensor
     codebook_loss: torch.Tensor
+    quantizer_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _check_finite(images: torch.Tensor) -> None:

@@ -167,7 +167,7 @@ class MsTokEncoder(nn.Module):
         else:
             self.qam = LinearReadout(cfg.num_latent_tokens, cfg.memory_length)
         self.ln_post = nn.LayerNorm(d)
-        self.proj = nn.Linear(d, cfg.code_dim)
+        self.proj = nn.Linear(d, cfg.quantizer_input_dim)  # C, or 2C for a Gaussian bottleneck
 
     def build_memory(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> multi-scale memory (B, m*P, D) (or (B, P, D) for weighted_add)."""

@@ -28,9 +28,7 @@ from torch import nn
 from mstok.config_schema import MAX_DEPTH, MAX_WIDTH, NON_NEGATIVE, Rule, one_of, positive
 from mstok.layers import PatchTokens, Transformer, build_head
 from mstok.layers.embeddings import add_grid_position_embedding, set_init_table
-from mstok.quantizers import DiagonalGaussianQuantizer
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
-from mstok.tokenizers.contract import TokenizerOutput
 
 TOKEN_PROJECTIONS = ("per_token", "legacy")
 
@@ -54,14 +52,11 @@ class TiTokConfig(TokenizerConfig):
             (``is_legacy: False``). Only the encoder is affected: the official decoder reshapes
             its (B, C, 1, K) input correctly; its legacy side is the proxy-code head
             (``head="proxy_codes"``: 1x1 conv D -> 2D, tanh, 1x1 conv 2D -> 1024).
-        quantizer: ``vq`` (default), nearest-neighbour vector quantization into K ids;
-            ``none`` (see :class:`TokenizerConfig`); or ``vae``, diagonal Gaussian latents
-            (:class:`DiagonalGaussianQuantizer`): the encoder emits a mean and a log-variance
-            of C numbers per token, ``encode`` returns continuous (B, K, C) latents (the mean,
-            or a sample) and ``decode`` takes them.
-            The codebook fields are then unused.
-        kl_weight: weight of the KL term in ``quantizer_loss`` when ``quantizer="vae"``
-            (1e-6 in the official VAE training configs).
+        kl_weight: weight of the KL term when ``quantizer="vae"`` (a ``kl`` table that sets
+            no ``kl_weight`` of its own); 1e-6 in the official VAE training configs. A VAE's
+            encoder emits a mean and a log-variance of C numbers per token; ``encode``
+            returns continuous (B, K, C) latents (the mean, or a sample) and ``decode``
+            takes them.
     """
 
     decoder_width: int | None = None
@@ -71,14 +66,16 @@ class TiTokConfig(TokenizerConfig):
     kl_weight: float = 1e-6
 
     family: ClassVar[str] = "titok"
-    quantizers: ClassVar[tuple[str, ...]] = ("vq", "vae", "none")
+    spec_defaults: ClassVar[dict[str, dict[str, str]]] = {
+        **TokenizerConfig.spec_defaults,
+        "kl": {"kl_weight": "kl_weight"},
+    }
     field_rules: ClassVar[dict[str, Rule]] = {
         "decoder_width": positive(MAX_WIDTH),
         "decoder_depth": positive(MAX_DEPTH),
         "decoder_num_heads": positive(MAX_WIDTH),
         "token_projection": one_of(TOKEN_PROJECTIONS),
         "kl_weight": NON_NEGATIVE,
-        "quantizer": one_of(quantizers),
     }
     optional_defaults: ClassVar[dict[str, Any]] = {
         **TokenizerConfig.optional_defaults,
@@ -124,7 +121,7 @@ class TiTokEncoder(nn.Module):
         self.ln_pre = nn.LayerNorm(d)
         self.transformer = Transformer(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm)
         self.ln_post = nn.LayerNorm(d)
-        self.proj = nn.Linear(d, cfg.code_dim * (2 if cfg.quantizer == "vae" else 1))
+        self.proj = nn.Linear(d, cfg.quantizer_input_dim)  # C, or 2C for a Gaussian bottleneck
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normalised latent tokens (B, K, D)."""
@@ -177,50 +174,9 @@ class TiTokDecoder(nn.Module):
 
 
 class TiTok(Tokenizer):
-    """The TiTok 1D tokenizer (VQ ids, or continuous latents with ``quantizer="vae"``)."""
+    """The TiTok 1D tokenizer (VQ ids by default; any bottleneck of :class:`TokenizerConfig`)."""
 
     config_class = TiTokConfig
 
     def build(self, config: TokenizerConfig) -> tuple[nn.Module, nn.Module]:
         return TiTokEncoder(config), TiTokDecoder(config)
-
-    def build_quantizer(self, config: TokenizerConfig) -> nn.Module:
-        if config.quantizer == "vae":
-            return DiagonalGaussianQuantizer(config.code_dim)
-        return super().build_quantizer(config)
-
-    @property
-    def is_vae(self) -> bool:
-        """True for continuous Gaussian latents (``quantizer="vae"``), False for VQ ids."""
-        return self.config.quantizer == "vae"
-
-    def forward(self, images: torch.Tensor) -> TokenizerOutput:
-        """Training forward. A VAE decodes a sample in training mode and the mean in eval mode;
-        its ``quantizer_loss`` is ``kl_weight * KL``, ``indices`` is None and ``latents`` the means."""
-        if not self.is_vae:
-            return super().forward(images)
-        images = self.check_images(images, check_values=False)
-        post = self.quantizer(self.encoder(images), sample=self.training)
-        out = self.decode_codes(post.latents)
-        pixels = self.config.head == "pixels"
-        reconstruction = self.pixel_decoder(out) if self.pixel_decoder is not None else (out if pixels else None)
-        zero = post.kl.new_zeros(())
-        return TokenizerOutput(
-            reconstruction=reconstruction,
-            logits=None if pixels else out,
-            indices=None,
-            latents=post.mean,
-            quantizer_loss=self.config.kl_weight * post.kl,
-            commitment_loss=zero,
-            codebook_loss=zero,
-        )
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """Float images (B, 3, H, W) in [0, 1] -> token ids (B, K), or for a VAE float32
-        latents (B, K, C): the posterior mean, or a sample of it with ``sample=True``."""
-        if not self.is_vae:
-            if sample:
-                raise ValueError("sample=True is for VAE tokenizers (quantizer='vae'); this one quantizes to ids")
-            return super().encode(images)
-        return self.quantizer(self.encoder(self.check_images(images)), sample=sample).latents

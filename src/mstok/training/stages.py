@@ -58,7 +58,8 @@ def apply_stage(model: nn.Module, train: Sequence[str]) -> tuple[list[str], list
             )
     trainable, frozen = [], []
     for name, param in model.named_parameters():
-        on = not train or any(matches(name, p) for p in train)
+        # a parameter its module updates itself (EMA codebook, in ``step_hook``) never trains
+        on = (not train or any(matches(name, p) for p in train)) and not getattr(param, "updated_by_hook", False)
         param.requires_grad_(on)
         (trainable if on else frozen).append(name)
     if not trainable:
