@@ -188,3 +188,15 @@ def test_an_ema_codebook_is_never_given_to_the_optimizer(tmp_path):
     after = trainer.model.quantizer.embedding.weight
     assert not after.requires_grad
     assert not torch.equal(after, before)  # moved by the EMA update in step_hook, not by AdamW
+
+
+def test_a_vae_tokenizer_trains_and_then_fine_tunes_from_its_checkpoint(tmp_path):
+    first = _train(tmp_path / "a", "model.overrides.quantizer='vae'", "model.overrides.kl_weight=1e-3")
+    assert "kl" in first.history[-1]
+    assert all(math.isfinite(row["kl"]) and row["kl"] > 0 for row in first.history if "kl" in row)
+    assert "usage" not in first.history[-1]  # no ids, so no codebook usage
+    tuned = _train(tmp_path / "b", "model.overrides.quantizer='vae'", f"model.init_from='{tmp_path / 'a'}'")
+    start = load_tokenizer(tmp_path / "a")
+    assert type(tuned.model.quantizer) is KLQuantizer
+    moved = [n for n, p in tuned.model.named_parameters() if not torch.equal(p, start.state_dict()[n])]
+    assert moved, "fine-tuning changed no weight"
