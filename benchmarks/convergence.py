@@ -122,12 +122,34 @@ def held_out_images(data: str, indices: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([fixed[(i, 0)][0] for i in indices])
 
 
-def run_row(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """Train one row (or reuse a finished one) and return its val history and timings."""
-    row = ROWS[name]
-    out = Path(args.work_dir) / "".join(c if c.isalnum() else "_" for c in name).strip("_")
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML literal for a ``key=value`` override (a dict becomes an inline table)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings, numbers and booleans are written alike in JSON and TOML
+
+
+@torch.no_grad()
+def held_out_usage(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Codebook usage and perplexity of ``model``'s ids on ``images`` (empty for continuous latents)."""
+    if model.vocab_size is None:
+        return {}
+    stats = model.eval().quantizer.usage(model.encode(images))
+    return {"usage": float(stats["usage"]), "perplexity": float(stats.get("perplexity", stats.get("batch_perplexity")))}
+
+
+def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None = None, seed: int = 0) -> dict[str, Any]:
+    """Train one row (``ROWS[name]`` unless ``row`` is given) with ``seed``, or reuse a finished
+    one; return its val history, timings and the held-out codebook usage of its EMA weights."""
+    row = ROWS[name] if row is None else row
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    out = Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
     identity = {"preset": row.preset, "model": row.model, "settings": row.settings, "steps": args.steps,
                 "batch_size": args.batch_size, "val_every": args.val_every, "val_images": args.val_images}  # fmt: skip
+    if seed:
+        identity["seed"] = seed  # seed 0 leaves the identity (and finished rows) as before
     done = out / "result.json"
     if done.is_file() and not args.fresh:
         saved = json.loads(done.read_text())
@@ -147,17 +169,20 @@ def run_row(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]
         "tensorboard=false",
         "data.num_workers=0",
         f"threads={threads}",
+        f"seed={seed}",
         *row.settings,
-        *[f"model.overrides.{k}={json.dumps(v)}" for k, v in row.model.items()],
+        *[f"model.overrides.{k}={toml_value(v)}" for k, v in row.model.items()],
     ]
     config = load_train_config(None, settings)
     train_idx, val_idx = _split(args.data, args.val_images)
     train = IndexSubset(ImageFolder(args.data, RandomResizedCropFlip(64, (0.8, 1.0))), train_idx)
-    trainer = Trainer(config, dataset=train, val_images=held_out_images(args.data, tuple(val_idx)), progress=False)
+    val_images = held_out_images(args.data, tuple(val_idx))
+    trainer = Trainer(config, dataset=train, val_images=val_images, progress=False)
     started = time.perf_counter()
     history = trainer.fit()
     result = {
         "identity": identity,
+        **held_out_usage(trainer.ema.module, val_images),
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "val": [{k: v for k, v in r.items() if k != "event"} for r in trainer.val_history],
         "loss": [[h["step"], h["loss"]] for h in history if "loss" in h],

@@ -237,3 +237,19 @@ def test_convergence_benchmark_end_to_end(tmp_path, tiny_imagenet):
     saved_file.write_text(json.dumps(saved))
     again = convergence.main([*argv, "--rows", "titok VQ (recipe)", "--no-append"])
     assert again["titok VQ (recipe)"]["val"][-1]["val_psnr"] == -1.0
+
+
+def test_quantizers_benchmark_end_to_end(tmp_path, tiny_imagenet):
+    quantizers = _load("quantizers")
+    argv = ["--data", str(tiny_imagenet), "--steps", "2", "--val-every", "2", "--val-images", "8", "--jobs", "1"]
+    argv += ["--threads", "1", "--seeds", "2", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "R.md")]
+    results = quantizers.main([*argv, "--rows", "FSQ 8-5-5-5,KL C=12 (continuous)"])
+    assert list(results) == ["titok: FSQ 8-5-5-5", "titok: KL C=12 (continuous)", "conv AE VQ 8x8 V=32 (320 bits)"]
+    fsq = results["titok: FSQ 8-5-5-5"]
+    assert len(fsq) == 2 and fsq[0]["val"] != fsq[1]["val"]  # two seeds, two different runs
+    assert 0 < fsq[0]["usage"] <= 1 and fsq[0]["perplexity"] >= 1
+    assert "usage" not in results["titok: KL C=12 (continuous)"][0]  # continuous: no ids
+    text = (tmp_path / "R.md").read_text()
+    assert "| titok: FSQ 8-5-5-5 | 9.97 |" in text and " ± " in text and "| each image in its mean colour |" in text
+    with pytest.raises(SystemExit):
+        quantizers.main([*argv, "--rows", "FSQ 8,5"])

@@ -326,3 +326,11 @@ def test_cuda_without_cuda_names_the_key(tmp_path):
 
     with pytest.raises(ValueError, match=r"^device = 'cuda', but CUDA is not available"):
         Trainer(config, progress=False)
+
+
+def test_config_errors_survive_pickling():
+    # raised in a worker process (benchmarks train runs in a process pool), it must reach the parent intact
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("optim.lr", "must be > 0, got 0")))
+    assert isinstance(err, ConfigError) and err.key == "optim.lr" and str(err) == "optim.lr must be > 0, got 0"

@@ -52,6 +52,10 @@ class ConfigError(ValueError):
         super().__init__(f"{key} {detail}")
         self.key, self.detail = key, detail
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # picklable (raised inside a worker process, it reaches the parent intact)
+        return (type(self), (self.key, self.detail))
+
     def under(self, prefix: str) -> ConfigError:
         """The same error for the field seen from an enclosing config (``prefix.key``)."""
         return ConfigError(".".join(k for k in (prefix, self.key) if k), self.detail)
