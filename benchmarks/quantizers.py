@@ -34,7 +34,7 @@ from mstok.evaluation.report import append_section, command_line, load_1min, loa
 from mstok.tokenizers import create_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script convergence.py
-from convergence import RECIPE_OPTIM, Row, _split, held_out_images, run_row  # noqa: E402
+from convergence import RECIPE_OPTIM, Row, _split, held_out_images, run_row
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
