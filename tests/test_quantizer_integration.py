@@ -200,3 +200,19 @@ def test_a_vae_tokenizer_trains_and_then_fine_tunes_from_its_checkpoint(tmp_path
     assert type(tuned.model.quantizer) is KLQuantizer
     moved = [n for n, p in tuned.model.named_parameters() if not torch.equal(p, start.state_dict()[n])]
     assert moved, "fine-tuning changed no weight"
+
+
+def test_the_readme_table_lists_every_quantizer_setting():
+    from pathlib import Path
+
+    from mstok.quantizers.registry import SPECS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("`")[1]: line for line in readme.splitlines() if line.strip().startswith("| `")}
+    for kind, spec in SPECS.items():
+        row = rows.get(kind)
+        assert row is not None, f"README's quantizer table has no row for {kind!r}"
+        settings = row.rsplit("|", 2)[-2]
+        documented = rows["lfq"].rsplit("|", 2)[-2] if "as `lfq`" in settings else settings
+        missing = [name for name in spec.field_names() if f"`{name}`" not in documented]
+        assert not missing, f"README's {kind!r} row does not document {missing}"
