@@ -12,10 +12,13 @@ key/shape layout and the ``model.generator`` config of each full-size release.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -42,19 +45,23 @@ from mstok.weights import MissingWeightsError, load_torch_state_dict
 FIXTURES = Path(__file__).parent / "fixtures" / "titok"
 NAMES = ("generator_bert", "generator_uvit")
 TOLERANCE = 1e-5  # max abs logit difference, float32
-# fixture sampler cases: official generate() arguments (randomize_temperature, guidance_scale,
-# guidance_decay, num_sample_steps) and the torch.manual_seed set before it (None: no noise)
-SAMPLERS = {
-    "greedy": (0.0, 0.0, "constant", 8, None),
-    "greedy_s4": (0.0, 0.0, "constant", 4, None),
-    "greedy_constant": (0.0, 1.5, "constant", 8, None),
-    "greedy_linear": (0.0, 2.0, "linear", 8, None),
-    "greedy_power_cosine": (0.0, 3.0, "power-cosine", 8, None),
-    "noisy_linear": (2.0, 2.0, "linear", 8, 7),
-    "noisy_none": (3.0, 0.0, "constant", 8, 11),
-    "noisy_power_cosine": (2.0, 3.0, "power-cosine", 8, 13),
-    "noisy_softmax": (2.0, 2.0, "linear", 8, 17),  # with softmax_temperature_annealing=True
-}
+
+
+def _fixture_tool() -> ModuleType:
+    """tools/regenerate_fixtures.py, which wrote the fixtures (importable without the official code)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "regenerate_fixtures.py"
+    spec = importlib.util.spec_from_file_location("mstok_regenerate_fixtures", path)
+    module = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
+    if spec.name not in sys.modules:
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+# The fixture sampler cases, from the tool that generated them: official generate() arguments
+# (randomize_temperature, guidance_scale, guidance_decay, num_sample_steps) and the
+# torch.manual_seed set before it (None: no noise).
+SAMPLERS = _fixture_tool().SAMPLERS
 
 
 def _reference(name: str) -> dict[str, torch.Tensor]:

@@ -170,7 +170,7 @@ GENERATORS: dict[str, tuple[dict, str, int]] = {
     "generator_bert": (_generator_spec("ViT", 2, "linear"), "model.safetensors", 5),
     "generator_uvit": (_generator_spec("UViT", 4, "power-cosine"), "pytorch_model.bin", 6),
 }
-# Sampler cases, as tests/test_convert_titok_generator.py's SAMPLERS (keep the two in step):
+# Sampler cases (tests/test_convert_titok_generator.py reads this table):
 # (randomize_temperature, guidance_scale, guidance_decay, num_sample_steps, torch.manual_seed or None)
 SAMPLERS: dict[str, tuple[float, float, str, int, int | None]] = {
     "greedy": (0.0, 0.0, "constant", 8, None),
