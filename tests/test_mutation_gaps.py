@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mstok.evaluation.metrics import codebook_usage, mean_colour
-from mstok.quantizers import VectorQuantizer
+from mstok.quantizers import BinarySphericalQuantizer, FiniteScalarQuantizer, LookupFreeQuantizer, VectorQuantizer
+from mstok.quantizers.base import DENSE_USAGE_MAX, usage_statistics
 
 
 def test_codebook_usage_counts_codes_used_once() -> None:
@@ -68,3 +69,45 @@ def test_half_precision_codebook_is_searched_in_float32() -> None:
     assert out.codes.dtype == torch.float32
     assert torch.equal(out.indices, expected.indices)
     torch.testing.assert_close(out.codes, expected.codes)
+
+
+# ---------------------------------------------------------------- the quantizer zoo (docs/MUTATION.md)
+def test_bit_quantizers_keep_their_papers_defaults() -> None:
+    # BSQ (SemTok eq. 3-4, BSQ-ViT): temperature 1, no commitment term; LFQ (MAGVIT-v2): 100 and 0.25.
+    bsq, lfq = BinarySphericalQuantizer(8), LookupFreeQuantizer(8)
+    assert (bsq.inverse_temperature, bsq.commitment_weight) == (1.0, 0.0)
+    assert (lfq.inverse_temperature, lfq.commitment_weight) == (100.0, 0.25)
+    out = bsq(torch.randn(2, 4, 8))
+    assert float(out.losses.get("commitment", torch.zeros(()))) == 0.0
+
+
+def test_fsq_refuses_a_single_level_even_when_built_directly() -> None:
+    # the spec checker refuses it first; the class must too (a channel with one level is constant)
+    with pytest.raises(ValueError, match="integers >= 2"):
+        FiniteScalarQuantizer([8, 1])
+
+
+def test_fsq_quantizes_low_precision_latents_in_float32() -> None:
+    # bf16 latents (no autocast) are searched in float32: same ids as the float32 latents, float32 codes
+    q = FiniteScalarQuantizer([8, 5, 5, 5])
+    z = torch.randn(2, 16, 4).bfloat16()
+    low, full = q(z), q(z.float())
+    assert low.codes.dtype == torch.float32 and torch.equal(low.indices, full.indices)
+
+
+def test_usage_counts_exactly_up_to_the_dense_limit() -> None:
+    # V = 2^20 still gets exact per-code counts; only above it do bit statistics take over
+    ids = torch.tensor([0, 1, 1, DENSE_USAGE_MAX - 1])
+    assert DENSE_USAGE_MAX == 2**20
+    assert usage_statistics(ids, DENSE_USAGE_MAX)["method"] == "counts"
+    assert usage_statistics(ids, 2 * DENSE_USAGE_MAX)["method"] == "bits"
+
+
+def test_batch_perplexity_of_a_huge_codebook_is_exact_in_float64() -> None:
+    # 3 distinct ids with counts 1, 2 and 10^6 - 3: float32 arithmetic is off in the 7th digit
+    ids = torch.cat([torch.tensor([5, 9, 9]), torch.full((10**6 - 3,), 2**40, dtype=torch.long)])
+    counts = torch.tensor([1.0, 2.0, 10**6 - 3], dtype=torch.float64)
+    probs = counts / counts.sum()
+    expected = float((-(probs * probs.log()).sum()).exp())
+    stats = usage_statistics(ids, 2**42)
+    assert stats["batch_perplexity"] == pytest.approx(expected, rel=1e-12, abs=0)

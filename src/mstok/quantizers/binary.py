@@ -163,9 +163,9 @@ class SignQuantizer(Quantizer):
     """
 
     name: str = "sign"
-    # A subclass's paper defaults for the two settings LFQ and BSQ disagree on.
-    default_inverse_temperature: float = 1.0
-    default_commitment_weight: float = 0.0
+    # A subclass's paper defaults for the two settings LFQ and BSQ disagree on (each sets both).
+    default_inverse_temperature: float
+    default_commitment_weight: float
 
     def __init__(
         self,
