@@ -67,6 +67,20 @@ def test_train_command_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_0000003"
 
+    # no --config: the config saved with the checkpoint (or the run), even after the run moved
+    moved = tmp_path / "moved_run"
+    (tmp_path / "run").rename(moved)
+    step3 = moved / "checkpoints" / "step_0000003"
+    assert main(["train", "--no-progress", "--resume", str(step3), "--set", "steps=4", "--allow-changes"]) == 0
+    assert f"resumed from {step3}" in capsys.readouterr().out
+    assert latest_checkpoint(moved / "checkpoints").name == "step_0000004"  # written where the run is now
+    assert main(["train", "--no-progress", "--resume", str(moved)]) == 0  # a run folder: its newest checkpoint
+    assert "resumed from" in capsys.readouterr().out and not (tmp_path / "run").exists()
+    assert main(["train", "--no-progress", "--resume", "auto"]) == 2
+    assert "--config is required, unless --resume names a checkpoint or run folder" in capsys.readouterr().err
+    assert main(["train", "--no-progress", "--resume", str(tmp_path / "imgs")]) == 2
+    assert "has no train_config.json" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize(
     ("extra", "message"),

@@ -159,7 +159,7 @@ def test_every_readme_command_parses() -> None:
 def test_every_path_a_readme_command_reads_was_written_before() -> None:
     written: list[str] = []
     commands = runnable_commands()
-    assert [argv[0] for argv in commands][:3] == ["train", "train", "train-proxy"]
+    assert [argv[0] for argv in commands][:4] == ["train", "train", "train", "train-proxy"]
     for argv in commands:
         reads, writes = reads_and_writes(argv)
         for path in reads:

@@ -4,6 +4,7 @@ pretokenize, sample and convert live in cli_generation.py."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -60,7 +61,16 @@ def _run_training(args: argparse.Namespace, kind: str) -> int:
     """Shared by ``train``, ``train-proxy`` and ``train-generator``: one engine, under torchrun or not."""
     from mstok.training import GeneratorTrainConfig, Trainer, load_train_config
     from mstok.training.generator_trainer import GeneratorTrainer
+    from mstok.training.resume import saved_run_config
 
+    if args.config is None:
+        if not args.resume or args.resume == "auto":
+            raise ValueError(
+                "--config is required, unless --resume names a checkpoint or run folder (its saved "
+                "train_config.json is then the config)"
+            )
+        args.config, args.resume, run = saved_run_config(args.resume)
+        args.set = [f"out_dir={json.dumps(str(run))}", *(args.set or [])]  # where it is now; --set may move it
     if kind == "generator":
         config = load_train_config(args.config, args.set, GeneratorTrainConfig)
         trainer = GeneratorTrainer(config, progress=not args.no_progress)
@@ -333,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train-generator", help="train a MaskGIT generator on `mstok pretokenize` shards; runs under torchrun too"
     )
     for command in (train, proxy, train_gen):
-        command.add_argument("--config", required=True, help="TOML config file (see configs/)")
+        command.add_argument(
+            "--config",
+            help="TOML config file (see configs/), or a run's saved train_config.json; optional with "
+            "--resume DIR, which then uses the config saved with that checkpoint or run",
+        )
         command.add_argument(
             "--set",
             action="extend",
@@ -343,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="override config values, e.g. --set optim.lr=3e-4 steps=100 (values are TOML)",
         )
         command.add_argument(
-            "--resume", metavar="auto|DIR", help="resume from a checkpoint folder, or the newest with 'auto'"
+            "--resume",
+            metavar="auto|DIR",
+            help="resume from a checkpoint folder or a run folder (its newest checkpoint), or the newest "
+            "checkpoint of the config's run with 'auto'",
         )
         command.add_argument(
             "--allow-changes",

@@ -388,13 +388,22 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 def load_train_config(
     path: str | Path | None = None, overrides: list[str] | None = None, kind: type[C] = TrainConfig
 ) -> C:
-    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides;
-    ``kind`` is the config class (:class:`TrainConfig` or :class:`GeneratorTrainConfig`)."""
+    """Read a TOML config, or the ``train_config.json`` a run saved (or start from defaults when
+    ``path`` is None), and apply overrides; ``kind`` is the config class (:class:`TrainConfig` or
+    :class:`GeneratorTrainConfig`)."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
+        if path.suffix == ".json":
+            try:
+                values = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path} is not a valid saved config: not JSON ({err})") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{path} is not a valid saved config: not a JSON object")
+            return _build(kind, apply_overrides(values, overrides or []), "")
         try:
             values = tomllib.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:

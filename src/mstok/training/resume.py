@@ -122,6 +122,29 @@ def check_config(path: Path, new: dict[str, Any], allow_changes: bool) -> dict[s
     return changes
 
 
+def saved_run_config(folder: str | Path) -> tuple[Path, str, Path]:
+    """The saved config of a checkpoint or run folder, what to resume from and the run folder:
+    ``(its train_config.json, the folder, the run folder)`` for a checkpoint,
+    ``(the run's train_config.json, "auto", the folder)`` for a run folder (its newest intact
+    checkpoint). The run folder is where the resumed run writes, wherever the run was moved.
+
+    Raises:
+        FileNotFoundError: the folder does not exist or has no saved config.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such folder")
+    if not (path / TRAIN_CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"--resume {path}: it has no {TRAIN_CONFIG_FILE}, so without --config there is no config to resume "
+            "with; give --config, or a checkpoint folder (runs/NAME/checkpoints/step_...) or a run folder"
+        )
+    if (path / STATE_FILE).is_file():  # a checkpoint: runs/NAME/checkpoints/step_...
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path / TRAIN_CONFIG_FILE, str(path), run
+    return path / TRAIN_CONFIG_FILE, "auto", path
+
+
 def pick_checkpoint(ckpt_dir: Path, which: str | Path) -> tuple[Path, Loaded] | None:
     """The checkpoint to resume from and its contents, read completely.
 
