@@ -339,3 +339,17 @@ def test_non_finite_pixels_are_named(model, call):
 def test_wrong_shapes_keep_clear_errors(model, shape, match):
     with pytest.raises(ValueError, match=match):
         model.encode(torch.rand(*shape, dtype=torch.float64))
+
+
+def test_bomb_is_skipped_by_pretokenize_and_probe(folder_with_bomb, model, tmp_path, capsys):
+    saved = model.save_pretrained(tmp_path / "tok")
+    tokens = tmp_path / "tokens"
+    argv = ["pretokenize", "--checkpoint", str(saved), "--data", str(folder_with_bomb), "--out", str(tokens)]
+    assert main([*argv, "--max-pixels", "10000", "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
+    index = json.loads((tokens / "index.json").read_text())
+    assert index["num_images"] == 4 and index["num_valid"] == 3  # the bomb is a counted, invalid row
+    probe = ["probe", "--checkpoint", str(saved), "--train", str(folder_with_bomb), "--val", str(folder_with_bomb)]
+    probe += ["--epochs", "1", "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "p.json")]
+    assert main([*probe, "--max-pixels", "10000", "--no-progress"]) == 0
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["num_train"] == 3 and result["num_val"] == 3 and result["skipped_images"] == 2

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import torch
 
-from mstok.cli_errors import run_command
+from mstok.cli_errors import MAX_PIXELS_HELP, run_command
 from mstok.cli_generation import MODEL_HELP, WEIGHTS_HELP, add_generation_commands, check_resolution, default_out_dir
-
-MAX_PIXELS_HELP = "skip (and count) images with more pixels, width x height (default 89478485, PIL's own limit)"
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -242,6 +240,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
+        max_pixels=args.max_pixels,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -424,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="results JSON path (default: probe/step_N/probe.json in the checkpoint's run folder)"
     )
     probe.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    probe.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
     probe.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     probe.set_defaults(func=_cmd_probe)
 

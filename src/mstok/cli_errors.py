@@ -82,6 +82,9 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         return USER_ERROR_CODE
 
 
+MAX_PIXELS_HELP = "skip (and count) images with more pixels, width x height (default 89478485, PIL's own limit)"
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     try:

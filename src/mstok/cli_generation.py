@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mstok.cli_errors import positive_int
+from mstok.cli_errors import MAX_PIXELS_HELP, positive_int
 
 # every command that reads a model says the same (the rule is mstok.weights.locate_model, as in mstok.load_tokenizer)
 MODEL_HELP = "a run folder (its newest checkpoint), a checkpoint or saved-model folder, or a weights file in one"
@@ -57,6 +57,7 @@ def _add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
     pretok.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
     pretok.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
     pretok.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    pretok.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
     pretok.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pretok.set_defaults(func=_cmd_pretokenize)
 
@@ -185,7 +186,7 @@ def _cmd_pretokenize(args: argparse.Namespace) -> int:
     # same default as eval: the EMA weights of a training checkpoint when it has them
     model, folder, weights = load_tokenizer_folder(args.checkpoint, args.weights, "--checkpoint")
     resolution = check_resolution(model, args.resolution)
-    dataset = open_image_dataset(args.data, center_crop_transform(resolution))
+    dataset = open_image_dataset(args.data, center_crop_transform(resolution), args.max_pixels)
     dist = DistContext.from_env(args.device)
     started = time.perf_counter()
     try:

@@ -336,6 +336,7 @@ def run_probe(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Linear-probe the tokenizer saved in ``checkpoint`` on image folders (or shard folders).
 
@@ -347,13 +348,14 @@ def run_probe(
         weights: ``None`` (EMA when present, else model), ``"ema"``, ``"model"`` or a file name.
         warmup_epochs: default keeps MAE's 10-of-90 proportion (10 at 90 epochs).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...; used for extraction and training.
+        max_pixels: images with more pixels are skipped (and counted) as unreadable.
 
     Returns:
         a JSON-able dict: ``top1``, ``top5``, sizes, feature dim, classes, settings, timings, curve.
     """
     model, weights_path = load_probe_tokenizer(checkpoint, weights)
     transform = center_crop_transform(model.config.image_size)
-    train_set = open_image_dataset(train, transform)
+    train_set = open_image_dataset(train, transform, max_pixels)
     classes = list(train_set.classes)
     if len(classes) < 2:
         raise ValueError(f"{train} holds {len(classes)} class ({classes[0]!r}); linear probing needs at least 2")
@@ -369,7 +371,7 @@ def run_probe(
         train_feats, train_labels = feats[train_idx], labels[train_idx]
         val_feats, val_labels = feats[val_idx], labels[val_idx]
     else:
-        val_set = open_image_dataset(val, transform)
+        val_set = open_image_dataset(val, transform, max_pixels)
         train_feats, train_labels = feats, labels
         val_feats, val_labels = extract_features(model, val_set, batch_size, dev, progress)
         skipped += len(val_set) - len(val_feats)
