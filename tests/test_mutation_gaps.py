@@ -91,8 +91,10 @@ def test_fsq_quantizes_low_precision_latents_in_float32() -> None:
     # bf16 latents (no autocast) are searched in float32: same ids as the float32 latents, float32 codes
     q = FiniteScalarQuantizer([8, 5, 5, 5])
     z = torch.randn(64, 64, 4).bfloat16()  # enough values that bf16 arithmetic would round some differently
-    low, full = q(z), q(z.float())
+    low, full, double = q(z), q(z.float()), q(z.double())
     assert low.codes.dtype == torch.float32 and torch.equal(low.indices, full.indices)
+    # float64 latents too: the contract is float32 codes whatever the input precision
+    assert double.codes.dtype == torch.float32 and double.latents.dtype == torch.float32
 
 
 def test_usage_counts_exactly_up_to_the_dense_limit() -> None:
