@@ -8,6 +8,8 @@ consumer with the right size (``vocab_size``; int64 ids up to 2^32), and a saved
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -146,7 +148,7 @@ def test_a_quantizer_table_in_the_training_config(tmp_path):
         config("model.overrides.quantizer='fsq8'")
 
 
-def _train(tmp_path, *overrides: str) -> Trainer:
+def _train(tmp_path, *overrides: str, size: int = 64) -> Trainer:
     config = load_train_config(
         None,
         [
@@ -162,7 +164,7 @@ def _train(tmp_path, *overrides: str) -> Trainer:
             *overrides,
         ],
     )
-    data = InMemoryImages(skimage_photos(TRAIN_PHOTOS[:2]), RandomResizedCropFlip(64, scale=(0.2, 0.5)))
+    data = InMemoryImages(skimage_photos(TRAIN_PHOTOS[:2]), RandomResizedCropFlip(size, scale=(0.2, 0.5)))
     trainer = Trainer(config, data, progress=False)
     trainer.fit()
     return trainer
@@ -216,3 +218,21 @@ def test_the_readme_table_lists_every_quantizer_setting():
         documented = rows["lfq"].rsplit("|", 2)[-2] if "as `lfq`" in settings else settings
         missing = [name for name in spec.field_names() if f"`{name}`" not in documented]
         assert not missing, f"README's {kind!r} row does not document {missing}"
+
+
+def test_a_converted_official_vae_fine_tunes(tmp_path):
+    from pathlib import Path
+
+    from mstok.convert.titok import load_official_titok
+
+    fixture = Path(__file__).parent / "fixtures" / "titok" / "vae_ll"
+    official = load_official_titok(fixture)
+    assert official.is_vae
+    official.save_pretrained(tmp_path / "converted")
+    # the preset plus every field of the converted config (None ones are the preset's too): the released layout
+    every = dataclasses.asdict(official.config)
+    fields = [f"model.overrides.{k}={json.dumps(v)}" for k, v in every.items() if v is not None]
+    trainer = _train(tmp_path / "run", *fields, f"model.init_from='{tmp_path / 'converted'}'", "batch_size=2", size=32)
+    assert trainer.model.config == official.config and "kl" in trainer.history[-1]
+    start = official.state_dict()
+    assert any(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())

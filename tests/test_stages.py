@@ -261,8 +261,10 @@ def test_init_from_checks_every_key(tmp_path):
     )
     with pytest.raises(ValueError, match="does not fit the model"):
         load_initial_weights(create_tokenizer("titok_tiny", num_latent_tokens=16), tmp_path / "a", "model.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"no ema\.safetensors"):
-        load_initial_weights(target, tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match=r"ema\.safetensors"):
+        load_initial_weights(target, tmp_path / "a", "ema")  # asked for explicitly: not there
+    # by default, the loading rule: EMA when the folder has it, else (a saved model) model.safetensors
+    assert load_initial_weights(target, tmp_path / "a").name == "model.safetensors"
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ class ModelConfig:
     preset: str = "mstok_tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str = ""
-    init_weights: str = "ema.safetensors"
+    init_weights: str = ""  # "": EMA weights when the folder has them, else model.safetensors
 
 
 @dataclass

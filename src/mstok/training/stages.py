@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mstok.io import read_safetensors
-from mstok.training.checkpoint import find_model_folder
+from mstok.weights import locate_model
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +67,18 @@ def apply_stage(model: nn.Module, train: Sequence[str]) -> tuple[list[str], list
     return trainable, frozen
 
 
-def resolve_weights_file(path: str | Path, weights: str) -> Path:
-    """A weights file from a file path, a checkpoint folder or a run's ``checkpoints`` folder."""
+def resolve_weights_file(path: str | Path, weights: str = "") -> Path:
+    """A weights file from a file path, a model or checkpoint folder, or a run (its newest
+    checkpoint), by the one loading rule (:func:`mstok.weights.locate_model`): ``weights`` empty
+    takes the EMA weights when the folder has them, else ``model.safetensors``."""
     path = Path(path)
     if path.is_file():
-        return path
-    if not path.exists():
-        raise FileNotFoundError(f"model.init_from: {path} does not exist")
-    folder = path if (path / weights).is_file() else find_model_folder(path, "model.init_from")
-    if not (folder / weights).is_file():
-        raise FileNotFoundError(f"model.init_from: {folder} has no {weights}")
-    return folder / weights
+        return path  # a bare weights file: its keys are checked against the model
+    folder, name = locate_model(path, weights or None, "model.init_from")
+    return folder / name
 
 
-def load_initial_weights(
-    model: nn.Module, path: str | Path, weights: str = "ema.safetensors", fill: Sequence[str] = ()
-) -> Path:
+def load_initial_weights(model: nn.Module, path: str | Path, weights: str = "", fill: Sequence[str] = ()) -> Path:
     """Start ``model`` from the weights of an earlier stage.
 
     Every parameter and buffer must be found with the right shape, except those under the
