@@ -113,3 +113,47 @@ def test_batch_perplexity_of_a_huge_codebook_is_exact_in_float64() -> None:
     expected = float((-(probs * probs.log()).sum()).exp())
     stats = usage_statistics(ids, 2**42)
     assert stats["batch_perplexity"] == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+# ---------------------------------------------------------------- sampling and attention (docs/MUTATION.md)
+def _tiny_pair():
+    from mstok.generators import create_generator
+    from mstok.tokenizers import create_tokenizer
+
+    torch.manual_seed(0)
+    generator = create_generator("maskgit_tiny", num_tokens=8, codebook_size=64, num_classes=40).eval()
+    return generator, create_tokenizer("titok_tiny", num_latent_tokens=8, codebook_size=64).eval()
+
+
+def test_generate_images_is_reproducible_under_its_seed_and_varies_with_it() -> None:
+    from mstok.generators import SamplingConfig
+    from mstok.generators.sampling import generate_images
+
+    generator, tokenizer = _tiny_pair()
+    noisy = SamplingConfig(steps=4, temperature=2.0, choice_temperature=3.0)
+    labels = torch.tensor([1, 2, 3, 4])
+    ids = [generate_images(generator, tokenizer, labels, noisy, seed=s)[1] for s in (3, 3, 4)]
+    assert torch.equal(ids[0], ids[1]) and not torch.equal(ids[0], ids[2])
+    assert generate_images(generator, tokenizer, labels, noisy, seed=None)[1].shape == (4, 8)  # unseeded works
+
+
+def test_a_sample_grid_shows_at_most_32_classes(tmp_path) -> None:
+    from PIL import Image
+
+    from mstok.generators.sampling import write_samples
+
+    images = torch.rand(33, 3, 8, 8)
+    labels = torch.arange(33)
+    write_samples(images, labels, labels[:, None], per_class=1, grid=tmp_path / "33.png")
+    write_samples(images[:32], labels[:32], labels[:32, None], per_class=1, grid=tmp_path / "32.png")
+    a, b = Image.open(tmp_path / "33.png"), Image.open(tmp_path / "32.png")
+    assert a.size == b.size and list(a.getdata()) == list(b.getdata())
+
+
+def test_attention_with_a_single_head_is_allowed() -> None:
+    from mstok.layers import SelfAttention
+
+    attn = SelfAttention(8, 1)
+    assert attn(torch.randn(2, 5, 8)).shape == (2, 5, 8)
+    with pytest.raises(ValueError, match="positive multiple of num_heads 0"):
+        SelfAttention(8, 0)

@@ -79,12 +79,17 @@ DEFAULT_TESTS: dict[str, list[str]] = {
     "mstok.quantizers.registry": ["tests/test_quantizer_zoo.py", "tests/test_quantizer_integration.py"],
     "mstok.tokenizers.mstok": ["tests/test_ablation_switches.py", "tests/test_tokenizers.py"],
     "mstok.tokenizers.titok": ["tests/test_tokenizers.py", "tests/test_convert_titok.py"],
-    "mstok.layers.attention": ["tests/test_layers.py"],
+    "mstok.layers.attention": ["tests/test_mutation_gaps.py", "tests/test_layers.py"],
     "mstok.losses.perceptual": ["tests/test_perceptual.py"],
     "mstok.losses.gan": ["tests/test_gan.py"],
     "mstok.losses.objective": ["tests/test_training.py", "tests/test_stages.py"],
     "mstok.generators.schedules": ["tests/test_sampling_reference.py", "tests/test_generator.py"],
-    "mstok.generators.sampling": ["tests/test_sampling_reference.py", "tests/test_generator.py"],
+    "mstok.generators.sampling": [
+        "tests/test_mutation_gaps.py",
+        "tests/test_sampling_reference.py",
+        "tests/test_generator.py",
+        "tests/test_convert_titok_generator.py",  # the official sampler, noise included, on fixtures
+    ],
     "mstok.training.optim": ["tests/test_training.py"],
 }
 
