@@ -157,3 +157,14 @@ def test_attention_with_a_single_head_is_allowed() -> None:
     assert attn(torch.randn(2, 5, 8)).shape == (2, 5, 8)
     with pytest.raises(ValueError, match="positive multiple of num_heads 0"):
         SelfAttention(8, 0)
+
+
+def test_attention_dropout_acts_in_training_only() -> None:
+    from mstok.layers import SelfAttention
+
+    torch.manual_seed(0)
+    plain, dropped = SelfAttention(8, 2), SelfAttention(8, 2, dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(dropped.eval()(x), plain.eval()(x))  # eval: no dropout at all
+    assert not torch.allclose(dropped.train()(x), plain.train()(x))  # training: dropout on
