@@ -193,6 +193,14 @@ def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None =
     return result
 
 
+def mean_colour_floor(data: str, val_images: int) -> tuple[float, float]:
+    """(PSNR, SSIM) of painting each held-out image in its own mean colour: the floor every row is read against."""
+    _, val_idx = _split(data, val_images)
+    images = held_out_images(data, tuple(val_idx))
+    flat = mean_colour(images)
+    return float(np.mean(psnr(images, flat))), float(np.mean(ssim(images, flat)))
+
+
 def _at_time(val: list[dict[str, Any]], seconds: float) -> float:
     """PSNR of the last validation whose training time is within ``seconds`` (NaN if none)."""
     within = [r["val_psnr"] for r in val if r["train_seconds"] <= seconds]
@@ -291,10 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             print(f"{name}: PSNR {last['val_psnr']:.2f} SSIM {last['val_ssim']:.4f} at step {last['step']}, "
                   f"{results[name]['seconds_per_step']:.3f} s/step", flush=True)  # fmt: skip
 
-    _, val_idx = _split(args.data, args.val_images)
-    images = held_out_images(args.data, tuple(val_idx))
-    flat = mean_colour(images)
-    floor = (float(np.mean(psnr(images, flat))), float(np.mean(ssim(images, flat))))
+    floor = mean_colour_floor(args.data, args.val_images)
     text = table(results, floor, args)
     print(text)
     if not args.no_append:

@@ -29,12 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from mstok.evaluation.metrics import mean_colour, psnr, ssim
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
 from mstok.tokenizers import create_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script convergence.py
-from convergence import RECIPE_OPTIM, Row, _split, held_out_images, run_row
+from convergence import RECIPE_OPTIM, Row, mean_colour_floor, run_row
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
@@ -141,10 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                   f"usage {result.get('usage', float('nan')):.3f}, {result['seconds_per_step']:.3f} s/step",
                   flush=True)  # fmt: skip
 
-    _, val_idx = _split(args.data, args.val_images)
-    images = held_out_images(args.data, tuple(val_idx))
-    flat = mean_colour(images)
-    floor = (float(np.mean(psnr(images, flat))), float(np.mean(ssim(images, flat))))
+    floor = mean_colour_floor(args.data, args.val_images)
     text = table(rows, results, floor)
     print(text)
     if not args.no_append:
