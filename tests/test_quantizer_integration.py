@@ -236,3 +236,20 @@ def test_a_converted_official_vae_fine_tunes(tmp_path):
     assert trainer.model.config == official.config and "kl" in trainer.history[-1]
     start = official.state_dict()
     assert any(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_token_shards_of_a_2_to_the_32_codebook_are_int64(tmp_path):
+    from safetensors.torch import load_file
+
+    from mstok.data.tokens import TokenDataset
+
+    model = create_tokenizer("titok_tiny", quantizer="bsq", code_dim=32).eval()
+    photos = _photos()
+    index = pretokenize(model, photos, tmp_path / "t", batch_size=2, progress=False)
+    assert index["codebook_size"] == 2**32 and index["num_valid"] == 4
+    raw = load_file(str(tmp_path / "t" / "shard-000000.safetensors"))
+    assert raw["tokens"].dtype == torch.int64
+    direct = torch.cat([model.encode(torch.stack([photos[(i, 0)][0]])) for i in range(4)])
+    shards = TokenDataset(tmp_path / "t")
+    assert shards.codebook_size == 2**32 and torch.equal(shards.tokens[:, 0].long(), direct)
+    assert int(direct.max()) >= 2**31  # ids past int32 survived the round trip
