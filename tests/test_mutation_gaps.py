@@ -168,3 +168,14 @@ def test_attention_dropout_acts_in_training_only() -> None:
     x = torch.randn(2, 5, 8)
     assert torch.equal(dropped.eval()(x), plain.eval()(x))  # eval: no dropout at all
     assert not torch.allclose(dropped.train()(x), plain.train()(x))  # training: dropout on
+
+
+# ---------------------------------------------------------------- tokenizers (docs/MUTATION.md)
+def test_mstok_config_defaults_are_mstok_b() -> None:
+    # a bare MsTokConfig() is the paper's Base model: width 768, 12 blocks, memory from blocks 3, 6, 9, 12
+    from mstok.tokenizers.mstok import MsTokConfig
+    from mstok.tokenizers.registry import MEMORY_LAYERS
+
+    config = MsTokConfig()
+    assert (config.width, config.depth, config.num_heads) == (768, 12, 12)
+    assert config.memory_layers == MEMORY_LAYERS["B"] == (3, 6, 9, 12)

@@ -77,7 +77,11 @@ DEFAULT_TESTS: dict[str, list[str]] = {
     "mstok.quantizers.lfq": ["tests/test_mutation_gaps.py", "tests/test_quantizer_zoo.py"],
     "mstok.quantizers.kl": ["tests/test_quantizer_zoo.py", "tests/test_quantizer_integration.py"],
     "mstok.quantizers.registry": ["tests/test_quantizer_zoo.py", "tests/test_quantizer_integration.py"],
-    "mstok.tokenizers.mstok": ["tests/test_ablation_switches.py", "tests/test_tokenizers.py"],
+    "mstok.tokenizers.mstok": [
+        "tests/test_mutation_gaps.py",
+        "tests/test_ablation_switches.py",
+        "tests/test_tokenizers.py",
+    ],
     "mstok.tokenizers.titok": ["tests/test_tokenizers.py", "tests/test_convert_titok.py"],
     "mstok.layers.attention": ["tests/test_mutation_gaps.py", "tests/test_layers.py"],
     "mstok.losses.perceptual": ["tests/test_perceptual.py"],
