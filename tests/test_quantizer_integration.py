@@ -186,7 +186,11 @@ def test_an_ema_codebook_is_never_given_to_the_optimizer(tmp_path):
     before = create_tokenizer("titok_tiny", quantizer={"type": "vq", "ema": True}).quantizer.embedding.weight.clone()
     torch.manual_seed(0)
     trainer = _train(tmp_path, "model.overrides.quantizer={type='vq', ema=true}")
-    assert "quantizer.embedding.weight" in trainer.frozen and "quantizer.embedding.weight" not in trainer.trainable
+    # trained by the stage (so dead codes are revived in step_hook) but never by the optimizer
+    assert "quantizer.embedding.weight" in trainer.trainable
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(trainer.model.quantizer.embedding.weight) not in optimized
+    assert "revived_codes" in trainer.history[-1]
     after = trainer.model.quantizer.embedding.weight
     assert not after.requires_grad
     assert not torch.equal(after, before)  # moved by the EMA update in step_hook, not by AdamW
@@ -253,3 +257,15 @@ def test_token_shards_of_a_2_to_the_32_codebook_are_int64(tmp_path):
     shards = TokenDataset(tmp_path / "t")
     assert shards.codebook_size == 2**32 and torch.equal(shards.tokens[:, 0].long(), direct)
     assert int(direct.max()) >= 2**31  # ids past int32 survived the round trip
+
+
+def test_a_stage_that_freezes_an_ema_codebook_leaves_it_alone(tmp_path):
+    torch.manual_seed(0)
+    before = create_tokenizer("titok_tiny", quantizer={"type": "vq", "ema": True, "kmeans_init": True})
+    torch.manual_seed(0)
+    vq = "model.overrides.quantizer={type='vq', ema=true, kmeans_init=true}"
+    trainer = _train(tmp_path, vq, "stage.train=['decoder']")
+    q = trainer.model.quantizer
+    assert q.frozen and "quantizer.embedding.weight" in trainer.frozen
+    assert torch.equal(q.embedding.weight, before.quantizer.embedding.weight)  # no EMA step, no k-means
+    assert not bool(q.kmeans_done) and "revived_codes" not in trainer.history[-1]

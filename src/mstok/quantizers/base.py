@@ -15,7 +15,9 @@ use only this contract, never a quantizer's internals:
 - ``usage(ids)`` / ``usage_tensors(ids)``: usage statistics that never build a V-sized tensor
   when V > :data:`DENSE_USAGE_MAX`;
 - ``step_hook(latents, ids, **settings)``: called by a trainer after each optimizer step
-  (VQ revives dead codes there); a no-op by default.
+  (VQ revives dead codes there); a no-op by default;
+- ``frozen``: set by a trainer whose stage holds the quantizer fixed; a quantizer that updates
+  itself in a training-mode forward (EMA codebook, k-means init) must not do so while frozen.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Quantizer(nn.Module):
 
     code_dim: int
     codebook_size: int | None
+    frozen: bool = False  # the training stage holds this quantizer fixed (no self-updates)
 
     @property
     def input_dim(self) -> int:

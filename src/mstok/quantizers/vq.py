@@ -119,7 +119,8 @@ class VectorQuantizer(Quantizer):
             if self.use_l2_norm:
                 z = F.normalize(z, dim=-1)
             flat = z.reshape(-1, self.code_dim)
-            if self.kmeans_init and self.training and not bool(self.kmeans_done):
+            updating = self.training and not self.frozen
+            if self.kmeans_init and updating and not bool(self.kmeans_done):
                 self._kmeans(flat.detach())
             codebook = self._codebook()
             distances = codebook.square().sum(dim=1) - 2.0 * flat @ codebook.t()  # (N, V)
@@ -127,7 +128,7 @@ class VectorQuantizer(Quantizer):
             quantized = F.embedding(indices, codebook)
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, quantized.detach())}
             if self.ema:
-                if self.training:
+                if updating:
                     self._ema_update(flat.detach(), indices.reshape(-1))
             else:
                 losses["codebook"] = F.mse_loss(quantized, z.detach())

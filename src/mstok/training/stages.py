@@ -32,7 +32,9 @@ def parameter_groups(model: nn.Module) -> list[str]:
 
 
 def apply_stage(model: nn.Module, train: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Make exactly the parameters under the prefixes in ``train`` trainable.
+    """Make exactly the parameters under the prefixes in ``train`` trainable (a parameter marked
+    ``updated_by_hook``, such as an EMA codebook, counts as trained but keeps ``requires_grad``
+    off: its module updates it, not the optimizer).
 
     Args:
         model: the model to configure in place.
@@ -58,9 +60,10 @@ def apply_stage(model: nn.Module, train: Sequence[str]) -> tuple[list[str], list
             )
     trainable, frozen = [], []
     for name, param in model.named_parameters():
-        # a parameter its module updates itself (EMA codebook, in ``step_hook``) never trains
-        on = (not train or any(matches(name, p) for p in train)) and not getattr(param, "updated_by_hook", False)
-        param.requires_grad_(on)
+        on = not train or any(matches(name, p) for p in train)
+        # a parameter its module updates itself (an EMA codebook) is trained by the stage but
+        # never handed to the optimizer: it keeps requires_grad False
+        param.requires_grad_(on and not getattr(param, "updated_by_hook", False))
         (trainable if on else frozen).append(name)
     if not trainable:
         raise ValueError("the stage trains no parameter")

@@ -92,6 +92,7 @@ class Trainer(Engine):
         self.trainable, self.frozen = apply_stage(model, config.stage.train)
         # a stage that freezes the quantizer (TiTok's stage 2) must not move its codes either
         self.quantizer_trains = not any(name.startswith("quantizer.") for name in self.frozen)
+        model.quantizer.frozen = not self.quantizer_trains  # no EMA / k-means update in forward either
 
         self.loss_fn, self.adversarial = build_loss(config, self.device)
         check_model_fits_loss(model, self.loss_fn, self.proxy)
