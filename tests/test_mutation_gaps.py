@@ -179,3 +179,53 @@ def test_mstok_config_defaults_are_mstok_b() -> None:
     config = MsTokConfig()
     assert (config.width, config.depth, config.num_heads) == (768, 12, 12)
     assert config.memory_layers == MEMORY_LAYERS["B"] == (3, 6, 9, 12)
+
+
+# ---------------------------------------------------------------- losses and optimiser (docs/MUTATION.md)
+def test_a_resume_with_changed_settings_applies_the_new_lr_at_the_restored_step() -> None:
+    from torch import nn
+
+    from mstok.training.optim import build_optimizer, build_scheduler, load_optimizer_state
+
+    model = nn.Linear(4, 4)
+    opt = build_optimizer(model, 1e-3, 0.01)
+    sched = build_scheduler(opt, 100, 10, 1e-3, 1e-4)
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    fresh_opt = build_optimizer(model, 4e-3, 0.01)  # the resumed run asks for a new peak lr
+    fresh_sched = build_scheduler(fresh_opt, 100, 10, 4e-3, 1e-4)
+    load_optimizer_state(fresh_opt, fresh_sched, opt.state_dict(), sched.state_dict(), keep_settings=True)
+    rule = fresh_sched.lr_lambdas[0]  # the schedule's factor at a step
+    for group in fresh_opt.param_groups:
+        assert group["lr"] == pytest.approx(4e-3 * rule(30)) and group["lr"] != pytest.approx(4e-3 / rule(30))
+    assert fresh_sched.get_last_lr() == [g["lr"] for g in fresh_opt.param_groups]
+
+
+def test_the_discriminator_sees_mid_grey_as_zero() -> None:
+    # images in [0, 1] enter the PatchGAN as [-1, 1]: mid-grey is the zero input
+    from mstok.losses.gan import PatchDiscriminator
+
+    torch.manual_seed(0)
+    d = PatchDiscriminator().eval()
+    grey = torch.full((1, 3, 32, 32), 0.5)
+    assert torch.equal(d(grey), d.layers(torch.zeros_like(grey)))
+    assert torch.equal(d(torch.ones_like(grey)), d.layers(torch.ones_like(grey)))
+
+
+def test_the_objective_defaults_and_its_checks() -> None:
+    import torch.nn.functional as F
+
+    from mstok.losses import TokenizerLoss
+    from mstok.tokenizers.contract import TokenizerOutput
+
+    with pytest.raises(ValueError, match="needs an LPIPS module"):
+        TokenizerLoss(perceptual_weight=0.5)  # any positive weight, not only > 1
+    loss = TokenizerLoss(l1_weight=0, mse_weight=0, quantizer_weight=0, proxy_ce_weight=1)  # default smoothing: none
+    logits = torch.randn(2, 4, 8).bfloat16()
+    codes = torch.randint(0, 8, (2, 4))
+    zero = torch.zeros(())
+    out = TokenizerOutput(None, logits, None, torch.zeros(2, 4, 3), zero, zero, zero)
+    _, terms = loss(out, torch.rand(2, 3, 8, 8), codes)
+    reference = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())  # in float32, unsmoothed
+    assert terms["proxy_ce"].dtype == torch.float32 and torch.allclose(terms["proxy_ce"], reference)

@@ -85,8 +85,8 @@ DEFAULT_TESTS: dict[str, list[str]] = {
     "mstok.tokenizers.titok": ["tests/test_tokenizers.py", "tests/test_convert_titok.py"],
     "mstok.layers.attention": ["tests/test_mutation_gaps.py", "tests/test_layers.py"],
     "mstok.losses.perceptual": ["tests/test_perceptual.py"],
-    "mstok.losses.gan": ["tests/test_gan.py"],
-    "mstok.losses.objective": ["tests/test_training.py", "tests/test_stages.py"],
+    "mstok.losses.gan": ["tests/test_mutation_gaps.py", "tests/test_gan.py"],
+    "mstok.losses.objective": ["tests/test_mutation_gaps.py", "tests/test_training.py", "tests/test_stages.py"],
     "mstok.generators.schedules": ["tests/test_sampling_reference.py", "tests/test_generator.py"],
     "mstok.generators.sampling": [
         "tests/test_mutation_gaps.py",
@@ -94,7 +94,7 @@ DEFAULT_TESTS: dict[str, list[str]] = {
         "tests/test_generator.py",
         "tests/test_convert_titok_generator.py",  # the official sampler, noise included, on fixtures
     ],
-    "mstok.training.optim": ["tests/test_training.py"],
+    "mstok.training.optim": ["tests/test_mutation_gaps.py", "tests/test_training.py"],
 }
 
 _BINOP_SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div}
