@@ -113,6 +113,16 @@ def test_generated_mode_and_errors(cache, images, tmp_path, monkeypatch, capsys)
     result = json.loads(out.read_text())
     assert result["images"] == 4 and result["gfid"] > 0
     assert result["inception_score_splits"] == 1 and result["inception_score"] > 1.0  # not 4 chunks of one
+    # a folder of generated images works too, and they must share one size
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    for i, image in enumerate(batch[:3]):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    argv = ["eval", "--generated", str(folder), "--reference", str(stats), "--out", str(out), "--no-download"]
+    assert main([*argv, "--fid-method", "eigh"]) == 0 and json.loads(out.read_text())["images"] == 3
+    Image.fromarray(batch[0][:16]).save(folder / "odd.png")
+    assert main([*argv, "--fid-method", "eigh"]) == 2
+    assert "must share one size" in capsys.readouterr().err
     assert main(["eval", "--generated", str(images), "--no-download"]) == 2
     assert "--reference" in capsys.readouterr().err
     assert main(["eval", "--data", str(images)]) == 2

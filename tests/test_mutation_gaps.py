@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -229,3 +230,35 @@ def test_the_objective_defaults_and_its_checks() -> None:
     _, terms = loss(out, torch.rand(2, 3, 8, 8), codes)
     reference = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())  # in float32, unsmoothed
     assert terms["proxy_ce"].dtype == torch.float32 and torch.allclose(terms["proxy_ce"], reference)
+
+
+# ---------------------------------------------------------------- evaluation (docs/MUTATION.md)
+def test_feature_statistics_of_a_single_vector() -> None:
+    from mstok.evaluation.fid import FeatureStats
+
+    stats = FeatureStats(dim=3)
+    with pytest.raises(ValueError, match="no features"):
+        _ = stats.mu
+    stats.update(torch.tensor([[1.0, 2.0, 3.0]]))
+    assert stats.mu.tolist() == [1.0, 2.0, 3.0]  # one vector is a mean, not an error
+
+
+def test_evaluation_timing_and_grid(tmp_path) -> None:
+    import time
+
+    from PIL import Image
+
+    from mstok.data import InMemoryImages, center_crop_transform
+    from mstok.demo import TRAIN_PHOTOS, skimage_photos
+    from mstok.evaluation.evaluate import evaluate_reconstruction
+    from mstok.tokenizers import create_tokenizer
+
+    model = create_tokenizer("titok_tiny", width=32, depth=1, num_heads=2, patch_size=16).eval()
+    model.decode = lambda tokens: torch.zeros(tokens.shape[0], 3, 64, 64)  # black reconstructions
+    data = InMemoryImages(skimage_photos(TRAIN_PHOTOS[:2]), center_crop_transform(64))
+    started = time.perf_counter()
+    results = evaluate_reconstruction(model, data, batch_size=2, out_dir=tmp_path, progress=False)
+    assert 0 <= results["seconds"] <= time.perf_counter() - started  # a duration, not a clock reading
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L"), dtype=float)
+    top, bottom = grid[: grid.shape[0] // 2], grid[grid.shape[0] // 2 :]
+    assert top.mean() > bottom.mean() + 20  # originals above, the black reconstructions below
