@@ -167,7 +167,8 @@ def test_attention_dropout_acts_in_training_only() -> None:
     plain, dropped = SelfAttention(8, 2), SelfAttention(8, 2, dropout=0.5)
     dropped.load_state_dict(plain.state_dict())
     x = torch.randn(2, 5, 8)
-    assert torch.equal(dropped.eval()(x), plain.eval()(x))  # eval: no dropout at all
+    # eval: no dropout at all, i.e. the output of a dropout-free module in training mode
+    assert torch.equal(dropped.eval()(x), plain.train()(x))
     assert not torch.allclose(dropped.train()(x), plain.train()(x))  # training: dropout on
 
 
