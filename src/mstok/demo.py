@@ -38,7 +38,11 @@ TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistr
 HELD_OUT_PHOTOS = ("chelsea", "coffee")
 CROPS_PER_HELD_OUT_PHOTO = 8
 CROP_SCALE = (0.04, 0.25)  # 64 px crops from ~100-250 px regions of the 300-800 px photos
-DEFAULT_STEPS = 600
+# Twice the steps at half the batch: the same images and about the same time, but more updates,
+# which is what these small models need early on (measured on the held-out crops, TiTok-tiny:
+# 18.09 dB after 600 steps of 32, 18.76 dB after 1200 steps of 16).
+DEFAULT_STEPS = 1200
+DEFAULT_BATCH = 16
 # The tiny recipe's peak lr is 2e-3 (tiny-imagenet-64); on the demo's narrow data (crops of six
 # photos) it collapsed MsTok-tiny's codebook to 3% of the codes and left it below mean colour
 # after 600 steps, while 1e-3 kept 39% in use and learned (16.4 dB at step 300): measured, so
@@ -149,7 +153,7 @@ def run_demo(
     out_dir: str | Path = "runs/demo",
     data: str | Path | None = None,
     steps: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH,
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
