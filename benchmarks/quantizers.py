@@ -7,9 +7,10 @@ weights) with one bottleneck swapped in by config data (``model.overrides.quanti
 initialisation), FSQ with levels [8, 5, 5, 5] (1000 codes), LFQ and BSQ with 10 bits (1024
 codes; also with a tenth of the papers' entropy weight), and a KL (Gaussian) bottleneck of the
 same C = 12 as the VQ rows as the continuous reference. Each row runs with ``--seeds`` seeds;
-the table gives the mean and half the spread (max - min) of held-out PSNR, and SSIM, codebook usage and perplexity on the held-out images,
-and seconds per step. Calibration measured in the same run: the conv autoencoder with a discrete
-bottleneck of equal bits (64 codes of V = 32 = 320 bits) and each image in its mean colour.
+the table gives the mean and half the spread (max - min) of held-out PSNR, and SSIM, codebook
+usage and perplexity on the held-out images, and seconds per step. Calibration measured in the
+same run: the conv autoencoder with a discrete bottleneck of equal bits (64 codes of V = 32 =
+320 bits) and each image in its mean colour.
 
     python benchmarks/quantizers.py                        # TiTok, 400 steps, 2 seeds, 2 runs at a time
     python benchmarks/quantizers.py --presets titok_tiny,mstok_tiny --steps 600
