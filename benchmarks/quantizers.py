@@ -48,8 +48,8 @@ BOTTLENECKS: dict[str, tuple[dict[str, Any], str]] = {
     "BSQ 10 bits": ({"quantizer": "bsq", "code_dim": 10}, "10"),
     # the papers' entropy weight (0.1) is set against their loss scale (perceptual + GAN terms);
     # against this recipe's L1 + MSE it dominates the objective (the total goes negative)
-    "LFQ 10 bits, entropy 0.01": ({"quantizer": {"type": "lfq", "entropy_weight": 0.01}, "code_dim": 10}, "10"),
-    "BSQ 10 bits, entropy 0.01": ({"quantizer": {"type": "bsq", "entropy_weight": 0.01}, "code_dim": 10}, "10"),
+    "LFQ 10 bits entropy 0.01": ({"quantizer": {"type": "lfq", "entropy_weight": 0.01}, "code_dim": 10}, "10"),
+    "BSQ 10 bits entropy 0.01": ({"quantizer": {"type": "bsq", "entropy_weight": 0.01}, "code_dim": 10}, "10"),
     "KL C=12 (continuous)": ({"quantizer": "vae"}, "- (12 floats)"),
 }
 CALIBRATION = ("conv AE VQ 8x8 V=32 (320 bits)", Row("calibration", "convae_tiny", {}, RECIPE_OPTIM))

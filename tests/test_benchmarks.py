@@ -241,6 +241,7 @@ def test_convergence_benchmark_end_to_end(tmp_path, tiny_imagenet):
 
 def test_quantizers_benchmark_end_to_end(tmp_path, tiny_imagenet):
     quantizers = _load("quantizers")
+    assert not [name for name in quantizers.BOTTLENECKS if "," in name]  # --rows is comma-separated
     argv = ["--data", str(tiny_imagenet), "--steps", "2", "--val-every", "2", "--val-images", "8", "--jobs", "1"]
     argv += ["--threads", "1", "--seeds", "2", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "R.md")]
     results = quantizers.main([*argv, "--rows", "FSQ 8-5-5-5,KL C=12 (continuous)"])
