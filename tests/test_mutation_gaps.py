@@ -263,3 +263,22 @@ def test_evaluation_timing_and_grid(tmp_path) -> None:
     grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L"), dtype=float)
     top, bottom = grid[: grid.shape[0] // 2], grid[grid.shape[0] // 2 :]
     assert top.mean() > bottom.mean() + 20  # originals above, the black reconstructions below
+
+
+# ---------------------------------------------------------------- training engine (docs/MUTATION.md)
+def test_the_log_closes_each_epoch_once(tmp_path) -> None:
+    import json
+
+    from mstok.data import InMemoryImages, RandomResizedCropFlip
+    from mstok.demo import TRAIN_PHOTOS, skimage_photos
+    from mstok.training import Trainer, load_train_config
+
+    settings = ["steps=5", "batch_size=4", f"out_dir='{tmp_path}'", "data.num_workers=0", "log_every=1"]
+    settings += ["ckpt_every=5", "tensorboard=false", "val_every=0", "model.preset='titok_tiny'"]
+    settings += ["model.overrides.width=32", "model.overrides.depth=1", "model.overrides.num_heads=2"]
+    data = InMemoryImages(skimage_photos(TRAIN_PHOTOS), RandomResizedCropFlip(64, scale=(0.2, 0.5)))  # 6 images
+    Trainer(load_train_config(None, settings), data, progress=False).fit()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    epochs = [(r["epoch"], r["step"]) for r in rows if "epoch" in r]
+    # 20 images seen of 6: epochs 0, 1 and 2 end, at the steps that cross 6, 12 and 18 images
+    assert epochs == [(0, 2), (1, 3), (2, 5)]
