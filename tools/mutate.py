@@ -106,7 +106,12 @@ DEFAULT_TESTS: dict[str, list[str]] = {
         "tests/test_convert_titok_generator.py",  # the official sampler, noise included, on fixtures
     ],
     "mstok.training.engine": ["tests/test_mutation_gaps.py", "tests/test_training.py", "tests/test_reliability.py"],
-    "mstok.training.trainer": ["tests/test_training.py", "tests/test_stages.py", "tests/test_quantizer_integration.py"],
+    "mstok.training.trainer": [
+        "tests/test_training.py",
+        "tests/test_stages.py",
+        "tests/test_validation.py",
+        "tests/test_quantizer_integration.py",
+    ],
     "mstok.training.optim": ["tests/test_mutation_gaps.py", "tests/test_training.py"],
 }
 
