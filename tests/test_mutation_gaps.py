@@ -282,3 +282,26 @@ def test_the_log_closes_each_epoch_once(tmp_path) -> None:
     epochs = [(r["epoch"], r["step"]) for r in rows if "epoch" in r]
     # 20 images seen of 6: epochs 0, 1 and 2 end, at the steps that cross 6, 12 and 18 images
     assert epochs == [(0, 2), (1, 3), (2, 5)]
+
+
+def test_the_discriminator_step_gets_detached_reconstructions(tmp_path, monkeypatch) -> None:
+    from mstok.data import InMemoryImages, RandomResizedCropFlip
+    from mstok.demo import TRAIN_PHOTOS, skimage_photos
+    from mstok.training import Trainer, load_train_config
+
+    settings = ["steps=2", "batch_size=2", f"out_dir='{tmp_path}'", "data.num_workers=0", "val_every=0"]
+    settings += ["tensorboard=false", "model.preset='titok_tiny'", "model.overrides.width=32"]
+    settings += ["model.overrides.depth=1", "model.overrides.num_heads=2", "loss.gan_weight=0.1"]
+    settings += ["loss.gan_start_step=0", "discriminator.base_channels=8"]
+    data = InMemoryImages(skimage_photos(TRAIN_PHOTOS[:2]), RandomResizedCropFlip(64, scale=(0.2, 0.5)))
+    trainer = Trainer(load_train_config(None, settings), data, progress=False)
+    seen = []
+    real_step = trainer.discriminator_step
+
+    def spy(reals, fakes):
+        seen.extend(f.requires_grad for f in fakes)
+        return real_step(reals, fakes)
+
+    monkeypatch.setattr(trainer, "discriminator_step", spy)
+    trainer.fit()
+    assert seen and not any(seen)  # no graph back into the tokenizer from the discriminator's loss

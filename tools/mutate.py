@@ -107,6 +107,7 @@ DEFAULT_TESTS: dict[str, list[str]] = {
     ],
     "mstok.training.engine": ["tests/test_mutation_gaps.py", "tests/test_training.py", "tests/test_reliability.py"],
     "mstok.training.trainer": [
+        "tests/test_mutation_gaps.py",
         "tests/test_training.py",
         "tests/test_stages.py",
         "tests/test_validation.py",
