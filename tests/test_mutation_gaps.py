@@ -148,7 +148,7 @@ def test_a_sample_grid_shows_at_most_32_classes(tmp_path) -> None:
     write_samples(images, labels, labels[:, None], per_class=1, grid=tmp_path / "33.png")
     write_samples(images[:32], labels[:32], labels[:32, None], per_class=1, grid=tmp_path / "32.png")
     a, b = Image.open(tmp_path / "33.png"), Image.open(tmp_path / "32.png")
-    assert a.size == b.size and list(a.getdata()) == list(b.getdata())
+    assert a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_attention_with_a_single_head_is_allowed() -> None:

@@ -37,7 +37,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
                 cfg.family,
                 f"{cfg.image_size}",
                 f"{cfg.num_latent_tokens}",
-                "continuous" if cfg.vocab_size is None else f"{cfg.vocab_size}",
+                "continuous" if model.vocab_size is None else f"{model.vocab_size}",
                 *(f"{counts[k] / 1e6:.2f}M" for k in ("encoder", "decoder", "quantizer", "total")),
             )
         )

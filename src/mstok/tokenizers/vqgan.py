@@ -271,6 +271,11 @@ class MaskGITVQGAN(SavedModel, nn.Module):
         """The vector quantizer (``quantize`` in the official key layout)."""
         return self.quantize
 
+    @property
+    def vocab_size(self) -> int:
+        """V, the number of distinct token ids (as :attr:`Tokenizer.vocab_size`)."""
+        return self.quantize.codebook_size
+
     # ----------------------------------------------------------------- compute
     def forward(self, images: torch.Tensor) -> TokenizerOutput:
         """Training forward: encode, quantize (straight-through), decode.
