@@ -191,3 +191,49 @@ def test_torchrun_generator_training_matches_one_process(tmp_path):
     a = load_file(tmp_path / "ddp" / "checkpoints" / "step_0000003" / "model.safetensors")
     b = load_file(tmp_path / "single" / "checkpoints" / "step_0000003" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5
+
+
+_INTERRUPT_SCRIPT = """
+import json, os, sys
+from mstok.data import InMemoryImages, RandomResizedCropFlip
+from mstok.demo import TRAIN_PHOTOS, skimage_photos
+from mstok.training import Trainer, load_train_config
+from mstok.training.engine import TrainingInterrupted
+
+out = sys.argv[1]
+settings = ["steps=20", "batch_size=4", f"out_dir='{out}'", "data.num_workers=0", "log_every=3", "ckpt_every=20",
+            "tensorboard=false", "val_every=0", "model.preset='titok_tiny'", "model.overrides.width=32",
+            "model.overrides.depth=1", "model.overrides.num_heads=2", "threads=1"]
+data = InMemoryImages(skimage_photos(TRAIN_PHOTOS[:2]), RandomResizedCropFlip(64, scale=(0.2, 0.5)))
+trainer = Trainer(load_train_config(None, settings), data, progress=False)
+rank = int(os.environ["RANK"])
+step = trainer.train_step
+
+def train_step(micro_batches):
+    terms = step(micro_batches)
+    if rank == 1 and trainer.step == 3:  # this step becomes step 4: Ctrl-C on rank 1 only, mid-window
+        trainer.interrupt.requested = True
+    return terms
+
+trainer.train_step = train_step
+try:
+    trainer.fit()
+    stopped = None
+except TrainingInterrupted:
+    stopped = trainer.step
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump({"stopped": stopped}, f)
+"""
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_and_saves(tmp_path):
+    script = tmp_path / "interrupt.py"
+    script.write_text(_INTERRUPT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    run = subprocess.run([*command, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stops = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text())["stopped"] for r in (0, 1)]
+    assert stops == [6, 6]  # requested during step 4; the ranks agree at the next log boundary
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_0000006" / "train_state.pt", weights_only=True)
+    assert state["step"] == 6 and state["world_size"] == 2

@@ -394,7 +394,7 @@ class Engine:
         self._window_items = 0
         self._epoch = self.samples_seen // len(self.dataset)
         try:
-            with DeferredInterrupt(enabled=not self.dist.enabled) as self.interrupt:
+            with DeferredInterrupt() as self.interrupt:
                 self._loop(logger, bar, postfix)
         finally:
             bar.close()
@@ -440,7 +440,7 @@ class Engine:
                 self.save()
             if done:
                 return
-            if self.interrupt.requested:
+            if self._stop_requested(boundary=self.step % cfg.log_every == 0 or checkpoint):
                 break
             tick = time.perf_counter()
         self._stop_interrupted(logger)
@@ -458,6 +458,19 @@ class Engine:
             logger.end_epoch(new_epoch - 1, self.step)  # the last epoch completed
             self._epoch = new_epoch
         return record
+
+    def _stop_requested(self, boundary: bool) -> bool:
+        """Whether Ctrl-C asks to stop after this step. One process: as soon as it was pressed.
+        DDP: every rank must stop at the same step (a rank that stopped alone would hang the
+        others in their next collective), so the ranks agree, stopping when any of them was
+        interrupted, at log boundaries only: a flag read waits for the device, which the log
+        flush does anyway."""
+        if not self.dist.enabled:
+            return self.interrupt.requested
+        if not boundary:
+            return False
+        flag = torch.tensor([float(self.interrupt.requested)], device=self.device)
+        return bool(self.dist.all_reduce_mean(flag).item() > 0)
 
     def _stop_interrupted(self, logger: RunLogger) -> None:
         """After Ctrl-C, at a step boundary: log and save the current step unless it is saved

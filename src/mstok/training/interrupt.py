@@ -22,8 +22,8 @@ class DeferredInterrupt:
 
     Args:
         enabled: install the handler at all. It is only ever installed in the main thread (Python
-            delivers signals there) and when SIGINT is not ignored (a ``nohup`` job); a DDP job
-            passes False, as its ranks could not agree on the step to stop at.
+            delivers signals there) and when SIGINT is not ignored (a ``nohup`` job). Under DDP
+            every rank installs it and the engine makes the ranks agree on the step to stop at.
     """
 
     def __init__(self, enabled: bool = True) -> None:
