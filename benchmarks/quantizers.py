@@ -44,6 +44,11 @@ BOTTLENECKS: dict[str, tuple[dict[str, Any], str]] = {
     "VQ V=1024": ({}, "10"),
     "VQ V=1024 EMA + k-means": ({"quantizer": {"type": "vq", "ema": True, "kmeans_init": True}}, "10"),
     "FSQ 8-5-5-5": ({"quantizer": {"type": "fsq", "levels": [8, 5, 5, 5]}, "code_dim": 4}, "9.97"),
+    # latents L2-normalised to norm 1.5 before the bound: the tanh cannot saturate
+    "FSQ 8-5-5-5 l2-normed": (
+        {"quantizer": {"type": "fsq", "levels": [8, 5, 5, 5], "l2_norm_scale": 1.5}, "code_dim": 4},
+        "9.97",
+    ),
     "LFQ 10 bits": ({"quantizer": "lfq", "code_dim": 10}, "10"),
     "BSQ 10 bits": ({"quantizer": "bsq", "code_dim": 10}, "10"),
     # the papers' entropy weight (0.1) is set against their loss scale (perceptual + GAN terms);

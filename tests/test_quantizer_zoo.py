@@ -472,3 +472,19 @@ def test_out_of_range_ids_are_refused(name: str) -> None:
         q.indices_to_codes(torch.tensor([[q.codebook_size]]))
     with pytest.raises(ValueError, match="must be an integer tensor"):
         q.indices_to_codes(torch.zeros(1, 2))
+
+
+def test_fsq_l2_norm_option_bounds_the_input_and_is_otherwise_fsq() -> None:
+    import torch.nn.functional as F
+
+    z = torch.randn(2, 16, 4) * 10  # far out where tanh is flat
+    normed = build_quantizer({"type": "fsq", "levels": [8, 5, 5, 5], "l2_norm_scale": 1.5}, 4)
+    plain = build_quantizer({"type": "fsq", "levels": [8, 5, 5, 5]}, 4)
+    a, b = normed(z), plain(F.normalize(z, dim=-1) * 1.5)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.codes, b.codes)
+    assert torch.equal(normed.indices_to_codes(a.indices), a.codes)
+    z.requires_grad_(True)
+    normed(z).codes.sum().backward()
+    assert z.grad.abs().sum() > 0  # a gradient survives even for huge latents
+    with pytest.raises(ValueError, match="quantizer.l2_norm_scale must be a finite number > 0"):
+        build_quantizer({"type": "fsq", "levels": [8, 5, 5, 5], "l2_norm_scale": 0}, 4)

@@ -9,7 +9,11 @@ grid is shifted by ``offset = 1/2`` (and ``shift = atanh(offset / h)`` keeps z =
 point 0), so rounding gives the L integers ``-(L // 2) .. L - 1 - L // 2``; ``eps`` keeps the
 end points reachable. Codes are those integers divided by ``L // 2``, in [-1, 1]. The id is
 the mixed-radix number of the digits ``integer + L // 2`` with channel 0 least significant.
-There is no loss: the bounded grid cannot collapse the way a learned codebook can.
+There is no loss: the bounded grid cannot collapse the way a learned codebook can. It can
+still saturate: at tiny scale the early "mean image" phase drives the encoder's outputs out to
+where tanh is flat, and no gradient brings them back (benchmarks/quantizers.py). The option
+``l2_norm_scale`` (off by default: the paper's FSQ) L2-normalises each latent and scales it to
+that norm before the bound, so every channel stays within the scale and keeps a gradient.
 
 Written here rather than wrapping vector-quantize-pytorch's ``FSQ``: the definition is a few
 lines and that class needs three further packages (einx, loguru, torch-einops-utils). The tests
@@ -21,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from mstok.quantizers.base import MAX_ID_BITS, Quantizer, QuantizerOutput, check_ids, make_output
 from mstok.quantizers.binary import straight_through
@@ -34,9 +39,13 @@ class FiniteScalarQuantizer(Quantizer):
     Args:
         levels: L_d for each channel, each at least 2.
         code_dim: C, checked against ``len(levels)`` (no projection: the encoder emits C channels).
+        l2_norm_scale: when set, latents are L2-normalised and multiplied by it before the
+            bound (``None``: raw latents, as in the paper).
     """
 
-    def __init__(self, levels: list[int] | tuple[int, ...], code_dim: int | None = None) -> None:
+    def __init__(
+        self, levels: list[int] | tuple[int, ...], code_dim: int | None = None, l2_norm_scale: float | None = None
+    ) -> None:
         super().__init__()
         levels = list(levels)
         if not levels or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in levels):
@@ -49,6 +58,7 @@ class FiniteScalarQuantizer(Quantizer):
         if math.prod(levels) > 2**MAX_ID_BITS:
             raise ValueError(f"fsq: levels {levels} give {math.prod(levels)} codes, more than int64 ids allow")
         self.levels = levels
+        self.l2_norm_scale = l2_norm_scale
         self.code_dim = len(levels)
         self.codebook_size = math.prod(levels)
         # non-persistent: derived from the config, so old/new state_dicts need not carry them
@@ -70,7 +80,10 @@ class FiniteScalarQuantizer(Quantizer):
         if z.shape[-1] != self.code_dim:
             raise ValueError(f"fsq: expected latents with {self.code_dim} channels, got shape {tuple(z.shape)}")
         with torch.autocast(device_type=z.device.type, enabled=False):
-            bounded = self._bound(z.float())
+            z = z.float()
+            if self.l2_norm_scale is not None:
+                z = F.normalize(z, dim=-1) * self.l2_norm_scale
+            bounded = self._bound(z)
             rounded = straight_through(bounded.round(), bounded)
             half_width = torch.div(self._levels, 2, rounding_mode="floor")
             codes = rounded / half_width

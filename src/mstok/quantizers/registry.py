@@ -104,12 +104,14 @@ class FSQSpec(QuantizerSpec):
     """Finite scalar quantization (:class:`~mstok.quantizers.FiniteScalarQuantizer`)."""
 
     levels: tuple[int, ...] = ()
+    l2_norm_scale: float | None = None
 
     kind = "fsq"
     quantizer_class = FiniteScalarQuantizer
     field_rules: ClassVar[dict[str, Rule]] = {
         # a channel with one level carries no information
         "levels": Rule(min_len=1, item=Rule(ge=2, cap=2**16)),
+        "l2_norm_scale": STRICTLY_POSITIVE,
     }
 
     def check_code_dim(self, code_dim: int) -> None:
@@ -127,7 +129,7 @@ class FSQSpec(QuantizerSpec):
 
     def build(self, code_dim: int) -> Quantizer:
         self.check_code_dim(code_dim)
-        return FiniteScalarQuantizer(list(self.levels), code_dim=code_dim)
+        return FiniteScalarQuantizer(list(self.levels), code_dim=code_dim, l2_norm_scale=self.l2_norm_scale)
 
 
 @dataclass
