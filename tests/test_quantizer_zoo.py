@@ -486,5 +486,5 @@ def test_fsq_l2_norm_option_bounds_the_input_and_is_otherwise_fsq() -> None:
     z.requires_grad_(True)
     normed(z).codes.sum().backward()
     assert z.grad.abs().sum() > 0  # a gradient survives even for huge latents
-    with pytest.raises(ValueError, match="quantizer.l2_norm_scale must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"quantizer\.l2_norm_scale must be a finite number > 0"):
         build_quantizer({"type": "fsq", "levels": [8, 5, 5, 5], "l2_norm_scale": 0}, 4)
