@@ -17,7 +17,9 @@ use only this contract, never a quantizer's internals:
 - ``step_hook(latents, ids, **settings)``: called by a trainer after each optimizer step
   (VQ revives dead codes there); a no-op by default;
 - ``frozen``: set by a trainer whose stage holds the quantizer fixed; a quantizer that updates
-  itself in a training-mode forward (EMA codebook, k-means init) must not do so while frozen.
+  itself in a training-mode forward (EMA codebook, k-means init) must not do so while frozen;
+- ``stochastic``: True for a quantizer whose forward takes ``sample=`` (a Gaussian bottleneck:
+  a draw in training mode, the mean in eval mode, unless ``sample`` says otherwise).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class Quantizer(nn.Module):
     code_dim: int
     codebook_size: int | None
     frozen: bool = False  # the training stage holds this quantizer fixed (no self-updates)
+    stochastic: bool = False  # forward takes sample= (see the module docstring)
 
     @property
     def input_dim(self) -> int:

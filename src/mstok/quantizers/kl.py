@@ -27,6 +27,8 @@ class KLQuantizer(Quantizer):
         kl_weight: weight of the KL term in ``losses["kl"]``.
     """
 
+    stochastic = True  # forward takes sample=
+
     def __init__(self, code_dim: int, kl_weight: float = 1e-6) -> None:
         super().__init__()
         if isinstance(code_dim, bool) or not isinstance(code_dim, int) or code_dim < 1:

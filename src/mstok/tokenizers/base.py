@@ -279,7 +279,7 @@ class Tokenizer(SavedModel, nn.Module):
         """Validate token ids: integer (B, K) with every id in [0, V); or, for a continuous
         bottleneck, finite float latents (B, K, C)."""
         if self.vocab_size is None:
-            kind = "VAE" if self.quantizer.input_dim != self.quantizer.code_dim else "unquantized"
+            kind = "VAE" if self.is_vae else "unquantized"
             return check_latents(tokens, self.config.num_latent_tokens, self.config.code_dim, kind)
         return check_tokens(tokens, self.config.num_latent_tokens, self.vocab_size)
 
@@ -309,7 +309,7 @@ class Tokenizer(SavedModel, nn.Module):
     @property
     def is_vae(self) -> bool:
         """True for a Gaussian bottleneck (``quantizer="vae"`` or a ``kl`` table)."""
-        return self.config.quantizer_spec().kind == "kl"
+        return self.quantizer.stochastic
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
@@ -319,10 +319,9 @@ class Tokenizer(SavedModel, nn.Module):
         if sample and not self.is_vae:
             raise ValueError("sample=True is for VAE tokenizers (quantizer='vae'); this one has no posterior to sample")
         z = self.encoder(self.check_images(images))
-        if self.is_vae:
-            return self.quantizer(z, sample=sample).codes  # the mean unless sampling
-        quant = self.quantizer(z)
-        return quant.latents if quant.indices is None else quant.indices
+        # a VAE: the mean unless sampling, whatever the module's mode
+        quant = self.quantizer(z, sample=sample) if self.is_vae else self.quantizer(z)
+        return quant.codes if quant.indices is None else quant.indices
 
     @torch.no_grad()
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
