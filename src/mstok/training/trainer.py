@@ -90,9 +90,9 @@ class Trainer(Engine):
         if config.stage.pixel_decoder_from_proxy:
             copy_pixel_decoder(model, self.proxy)
         self.trainable, self.frozen = apply_stage(model, config.stage.train)
-        # a stage that freezes the quantizer (TiTok's stage 2) must not move its codes either
-        self.quantizer_trains = not any(name.startswith("quantizer.") for name in self.frozen)
-        model.quantizer.frozen = not self.quantizer_trains  # no EMA / k-means update in forward either
+        # a stage that freezes the quantizer (TiTok's stage 2) must not move its codes either:
+        # no EMA / k-means update in forward, no step_hook
+        model.quantizer.frozen = any(name.startswith("quantizer.") for name in self.frozen)
 
         self.loss_fn, self.adversarial = build_loss(config, self.device)
         check_model_fits_loss(model, self.loss_fn, self.proxy)
@@ -245,7 +245,7 @@ class Trainer(Engine):
             return sums
         all_indices = self.dist.all_gather_cat(torch.cat(indices), same_size=True)  # SkipBroken fixes sizes
         quantizer = self.model.quantizer
-        if self.quantizer_trains:  # the quantizer's own per-step update (VQ: dead-code revival)
+        if not quantizer.frozen:  # the quantizer's own per-step update (VQ: dead-code revival)
             all_latents = self.dist.all_gather_cat(torch.cat(latents), same_size=True)
             sums.update(quantizer.step_hook(all_latents, all_indices, dead_code_threshold=cfg.dead_code_threshold))
         sums.update(quantizer.usage_tensors(all_indices))
