@@ -46,6 +46,8 @@ class QuantizerSpec(ConfigDict):
 
     kind: ClassVar[str] = ""
     quantizer_class: ClassVar[type[Quantizer]]
+    # settings without a default: name -> what the error says when a table leaves it out
+    required: ClassVar[dict[str, str]] = {}
 
     def settings(self) -> dict[str, Any]:
         """The settings given (``None`` = the quantizer's default, left out)."""
@@ -72,7 +74,7 @@ class QuantizerSpec(ConfigDict):
 class VQSpec(QuantizerSpec):
     """Nearest-neighbour vector quantization (:class:`~mstok.quantizers.VectorQuantizer`)."""
 
-    codebook_size: int | None = None  # required; a tokenizer fills it from its own field
+    codebook_size: int  # a tokenizer fills it from its own field
     use_l2_norm: bool | None = None
     commitment_weight: float | None = None
     ema: bool | None = None
@@ -83,6 +85,7 @@ class VQSpec(QuantizerSpec):
 
     kind = "vq"
     quantizer_class = VectorQuantizer
+    required: ClassVar[dict[str, str]] = {"codebook_size": "is required for a 'vq' quantizer"}
     field_rules: ClassVar[dict[str, Rule]] = {
         "codebook_size": Rule(ge=2, cap=MAX_CODEBOOK, why="the codebook is allocated up front"),
         "commitment_weight": NON_NEGATIVE,
@@ -90,10 +93,6 @@ class VQSpec(QuantizerSpec):
         "ema_eps": STRICTLY_POSITIVE,
         "kmeans_iters": POSITIVE,
     }
-
-    def check_code_dim(self, code_dim: int) -> None:
-        if self.codebook_size is None:
-            raise ConfigError("codebook_size", "is required for a 'vq' quantizer")
 
     def vocab_size(self, code_dim: int) -> int | None:
         return self.codebook_size
@@ -103,11 +102,12 @@ class VQSpec(QuantizerSpec):
 class FSQSpec(QuantizerSpec):
     """Finite scalar quantization (:class:`~mstok.quantizers.FiniteScalarQuantizer`)."""
 
-    levels: tuple[int, ...] = ()
+    levels: tuple[int, ...]
     l2_norm_scale: float | None = None
 
     kind = "fsq"
     quantizer_class = FiniteScalarQuantizer
+    required: ClassVar[dict[str, str]] = {"levels": "is required for an 'fsq' quantizer, e.g. levels = [8, 5, 5, 5]"}
     field_rules: ClassVar[dict[str, Rule]] = {
         # a channel with one level carries no information
         "levels": Rule(min_len=1, item=Rule(ge=2, cap=2**16)),
@@ -225,8 +225,9 @@ def parse_spec(spec: Any) -> QuantizerSpec:
     if unknown:
         hint = " (a continuous bottleneck has no ids, so no codebook)" if "codebook_size" in unknown else ""
         raise ConfigError(unknown[0], f"is not a setting of a {kind!r} quantizer{hint}; allowed: {', '.join(allowed)}")
-    if kind == "fsq" and "levels" not in settings:
-        raise ConfigError("levels", "is required for an 'fsq' quantizer, e.g. levels = [8, 5, 5, 5]")
+    missing = next((key for key in cls.required if key not in settings), None)
+    if missing is not None:
+        raise ConfigError(missing, cls.required[missing])
     return cls(**settings)
 
 
