@@ -403,13 +403,13 @@ def load_train_config(
                 raise ValueError(f"{path} is not a valid saved config: not JSON ({err})") from None
             if not isinstance(values, dict):
                 raise ValueError(f"{path} is not a valid saved config: not a JSON object")
-            return _build(kind, apply_overrides(values, overrides or []), "")
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not valid TOML: it is not UTF-8 text ({err})") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path} is not valid TOML: {err}") from err
+        else:
+            try:
+                values = tomllib.loads(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} is not valid TOML: it is not UTF-8 text ({err})") from None
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"{path} is not valid TOML: {err}") from err
     return _build(kind, apply_overrides(values, overrides or []), "")
 
 
