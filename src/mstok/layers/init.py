@@ -26,6 +26,9 @@
   that ``q_i . k_j`` starts as a similarity of tokens i and j instead of a random bilinear
   form. Tokens then attend to tokens like them from the first step; with sin-cos positions
   that means nearby positions, and with grid latents, latent k reads its own region.
+* Modules flagged ``zero_init = True`` (set by :func:`~mstok.layers.adaln.zero_init`), last:
+  every parameter in them zero. The adaLN-Zero modulations and the final projection of a DiT
+  start there, so each block starts as the identity and the model's output as zero.
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ def init_weights(model: nn.Module) -> None:
     for module in model.modules():  # after every Linear is initialised
         if getattr(module, "mimetic_init", False):
             tie_query_key(module)
+    for module in model.modules():  # last: no other rule may overwrite a zero start
+        if getattr(module, "zero_init", False):
+            for param in module.parameters():
+                nn.init.zeros_(param)
 
 
 @torch.no_grad()
