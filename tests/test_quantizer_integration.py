@@ -126,10 +126,10 @@ def test_evaluation_reports_usage_of_a_huge_codebook_without_a_v_sized_tensor():
     assert 0 <= results["bit_usage"] <= 1 and results["perplexity_bits"] >= 1
 
 
-def test_continuous_tokenizers_are_refused_by_pretokenize(tmp_path):
+def test_continuous_tokenizers_pretokenize_to_latents(tmp_path):
     model = create_tokenizer("titok_tiny", quantizer="none")
-    with pytest.raises(ValueError, match=r"continuous .*latents, not ids"):
-        pretokenize(model, _photos(), tmp_path / "tokens", progress=False)
+    index = pretokenize(model, _photos(), tmp_path / "tokens", progress=False)  # float16 latents (tokens.py)
+    assert index["continuous"] and index["codebook_size"] is None and index["token_dim"] == model.config.code_dim
 
 
 def test_a_quantizer_table_in_the_training_config(tmp_path):

@@ -23,7 +23,7 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from mstok.generators import GENERATOR_PRESETS, create_generator
+    from mstok.generators import GENERATOR_PRESETS, create_generator, family_of
     from mstok.tokenizers.registry import PRESETS, create_tokenizer
 
     rows = []
@@ -46,12 +46,13 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for name in GENERATOR_PRESETS:
         with torch.device("meta"):
             gen = create_generator(name)
-        c = gen.config
-        layout = f"{c.architecture}, {'pre' if c.norm_first else 'post'}-LN"
-        rows.append((name, layout, f"{c.width}x{c.depth}/{c.num_heads}", str(c.num_tokens), str(c.codebook_size),
+        c, family = gen.config, family_of(gen)
+        tokens = family.tokens(c)  # V for ids, C for latents
+        size = f"C={tokens.size}" if tokens.continuous else str(tokens.size)
+        rows.append((name, family.layout(c), f"{c.width}x{c.depth}/{c.num_heads}", str(c.num_tokens), size,
                      str(c.num_classes), f"{gen.parameter_counts()['total'] / 1e6:.2f}M"))  # fmt: skip
     print()
-    _print_table(("generator", "layout", "width x depth/heads", "K", "V", "classes", "total"), rows)
+    _print_table(("generator", "layout", "width x depth/heads", "K", "V / C", "classes", "total"), rows)
     return 0
 
 
@@ -153,6 +154,7 @@ def _cmd_data_to_shards(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mstok.evaluation import evaluate as ev
+    from mstok.evaluation import uniformity
     from mstok.evaluation.inception import FID_WEIGHTS_FILENAME
     from mstok.losses.perceptual import LPIPS_FILENAME, VGG16_FILENAME
     from mstok.training.checkpoint import load_tokenizer_folder
@@ -163,11 +165,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     # check the inputs before the (slow) metric networks load, so a wrong path fails at once
     if args.generated:
+        if args.latent_stats is not None:
+            raise ValueError("--latent-stats measures a tokenizer's latents: it needs --checkpoint and --data")
         if not args.reference:
             raise ValueError("--generated needs --reference stats.npz (precompute it with `mstok eval --data`)")
     else:
         if not (args.checkpoint and args.data):
             raise ValueError("mstok eval needs --checkpoint DIR and --data DIR (or --generated DIR --reference FILE)")
+        if args.latent_stats is not None:
+            if args.latent_stats < uniformity.MIN_POINTS:
+                minimum = uniformity.MIN_POINTS
+                raise ValueError(f"--latent-stats needs at least {minimum} images, got {args.latent_stats}")
+            uniformity.require_sklearn()  # fail before the evaluation, not after it
         model, folder, weights = load_tokenizer_folder(args.checkpoint, args.weights, "--checkpoint")
         out = out or default_out_dir(folder, "eval") / "results.json"
         dataset = ev.eval_dataset(args.data, check_resolution(model, args.resolution), args.max_pixels)
@@ -203,10 +212,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             fid_method=args.fid_method,
         )
         results = {"checkpoint": str(folder), "weights": weights, "data": str(args.data), **results}
+        if args.latent_stats is not None:
+            _add_latent_stats(results, model, dataset, args, out.parent / "latent_tsne.png")
     print(ev.write_results(results, out))
     if out is not None:
-        print(f"results written to {out}" + ("" if args.generated else " (grid.png beside it)"))
+        beside = "grid.png" + (", latent_tsne.png" if results.get("latent_gini") is not None else "")
+        print(f"results written to {out}" + ("" if args.generated else f" ({beside} beside it)"))
     return 0
+
+
+def _add_latent_stats(results: dict, model: torch.nn.Module, dataset, args: argparse.Namespace, plot: Path) -> None:
+    """``mstok eval --latent-stats N``: the latent-uniformity statistics as ``latent_*`` results and
+    their t-SNE plot; latents with no spread to measure make them unavailable, not the evaluation."""
+    from mstok.evaluation import uniformity
+
+    batches = uniformity.dataset_batches(dataset, args.latent_stats, args.batch_size, args.num_workers)
+    try:
+        stats = uniformity.latent_uniformity(model, batches)
+    except ValueError as err:
+        logging.getLogger(__name__).warning("latent uniformity unavailable: %s", err)
+        results.update(dict.fromkeys(("latent_density_cv", "latent_gini", "latent_normalized_entropy")))
+        results["unavailable"]["latent_uniformity"] = str(err)
+        return
+    points, densities = stats.pop("points"), stats.pop("densities")
+    results.update({f"latent_{key}": value for key, value in stats.items()})
+    title = f"CV {stats['density_cv']:.3f}  Gini {stats['gini']:.3f}  H {stats['normalized_entropy']:.3f}"
+    uniformity.save_scatter(points, densities, plot, title)
 
 
 def _parse_split(text: str) -> tuple[int, int]:
@@ -339,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy = sub.add_parser("train-proxy", help="train a MaskGIT-VQGAN proxy tokenizer for two-stage training")
     train_gen = sub.add_parser(
-        "train-generator", help="train a MaskGIT generator on `mstok pretokenize` shards; runs under torchrun too"
+        "train-generator",
+        help="train a generator (MaskGIT on token ids, DiT on latents) on `mstok pretokenize` shards; runs under "
+        "torchrun too",
     )
     for command in (train, proxy, train_gen):
         command.add_argument(
@@ -395,6 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N images")
     evaluate.add_argument("--num-workers", type=int, default=2)
+    evaluate.add_argument(
+        "--latent-stats",
+        type=int,
+        metavar="N",
+        help="also measure how uniformly the first N images spread over the latent space (HieraTok Table 5: "
+        "density CV, Gini, normalized entropy of a KDE over a t-SNE, seed 0; needs scikit-learn, "
+        'pip install "mstok[eval]"); latent_tsne.png goes beside the results',
+    )
     evaluate.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
     evaluate.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file (default: the cache)")
     evaluate.add_argument("--vgg-weights", help="torchvision vgg16 weights file for LPIPS (default: the cache)")

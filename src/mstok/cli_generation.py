@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mstok.cli_errors import MAX_PIXELS_HELP, positive_int
+
+if TYPE_CHECKING:
+    from mstok.generators import GeneratorFamily
 
 # every command that reads a model says the same (the rule is mstok.weights.locate_model, as in mstok.load_tokenizer)
 MODEL_HELP = "a run folder (its newest checkpoint), a checkpoint or saved-model folder, or a weights file in one"
@@ -45,12 +49,19 @@ def add_generation_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
     pretok = sub.add_parser(
-        "pretokenize", help="encode a dataset once into token shards for generator training (torchrun works too)"
+        "pretokenize",
+        help="encode a dataset once into token shards (ids, or float16 latents of a continuous tokenizer) for "
+        "generator training (torchrun works too)",
     )
     pretok.add_argument("--checkpoint", required=True, help=f"the tokenizer: {MODEL_HELP}")
     pretok.add_argument("--data", required=True, help="image folder or shards (resize + center crop)")
     pretok.add_argument("--out", required=True, help="token-shard folder (an unfinished run there is resumed)")
     pretok.add_argument("--flip", action="store_true", help="also encode the horizontally flipped images")
+    pretok.add_argument(
+        "--sample-latents",
+        action="store_true",
+        help="a VAE tokenizer: store one posterior sample per image instead of the posterior mean (the default)",
+    )
     pretok.add_argument("--weights", help=WEIGHTS_HELP)
     pretok.add_argument("--resolution", type=int, help="image resolution (default: the tokenizer's)")
     pretok.add_argument("--batch-size", type=int, default=64, help="images per encode call (default 64)")
@@ -65,7 +76,7 @@ def _add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
-    from mstok.generators import SamplingConfig, generate_images, load_generator
+    from mstok.generators import check_tokenizer, family_of, generate_images, load_generator
     from mstok.generators.sampling import write_samples
     from mstok.training.checkpoint import load_tokenizer_folder
     from mstok.training.distributed import resolve_device
@@ -75,20 +86,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     folder, weights = locate_model(args.generator, args.weights, "--generator")
     generator = load_generator(folder, weights).to(device)
     tokenizer = load_tokenizer_folder(args.tokenizer, args.tokenizer_weights, "--tokenizer")[0].to(device)
-    g, t = generator.config, tokenizer.config
-    if (g.num_tokens, g.codebook_size) != (t.num_latent_tokens, tokenizer.vocab_size):
-        raise ValueError(
-            f"the generator models K={g.num_tokens}, V={g.codebook_size} tokens but the tokenizer has "
-            f"K={t.num_latent_tokens}, V={tokenizer.vocab_size}: use the tokenizer its tokens came from"
-        )
+    check_tokenizer(generator, tokenizer)  # ids of the same K and V, or latents of the same K and C
+    g, family = generator.config, family_of(generator)
     class_names = _check_generator_tokens(folder, tokenizer)
     classes = parse_classes(args.classes, g.num_classes)
     labels = torch.tensor(classes).repeat_interleave(args.n)
     grid = args.out
     if not (grid or args.out_dir):
         grid = default_out_dir(folder, "sample") / "grid.png"
-    base = {**SamplingConfig().to_dict(), **_sampling_file(args.sampling, folder)}
-    config = SamplingConfig.from_dict({**base, **_sampling_fields(args)})
+    settings = family.sampling_class
+    config = settings.from_dict({**_sampling_file(args.sampling, folder), **_sampling_fields(args, family)})
     started = time.perf_counter()
     images, ids = generate_images(
         generator, tokenizer, labels, config, args.seed, args.batch_size, progress=not args.no_progress
@@ -144,7 +151,7 @@ def _check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> list[st
 
 
 def _sampling_file(given: str | None, folder: Path) -> dict:
-    """SamplingConfig fields from ``--sampling FILE``, else from the generator folder's ``sampling.json``
+    """Sampling-settings fields from ``--sampling FILE``, else from the generator folder's ``sampling.json``
     (``mstok convert titok-generator`` writes the release's official settings there), else none."""
     import json
 
@@ -163,16 +170,26 @@ def _sampling_file(given: str | None, folder: Path) -> dict:
     return values
 
 
-def _sampling_fields(args: argparse.Namespace) -> dict:
-    """The sampling flags that were given, as SamplingConfig fields."""
-    names = ("steps", "schedule", "temperature", "choice_temperature", "confidence", "guidance_scale",
-             "guidance_schedule", "guidance_power")  # fmt: skip
-    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.anneal_temperature:
-        fields["anneal_temperature"] = True
-    if args.softmax_annealing:
-        fields["softmax_annealing"] = True
-    return fields
+# the sampling flags of `mstok sample`, by the sampling-settings field each sets
+SAMPLING_FLAGS = ("steps", "schedule", "temperature", "choice_temperature", "confidence", "guidance_scale",
+                  "guidance_schedule", "guidance_power", "anneal_temperature", "softmax_annealing", "sampler",
+                  "eta")  # fmt: skip
+
+
+def _sampling_fields(args: argparse.Namespace, family: GeneratorFamily) -> dict:
+    """The sampling flags that were given, as fields of the generator family's sampling settings
+    (a flag of another family's sampler is an error naming the flags that apply)."""
+    # None: a value flag not given; False: a switch not given (a 0 given is kept)
+    given = {
+        name: value for name in SAMPLING_FLAGS if (value := getattr(args, name)) is not None and value is not False
+    }
+    fields = family.sampling_class.field_names()
+    foreign = [name for name in given if name not in fields]
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        usable = ", ".join("--" + name.replace("_", "-") for name in SAMPLING_FLAGS if name in fields)
+        raise ValueError(f"{flags}: not a setting of {family.title} sampling; this generator takes {usable}")
+    return given
 
 
 def _cmd_pretokenize(args: argparse.Namespace) -> int:
@@ -195,6 +212,7 @@ def _cmd_pretokenize(args: argparse.Namespace) -> int:
             dataset,
             args.out,
             flip=args.flip,
+            sample_latents=args.sample_latents,
             batch_size=args.batch_size,
             device=dist.device,
             rank=dist.rank,
@@ -209,16 +227,18 @@ def _cmd_pretokenize(args: argparse.Namespace) -> int:
     finally:
         dist.shutdown()
     if dist.is_main:
+        tokens = f"K={index['num_tokens']}" + (f", C={index['token_dim']} latents" if index.get("continuous") else "")
         print(
             f"pretokenized {index['num_images']} images ({index['num_valid']} valid, {index['views']} view(s), "
-            f"K={index['num_tokens']}) into {len(index['shards'])} shards in {args.out} "
-            f"in {time.perf_counter() - started:.1f} s"
+            f"{tokens}) into {len(index['shards'])} shards in {args.out} in {time.perf_counter() - started:.1f} s"
         )
     return 0
 
 
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
-    sample = sub.add_parser("sample", help="generate images of some classes with a generator + its tokenizer")
+    sample = sub.add_parser(
+        "sample", help="generate images of some classes with a generator (MaskGIT or DiT) + its tokenizer"
+    )
     sample.add_argument("--generator", required=True, help=f"the generator: {MODEL_HELP}")
     sample.add_argument(
         "--tokenizer", required=True, help=f"the tokenizer the generator's tokens came from: {MODEL_HELP}"
@@ -238,7 +258,14 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample.add_argument(
         "--sampling", metavar="FILE", help="JSON of sampling settings (default: the generator's sampling.json if any)"
     )
-    sample.add_argument("--steps", type=int, help="sampling steps S (default 8)")
+    sample.add_argument(
+        "--steps", type=int, help="sampling steps S (MaskGIT default 8; DiT: 250 for ddpm/ddim, 50 for euler/heun)"
+    )
+    sample.add_argument(
+        "--sampler",
+        help="DiT: ddpm or ddim for a DDPM-trained model, euler or heun for a flow one (default: ddpm or euler)",
+    )
+    sample.add_argument("--eta", type=float, help="DiT with --sampler ddim: the noise scale eta in [0, 1] (default 0)")
     sample.add_argument("--schedule", help="masking schedule: arccos (default), cosine, linear, sqrt")
     sample.add_argument("--temperature", type=float, help="token sampling temperature (default 1.0)")
     sample.add_argument("--anneal-temperature", action="store_true", help="scale the temperature by 1 - t/S")
@@ -247,7 +274,12 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     )
     sample.add_argument("--choice-temperature", type=float, help="confidence Gumbel noise, annealed (default 4.5)")
     sample.add_argument("--confidence", help="log_prob (default) or logit (official TiTok)")
-    sample.add_argument("--guidance-scale", type=float, help="CFG weight w: cond + w (cond - uncond); 0 = none")
+    sample.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="classifier-free guidance: MaskGIT's weight w in cond + w (cond - uncond), 0 = none (default); a DiT's "
+        "scale s in uncond + s (cond - uncond), 1 = none (default); s = 1 + w",
+    )
     sample.add_argument("--guidance-schedule", help="constant (default), linear, power_cosine")
     sample.add_argument("--guidance-power", type=float, help="exponent of power_cosine (default 3)")
     sample.add_argument("--weights", help=f"generator weights: {WEIGHTS_HELP}")

@@ -1,4 +1,4 @@
-"""Pre-tokenized token shards: encode a dataset once, train generators on the ids.
+"""Pre-tokenized token shards: encode a dataset once, train generators on the tokens.
 
 A token-shard folder (written by :func:`pretokenize`, behind ``mstok pretokenize``) holds::
 
@@ -15,6 +15,18 @@ an interrupted run resumes by skipping the shard files that exist; shard ``s`` b
 rank ``s % world_size``, which lets a resumed run use another number of processes.
 ``meta.json`` pins the tokenizer (config and a hash of its weights): tokens from two different
 tokenizers never end up in one folder. :class:`TokenDataset` reads a complete folder back.
+
+**Continuous tokens.** A tokenizer with a continuous bottleneck (``quantizer="vae"`` or
+``"none"``) has latents, not ids: its shards hold ``tokens`` (n, views, K, C) float16 (half
+the bytes of float32; a DiT trains on them in float32). For a VAE they are the posterior
+means by default, or one posterior sample per image with ``sample_latents`` (drawn from a
+seed fixed by the batch's first dataset index, so any number of ranks writes the same
+bytes). The metadata says ``"continuous": true`` with ``token_dim`` C and ``sampled``, and
+``codebook_size`` is null; ``index.json`` adds ``latent_mean`` and ``latent_std``: per-channel
+(C values each) mean and population standard deviation of the stored latents over every
+valid image, view and token, accumulated in float64. Per channel rather than one global
+scale because a KL bottleneck's channels differ in spread by orders of magnitude; a
+generator normalises each channel to zero mean and unit variance with them.
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ META_NAME = "meta.json"
 INDEX_NAME = "index.json"
 SHARD_PATTERN = "shard-{:06d}.safetensors"
 # what must agree between a folder's meta.json and a run that adds shards to it
-_PINNED = ("format", "version", "views", "resolution", "shard_size", "num_images")
+_PINNED = ("format", "version", "views", "resolution", "shard_size", "num_images", "sampled")
 _IDENTITY_KEYS = ("family", "config", "weights_sha256")
 _FINISH = "run mstok pretokenize to completion first"
 
@@ -99,10 +111,10 @@ def _check_meta(out: Path, stored: dict[str, Any], meta: dict[str, Any]) -> None
             f"from {stored['tokenizer'].get('checkpoint') or 'an unnamed checkpoint'}): pretokenize refuses to mix "
             "shards from different tokenizers; write to another --out folder"
         )
-    for key in _PINNED:
-        if stored.get(key) != meta[key]:
+    for key in _PINNED:  # "sampled" exists for continuous tokens only
+        if stored.get(key) != meta.get(key):
             raise ValueError(
-                f"{where} has {key}={stored.get(key)!r} but this run has {key}={meta[key]!r}: pretokenize "
+                f"{where} has {key}={stored.get(key)!r} but this run has {key}={meta.get(key)!r}: pretokenize "
                 "refuses to mix shards from different tokenizers or settings; write to another --out folder"
             )
 
@@ -142,6 +154,7 @@ def pretokenize(
     out_dir: str | Path,
     *,
     flip: bool = False,
+    sample_latents: bool = False,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     rank: int = 0,
@@ -156,12 +169,14 @@ def pretokenize(
     """Encode every item of ``dataset`` with ``tokenizer`` into token shards under ``out_dir``.
 
     Args:
-        tokenizer: a TiTok/MsTok tokenizer (``encode`` gives (B, K) ids).
+        tokenizer: a 1D tokenizer (``encode`` gives (B, K) ids, or (B, K, C) latents for a
+            continuous bottleneck: stored as float16, see the module docstring).
         dataset: indexed by ``(index, seed)``, returns ``(image (3, S, S) in [0, 1], label)`` or
             None for an undecodable file (e.g. :func:`open_image_dataset` with
             :func:`center_crop_transform`); seed 0 is used.
         out_dir: the token-shard folder; existing shards of the same run are kept (resume).
         flip: also store the tokens of the horizontally flipped image (views = 2).
+        sample_latents: a VAE tokenizer's latents are posterior samples instead of means.
         rank, world_size: this process among the writers; shard ``s`` is written by rank
             ``s % world_size``. ``barrier`` synchronizes them (a no-op for one process).
         source, checkpoint: recorded in the metadata.
@@ -172,7 +187,7 @@ def pretokenize(
 
     Raises:
         ValueError: when ``out_dir`` holds shards of another tokenizer or other settings, or is
-            a non-empty folder that is not a token-shard folder.
+            a non-empty folder that is not a token-shard folder; when latents leave float16's range.
     """
     if not hasattr(tokenizer.config, "num_latent_tokens"):
         raise ValueError(f"pretokenize needs a 1D tokenizer (TiTok, MsTok), got {type(tokenizer).__name__}")
@@ -184,10 +199,11 @@ def pretokenize(
     if num_images < 1:
         raise ValueError("pretokenize got an empty dataset")
     cfg, out = tokenizer.config, Path(out_dir)
-    if tokenizer.vocab_size is None:
+    continuous = tokenizer.vocab_size is None
+    if sample_latents and not (continuous and tokenizer.is_vae):
         raise ValueError(
-            f"pretokenize needs token ids, but this tokenizer's bottleneck is continuous "
-            f"(quantizer={cfg.quantizer!r}): it has latents, not ids, to store"
+            f"sample_latents draws from a VAE's posterior, but this tokenizer's bottleneck is "
+            f"quantizer={cfg.quantizer!r}: only quantizer='vae' tokenizers have one"
         )
     meta = {
         "format": FORMAT,
@@ -202,6 +218,8 @@ def pretokenize(
         "source": str(source),
         "classes": [str(name) for name in getattr(dataset, "classes", [])],  # labels of `mstok sample` grids
     }
+    if continuous:
+        meta.update(continuous=True, token_dim=cfg.code_dim, sampled=sample_latents)
     _prepare_folder(out, meta, rank)
     num_shards = math.ceil(num_images / shard_size)
     files = [out / SHARD_PATTERN.format(s) for s in range(num_shards)]
@@ -232,7 +250,13 @@ def pretokenize(
         if batches
         else []
     )
-    dtype, views, k = token_dtype(tokenizer.vocab_size), meta["views"], cfg.num_latent_tokens
+    views = meta["views"]
+    # a row of one view: K ids, or K latents of C channels
+    dtype, row = (
+        (torch.float16, (cfg.num_latent_tokens, cfg.code_dim))
+        if continuous
+        else (token_dtype(tokenizer.vocab_size), (cfg.num_latent_tokens,))
+    )
     bar = tqdm(total=sum(len(b) for b in batches), disable=not (progress and rank == 0), desc="pretokenize", unit="img")
     current: dict[str, Any] | None = None
     with torch.inference_mode():
@@ -243,18 +267,21 @@ def pretokenize(
                 current = {
                     "shard": shard,
                     "filled": 0,
-                    "tokens": torch.zeros(count, views, k, dtype=dtype),  # (n_s, views, K)
+                    "tokens": torch.zeros(count, views, *row, dtype=dtype),  # (n_s, views, K[, C])
                     "labels": torch.full((count,), -1, dtype=torch.long),
                     "valid": torch.zeros(count, dtype=torch.bool),
                 }
             rows = slice(lo, lo + len(keys))
             if images is not None:
                 images = images.to(dev, non_blocking=True)
-                encoded = [tokenizer.encode(images)]
-                if flip:
-                    encoded.append(tokenizer.encode(images.flip(-1)))
-                block = torch.zeros(len(keys), views, k, dtype=dtype)
-                block[valid] = torch.stack(encoded, dim=1).to("cpu", dtype)  # (B', views, K)
+                encoded = _encode_views(tokenizer, images, flip, sample_latents, seed=keys[0][0])
+                block = torch.zeros(len(keys), views, *row, dtype=dtype)
+                block[valid] = encoded.to("cpu", dtype)  # (B', views, K[, C])
+                if continuous and not bool(block.isfinite().all()):
+                    raise ValueError(
+                        f"the latents of images {keys[0][0]}..{keys[-1][0]} are not finite in float16 (|x| > "
+                        f"65504, or NaN from the tokenizer): they cannot be stored as continuous tokens"
+                    )
                 current["tokens"][rows] = block
             current["labels"][rows], current["valid"][rows] = labels, valid
             current["filled"] += len(keys)
@@ -276,6 +303,40 @@ def pretokenize(
     return json.loads(index_path.read_text()) if index_path.is_file() else {**meta, "complete": False}
 
 
+def _encode_views(tokenizer: nn.Module, images: torch.Tensor, flip: bool, sample: bool, seed: int) -> torch.Tensor:
+    """(B, views, K) ids or (B, views, K, C) latents of a batch (and of its mirror image with
+    ``flip``). Posterior samples draw from torch's RNG seeded with ``seed`` (the batch's first
+    dataset index) inside a fork of it, so they do not depend on the ranks or on earlier batches."""
+    if not sample:
+        views = [tokenizer.encode(images)] + ([tokenizer.encode(images.flip(-1))] if flip else [])
+        return torch.stack(views, dim=1)
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        views = [tokenizer.encode(images, sample=True)]
+        if flip:
+            views.append(tokenizer.encode(images.flip(-1), sample=True))
+    return torch.stack(views, dim=1)
+
+
+def _latent_statistics(files: list[Path]) -> dict[str, list[float]]:
+    """Per-channel mean and population std of the valid rows' latents, in float64, one shard
+    in memory at a time."""
+    total = square = None
+    count = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            tokens, valid = handle.get_tensor("tokens"), handle.get_tensor("valid")
+        values = tokens[valid].double().flatten(0, -2)  # (n * views * K, C)
+        sums, squares = values.sum(0), values.square().sum(0)
+        total = sums if total is None else total + sums
+        square = squares if square is None else square + squares
+        count += values.shape[0]
+    mean = total / max(count, 1)
+    std = (square / max(count, 1) - mean.square()).clamp_min(0.0).sqrt()
+    return {"latent_mean": mean.tolist(), "latent_std": std.tolist()}
+
+
 def _write_index(out: Path, meta: dict[str, Any], files: list[Path]) -> dict[str, Any]:
     """Rank 0, after every rank finished: list the shards and write index.json."""
     missing = [f.name for f in files if not f.is_file()]
@@ -293,7 +354,10 @@ def _write_index(out: Path, meta: dict[str, Any], files: list[Path]) -> dict[str
         num_valid += int(valid.sum())
         if valid.any():
             max_label = max(max_label, int(labels[valid].max()))
-    index = {**meta, "shards": shards, "num_valid": num_valid, "num_classes": max_label + 1, "complete": True}
+    index = {**meta, "shards": shards, "num_valid": num_valid, "num_classes": max_label + 1}
+    if meta.get("continuous"):
+        index.update(_latent_statistics(files))
+    index["complete"] = True
     _write_json(out / INDEX_NAME, index)
     return index
 
@@ -301,7 +365,8 @@ def _write_index(out: Path, meta: dict[str, Any], files: list[Path]) -> dict[str
 class TokenDataset(Dataset):
     """The valid rows of a complete token-shard folder, all in memory.
 
-    ``dataset[(i, seed)]`` returns ``(tokens (K,) int64, label)``; with two views (``--flip``)
+    ``dataset[(i, seed)]`` returns ``(tokens (K,) int64, label)``, or ``(latents (K, C)
+    float32, label)`` for continuous tokens (:attr:`continuous`); with two views (``--flip``)
     the view is drawn from ``numpy.random.default_rng(seed)``, which is the flip augmentation.
     A plain int index gives view 0.
     """
@@ -322,10 +387,11 @@ class TokenDataset(Dataset):
         if index.get("complete") is not True:
             raise ValueError(f"{self.root} is not complete: {_FINISH}")
         self.index = index
-        views, k, v = index["views"], index["num_tokens"], index["codebook_size"]
+        if self.continuous:
+            self._check_statistics(index_path)
         tokens, labels, valid = [], [], []
         for entry in index["shards"]:
-            part = self._read_shard(self.root / entry["file"], entry, views, k, v)
+            part = self._read_shard(self.root / entry["file"], entry)
             tokens.append(part["tokens"])
             labels.append(part["labels"])
             valid.append(part["valid"])
@@ -334,14 +400,37 @@ class TokenDataset(Dataset):
             raise ValueError(
                 f"{self.root}: the shards hold {len(valid_all)} rows, the index says {index['num_images']}"
             )
-        self.tokens = torch.cat(tokens)[valid_all]  # (N_valid, views, K), stored dtype
+        self.tokens = torch.cat(tokens)[valid_all]  # (N_valid, views, K[, C]), stored dtype
         self.labels = torch.cat(labels)[valid_all]  # (N_valid,) int64
         if not len(self.labels):
             raise ValueError(f"{self.root} holds no valid image (every image failed to decode)")
+        self._item_dtype = torch.float32 if self.continuous else torch.int64
 
-    @staticmethod
-    def _read_shard(path: Path, entry: dict[str, Any], views: int, k: int, v: int) -> dict[str, torch.Tensor]:
-        """One shard's tensors, checked against the index: shapes, dtypes, valid count, id range."""
+    @property
+    def _row(self) -> tuple[int, ...]:
+        """The shape of one view's tokens: (K,) ids or (K, C) latents."""
+        return (self.num_tokens, self.token_dim) if self.continuous else (self.num_tokens,)
+
+    def _check_statistics(self, index_path: Path) -> None:
+        """A continuous index's C and per-channel statistics: C finite numbers each, std >= 0."""
+        c = self.index.get("token_dim")
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise ValueError(f"{index_path}: continuous tokens need token_dim, a positive int, got {c!r}")
+        for key in ("latent_mean", "latent_std"):
+            values = self.index.get(key)
+            ok = isinstance(values, list) and len(values) == c
+            ok = ok and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in values
+            )
+            if not ok or (key == "latent_std" and min(values) < 0):
+                raise ValueError(
+                    f"{index_path}: {key} must be a list of token_dim = {c} finite numbers"
+                    f"{' >= 0' if key == 'latent_std' else ''}, got {values!r}; {_FINISH}"
+                )
+
+    def _read_shard(self, path: Path, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One shard's tensors, checked against the index: shapes, dtypes, valid count, and the
+        values (ids inside the codebook, or finite latents)."""
         if not {"file", "count", "valid"} <= set(entry):
             raise ValueError(f"{path.parent / INDEX_NAME}: a shard entry lacks file, count or valid")
         if not path.is_file():
@@ -351,20 +440,24 @@ class TokenDataset(Dataset):
         if missing:
             raise ValueError(f"shard {path} lacks the tensor(s) {', '.join(sorted(missing))}")
         tokens, labels, valid = part["tokens"], part["labels"], part["valid"]
-        n = entry["count"]
-        if tuple(tokens.shape) != (n, views, k) or labels.shape != (n,) or valid.shape != (n,):
+        n, expected = entry["count"], (entry["count"], self.views, *self._row)
+        if tuple(tokens.shape) != expected or labels.shape != (n,) or valid.shape != (n,):
             raise ValueError(
                 f"shard {path} has tokens {tuple(tokens.shape)}, labels {tuple(labels.shape)}, valid "
-                f"{tuple(valid.shape)}; the index expects ({n}, {views}, {k}), ({n},), ({n},)"
+                f"{tuple(valid.shape)}; the index expects {expected}, ({n},), ({n},)"
             )
-        if tokens.dtype not in (torch.int16, torch.int32, torch.int64) or valid.dtype != torch.bool:
+        dtypes = (torch.float16, torch.float32) if self.continuous else (torch.int16, torch.int32, torch.int64)
+        if tokens.dtype not in dtypes or valid.dtype != torch.bool:
             raise ValueError(f"shard {path} has tokens of dtype {tokens.dtype} and valid of dtype {valid.dtype}")
         if int(valid.sum()) != entry["valid"]:
             raise ValueError(f"shard {path} has {int(valid.sum())} valid rows, the index says {entry['valid']}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= v):
+        if self.continuous:
+            if not bool(tokens.isfinite().all()):
+                raise ValueError(f"shard {path} holds NaN or infinite latents: it is corrupt")
+        elif tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.codebook_size):
             raise ValueError(
                 f"shard {path} holds token ids in [{int(tokens.min())}, {int(tokens.max())}], outside the "
-                f"codebook [0, {v}): it is corrupt or was written for another tokenizer"
+                f"codebook [0, {self.codebook_size}): it is corrupt or was written for another tokenizer"
             )
         return {"tokens": tokens, "labels": labels.long(), "valid": valid}
 
@@ -379,7 +472,7 @@ class TokenDataset(Dataset):
             index, view = key, 0
         if not 0 <= index < len(self):
             raise IndexError(f"token index {index} out of range for {len(self)} images")
-        return self.tokens[index, view].long(), int(self.labels[index])
+        return self.tokens[index, view].to(self._item_dtype), int(self.labels[index])
 
     @property
     def num_tokens(self) -> int:
@@ -387,9 +480,29 @@ class TokenDataset(Dataset):
         return self.index["num_tokens"]
 
     @property
-    def codebook_size(self) -> int:
-        """V, the tokenizer's codebook size."""
+    def codebook_size(self) -> int | None:
+        """V, the tokenizer's codebook size (None for continuous tokens)."""
         return self.index["codebook_size"]
+
+    @property
+    def continuous(self) -> bool:
+        """True when the tokens are float latents (K, C) of a continuous tokenizer, not ids."""
+        return self.index.get("continuous", False) is True
+
+    @property
+    def token_dim(self) -> int | None:
+        """C, the channels of each continuous token (None for ids)."""
+        return self.index["token_dim"] if self.continuous else None
+
+    @property
+    def latent_mean(self) -> torch.Tensor | None:
+        """(C,) float64 per-channel mean of the latents over the dataset (None for ids)."""
+        return torch.tensor(self.index["latent_mean"], dtype=torch.float64) if self.continuous else None
+
+    @property
+    def latent_std(self) -> torch.Tensor | None:
+        """(C,) float64 per-channel population std of the latents over the dataset (None for ids)."""
+        return torch.tensor(self.index["latent_std"], dtype=torch.float64) if self.continuous else None
 
     @property
     def num_classes(self) -> int:
@@ -412,7 +525,7 @@ class TokenDataset(Dataset):
         return {
             key: value
             for key, value in self.index.items()
-            if key not in ("shards", "num_valid", "num_classes", "complete")
+            if key not in ("shards", "num_valid", "num_classes", "complete", "latent_mean", "latent_std")
         }
 
     def check_matches(self, tokenizer: nn.Module) -> None:

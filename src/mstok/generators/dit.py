@@ -31,14 +31,26 @@ Glossary: B batch, K tokens, C token channels, D width, S scales.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from mstok.config_schema import MAX_CODEBOOK, MAX_DEPTH, MAX_TOKENS, MAX_WIDTH, PROBABILITY, Rule, one_of, positive
+from mstok.config_schema import (
+    MAX_CODEBOOK,
+    MAX_DEPTH,
+    MAX_TOKENS,
+    MAX_WIDTH,
+    PROBABILITY,
+    STRICTLY_POSITIVE,
+    ConfigError,
+    Rule,
+    one_of,
+    positive,
+)
+from mstok.diffusion.config import DiffusionConfig
 from mstok.layers import init_weights
 from mstok.layers.adaln import AdaLNZeroBlock, FinalLayer, LabelEmbedding, TimestepEmbedding, frequency_embedding
 from mstok.layers.embeddings import latent_grid, sincos_at
@@ -63,6 +75,12 @@ class DiTConfig(ConfigDict):
             (``multiscale`` only; their squares must sum to K).
         qk_norm: LayerNorm on queries and keys per head.
         frequency_dim: sinusoidal features of the timestep embedding (DiT: 256).
+        latent_mean, latent_std: per-channel (C each) statistics of the tokenizer's latents the
+            model was trained on: it models ``(latent - mean) / std`` and samples are mapped back
+            by ``mean + std * x`` before decoding (empty: the latents as they are). The network
+            never reads them; the generator trainer and sampler do.
+        diffusion: the :class:`~mstok.diffusion.DiffusionConfig` fields of the objective the
+            model was trained with, so sampling uses the same process (empty: the default DDPM).
     """
 
     num_tokens: int = 256
@@ -77,6 +95,9 @@ class DiTConfig(ConfigDict):
     scales: tuple[int, ...] = ()
     qk_norm: bool = False
     frequency_dim: int = 256
+    latent_mean: tuple[float, ...] = ()
+    latent_std: tuple[float, ...] = ()
+    diffusion: dict[str, Any] = field(default_factory=dict)
 
     family: ClassVar[str] = "dit"
     field_rules: ClassVar[dict[str, Rule]] = {
@@ -91,6 +112,7 @@ class DiTConfig(ConfigDict):
         "position_embedding": one_of(POSITION_EMBEDDINGS, "a DiT position embedding"),
         "scales": Rule(item=positive(MAX_TOKENS)),
         "frequency_dim": positive(MAX_WIDTH),
+        "latent_std": Rule(item=STRICTLY_POSITIVE),
     }
 
     def __post_init__(self) -> None:
@@ -101,6 +123,17 @@ class DiTConfig(ConfigDict):
             raise ValueError(f"frequency_dim must be even (cosines and sines), got {self.frequency_dim}")
         if self.position_embedding == "sincos" and self.width % 2:
             raise ValueError(f"position_embedding 'sincos' needs an even width, got {self.width}")
+        if (len(self.latent_mean), len(self.latent_std)) not in ((0, 0), (self.token_dim, self.token_dim)):
+            raise ValueError(
+                f"latent_mean and latent_std must both hold token_dim = {self.token_dim} values (or both be "
+                f"empty), got {len(self.latent_mean)} and {len(self.latent_std)}"
+            )
+        try:
+            DiffusionConfig.from_dict(self.diffusion)
+        except ConfigError as err:
+            raise err.under("diffusion") from None
+        except (ValueError, TypeError) as err:  # an unknown field or a cross-field check
+            raise ValueError(f"diffusion: {err}") from None
         if self.position_embedding != "multiscale":
             if self.scales:
                 raise ValueError(

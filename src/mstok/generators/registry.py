@@ -1,26 +1,41 @@
-"""Named generator presets, and the functions that create and load generators.
+"""Named generator presets of every family, and the functions that create and load generators.
 
-Sizes follow the papers: ``maskgit_vit`` is MaskGIT-ViT (width 768, 24 layers, 16 heads,
-~177M parameters with TiTok's K and V), ``maskgit_uvit`` the U-ViT variant for the 64-step
-setting, and ``maskgit_bert`` the post-LN layout of the official TiTok generators (what
-``mstok convert titok-generator`` produces). The tiny presets are for CPU tests and demos.
-K, V and the class count are overridden from the tokens a generator is trained on.
+Two families share one registry: MaskGIT (:mod:`mstok.generators.maskgit`), a masked-token
+transformer over the ids of a discrete tokenizer, and DiT (:mod:`mstok.generators.dit`), a
+diffusion transformer over the latents of a continuous one. A :class:`GeneratorFamily`
+record holds what the shared code (trainer, sampler, CLI) needs of a family, so none of it
+asks which family it holds; a saved generator's ``config.json`` names its family.
+
+MaskGIT sizes follow the papers: ``maskgit_vit`` is MaskGIT-ViT (width 768, 24 layers, 16
+heads, ~177M parameters with TiTok's K and V), ``maskgit_uvit`` the U-ViT variant for the
+64-step setting, and ``maskgit_bert`` the post-LN layout of the official TiTok generators
+(what ``mstok convert titok-generator`` produces). The DiT presets are the DiT paper's
+(``dit_b``, ``dit_l``, ``dit_xl``). The tiny presets are for CPU tests and demos. K, V (or C)
+and the class count are overridden from the tokens a generator is trained on.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from mstok.generators.dit import DIT_PRESETS, DiT, DiTConfig
+from mstok.generators.dit_sampling import DiTSamplingConfig, sample_latents
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
-from mstok.saved import read_saved_config, split_saved_config
+from mstok.generators.sampling import SamplingConfig, sample
+from mstok.saved import ConfigDict, read_saved_config, split_saved_config
 from mstok.weights import locate_model
 
 _VIT = {"width": 768, "depth": 24, "num_heads": 16}
 _TINY = {"width": 128, "depth": 4, "num_heads": 4, "num_tokens": 32, "codebook_size": 1024, "num_classes": 200}
 
-GENERATOR_PRESETS: dict[str, dict[str, Any]] = {
+MASKGIT_PRESETS: dict[str, dict[str, Any]] = {
     "maskgit_vit": dict(_VIT),
     "maskgit_uvit": {**_VIT, "architecture": "uvit", "qkv_bias": False},
     "maskgit_bert": {**_VIT, "norm_first": False, "embed_norm": True, "norm_eps": 1e-12},
@@ -29,29 +44,159 @@ GENERATOR_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def generator_config(name: str, **overrides: Any) -> GeneratorConfig:
-    """The config of generator preset ``name`` with ``overrides`` applied (unknown names/fields raise)."""
+@dataclass(frozen=True)
+class TokenSpace:
+    """What a generator models, a tokenizer produces or a token folder holds: K ids of a
+    codebook of V codes, or K continuous latents of C channels."""
+
+    continuous: bool
+    num_tokens: int
+    size: int  # V for ids, C for latents
+
+    def __str__(self) -> str:
+        if self.continuous:
+            return f"K={self.num_tokens} continuous latents of C={self.size} channels"
+        return f"K={self.num_tokens} token ids of V={self.size} codes"
+
+
+@dataclass(frozen=True)
+class GeneratorFamily:
+    """What the shared generator code needs to know of one family.
+
+    Attributes:
+        name: the ``family`` its config records (and ``config.json`` holds).
+        title: its name in messages.
+        config_class, presets: its config dataclass and named presets.
+        build: config -> a freshly initialised model.
+        load: (saved-model folder, weights file name) -> the model in eval mode.
+        continuous: it models float latents (B, K, C) rather than ids (B, K).
+        size_field: the config field of V (ids) or C (latents); K is ``num_tokens``.
+        sampling_class: its sampling settings.
+        sample: ``(model, labels (B,), settings, generator=...) -> (B, K) ids or (B, K, C) latents``.
+        layout: config -> a few words on the architecture (``mstok presets``).
+    """
+
+    name: str
+    title: str
+    config_class: type[ConfigDict]
+    presets: dict[str, dict[str, Any]]
+    build: Callable[[Any], nn.Module]
+    load: Callable[[Path, str], nn.Module]
+    continuous: bool
+    size_field: str
+    sampling_class: type[ConfigDict]
+    sample: Callable[..., torch.Tensor]
+    layout: Callable[[Any], str]
+
+    def tokens(self, config: Any) -> TokenSpace:
+        """The tokens a model of this family with ``config`` models."""
+        return TokenSpace(self.continuous, config.num_tokens, getattr(config, self.size_field))
+
+
+def _load_maskgit(folder: Path, weights: str) -> MaskGITGenerator:
+    _, fields = split_saved_config(read_saved_config(folder, "generator"), folder, "generator")
+    try:
+        config = GeneratorConfig.from_dict(fields)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{folder / 'config.json'}: {err}") from err
+    model = MaskGITGenerator(config)
+    model.load_weights(folder / weights)
+    return model.eval()
+
+
+FAMILIES: dict[str, GeneratorFamily] = {
+    family.name: family
+    for family in (
+        GeneratorFamily(
+            name=GeneratorConfig.family,
+            title="MaskGIT",
+            config_class=GeneratorConfig,
+            presets=MASKGIT_PRESETS,
+            build=MaskGITGenerator,
+            load=_load_maskgit,
+            continuous=False,
+            size_field="codebook_size",
+            sampling_class=SamplingConfig,
+            sample=sample,
+            layout=lambda c: f"{c.architecture}, {'pre' if c.norm_first else 'post'}-LN",
+        ),
+        GeneratorFamily(
+            name=DiTConfig.family,
+            title="DiT",
+            config_class=DiTConfig,
+            presets=DIT_PRESETS,
+            build=DiT,
+            load=DiT.from_pretrained,
+            continuous=True,
+            size_field="token_dim",
+            sampling_class=DiTSamplingConfig,
+            sample=sample_latents,
+            layout=lambda c: f"DiT adaLN-Zero, {c.position_embedding} positions",
+        ),
+    )
+}
+GENERATOR_PRESETS: dict[str, dict[str, Any]] = {name: p for f in FAMILIES.values() for name, p in f.presets.items()}
+_PRESET_FAMILY = {name: family for family in FAMILIES.values() for name in family.presets}
+
+
+def preset_family(name: str) -> GeneratorFamily:
+    """The family of generator preset ``name`` (unknown names raise, with close matches)."""
     if not isinstance(name, str):
         raise TypeError(
             f"generator_config(name=...): name must be a generator preset name (a string, e.g. 'maskgit_tiny'), "
             f"got {name!r} ({type(name).__name__})"
         )
-    if name not in GENERATOR_PRESETS:
+    if name not in _PRESET_FAMILY:
         close = difflib.get_close_matches(name, GENERATOR_PRESETS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown generator preset {name!r}{hint}; available: {', '.join(GENERATOR_PRESETS)}")
-    return GeneratorConfig.from_dict({**GENERATOR_PRESETS[name], **overrides})
+    return _PRESET_FAMILY[name]
 
 
-def create_generator(name: str, **overrides: Any) -> MaskGITGenerator:
-    """A freshly initialised generator, e.g. ``create_generator("maskgit_vit", num_tokens=32)``."""
-    return MaskGITGenerator(generator_config(name, **overrides))
+def family_of(model: Any) -> GeneratorFamily:
+    """The family of a generator (or of a generator config), from its config's ``family``."""
+    config = getattr(model, "config", model)
+    family = FAMILIES.get(getattr(config, "family", None))
+    if family is None:
+        raise TypeError(f"{type(model).__name__} is not an mstok generator (families: {', '.join(FAMILIES)})")
+    return family
 
 
-def load_generator(path: str | Path, weights: str | None = None) -> MaskGITGenerator:
-    """Load a generator saved by ``save_pretrained``, a training checkpoint or a run folder, by the
-    same rule as :func:`mstok.load_tokenizer` (:func:`mstok.weights.locate_model`: a run's newest
-    checkpoint; the EMA weights when present, else ``model.safetensors``).
+def tokenizer_tokens(tokenizer: nn.Module) -> TokenSpace:
+    """The tokens a tokenizer produces: ids, or latents for a continuous bottleneck."""
+    cfg = tokenizer.config
+    if tokenizer.vocab_size is None:
+        return TokenSpace(True, cfg.num_latent_tokens, cfg.code_dim)
+    return TokenSpace(False, cfg.num_latent_tokens, tokenizer.vocab_size)
+
+
+def check_tokenizer(generator: nn.Module, tokenizer: nn.Module) -> None:
+    """ValueError unless ``tokenizer`` decodes the tokens ``generator`` models (same kind, K, V or C)."""
+    model, made = family_of(generator).tokens(generator.config), tokenizer_tokens(tokenizer)
+    if model != made:
+        raise ValueError(
+            f"the generator models {model} but the tokenizer has {made}: use the tokenizer its tokens came from"
+        )
+
+
+def generator_config(name: str, **overrides: Any) -> ConfigDict:
+    """The config of generator preset ``name`` (any family) with ``overrides`` applied (unknown
+    names/fields raise)."""
+    family = preset_family(name)
+    return family.config_class.from_dict({**family.presets[name], **overrides})
+
+
+def create_generator(name: str, **overrides: Any) -> nn.Module:
+    """A freshly initialised generator of any family, e.g. ``create_generator("maskgit_vit",
+    num_tokens=32)`` or ``create_generator("dit_xl", num_tokens=256, token_dim=16)``."""
+    return preset_family(name).build(generator_config(name, **overrides))
+
+
+def load_generator(path: str | Path, weights: str | None = None) -> nn.Module:
+    """Load a generator of any family saved by ``save_pretrained``, a training checkpoint or a
+    run folder, by the same rule as :func:`mstok.load_tokenizer`
+    (:func:`mstok.weights.locate_model`: a run's newest checkpoint; the EMA weights when
+    present, else ``model.safetensors``); its ``config.json`` names the family.
 
     Official TiTok generators load too, converted on the fly (:mod:`mstok.convert.generator`):
     a Hugging Face hub id such as ``"yucornetto/generator_titok_l32_imagenet"`` (a string that
@@ -75,13 +220,7 @@ def load_generator(path: str | Path, weights: str | None = None) -> MaskGITGener
 
         if is_official_generator_config(meta):
             return load_official_generator(path)
-    family, fields = split_saved_config(meta, path, "generator")
-    if family != GeneratorConfig.family:
+    family, _ = split_saved_config(meta, path, "generator")
+    if family not in FAMILIES:
         raise ValueError(f"{path} holds a {family!r} model, not a generator (load it with mstok.load_tokenizer)")
-    try:
-        config = GeneratorConfig.from_dict(fields)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path / 'config.json'}: {err}") from err
-    model = MaskGITGenerator(config)
-    model.load_weights(path / weights)
-    return model.eval()
+    return FAMILIES[family].load(path, weights)

@@ -17,6 +17,11 @@ At step t (0-based) of S, with progress ``r = (t + 1) / S``:
 
 All randomness comes from one ``torch.Generator``: a fixed seed reproduces samples exactly.
 ``SamplingConfig.official_titok(...)`` gives the official TiTok sampler's settings.
+
+:func:`generate_images` is every family's way from labels to pixels: it runs the generator's
+own sampler (this module's for MaskGIT, :mod:`mstok.generators.dit_sampling` for a DiT; the
+registry's :class:`~mstok.generators.registry.GeneratorFamily` says which) and decodes the
+tokens with the tokenizer; :func:`write_samples` saves the images.
 """
 
 from __future__ import annotations
@@ -175,30 +180,65 @@ def sample(
     return (ids, history) if return_history else ids
 
 
+def check_class_labels(labels: Any, num_classes: int, allow_null: bool = True) -> torch.Tensor:
+    """Class ids as a (B,) int64 tensor, each in [0, num_classes) (or the null class
+    ``num_classes`` with ``allow_null``), else a clear ValueError."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be a 1-D tensor of integer class ids, got {labels.dtype} {tuple(labels.shape)}")
+    top = num_classes + (1 if allow_null else 0)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= top):
+        raise ValueError(
+            f"class ids must be in [0, {num_classes}) (this generator has {num_classes} classes), "
+            f"got min {int(labels.min())} max {int(labels.max())}"
+        )
+    return labels.long()
+
+
 @torch.inference_mode()
 def generate_images(
-    generator_model: MaskGITGenerator,
+    generator_model: torch.nn.Module,
     tokenizer: torch.nn.Module,
     labels: Any,
-    config: SamplingConfig | None = None,
+    config: Any = None,
     seed: int | None = 0,
     batch_size: int = 32,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample tokens for ``labels`` and decode them: returns (images (N, 3, H, W) in [0, 1], ids (N, K)).
+    """Sample tokens for ``labels`` with the generator's own sampler and decode them.
 
-    Batches of ``batch_size``; one seeded ``torch.Generator`` on the model's device drives all of them."""
+    Args:
+        generator_model: a generator of any family (a MaskGIT generator, a DiT).
+        tokenizer: the tokenizer whose tokens it models (checked: kind, K, V or C).
+        labels: (N,) class ids.
+        config: the family's sampling settings (:class:`SamplingConfig` for MaskGIT,
+            :class:`~mstok.generators.dit_sampling.DiTSamplingConfig` for a DiT); None = defaults.
+        seed: seeds one ``torch.Generator`` on the model's device that drives every batch (None: the global RNG).
+        batch_size: labels per sampling call.
+
+    Returns:
+        (images (N, 3, H, W) in [0, 1], tokens: (N, K) ids or (N, K, C) latents), on the CPU.
+    """
+    from mstok.generators.registry import check_tokenizer, family_of  # lazy: the registry imports this module
+
+    family = family_of(generator_model)
+    check_tokenizer(generator_model, tokenizer)
+    config = family.sampling_class() if config is None else config
+    if not isinstance(config, family.sampling_class):
+        raise TypeError(
+            f"a {family.title} generator samples with a {family.sampling_class.__name__}, got {type(config).__name__}"
+        )
     device = next(generator_model.parameters()).device
-    labels = generator_model.check_labels(labels)
+    labels = check_class_labels(labels, generator_model.config.num_classes)
     rng = None
     if seed is not None:
         rng = torch.Generator(device=device).manual_seed(seed)
-    images, ids = [], []
+    images, tokens = [], []
     for chunk in tqdm(labels.split(batch_size), disable=not progress, desc="generate", unit="batch"):
-        tokens = sample(generator_model, chunk, config, generator=rng)
-        images.append(tokenizer.decode(tokens).float().cpu())
-        ids.append(tokens.cpu())
-    return torch.cat(images), torch.cat(ids)
+        drawn = family.sample(generator_model, chunk, config, generator=rng)
+        images.append(tokenizer.decode(drawn).float().cpu())
+        tokens.append(drawn.cpu())
+    return torch.cat(images), torch.cat(tokens)
 
 
 def write_samples(
@@ -213,7 +253,7 @@ def write_samples(
     """Save generated images: a grid PNG (one row of ``per_class`` images per class, at most
     32 rows, named by ``row_labels``, one per class, default ``class <id>``) and/or a folder of
     ``class{c}_{i}.png`` files plus ``samples.npz`` (``arr_0``: uint8 (N, H, W, 3) as the ADM
-    evaluator reads it, ``labels``, ``tokens``). Returns the paths."""
+    evaluator reads it, ``labels``, ``tokens``: the ids (N, K) or latents (N, K, C)). Returns the paths."""
     from PIL import Image
 
     from mstok.training.logger import make_grid

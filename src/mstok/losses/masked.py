@@ -9,9 +9,13 @@ number of ranks or loader workers and after a resume; :func:`mask_tokens` does i
 The loss is a label-smoothed cross-entropy weighted 1 on masked slots and
 ``unmasked_weight`` on the others (the official TiTok recipe uses 0.1, which keeps the
 visible tokens' predictions calibrated), normalised by the total weight.
+:class:`MaskedTokenObjective` is MaskGIT's objective for the generator trainer
+(:mod:`mstok.training.generator_trainer`), which calls every family's through one interface.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,3 +139,66 @@ class MaskedTokenLoss(nn.Module):
         loss = s["weighted"] / s["weight"]
         n = s["masked"].clamp_min(1.0)
         return loss, {"loss": loss.detach(), "masked_ce": s["masked_ce"] / n, "accuracy": s["correct"] / n}
+
+
+class MaskedTokenObjective:
+    """MaskGIT's training objective in the generator trainer's interface
+    (:class:`~mstok.training.generator_trainer.GeneratorObjective`): :class:`MaskedTokens`
+    inputs and the :class:`MaskedTokenLoss`, normalised by totals over the global batch.
+
+    A batch is ``(masked ids (B, K), mask (B, K) bool, target ids (B, K), labels (B,))``; its
+    totals are (slot weight, masked slots), which normalise the loss and the logged
+    ``masked_ce`` and ``accuracy`` (both on masked slots).
+
+    Args:
+        mask_id, null_class: the generator's mask id and null class.
+        schedule: the masking schedule (schedules.py).
+        class_dropout: probability of training a sample with the null class.
+        label_smoothing, unmasked_weight: the :class:`MaskedTokenLoss` settings.
+    """
+
+    postfix_keys = ("loss", "accuracy")
+
+    def __init__(
+        self,
+        mask_id: int,
+        null_class: int,
+        schedule: str = "arccos",
+        class_dropout: float = 0.1,
+        label_smoothing: float = 0.1,
+        unmasked_weight: float = 0.1,
+    ) -> None:
+        self.mask_id, self.null_class, self.schedule = mask_id, null_class, check_schedule(schedule)
+        self.class_dropout = class_dropout
+        self.loss_fn = MaskedTokenLoss(label_smoothing, unmasked_weight)
+
+    def inputs(self, tokens: Dataset) -> MaskedTokens:
+        """Per-sample training items from a token dataset (all randomness from each sample's seed)."""
+        return MaskedTokens(tokens, self.mask_id, self.schedule, self.class_dropout, self.null_class)
+
+    def prepare(self, stacked: torch.Tensor, labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """A collated micro-batch ((B, 3, K), (B,)) on ``device`` as (masked, mask, targets, labels)."""
+        masked, mask, targets = stacked.to(device, non_blocking=True).unbind(1)  # 3 x (B, K)
+        return masked, mask.bool(), targets, labels.to(device, non_blocking=True)
+
+    def totals(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(2,) float: the batch's slot weight and masked-slot count, known before the forward."""
+        mask = batch[1]
+        return torch.stack([self.loss_fn.weights(mask).sum(), mask.sum().float()])
+
+    def forward(self, model: Any, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The (B, K, V) logits of the masked ids."""
+        masked, _, _, labels = batch
+        return model(masked, labels)
+
+    def loss(
+        self, logits: torch.Tensor, batch: tuple[torch.Tensor, ...], share: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's part of the global loss and logged terms, ``share`` being this
+        rank's share (global total / world size) of each :meth:`totals` entry."""
+        _, mask, targets, _ = batch
+        s = self.loss_fn.sums(logits, targets, mask)
+        loss = s["weighted"] / share[0]
+        # every sample masks at least one slot, so the masked share is positive
+        terms = {"loss": loss.detach(), "masked_ce": s["masked_ce"] / share[1], "accuracy": s["correct"] / share[1]}
+        return loss, terms

@@ -7,7 +7,9 @@ One class covers every recipe of the papers; a stage chooses its terms by their 
   codes + quantizer;
 * two-stage, stage 2: L2 + perceptual + GAN on the pixels decoded through the proxy's
   pixel decoder;
-* the proxy tokenizer itself (``mstok train-proxy``): the single-stage terms.
+* the proxy tokenizer itself (``mstok train-proxy``): the single-stage terms;
+* HieraTok (eq. 8-9): the single-stage terms plus the multi-scale RGB term, the same L1/L2
+  mix at every coarser scale of the decoder against the area-downsampled images.
 
 Terms are returned as detached 0-d tensors, not Python floats: converting each to a float
 would wait for the device every step, so the trainer averages them lazily at log time.
@@ -23,7 +25,8 @@ from mstok.tokenizers.contract import TokenizerOutput
 
 
 class TokenizerLoss(nn.Module):
-    """``l1 * L1 + mse * MSE + perceptual * LPIPS + quantizer * VQ + proxy_ce * CE + gan * G``.
+    """``l1 * L1 + mse * MSE + perceptual * LPIPS + quantizer * VQ + proxy_ce * CE + gan * G
+    + multiscale * MS``.
 
     Args:
         l1_weight, mse_weight: pixel reconstruction terms (need a reconstruction).
@@ -32,6 +35,8 @@ class TokenizerLoss(nn.Module):
         proxy_ce_weight: cross-entropy of the proxy-code logits against proxy codes.
         label_smoothing: label smoothing of that cross-entropy.
         gan_weight: hinge generator loss; needs ``adversarial`` (an AdversarialLoss).
+        multiscale_weight: the multi-scale RGB term (:meth:`multiscale_loss`); needs a model
+            whose output has ``scale_reconstructions`` (HieraTok) and an L1 or MSE weight.
         perceptual: the LPIPS network, or None.
         adversarial: the discriminator loss module, or None.
     """
@@ -45,6 +50,7 @@ class TokenizerLoss(nn.Module):
         proxy_ce_weight: float = 0.0,
         label_smoothing: float = 0.0,
         gan_weight: float = 0.0,
+        multiscale_weight: float = 0.0,
         perceptual: nn.Module | None = None,
         adversarial: nn.Module | None = None,
     ) -> None:
@@ -53,6 +59,11 @@ class TokenizerLoss(nn.Module):
             raise ValueError("perceptual_weight > 0 needs an LPIPS module")
         if gan_weight > 0 and adversarial is None:
             raise ValueError("gan_weight > 0 needs an adversarial loss module")
+        if multiscale_weight > 0 and l1_weight <= 0 and mse_weight <= 0:
+            raise ValueError(
+                "multiscale_weight > 0 applies the l1_weight / mse_weight mix at every coarser scale: "
+                "set l1_weight or mse_weight > 0"
+            )
         self.l1_weight, self.mse_weight, self.perceptual_weight = l1_weight, mse_weight, perceptual_weight
         self.quantizer_weight, self.proxy_ce_weight, self.label_smoothing = (
             quantizer_weight,
@@ -60,6 +71,7 @@ class TokenizerLoss(nn.Module):
             label_smoothing,
         )
         self.gan_weight = gan_weight
+        self.multiscale_weight = multiscale_weight
         self.perceptual = perceptual
         # not a submodule: the discriminator has its own optimizer and checkpoint entry
         self._adversarial = [adversarial]
@@ -72,6 +84,31 @@ class TokenizerLoss(nn.Module):
     @property
     def needs_proxy_codes(self) -> bool:
         return self.proxy_ce_weight > 0
+
+    @property
+    def needs_scales(self) -> bool:
+        """Whether a term reads every scale's image (``scale_reconstructions``)."""
+        return self.multiscale_weight > 0
+
+    def multiscale_loss(self, scale_images: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """HieraTok's multi-scale RGB supervision (eq. 9): for every scale but the finest (the
+        full-resolution image has its own terms), ``l1_weight * L1 + mse_weight * MSE`` of that
+        scale's image against ``images`` area-downsampled to its size, summed over the scales,
+        so each scale counts as much as the full-resolution reconstruction.
+
+        Args:
+            scale_images: each scale's (B, 3, h, w) image, coarse to fine.
+            images: (B, 3, H, W) targets in [0, 1].
+        """
+        total = images.new_zeros((), dtype=torch.float32)
+        for recon in scale_images[:-1]:
+            target = F.interpolate(images.float(), size=recon.shape[-2:], mode="area")  # D_s(X)
+            recon = recon.float()
+            if self.l1_weight > 0:
+                total = total + self.l1_weight * F.l1_loss(recon, target)
+            if self.mse_weight > 0:
+                total = total + self.mse_weight * F.mse_loss(recon, target)
+        return total
 
     def forward(
         self,
@@ -123,6 +160,14 @@ class TokenizerLoss(nn.Module):
                 logits.flatten(0, 1), proxy_codes.flatten(), label_smoothing=self.label_smoothing
             )
             total = total + self.proxy_ce_weight * terms["proxy_ce"]
+        if self.multiscale_weight > 0:
+            if output.scale_reconstructions is None:
+                raise ValueError(
+                    "multiscale_weight > 0 needs a multi-scale tokenizer (family 'hieratok'), whose output has "
+                    "scale_reconstructions; this model gave none: set the multi-scale weight to 0"
+                )
+            terms["multiscale"] = self.multiscale_loss(output.scale_reconstructions, images)
+            total = total + self.multiscale_weight * terms["multiscale"]
         if self.quantizer_weight > 0:
             total = total + self.quantizer_weight * output.quantizer_loss
         terms["quantizer"] = output.quantizer_loss

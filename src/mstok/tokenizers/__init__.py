@@ -2,6 +2,7 @@
 
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.contract import TokenizerOutput
+from mstok.tokenizers.hieratok import HieraTok, HieraTokConfig
 from mstok.tokenizers.mstok import MsTok, MsTokConfig
 from mstok.tokenizers.registry import (
     PRESETS,
@@ -18,6 +19,8 @@ from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig, load_official_vqga
 __all__ = [
     "PRESETS",
     "SIZES",
+    "HieraTok",
+    "HieraTokConfig",
     "MaskGITVQGAN",
     "MsTok",
     "MsTokConfig",

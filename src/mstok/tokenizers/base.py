@@ -290,7 +290,7 @@ class Tokenizer(SavedModel, nn.Module):
         Checks shape and dtype only; ``encode`` also checks values (range, NaN)."""
         images = self.check_images(images, check_values=False)
         quant = self.quantizer(self.encoder(images))
-        out = self.decode_codes(quant.codes)
+        out, scale_images = self.decode_codes_at_scales(quant.codes)
         pixels = self.config.head == "pixels"
         reconstruction = out if pixels else None
         if self.pixel_decoder is not None:
@@ -304,6 +304,7 @@ class Tokenizer(SavedModel, nn.Module):
             commitment_loss=quant.commitment_loss,
             codebook_loss=quant.codebook_loss,
             quantizer_losses=quant.losses,
+            scale_reconstructions=scale_images,
         )
 
     @property
@@ -363,6 +364,12 @@ class Tokenizer(SavedModel, nn.Module):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors (B, K, C) -> the head's raw output (differentiable)."""
         return self.decoder(codes.to(next(self.decoder.parameters()).dtype))
+
+    def decode_codes_at_scales(self, codes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The training forward's decode: (the head's raw output, every scale's image coarse to
+        fine for a multi-scale decoder, else None). Multi-scale families (HieraTok) override
+        it to get all scales from one decoder pass."""
+        return self.decode_codes(codes), None
 
     # ----------------------------------------------------------------- bookkeeping
     def parameter_counts(self) -> dict[str, int]:

@@ -31,6 +31,9 @@ class TokenizerOutput:
         codebook_loss: the codebook part (scalar).
         quantizer_losses: every weighted term of the quantizer by name ("commitment",
             "codebook", "entropy", "kl", ...), summing to ``quantizer_loss``.
+        scale_reconstructions: a multi-scale decoder's (HieraTok's) unclamped image of every
+            scale, coarse to fine, each (B, 3, s*p, s*p); the last is ``reconstruction``.
+            None for single-scale families. The multi-scale RGB loss reads it.
     """
 
     reconstruction: torch.Tensor | None
@@ -41,6 +44,7 @@ class TokenizerOutput:
     commitment_loss: torch.Tensor
     codebook_loss: torch.Tensor
     quantizer_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    scale_reconstructions: list[torch.Tensor] | None = None
 
 
 def _check_finite(images: torch.Tensor) -> None:

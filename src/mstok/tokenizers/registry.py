@@ -9,6 +9,7 @@ from typing import Any
 from mstok.saved import CONFIG_FILE, read_saved_config, split_saved_config
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.convae import ConvAE
+from mstok.tokenizers.hieratok import HieraTok
 from mstok.tokenizers.mstok import MsTok
 from mstok.tokenizers.titok import TiTok
 from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
@@ -20,6 +21,7 @@ FAMILIES: dict[str, type[AnyTokenizer]] = {
     "titok": TiTok,
     "mstok": MsTok,
     "convae": ConvAE,
+    "hieratok": HieraTok,
     "maskgit_vqgan": MaskGITVQGAN,
 }
 
@@ -75,6 +77,29 @@ _CONVAE_TINY = {
     "codebook_size": 32,
 }
 
+# HieraTok (paper Table 10, appendix C): a 6-block width-768 encoder and a Large decoder
+# (24 x 1024, 16 heads), patch 16, a KL bottleneck of C channels per token. The pyramid sits
+# after the bottleneck as in the paper (K = the 16x16 latent, 341 decoder tokens); f16d16 is
+# the ablation setting (KL 1e-6), f16d32 the paper's only d32 row (KL 1e-5).
+_HIERATOK = {
+    "width": 768,
+    "depth": 6,
+    "num_heads": 12,
+    "decoder_width": 1024,
+    "decoder_depth": 24,
+    "decoder_num_heads": 16,
+    "pyramid": "decoder",
+}
+# Tiny HieraTok: the tiny presets' size with sin-cos positions and qk-norm. No grid start (it
+# places query tokens; HieraTok has none) and no mimetic init (250 steps on tiny-imagenet: the
+# same L1 with and without, 0.121). The pyramid is the bottleneck (K = 1+4+16+64 = 85 codes,
+# coarse to fine), C = 6 as in convae_tiny.
+_HIERATOK_TINY = {
+    **{k: v for k, v in _TINY.items() if k not in ("num_latent_tokens", "latent_init", "attention_init")},
+    "code_dim": 6,
+    "scales": (1, 2, 4, 8),
+}
+
 
 def _sized(size: str, k: int, family: str) -> dict[str, Any]:
     fields: dict[str, Any] = {**SIZES[size], "num_latent_tokens": k}
@@ -96,6 +121,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # the conv-autoencoder calibration at the tiny presets' bottleneck: an 8x8 grid of 6 floats
     # (quantizer="none": 384 floats = 32 x 12) or of 5-bit codes (VQ, V = 32: 320 bits = 32 x log2 1024)
     "convae_tiny": ("convae", _CONVAE_TINY),
+    # HieraTok: the single-scale baseline (one 16x16 scale) and the multi-scale models
+    "hieratok_single_f16d16": ("hieratok", {**_HIERATOK, "scales": (16,)}),
+    "hieratok_f16d16": ("hieratok", dict(_HIERATOK)),
+    "hieratok_f16d32": ("hieratok", {**_HIERATOK, "code_dim": 32, "kl_weight": 1e-5}),
+    "hieratok_tiny": ("hieratok", dict(_HIERATOK_TINY)),
+    "hieratok_single_tiny": ("hieratok", {**_HIERATOK_TINY, "scales": (8,)}),
     # the official MaskGIT-VQGAN (256px, f16, 1024 codes), the two-stage proxy
     "maskgit_vqgan_f16": ("maskgit_vqgan", {}),
     # 64px, f8: its 8x8 code grid matches the tiny presets' 8x8 patch grid

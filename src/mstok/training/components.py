@@ -78,6 +78,7 @@ def build_loss(config: TrainConfig, device: torch.device) -> tuple[TokenizerLoss
         proxy_ce_weight=w.proxy_ce_weight,
         label_smoothing=w.label_smoothing,
         gan_weight=w.gan_weight,
+        multiscale_weight=w.multiscale_weight,
         perceptual=perceptual,
         adversarial=adversarial,
     )
@@ -92,6 +93,19 @@ def check_model_fits_loss(model: nn.Module, loss: TokenizerLoss, proxy: nn.Modul
         raise ValueError(
             "the config has pixel losses (l1/mse/perceptual/gan weights) but the model predicts proxy codes "
             "without a pixel decoder: set those weights to 0 (stage 1) or stage.pixel_decoder_from_proxy = true"
+        )
+    if loss.needs_scales and getattr(model.config, "scales", None) is None:
+        raise ValueError(
+            f"loss.multiscale_weight = {loss.multiscale_weight} needs a multi-scale tokenizer (family 'hieratok', "
+            f"whose decoder reconstructs every scale), but the model is a {model.config.family!r} tokenizer: "
+            "set loss.multiscale_weight = 0"
+        )
+    scales = getattr(model.config, "scales", ())
+    if len(scales) > 1 and model.config.attention == "scale_independent" and not loss.needs_scales:
+        raise ValueError(
+            "attention = 'scale_independent' keeps the coarser scales apart from the full-resolution image, so "
+            "without loss.multiscale_weight > 0 they reach no loss at all: set it (the paper uses 1) or "
+            "model.overrides.attention = 'scale_causal'"
         )
     if loss.needs_proxy_codes:
         if head != "proxy_codes":

@@ -43,6 +43,8 @@ from mstok.config_schema import (
     check_config,
     one_of,
 )
+from mstok.diffusion.config import DiffusionConfig
+from mstok.generators.dit_sampling import DiTSamplingConfig
 from mstok.generators.sampling import SamplingConfig
 from mstok.generators.schedules import MASK_SCHEDULES
 
@@ -109,7 +111,12 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights. A weight of zero switches its term (and what it needs) off."""
+    """Loss weights. A weight of zero switches its term (and what it needs) off.
+
+    ``multiscale_weight``: HieraTok's multi-scale RGB term (the L1/MSE mix of ``l1_weight`` and
+    ``mse_weight`` at every coarser scale against the area-downsampled image); only for a
+    multi-scale tokenizer (family ``hieratok``).
+    """
 
     l1_weight: float = 1.0
     mse_weight: float = 1.0
@@ -120,10 +127,12 @@ class LossConfig:
     gan_weight: float = 0.0
     gan_start_step: int = 0
     lecam_weight: float = 0.001
+    multiscale_weight: float = 0.0
 
     field_rules: ClassVar[dict[str, Rule]] = {
         **{name: NON_NEGATIVE for name in ("l1_weight", "mse_weight", "perceptual_weight", "quantizer_weight")},
         **{name: NON_NEGATIVE for name in ("proxy_ce_weight", "gan_weight", "gan_start_step", "lecam_weight")},
+        "multiscale_weight": NON_NEGATIVE,
         "label_smoothing": FRACTION,
     }
 
@@ -269,8 +278,8 @@ class TrainConfig(RunConfig):
 
 @dataclass
 class GeneratorModelConfig(ModelConfig):
-    """:class:`ModelConfig` for a generator preset (K, V and the class count default to the
-    token data's)."""
+    """:class:`ModelConfig` for a generator preset of any family (K, V or C and the class count
+    default to the token data's; a DiT's ``latent_mean``/``latent_std`` too, see the trainer)."""
 
     preset: str = "maskgit_tiny"
 
@@ -287,7 +296,8 @@ class TokenDataConfig:
 
 @dataclass
 class MaskingConfig:
-    """The masked-token objective (losses/masked.py) and class dropout for guidance."""
+    """The masked-token objective of MaskGIT generators (losses/masked.py) and class dropout for
+    guidance (a DiT drops labels with its own ``class_dropout``, a model field)."""
 
     schedule: str = "arccos"
     label_smoothing: float = 0.1
@@ -305,12 +315,19 @@ class MaskingConfig:
 @dataclass
 class GeneratorTrainConfig(RunConfig):
     """A generator training run. ``tokenizer`` (a tokenizer folder or run) is only needed for
-    sample grids every ``sample_every`` steps, decoded with ``sampling``'s settings."""
+    sample grids every ``sample_every`` steps, decoded with the family's sampling settings.
+
+    Each family reads its own sections: MaskGIT ``loss`` (the masked-token objective) and
+    ``sampling``; DiT ``diffusion`` (the objective, recorded in the trained model's config;
+    DDPM epsilon prediction by default, the HieraTok/DiT testbed's) and ``dit_sampling``.
+    """
 
     model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
     data: TokenDataConfig = field(default_factory=TokenDataConfig)
     loss: MaskingConfig = field(default_factory=MaskingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    dit_sampling: DiTSamplingConfig = field(default_factory=DiTSamplingConfig)
     tokenizer: str = ""
     tokenizer_weights: str = ""  # empty: ema.safetensors when the folder has it, else model.safetensors
 

@@ -1,28 +1,44 @@
-"""The generator trainer: MaskGIT on pre-tokenized shards, on the shared training engine.
+"""The generator trainer: any generator family on pre-tokenized shards, on the shared engine.
 
-``GeneratorTrainer(config).fit()`` trains a :class:`~mstok.generators.MaskGITGenerator` on
-the token shards written by ``mstok pretokenize`` (``data.path``). Each step masks a
-schedule-distributed fraction of every example's tokens, drops its class label with
-probability ``loss.class_dropout`` (so the model also learns the unconditional
-distribution that classifier-free guidance needs) and minimises the masked-token loss. The
-masking and the label dropout are drawn per sample from its seed (:class:`MaskedTokens`), so
-one process and N ranks train identically.
-Everything else (DDP, accumulation, autocast, EMA, atomic checkpoints, bit-identical
-resume, JSONL/TensorBoard logs) is the :class:`~mstok.training.engine.Engine`'s. With
-``tokenizer`` set and ``sample_every > 0``, the EMA generator's samples are decoded into an
-image grid under ``<out_dir>/generated/``.
+``GeneratorTrainer(config).fit()`` trains the generator preset ``model.preset`` on the token
+shards written by ``mstok pretokenize`` (``data.path``): a MaskGIT generator on token ids,
+a DiT on the continuous latents of a VAE tokenizer. The family's *objective*
+(:class:`GeneratorObjective`) is all the trainer knows of it: MaskGIT's masks a
+schedule-distributed fraction of every example's tokens and minimises the masked-token loss
+(:class:`~mstok.losses.masked.MaskedTokenObjective`); the DiT's noises the latents, normalised
+per channel by the data's statistics, and regresses the noise or velocity of the ``[diffusion]``
+objective (:class:`~mstok.losses.diffusion.DiffusionObjective`; DDPM epsilon prediction by
+default, the DiT/HieraTok testbed's). Both drop class labels for classifier-free guidance, and
+draw every corruption per sample from its seed, so one process and N ranks train identically
+and a resume is bit-identical.
+
+K, V (ids) or C (latents) and the class count come from the data; a DiT also records the
+latents' per-channel mean and std (``latent_mean``/``latent_std``, std floored at
+:data:`MIN_LATENT_STD`; explicit ``model.overrides`` of both replace them) and the diffusion
+objective in its config, so sampling maps its samples back to the tokenizer's scale with the
+same process. Everything else (DDP, accumulation, autocast, EMA, atomic checkpoints,
+bit-identical resume, JSONL/TensorBoard logs) is the :class:`~mstok.training.engine.Engine`'s.
+With ``tokenizer`` set and ``sample_every > 0``, the EMA generator's samples (the family's
+sampling settings: ``sampling`` or ``dit_sampling``) are decoded into an image grid under
+``<out_dir>/generated/``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from mstok.data.tokens import TokenDataset
 from mstok.generators import create_generator, generate_images
-from mstok.losses.masked import MaskedTokenLoss, MaskedTokens
+from mstok.generators.dit_sampling import latent_scale
+from mstok.generators.registry import FAMILIES, GeneratorFamily, TokenSpace, preset_family
+from mstok.losses.diffusion import DiffusionObjective
+from mstok.losses.masked import MaskedTokenObjective
 from mstok.training.checkpoint import load_tokenizer_folder
 from mstok.training.config import GeneratorTrainConfig
 from mstok.training.distributed import DistContext
@@ -30,11 +46,100 @@ from mstok.training.engine import Engine, MicroBatch
 from mstok.training.logger import RunLogger
 from mstok.training.stages import load_initial_weights
 
+MIN_LATENT_STD = 1e-6  # a constant latent channel would otherwise be divided by zero
 
-def data_overrides(dataset: TokenDataset, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The generator's K, V and class count from the token data, checked against explicit overrides."""
-    fields = dict(overrides)
-    for name, value in (("num_tokens", dataset.num_tokens), ("codebook_size", dataset.codebook_size)):
+
+class GeneratorObjective(Protocol):
+    """What the trainer calls of a family's objective (one per family, built by :data:`TRAINING`).
+
+    ``inputs`` wraps the token data into per-sample training items ``(stacked, label)`` whose
+    randomness comes from the sample's seed alone. Each step, per micro-batch: ``prepare`` moves a
+    collated batch to the device; ``totals`` gives the counts the loss and the logged terms are
+    normalised by, known before the forward (the trainer all-reduces them once per step);
+    ``forward`` runs the model (under autocast); ``loss`` turns its output into the micro-batch's
+    part of the global loss and logged terms, given this rank's share (global total / world size)
+    of each total. ``postfix_keys`` are the terms shown on the progress bar.
+    """
+
+    postfix_keys: tuple[str, ...]
+
+    def inputs(self, tokens: Dataset) -> Dataset: ...
+
+    def prepare(self, stacked: torch.Tensor, labels: torch.Tensor, device: torch.device) -> Any: ...
+
+    def totals(self, batch: Any) -> torch.Tensor: ...
+
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+
+    def loss(
+        self, output: torch.Tensor, batch: Any, share: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def _masked_objective(model: nn.Module, config: GeneratorTrainConfig) -> MaskedTokenObjective:
+    loss, gen = config.loss, model.config
+    return MaskedTokenObjective(
+        gen.mask_id, gen.null_class, loss.schedule, loss.class_dropout, loss.label_smoothing, loss.unmasked_weight
+    )
+
+
+def _diffusion_objective(model: nn.Module, config: GeneratorTrainConfig) -> DiffusionObjective:
+    gen = model.config
+    return DiffusionObjective(config.diffusion, *latent_scale(gen), gen.class_dropout, gen.null_class)
+
+
+def _dit_fields(config: GeneratorTrainConfig, dataset: Dataset, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A DiT's diffusion objective (from ``[diffusion]``) and latent statistics (from the data)."""
+    if "diffusion" in overrides:
+        raise ValueError("model.overrides.diffusion: a DiT's objective is set in the [diffusion] section")
+    fields: dict[str, Any] = {"diffusion": config.diffusion.to_dict()}
+    if "latent_mean" not in overrides and "latent_std" not in overrides:
+        fields["latent_mean"] = tuple(dataset.latent_mean.tolist())
+        fields["latent_std"] = tuple(dataset.latent_std.clamp_min(MIN_LATENT_STD).tolist())
+    return fields
+
+
+@dataclass(frozen=True)
+class FamilyTraining:
+    """How the trainer trains one family: its objective, the model config fields the run and
+    the data set beyond K, V or C and the classes, and the settings of its sample grids."""
+
+    objective: Callable[[nn.Module, GeneratorTrainConfig], GeneratorObjective]
+    run_fields: Callable[[GeneratorTrainConfig, Dataset, dict[str, Any]], dict[str, Any]]
+    sampling: Callable[[GeneratorTrainConfig], Any]
+
+
+TRAINING: dict[str, FamilyTraining] = {
+    "maskgit": FamilyTraining(_masked_objective, lambda config, data, overrides: {}, lambda c: c.sampling),
+    "dit": FamilyTraining(_diffusion_objective, _dit_fields, lambda c: c.dit_sampling),
+}
+
+
+def data_tokens(dataset: Dataset) -> TokenSpace:
+    """The tokens a dataset holds: ids (``codebook_size``) or latents (``continuous``, ``token_dim``)."""
+    if getattr(dataset, "continuous", False):
+        return TokenSpace(True, dataset.num_tokens, dataset.token_dim)
+    return TokenSpace(False, dataset.num_tokens, dataset.codebook_size)
+
+
+def check_family_fits(family: GeneratorFamily, preset: str, dataset: Dataset) -> None:
+    """ValueError when the preset's family models another kind of token than the data holds."""
+    held = data_tokens(dataset)
+    if family.continuous == held.continuous:
+        return
+    fits = [f for f in FAMILIES.values() if f.continuous == held.continuous]
+    kind = "continuous latents" if family.continuous else "token ids"
+    presets = ", ".join(name for f in fits for name in f.presets)
+    raise ValueError(
+        f"model.preset {preset!r} is a {family.title} generator, which models {kind}, but the token data holds "
+        f"{held}: train a {' or '.join(f.title for f in fits)} preset ({presets}) on it"
+    )
+
+
+def data_overrides(dataset: Dataset, overrides: dict[str, Any], family: GeneratorFamily) -> dict[str, Any]:
+    """The generator's K, V or C and class count from the token data, checked against explicit overrides."""
+    fields, held = dict(overrides), data_tokens(dataset)
+    for name, value in (("num_tokens", held.num_tokens), (family.size_field, held.size)):
         if name in fields and fields[name] != value:
             raise ValueError(f"model.overrides.{name} = {fields[name]}, but the token data has {name} = {value}")
         fields[name] = value
@@ -47,18 +152,17 @@ def data_overrides(dataset: TokenDataset, overrides: dict[str, Any]) -> dict[str
 
 
 class GeneratorTrainer(Engine):
-    """Trains a MaskGIT generator according to a :class:`GeneratorTrainConfig`.
+    """Trains a generator of any family according to a :class:`GeneratorTrainConfig`.
 
     Args:
         config: the run's configuration.
-        dataset: optional :class:`TokenDataset` (defaults to the one at ``config.data.path``).
+        dataset: optional token dataset (defaults to the :class:`TokenDataset` at ``config.data.path``).
         progress: show a tqdm progress bar (rank 0 only).
         dist: the process's place in a DDP job; read from the torchrun environment by default.
         desc: the progress bar's label.
     """
 
     config: GeneratorTrainConfig
-    postfix_keys = ("loss", "accuracy")
 
     def __init__(
         self,
@@ -73,10 +177,16 @@ class GeneratorTrainer(Engine):
             if not config.data.path:
                 raise ValueError("data.path is empty: point it at a folder written by `mstok pretokenize`")
             dataset = TokenDataset(config.data.path)
-        model = create_generator(config.model.preset, **data_overrides(dataset, config.model.overrides))
+        family = preset_family(config.model.preset)
+        check_family_fits(family, config.model.preset, dataset)
+        self.training = TRAINING[family.name]
+        fields = data_overrides(dataset, config.model.overrides, family)
+        fields.update(self.training.run_fields(config, dataset, config.model.overrides))
+        model = create_generator(config.model.preset, **fields)
         if config.model.init_from:
             load_initial_weights(model, config.model.init_from, config.model.init_weights)
-        self.loss_fn = MaskedTokenLoss(config.loss.label_smoothing, config.loss.unmasked_weight)
+        self.objective = self.training.objective(model, config)
+        self.postfix_keys = self.objective.postfix_keys
         self.tokenizer = None
         # names of the token data's classes (pretokenize records the image folder's), for the grid labels
         self.class_names = [str(n) for n in getattr(dataset, "index", {}).get("classes", [])]
@@ -85,46 +195,34 @@ class GeneratorTrainer(Engine):
             if isinstance(dataset, TokenDataset):
                 dataset.check_matches(self.tokenizer)  # a grid from another tokenizer is noise
             self.tokenizer.to(self.device)
-        gen = model.config
-        self.setup(
-            model, MaskedTokens(dataset, gen.mask_id, config.loss.schedule, config.loss.class_dropout, gen.null_class)
-        )
+        self.setup(model, self.objective.inputs(dataset))
 
     def start_fields(self) -> dict[str, Any]:
         return {"parameters": sum(p.numel() for p in self.model.parameters())}
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
-        """One optimisation step on masked tokens (masked and label-dropped per sample by
-        :class:`MaskedTokens`): predict the originals, masked-token loss.
+        """One optimisation step of the family's objective on its per-sample corrupted inputs.
 
-        The loss is normalised by the total slot weight of the *global* batch (all micro-steps,
-        all ranks; one small all-reduce of totals known before the forward), so accumulation and
-        DDP give exactly the gradient of one big batch."""
+        The loss is normalised by totals of the *global* batch (all micro-steps, all ranks; one
+        small all-reduce of totals known before the forward), so accumulation and DDP give
+        exactly the gradient of one big batch."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        inputs = []
-        for stacked, labels in micro_batches:
-            masked, mask, tokens = stacked.to(self.device, non_blocking=True).unbind(1)  # 3 x (B, K)
-            inputs.append((masked, mask.bool(), tokens, labels.to(self.device, non_blocking=True)))
-        local = torch.stack(
-            [sum(self.loss_fn.weights(m).sum() for _, m, _, _ in inputs), sum(m.sum() for _, m, _, _ in inputs)]
-        ).float()
-        # rank mean x world = global total; DDP then averages gradients over ranks
-        weight_total, masked_total = (self.dist.all_reduce_mean(local) * self.dist.world_size).unbind()
-        per_rank_weight = weight_total / self.dist.world_size
-        masked_total = masked_total.clamp_min(1.0)
+        objective = self.objective
+        batches = [objective.prepare(stacked, labels, self.device) for stacked, labels in micro_batches]
+        local = torch.stack([objective.totals(batch) for batch in batches]).sum(0)
+        # the rank mean of the totals is this rank's share of the global ones; DDP then averages
+        # gradients over ranks, which restores the global normalisation
+        share = self.dist.all_reduce_mean(local)
         sums: dict[str, torch.Tensor] = {}
-        for i, (masked, mask, tokens, labels) in enumerate(inputs):
-            with self.grad_sync(last=i == len(inputs) - 1):
+        for i, batch in enumerate(batches):
+            with self.grad_sync(last=i == len(batches) - 1):
                 with self.autocast():
-                    logits = self.train_model(masked, labels)  # (B, K, V)
-                s = self.loss_fn.sums(logits, tokens, mask)
-                loss = s["weighted"] / per_rank_weight
+                    output = objective.forward(self.train_model, batch)
+                loss, terms = objective.loss(output, batch, share)
                 self.scaler.scale(loss).backward()
             # each rank logs its share; the logger's mean over ranks restores the global ratio
-            share = self.dist.world_size / masked_total
-            for key, value in (("loss", loss.detach()), ("masked_ce", s["masked_ce"] * share),
-                               ("accuracy", s["correct"] * share)):  # fmt: skip
+            for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value
         sums["grad_norm"] = self.optimizer_step()
         return sums
@@ -136,7 +234,8 @@ class GeneratorTrainer(Engine):
             return
         gen = self.ema.module.config
         labels = torch.arange(self.config.num_samples) % gen.num_classes
-        images, _ = generate_images(self.ema.module, self.tokenizer, labels, self.config.sampling, seed=0)
+        settings = self.training.sampling(self.config)
+        images, _ = generate_images(self.ema.module, self.tokenizer, labels, settings, seed=0)
         # one labelled row per sample: its class id and, when the tokens know them, its class name
         names = [f"{c} {self.class_names[c]}" if c < len(self.class_names) else f"class {c}" for c in labels.tolist()]
         logger.image_grid(self.step, *images[:, None], tag="generated", labels=names)

@@ -65,7 +65,7 @@ BOOKKEEPING_KEYS = frozenset(
         "tokenizer_weights",
     }
 )
-BOOKKEEPING_PREFIXES = ("sampling.",)
+BOOKKEEPING_PREFIXES = ("sampling.", "dit_sampling.")  # the sample grids only
 ARCHIVE_PREFIX = "abandoned-"
 GRID_FOLDERS = ("samples", "generated")
 
