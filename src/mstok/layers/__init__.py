@@ -5,6 +5,8 @@ from mstok.layers.attention import CrossAttention, SelfAttention
 from mstok.layers.blocks import MLP, CrossAttentionBlock, SelfAttentionBlock, Transformer
 from mstok.layers.embeddings import PatchEmbed, PatchTokens, PixelHead, ProxyCodeHead, build_head
 from mstok.layers.init import init_weights
+from mstok.layers.joint import JointAttention, JointBlock, JointTransformer
+from mstok.layers.rope import Grid2D, Line1D, NoRotation, RotaryTables, apply_rope
 
 __all__ = [
     "MLP",
@@ -12,15 +14,23 @@ __all__ = [
     "CrossAttention",
     "CrossAttentionBlock",
     "FinalLayer",
+    "Grid2D",
+    "JointAttention",
+    "JointBlock",
+    "JointTransformer",
     "LabelEmbedding",
+    "Line1D",
+    "NoRotation",
     "PatchEmbed",
     "PatchTokens",
     "PixelHead",
     "ProxyCodeHead",
+    "RotaryTables",
     "SelfAttention",
     "SelfAttentionBlock",
     "TimestepEmbedding",
     "Transformer",
+    "apply_rope",
     "build_head",
     "init_weights",
 ]

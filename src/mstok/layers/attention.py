@@ -11,6 +11,12 @@ ViT-22B): a LayerNorm over d bounds the attention logits, so a large learning ra
 grow them until the softmax saturates. Off by default (the official weights have no such
 norms); the tiny recipes switch it on.
 
+:class:`SelfAttention` can also rotate queries and keys by rotary position embeddings
+(``rope=(cos, sin)``, :mod:`mstok.layers.rope`), after the qk norm so that the norm does not
+undo the rotation's relative-position structure. Its two halves, :meth:`SelfAttention.heads`
+and :meth:`SelfAttention.merge`, let :class:`~mstok.layers.joint.JointAttention` run one
+attention over two streams that keep their own projections.
+
 Glossary: B batch, N query length, M context length, D width, H heads, d = D / H.
 """
 
@@ -20,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from mstok.layers.rope import apply_rope
 
 
 def _check_heads(dim: int, num_heads: int) -> None:
@@ -63,13 +71,33 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, D); attn_mask: bool/float mask broadcastable to (B, H, N, N). -> (B, N, D)"""
+    def heads(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, N, D) -> q, k, v (B, H, N, d), after the qk norm and, if given, RoPE
+        (``rope = (cos, sin)``, tables (N, d/2))."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         q, k = self.qk_norm(q, k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, H, N, d) -> (B, N, D) through the output projection."""
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, N, D); attn_mask: bool/float mask broadcastable to (B, H, N, N); rope: (cos, sin)
+        tables (N, d/2) rotating queries and keys. -> (B, N, D)"""
+        q, k, v = self.heads(x, rope)
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, N, d)
-        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        return self.merge(out)
 
 
 class CrossAttention(nn.Module):
