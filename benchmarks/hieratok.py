@@ -19,6 +19,14 @@ images' latents, Gaussian KDE: density CV and Gini, lower = more uniform; normal
 higher = more uniform; :mod:`mstok.evaluation.uniformity`). ``--seeds`` seeds per row, mean ± half
 the spread.
 
+Then (``--dit-steps`` > 0) the generation testbed of the paper at tiny scale: for the single-scale
+and the multi-scale (conv, scale-causal) tokenizers of seed 0, the training images' latents
+(posterior means, with flips) are pre-tokenized and a ``dit_tiny`` (DDPM epsilon prediction, the
+``configs/dit_tiny.toml`` recipe, 2-D sin-cos positions of the 8 x 8 latent grid) is trained on each;
+its EMA checkpoints are scored by the diffusion loss on the held-out images' latents (the same
+timesteps and noise for both, a paired comparison), and a grid of class-conditional DDIM samples
+is written.
+
     python benchmarks/hieratok.py                                  # every row, 400 steps, 2 seeds
     python benchmarks/hieratok.py --rows "single-scale" --seeds 1 --steps 50 --no-append
 
@@ -35,6 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mstok.data import ImageFolder, IndexSubset, center_crop_transform
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
 from mstok.tokenizers import create_tokenizer, load_tokenizer
 
@@ -62,6 +71,17 @@ ROWS: dict[str, Row] = {
 }
 
 
+DIT_ROWS = ("single-scale (8)", "multi-scale conv scale-causal")  # both: an 8x8 grid of 6 floats
+DIT_CONFIG = ROOT / "configs" / "dit_tiny.toml"
+GRID_CLASSES = 8  # sample grid: this many classes, two samples each
+
+
+def run_dir(args: argparse.Namespace, name: str, seed: int = 0) -> Path:
+    """Where :func:`run_row` trains row ``name`` with ``seed``."""
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    return Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
+
+
 def run_with_uniformity(name: str, args: argparse.Namespace, threads: int, seed: int) -> dict[str, Any]:
     """Train (or reuse) one run, then measure the uniformity of its EMA latents on the held-out images."""
     import torch
@@ -71,8 +91,7 @@ def run_with_uniformity(name: str, args: argparse.Namespace, threads: int, seed:
     result = run_row(name, args, threads, ROWS[name], seed)
     if "uniformity" not in result:
         torch.set_num_threads(max(1, threads))
-        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-        out = Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
+        out = run_dir(args, name, seed)
         model = load_tokenizer(out).eval()
         _, val_idx = _split(args.data, args.val_images)
         stats = latent_uniformity(model, held_out_images(args.data, tuple(val_idx)), seed=0)
@@ -80,6 +99,107 @@ def run_with_uniformity(name: str, args: argparse.Namespace, threads: int, seed:
         result["latent_floats"] = model.config.num_latent_tokens * model.config.code_dim
         (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def run_dit(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """Pre-tokenize the training split with row ``name``'s seed-0 tokenizer, train a tiny DiT on the
+    latents, score every checkpoint on the held-out latents; returns the curve and the samples."""
+    import torch
+
+    from mstok.data.tokens import pretokenize
+    from mstok.diffusion import create_diffusion
+    from mstok.generators import DiTSamplingConfig, generate_images, load_generator
+    from mstok.generators.dit_sampling import diffusion_of, normalize_latents
+    from mstok.training import load_train_config
+    from mstok.training.config import GeneratorTrainConfig
+    from mstok.training.generator_trainer import GeneratorTrainer
+
+    torch.set_num_threads(max(1, threads))
+    out = run_dir(args, name) / "dit"
+    done = out / "dit_result.json"
+    identity = {"steps": args.dit_steps, "every": args.dit_every}
+    if done.is_file() and not args.fresh:
+        saved = json.loads(done.read_text())
+        if saved.get("identity") == identity:
+            saved["samples"] = torch.load(out / "samples.pt", weights_only=True)
+            return saved
+    tokenizer = load_tokenizer(run_dir(args, name)).eval()
+    train_idx, val_idx = _split(args.data, args.val_images)
+    folder = ImageFolder(args.data, center_crop_transform(64))
+    pretokenize(tokenizer, IndexSubset(folder, train_idx), out / "latents", flip=True, progress=False)
+    side = tokenizer.config.grid_size
+    settings = [
+        f"data.path='{out / 'latents'}'", f"out_dir='{out / 'run'}'", f"steps={args.dit_steps}",
+        f"ckpt_every={args.dit_every}", f"keep_last={args.dit_steps // args.dit_every + 1}", "sample_every=0",
+        "tokenizer=''", "tensorboard=false", f"threads={threads}", "data.num_workers=0",
+        f"model.overrides.num_tokens={side * side}", f"model.overrides.scales=[{side}]",
+    ]  # fmt: skip
+    config = load_train_config(DIT_CONFIG, settings, kind=GeneratorTrainConfig)
+    trainer = GeneratorTrainer(config, progress=False)
+    started = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - started
+
+    val_images = held_out_images(args.data, tuple(val_idx))
+    val_labels = torch.tensor([folder.samples[i][1] for i in val_idx])
+    latents = tokenizer.encode(val_images)  # (N, K, C) posterior means
+    curve = []
+    for step in range(args.dit_every, args.dit_steps + 1, args.dit_every):
+        model = load_generator(trainer.ckpt_dir / f"step_{step:07d}").eval()
+        process = create_diffusion(diffusion_of(model.config))
+        x0 = normalize_latents(model.config, latents)
+        draws = torch.Generator().manual_seed(0)  # the same timesteps and noise for every model
+        with torch.no_grad():
+            losses = [float(process.loss(model, x0, val_labels, generator=draws)[0]) for _ in range(args.dit_repeats)]
+        curve.append({"step": step, "val_loss": sum(losses) / len(losses)})
+    labels = torch.arange(GRID_CLASSES).repeat_interleave(2)
+    sampling = DiTSamplingConfig(sampler="ddim", steps=50)
+    samples, _ = generate_images(model, tokenizer, labels, config=sampling, seed=0)
+    result = {
+        "identity": identity,
+        "curve": curve,
+        "train_seconds": seconds,
+        "params": model.parameter_counts()["total"],
+    }
+    done.write_text(json.dumps(result, indent=2))
+    torch.save(samples, out / "samples.pt")
+    return {**result, "samples": samples}
+
+
+def dit_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: held-out diffusion loss of each DiT at every checkpoint."""
+    steps = [c["step"] for c in next(iter(results.values()))["curve"]]
+    head = ["latents of", "DiT params", "train s", *[f"val loss @{s}" for s in steps]]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, res in results.items():
+        cells = [name, f"{res['params'] / 1e6:.2f}M", f"{res['train_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells + [f"{c['val_loss']:.4f}" for c in res["curve"]]) + " |")
+    return "\n".join(lines)
+
+
+def save_dit_figures(results: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
+    """The validation-loss curves and the sample grid (one row per tokenizer) as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mstok.demo import image_grid
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, res in results.items():
+        ax.plot([c["step"] for c in res["curve"]], [c["val_loss"] for c in res["curve"]], marker=".", label=name)
+    ax.set_xlabel("DiT step (batch 64)")
+    ax.set_ylabel("held-out diffusion loss (EMA)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    curves = folder / "hieratok_dit_val_loss.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    grid = folder / "hieratok_dit_samples.png"
+    image_grid([(name.split(" ")[0], res["samples"]) for name, res in results.items()]).save(grid)
+    return [curves, grid]
 
 
 def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) -> str:
@@ -118,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
     parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
+    parser.add_argument("--dit-steps", type=int, default=2000, help="DiT training steps per tokenizer (0: skip)")
+    parser.add_argument("--dit-every", type=int, default=250, help="DiT checkpoint (and validation) interval")
+    parser.add_argument("--dit-repeats", type=int, default=4, help="noise draws per held-out latent")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
@@ -149,6 +272,16 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     floor = mean_colour_floor(args.data, args.val_images)
     text = table(results, floor)
     print(text)
+    tables, figures = [text], []
+    dit_rows = [n for n in DIT_ROWS if n in names] if args.dit_steps > 0 else []
+    if dit_rows:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {name: pool.submit(run_dit, name, args, threads) for name in dit_rows}
+            dit = {name: futures[name].result() for name in dit_rows}
+        tables.append(dit_table(dit))
+        print(tables[-1])
+        if not args.no_append:
+            figures = save_dit_figures(dit, Path(args.out).parent)
     if not args.no_append:
         minutes = (time.perf_counter() - started) / 60
         notes = [
@@ -158,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             f"{args.jobs} runs at a time ({threads or 'auto'} thread(s) each); {minutes:.0f} min in all "
             f"(reused runs count 0); {load_summary(loads)}.",
         ]
-        section = results_section("HieraTok at tiny scale", command_line(__file__, argv), "cpu", [text], notes)
+        notes += [f"![{p.stem}]({p.name})" for p in figures]
+        section = results_section("HieraTok at tiny scale", command_line(__file__, argv), "cpu", tables, notes)
         append_section(args.out, section)
     return results
 
