@@ -336,3 +336,17 @@ def test_a_short_training_run_lowers_the_loss(tmp_path) -> None:
         first = sum(h[term] for h in history[:3]) / 3
         last = sum(h[term] for h in history[-3:]) / 3
         assert last < 0.7 * first, (term, first, last)
+
+
+def test_flops_count_on_the_meta_device() -> None:
+    """The benchmarks count FLOPs on a model built on the meta device: the scale mask (kept on the
+    CPU) must follow the activations there, and the pyramid's extra tokens must cost decoder FLOPs."""
+    from mstok.evaluation.flops import tokenizer_flops
+
+    with torch.device("meta"):
+        single = mstok.create_tokenizer("hieratok_single_tiny")
+        multi = mstok.create_tokenizer("hieratok_tiny", pyramid="decoder")
+    single_flops, multi_flops = tokenizer_flops(single), tokenizer_flops(multi)
+    assert multi_flops["decoder"] > single_flops["decoder"] > 0
+    real = tokenizer_flops(mstok.create_tokenizer("hieratok_tiny", pyramid="decoder"))
+    assert real == multi_flops

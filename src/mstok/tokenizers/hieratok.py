@@ -224,7 +224,9 @@ class HieraTokDecoder(nn.Module):
         # (B, K_n, D): the pyramid of the embedded (B, P, C) map, or the embedded pyramid codes
         x = self.pyramid(self.embed(codes), num_scales) if self.pyramid is not None else self.embed(codes[:, :k])
         x = self.ln_pre(x + self.positions(num_scales))
-        mask = None if self.attn_mask is None else self.attn_mask[:k, :k]  # a prefix keeps its own block
+        # a prefix keeps its own block; .to() is a no-op except for a model built on the meta
+        # device (FLOP counting), whose mask is kept on the CPU
+        mask = None if self.attn_mask is None else self.attn_mask[:k, :k].to(x.device)
         x, _ = self.transformer(x, attn_mask=mask)
         return self.ln_post(x)
 
