@@ -305,7 +305,7 @@ def test_family_and_data_mismatches_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=ids + r"continuous latents of C=3 channels: train a DiT preset \(dit_tiny"):
         GeneratorTrainer(toy_config(tmp_path, 1, "maskgit_tiny"), dataset=ToyLatents())
     latents = r"'dit_tiny' is a DiT generator, which models continuous latents, but the token data holds K=4 "
-    with pytest.raises(ValueError, match=latents + r"token ids of V=16 codes: train a MaskGIT preset"):
+    with pytest.raises(ValueError, match=latents + r"token ids of V=16 codes: train a MaskGIT or BitMAR preset"):
         GeneratorTrainer(toy_config(tmp_path, 1), dataset=IntTokens())
     with pytest.raises(ValueError, match="token_dim = 5, but the token data has token_dim = 3"):
         GeneratorTrainer(toy_config(tmp_path, 1, **{"model.overrides.token_dim": 5}), dataset=ToyLatents())

@@ -88,7 +88,7 @@ def test_generator_size_must_fit_the_tokens(tmp_path):
 
 def test_every_shipped_config_parses():
     for path in sorted(CONFIGS.glob("*.toml")):
-        kind = GeneratorTrainConfig if path.name.startswith(("maskgit_", "dit_")) else None
+        kind = GeneratorTrainConfig if path.name.startswith(("maskgit_", "dit_", "bitmar_")) else None
         config = load_train_config(path, [], kind) if kind else load_train_config(path)
         assert config.steps >= 1, path
 

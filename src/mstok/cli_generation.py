@@ -173,7 +173,7 @@ def _sampling_file(given: str | None, folder: Path) -> dict:
 # the sampling flags of `mstok sample`, by the sampling-settings field each sets
 SAMPLING_FLAGS = ("steps", "schedule", "temperature", "choice_temperature", "confidence", "guidance_scale",
                   "guidance_schedule", "guidance_power", "anneal_temperature", "softmax_annealing", "sampler",
-                  "eta")  # fmt: skip
+                  "eta", "top_p")  # fmt: skip
 
 
 def _sampling_fields(args: argparse.Namespace, family: GeneratorFamily) -> dict:
@@ -266,6 +266,9 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
         help="DiT: ddpm or ddim for a DDPM-trained model, euler or heun for a flow one (default: ddpm or euler)",
     )
     sample.add_argument("--eta", type=float, help="DiT with --sampler ddim: the noise scale eta in [0, 1] (default 0)")
+    sample.add_argument(
+        "--top-p", type=float, help="BitMAR: nucleus threshold per bit or bit group, in (0, 1] (default 0.75)"
+    )
     sample.add_argument("--schedule", help="masking schedule: arccos (default), cosine, linear, sqrt")
     sample.add_argument("--temperature", type=float, help="token sampling temperature (default 1.0)")
     sample.add_argument("--anneal-temperature", action="store_true", help="scale the temperature by 1 - t/S")

@@ -1,6 +1,8 @@
-"""Generators over 1D tokens: MaskGIT over token ids and DiT over continuous latents, their
-samplers, and one registry for both families."""
+"""Generators over 1D tokens: MaskGIT over token ids, DiT over continuous latents and BitMAR
+over the bits of BSQ ids, their samplers, and one registry for the three families."""
 
+from mstok.generators.bitmar import BITMAR_PRESETS, BitMAR, BitMARConfig
+from mstok.generators.bitmar_sampling import BitSamplingConfig, sample_bits
 from mstok.generators.dit import DIT_PRESETS, DiT, DiTConfig, create_dit, dit_config
 from mstok.generators.dit_sampling import DiTSamplingConfig, sample_latents
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
@@ -20,10 +22,14 @@ from mstok.generators.sampling import SamplingConfig, generate_images, guided_lo
 from mstok.generators.schedules import MASK_SCHEDULES, guidance_weight, mask_ratio, masked_counts
 
 __all__ = [
+    "BITMAR_PRESETS",
     "DIT_PRESETS",
     "FAMILIES",
     "GENERATOR_PRESETS",
     "MASK_SCHEDULES",
+    "BitMAR",
+    "BitMARConfig",
+    "BitSamplingConfig",
     "DiT",
     "DiTConfig",
     "DiTSamplingConfig",
@@ -46,5 +52,6 @@ __all__ = [
     "masked_counts",
     "preset_family",
     "sample",
+    "sample_bits",
     "sample_latents",
 ]

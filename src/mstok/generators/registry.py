@@ -1,8 +1,10 @@
 """Named generator presets of every family, and the functions that create and load generators.
 
-Two families share one registry: MaskGIT (:mod:`mstok.generators.maskgit`), a masked-token
-transformer over the ids of a discrete tokenizer, and DiT (:mod:`mstok.generators.dit`), a
-diffusion transformer over the latents of a continuous one. A :class:`GeneratorFamily`
+Three families share one registry: MaskGIT (:mod:`mstok.generators.maskgit`), a masked-token
+transformer over the ids of a discrete tokenizer, DiT (:mod:`mstok.generators.dit`), a
+diffusion transformer over the latents of a continuous one, and BitMAR
+(:mod:`mstok.generators.bitmar`), SemTok's random-order masked generator over the bits of
+BSQ ids (codebooks of 2^18 or 2^32 codes). A :class:`GeneratorFamily`
 record holds what the shared code (trainer, sampler, CLI) needs of a family, so none of it
 asks which family it holds; a saved generator's ``config.json`` names its family.
 
@@ -10,7 +12,8 @@ MaskGIT sizes follow the papers: ``maskgit_vit`` is MaskGIT-ViT (width 768, 24 l
 heads, ~177M parameters with TiTok's K and V), ``maskgit_uvit`` the U-ViT variant for the
 64-step setting, and ``maskgit_bert`` the post-LN layout of the official TiTok generators
 (what ``mstok convert titok-generator`` produces). The DiT presets are the DiT paper's
-(``dit_b``, ``dit_l``, ``dit_xl``). The tiny presets are for CPU tests and demos. K, V (or C)
+(``dit_b``, ``dit_l``, ``dit_xl``), the BitMAR presets SemTok's (``bitmar_l``, ``bitmar_xl``,
+``bitmar_xxl``). The tiny presets are for CPU tests and demos. K, V (or C)
 and the class count are overridden from the tokens a generator is trained on.
 """
 
@@ -25,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mstok.generators.bitmar import BITMAR_PRESETS, BitMAR, BitMARConfig
+from mstok.generators.bitmar_sampling import BitSamplingConfig, sample_bits
 from mstok.generators.dit import DIT_PRESETS, DiT, DiTConfig
 from mstok.generators.dit_sampling import DiTSamplingConfig, sample_latents
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
@@ -132,6 +137,19 @@ FAMILIES: dict[str, GeneratorFamily] = {
             sampling_class=DiTSamplingConfig,
             sample=sample_latents,
             layout=lambda c: f"DiT adaLN-Zero, {c.position_embedding} positions",
+        ),
+        GeneratorFamily(
+            name=BitMARConfig.family,
+            title="BitMAR",
+            config_class=BitMARConfig,
+            presets=BITMAR_PRESETS,
+            build=BitMAR,
+            load=BitMAR.from_pretrained,
+            continuous=False,
+            size_field="codebook_size",
+            sampling_class=BitSamplingConfig,
+            sample=sample_bits,
+            layout=lambda c: f"bitwise MAR, RoPE, {'bit' if c.group_bits == 1 else f'{c.group_bits}-bit group'} head",
         ),
     )
 }

@@ -9,7 +9,15 @@ One class covers every recipe of the papers; a stage chooses its terms by their 
   pixel decoder;
 * the proxy tokenizer itself (``mstok train-proxy``): the single-stage terms;
 * HieraTok (eq. 8-9): the single-stage terms plus the multi-scale RGB term, the same L1/L2
-  mix at every coarser scale of the decoder against the area-downsampled images.
+  mix at every coarser scale of the decoder against the area-downsampled images;
+* SemTok stage I (eq. 6): the flow-matching velocity MSE + quantizer (BSQ's entropy term) +
+  the semantic alignment terms (eq. 2) against a frozen teacher; stage II (eq. 7): MSE +
+  perceptual + GAN on the pixels the refined latent decodes to.
+
+Terms a model computes inside its training forward (the quantizer's, the flow's prediction and
+target, the semantic terms) come out in its :class:`TokenizerOutput`; the loss only weights
+them. What the forward needs from outside the model (the teacher's features) the loss provides
+through :meth:`TokenizerLoss.model_inputs`, so the trainer needs no family-specific code.
 
 Terms are returned as detached 0-d tensors, not Python floats: converting each to a float
 would wait for the device every step, so the trainer averages them lazily at log time.
@@ -26,7 +34,7 @@ from mstok.tokenizers.contract import TokenizerOutput
 
 class TokenizerLoss(nn.Module):
     """``l1 * L1 + mse * MSE + perceptual * LPIPS + quantizer * VQ + proxy_ce * CE + gan * G
-    + multiscale * MS``.
+    + multiscale * MS + flow * FM + distill * L_distill + contrastive * L_contra``.
 
     Args:
         l1_weight, mse_weight: pixel reconstruction terms (need a reconstruction).
@@ -37,8 +45,13 @@ class TokenizerLoss(nn.Module):
         gan_weight: hinge generator loss; needs ``adversarial`` (an AdversarialLoss).
         multiscale_weight: the multi-scale RGB term (:meth:`multiscale_loss`); needs a model
             whose output has ``scale_reconstructions`` (HieraTok) and an L1 or MSE weight.
+        flow_weight: the velocity MSE of a flow-matching decoder, ``mean((v_pred - v)^2)``;
+            needs a model whose output has ``flow_prediction`` and ``flow_target`` (SemTok stage I).
+        distill_weight, contrastive_weight: the semantic terms the model computes from the
+            teacher's features (``semantic_losses``); need ``teacher``.
         perceptual: the LPIPS network, or None.
         adversarial: the discriminator loss module, or None.
+        teacher: the frozen semantic teacher (:mod:`mstok.losses.teachers`), or None.
     """
 
     def __init__(
@@ -53,8 +66,14 @@ class TokenizerLoss(nn.Module):
         multiscale_weight: float = 0.0,
         perceptual: nn.Module | None = None,
         adversarial: nn.Module | None = None,
+        flow_weight: float = 0.0,
+        distill_weight: float = 0.0,
+        contrastive_weight: float = 0.0,
+        teacher: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        if (distill_weight > 0 or contrastive_weight > 0) and teacher is None:
+            raise ValueError("distill_weight / contrastive_weight > 0 need a semantic teacher (the [teacher] section)")
         if perceptual_weight > 0 and perceptual is None:
             raise ValueError("perceptual_weight > 0 needs an LPIPS module")
         if gan_weight > 0 and adversarial is None:
@@ -72,7 +91,10 @@ class TokenizerLoss(nn.Module):
         )
         self.gan_weight = gan_weight
         self.multiscale_weight = multiscale_weight
+        self.flow_weight = flow_weight
+        self.semantic_weights = {"distill": distill_weight, "contrastive": contrastive_weight}
         self.perceptual = perceptual
+        self.teacher = teacher
         # not a submodule: the discriminator has its own optimizer and checkpoint entry
         self._adversarial = [adversarial]
 
@@ -84,6 +106,24 @@ class TokenizerLoss(nn.Module):
     @property
     def needs_proxy_codes(self) -> bool:
         return self.proxy_ce_weight > 0
+
+    @property
+    def needs_flow(self) -> bool:
+        """Whether a term reads a flow decoder's prediction and target."""
+        return self.flow_weight > 0
+
+    @property
+    def semantic_terms(self) -> tuple[str, ...]:
+        """The semantic terms (``distill``, ``contrastive``) with a weight > 0."""
+        return tuple(name for name, weight in self.semantic_weights.items() if weight > 0)
+
+    @torch.no_grad()
+    def model_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keyword arguments the training forward needs from outside the model: the teacher's
+        features (B, D_t, h, w) when a semantic term is on, else nothing."""
+        if not self.semantic_terms:
+            return {}
+        return {"teacher_features": self.teacher(images)}
 
     @property
     def needs_scales(self) -> bool:
@@ -168,6 +208,22 @@ class TokenizerLoss(nn.Module):
                 )
             terms["multiscale"] = self.multiscale_loss(output.scale_reconstructions, images)
             total = total + self.multiscale_weight * terms["multiscale"]
+        if self.flow_weight > 0:
+            if output.flow_prediction is None or output.flow_target is None:
+                raise ValueError(
+                    "flow_weight > 0 needs a flow-matching decoder (SemTok with decoder_mode='flow'), whose output "
+                    "has flow_prediction and flow_target; this model gave none: set the flow weight to 0"
+                )
+            terms["flow"] = F.mse_loss(output.flow_prediction.float(), output.flow_target.float())
+            total = total + self.flow_weight * terms["flow"]
+        for name in self.semantic_terms:
+            if name not in output.semantic_losses:
+                raise ValueError(
+                    f"{name}_weight > 0 but the model computed no {name!r} term: it needs a model with that "
+                    "semantic projection (SemTok with teacher_dim > 0) and the teacher's features (model_inputs)"
+                )
+            terms[name] = output.semantic_losses[name]
+            total = total + self.semantic_weights[name] * terms[name]
         if self.quantizer_weight > 0:
             total = total + self.quantizer_weight * output.quantizer_loss
         terms["quantizer"] = output.quantizer_loss

@@ -13,6 +13,7 @@ from mstok.tokenizers.registry import (
     preset_config,
     tokenizer_from_config,
 )
+from mstok.tokenizers.semtok import SemTok, SemTokConfig
 from mstok.tokenizers.titok import TiTok, TiTokConfig
 from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig, load_official_vqgan
 
@@ -24,6 +25,8 @@ __all__ = [
     "MaskGITVQGAN",
     "MsTok",
     "MsTokConfig",
+    "SemTok",
+    "SemTokConfig",
     "TiTok",
     "TiTokConfig",
     "Tokenizer",

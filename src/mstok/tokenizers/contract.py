@@ -34,6 +34,14 @@ class TokenizerOutput:
         scale_reconstructions: a multi-scale decoder's (HieraTok's) unclamped image of every
             scale, coarse to fine, each (B, 3, s*p, s*p); the last is ``reconstruction``.
             None for single-scale families. The multi-scale RGB loss reads it.
+        flow_prediction: a flow-matching decoder's (SemTok stage I) predicted velocity at the
+            noisy latent it was given, e.g. (B, C, h, w); None for every other decoder.
+        flow_target: the velocity it should predict there (``noise - x0``), same shape. A
+            model draws its own noise and time in the training forward (torch's global RNG,
+            as a VAE draws its sample), so the target comes out with the prediction.
+        semantic_losses: unweighted semantic alignment terms by name (``"distill"``,
+            ``"contrastive"``), computed when the training forward was given the teacher's
+            features (SemTok); the loss weights them. Empty otherwise.
     """
 
     reconstruction: torch.Tensor | None
@@ -45,6 +53,9 @@ class TokenizerOutput:
     codebook_loss: torch.Tensor
     quantizer_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     scale_reconstructions: list[torch.Tensor] | None = None
+    flow_prediction: torch.Tensor | None = None
+    flow_target: torch.Tensor | None = None
+    semantic_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _check_finite(images: torch.Tensor) -> None:

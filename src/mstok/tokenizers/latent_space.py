@@ -31,15 +31,17 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from mstok.tokenizers.contract import _check_finite
-from mstok.tokenizers.registry import AnyTokenizer, load_tokenizer
 from mstok.weights import MissingWeightsError
+
+if TYPE_CHECKING:  # the registry imports the SemTok family, which imports this module
+    from mstok.tokenizers.registry import AnyTokenizer
 
 INSTALL_HINT = 'pip install "mstok[semtok]"'
 SD35_VAE_REPO = "stabilityai/stable-diffusion-3.5-large"
@@ -94,11 +96,14 @@ class LatentSpace(nn.Module):
         return self.channels, height // self.downsample, width // self.downsample
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images (B, 3, H, W) in [0, 1] -> float32 latents (B, C, H/f, W/f)."""
+    def encode(self, images: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+        """Float images (B, 3, H, W) in [0, 1] -> float32 latents (B, C, H/f, W/f).
+
+        ``check_values=False`` skips the range and NaN checks, which wait for the device (a
+        training forward that checked its batch already passes it)."""
         images = self._check_input(images, "images", 3)
         self.latent_shape((images.shape[2], images.shape[3]))
-        if images.numel():
+        if images.numel() and check_values:
             _check_finite(images)
             if images.min() < -1e-3 or images.max() > 1 + 1e-3:
                 raise ValueError(
@@ -116,12 +121,22 @@ class LatentSpace(nn.Module):
         with self._autocast(latents.device):
             return self._decode(latents).float().clamp(0.0, 1.0)
 
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> float32 images (B, 3, h*f, w*f), unclamped, differentiable in
+        ``latents``: the weights stay frozen, but gradients flow through them to the input, so
+        pixel losses (MSE, LPIPS, GAN) can train whatever produced the latents (SemTok's stage II).
+        Shape and dtype checks only (no value check: it would wait for the device every step)."""
+        latents = self._check_input(latents, "latents", self.channels)
+        with self._autocast(latents.device):
+            return self._decode(latents).float()
+
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """Checked images (B, 3, H, W) in [0, 1] -> latents (B, C, h, w)."""
         raise NotImplementedError
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Checked latents (B, C, h, w) -> images (B, 3, H, W), roughly in [0, 1] (clamped by the caller)."""
+        """Checked latents (B, C, h, w) -> images (B, 3, H, W), roughly in [0, 1] (clamped by the
+        caller); differentiable in the latents (:meth:`decode` runs it under ``no_grad``)."""
         raise NotImplementedError
 
     def _check_input(self, x: Any, name: str, channels: int) -> torch.Tensor:
@@ -375,6 +390,8 @@ class TokenizerSpace(LatentSpace):
         cls, path: str | Path, weights: str | None = None, sample: bool = False, bf16: bool = False
     ) -> TokenizerSpace:
         """Load a saved tokenizer (:func:`mstok.load_tokenizer`'s rule; ``weights`` as there) and wrap it."""
+        from mstok.tokenizers.registry import load_tokenizer  # lazy: the registry imports this module
+
         return cls(load_tokenizer(path, weights), sample=sample, bf16=bf16)
 
     def latent_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
@@ -397,7 +414,10 @@ class TokenizerSpace(LatentSpace):
             raise ValueError(
                 f"latents must have shape (B, {self.channels}, {self.grid}, {self.grid}), got {tuple(latents.shape)}"
             )
-        return self.tokenizer.decode(rearrange(latents, "b c h w -> b (h w) c"))  # (B, K, C) in
+        # the tokenizer's differentiable decode (its decode() runs without gradients and clamps)
+        tokenizer = self.tokenizer
+        out = tokenizer.decode_codes(tokenizer.tokens_to_codes(rearrange(latents, "b c h w -> b (h w) c")))
+        return out if tokenizer.pixel_decoder is None else tokenizer.pixel_decoder(out)
 
 
 # spec "type" -> the builder its other keys are passed to

@@ -11,6 +11,7 @@ from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.convae import ConvAE
 from mstok.tokenizers.hieratok import HieraTok
 from mstok.tokenizers.mstok import MsTok
+from mstok.tokenizers.semtok import SemTok
 from mstok.tokenizers.titok import TiTok
 from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
 from mstok.weights import locate_model
@@ -22,6 +23,7 @@ FAMILIES: dict[str, type[AnyTokenizer]] = {
     "mstok": MsTok,
     "convae": ConvAE,
     "hieratok": HieraTok,
+    "semtok": SemTok,
     "maskgit_vqgan": MaskGITVQGAN,
 }
 
@@ -101,6 +103,43 @@ _HIERATOK_TINY = {
 }
 
 
+# SemTok (paper Table 8, appendix A.1): an 8 x 768 MMDiT encoder (12 heads) and a 24 x 1536 decoder
+# (24 heads, SD3.5-medium's size) over SD3.5's VAE latents (f = 8, 16 channels) in 2 x 2 patches:
+# 256 px -> a 16 x 16 latent grid, K = 256 tokens, BSQ with 18 or 32 bits (lambda_q = 0.0025). The
+# teacher width 768 is SigLIP-base/16 at 256 px (the paper names SigLIP without a size); qk-norm as in SD3.5.
+_SEMTOK = {
+    "image_size": 256,
+    "latent_space": {"type": "vae"},
+    "latent_channels": 16,
+    "latent_downsample": 8,
+    "patch_size": 2,
+    "width": 768,
+    "depth": 8,
+    "num_heads": 12,
+    "decoder_width": 1536,
+    "decoder_depth": 24,
+    "decoder_num_heads": 24,
+    "num_latent_tokens": 256,
+    "teacher_dim": 768,
+    "qk_norm": True,
+}
+# Tiny SemTok for CPU runs: RGB as the latent space, 8 x 8 patches (an 8 x 8 grid), K = 32 tokens of
+# 12 bits, a 2-block encoder and a 4-block decoder of width 128, qk-norm; the tiny teacher (width 32).
+_SEMTOK_TINY = {
+    "image_size": 64,
+    "latent_space": "pixels",
+    "patch_size": 8,
+    "width": 128,
+    "depth": 2,
+    "num_heads": 4,
+    "decoder_depth": 4,
+    "num_latent_tokens": 32,
+    "code_dim": 12,
+    "teacher_dim": 32,
+    "qk_norm": True,
+}
+
+
 def _sized(size: str, k: int, family: str) -> dict[str, Any]:
     fields: dict[str, Any] = {**SIZES[size], "num_latent_tokens": k}
     if family == "mstok":
@@ -127,6 +166,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "hieratok_f16d32": ("hieratok", {**_HIERATOK, "code_dim": 32, "kl_weight": 1e-5}),
     "hieratok_tiny": ("hieratok", dict(_HIERATOK_TINY)),
     "hieratok_single_tiny": ("hieratok", {**_HIERATOK_TINY, "scales": (8,)}),
+    # SemTok: 2^18 and 2^32 BSQ codes (Table 1), and the tiny CPU model
+    "semtok_l_bsq18": ("semtok", dict(_SEMTOK)),
+    "semtok_l_bsq32": ("semtok", {**_SEMTOK, "code_dim": 32}),
+    "semtok_tiny": ("semtok", dict(_SEMTOK_TINY)),
     # the official MaskGIT-VQGAN (256px, f16, 1024 codes), the two-stage proxy
     "maskgit_vqgan_f16": ("maskgit_vqgan", {}),
     # 64px, f8: its 8x8 code grid matches the tiny presets' 8x8 patch grid

@@ -70,6 +70,20 @@ def build_loss(config: TrainConfig, device: torch.device) -> tuple[TokenizerLoss
         adversarial = AdversarialLoss(
             base_channels=d.base_channels, num_layers=d.num_layers, lecam_weight=w.lecam_weight
         ).to(device)
+    teacher = None
+    if w.distill_weight > 0 or w.contrastive_weight > 0:
+        from mstok.losses.teachers import build_teacher
+
+        try:
+            teacher = build_teacher(config.teacher.spec)
+        except MissingWeightsError as err:
+            raise MissingWeightsError(
+                f"loss.distill_weight / loss.contrastive_weight need the semantic teacher (teacher.spec = "
+                f"{config.teacher.spec!r}): {err}\nPoint teacher.spec at local weights, or set both weights to 0."
+            ) from err
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"teacher.spec: {err}") from err
+        teacher = teacher.to(device)
     loss = TokenizerLoss(
         l1_weight=w.l1_weight,
         mse_weight=w.mse_weight,
@@ -81,6 +95,10 @@ def build_loss(config: TrainConfig, device: torch.device) -> tuple[TokenizerLoss
         multiscale_weight=w.multiscale_weight,
         perceptual=perceptual,
         adversarial=adversarial,
+        flow_weight=w.flow_weight,
+        distill_weight=w.distill_weight,
+        contrastive_weight=w.contrastive_weight,
+        teacher=teacher,
     )
     return loss, adversarial
 
@@ -94,6 +112,7 @@ def check_model_fits_loss(model: nn.Module, loss: TokenizerLoss, proxy: nn.Modul
             "the config has pixel losses (l1/mse/perceptual/gan weights) but the model predicts proxy codes "
             "without a pixel decoder: set those weights to 0 (stage 1) or stage.pixel_decoder_from_proxy = true"
         )
+    check_flow_and_semantics(model, loss)
     if loss.needs_scales and getattr(model.config, "scales", None) is None:
         raise ValueError(
             f"loss.multiscale_weight = {loss.multiscale_weight} needs a multi-scale tokenizer (family 'hieratok', "
@@ -117,6 +136,47 @@ def check_model_fits_loss(model: nn.Module, loss: TokenizerLoss, proxy: nn.Modul
                 f"the model predicts {model.config.proxy_codebook_size} proxy codes but the proxy has "
                 f"{proxy.config.codebook_size}: set model.overrides.proxy_codebook_size"
             )
+
+
+def check_flow_and_semantics(model: nn.Module, loss: TokenizerLoss) -> None:
+    """The flow and semantic terms against a model (SemTok): a flow decoder yields velocities,
+    not pixels; every semantic term needs the model's projection, and every trainable
+    projection a term (an untrained parameter stalls data-parallel training)."""
+    mode = getattr(model.config, "decoder_mode", None)
+    if mode == "flow" and loss.needs_pixels:
+        raise ValueError(
+            "the model's decoder is a flow (decoder_mode = 'flow', SemTok stage I): it predicts velocities, not "
+            "pixels: set loss.l1_weight, mse_weight, perceptual_weight and gan_weight to 0 (and loss.flow_weight > 0), "
+            "or set model.overrides.decoder_mode = 'refine' for stage II"
+        )
+    if loss.needs_flow and mode != "flow":
+        raise ValueError(
+            f"loss.flow_weight = {loss.flow_weight} needs a flow-matching decoder (family 'semtok' with decoder_mode = "
+            "'flow'); this model has none: set loss.flow_weight = 0"
+        )
+    if mode == "flow" and not loss.needs_flow and any(p.requires_grad for p in model.decoder.parameters()):
+        raise ValueError("the stage trains a flow decoder but loss.flow_weight = 0: set it (the paper: 1)")
+    have = tuple(getattr(model, "semantic_terms", ()))
+    for term in loss.semantic_terms:
+        if term not in have:
+            raise ValueError(
+                f"loss.{term}_weight > 0 needs the model's {term} projection: a SemTok with "
+                f"model.overrides.teacher_dim = the teacher's width and {term!r} in semantic_terms; "
+                f"this model has {list(have) or 'none'}"
+            )
+    for term in have:
+        trained = any(p.requires_grad for n, p in model.named_parameters() if n.startswith(f"semantic.{term}."))
+        if trained and term not in loss.semantic_terms:
+            raise ValueError(
+                f"the stage trains the model's {term} projection but loss.{term}_weight = 0, so it would get no "
+                f"gradient: set the weight, leave 'semantic' out of stage.train, or drop {term!r} from semantic_terms"
+            )
+    teacher_dim = getattr(model.config, "teacher_dim", 0)
+    if loss.semantic_terms and loss.teacher.dim != teacher_dim:
+        raise ValueError(
+            f"the teacher (teacher.spec) has width {loss.teacher.dim} but the model's projections expect "
+            f"teacher_dim = {teacher_dim}: set model.overrides.teacher_dim = {loss.teacher.dim} or pick another teacher"
+        )
 
 
 def build_dataset(config: TrainConfig, image_size: int) -> Dataset:

@@ -44,6 +44,7 @@ from mstok.config_schema import (
     one_of,
 )
 from mstok.diffusion.config import DiffusionConfig
+from mstok.generators.bitmar_sampling import BitSamplingConfig
 from mstok.generators.dit_sampling import DiTSamplingConfig
 from mstok.generators.sampling import SamplingConfig
 from mstok.generators.schedules import MASK_SCHEDULES
@@ -116,6 +117,10 @@ class LossConfig:
     ``multiscale_weight``: HieraTok's multi-scale RGB term (the L1/MSE mix of ``l1_weight`` and
     ``mse_weight`` at every coarser scale against the area-downsampled image); only for a
     multi-scale tokenizer (family ``hieratok``).
+
+    SemTok (eq. 6): ``flow_weight``, the velocity MSE of a flow-matching decoder (stage I);
+    ``distill_weight`` and ``contrastive_weight``, lambda_s times the semantic alignment terms
+    of eq. 2 (the paper: 0.05 each), which run the ``[teacher]`` on every batch.
     """
 
     l1_weight: float = 1.0
@@ -128,11 +133,14 @@ class LossConfig:
     gan_start_step: int = 0
     lecam_weight: float = 0.001
     multiscale_weight: float = 0.0
+    flow_weight: float = 0.0
+    distill_weight: float = 0.0
+    contrastive_weight: float = 0.0
 
     field_rules: ClassVar[dict[str, Rule]] = {
         **{name: NON_NEGATIVE for name in ("l1_weight", "mse_weight", "perceptual_weight", "quantizer_weight")},
         **{name: NON_NEGATIVE for name in ("proxy_ce_weight", "gan_weight", "gan_start_step", "lecam_weight")},
-        "multiscale_weight": NON_NEGATIVE,
+        **{name: NON_NEGATIVE for name in ("multiscale_weight", "flow_weight", "distill_weight", "contrastive_weight")},
         "label_smoothing": FRACTION,
     }
 
@@ -186,6 +194,16 @@ class ProxyConfig:
 
     checkpoint: str = ""
     weights: str = "model.safetensors"
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen semantic teacher of SemTok's alignment terms (``loss.distill_weight``,
+    ``loss.contrastive_weight``): a :func:`mstok.losses.teachers.build_teacher` spec, ``"tiny"``
+    (a seeded random conv net, for CPU runs) or a table such as ``{type = "siglip", path = DIR}``.
+    Its width must be the model's ``teacher_dim``. Built only when a semantic weight is on."""
+
+    spec: str | dict[str, Any] = "tiny"
 
 
 @dataclass
@@ -256,6 +274,7 @@ class TrainConfig(RunConfig):
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     dead_code_threshold: float = 0.01
     val_every: int = 0
     val_images: int = 64
@@ -313,13 +332,34 @@ class MaskingConfig:
 
 
 @dataclass
+class BitMaskingConfig:
+    """The bitwise masked-token objective of BitMAR generators (losses/bitwise.py): each example
+    masks a fraction drawn uniformly from [min_mask_ratio, max_mask_ratio] of its tokens; the
+    masked bits' cross-entropy has label smoothing; labels drop to the null class for guidance.
+    SemTok's values: 0.7 to 1, smoothing 0.01, dropout 0.1."""
+
+    min_mask_ratio: float = 0.7
+    max_mask_ratio: float = 1.0
+    label_smoothing: float = 0.01
+    class_dropout: float = 0.1
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "min_mask_ratio": Rule(gt=0, le=1),
+        "max_mask_ratio": Rule(gt=0, le=1),
+        "label_smoothing": FRACTION,
+        "class_dropout": PROBABILITY,
+    }
+
+
+@dataclass
 class GeneratorTrainConfig(RunConfig):
     """A generator training run. ``tokenizer`` (a tokenizer folder or run) is only needed for
     sample grids every ``sample_every`` steps, decoded with the family's sampling settings.
 
     Each family reads its own sections: MaskGIT ``loss`` (the masked-token objective) and
     ``sampling``; DiT ``diffusion`` (the objective, recorded in the trained model's config;
-    DDPM epsilon prediction by default, the HieraTok/DiT testbed's) and ``dit_sampling``.
+    DDPM epsilon prediction by default, the HieraTok/DiT testbed's) and ``dit_sampling``;
+    BitMAR ``bit_loss`` (the bitwise masked-token objective) and ``bit_sampling``.
     """
 
     model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
@@ -328,11 +368,16 @@ class GeneratorTrainConfig(RunConfig):
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     dit_sampling: DiTSamplingConfig = field(default_factory=DiTSamplingConfig)
+    bit_loss: BitMaskingConfig = field(default_factory=BitMaskingConfig)
+    bit_sampling: BitSamplingConfig = field(default_factory=BitSamplingConfig)
     tokenizer: str = ""
     tokenizer_weights: str = ""  # empty: ema.safetensors when the folder has it, else model.safetensors
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        low, high = self.bit_loss.min_mask_ratio, self.bit_loss.max_mask_ratio
+        if low > high:
+            raise ConfigError("bit_loss.min_mask_ratio", f"must be at most max_mask_ratio = {high}, got {low}")
         from mstok.generators.registry import GENERATOR_PRESETS, generator_config  # lazy, as for TrainConfig
 
         check_model_overrides(self.model, generator_config, GENERATOR_PRESETS)

@@ -2,15 +2,16 @@
 
 ``GeneratorTrainer(config).fit()`` trains the generator preset ``model.preset`` on the token
 shards written by ``mstok pretokenize`` (``data.path``): a MaskGIT generator on token ids,
-a DiT on the continuous latents of a VAE tokenizer. The family's *objective*
+a DiT on the continuous latents of a VAE tokenizer, BitMAR on the ids of a BSQ tokenizer. The family's *objective*
 (:class:`GeneratorObjective`) is all the trainer knows of it: MaskGIT's masks a
 schedule-distributed fraction of every example's tokens and minimises the masked-token loss
 (:class:`~mstok.losses.masked.MaskedTokenObjective`); the DiT's noises the latents, normalised
 per channel by the data's statistics, and regresses the noise or velocity of the ``[diffusion]``
 objective (:class:`~mstok.losses.diffusion.DiffusionObjective`; DDPM epsilon prediction by
-default, the DiT/HieraTok testbed's). Both drop class labels for classifier-free guidance, and
-draw every corruption per sample from its seed, so one process and N ranks train identically
-and a resume is bit-identical.
+default, the DiT/HieraTok testbed's); BitMAR's masks 70-100% of the tokens of a BSQ tokenizer
+and predicts their bits (:class:`~mstok.losses.bitwise.BitwiseObjective`, ``[bit_loss]``). All
+drop class labels for classifier-free guidance, and draw every corruption per sample from its
+seed, so one process and N ranks train identically and a resume is bit-identical.
 
 K, V (ids) or C (latents) and the class count come from the data; a DiT also records the
 latents' per-channel mean and std (``latent_mean``/``latent_std``, std floored at
@@ -19,7 +20,7 @@ objective in its config, so sampling maps its samples back to the tokenizer's sc
 same process. Everything else (DDP, accumulation, autocast, EMA, atomic checkpoints,
 bit-identical resume, JSONL/TensorBoard logs) is the :class:`~mstok.training.engine.Engine`'s.
 With ``tokenizer`` set and ``sample_every > 0``, the EMA generator's samples (the family's
-sampling settings: ``sampling`` or ``dit_sampling``) are decoded into an image grid under
+sampling settings: ``sampling``, ``dit_sampling`` or ``bit_sampling``) are decoded into an image grid under
 ``<out_dir>/generated/``.
 """
 
@@ -37,6 +38,7 @@ from mstok.data.tokens import TokenDataset
 from mstok.generators import create_generator, generate_images
 from mstok.generators.dit_sampling import latent_scale
 from mstok.generators.registry import FAMILIES, GeneratorFamily, TokenSpace, preset_family
+from mstok.losses.bitwise import BitwiseObjective
 from mstok.losses.diffusion import DiffusionObjective
 from mstok.losses.masked import MaskedTokenObjective
 from mstok.training.checkpoint import load_tokenizer_folder
@@ -83,6 +85,14 @@ def _masked_objective(model: nn.Module, config: GeneratorTrainConfig) -> MaskedT
     )
 
 
+def _bitwise_objective(model: nn.Module, config: GeneratorTrainConfig) -> BitwiseObjective:
+    loss, gen = config.bit_loss, model.config
+    return BitwiseObjective(
+        gen.num_bits, gen.group_bits, gen.null_class, loss.min_mask_ratio, loss.max_mask_ratio,
+        loss.class_dropout, loss.label_smoothing,
+    )  # fmt: skip
+
+
 def _diffusion_objective(model: nn.Module, config: GeneratorTrainConfig) -> DiffusionObjective:
     gen = model.config
     return DiffusionObjective(config.diffusion, *latent_scale(gen), gen.class_dropout, gen.null_class)
@@ -112,6 +122,7 @@ class FamilyTraining:
 TRAINING: dict[str, FamilyTraining] = {
     "maskgit": FamilyTraining(_masked_objective, lambda config, data, overrides: {}, lambda c: c.sampling),
     "dit": FamilyTraining(_diffusion_objective, _dit_fields, lambda c: c.dit_sampling),
+    "bitmar": FamilyTraining(_bitwise_objective, lambda config, data, overrides: {}, lambda c: c.bit_sampling),
 }
 
 

@@ -227,8 +227,9 @@ class Trainer(Engine):
             images = images.to(self.device, non_blocking=True)
             with self.grad_sync(last=i == n - 1):
                 codes = self.proxy_codes(images) if self.loss_fn.needs_proxy_codes else None
+                inputs = self.loss_fn.model_inputs(images)  # e.g. a semantic teacher's features; usually none
                 with self.autocast():
-                    output = self.train_model(images)
+                    output = self.train_model(images, **inputs)
                 loss, terms = self.loss_fn(output, images, codes, gan_active)
                 self.scaler.scale(loss / n).backward()
             for k, v in terms.items():

@@ -1,0 +1,312 @@
+"""SemTok: shapes in both decoder modes, BSQ ids at 2^18 and 2^32, the flow loss and an Euler
+decode step against hand computations, gradients in both stages, save/load, the first stage kept
+out of the weights, short runs of both tiny stage configs, and clear errors."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import mstok
+from mstok.data import InMemoryImages, RandomResizedCropFlip
+from mstok.demo import TRAIN_PHOTOS, skimage_photos
+from mstok.losses import TokenizerLoss
+from mstok.losses.teachers import TinyTeacher
+from mstok.tokenizers import SemTok, SemTokConfig, create_tokenizer, load_tokenizer, preset_config
+from mstok.tokenizers.latent_space import LatentSpace
+from mstok.training import Trainer, load_train_config
+from mstok.training.components import check_model_fits_loss
+from mstok.training.stages import apply_stage
+from mstok.weights import MissingWeightsError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+B, K = 2, 32
+STAGE1 = ["encoder", "decoder", "flow_input", "semantic"]
+STAGE2 = ["decoder", "mask_tokens"]
+
+
+_BUILT: dict[tuple, SemTok] = {}
+
+
+def _model(**overrides) -> SemTok:
+    """A fresh copy of the tiny preset with every weight nudged off its start: adaLN-Zero gates
+    and the final layer start at zero, which would make the velocity zero and block gradients
+    to the blocks. Built once per setting (building dominates these tests' time)."""
+    key = tuple(sorted(overrides.items()))
+    if key not in _BUILT:
+        model = create_tokenizer("semtok_tiny", **overrides)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        _BUILT[key] = model
+    return copy.deepcopy(_BUILT[key])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """One torch thread (after conftest's two): these tiny models gain nothing from a second,
+    and on a loaded machine its spin-waits make them tens of times slower."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(B, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _flow_loss(**weights) -> TokenizerLoss:
+    return TokenizerLoss(l1_weight=0.0, mse_weight=0.0, quantizer_weight=1.0, flow_weight=1.0, **weights)
+
+
+# ------------------------------------------------------------------ shapes and ids
+def test_shapes_through_both_decoder_modes(images) -> None:
+    flow = _model()
+    out = flow(images)
+    assert out.reconstruction is None and out.flow_prediction.shape == out.flow_target.shape == (B, 3, 64, 64)
+    assert out.indices.shape == (B, K) and out.latents.shape == (B, K, 12)
+    ids = flow.encode(images)
+    assert ids.dtype == torch.int64 and ids.shape == (B, K)
+    assert flow.encode_features(images).shape == (B, K, 128)
+    decoded = flow.decode(ids, steps=2, seed=0)
+    assert decoded.shape == (B, 3, 64, 64) and decoded.min() >= 0 and decoded.max() <= 1
+    refine = _model(decoder_mode="refine")
+    out = refine(images)
+    assert out.flow_prediction is None and out.reconstruction.shape == (B, 3, 64, 64)
+    assert refine.decode(refine.encode(images)).shape == (B, 3, 64, 64)
+
+
+@pytest.mark.parametrize("bits", [18, 32])
+def test_bsq_ids_are_int64_and_valid(images, bits) -> None:
+    model = _model(code_dim=bits)
+    assert model.vocab_size == 2**bits
+    ids = model.encode(images)
+    assert ids.dtype == torch.int64 and ids.min() >= 0 and ids.max() < 2**bits
+    if bits == 32:
+        assert ids.max() >= 2**31  # 64 random ids: the top bit is set somewhere (beyond int32)
+    codes = model.quantizer(model.encoder(model.to_latents(images))[1]).codes
+    assert_close(model.quantizer.indices_to_codes(ids), codes)  # the ids carry exactly the codes
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        model.decode(torch.full((B, K), 2**bits), steps=1)
+
+
+# ------------------------------------------------------------------ flow: hand computations
+def test_flow_loss_matches_a_hand_computation(images) -> None:
+    model = _model()
+    torch.manual_seed(7)
+    out = model(images)
+    _, terms = _flow_loss()(out, images)
+    torch.manual_seed(7)  # the forward draws t first, then the noise
+    t = torch.rand(B)
+    x0 = images * 2 - 1  # the pixel space
+    noise = torch.randn_like(x0)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    codes = model.quantizer(model.encoder(x0)[1]).codes
+    velocity = model.decode_velocity(codes, x_t, t)
+    assert_close(out.flow_target, noise - x0)
+    assert_close(out.flow_prediction, velocity)
+    assert_close(terms["flow"], ((velocity - (noise - x0)) ** 2).mean())
+    assert terms["flow"] > 0
+
+
+def test_one_euler_step_decode_matches_the_velocity(images) -> None:
+    model = _model().eval()
+    ids = model.encode(images)
+    noise = torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    codes = model.quantizer.indices_to_codes(ids)
+    with torch.no_grad():
+        expected = noise + (0.0 - 1.0) * model.decode_velocity(codes, noise, 1.0)  # t: 1 -> 0 in one step
+    assert_close(model.decode_latents(ids, steps=1, seed=3), expected)
+    assert_close(model.decode(ids, steps=1, seed=3), ((expected + 1) / 2).clamp(0, 1))
+    assert not torch.equal(model.decode_latents(ids, steps=1, seed=4), expected)  # the seed is the noise
+
+
+def test_refiner_decode_is_deterministic(images) -> None:
+    model = _model(decoder_mode="refine").eval()
+    ids = model.encode(images)
+    first, second = model.decode(ids), model.decode(ids)
+    assert torch.equal(first, second)
+    with torch.no_grad():
+        latent = model.decode_refine(model.quantizer.indices_to_codes(ids))
+    assert_close(first, ((latent + 1) / 2).clamp(0, 1))
+
+
+# ------------------------------------------------------------------ gradients per stage
+def _missing_grads(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+
+
+def test_stage_one_reaches_every_trainable_parameter(images) -> None:
+    model = _model()
+    trainable, frozen = apply_stage(model, STAGE1)
+    assert frozen == ["mask_tokens"]
+    teacher = TinyTeacher(dim=32)
+    loss_fn = _flow_loss(distill_weight=0.05, contrastive_weight=0.05, teacher=teacher)
+    out = model(images, **loss_fn.model_inputs(images))
+    loss, terms = loss_fn(out, images)
+    assert {"flow", "distill", "contrastive", "entropy"} <= set(terms)
+    loss.backward()
+    assert not _missing_grads(model)
+    assert any(n.startswith("semantic.distill") for n in trainable)
+    assert any(n.startswith("semantic.contrastive") for n in trainable)
+    assert model.mask_tokens.grad is None
+
+
+def test_stage_two_trains_the_decoder_only(images) -> None:
+    model = _model(decoder_mode="refine")
+    _, frozen = apply_stage(model, STAGE2)
+    out = model(images)
+    F.mse_loss(out.reconstruction, images).backward()
+    assert not _missing_grads(model)
+    assert {n.split(".")[0] for n in frozen} == {"encoder", "flow_input", "semantic"}
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+
+# ------------------------------------------------------------------ save / load, the first stage
+@pytest.mark.parametrize("mode", ["flow", "refine"])
+def test_save_load_round_trip(tmp_path, images, mode) -> None:
+    model = _model(decoder_mode=mode).eval()
+    model.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, SemTok) and loaded.config == model.config
+    ids = model.encode(images)
+    assert torch.equal(loaded.encode(images), ids)
+    assert torch.equal(loaded.decode(ids, steps=2 if mode == "flow" else None, seed=5),
+                       model.decode(ids, steps=2 if mode == "flow" else None, seed=5))  # fmt: skip
+
+
+class _ToyVAE(LatentSpace):
+    """A frozen first stage with weights (a 2x2 stride-2 conv and its transpose), standing in for a VAE."""
+
+    def __init__(self) -> None:
+        super().__init__(channels=4, downsample=2)
+        self.down = nn.Conv2d(3, 4, 2, stride=2)
+        self.up = nn.ConvTranspose2d(4, 3, 2, stride=2)
+        self.freeze()
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.down(images)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.up(latents)
+
+
+def test_a_vae_latent_space_stays_out_of_the_weights(tmp_path, images) -> None:
+    spec = {"latent_space": {"type": "vae", "path": str(tmp_path / "none")}, "latent_channels": 4}
+    model = create_tokenizer("semtok_tiny", **spec, latent_downsample=2, patch_size=4, decoder_mode="refine")
+    with pytest.raises(MissingWeightsError, match="VAE folder"):  # built on first use, from the spec
+        model.encode(images)
+    vae = _ToyVAE()
+    model.attach_latent_space(vae)
+    keys = set(model.state_dict())
+    assert not any("down" in k or "up." in k for k in keys) and len(keys) == len(
+        create_tokenizer("semtok_tiny", **spec, latent_downsample=2, patch_size=4).state_dict()
+    )
+    assert all(p.requires_grad is False for p in vae.parameters())
+    assert sum(p.numel() for p in model.parameters()) == model.parameter_counts()["total"]
+    assert copy.deepcopy(model).latent_space is vae  # the EMA copy shares the frozen first stage
+    model.double()
+    assert vae.down.weight.dtype == torch.float64  # .to() moves it along
+    model.float()
+    out = model(images)
+    out.reconstruction.sum().backward()  # the differentiable decode reaches the decoder through the VAE
+    assert model.decoder.final.proj.weight.grad is not None and vae.up.weight.grad is None
+    with pytest.raises(ValueError, match="latent space has 3 channels"):
+        model.attach_latent_space(mstok.tokenizers.latent_space.PixelSpace())
+
+
+# ------------------------------------------------------------------ presets
+def test_paper_presets() -> None:
+    with torch.device("meta"):
+        small, large = create_tokenizer("semtok_l_bsq18"), create_tokenizer("semtok_l_bsq32")
+    assert small.vocab_size == 2**18 and large.vocab_size == 2**32
+    counts = small.parameter_counts()
+    assert counts["encoder"] == pytest.approx(113e6, rel=0.02)  # Table 8: 113M
+    assert counts["decoder"] == pytest.approx(2236e6, rel=0.15)  # Table 8: 2236M (SD3.5's MMDiT-X has more)
+    cfg = small.config
+    assert (cfg.grid_size, cfg.num_latent_tokens, cfg.latent_channels) == (16, 256, 16)
+    assert cfg.quantizer == {"type": "bsq", "entropy_weight": 0.0025}
+
+
+# ------------------------------------------------------------------ training
+def _photos() -> InMemoryImages:
+    return InMemoryImages(skimage_photos(TRAIN_PHOTOS[:2]), RandomResizedCropFlip(64, scale=(0.05, 0.3)))
+
+
+@pytest.mark.slow
+def test_both_tiny_stages_train_through_the_shared_trainer(tmp_path) -> None:
+    """4 steps of stage I, then 3 of stage II from its checkpoint (GAN from step 1)."""
+    common = ["batch_size=4", "data.num_workers=0", "log_every=1", "tensorboard=false", "sample_every=0", "threads=1"]
+    one = load_train_config(
+        CONFIGS / "semtok_tiny_stage1.toml", [*common, "steps=4", "ckpt_every=4", f"out_dir='{tmp_path / 's1'}'"]
+    )
+    history = Trainer(one, dataset=_photos(), progress=False).fit()
+    assert len(history) == 4 and all(h["flow"] > 0 and "distill" in h and "contrastive" in h for h in history)
+    assert (tmp_path / "s1" / "checkpoints").exists()
+    settings = [*common, "steps=3", "ckpt_every=3", "val_every=0", "loss.gan_start_step=1"]
+    settings += [f"out_dir='{tmp_path / 's2'}'", f"model.init_from='{tmp_path / 's1' / 'checkpoints'}'"]
+    trainer = Trainer(
+        load_train_config(CONFIGS / "semtok_tiny_stage2.toml", settings), dataset=_photos(), progress=False
+    )
+    stage_one = load_tokenizer(tmp_path / "s1")  # EMA weights, as init_from reads them
+    assert torch.equal(trainer.model.encoder.latent_tokens, stage_one.encoder.latent_tokens)  # init_from
+    history = trainer.fit()
+    assert len(history) == 3 and "gan_g" in history[-1] and "flow" not in history[-1]
+    assert torch.equal(trainer.model.encoder.latent_tokens, stage_one.encoder.latent_tokens)  # frozen
+    assert load_tokenizer(tmp_path / "s2").config.decoder_mode == "refine"
+
+
+# ------------------------------------------------------------------ errors
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="unknown latent space 'latents'"):
+        SemTokConfig(latent_space="latents")
+    with pytest.raises(ValueError, match="needs latent_channels and latent_downsample"):
+        preset_config("semtok_tiny", latent_space={"type": "vae"})
+    with pytest.raises(ValueError, match="latent_channels = 4 contradicts the pixel space"):
+        preset_config("semtok_tiny", latent_channels=4)
+    with pytest.raises(ValueError, match="decoder_mode must be one of"):
+        preset_config("semtok_tiny", decoder_mode="diffusion")
+
+
+def test_decode_errors(images) -> None:
+    model = _model().eval()
+    ids = model.encode(images)
+    for steps in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=r"flow decoder .* steps must be an integer in \[1, "):
+            model.decode(ids, steps=steps)
+    with pytest.raises(ValueError, match="unknown sampler 'ddim'"):
+        model.decode(ids, steps=1, sampler="ddim")
+    refine = _model(decoder_mode="refine").eval()
+    with pytest.raises(ValueError, match="decodes in one pass: steps must be None"):
+        refine.decode(ids, steps=5)
+    with pytest.raises(NotImplementedError, match="decode"):
+        model.decode_codes(model.quantizer.indices_to_codes(ids))
+
+
+def test_loss_and_stage_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="need a semantic teacher"):
+        TokenizerLoss(distill_weight=0.05)
+    model = _model()
+    apply_stage(model, STAGE1)
+    with pytest.raises(ValueError, match="predicts velocities, not pixels"):
+        check_model_fits_loss(model, TokenizerLoss(flow_weight=1.0), None)
+    with pytest.raises(ValueError, match=r"stage trains the model's distill projection but loss\.distill_weight = 0"):
+        check_model_fits_loss(model, _flow_loss(contrastive_weight=1.0, teacher=TinyTeacher(dim=32)), None)
+    with pytest.raises(
+        ValueError, match=r"teacher \(teacher\.spec\) has width 16 but the model's projections expect teacher_dim = 32"
+    ):
+        loss = _flow_loss(distill_weight=1.0, contrastive_weight=1.0, teacher=TinyTeacher(dim=16))
+        check_model_fits_loss(model, loss, None)
+    with pytest.raises(ValueError, match=r"flow_weight = 1\.0 needs a flow-matching decoder"):
+        check_model_fits_loss(create_tokenizer("titok_tiny"), TokenizerLoss(flow_weight=1.0), None)
+    with pytest.raises(ValueError, match="model computed no 'distill' term"):
+        loss = _flow_loss(distill_weight=1.0, teacher=TinyTeacher(dim=32))
+        loss(model(torch.rand(1, 3, 64, 64)), torch.rand(1, 3, 64, 64))  # no teacher features given
+    settings = [f"out_dir='{tmp_path}'", f"teacher.spec={{type='siglip', path='{tmp_path / 'siglip'}'}}"]
+    with pytest.raises(MissingWeightsError, match=r"teacher\.spec"):
+        Trainer(load_train_config(CONFIGS / "semtok_tiny_stage1.toml", settings), dataset=_photos(), progress=False)
