@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from mstok.config_schema import check_config
 from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
+from mstok.weights import locate_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -74,6 +76,40 @@ class SavedModel:
     def load_weights(self, path: str | Path) -> None:
         """Load a safetensors file into this model strictly, with a clear error on any mismatch."""
         load_state_dict_checked(self, read_safetensors(path), str(path))
+
+    @classmethod
+    def load_saved(
+        cls,
+        path: str | Path,
+        weights: str | None,
+        config_class: type[ConfigDict],
+        name: str,
+        what: str | None = None,
+        build: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """A model of this class saved by :meth:`save_pretrained`, in eval mode: the folder and
+        weights by the rule of :func:`mstok.weights.locate_model`, its ``config.json`` checked to
+        be of ``config_class``'s family, the model built from the config and its weights loaded.
+
+        Args:
+            path, weights: as :func:`~mstok.weights.locate_model` takes them.
+            config_class: the family's config dataclass (its ``family`` is the one expected).
+            name: the model in messages (``"DiT"``, ``"BitMAR generator"``).
+            what: what the folder should hold, in the ``config.json`` messages (default ``name``).
+            build: config -> the model before its weights load (default: the class itself).
+        """
+        what = name if what is None else what
+        folder, weights = locate_model(path, weights, name)
+        family, fields = split_saved_config(read_saved_config(folder, what), folder, what)
+        if family != config_class.family:
+            raise ValueError(f"{folder} holds a {family!r} model, not a {name}")
+        try:
+            config = config_class.from_dict(fields)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{folder / CONFIG_FILE}: {err}") from err
+        model = (cls if build is None else build)(config)
+        model.load_weights(folder / weights)
+        return model.eval()
 
 
 def read_saved_config(path: Path, what: str) -> Any:

@@ -44,9 +44,9 @@ from mstok.diffusion.guidance import (
     Denoiser,
     check_data,
     check_prediction,
-    check_start,
-    classifier_free_guidance,
+    check_sampler,
     noise_like,
+    start_sampling,
 )
 
 SAMPLERS = ("ddpm", "ddim")
@@ -233,15 +233,13 @@ class GaussianDiffusion:
         Returns:
             (B, ...) samples, in the starting noise's dtype.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler, SAMPLERS)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
         if sampler == "ddpm" and eta != 0:
             raise ValueError("eta is a DDIM setting; the ddpm sampler always uses the posterior variance")
         taus = self.timesteps(steps).tolist()
-        x, y = check_start(noise, y, generator)
-        guided = classifier_free_guidance(model, y, guidance_scale, null_label)
+        x, guided = start_sampling(model, noise, y, guidance_scale, null_label, generator)
         for k in tqdm(range(len(taus) - 1, -1, -1), disable=not progress, desc="sample", unit="step"):
             t, prev = taus[k], taus[k - 1] if k > 0 else -1
             eps = guided(x, self.model_time(torch.full((x.shape[0],), t, device=x.device)))

@@ -37,9 +37,9 @@ from mstok.diffusion.guidance import (
     Guided,
     check_data,
     check_prediction,
-    check_start,
-    classifier_free_guidance,
+    check_sampler,
     noise_like,
+    start_sampling,
 )
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -179,11 +179,9 @@ class RectifiedFlow:
         Returns:
             (B, ...) samples, in the starting noise's dtype.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler, SAMPLERS)
         ts = self.times(steps).tolist()
-        x, y = check_start(noise, y, generator)
-        guided = classifier_free_guidance(model, y, guidance_scale, null_label)
+        x, guided = start_sampling(model, noise, y, guidance_scale, null_label, generator)
         step = self.euler_step if sampler == "euler" else self.heun_step
         for k in tqdm(range(steps), disable=not progress, desc="sample", unit="step"):
             x = step(guided, x, ts[k], ts[k + 1])

@@ -12,6 +12,9 @@ same batch statistics as an unguided one and the GPU runs one large call, not tw
 ``s = 1`` is plain conditional sampling and ``s = 0`` plain unconditional sampling; both skip
 the second half of the batch. ``s`` relates to the MaskGIT sampler's weight ``w``
 (:mod:`mstok.generators.sampling`, ``cond + w (cond - uncond)``) by ``s = 1 + w``.
+
+Every sampler starts the same way (:func:`start_sampling`): the starting noise, drawn or
+given, and the guided function of the checked labels.
 """
 
 from __future__ import annotations
@@ -127,6 +130,27 @@ def check_start(
         device = y.device if isinstance(y, torch.Tensor) else torch.device("cpu")
         x = noise_like(shape, generator, device, torch.float32)
     return x, check_labels(y, x.shape[0]).to(x.device)
+
+
+def check_sampler(sampler: str, samplers: Sequence[str]) -> str:
+    """``sampler`` if it is one of an objective's ``samplers``, else a ValueError listing them."""
+    if sampler not in samplers:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers)}")
+    return sampler
+
+
+def start_sampling(
+    model: Denoiser,
+    noise: torch.Tensor | Sequence[int],
+    y: torch.Tensor,
+    guidance_scale: float,
+    null_label: int | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, Guided]:
+    """Every objective's sampler set-up: the starting x (B, ...) (:func:`check_start`) and the
+    guided model ``f(x, t)`` it integrates (:func:`classifier_free_guidance`)."""
+    x, y = check_start(noise, y, generator)
+    return x, classifier_free_guidance(model, y, guidance_scale, null_label)
 
 
 def check_data(x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -57,8 +57,7 @@ from mstok.layers.embeddings import set_init_table
 from mstok.layers.rope import Line1D, NoRotation, RotaryTables
 from mstok.quantizers.base import MAX_ID_BITS
 from mstok.quantizers.binary import ids_to_bits
-from mstok.saved import ConfigDict, SavedModel, read_saved_config, split_saved_config
-from mstok.weights import locate_model
+from mstok.saved import ConfigDict, SavedModel
 
 MAX_GROUP_BITS = 16  # a group's softmax has 2^g logits per position
 
@@ -262,17 +261,7 @@ class BitMAR(SavedModel, nn.Module):
     def from_pretrained(cls, path: str | Path, weights: str | None = None) -> BitMAR:
         """Load a BitMAR saved by ``save_pretrained`` (or a checkpoint or run folder, by the rule of
         :func:`mstok.weights.locate_model`), in eval mode."""
-        folder, weights = locate_model(path, weights, "BitMAR generator")
-        family, fields = split_saved_config(read_saved_config(folder, "generator"), folder, "generator")
-        if family != BitMARConfig.family:
-            raise ValueError(f"{folder} holds a {family!r} model, not a BitMAR generator")
-        try:
-            config = BitMARConfig.from_dict(fields)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{folder / 'config.json'}: {err}") from err
-        model = cls(config)
-        model.load_weights(folder / weights)
-        return model.eval()
+        return cls.load_saved(path, weights, BitMARConfig, "BitMAR generator", what="generator")
 
 
 # The paper's sizes (Table 9: 318M, 746M, 1.2B; with adaLN-single 318M, 746M, 1.27B at K = 256, C = 18);

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from mstok.config_schema import NON_NEGATIVE, Rule, one_of, positive
 from mstok.generators.bitmar import BitMAR
-from mstok.generators.sampling import check_class_labels
+from mstok.generators.sampling import conditional_pair, gumbel_noise, prepare_sampling
 from mstok.generators.schedules import MASK_SCHEDULES, masked_counts
 from mstok.saved import ConfigDict
 
@@ -109,12 +109,6 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def gumbel_noise(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard Gumbel noise ``-log(-log(u))``, u ~ U(0, 1), float32, clamped away from log(0)."""
-    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
-    return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
-
-
 def draw(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -135,10 +129,7 @@ def _predict(model: BitMAR, ids: torch.Tensor, mask: torch.Tensor, labels: torch
     """The (guided) float32 logits of every position; one batched pass for both halves when ``scale != 1``."""
     if scale == 1.0:
         return model(ids, mask, labels).float()
-    null = torch.full_like(labels, model.config.null_class)
-    both = model(torch.cat([ids, ids]), torch.cat([mask, mask]), torch.cat([labels, null])).float()
-    cond, uncond = both.chunk(2)
-    return guided(cond, uncond, scale)
+    return guided(*conditional_pair(model, (ids, mask), labels, model.config.null_class), scale)
 
 
 @torch.inference_mode()
@@ -164,10 +155,8 @@ def sample_bits(
         (B, K) int64 ids in [0, 2^C), and the per-step masks when asked.
     """
     config = config or BitSamplingConfig()
-    model.eval()
     cfg = model.config
-    device = next(model.parameters()).device
-    labels = check_class_labels(labels, cfg.num_classes).to(device)
+    device, labels = prepare_sampling(model, labels)
     b, k = labels.shape[0], cfg.num_tokens
     counts = masked_counts(k, config.steps, config.schedule)
     scales = guidance_scales(counts, k, config.guidance_scale, config.guidance_schedule)

@@ -54,8 +54,7 @@ from mstok.diffusion.config import DiffusionConfig
 from mstok.layers import init_weights
 from mstok.layers.adaln import AdaLNZeroBlock, FinalLayer, LabelEmbedding, TimestepEmbedding, frequency_embedding
 from mstok.layers.embeddings import latent_grid, sincos_at
-from mstok.saved import ConfigDict, SavedModel, read_saved_config, split_saved_config
-from mstok.weights import locate_model
+from mstok.saved import ConfigDict, SavedModel
 
 POSITION_EMBEDDINGS = ("learned", "sincos", "multiscale", "table")
 
@@ -280,19 +279,13 @@ class DiT(SavedModel, nn.Module):
     def from_pretrained(cls, path: str | Path, weights: str | None = None) -> DiT:
         """Load a DiT saved by ``save_pretrained`` (or a checkpoint or run folder, by the rule of
         :func:`mstok.weights.locate_model`), in eval mode."""
-        folder, weights = locate_model(path, weights, "DiT")
-        family, fields = split_saved_config(read_saved_config(folder, "DiT"), folder, "DiT")
-        if family != DiTConfig.family:
-            raise ValueError(f"{folder} holds a {family!r} model, not a DiT")
-        try:
-            config = DiTConfig.from_dict(fields)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{folder / 'config.json'}: {err}") from err
-        # a caller's table is in the weights file: a placeholder of its shape until it loads
-        placeholder = torch.zeros(config.num_tokens, config.width) if config.position_embedding == "table" else None
-        model = cls(config, positions=placeholder)
-        model.load_weights(folder / weights)
-        return model.eval()
+
+        def build(config: DiTConfig) -> DiT:
+            # a caller's table is in the weights file: a placeholder of its shape until it loads
+            table = config.position_embedding == "table"
+            return cls(config, positions=torch.zeros(config.num_tokens, config.width) if table else None)
+
+        return cls.load_saved(path, weights, DiTConfig, "DiT", build=build)
 
 
 # The DiT paper's sizes (all MLP ratio 4); K, C and the class count come from the tokens a

@@ -26,7 +26,7 @@ import torch
 from mstok.config_schema import NON_NEGATIVE, PROBABILITY, Rule, one_of
 from mstok.diffusion import DiffusionConfig, create_diffusion
 from mstok.generators.dit import DiT, DiTConfig
-from mstok.generators.sampling import check_class_labels
+from mstok.generators.sampling import prepare_sampling
 from mstok.saved import ConfigDict
 
 # sampler -> the objective whose model it integrates
@@ -131,9 +131,7 @@ def sample_latents(
     config = config or DiTSamplingConfig()
     cfg = model.config
     sampler, steps = resolve_sampler(cfg, config)
-    model.eval()
-    device = next(model.parameters()).device
-    labels = check_class_labels(labels, cfg.num_classes).to(device)
+    _, labels = prepare_sampling(model, labels)
     process = create_diffusion(diffusion_of(cfg))
     extra = {"eta": config.eta} if sampler == "ddim" else {}
     x = process.sample(

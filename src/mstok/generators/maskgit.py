@@ -185,18 +185,9 @@ class MaskGITGenerator(SavedModel, nn.Module):
 
     def check_labels(self, labels: Any, allow_null: bool = True) -> torch.Tensor:
         """Validate class ids: integers (B,) in [0, num_classes) (or the null class)."""
-        labels = torch.as_tensor(labels)
-        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(
-                f"labels must be a 1-D tensor of integer class ids, got {labels.dtype} {tuple(labels.shape)}"
-            )
-        top = self.config.num_classes + (1 if allow_null else 0)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= top):
-            raise ValueError(
-                f"class ids must be in [0, {self.config.num_classes}) (this generator has "
-                f"{self.config.num_classes} classes), got min {int(labels.min())} max {int(labels.max())}"
-            )
-        return labels.long()
+        from mstok.generators.sampling import check_class_labels  # lazy: the sampler imports this module
+
+        return check_class_labels(labels, self.config.num_classes, allow_null)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters: embeddings, transformer blocks, head, total."""

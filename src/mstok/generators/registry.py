@@ -99,14 +99,7 @@ class GeneratorFamily:
 
 
 def _load_maskgit(folder: Path, weights: str) -> MaskGITGenerator:
-    _, fields = split_saved_config(read_saved_config(folder, "generator"), folder, "generator")
-    try:
-        config = GeneratorConfig.from_dict(fields)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{folder / 'config.json'}: {err}") from err
-    model = MaskGITGenerator(config)
-    model.load_weights(folder / weights)
-    return model.eval()
+    return MaskGITGenerator.load_saved(folder, weights, GeneratorConfig, "MaskGIT generator", what="generator")
 
 
 FAMILIES: dict[str, GeneratorFamily] = {

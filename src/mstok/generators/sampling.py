@@ -21,12 +21,14 @@ All randomness comes from one ``torch.Generator``: a fixed seed reproduces sampl
 :func:`generate_images` is every family's way from labels to pixels: it runs the generator's
 own sampler (this module's for MaskGIT, :mod:`mstok.generators.dit_sampling` for a DiT; the
 registry's :class:`~mstok.generators.registry.GeneratorFamily` says which) and decodes the
-tokens with the tokenizer; :func:`write_samples` saves the images.
+tokens with the tokenizer; :func:`write_samples` saves the images. The pieces every family's
+sampler shares live here too: :func:`prepare_sampling` (eval mode, device, checked labels),
+:func:`conditional_pair` (the one batched pass of classifier-free guidance) and :func:`gumbel_noise`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -105,10 +107,24 @@ class SamplingConfig(ConfigDict):
         )
 
 
-def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard Gumbel noise ``-log(-log(u))``, u ~ U(0, 1), clamped away from log(0)."""
+def gumbel_noise(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(u))``, u ~ U(0, 1), float32, clamped away from log(0)."""
     u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
     return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+
+
+def conditional_pair(
+    model: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], labels: torch.Tensor, null_class: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 (cond, uncond) outputs of ``model(*inputs, labels)`` and of the same inputs
+    with the ``null_class``, from ONE batched call on ``[inputs; inputs]`` (2B rows), as every
+    generator family's classifier-free guidance computes them.
+
+    inputs: tensors (B, ...) the model reads before the labels; labels: (B,)."""
+    null = torch.full_like(labels, null_class)
+    both = model(*(torch.cat([x, x]) for x in inputs), torch.cat([labels, null])).float()  # (2B, ...)
+    cond, uncond = both.chunk(2)
+    return cond, uncond
 
 
 def guided_logits(model: MaskGITGenerator, tokens: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
@@ -117,10 +133,31 @@ def guided_logits(model: MaskGITGenerator, tokens: torch.Tensor, labels: torch.T
     tokens: (B, K); labels: (B,). -> (B, K, V)"""
     if weight == 0:
         return model(tokens, labels).float()
-    null = torch.full_like(labels, model.config.null_class)
-    both = model(torch.cat([tokens, tokens]), torch.cat([labels, null])).float()  # (2B, K, V)
-    cond, uncond = both.chunk(2)
+    cond, uncond = conditional_pair(model, (tokens,), labels, model.config.null_class)
     return cond + weight * (cond - uncond)
+
+
+def check_class_labels(labels: Any, num_classes: int, allow_null: bool = True) -> torch.Tensor:
+    """Class ids as a (B,) int64 tensor, each in [0, num_classes) (or the null class
+    ``num_classes`` with ``allow_null``), else a clear ValueError."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be a 1-D tensor of integer class ids, got {labels.dtype} {tuple(labels.shape)}")
+    top = num_classes + (1 if allow_null else 0)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= top):
+        raise ValueError(
+            f"class ids must be in [0, {num_classes}) (this generator has {num_classes} classes), "
+            f"got min {int(labels.min())} max {int(labels.max())}"
+        )
+    return labels.long()
+
+
+def prepare_sampling(model: torch.nn.Module, labels: Any) -> tuple[torch.device, torch.Tensor]:
+    """Every family's sampler set-up: ``model`` in eval mode, and (its device, the checked class
+    ``labels`` (B,) int64 on it; the null class allowed)."""
+    model.eval()
+    device = next(model.parameters()).device
+    return device, check_class_labels(labels, model.config.num_classes).to(device)
 
 
 @torch.inference_mode()
@@ -146,9 +183,7 @@ def sample(
         (B, K) int64 ids in [0, V), and the per-step history when asked.
     """
     config = config or SamplingConfig()
-    model.eval()
-    device = next(model.parameters()).device
-    labels = model.check_labels(labels).to(device)
+    device, labels = prepare_sampling(model, labels)
     cfg = model.config
     b, k, steps = labels.shape[0], cfg.num_tokens, config.steps
     ids = torch.full((b, k), cfg.mask_id, dtype=torch.long, device=device)
@@ -161,7 +196,7 @@ def sample(
         if config.softmax_annealing:
             logits = logits / (0.5 + 0.8 * (1.0 - r))
         tau = config.temperature * ((1.0 - r) if config.anneal_temperature else 1.0)
-        noisy = logits if tau == 0 else logits + tau * _gumbel(logits.shape, generator, device)
+        noisy = logits if tau == 0 else logits + tau * gumbel_noise(logits.shape, generator, device)
         drawn = noisy.argmax(-1)  # (B, K)
         confidence = logits.gather(-1, drawn[..., None]).squeeze(-1)  # (B, K)
         if config.confidence == "log_prob":
@@ -172,27 +207,12 @@ def sample(
             confidence = torch.where(is_mask, confidence, torch.inf)  # revealed tokens stay
             noise_scale = config.choice_temperature * (1.0 - r)
             if noise_scale > 0:
-                confidence = confidence + noise_scale * _gumbel(confidence.shape, generator, device)
+                confidence = confidence + noise_scale * gumbel_noise(confidence.shape, generator, device)
             remask = confidence.topk(counts[t], dim=-1, largest=False).indices  # (B, counts[t])
             ids = ids.scatter(1, remask, cfg.mask_id)
         if return_history:
             history.append(ids.clone())
     return (ids, history) if return_history else ids
-
-
-def check_class_labels(labels: Any, num_classes: int, allow_null: bool = True) -> torch.Tensor:
-    """Class ids as a (B,) int64 tensor, each in [0, num_classes) (or the null class
-    ``num_classes`` with ``allow_null``), else a clear ValueError."""
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be a 1-D tensor of integer class ids, got {labels.dtype} {tuple(labels.shape)}")
-    top = num_classes + (1 if allow_null else 0)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= top):
-        raise ValueError(
-            f"class ids must be in [0, {num_classes}) (this generator has {num_classes} classes), "
-            f"got min {int(labels.min())} max {int(labels.max())}"
-        )
-    return labels.long()
 
 
 @torch.inference_mode()

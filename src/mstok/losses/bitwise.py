@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mstok.losses.seeded import SeededInputs, seed_stream
 from mstok.quantizers.binary import ids_to_bits
 
 
@@ -46,38 +46,32 @@ def check_mask_ratios(low: float, high: float) -> None:
         raise ValueError(f"mask ratios must satisfy 0 < min_mask_ratio <= max_mask_ratio <= 1, got {low} and {high}")
 
 
-class BitMaskedTokens(Dataset):
+class BitMaskedTokens(SeededInputs):
     """Wraps a token dataset (``ds[(index, seed)] -> (ids (K,), label)``) into training inputs:
     ``ds[(index, seed)] -> (stacked (2, K) int64, label)`` with ``stacked`` = [ids, mask (1 =
     masked)], the label replaced by ``null_class`` with probability ``class_dropout``. All
-    randomness comes from ``seed`` (module docstring)."""
+    randomness comes from ``seed`` (module docstring, :mod:`mstok.losses.seeded`)."""
 
     def __init__(
         self, dataset: Dataset, min_ratio: float, max_ratio: float, class_dropout: float, null_class: int
     ) -> None:
         check_mask_ratios(min_ratio, max_ratio)
-        self.dataset, self.min_ratio, self.max_ratio = dataset, min_ratio, max_ratio
-        self.class_dropout, self.null_class = class_dropout, null_class
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        super().__init__(dataset, class_dropout, null_class)
+        self.min_ratio, self.max_ratio = min_ratio, max_ratio
 
     def draw(self, seed: int, num_tokens: int) -> tuple[torch.Tensor, bool]:
         """The (K,) bool mask and whether the label is dropped, for the sample of ``seed``."""
-        rng = np.random.default_rng([seed, 0x6269746D])  # a stream apart from the dataset's own draws
+        rng = seed_stream(seed, 0x6269746D)
         ratio = rng.uniform(self.min_ratio, self.max_ratio)
         count = min(max(round(ratio * num_tokens), 1), num_tokens)
         mask = torch.zeros(num_tokens, dtype=torch.bool)
         mask[torch.from_numpy(rng.permutation(num_tokens)[:count])] = True
-        return mask, bool(rng.random() < self.class_dropout)
+        return mask, self.drops_label(rng)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
-        item = self.dataset[key]
-        if item is None:
-            return None
-        tokens, label = item
-        mask, dropped = self.draw(key[1], tokens.shape[0])
-        return torch.stack([tokens.long(), mask.long()]), self.null_class if dropped else label
+    def corrupt(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, bool]:
+        """(stacked (2, K) int64, whether the label is dropped) for the sample of ``seed``."""
+        mask, dropped = self.draw(seed, tokens.shape[0])
+        return torch.stack([tokens.long(), mask.long()]), dropped
 
 
 def bitwise_sums(

@@ -25,12 +25,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from mstok.diffusion import DiffusionConfig, GaussianDiffusion, RectifiedFlow, create_diffusion
 from mstok.diffusion.guidance import noise_like
+from mstok.losses.seeded import SeededInputs, seed_stream
 
 Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (model input, model time (B,), target)
 
@@ -59,14 +59,15 @@ EXAMPLES: dict[str, Callable[[Any, torch.Tensor, torch.Generator], Example]] = {
 def sample_generator(seed: int) -> torch.Generator:
     """The CPU generator of one training sample's diffusion draws, from the sample's seed (a
     stream apart from the dataset's own draws, which use ``default_rng(seed)``)."""
-    return torch.Generator().manual_seed(int(np.random.default_rng([seed, 0x64696666]).integers(2**63)))
+    return torch.Generator().manual_seed(int(seed_stream(seed, 0x64696666).integers(2**63)))
 
 
-class DiffusionInputs(Dataset):
+class DiffusionInputs(SeededInputs):
     """Wraps a continuous token dataset (``ds[(index, seed)] -> (latents (K, C), label)``) into
     training inputs: ``ds[(index, seed)] -> (stacked (3, K, C), label)`` with ``stacked`` =
     [model input, target, model time (a constant plane)], the label replaced by ``null_class``
-    with probability ``class_dropout`` (module docstring). All randomness comes from ``seed``.
+    with probability ``class_dropout`` (module docstring). All randomness comes from ``seed``
+    (:mod:`mstok.losses.seeded`).
 
     Args:
         dataset: the latents, e.g. a continuous :class:`~mstok.data.tokens.TokenDataset`.
@@ -84,25 +85,16 @@ class DiffusionInputs(Dataset):
         class_dropout: float,
         null_class: int,
     ) -> None:
-        self.dataset, self.process = dataset, create_diffusion(diffusion)
-        self.example = EXAMPLES[diffusion.objective]
+        super().__init__(dataset, class_dropout, null_class)
+        self.process, self.example = create_diffusion(diffusion), EXAMPLES[diffusion.objective]
         self.mean, self.std = mean.float(), std.float()
-        self.class_dropout, self.null_class = class_dropout, null_class
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
-        item = self.dataset[key]
-        if item is None:
-            return None
-        latents, label = item
-        generator = sample_generator(key[1])
-        x0 = ((latents.float() - self.mean) / self.std)[None]  # (1, K, C)
-        x, time, target = self.example(self.process, x0, generator)
-        if np.random.default_rng([key[1], 0x6C61626C]).random() < self.class_dropout:
-            label = self.null_class
-        return torch.stack([x[0], target[0], torch.full_like(x[0], float(time[0]))]), label
+    def corrupt(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, bool]:
+        """(stacked (3, K, C), whether the label is dropped) for the sample of ``seed``."""
+        x0 = ((tokens.float() - self.mean) / self.std)[None]  # (1, K, C)
+        x, time, target = self.example(self.process, x0, sample_generator(seed))
+        dropped = self.drops_label(seed_stream(seed, 0x6C61626C))
+        return torch.stack([x[0], target[0], torch.full_like(x[0], float(time[0]))]), dropped
 
 
 class DiffusionObjective:

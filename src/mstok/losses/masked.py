@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from mstok.generators.schedules import check_schedule, mask_ratio
+from mstok.losses.seeded import SeededInputs, seed_stream
 
 
 def num_masked(r: torch.Tensor, num_tokens: int, schedule: str) -> torch.Tensor:
@@ -54,34 +54,27 @@ def mask_tokens(
     return torch.where(mask, mask_id, tokens), mask
 
 
-class MaskedTokens(Dataset):
+class MaskedTokens(SeededInputs):
     """Wraps a token dataset (``ds[(index, seed)] -> (tokens (K,), label)``) into training
     inputs: ``ds[(index, seed)] -> (stacked (3, K) = [masked ids, mask, target ids], label)``,
     the label replaced by ``null_class`` with probability ``class_dropout``. All randomness
-    comes from ``seed``.
+    comes from ``seed`` (:mod:`mstok.losses.seeded`).
     """
 
     def __init__(self, dataset: Dataset, mask_id: int, schedule: str, class_dropout: float, null_class: int) -> None:
-        self.dataset, self.mask_id, self.schedule = dataset, mask_id, check_schedule(schedule)
-        self.class_dropout, self.null_class = class_dropout, null_class
+        super().__init__(dataset, class_dropout, null_class)
+        self.mask_id, self.schedule = mask_id, check_schedule(schedule)
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
-        item = self.dataset[key]
-        if item is None:
-            return None
-        tokens, label = item
-        rng = np.random.default_rng([key[1], 0x6D61736B])  # a stream apart from the dataset's own draws
+    def corrupt(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, bool]:
+        """(stacked (3, K), whether the label is dropped) for the sample of ``seed``."""
+        rng = seed_stream(seed, 0x6D61736B)
         k = tokens.shape[0]
         count = int(num_masked(torch.tensor(rng.random(), dtype=torch.float64), k, self.schedule))
         mask = torch.zeros(k, dtype=torch.bool)
         mask[torch.from_numpy(rng.permutation(k)[:count])] = True
-        if rng.random() < self.class_dropout:
-            label = self.null_class
+        dropped = self.drops_label(rng)
         masked = torch.where(mask, self.mask_id, tokens)
-        return torch.stack([masked, mask.long(), tokens]), label
+        return torch.stack([masked, mask.long(), tokens]), dropped
 
 
 class MaskedTokenLoss(nn.Module):
