@@ -45,7 +45,7 @@ from unittest import mock
 
 import torch
 
-from mstok.evaluation.flops import count_flops, tokenizer_flops
+from mstok.evaluation.flops import count_flops, decoder_calls, tokenizer_flops
 from mstok.evaluation.report import (
     append_section,
     command_line,
@@ -57,8 +57,10 @@ from mstok.evaluation.report import (
     with_threads,
 )
 from mstok.tokenizers import create_tokenizer
+from mstok.tokenizers.latent_space import LatentSpace, build_latent_space
 from mstok.tokenizers.registry import AnyTokenizer, preset_config
 from mstok.tokenizers.vqgan import MaskGITVQGAN
+from mstok.weights import MissingWeightsError
 
 DEFAULT_PRESETS = ("titok_s128", "titok_b64", "titok_l32", "mstok_b64", "mstok_b128", "mstok_b256", "mstok_l32")
 QUICK_PRESETS = ("titok_tiny", "mstok_tiny", "titok_b64", "mstok_b64")
@@ -261,11 +263,29 @@ def part_flops(model: Model) -> dict[str, int]:
         grid = torch.empty(1, cfg.z_channels, cfg.grid_size, cfg.grid_size, device="meta")
         return {"encode": count_flops(tok.encoder, images), "decode": count_flops(tok.decoder, grid)}
     flops = tokenizer_flops(tok)
-    out = {"encode": flops["encoder"], "decode": flops["decoder"]}
+    # a flow decoder (SemTok stage I) counts one step; decode() runs its default number of them
+    out = {"encode": flops["encoder"], "decode": flops["decoder"] * decoder_calls(tok)}
     if tok.pixel_decoder is not None:
         logits = torch.empty(1, cfg.num_patches, cfg.proxy_codebook_size, device="meta")
         out["decode2"] = out.pop("decode") + count_flops(tok.pixel_decoder, logits)
     return out
+
+
+def first_stage(model: Model) -> tuple[LatentSpace | None, str | None]:
+    """(the frozen first stage a latent tokenizer (SemTok) encodes and decodes through, None) when
+    it loads from local files, (None, why) when it does not; (None, None) for a pixel tokenizer.
+    Never downloads: a VAE is read from a local folder or the hub cache only."""
+    spec = getattr(preset_config(model.preset), "latent_space", None)
+    if spec is None:
+        return None, None
+    table = {"type": spec} if isinstance(spec, str) else dict(spec)
+    if table["type"] == "vae":
+        table["download"] = False
+    try:
+        return build_latent_space(table), None
+    except (MissingWeightsError, ImportError) as err:
+        print(f"  {model.label}: {err}", flush=True)
+        return None, f"first stage {table['type']!r} not available offline"
 
 
 def measure_matmul(device: torch.device, precision: str, size: int, reps: int, when: str) -> MatmulRate:
@@ -357,8 +377,20 @@ def run_model(
     device = torch.device(args.device)
     flops = part_flops(model)
     results: list[Result] = []
+    space, missing = first_stage(model)
+    if missing:  # counted, but nothing to time: skip before building a model that cannot run
+        for mode in args.modes:
+            for part in model.parts:
+                for batch in args.batch_sizes:
+                    result = Result(Row(model, part, batch, mode), args.device, flops[part], skipped=missing)
+                    result.load_after = load_1min()
+                    results.append(result)
+                    report(result)
+        return results
     try:
         tok = build(model, device)
+        if space is not None:
+            tok.attach_latent_space(space)
     except Exception as err:
         traceback.print_exc()
         for mode in args.modes:
@@ -557,6 +589,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
         "machine: a load above this run's thread count means they competed for the cores and the rates here are "
         f"lower bounds (min call shows the least disturbed one). Whole run {total / 60:.1f} min.",
     ]
+    if any(hasattr(preset_config(m.preset), "latent_space") for m in models):
+        notes.append(
+            "- Latent tokenizers (SemTok): `decode` runs the flow decoder's default number of Euler steps "
+            "(`sample_steps`), and GFLOPs/img counts that many decoder calls; the frozen first stage (a VAE) runs "
+            "inside encode and decode but its FLOPs are not counted. Its rows are skipped when the first stage is "
+            "not available offline (never downloaded here)."
+        )
     notes += [f"- FAILED {r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}: {r.error}" for r in failed]
     title = f"Inference throughput{' (quick)' if args.quick else ''}"
     section = results_section(title, command, args.device, [mm_table, table], notes)

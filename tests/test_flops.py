@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import mstok
-from mstok.evaluation.flops import count_flops, tokenizer_flops
+from mstok.evaluation.flops import count_flops, decoder_calls, tokenizer_flops
 from mstok.layers import SelfAttention
+from mstok.tokenizers.registry import preset_config
 
 K_SMALL, K_LARGE = 8, 64
 
@@ -98,3 +99,71 @@ def test_meta_counts_match_cpu_and_module_stays_trainable(tiny_flops: dict[tuple
     assert torch.is_grad_enabled()
     batch2 = tokenizer_flops(tok, batch_size=2)
     assert batch2 == {part: 2 * n for part, n in tiny_flops["mstok_tiny", K_SMALL].items()}
+
+
+# SemTok: the encoder takes first-stage latents and the decoder codes plus (flow mode) x_t and t,
+# so the family supplies its own calls (SemTok.flops_calls); a flow decoder counts one step.
+# The paper size is counted once, in flow mode (semtok_l_bsq32 differs from it only in C).
+SEMTOK_COUNTS = (("semtok_tiny", "flow"), ("semtok_tiny", "refine"), ("semtok_l_bsq18", "flow"))
+
+
+def _semtok_meta(name: str, **overrides: object) -> mstok.Tokenizer:
+    with torch.device("meta"):
+        return mstok.create_tokenizer(name, **overrides)
+
+
+@pytest.fixture(scope="module")
+def semtok_flops() -> dict[tuple[str, str], dict[str, int]]:
+    """Encoder/decoder FLOPs of the SemTok presets in both decoder modes, counted on the meta device."""
+    out = {}
+    for name, mode in SEMTOK_COUNTS:
+        tok = _semtok_meta(name, decoder_mode=mode)
+        out[name, mode] = tokenizer_flops(tok)
+        assert tok._space.module is None  # counting never builds (or downloads) the first stage
+    return out
+
+
+def test_semtok_decoder_modes_differ_by_the_flow_input(semtok_flops: dict[tuple[str, str], dict[str, int]]) -> None:
+    flow, refine = semtok_flops["semtok_tiny", "flow"], semtok_flops["semtok_tiny", "refine"]
+    assert flow["encoder"] == refine["encoder"] > 0
+    # the decoders' calls differ only in the noisy-latent input: a Linear (c_in -> D) on P patches
+    cfg = preset_config("semtok_tiny")
+    assert flow["decoder"] - refine["decoder"] == 2 * cfg.num_patches * cfg.patch_dim * cfg.decoder_dims[0]
+
+
+def test_semtok_paper_decoder_step_costs_more_than_encoder(
+    semtok_flops: dict[tuple[str, str], dict[str, int]],
+) -> None:
+    flops = semtok_flops["semtok_l_bsq18", "flow"]
+    # 24 x 1536 decoder vs 8 x 768 encoder over the same N = 256 patches + 256 tokens: ~11x per step
+    assert 0 < flops["encoder"] < flops["decoder"]
+    # lower bounds from the linear part alone, 24 N D^2 per pre-LN block (the decoder's last block
+    # drops its token stream's proj and MLP, so count 23 full blocks there)
+    assert flops["encoder"] > 8 * 24 * 512 * 768**2
+    assert flops["decoder"] > 23 * 24 * 512 * 1536**2
+
+
+@pytest.mark.slow
+def test_semtok_meta_counts_match_cpu_and_scale_with_batch(
+    semtok_flops: dict[tuple[str, str], dict[str, int]],
+) -> None:
+    tok = mstok.create_tokenizer("semtok_tiny")
+    meta = semtok_flops["semtok_tiny", "flow"]
+    assert tokenizer_flops(tok) == meta
+    assert tokenizer_flops(tok, batch_size=3) == {part: 3 * n for part, n in meta.items()}
+    assert all(p.requires_grad for p in tok.parameters())
+
+
+def test_decoder_calls() -> None:
+    flow = _semtok_meta("semtok_tiny")
+    assert decoder_calls(flow) == flow.config.sample_steps
+    assert decoder_calls(flow, steps=4) == 4
+    assert decoder_calls(flow, steps=4, sampler="heun") == 8
+    assert decoder_calls(_semtok_meta("semtok_tiny", decoder_mode="refine")) == 1
+    assert decoder_calls(_tiny_meta("titok_tiny", K_SMALL)) == 1
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])
+def test_tokenizer_flops_rejects_bad_batch_size(batch_size: object) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        tokenizer_flops(_tiny_meta("titok_tiny", K_SMALL), batch_size=batch_size)

@@ -422,6 +422,34 @@ class SemTok(Tokenizer):
         raise NotImplementedError("SemTok decodes tokens with decode(tokens, steps=..., seed=...)")
 
     # ----------------------------------------------------------------- bookkeeping
+    def flops_calls(self, batch_size: int = 1) -> dict[str, tuple[Any, tuple[torch.Tensor, ...]]]:
+        """What :func:`mstok.evaluation.flops.tokenizer_flops` counts: the encoder on random
+        latents (B, C_lat, h, w) (the first stage is not counted: it is not part of the model),
+        and ONE decoder call on random codes (B, K, C): a velocity evaluation at x_t and t = 0.5
+        (one Euler step) in ``flow`` mode, the one-pass refiner in ``refine`` mode."""
+        cfg = self.config
+        param = next(self.parameters())
+        side = cfg.grid_size * cfg.patch_size
+        options = {"device": param.device, "dtype": param.dtype}
+        latents = torch.randn(batch_size, cfg.latent_channels, side, side, **options)
+        codes = torch.randn(batch_size, cfg.num_latent_tokens, cfg.code_dim, **options)
+        if cfg.decoder_mode == "refine":
+            decoder: tuple[Any, tuple[torch.Tensor, ...]] = (self.decode_refine, (codes,))
+        else:
+            time = torch.full((batch_size,), 0.5, device=param.device)
+            decoder = (self.decode_velocity, (codes, latents, time))
+        return {"encoder": (self.encoder, (latents,)), "decoder": decoder}
+
+    def decoder_calls(self, steps: int | None = None, sampler: str | None = None) -> int:
+        """Decoder calls one :meth:`decode` makes: 1 for a refiner; for a flow decoder ``steps``
+        (Euler) or ``2 * steps`` (Heun: two slopes a step); None takes the config's
+        ``sample_steps`` / ``sampler``."""
+        if self.config.decoder_mode == "refine":
+            return 1
+        steps = self.config.sample_steps if steps is None else steps
+        sampler = self.config.sampler if sampler is None else sampler
+        return steps if sampler == "euler" else 2 * steps
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part: encoder, decoder (with both patch-stream inputs), quantizer,
         semantic (the projections), total. The first stage is not counted: it is not part of the model."""

@@ -1,0 +1,319 @@
+"""SemTok at tiny scale: stage I with and without semantic alignment, each refined by stage II.
+
+The tiny-scale reading of SemTok's Tables 4, 6 and 7 (``../shared/papers/semtok.txt``). Every run
+is ``semtok_tiny`` (64 px RGB as the latent space, 8 x 8 patches, K = 32 BSQ tokens of 12 bits,
+the tiny random teacher) on the data stream of the convergence study (``benchmarks/convergence.py``:
+35 images per class of tiny-imagenet-64; the same held-out images, EMA weights), with the
+settings of the shipped configs (``configs/semtok_tiny_stage1.toml``, ``..._stage2.toml``, read
+here, so the benchmark follows them):
+
+* **stage I** (generative pre-training: flow decoder, BSQ entropy term) with the semantic terms
+  (distillation + contrastive, lambda_s = 0.05: the shipped config), and without them (both
+  weights 0 and the projections left untrained: Table 4's first line);
+* **stage II** (one-step refiner: ``decoder_mode = "refine"``, MSE + PatchGAN, encoder frozen)
+  initialised from each stage-I run (``model.init_from`` = its run folder);
+* **calibration**: the conv autoencoder with VQ at 320 bits (``quantizers.CALIBRATION``, trained
+  for steps1 + steps2 steps) and each image in its mean colour.
+
+Per stage-I run: held-out PSNR/SSIM of ``decode(tokens, steps=n, seed=0)`` (Euler) for n in
+1, 4, 16, 50 (Table 7's diffusion sampler); per stage-II run: PSNR/SSIM of the one-step refiner
+(Table 6). Per run: BSQ usage (distinct ids / N on the held-out ids, N = images x K) and the
+mean entropy of the 12 bits there (1 = every bit a fair coin), bits per pixel
+(log2 V x K / (H W)), and encode and decode milliseconds per image, each measured once on the
+whole held-out batch (after a 2-image warm-up) by the worker that trained the run, while the other
+worker may still be training: read them as relative. ``--seeds`` seeds per row, mean ± half the
+spread.
+
+    python benchmarks/semtok.py                    # 2 pipelines, 1 seed, 3000 + 1000 steps, ~30 min on 2 cores
+    python benchmarks/semtok.py --steps1 6 --steps2 4 --val-images 16 --no-append --work-dir /tmp/semtok_smoke
+
+The default size: with two runs at a time (one thread each) the two pipelines train side by
+side, so on an idle 2-core machine at ~0.3 s/step for stage I and ~0.4 s/step for stage II (the
+pixel losses and, from step 200, the discriminator) training takes 3000 x 0.3 + 1000 x 0.4 ~ 22
+min; evaluation ~2.5 min per pipeline (the 1 + 4 + 16 + 50 flow steps over 200 images, ~165
+MFLOPs per image and step); the calibration's 4000 conv-AE steps (~0.08 s/step) ~5 min after
+them: ~30 min. The smoke run measured 0.76 s/step for a bare stage-I step of batch 32 (forward,
+backward, AdamW) on one thread at load average 5 (the 2 cores shared with another benchmark):
+on a machine shared like that, expect ~2.5x as long.
+
+Finished runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains); a
+stage II whose stage I was retrained since is retrained too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+import torch
+
+from mstok.evaluation.metrics import bits_per_pixel, psnr, ssim
+from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
+from mstok.tokenizers import create_tokenizer, load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
+from convergence import Row, _split, held_out_images, mean_colour_floor, run_row, toml_value
+from hieratok import run_dir
+from quantizers import CALIBRATION, _cell
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
+STAGE_CONFIGS = (ROOT / "configs" / "semtok_tiny_stage1.toml", ROOT / "configs" / "semtok_tiny_stage2.toml")
+FLOW_STEPS = (1, 4, 16, 50)
+# top-level fields run_row sets itself (or that only a CLI run needs), and the tables it replaces
+RUN_FIELDS = {"steps", "batch_size", "seed", "out_dir", "log_every", "ckpt_every", "sample_every", "val_every",
+              "val_images"}  # fmt: skip
+RUN_TABLES = {"data"}
+
+
+def config_row(path: Path, group: str, extra: Sequence[str] = ()) -> Row:
+    """A shipped stage config as a :class:`Row`: its preset, ``model.overrides`` and every other
+    setting as ``key=value`` (``model.init_from`` is left to the caller), then ``extra``."""
+    table = tomllib.loads(path.read_text())
+    model = table.pop("model")
+    settings = []
+
+    def flatten(prefix: str, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and key != "spec":  # teacher.spec may be a table itself
+                flatten(f"{prefix}{key}.", value)
+            else:
+                settings.append(f"{prefix}{key}={toml_value(value)}")
+
+    for key, value in table.items():
+        if key in RUN_TABLES or key in RUN_FIELDS:
+            continue
+        if isinstance(value, dict):
+            flatten(f"{key}.", value)
+        else:
+            settings.append(f"{key}={toml_value(value)}")
+    return Row(group, model["preset"], dict(model.get("overrides", {})), [*settings, *extra])
+
+
+def _without_semantic() -> list[str]:
+    """Table 4's first line: no semantic term, so the projections are not trained either."""
+    stage1 = tomllib.loads(STAGE_CONFIGS[0].read_text())
+    train = [name for name in stage1["stage"]["train"] if name != "semantic"]
+    return ["loss.distill_weight=0", "loss.contrastive_weight=0", f"stage.train={toml_value(train)}"]
+
+
+# pipeline name -> the settings stage I adds to the shipped config (names without commas: --rows)
+PIPELINES: dict[str, Callable[[], list[str]]] = {
+    "semantic": list,
+    "no semantic": _without_semantic,
+}
+
+
+def stage_rows(name: str, args: argparse.Namespace, seed: int) -> dict[str, Row]:
+    """The stage-I and stage-II rows of pipeline ``name`` (stage II starts from stage I's run folder)."""
+    first = f"stage I {name}"
+    init = f"model.init_from={toml_value(str(run_dir(args, first, seed)))}"
+    return {
+        first: config_row(STAGE_CONFIGS[0], "stage I", PIPELINES[name]()),
+        f"stage II {name}": config_row(STAGE_CONFIGS[1], "stage II", [init]),
+    }
+
+
+def stage_args(args: argparse.Namespace, steps: int, fresh: bool = False) -> argparse.Namespace:
+    """``args`` for one :func:`run_row` call: ``steps`` steps, validated (and logged) at the end only."""
+    return argparse.Namespace(**{**vars(args), "steps": steps, "val_every": steps, "fresh": args.fresh or fresh})
+
+
+def _timed(call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def token_stats(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float | None]:
+    """Usage (distinct ids / N for the N = B x K ids (B, K)) and, for BSQ, the mean binary entropy
+    of the bits over the held-out ids (bits; 1 = every bit a fair coin)."""
+    stats: dict[str, float | None] = {"usage": torch.unique(ids).numel() / ids.numel(), "bit_entropy": None}
+    if model.config.quantizer_spec().kind == "bsq":
+        p = (model.tokens_to_codes(ids) > 0).double().mean(dim=(0, 1))  # (C,) share of +1 per bit
+        nats = -torch.special.xlogy(p, p) - torch.special.xlogy(1 - p, 1 - p)  # (C,)
+        stats["bit_entropy"] = float(nats.mean()) / math.log(2)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(folder: Path, images: torch.Tensor, flow_steps: tuple[int, ...]) -> dict[str, Any]:
+    """Held-out metrics of the EMA model in ``folder``: token statistics, bits per pixel, encode
+    time, and PSNR/SSIM and decode time of each decoder (a flow decoder at each of ``flow_steps``)."""
+    model = load_tokenizer(folder).eval()
+    cfg = model.config
+    model.encode(images[:2])  # warm-up: one-time allocations out of the timing
+    ids, seconds = _timed(lambda: model.encode(images))
+    out: dict[str, Any] = {
+        "encode_ms": 1000 * seconds / len(images),
+        **token_stats(model, ids),
+        "bpp": bits_per_pixel(cfg.num_latent_tokens, model.vocab_size, cfg.image_size, cfg.image_size),
+        "decoders": {},
+    }
+    if getattr(cfg, "decoder_mode", None) == "flow":
+        decoders = {
+            f"flow {n} steps": functools.partial(model.decode, steps=n, seed=0, sampler="euler") for n in flow_steps
+        }
+    else:
+        decoders = {"refiner" if hasattr(cfg, "decoder_mode") else "decoder": model.decode}
+    for label, decode in decoders.items():
+        decode(ids[:2])
+        recon, seconds = _timed(functools.partial(decode, ids))
+        out["decoders"][label] = {
+            "psnr": float(np.mean(psnr(images, recon))),
+            "ssim": float(np.mean(ssim(images, recon))),
+            "decode_ms": 1000 * seconds / len(images),
+        }
+    return out
+
+
+def run_evaluated(name: str, row: Row, args: argparse.Namespace, threads: int, seed: int) -> dict[str, Any]:
+    """Train (or reuse) one run with :func:`run_row`, then evaluate it (or reuse the evaluation)."""
+    result = run_row(name, args, threads, row, seed)
+    identity = {"flow_steps": list(FLOW_STEPS), "val_images": args.val_images}
+    if result.get("eval", {}).get("identity") != identity:
+        if threads:
+            torch.set_num_threads(threads)
+        _, val_idx = _split(args.data, args.val_images)
+        images = held_out_images(args.data, tuple(val_idx))
+        result["eval"] = {"identity": identity, **evaluate(run_dir(args, name, seed), images, FLOW_STEPS)}
+        (run_dir(args, name, seed) / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_pipeline(name: str, args: argparse.Namespace, threads: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Stage I then stage II of pipeline ``name`` with ``seed``; returns both results by row name.
+
+    A reused stage II is retrained when the stage I it started from is not the one on disk now
+    (its result records which: the stage-I run's identity and wall time)."""
+    (first, row1), (second, row2) = stage_rows(name, args, seed).items()
+    result1 = run_evaluated(first, row1, stage_args(args, args.steps1), threads, seed)
+    stamp = {"identity": result1["identity"], "wall_seconds": result1["wall_seconds"]}
+    done2 = run_dir(args, second, seed) / "result.json"
+    stale = done2.is_file() and json.loads(done2.read_text()).get("stage1") != stamp
+    result2 = run_evaluated(second, row2, stage_args(args, args.steps2, fresh=stale), threads, seed)
+    if result2.get("stage1") != stamp:
+        result2["stage1"] = stamp
+        done2.write_text(json.dumps(result2, indent=2))
+    return {first: result1, second: result2}
+
+
+def run_calibration(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """The conv AE VQ calibration of quantizers.py, trained for steps1 + steps2 steps, then evaluated."""
+    name, row = CALIBRATION
+    return run_evaluated(name, row, stage_args(args, args.steps1 + args.steps2), threads, 0)
+
+
+def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) -> str:
+    """Markdown: a line per decoder of every row (seeds pooled), then the mean-colour floor."""
+    head = ["row", "decoder", "params", "s/step", "PSNR", "SSIM", "encode ms/img", "decode ms/img", "usage",
+            "bit entropy", "bits/pixel"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for name, seeds in results.items():
+        evals = [s["eval"] for s in seeds]
+        for decoder in evals[0]["decoders"]:
+            per = [e["decoders"][decoder] for e in evals]
+            cells = [
+                name,
+                decoder,
+                f"{seeds[0]['params'] / 1e6:.2f}M",
+                _cell([s["seconds_per_step"] for s in seeds], 3),
+                _cell([d["psnr"] for d in per], 2),
+                _cell([d["ssim"] for d in per], 4),
+                _cell([e["encode_ms"] for e in evals], 2),
+                _cell([d["decode_ms"] for d in per], 2),
+                _cell([e["usage"] for e in evals], 3),
+                _cell([e["bit_entropy"] for e in evals], 3),
+                f"{evals[0]['bpp']:.4f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"| each image in its mean colour | - | - | - | {floor[0]:.2f} | {floor[1]:.4f} | - | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
+    parser.add_argument("--rows", default=",".join(PIPELINES), help=f"comma-separated, of {', '.join(PIPELINES)}")
+    parser.add_argument("--steps1", type=int, default=3000, help="stage-I steps")
+    parser.add_argument("--steps2", type=int, default=1000, help="stage-II steps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--val-images", type=int, default=200, help="held-out images (one per class first)")
+    parser.add_argument("--no-calibration", action="store_true", help="skip the conv AE VQ calibration run")
+    parser.add_argument("--jobs", type=int, default=2, help="pipelines trained at once (one thread each when > 1)")
+    parser.add_argument("--threads", type=int, default=0, help="threads per run with --jobs 1 (0 = auto)")
+    parser.add_argument("--work-dir", default="runs/semtok")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
+    parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PIPELINES]
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; known: {', '.join(PIPELINES)}")
+    if min(args.steps1, args.steps2, args.seeds, args.val_images) < 1:
+        parser.error("--steps1, --steps2, --seeds and --val-images must be >= 1")
+    if not Path(args.data).is_dir():
+        parser.error(f"--data {args.data} not found (tiny-imagenet-64 ships in ../shared/datasets)")
+    for name in names:  # fail fast on a bad row, before any training
+        for row in stage_rows(name, args, 0).values():
+            create_tokenizer(row.preset, **row.model)
+
+    loads, started = [load_1min()], time.perf_counter()
+    threads = 1 if args.jobs > 1 else args.threads
+    results: dict[str, list[dict[str, Any]]] = {}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {(name, seed): pool.submit(run_pipeline, name, args, threads, seed)
+                   for seed in range(args.seeds) for name in names}  # fmt: skip
+        calibration = None if args.no_calibration else pool.submit(run_calibration, args, threads)
+        for (_, seed), future in futures.items():
+            for row, result in future.result().items():
+                results.setdefault(row, []).append(result)
+                label, best = max(result["eval"]["decoders"].items(), key=lambda item: item[1]["psnr"])
+                usage, speed = result["eval"]["usage"], result["seconds_per_step"]
+                print(f"{row} seed {seed}: best PSNR {best['psnr']:.2f} ({label}), usage {usage:.3f}, "
+                      f"{speed:.3f} s/step", flush=True)  # fmt: skip
+            loads.append(load_1min())
+        if calibration is not None:
+            results[CALIBRATION[0]] = [calibration.result()]
+            loads.append(load_1min())
+    order = [f"stage {s} {n}" for n in names for s in ("I", "II")] + [CALIBRATION[0]]
+    results = {name: results[name] for name in order if name in results}
+
+    floor = mean_colour_floor(args.data, args.val_images)
+    text = table(results, floor)
+    print(text)
+    if not args.no_append:
+        minutes = (time.perf_counter() - started) / 60
+        notes = [
+            f"Stage I {args.steps1} steps, stage II {args.steps2} steps, batch {args.batch_size}, the settings of "
+            f"configs/semtok_tiny_stage1.toml / _stage2.toml; the calibration {args.steps1 + args.steps2} steps of the "
+            f"tiny recipe. {args.seeds} seed(s) per row (mean ± half the spread); {args.val_images} held-out images, "
+            f"EMA weights; {args.jobs} runs at a time ({threads or 'auto'} thread(s) each); {minutes:.0f} min in all "
+            f"(reused runs count 0); {load_summary(loads)}.",
+            "Stage I decodes by the flow ODE from seeded noise (Euler, `decode(tokens, steps=n, seed=0)`), stage II "
+            "by the one-step refiner. `no semantic`: distillation and contrastive weights 0, projections untrained "
+            "(SemTok Table 4's first line); its stage II refines that encoder's tokens. usage = distinct held-out "
+            "ids / (images x K); bit entropy = mean binary entropy of the BSQ bits over the held-out ids (max 1); "
+            "bits/pixel = log2 V x K / (H W). Encode and decode ms/img are one timed call on the whole held-out "
+            "batch in the worker that trained the run, with the other worker possibly still training.",
+        ]
+        section = results_section("SemTok at tiny scale", command_line(__file__, argv), "cpu", [text], notes)
+        append_section(args.out, section)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
