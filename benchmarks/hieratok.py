@@ -202,6 +202,27 @@ def save_dit_figures(results: dict[str, dict[str, Any]], folder: Path) -> list[P
     return [curves, grid]
 
 
+def save_progressive_grid(args: argparse.Namespace, name: str, path: Path, count: int = 8) -> Path:
+    """Progressive decoding of row ``name``'s seed-0 tokenizer: for a few held-out images, the image
+    of each scale (``decode(tokens, scales=n)``, n = 1..S; nearest-upsampled to full size), then the
+    original, as a PNG. With scale-causal attention scale n needs only the first n scales' tokens."""
+    import torch.nn.functional as F
+
+    from mstok.demo import image_grid
+
+    model = load_tokenizer(run_dir(args, name)).eval()
+    _, val_idx = _split(args.data, args.val_images)
+    images = held_out_images(args.data, tuple(val_idx))[:count]
+    tokens = model.encode(images)
+    size = model.config.image_size
+    rows = []
+    for n, side in enumerate(model.config.scales, start=1):
+        scaled = model.decode(tokens, scales=n)  # (B, 3, side * p, side * p)
+        rows.append((f"scale {side}", F.interpolate(scaled, size=(size, size), mode="nearest")))
+    image_grid([*rows, ("original", images)]).save(path)
+    return path
+
+
 def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) -> str:
     """Markdown: one line per row, seeds pooled (mean ± half the max-min spread)."""
     head = ["row", "latent floats", "params", "s/step", "PSNR", "SSIM", "density CV ↓", "Gini ↓", "norm. entropy ↑"]
@@ -282,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         print(tables[-1])
         if not args.no_append:
             figures = save_dit_figures(dit, Path(args.out).parent)
+    progressive = "multi-scale conv scale-causal"
+    if progressive in names and not args.no_append:
+        figures.append(save_progressive_grid(args, progressive, Path(args.out).parent / "hieratok_progressive.png"))
     if not args.no_append:
         minutes = (time.perf_counter() - started) / 60
         notes = [
