@@ -329,7 +329,11 @@ def make_call(tok: AnyTokenizer, part: str, batch_size: int, mode: str, device: 
         images = torch.rand(batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
         run = lambda: tok.encode(images)  # noqa: E731
     else:
-        tokens = torch.randint(0, cfg.codebook_size, (batch_size, cfg.num_latent_tokens), generator=gen).to(device)
+        k = cfg.num_latent_tokens
+        if tok.vocab_size is None:  # a continuous bottleneck (KL, none) decodes float latents (B, K, C)
+            tokens = torch.randn(batch_size, k, cfg.code_dim, generator=gen).to(device)
+        else:
+            tokens = torch.randint(0, tok.vocab_size, (batch_size, k), generator=gen).to(device)
         run = lambda: tok.decode(tokens)  # noqa: E731
 
     def call() -> Any:
