@@ -216,6 +216,18 @@ class TokenizerConfig(ConfigDict):
         return self.vocab_size is None
 
     @property
+    def decoder_dims(self) -> tuple[int, int, int]:
+        """(width, depth, num_heads) of the decoder: a family with separate decoder sizes declares
+        ``decoder_width``/``decoder_depth``/``decoder_num_heads`` fields (None: the encoder's);
+        the others decode at the encoder's size."""
+
+        def own(name: str, encoder: int) -> int:
+            value = getattr(self, f"decoder_{name}", None)
+            return encoder if value is None else value
+
+        return own("width", self.width), own("depth", self.depth), own("num_heads", self.num_heads)
+
+    @property
     def grid_size(self) -> int:
         """Patches per side."""
         return self.image_size // self.patch_size

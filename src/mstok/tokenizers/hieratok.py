@@ -142,15 +142,6 @@ class HieraTokConfig(TokenizerConfig):
             raise ValueError(f"position_embedding={self.position_embedding!r} needs a decoder width divisible by 4")
 
     @property
-    def decoder_dims(self) -> tuple[int, int, int]:
-        """(width, depth, num_heads) of the decoder ViT, the encoder's where not set."""
-        return (
-            self.width if self.decoder_width is None else self.decoder_width,
-            self.depth if self.decoder_depth is None else self.decoder_depth,
-            self.num_heads if self.decoder_num_heads is None else self.decoder_num_heads,
-        )
-
-    @property
     def scale_offsets(self) -> list[int]:
         """Start of each scale's tokens in the decoder's pyramid, plus its length: [0, 1, 5, ..., 341]."""
         return scale_offsets(self.scales)

@@ -184,15 +184,6 @@ class SemTokConfig(TokenizerConfig):
             )
 
     @property
-    def decoder_dims(self) -> tuple[int, int, int]:
-        """(width, depth, num_heads) of the decoder, the encoder's where not set."""
-        return (
-            self.width if self.decoder_width is None else self.decoder_width,
-            self.depth if self.decoder_depth is None else self.decoder_depth,
-            self.num_heads if self.decoder_num_heads is None else self.decoder_num_heads,
-        )
-
-    @property
     def grid_size(self) -> int:
         """g, latent patches per side: image_size / (f * p)."""
         return self.image_size // (self.latent_downsample * self.patch_size)

@@ -92,15 +92,6 @@ class TiTokConfig(TokenizerConfig):
         if width % heads:
             raise ValueError(f"decoder width {width} is not a multiple of decoder num_heads {heads}")
 
-    @property
-    def decoder_dims(self) -> tuple[int, int, int]:
-        """(width, depth, num_heads) of the decoder ViT, the encoder's where not set."""
-        return (
-            self.width if self.decoder_width is None else self.decoder_width,
-            self.depth if self.decoder_depth is None else self.decoder_depth,
-            self.num_heads if self.decoder_num_heads is None else self.decoder_num_heads,
-        )
-
 
 class TiTokEncoder(nn.Module):
     """(B, 3, H, W) -> latents (B, K, C) (or (B, K, 2C) mean and log-variance for a VAE)
