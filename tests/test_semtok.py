@@ -310,3 +310,70 @@ def test_loss_and_stage_errors(tmp_path) -> None:
     settings = [f"out_dir='{tmp_path}'", f"teacher.spec={{type='siglip', path='{tmp_path / 'siglip'}'}}"]
     with pytest.raises(MissingWeightsError, match=r"teacher\.spec"):
         Trainer(load_train_config(CONFIGS / "semtok_tiny_stage1.toml", settings), dataset=_photos(), progress=False)
+
+
+def _stage_one(out_dir: Path, steps: int, *extra: str) -> Trainer:
+    """The shipped stage-I config on two skimage photos, with a narrow model so the test is quick."""
+    settings = [f"steps={steps}", "batch_size=4", "data.num_workers=0", "log_every=1", "tensorboard=false"]
+    settings += ["sample_every=0", "threads=1", "ckpt_every=2", f"out_dir='{out_dir}'", *extra]
+    settings += ["model.overrides={width=32, depth=1, num_heads=2, decoder_width=32, decoder_depth=1, sample_steps=2}"]
+    return Trainer(load_train_config(CONFIGS / "semtok_tiny_stage1.toml", settings), dataset=_photos(), progress=False)
+
+
+@pytest.mark.slow
+def test_stage_one_resume_is_bit_identical(tmp_path) -> None:
+    """Stage I draws noise and flow times each step: a run killed after step 2 and resumed to
+    step 4 ends with the weights, EMA and losses of a straight run."""
+    straight = _stage_one(tmp_path / "a", 4)
+    straight.fit()
+    first = _stage_one(tmp_path / "b", 4)
+    first.config.steps = 2  # "killed" after step 2: only the step-2 checkpoint survives
+    first.fit()
+    resumed = _stage_one(tmp_path / "b", 4)
+    assert resumed.resume("auto").name == "step_0000002"
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(straight.ema.module.parameters(), resumed.ema.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [h["flow"] for h in straight.history[2:]] == [h["flow"] for h in resumed.history]
+
+
+@pytest.mark.slow
+def test_cli_chain_train_pretokenize_bitmar_sample(tmp_path, capsys) -> None:
+    """A SemTok stage-I run, its 12-bit ids as shards, a BitMAR generator on them, and images
+    sampled through the flow decoder: the same seed gives the same images."""
+    import numpy as np
+    from PIL import Image
+
+    from mstok.cli import main
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        folder = tmp_path / "images" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    tok = tmp_path / "semtok"
+    _stage_one(tok, 2, f"data.path='{tmp_path / 'images'}'").fit()
+    tokens = tmp_path / "tokens"
+    argv = ["pretokenize", "--checkpoint", str(tok), "--data", str(tmp_path / "images"), "--out", str(tokens)]
+    assert main([*argv, "--workers", "0", "--no-progress", "--device", "cpu"]) == 0
+
+    run = tmp_path / "bitmar"
+    settings = [f"data.path='{tokens}'", f"out_dir='{run}'", f"tokenizer='{tok}'", "steps=2", "batch_size=4"]
+    settings += ["model.overrides={width=32, depth=1, num_heads=2}", "sample_every=0", "device='cpu'"]
+    settings += ["tensorboard=false", "log_every=1", "threads=1"]
+    configs = str(CONFIGS / "bitmar_tiny.toml")
+    assert main(["train-generator", "--config", configs, "--no-progress", "--set", *settings]) == 0
+    assert mstok.generators.load_generator(run).config.num_bits == 12
+
+    batches = []
+    for out in ("first", "second"):
+        argv = ["sample", "--generator", str(run), "--tokenizer", str(tok), "--classes", "0,1", "--n", "1"]
+        argv += ["--out-dir", str(tmp_path / out), "--no-progress", "--device", "cpu", "--steps", "2"]
+        assert main(argv) == 0
+        batches.append(np.load(tmp_path / out / "samples.npz"))
+    assert batches[0]["arr_0"].shape == (2, 64, 64, 3) and batches[0]["tokens"].dtype == np.int64
+    assert batches[0]["tokens"].min() >= 0 and batches[0]["tokens"].max() < 2**12
+    assert np.array_equal(batches[0]["arr_0"], batches[1]["arr_0"])  # the flow decoder's noise is seeded
+    capsys.readouterr()

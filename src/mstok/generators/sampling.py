@@ -228,12 +228,13 @@ def generate_images(
     """Sample tokens for ``labels`` with the generator's own sampler and decode them.
 
     Args:
-        generator_model: a generator of any family (a MaskGIT generator, a DiT).
+        generator_model: a generator of any family (MaskGIT, DiT, BitMAR).
         tokenizer: the tokenizer whose tokens it models (checked: kind, K, V or C).
         labels: (N,) class ids.
         config: the family's sampling settings (:class:`SamplingConfig` for MaskGIT,
             :class:`~mstok.generators.dit_sampling.DiTSamplingConfig` for a DiT); None = defaults.
-        seed: seeds one ``torch.Generator`` on the model's device that drives every batch (None: the global RNG).
+        seed: seeds one ``torch.Generator`` on the model's device that drives every batch, and the global
+            RNG a decoder that draws noise reads (restored afterwards); None: the global RNG.
         batch_size: labels per sampling call.
 
     Returns:
@@ -254,10 +255,16 @@ def generate_images(
     if seed is not None:
         rng = torch.Generator(device=device).manual_seed(seed)
     images, tokens = [], []
-    for chunk in tqdm(labels.split(batch_size), disable=not progress, desc="generate", unit="batch"):
-        drawn = family.sample(generator_model, chunk, config, generator=rng)
-        images.append(tokenizer.decode(drawn).float().cpu())
-        tokens.append(drawn.cpu())
+    # a decoder that draws noise (SemTok's flow decoder) takes it from torch's global RNG: seed
+    # it too, inside fork_rng so the caller's RNG state is left as it was
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for chunk in tqdm(labels.split(batch_size), disable=not progress, desc="generate", unit="batch"):
+            drawn = family.sample(generator_model, chunk, config, generator=rng)
+            images.append(tokenizer.decode(drawn).float().cpu())
+            tokens.append(drawn.cpu())
     return torch.cat(images), torch.cat(tokens)
 
 
