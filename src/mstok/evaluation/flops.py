@@ -13,11 +13,11 @@ is about - would silently count as zero. The math backend decomposes attention i
 batched matmuls, which the counter sees on every device; it computes the same attention
 (up to rounding).
 
-What a tokenizer's encoder and decoder are called with is the family's business: by default
-the encoder takes images (B, 3, H, W) and the decoder codes (B, K, C), and a family whose
-networks take something else (SemTok: first-stage latents in, codes plus a noisy latent and a
-flow time out) says so with a ``flops_calls(batch_size)`` method (:data:`FlopsCalls`), which
-:func:`tokenizer_flops` uses in place of the default.
+What a tokenizer's encoder and decoder are called with is the family's business: its
+``flops_calls(batch_size)`` method (:data:`FlopsCalls`; :meth:`Tokenizer.flops_calls` calls the
+encoder on images (B, 3, H, W) and the decoder on codes (B, K, C), and a family whose networks
+take something else overrides it: SemTok's take first-stage latents in, codes plus a noisy
+latent and a flow time out).
 
 Glossary: B batch, K latent tokens, C code dim.
 """
@@ -67,22 +67,11 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
     return _count(module, module.parameters(), inputs)
 
 
-def default_flops_calls(tokenizer: Tokenizer, batch_size: int = 1) -> FlopsCalls:
-    """The encoder on random images (B, 3, H, W) at the config resolution, the decoder on random
-    codes (B, K, C), on the tokenizer's device and dtype: the calls of every family whose
-    networks take exactly those (all but SemTok)."""
-    cfg = tokenizer.config
-    param = next(tokenizer.parameters())
-    images = torch.rand(batch_size, 3, cfg.image_size, cfg.image_size, device=param.device, dtype=param.dtype)
-    codes = torch.randn(batch_size, cfg.num_latent_tokens, cfg.code_dim, device=param.device, dtype=param.dtype)
-    return {"encoder": (tokenizer.encoder, (images,)), "decoder": (tokenizer.decoder, (codes,))}
-
-
 def tokenizer_flops(tokenizer: Tokenizer, batch_size: int = 1) -> dict[str, int]:
     """Forward FLOPs of a tokenizer's encoder and decoder for one batch.
 
-    The calls come from the tokenizer's ``flops_calls(batch_size)`` when it has one, else from
-    :func:`default_flops_calls` (encoder on images, decoder on codes). The quantizer (a
+    The calls come from the tokenizer's ``flops_calls(batch_size)`` (by default the encoder on
+    images, the decoder on codes). The quantizer (a
     nearest-code lookup, ~2*K*C*V FLOPs) is not included, nor is a frozen first stage (SemTok's
     VAE): the counts are the tokenizer's own networks. A flow decoder (SemTok stage I) counts
     ONE decoder call, i.e. one velocity evaluation = one Euler step; a decode of n Euler steps
@@ -98,8 +87,7 @@ def tokenizer_flops(tokenizer: Tokenizer, batch_size: int = 1) -> dict[str, int]
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    hook = getattr(tokenizer, "flops_calls", None)
-    calls = hook(batch_size) if hook is not None else default_flops_calls(tokenizer, batch_size)
+    calls = tokenizer.flops_calls(batch_size)
     return {part: _count(call, tokenizer.parameters(), inputs) for part, (call, inputs) in calls.items()}
 
 
@@ -107,5 +95,4 @@ def decoder_calls(tokenizer: Tokenizer, steps: int | None = None, sampler: str |
     """How many decoder calls one ``tokenizer.decode`` makes: 1 for a one-pass decoder; a flow
     decoder's ``decoder_calls(steps, sampler)`` (``steps``/``sampler`` None: its defaults).
     ``tokenizer_flops(...)["decoder"] * decoder_calls(...)`` is then the cost of a decode."""
-    hook = getattr(tokenizer, "decoder_calls", None)
-    return 1 if hook is None else hook(steps, sampler)
+    return tokenizer.decoder_calls(steps, sampler)

@@ -307,16 +307,8 @@ class Tokenizer(SavedModel, nn.Module):
         reconstruction = out if pixels else None
         if self.pixel_decoder is not None:
             reconstruction = self.pixel_decoder(out)  # two-stage: proxy logits -> pixels
-        return TokenizerOutput(
-            reconstruction=reconstruction,
-            logits=None if pixels else out,
-            indices=quant.indices,
-            latents=quant.latents,
-            quantizer_loss=quant.loss,
-            commitment_loss=quant.commitment_loss,
-            codebook_loss=quant.codebook_loss,
-            quantizer_losses=quant.losses,
-            scale_reconstructions=scale_images,
+        return TokenizerOutput.from_quantizer(
+            quant, reconstruction=reconstruction, logits=None if pixels else out, scale_reconstructions=scale_images
         )
 
     @property
@@ -384,6 +376,23 @@ class Tokenizer(SavedModel, nn.Module):
         return self.decode_codes(codes), None
 
     # ----------------------------------------------------------------- bookkeeping
+    def flops_calls(self, batch_size: int = 1) -> dict[str, tuple[Any, tuple[torch.Tensor, ...]]]:
+        """What :func:`mstok.evaluation.flops.tokenizer_flops` counts, part name -> (callable,
+        its inputs): the encoder on random images (B, 3, H, W), the decoder on random codes
+        (B, K, C), on the model's device and dtype. Families whose networks take other inputs
+        (SemTok: first-stage latents) override it."""
+        cfg = self.config
+        param = next(self.parameters())
+        options = {"device": param.device, "dtype": param.dtype}
+        images = torch.rand(batch_size, 3, cfg.image_size, cfg.image_size, **options)
+        codes = torch.randn(batch_size, cfg.num_latent_tokens, cfg.code_dim, **options)
+        return {"encoder": (self.encoder, (images,)), "decoder": (self.decoder, (codes,))}
+
+    def decoder_calls(self, steps: int | None = None, sampler: str | None = None) -> int:
+        """Decoder calls one :meth:`decode` makes: 1 here (one pass); a sampling decoder
+        (SemTok's flow) overrides it."""
+        return 1
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part: encoder, decoder, quantizer (pixel_decoder when present) and total."""
         counts = {

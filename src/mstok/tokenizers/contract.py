@@ -57,6 +57,23 @@ class TokenizerOutput:
     flow_target: torch.Tensor | None = None
     semantic_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def from_quantizer(cls, quant: Any, **outputs: Any) -> TokenizerOutput:
+        """The output of a forward whose bottleneck returned ``quant`` (a
+        :class:`~mstok.quantizers.base.QuantizerOutput`: ids, latents and loss terms copied from
+        it); ``outputs`` are the decoder's fields (``reconstruction``, ``logits``, ...)."""
+        outputs.setdefault("reconstruction", None)
+        outputs.setdefault("logits", None)
+        return cls(
+            indices=quant.indices,
+            latents=quant.latents,
+            quantizer_loss=quant.loss,
+            commitment_loss=quant.commitment_loss,
+            codebook_loss=quant.codebook_loss,
+            quantizer_losses=quant.losses,
+            **outputs,
+        )
+
 
 def _check_finite(images: torch.Tensor) -> None:
     """Raise naming how many values are NaN or infinite and where the first one is."""

@@ -309,15 +309,9 @@ class SemTok(Tokenizer):
             target = self.flow.velocity_target(x0, noise)
         else:
             reconstruction = self.latent_space.decode_with_grad(self.decode_refine(quant.codes))
-        return TokenizerOutput(
+        return TokenizerOutput.from_quantizer(
+            quant,
             reconstruction=reconstruction,
-            logits=None,
-            indices=quant.indices,
-            latents=quant.latents,
-            quantizer_loss=quant.loss,
-            commitment_loss=quant.commitment_loss,
-            codebook_loss=quant.codebook_loss,
-            quantizer_losses=quant.losses,
             flow_prediction=prediction,
             flow_target=target,
             semantic_losses=self.semantic_losses(teacher_features, features, quant.codes),

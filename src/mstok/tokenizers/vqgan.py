@@ -285,15 +285,7 @@ class MaskGITVQGAN(SavedModel, nn.Module):
         """
         images = check_images(images, self.config.image_size, check_values=False)
         quant = self.quantize(self._tokens(images))
-        return TokenizerOutput(
-            reconstruction=self.decode_codes(quant.codes),
-            logits=None,
-            indices=quant.indices,
-            latents=quant.latents,
-            quantizer_loss=quant.loss,
-            commitment_loss=quant.commitment_loss,
-            codebook_loss=quant.codebook_loss,
-        )
+        return TokenizerOutput.from_quantizer(quant, reconstruction=self.decode_codes(quant.codes))
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> encoder outputs as raster-order tokens (B, N, C)."""
