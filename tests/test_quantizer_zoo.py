@@ -149,6 +149,9 @@ def test_vq_step_hook_revives_dead_codes_only_when_asked() -> None:
     assert float(stats["revived_codes"]) == float(revived) > 0
     assert torch.equal(q.embedding.weight, twin.embedding.weight) and torch.equal(q.usage_ema, twin.usage_ema)
     assert Quantizer.step_hook(q, out.latents, out.indices) == {}
+    # the trainer gathers latents for the hook only when it will use them
+    assert q.uses_step_hook(dead_code_threshold=0.5) and not q.uses_step_hook(dead_code_threshold=0.0)
+    assert not Quantizer.uses_step_hook(q, dead_code_threshold=0.5)
 
 
 # ---------------------------------------------------------------- FSQ

@@ -15,7 +15,8 @@ use only this contract, never a quantizer's internals:
 - ``usage(ids)`` / ``usage_tensors(ids)``: usage statistics that never build a V-sized tensor
   when V > :data:`DENSE_USAGE_MAX`;
 - ``step_hook(latents, ids, **settings)``: called by a trainer after each optimizer step
-  (VQ revives dead codes there); a no-op by default;
+  (VQ revives dead codes there); a no-op by default, and ``uses_step_hook(**settings)`` says
+  whether it does anything, so a trainer gathers the step's latents across ranks only then;
 - ``frozen``: set by a trainer whose stage holds the quantizer fixed; a quantizer that updates
   itself in a training-mode forward (EMA codebook, k-means init) must not do so while frozen;
 - ``stochastic``: True for a quantizer whose forward takes ``sample=`` (a Gaussian bottleneck:
@@ -104,6 +105,10 @@ class Quantizer(nn.Module):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, K) int64 ids -> (B, K, C) float32 codes, equal to ``forward(...).codes``."""
         raise NotImplementedError(f"{type(self).__name__} has no ids to turn into codes")
+
+    def uses_step_hook(self, **settings: float) -> bool:
+        """Whether :meth:`step_hook` does anything under these settings (never, here)."""
+        return False
 
     def step_hook(self, latents: torch.Tensor, indices: torch.Tensor | None, **settings: float) -> dict:
         """Called after an optimizer step with the step's (gathered) latents and ids; no-op here.

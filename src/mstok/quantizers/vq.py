@@ -230,6 +230,10 @@ class VectorQuantizer(Quantizer):
         self.usage_ema.copy_(torch.where(dead, counts.mean(), self.usage_ema))
         return dead
 
+    def uses_step_hook(self, dead_code_threshold: float = 0.0, **settings: float) -> bool:
+        """True when dead codes are revived (``dead_code_threshold > 0``)."""
+        return dead_code_threshold > 0
+
     @torch.no_grad()
     def step_hook(
         self, latents: torch.Tensor, indices: torch.Tensor | None, dead_code_threshold: float = 0.0, **settings: float

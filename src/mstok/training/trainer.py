@@ -246,9 +246,10 @@ class Trainer(Engine):
             return sums
         all_indices = self.dist.all_gather_cat(torch.cat(indices), same_size=True)  # SkipBroken fixes sizes
         quantizer = self.model.quantizer
-        if not quantizer.frozen:  # the quantizer's own per-step update (VQ: dead-code revival)
+        settings = {"dead_code_threshold": cfg.dead_code_threshold}
+        if not quantizer.frozen and quantizer.uses_step_hook(**settings):  # its own update (VQ: dead-code revival)
             all_latents = self.dist.all_gather_cat(torch.cat(latents), same_size=True)
-            sums.update(quantizer.step_hook(all_latents, all_indices, dead_code_threshold=cfg.dead_code_threshold))
+            sums.update(quantizer.step_hook(all_latents, all_indices, **settings))
         sums.update(quantizer.usage_tensors(all_indices))
         return sums
 
