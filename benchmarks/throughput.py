@@ -22,6 +22,12 @@ machine's speed drifts.
     python benchmarks/throughput.py          # 7 presets + 2 two-stage, batch 8,32, fp32 + bf16 (CUDA: bf16 +- compile)
     python benchmarks/throughput.py --quick  # tiny presets + titok_b64/mstok_b64 at batch 8, ~2-3 min on 2 cores
     python benchmarks/throughput.py --presets mstok_b64 --two-stage '' --batch-sizes 8 --modes bf16
+    python benchmarks/throughput.py --presets semtok_l_bsq18:decoder_mode=refine --two-stage '' --random-first-stage
+
+A preset may carry config overrides, ``NAME:FIELD=VALUE[:FIELD=VALUE...]`` (above: SemTok's
+stage-II one-step refiner in place of the 25-step flow decoder). ``--random-first-stage`` times a
+latent tokenizer whose first stage is not on disk with a random-weight copy of the SD3.5 VAE
+(:meth:`~mstok.tokenizers.latent_space.DiffusersVAESpace.random`: the same compute), and says so.
 
 Prints markdown tables and appends a dated section to ``--out`` unless ``--no-append``.
 Exits 1 if a row failed (the others are still reported).
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import math
 import statistics
@@ -57,7 +64,7 @@ from mstok.evaluation.report import (
     with_threads,
 )
 from mstok.tokenizers import create_tokenizer
-from mstok.tokenizers.latent_space import LatentSpace, build_latent_space
+from mstok.tokenizers.latent_space import DiffusersVAESpace, LatentSpace, build_latent_space
 from mstok.tokenizers.registry import AnyTokenizer, preset_config
 from mstok.tokenizers.vqgan import MaskGITVQGAN
 from mstok.weights import MissingWeightsError
@@ -78,6 +85,23 @@ class Model:
 
     preset: str
     two_stage: bool = False
+    overrides: tuple[tuple[str, Any], ...] = ()  # config fields changed from the preset's
+
+    @classmethod
+    def parse(cls, text: str) -> Model:
+        """``NAME`` or ``NAME:FIELD=VALUE[:FIELD=VALUE...]``; a VALUE that reads as a number is one."""
+        name, *fields = text.split(":")
+        overrides = []
+        for item in fields:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{text!r}: an override is FIELD=VALUE, got {item!r}")
+            for kind in (int, float):
+                with contextlib.suppress(ValueError):
+                    value = kind(value)
+                    break
+            overrides.append((key, value))
+        return cls(name, overrides=tuple(overrides))
 
     @property
     def proxy(self) -> str:
@@ -85,7 +109,8 @@ class Model:
 
     @property
     def label(self) -> str:
-        return f"{self.preset} + {self.proxy}" if self.two_stage else self.preset
+        name = " ".join([self.preset, *(f"{k}={v}" for k, v in self.overrides)])
+        return f"{name} + {self.proxy}" if self.two_stage else name
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -178,6 +203,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mm-size", type=int, help="matrix size of the matmul reference (default 2048; CUDA 8192)")
     parser.add_argument("--mm-reps", type=int, default=5, help="timed matmuls per precision (default 5)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--random-first-stage",
+        action="store_true",
+        help="time a latent tokenizer whose VAE is not on disk with SD3.5's VAE architecture and random weights",
+    )
     args = parser.parse_args(argv)
 
     def names(text: str | None, default: tuple[str, ...]) -> list[str]:
@@ -198,16 +228,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.reps = args.reps if args.reps is not None else (20 if cuda else 5)
     args.budget = args.budget if args.budget is not None else (3.0 if args.quick else 10.0)
     args.mm_size = args.mm_size or (8192 if cuda else 2048)
-    for name in args.presets + args.two_stage:
-        try:
-            preset_config(name)
-        except ValueError as err:
-            parser.error(str(err))
-    for name in args.two_stage:
-        if preset_config(name).family == "maskgit_vqgan":
-            parser.error(f"--two-stage: {name} is a proxy tokenizer, it has no two-stage decode")
-        if preset_config(name).image_size not in PROXY_FOR_SIZE:
-            parser.error(f"--two-stage: no proxy preset for {name}'s image size")
+    try:
+        args.models = [Model.parse(p) for p in args.presets]
+        args.models += [dataclasses.replace(Model.parse(p), two_stage=True) for p in args.two_stage]
+        for model in args.models:
+            preset_config(model.preset, **dict(model.overrides))
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    for model in (m for m in args.models if m.two_stage):
+        if preset_config(model.preset).family == "maskgit_vqgan":
+            parser.error(f"--two-stage: {model.preset} is a proxy tokenizer, it has no two-stage decode")
+        if preset_config(model.preset).image_size not in PROXY_FOR_SIZE:
+            parser.error(f"--two-stage: no proxy preset for {model.preset}'s image size")
     for mode in args.modes:
         precision, _, extra = mode.partition("+")
         if precision not in DTYPES or extra not in ("", "compile"):
@@ -246,9 +278,9 @@ def fast_init() -> Iterator[None]:
 
 def build(model: Model, device: torch.device | str) -> AnyTokenizer:
     """The model with random weights, in eval mode, on ``device`` (``"meta"`` for FLOP counting)."""
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(model.overrides)
     if model.two_stage:
-        overrides = {"head": "proxy_codes", "pixel_decoder": preset_config(model.proxy).to_dict()}
+        overrides |= {"head": "proxy_codes", "pixel_decoder": preset_config(model.proxy).to_dict()}
     torch.manual_seed(0)
     with fast_init(), torch.device(device):
         return create_tokenizer(model.preset, **overrides).eval()
@@ -271,11 +303,12 @@ def part_flops(model: Model) -> dict[str, int]:
     return out
 
 
-def first_stage(model: Model) -> tuple[LatentSpace | None, str | None]:
+def first_stage(model: Model, random_vae: bool = False) -> tuple[LatentSpace | None, str | None]:
     """(the frozen first stage a latent tokenizer (SemTok) encodes and decodes through, None) when
     it loads from local files, (None, why) when it does not; (None, None) for a pixel tokenizer.
-    Never downloads: a VAE is read from a local folder or the hub cache only."""
-    spec = getattr(preset_config(model.preset), "latent_space", None)
+    Never downloads: a VAE is read from a local folder or the hub cache only; with ``random_vae``
+    a VAE that is not there is replaced by SD3.5's architecture with random weights."""
+    spec = getattr(preset_config(model.preset, **dict(model.overrides)), "latent_space", None)
     if spec is None:
         return None, None
     table = {"type": spec} if isinstance(spec, str) else dict(spec)
@@ -283,9 +316,14 @@ def first_stage(model: Model) -> tuple[LatentSpace | None, str | None]:
         table["download"] = False
     try:
         return build_latent_space(table), None
-    except (MissingWeightsError, ImportError) as err:
+    except MissingWeightsError as err:
+        if random_vae and table["type"] == "vae":
+            print(f"  {model.label}: the VAE is not on disk; timing SD3.5's VAE with random weights", flush=True)
+            return DiffusersVAESpace.random(), None
         print(f"  {model.label}: {err}", flush=True)
-        return None, f"first stage {table['type']!r} not available offline"
+    except ImportError as err:
+        print(f"  {model.label}: {err}", flush=True)
+    return None, f"first stage {table['type']!r} not available offline"
 
 
 def measure_matmul(device: torch.device, precision: str, size: int, reps: int, when: str) -> MatmulRate:
@@ -381,7 +419,7 @@ def run_model(
     device = torch.device(args.device)
     flops = part_flops(model)
     results: list[Result] = []
-    space, missing = first_stage(model)
+    space, missing = first_stage(model, args.random_first_stage)
     if missing:  # counted, but nothing to time: skip before building a model that cannot run
         for mode in args.modes:
             for part in model.parts:
@@ -509,7 +547,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
 def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
     """Time every row, print the tables and append the section (see :func:`main`)."""
     device = torch.device(args.device)
-    models = [Model(p) for p in args.presets] + [Model(p, two_stage=True) for p in args.two_stage]
+    models = args.models
     precisions = list(dict.fromkeys(m.partition("+")[0] for m in args.modes))
     loads = [load_1min()]
     print(f"Timing {len(models)} models on {args.device} ({machine_line(args.device)}); load average {loads[0]:.2f}")
@@ -598,7 +636,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
             "- Latent tokenizers (SemTok): `decode` runs the flow decoder's default number of Euler steps "
             "(`sample_steps`), and GFLOPs/img counts that many decoder calls; the frozen first stage (a VAE) runs "
             "inside encode and decode but its FLOPs are not counted. Its rows are skipped when the first stage is "
-            "not available offline (never downloaded here)."
+            "not available offline (never downloaded here)"
+            + (
+                ", unless `--random-first-stage` (this run) put SD3.5's VAE architecture with random weights in its "
+                "place: the same compute, so the timings hold."
+                if args.random_first_stage
+                else "."
+            )
         )
     notes += [f"- FAILED {r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}: {r.error}" for r in failed]
     title = f"Inference throughput{' (quick)' if args.quick else ''}"

@@ -87,6 +87,29 @@ def test_throughput_benchmark_skips_rows_over_the_call_limit(tmp_path: Path) -> 
     assert "skipped (est." in text
 
 
+def test_throughput_preset_overrides_and_the_random_first_stage(tmp_path: Path) -> None:
+    """NAME:FIELD=VALUE builds the preset with that field changed (here fewer tokens: fewer decoder
+    FLOPs); a bad override is a usage error; a VAE that is not on disk is replaced by SD3.5's
+    architecture with random weights only when asked."""
+    bench = _load("throughput")
+    argv = ["--presets", "mstok_tiny,mstok_tiny:num_latent_tokens=8", "--two-stage", "", *THROUGHPUT_ARGS]
+    results = bench.main([*argv, "--threads", "1", "--no-append"])
+    labels = [r.row.model.label for r in results]
+    assert labels == ["mstok_tiny", "mstok_tiny", "mstok_tiny num_latent_tokens=8", "mstok_tiny num_latent_tokens=8"]
+    assert all(r.error is None for r in results) and results[3].flops_per_image < results[1].flops_per_image
+    for bad in ("mstok_tiny:num_latent_tokens", "mstok_tiny:no_such_field=1"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--presets", bad])
+    pytest.importorskip("diffusers")
+    vae = {"type": "vae", "path": str(tmp_path / "absent")}
+    model = bench.Model(
+        "semtok_tiny", overrides=(("latent_space", vae), ("latent_channels", 16), ("latent_downsample", 8))
+    )
+    assert bench.first_stage(model) == (None, "first stage 'vae' not available offline")
+    space, why = bench.first_stage(model, random_vae=True)
+    assert why is None and (space.channels, space.downsample) == (16, 8)
+
+
 def test_flops_benchmark_plots_and_adds_two_stage_rows(tmp_path: Path) -> None:
     """flops_vs_tokens on tiny presets writes a PNG and a section with the two-stage (pixel decoder) table."""
     bench = _load("flops_vs_tokens")

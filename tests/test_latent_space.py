@@ -136,6 +136,23 @@ def test_vae_space_encode_is_the_normalised_posterior_mean(saved_vae: tuple[torc
     torch.testing.assert_close(latents, (mean - SHIFT) * SCALE)
 
 
+def test_random_vae_space_has_sd35s_architecture_and_is_seeded() -> None:
+    """The timing stand-in: SD3.5's VAE shapes (83.8M parameters, f 8, 16 channels) and factors,
+    built on the meta device (no compute); a small architecture is reproducible per seed."""
+    pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        space = DiffusersVAESpace.random()
+    assert (space.channels, space.downsample, space.scaling_factor, space.shift_factor) == (16, 8, 1.5305, 0.0609)
+    assert sum(p.numel() for p in space.parameters()) == 83_819_683
+    small = _tiny_vae().config
+    state = torch.get_rng_state()
+    a, b, c = (DiffusersVAESpace.random(dict(small), seed=s) for s in (1, 1, 2))
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
+    assert torch.equal(a.vae.decoder.conv_out.weight, b.vae.decoder.conv_out.weight)
+    assert not torch.equal(a.vae.decoder.conv_out.weight, c.vae.decoder.conv_out.weight)
+    assert not any(p.requires_grad for p in a.parameters()) and a.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 8, 8)
+
+
 def test_vae_space_decode_inverts_the_normalisation(saved_vae: tuple[torch.nn.Module, Path]) -> None:
     vae, folder = saved_vae
     space = DiffusersVAESpace.from_pretrained(folder)

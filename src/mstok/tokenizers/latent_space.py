@@ -17,8 +17,9 @@ is a fixed coordinate system, never trained by the tokenizer's losses.
 
 The SD3.5 numbers (from the VAE's ``config.json`` in ``stabilityai/stable-diffusion-3.5-large``,
 ``vae/``, as diffusers reads it): ``latent_channels`` 16, four blocks (f = 2^3 = 8),
-``scaling_factor`` 1.5305, ``shift_factor`` 0.0609. They are read from the config, never
-hard-coded; the paper itself names only f = 8.
+``scaling_factor`` 1.5305, ``shift_factor`` 0.0609. A loaded VAE's are read from its config;
+they are written out only in :data:`SD35_VAE_ARCHITECTURE`, the random-weights stand-in that
+times the first stage without the gated weights. The paper itself names only f = 8.
 
 Glossary: B batch, C latent channels, f downsampling factor, h x w the latent grid.
 """
@@ -49,6 +50,24 @@ SD35_VAE_SUBFOLDER = "vae"
 VAE_CONFIG_FILE = "config.json"
 VAE_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 _VAE_WEIGHTS_FALLBACK = "diffusion_pytorch_model.bin"  # older diffusers folders; from_pretrained reads both
+# SD3.5's VAE as its vae/config.json builds it (83.8M parameters), for DiffusersVAESpace.random:
+# the real VAE's compute without its gated weights
+SD35_VAE_ARCHITECTURE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
 
 
 class LatentSpace(nn.Module):
@@ -271,6 +290,18 @@ class DiffusersVAESpace(LatentSpace):
         if not is_hub_id(str(path)):
             raise MissingWeightsError(f"VAE folder {local} does not exist.\n{_how_to_get_vae(local)}")
         return cls(_load_hub_vae(str(path), subfolder, download), **options)
+
+    @classmethod
+    def random(cls, architecture: dict[str, Any] | None = None, seed: int = 0, **options: Any) -> DiffusersVAESpace:
+        """An ``AutoencoderKL`` of ``architecture`` (default :data:`SD35_VAE_ARCHITECTURE`) with
+        random weights drawn from ``seed``: the real VAE's compute and shapes, so timings and FLOPs
+        hold, but latents that mean nothing. For benchmarks and tests without the weights, never
+        for training a tokenizer. ``options``: as :meth:`from_pretrained` (``bf16``, ``sample``)."""
+        autoencoder_kl = _autoencoder_kl()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = autoencoder_kl(**(SD35_VAE_ARCHITECTURE if architecture is None else architecture))
+        return cls(vae, **options)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         posterior = self.vae.encode(images * 2 - 1).latent_dist
