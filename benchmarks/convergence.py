@@ -33,6 +33,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,31 @@ def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None =
     return result
 
 
+def run_pooled(
+    jobs: int, tasks: dict[Any, Callable[[], Any]], report: Callable[[Any, Any], str], loads: list[float]
+) -> dict[Any, Any]:
+    """Run ``tasks`` (picklable zero-argument callables: ``functools.partial`` of a module-level
+    function) ``jobs`` at a time in worker processes and return their results by key, in the
+    tasks' order. As each result is collected (in that order), ``report(key, result)`` is
+    printed and the 1-minute load appended to ``loads`` (for :func:`load_summary`)."""
+    done: dict[Any, Any] = {}
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {key: pool.submit(task) for key, task in tasks.items()}
+        for key, future in futures.items():
+            done[key] = future.result()
+            loads.append(load_1min())
+            print(report(key, done[key]), flush=True)
+    return done
+
+
+def by_row(done: dict[tuple[str, int], Any]) -> dict[str, list[Any]]:
+    """``{(row, seed): result}`` -> ``{row: [result of each seed]}``, rows in first-seen order."""
+    rows: dict[str, list[Any]] = {}
+    for (name, _seed), result in done.items():
+        rows.setdefault(name, []).append(result)
+    return rows
+
+
 def mean_colour_floor(data: str, val_images: int) -> tuple[float, float]:
     """(PSNR, SSIM) of painting each held-out image in its own mean colour: the floor every row is read against."""
     _, val_idx = _split(data, val_images)
@@ -289,15 +315,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
     loads, started = [load_1min()], time.perf_counter()
     threads = 1 if args.jobs > 1 else args.threads
-    results: dict[str, dict[str, Any]] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {name: pool.submit(run_row, name, args, threads) for name in names}
-        for name in names:  # in table order; the pool runs them --jobs at a time
-            results[name] = futures[name].result()
-            loads.append(load_1min())
-            last = results[name]["val"][-1]
-            print(f"{name}: PSNR {last['val_psnr']:.2f} SSIM {last['val_ssim']:.4f} at step {last['step']}, "
-                  f"{results[name]['seconds_per_step']:.3f} s/step", flush=True)  # fmt: skip
+
+    def report(name: str, result: dict[str, Any]) -> str:
+        last = result["val"][-1]
+        return (f"{name}: PSNR {last['val_psnr']:.2f} SSIM {last['val_ssim']:.4f} at step {last['step']}, "
+                f"{result['seconds_per_step']:.3f} s/step")  # fmt: skip
+
+    tasks = {name: functools.partial(run_row, name, args, threads) for name in names}
+    results: dict[str, dict[str, Any]] = run_pooled(args.jobs, tasks, report, loads)
 
     floor = mean_colour_floor(args.data, args.val_images)
     text = table(results, floor, args)

@@ -36,10 +36,10 @@ Finished runs are reused from ``--work-dir`` when their settings match (``--fres
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,16 @@ from mstok.evaluation.report import append_section, command_line, load_1min, loa
 from mstok.tokenizers import create_tokenizer, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from convergence import RECIPE_OPTIM, Row, _split, held_out_images, mean_colour_floor, run_row
+from convergence import (
+    RECIPE_OPTIM,
+    Row,
+    _split,
+    by_row,
+    held_out_images,
+    mean_colour_floor,
+    run_pooled,
+    run_row,
+)
 from quantizers import _cell
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--dit-every", type=int, default=250, help="DiT checkpoint (and validation) interval")
     parser.add_argument("--dit-repeats", type=int, default=4, help="noise draws per held-out latent")
     args = parser.parse_args(argv)
+    if args.dit_steps > 0 and not 1 <= args.dit_every <= args.dit_steps:
+        parser.error(f"--dit-every must be in [1, --dit-steps = {args.dit_steps}], got {args.dit_every}")
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -274,21 +285,16 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
 
     loads, started = [load_1min()], time.perf_counter()
     threads = 1 if args.jobs > 1 else args.threads
-    results: dict[str, list[dict[str, Any]]] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {
-            (name, seed): pool.submit(run_with_uniformity, name, args, threads, seed)
-            for name in names
-            for seed in range(args.seeds)
-        }
-        for (name, seed), future in futures.items():
-            result = future.result()
-            results.setdefault(name, []).append(result)
-            loads.append(load_1min())
-            last, uni = result["val"][-1], result["uniformity"]
-            print(f"{name} seed {seed}: PSNR {last['val_psnr']:.2f} SSIM {last['val_ssim']:.4f} "
-                  f"CV {uni['density_cv']:.3f} Gini {uni['gini']:.3f} H {uni['normalized_entropy']:.3f}, "
-                  f"{result['seconds_per_step']:.3f} s/step", flush=True)  # fmt: skip
+
+    def report(key: tuple[str, int], result: dict[str, Any]) -> str:
+        last, uni = result["val"][-1], result["uniformity"]
+        return (f"{key[0]} seed {key[1]}: PSNR {last['val_psnr']:.2f} SSIM {last['val_ssim']:.4f} "
+                f"CV {uni['density_cv']:.3f} Gini {uni['gini']:.3f} H {uni['normalized_entropy']:.3f}, "
+                f"{result['seconds_per_step']:.3f} s/step")  # fmt: skip
+
+    tasks = {(name, seed): functools.partial(run_with_uniformity, name, args, threads, seed)
+             for name in names for seed in range(args.seeds)}  # fmt: skip
+    results = by_row(run_pooled(args.jobs, tasks, report, loads))
 
     floor = mean_colour_floor(args.data, args.val_images)
     text = table(results, floor)
@@ -296,9 +302,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     tables, figures = [text], []
     dit_rows = [n for n in DIT_ROWS if n in names] if args.dit_steps > 0 else []
     if dit_rows:
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {name: pool.submit(run_dit, name, args, threads) for name in dit_rows}
-            dit = {name: futures[name].result() for name in dit_rows}
+        tasks = {name: functools.partial(run_dit, name, args, threads) for name in dit_rows}
+        dit = run_pooled(args.jobs, tasks, lambda name, _result: f"{name}: DiT trained", loads)
         tables.append(dit_table(dit))
         print(tables[-1])
         if not args.no_append:

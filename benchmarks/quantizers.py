@@ -22,9 +22,9 @@ Finished runs are reused from ``--work-dir`` when their settings match (``--fres
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from mstok.evaluation.report import append_section, command_line, load_1min, loa
 from mstok.tokenizers import create_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script convergence.py
-from convergence import RECIPE_OPTIM, Row, mean_colour_floor, run_row
+from convergence import RECIPE_OPTIM, Row, by_row, mean_colour_floor, run_pooled, run_row
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
@@ -134,21 +134,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
 
     loads, started = [load_1min()], time.perf_counter()
     threads = 1 if args.jobs > 1 else args.threads
-    results: dict[str, list[dict[str, Any]]] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {
-            (name, seed): pool.submit(run_row, name, args, threads, row, seed)
-            for name, row in rows.items()
-            for seed in range(args.seeds)
-        }
-        for (name, seed), future in futures.items():
-            result = future.result()
-            results.setdefault(name, []).append(result)
-            loads.append(load_1min())
-            last = result["val"][-1]
-            print(f"{name} seed {seed}: PSNR {last['val_psnr']:.2f} SSIM {last['val_ssim']:.4f} "
-                  f"usage {result.get('usage', float('nan')):.3f}, {result['seconds_per_step']:.3f} s/step",
-                  flush=True)  # fmt: skip
+
+    def report(key: tuple[str, int], result: dict[str, Any]) -> str:
+        last = result["val"][-1]
+        return (f"{key[0]} seed {key[1]}: PSNR {last['val_psnr']:.2f} SSIM {last['val_ssim']:.4f} "
+                f"usage {result.get('usage', float('nan')):.3f}, {result['seconds_per_step']:.3f} s/step")  # fmt: skip
+
+    tasks = {(name, seed): functools.partial(run_row, name, args, threads, row, seed)
+             for name, row in rows.items() for seed in range(args.seeds)}  # fmt: skip
+    results = by_row(run_pooled(args.jobs, tasks, report, loads))
 
     floor = mean_colour_floor(args.data, args.val_images)
     text = table(rows, results, floor)

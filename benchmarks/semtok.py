@@ -49,7 +49,6 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ from mstok.evaluation.report import append_section, command_line, load_1min, loa
 from mstok.tokenizers import create_tokenizer, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from convergence import Row, _split, held_out_images, mean_colour_floor, run_row, toml_value
+from convergence import Row, _split, held_out_images, mean_colour_floor, run_pooled, run_row, toml_value
 from hieratok import run_dir
 from quantizers import CALIBRATION, _cell
 
@@ -209,10 +208,11 @@ def run_pipeline(name: str, args: argparse.Namespace, threads: int, seed: int) -
     return {first: result1, second: result2}
 
 
-def run_calibration(args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """The conv AE VQ calibration of quantizers.py, trained for steps1 + steps2 steps, then evaluated."""
+def run_calibration(args: argparse.Namespace, threads: int) -> dict[str, dict[str, Any]]:
+    """The conv AE VQ calibration of quantizers.py, trained for steps1 + steps2 steps, then
+    evaluated; returned by its row name, as :func:`run_pipeline` returns its rows."""
     name, row = CALIBRATION
-    return run_evaluated(name, row, stage_args(args, args.steps1 + args.steps2), threads, 0)
+    return {name: run_evaluated(name, row, stage_args(args, args.steps1 + args.steps2), threads, 0)}
 
 
 def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) -> str:
@@ -273,22 +273,24 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
 
     loads, started = [load_1min()], time.perf_counter()
     threads = 1 if args.jobs > 1 else args.threads
+
+    def report(key: tuple[str, int], rows: dict[str, dict[str, Any]]) -> str:
+        lines = []
+        for row, result in rows.items():
+            label, best = max(result["eval"]["decoders"].items(), key=lambda item: item[1]["psnr"])
+            usage, speed = result["eval"]["usage"], result["seconds_per_step"]
+            lines.append(f"{row} seed {key[1]}: best PSNR {best['psnr']:.2f} ({label}), usage {usage:.3f}, "
+                         f"{speed:.3f} s/step")  # fmt: skip
+        return "\n".join(lines)
+
+    tasks = {(name, seed): functools.partial(run_pipeline, name, args, threads, seed)
+             for seed in range(args.seeds) for name in names}  # fmt: skip
+    if not args.no_calibration:
+        tasks[CALIBRATION[0], 0] = functools.partial(run_calibration, args, threads)
     results: dict[str, list[dict[str, Any]]] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {(name, seed): pool.submit(run_pipeline, name, args, threads, seed)
-                   for seed in range(args.seeds) for name in names}  # fmt: skip
-        calibration = None if args.no_calibration else pool.submit(run_calibration, args, threads)
-        for (_, seed), future in futures.items():
-            for row, result in future.result().items():
-                results.setdefault(row, []).append(result)
-                label, best = max(result["eval"]["decoders"].items(), key=lambda item: item[1]["psnr"])
-                usage, speed = result["eval"]["usage"], result["seconds_per_step"]
-                print(f"{row} seed {seed}: best PSNR {best['psnr']:.2f} ({label}), usage {usage:.3f}, "
-                      f"{speed:.3f} s/step", flush=True)  # fmt: skip
-            loads.append(load_1min())
-        if calibration is not None:
-            results[CALIBRATION[0]] = [calibration.result()]
-            loads.append(load_1min())
+    for rows in run_pooled(args.jobs, tasks, report, loads).values():
+        for row, result in rows.items():
+            results.setdefault(row, []).append(result)
     order = [f"stage {s} {n}" for n in names for s in ("I", "II")] + [CALIBRATION[0]]
     results = {name: results[name] for name in order if name in results}
 
