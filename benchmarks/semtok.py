@@ -1,4 +1,4 @@
-"""SemTok at tiny scale: stage I with and without semantic alignment, each refined by stage II.
+"""SemTok at tiny scale: stage I with each subset of the semantic terms, each refined by stage II.
 
 The tiny-scale reading of SemTok's Tables 4, 6 and 7 (``../shared/papers/semtok.txt``). Every run
 is ``semtok_tiny`` (64 px RGB as the latent space, 8 x 8 patches, K = 32 BSQ tokens of 12 bits,
@@ -8,8 +8,9 @@ settings of the shipped configs (``configs/semtok_tiny_stage1.toml``, ``..._stag
 here, so the benchmark follows them):
 
 * **stage I** (generative pre-training: flow decoder, BSQ entropy term) with the semantic terms
-  (distillation + contrastive, lambda_s = 0.05: the shipped config), and without them (both
-  weights 0 and the projections left untrained: Table 4's first line);
+  (distillation + contrastive, lambda_s = 0.05: the shipped config), without them (both
+  weights 0 and the projections left untrained: Table 4's first line), and with one of them
+  (the model built with that term's projection only: Table 4's middle lines);
 * **stage II** (one-step refiner: ``decoder_mode = "refine"``, MSE + PatchGAN, encoder frozen)
   initialised from each stage-I run (``model.init_from`` = its run folder);
 * **calibration**: the conv autoencoder with VQ at 320 bits (``quantizers.CALIBRATION``, trained
@@ -24,10 +25,11 @@ whole held-out batch (after a 2-image warm-up) by the worker that trained the ru
 worker may still be training: read them as relative. ``--seeds`` seeds per row, mean ± half the
 spread.
 
-    python benchmarks/semtok.py                    # 2 pipelines, 1 seed, 3000 + 1000 steps, ~30 min on 2 cores
+    python benchmarks/semtok.py                    # 4 pipelines, 1 seed, 3000 + 1000 steps, ~55 min on 2 cores
+    python benchmarks/semtok.py --rows "semantic,no semantic"   # Table 4's first and last lines, ~30 min
     python benchmarks/semtok.py --steps1 6 --steps2 4 --val-images 16 --no-append --work-dir /tmp/semtok_smoke
 
-The default size: with two runs at a time (one thread each) the two pipelines train side by
+The size of one pair of pipelines: with two runs at a time (one thread each) they train side by
 side, so on an idle 2-core machine at ~0.3 s/step for stage I and ~0.4 s/step for stage II (the
 pixel losses and, from step 200, the discriminator) training takes 3000 x 0.3 + 1000 x 0.4 ~ 22
 min; evaluation ~2.5 min per pipeline (the 1 + 4 + 16 + 50 flow steps over 200 images, ~165
@@ -59,6 +61,7 @@ import torch
 from mstok.evaluation.metrics import bits_per_pixel, psnr, ssim
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
 from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.tokenizers.semtok import SEMANTIC_TERMS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from convergence import Row, _split, held_out_images, mean_colour_floor, run_pooled, run_row, toml_value
@@ -99,28 +102,41 @@ def config_row(path: Path, group: str, extra: Sequence[str] = ()) -> Row:
     return Row(group, model["preset"], dict(model.get("overrides", {})), [*settings, *extra])
 
 
-def _without_semantic() -> list[str]:
-    """Table 4's first line: no semantic term, so the projections are not trained either."""
-    stage1 = tomllib.loads(STAGE_CONFIGS[0].read_text())
-    train = [name for name in stage1["stage"]["train"] if name != "semantic"]
-    return ["loss.distill_weight=0", "loss.contrastive_weight=0", f"stage.train={toml_value(train)}"]
-
-
-# pipeline name -> the settings stage I adds to the shipped config (names without commas: --rows)
-PIPELINES: dict[str, Callable[[], list[str]]] = {
-    "semantic": list,
-    "no semantic": _without_semantic,
+# pipeline name -> the semantic terms its stage I trains: Table 4's four lines (names without commas: --rows)
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "semantic": SEMANTIC_TERMS,
+    "no semantic": (),
+    "contrastive only": ("contrastive",),
+    "distill only": ("distill",),
 }
 
 
+def stage_one_settings(terms: tuple[str, ...]) -> list[str]:
+    """What stage I adds to the shipped config (both terms on) for a pipeline with ``terms``:
+    a term left out gets weight 0; with none, the projections are not trained either."""
+    off = [f"loss.{term}_weight=0" for term in SEMANTIC_TERMS if term not in terms]
+    if terms:
+        return off
+    stage1 = tomllib.loads(STAGE_CONFIGS[0].read_text())
+    train = [name for name in stage1["stage"]["train"] if name != "semantic"]
+    return [*off, f"stage.train={toml_value(train)}"]
+
+
 def stage_rows(name: str, args: argparse.Namespace, seed: int) -> dict[str, Row]:
-    """The stage-I and stage-II rows of pipeline ``name`` (stage II starts from stage I's run folder)."""
+    """The stage-I and stage-II rows of pipeline ``name`` (stage II starts from stage I's run
+    folder). A pipeline with one term builds the model with that term's projection only (both
+    stages, so stage II loads stage I's weights)."""
+    terms = PIPELINES[name]
     first = f"stage I {name}"
     init = f"model.init_from={toml_value(str(run_dir(args, first, seed)))}"
-    return {
-        first: config_row(STAGE_CONFIGS[0], "stage I", PIPELINES[name]()),
+    rows = {
+        first: config_row(STAGE_CONFIGS[0], "stage I", stage_one_settings(terms)),
         f"stage II {name}": config_row(STAGE_CONFIGS[1], "stage II", [init]),
     }
+    if terms and set(terms) != set(SEMANTIC_TERMS):
+        for row in rows.values():
+            row.model["semantic_terms"] = list(terms)
+    return rows
 
 
 def stage_args(args: argparse.Namespace, steps: int, fresh: bool = False) -> argparse.Namespace:
