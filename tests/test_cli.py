@@ -106,9 +106,10 @@ def test_train_command_reports_bad_input(tmp_path, capsys, extra, message):
 
 @pytest.mark.slow
 def test_demo_writes_a_report(tmp_path):
-    report = run_demo(out_dir=tmp_path, steps=3, batch_size=4, progress=False)
+    """Both models side by side (two processes) and one after the other give the same numbers."""
+    report = run_demo(out_dir=tmp_path, steps=3, batch_size=4, progress=False, jobs=2)
     text = report.read_text()
-    assert "| titok_tiny |" in text and "| mstok_tiny |" in text
+    assert "| titok_tiny |" in text and "| mstok_tiny |" in text and "both models at once" in text
     for picture in ("grid.png", "loss_curves.png"):
         assert f"({picture})" in text
         with Image.open(tmp_path / picture) as image:
@@ -118,6 +119,14 @@ def test_demo_writes_a_report(tmp_path):
         assert metrics[name]["tokens_per_image"] == 32
         assert metrics[name]["bits_per_pixel"] == pytest.approx(32 * 10 / 64**2)
         assert np.isfinite(metrics[name]["psnr"]) and 0 < metrics[name]["ssim"] <= 1
+    one_by_one = json.loads((run_demo(out_dir=tmp_path / "seq", steps=3, batch_size=4, progress=False, jobs=1)
+                             .parent / "metrics.json").read_text())  # fmt: skip
+    for name in ("titok_tiny", "mstok_tiny"):  # thread counts may differ: equal up to float rounding
+        assert one_by_one[name]["processes"] == 1 and metrics[name]["processes"] == 2
+        assert one_by_one[name]["psnr"] == pytest.approx(metrics[name]["psnr"], abs=1e-3)
+        assert one_by_one[name]["final_loss"] == pytest.approx(metrics[name]["final_loss"], rel=1e-3)
+    with pytest.raises(ValueError, match="jobs must be 1 or 2"):
+        run_demo(out_dir=tmp_path / "bad", steps=1, jobs=3)
 
 
 @pytest.mark.slow

@@ -123,6 +123,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.no_progress,
+        jobs=args.jobs,
     )
     print(f"report written to {report}")
     return 0
@@ -411,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed shared by both models (default 0)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.add_argument(
+        "--jobs",
+        type=int,
+        choices=(1, 2),
+        help="models trained at once: 2 side by side (default with 2+ cores), 1 one after the other",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     evaluate = sub.add_parser("eval", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID, IS, usage) or gFID")

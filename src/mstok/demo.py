@@ -8,8 +8,13 @@ SSIM, and LPIPS when its weights are on the machine) against painting each crop 
 colour. A Markdown report with an image grid, loss and validation curves is written.
 ``--data DIR`` trains on your own images instead (every 10th file is held out).
 
-Threads: the trainer picks them (``threads = 0``, auto): the free cores, so that a demo on a
-machine where another process is busy does not slow itself down tenfold.
+Processes and threads: with two or more usable cores the two models train side by side, one
+process each with half the free cores' threads (at least one), two progress bars; a demo step
+of these small models is mostly per-step overhead that a second thread barely shortens, so two
+single-thread processes finish both models in about the time of one. With one core (or
+``jobs=1``) they train one after the other in this process with the trainer's automatic thread
+count. Either way intra-op threads never exceed the free cores, so a busy machine does not slow
+the demo down tenfold (threads spin-waiting for a core another process holds).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,7 @@ from mstok.training import TrainConfig, Trainer
 from mstok.training.checkpoint import EMA_FILE
 from mstok.training.config import DataConfig, ModelConfig
 from mstok.training.recipes import TINY_EMA_DECAY, TINY_OPTIM, tiny_optim
+from mstok.training.threads import busy_cores, choose_threads, usable_cores
 
 MODELS = ("titok_tiny", "mstok_tiny")
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle")
@@ -140,18 +148,85 @@ def plot_losses(
     plt.close(fig)
 
 
-def _evaluate(model: Tokenizer, crops: torch.Tensor, lpips: Any) -> tuple[torch.Tensor, dict[str, float]]:
+def _evaluate(model: Tokenizer, crops: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     tokens = model.encode(crops)
     recon = model.decode(tokens)
     cfg = model.config
     return recon, {
         "psnr": float(np.mean(psnr(crops, recon))),
         "ssim": float(np.mean(ssim(crops, recon))),
-        "lpips": float(lpips(recon, crops).mean()) if lpips is not None else None,
         "tokens_per_image": cfg.num_latent_tokens,
         "bits_per_pixel": bits_per_pixel(cfg.num_latent_tokens, cfg.vocab_size, cfg.image_size, cfg.image_size),
         "codebook_usage": model.quantizer.usage_statistics(tokens)["usage"],
     }
+
+
+@dataclasses.dataclass
+class _Job:
+    """One model's training run of the demo (picklable: it may run in a worker process)."""
+
+    name: str
+    desc: str
+    photos: list[Image.Image]
+    crop_scale: tuple[float, float]
+    crops: torch.Tensor
+    steps: int
+    batch_size: int
+    seed: int
+    out_dir: Path
+    progress: bool
+    threads: int = 0  # 0: the trainer's automatic choice
+    bar_position: int | None = None
+
+
+def _train(job: _Job) -> dict[str, Any]:
+    """Train one tiny model with the demo recipe and evaluate its EMA weights on the held-out crops."""
+    size = job.crops.shape[-1]
+    config = TrainConfig(
+        model=ModelConfig(preset=job.name),
+        data=DataConfig(num_workers=0),
+        optim=dataclasses.replace(tiny_optim(), lr=DEMO_LR, end_lr=DEMO_LR / 10),
+        steps=job.steps,
+        batch_size=job.batch_size,
+        ema_decay=TINY_EMA_DECAY,
+        seed=job.seed,
+        out_dir=str(job.out_dir / job.name),
+        log_every=max(1, job.steps // 50),
+        ckpt_every=job.steps,
+        keep_last=1,
+        val_every=max(1, job.steps // 10),
+        threads=job.threads,
+    )
+    dataset = InMemoryImages(job.photos, RandomResizedCropFlip(size, job.crop_scale))
+    trainer = Trainer(
+        config, dataset=dataset, progress=job.progress, val_images=job.crops, desc=job.desc,
+        bar_position=job.bar_position,
+    )  # fmt: skip
+    started = time.perf_counter()
+    history = trainer.fit()
+    seconds = time.perf_counter() - started
+    model = load_tokenizer(trainer.ckpt_dir / f"step_{job.steps:07d}", weights=EMA_FILE)
+    recon, metrics = _evaluate(model, job.crops)
+    metrics |= {
+        "train_seconds": seconds,
+        "seconds_per_step": trainer.train_seconds / job.steps,
+        "threads": trainer.threads,
+        "final_loss": history[-1]["loss"],
+        "params": model.parameter_counts()["total"],
+    }
+    return {"history": history, "validation": trainer.val_history, "recon": recon, "metrics": metrics}
+
+
+def demo_jobs(requested: int | None = None) -> tuple[int, int]:
+    """(processes, threads per process) for the demo's two models: side by side when the machine
+    has two usable cores (``requested`` None or 2), each with half the free cores' threads; one
+    after the other (threads 0: the trainer's choice) with one core or ``requested = 1``."""
+    if requested not in (None, 1, 2):
+        raise ValueError(f"jobs must be 1 or 2 (models trained at once), got {requested!r}")
+    cores = usable_cores()
+    if requested == 1 or (requested is None and cores < 2):
+        return 1, 0
+    return 2, choose_threads(cores, 0, busy_cores()[0], processes=2)
 
 
 def run_demo(
@@ -161,8 +236,12 @@ def run_demo(
     batch_size: int = DEFAULT_BATCH,
     seed: int = 0,
     progress: bool = True,
+    jobs: int | None = None,
 ) -> Path:
-    """Train both tiny models, evaluate on held-out crops, write ``report.md``; returns its path."""
+    """Train both tiny models, evaluate on held-out crops, write ``report.md``; returns its path.
+
+    ``jobs``: models trained at once, 1 or 2 (None: 2 when the machine has two usable cores,
+    see :func:`demo_jobs`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = steps or DEFAULT_STEPS
@@ -184,41 +263,32 @@ def run_demo(
     from mstok.evaluation.evaluate import load_lpips  # lazy: torchmetrics is slow to import
 
     lpips, lpips_missing = load_lpips(torch.device("cpu"), download=False, level=logging.INFO)
-    results, histories, validation, recons = {}, {}, {}, {}
+    processes, threads = demo_jobs(jobs)
+    train_jobs = []
     for i, name in enumerate(MODELS):
-        config = TrainConfig(
-            model=ModelConfig(preset=name),
-            data=DataConfig(num_workers=0),
-            optim=dataclasses.replace(tiny_optim(), lr=DEMO_LR, end_lr=DEMO_LR / 10),
-            steps=steps,
-            batch_size=batch_size,
-            ema_decay=TINY_EMA_DECAY,
-            seed=seed,
-            out_dir=str(out_dir / name),
-            log_every=max(1, steps // 50),
-            ckpt_every=steps,
-            keep_last=1,
-            val_every=max(1, steps // 10),
-        )
-        dataset = InMemoryImages(train_photos, RandomResizedCropFlip(size, CROP_SCALE if data is None else (0.5, 1.0)))
-        following = f", {MODELS[i + 1]} next" if i + 1 < len(MODELS) else ""
-        desc = f"{name} ({i + 1}/{len(MODELS)}{following})"
-        trainer = Trainer(config, dataset=dataset, progress=progress, val_images=crops, desc=desc)
-        started = time.perf_counter()
-        histories[name] = trainer.fit()
-        seconds = time.perf_counter() - started
-        validation[name] = trainer.val_history
-        model = load_tokenizer(trainer.ckpt_dir / f"step_{steps:07d}", weights=EMA_FILE)
-        recons[name], metrics = _evaluate(model, crops, lpips)
-        counts = model.parameter_counts()
-        results[name] = {
-            **metrics,
-            "train_seconds": seconds,
-            "seconds_per_step": trainer.train_seconds / steps,
-            "threads": trainer.threads,
-            "final_loss": histories[name][-1]["loss"],
-            "params": counts["total"],
-        }
+        if processes > 1:
+            others = ", ".join(n for n in MODELS if n != name)
+            desc = f"{name} (alongside {others})"
+        else:
+            following = f", {MODELS[i + 1]} next" if i + 1 < len(MODELS) else ""
+            desc = f"{name} ({i + 1}/{len(MODELS)}{following})"
+        crop_scale = CROP_SCALE if data is None else (0.5, 1.0)
+        train_jobs.append(_Job(name, desc, train_photos, crop_scale, crops, steps, batch_size, seed, out_dir, progress,
+                               threads, i if processes > 1 else None))  # fmt: skip
+    if processes > 1:
+        # spawn: a forked child would inherit this process's OpenMP state, which can hang
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+            runs = list(pool.map(_train, train_jobs))
+    else:
+        runs = [_train(job) for job in train_jobs]
+    histories = {name: run["history"] for name, run in zip(MODELS, runs, strict=True)}
+    validation = {name: run["validation"] for name, run in zip(MODELS, runs, strict=True)}
+    recons = {name: run["recon"] for name, run in zip(MODELS, runs, strict=True)}
+    results = {}
+    for name, run in zip(MODELS, runs, strict=True):
+        lpips_value = float(lpips(run["recon"], crops).mean()) if lpips is not None else None
+        results[name] = {**run["metrics"], "lpips": lpips_value, "processes": processes}
 
     flat = mean_colour(crops)
     reference = {
@@ -262,11 +332,12 @@ def _report_text(
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        side_by_side = ", both models at once" if r.get("processes", 1) > 1 else ""
         lines.append(
             f"| {name} | {r['params'] / 1e6:.2f}M | {r['tokens_per_image']} | {r['bits_per_pixel']:.4f} | "
             f"{r['psnr']:.2f} | {r['psnr'] - reference['psnr']:+.2f} dB | {r['ssim']:.4f} | {fmt_lpips(r['lpips'])} | "
             f"{r['codebook_usage']:.3f} | {r['final_loss']:.4f} | {r['train_seconds']:.0f} s "
-            f"({r['seconds_per_step']:.2f} s/step, {r['threads']} thread(s)) |"
+            f"({r['seconds_per_step']:.2f} s/step, {r['threads']} thread(s){side_by_side}) |"
         )
     ref_psnr, ref_ssim = reference["psnr"], reference["ssim"]
     lines.append(

@@ -63,6 +63,8 @@ class Engine:
         progress: show a tqdm progress bar (rank 0 only).
         dist: the process's place in a DDP job; read from the torchrun environment by default.
         desc: the progress bar's label (e.g. ``"titok_tiny (1/2, mstok_tiny next)"``).
+        bar_position: the bar's line (tqdm's ``position``) when several processes train at once
+            and share a terminal (``mstok demo`` trains its two models side by side).
 
     Setting up sets torch's intra-op thread count for the process (``config.threads``; see
     threads.py), and the ``start`` log event records it with the reason.
@@ -72,9 +74,15 @@ class Engine:
     val_postfix_keys: tuple[str, ...] = ("val_psnr",)  # validation results shown on it
 
     def __init__(
-        self, config: RunConfig, progress: bool = True, dist: DistContext | None = None, desc: str = "train"
+        self,
+        config: RunConfig,
+        progress: bool = True,
+        dist: DistContext | None = None,
+        desc: str = "train",
+        bar_position: int | None = None,
     ) -> None:
         self.config = config
+        self.bar_position = bar_position
         self.dist = dist or DistContext.from_env(config.device)
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
@@ -389,7 +397,14 @@ class Engine:
             threads_reason=self.threads_reason,
             **self.start_fields(),
         )
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc=self.desc, unit="step")
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not self.progress,
+            desc=self.desc,
+            unit="step",
+            position=self.bar_position,
+        )
         postfix: dict[str, str] = {}
         self._window_items = 0
         self._epoch = self.samples_seen // len(self.dataset)

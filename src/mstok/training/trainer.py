@@ -54,6 +54,7 @@ class Trainer(Engine):
             held out of ``data.path`` (and taken out of training); a ``dataset`` passed in is
             never split, so validating with one needs ``val_images`` or ``data.val_path``.
         desc: the progress bar's label.
+        bar_position: the bar's line when several processes share a terminal (the demo).
     """
 
     config: TrainConfig
@@ -67,8 +68,9 @@ class Trainer(Engine):
         dist: DistContext | None = None,
         val_images: torch.Tensor | None = None,
         desc: str = "train",
+        bar_position: int | None = None,
     ) -> None:
-        super().__init__(config, progress, dist, desc)
+        super().__init__(config, progress, dist, desc, bar_position)
         self.val_every = config.val_every
         if self.val_every and val_images is None and dataset is not None and not config.data.val_path:
             raise ValueError(
