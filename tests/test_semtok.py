@@ -114,6 +114,28 @@ def test_flow_loss_matches_a_hand_computation(images) -> None:
     assert terms["flow"] > 0
 
 
+def test_x0_prediction_turns_the_clean_estimate_into_a_velocity(images) -> None:
+    """flow_prediction = "x0": the network's output is x0_hat, the velocity (x_t - x0_hat) / t with
+    t held at X0_MIN_TIME below it; "velocity" returns the output itself. Same weights, by hand."""
+    from mstok.tokenizers.semtok import X0_MIN_TIME
+
+    x0_model = _model(flow_prediction="x0")
+    velocity_model = _model(flow_prediction="velocity")
+    velocity_model.load_state_dict(x0_model.state_dict())
+    codes = torch.randn(B, K, 12, generator=torch.Generator().manual_seed(2))
+    x_t = torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([0.5, 0.01])
+    with torch.no_grad():
+        raw = velocity_model.decode_velocity(codes, x_t, t)  # the network's output, as it is
+        derived = x0_model.decode_velocity(codes, x_t, t)
+    assert_close(derived[0], (x_t[0] - raw[0]) / 0.5)
+    assert_close(derived[1], (x_t[1] - raw[1]) / X0_MIN_TIME)
+    assert create_tokenizer("semtok_tiny").config.flow_prediction == "x0"
+    assert create_tokenizer("semtok_tiny", flow_prediction="velocity").config.flow_prediction == "velocity"
+    with pytest.raises(ValueError, match="flow_prediction"):
+        preset_config("semtok_tiny", flow_prediction="eps")
+
+
 def test_one_euler_step_decode_matches_the_velocity(images) -> None:
     model = _model().eval()
     ids = model.encode(images)
@@ -231,6 +253,7 @@ def test_paper_presets() -> None:
     cfg = small.config
     assert (cfg.grid_size, cfg.num_latent_tokens, cfg.latent_channels) == (16, 256, 16)
     assert cfg.quantizer == {"type": "bsq", "entropy_weight": 0.0025}
+    assert cfg.flow_prediction == "velocity"  # the paper's; x0 is the tiny preset's
 
 
 # ------------------------------------------------------------------ training

@@ -137,6 +137,9 @@ _SEMTOK_TINY = {
     "code_dim": 12,
     "teacher_dim": 32,
     "qk_norm": True,
+    # 192 pixel values per patch > width 128: the network predicts the clean patch, not the
+    # velocity (SemTokConfig.flow_prediction; measured in benchmarks/RESULTS.md)
+    "flow_prediction": "x0",
 }
 
 

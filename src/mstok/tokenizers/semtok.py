@@ -13,6 +13,14 @@ The decoder works in one of two modes, ``decoder_mode``:
   ``x_t = (1 - t) x0 + t eps`` (``flow_input``, a Linear) and the decoder predicts the
   velocity ``eps - x0`` under adaLN timestep conditioning (:meth:`SemTok.decode_velocity`);
   decoding samples the flow ODE from noise (:mod:`mstok.diffusion.flow`; the paper: 25 steps).
+  With ``flow_prediction = "x0"`` (not the paper's; the tiny preset's) the network outputs the
+  clean latent and the velocity is derived from it, ``(x_t - x0_hat) / t``: a patch of 8 x 8
+  RGB pixels has 192 values, more than a 128-wide decoder can carry, and Gaussian noise has no
+  low-dimensional structure to compress, so predicting ``eps - x0`` is out of reach at that
+  width while the clean patch lies near a low-dimensional set of images (Li and He, "Back to
+  Basics: Let Denoising Generative Models Denoise", 2025). Measured: a velocity-predicting
+  ``semtok_tiny`` ended 3000 steps with a one-step reconstruction below painting each image in
+  its mean colour (benchmarks/RESULTS.md, "SemTok at tiny scale").
 * ``refine`` (stage II, refinement fine-tuning, eq. 7): the patch stream carries learnable
   mask tokens (``mask_tokens``) and the decoder predicts the clean latent in one pass
   (:meth:`SemTok.decode_refine`), trained by pixel losses through the frozen first stage.
@@ -60,6 +68,9 @@ from mstok.tokenizers.latent_space import LATENT_SPACES, LatentSpace, build_late
 from mstok.tokenizers.semtok_layers import SemTokDecoder, SemTokEncoder, patchify, unpatchify
 
 DECODER_MODES = ("flow", "refine")
+FLOW_PREDICTIONS = ("velocity", "x0")
+# x0 prediction divides by t: below this time the division uses it (bounded loss weight 1/t^2)
+X0_MIN_TIME = 0.05
 SEMANTIC_TERMS = ("distill", "contrastive")
 REFINE_TIME = 1.0  # the flow time the refiner's timestep input is fixed at (pure noise)
 
@@ -84,6 +95,8 @@ class SemTokConfig(TokenizerConfig):
         decoder_width, decoder_depth, decoder_num_heads: the decoder MMDiT (None: the encoder's).
         decoder_mode: ``flow`` (stage I) or ``refine`` (stage II); module docstring.
         time_sampling: how stage I draws t (``uniform``: the paper; ``logit_normal``: SD3's).
+        flow_prediction: what stage I's network outputs: ``velocity`` (the paper) or ``x0``
+            (the clean latent, turned into a velocity; module docstring).
         sample_steps, sampler: the flow decode's default ODE steps and sampler (paper: 25, Euler).
         teacher_dim: D_t of the semantic teacher; 0 builds no semantic projections.
         semantic_terms: which terms of eq. 2 get projections (Table 4 ablates them).
@@ -102,6 +115,7 @@ class SemTokConfig(TokenizerConfig):
     decoder_num_heads: int | None = None
     decoder_mode: str = "flow"
     time_sampling: str = "uniform"
+    flow_prediction: str = "velocity"
     sample_steps: int = 25
     sampler: str = "euler"
     teacher_dim: int = 0
@@ -118,6 +132,7 @@ class SemTokConfig(TokenizerConfig):
         "decoder_num_heads": positive(MAX_WIDTH),
         "decoder_mode": one_of(DECODER_MODES),
         "time_sampling": one_of(TIME_SAMPLINGS),
+        "flow_prediction": one_of(FLOW_PREDICTIONS),
         "sample_steps": positive(MAX_STEPS),
         "sampler": one_of(SAMPLERS),
         "teacher_dim": Rule(ge=0, cap=MAX_WIDTH),
@@ -125,7 +140,8 @@ class SemTokConfig(TokenizerConfig):
         "contrastive_temperature": Rule(gt=0, cap=100),
         "rope_theta": Rule(gt=1),
     }
-    optional_defaults: ClassVar[dict[str, Any]] = {}  # a new family: every field is written
+    # fields added after the family's first release, with the value that keeps older files' meaning
+    optional_defaults: ClassVar[dict[str, Any]] = {"flow_prediction": "velocity"}
 
     def __post_init__(self) -> None:
         self._derive_latent_shape()
@@ -274,11 +290,17 @@ class SemTok(Tokenizer):
     # ----------------------------------------------------------------- the decoder's two modes
     def decode_velocity(self, codes: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """Stage I's prediction: the velocity (B, C_lat, h, w) at the noisy latent ``x_t`` (B, C_lat, h, w)
-        and flow time ``t`` in [0, 1] ((B,) or a number), given code vectors (B, K, C). Differentiable."""
+        and flow time ``t`` in [0, 1] ((B,) or a number), given code vectors (B, K, C). Differentiable.
+
+        The network's output is that velocity, or (``flow_prediction = "x0"``) the clean latent
+        x0_hat, whose velocity is ``(x_t - x0_hat) / max(t, X0_MIN_TIME)``."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         tokens = self.flow_input(patchify(x_t.to(self.decoder.dtype), self.config.patch_size))  # (B, P, D)
         patches = self.decoder(tokens, codes, RectifiedFlow.model_time(t))
-        return unpatchify(patches, self.config.patch_size, self.config.grid_size)
+        out = unpatchify(patches, self.config.patch_size, self.config.grid_size)  # (B, C_lat, h, w)
+        if self.config.flow_prediction == "x0":
+            return (x_t - out) / t.clamp(min=X0_MIN_TIME).view(-1, 1, 1, 1).to(out.dtype)
+        return out
 
     def decode_refine(self, codes: torch.Tensor) -> torch.Tensor:
         """Stage II's prediction: the clean latent (B, C_lat, h, w) from code vectors (B, K, C), one pass."""
