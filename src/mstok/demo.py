@@ -46,15 +46,14 @@ TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistr
 HELD_OUT_PHOTOS = ("chelsea", "coffee")
 CROPS_PER_HELD_OUT_PHOTO = 8
 CROP_SCALE = (0.04, 0.25)  # 64 px crops from ~100-250 px regions of the 300-800 px photos
-# Twice the steps at half the batch: the same images and about the same time, but more updates,
-# which is what these small models need early on. Measured on the held-out crops with `make demo`
-# (2 threads, seed 0): 600 x 32 +2.24/+2.11 dB over mean colour (TiTok/MsTok), 1200 x 16
-# +2.79/+2.75 in 7 min 51 s from a fresh clone, 1700 x 8 +2.94/+2.64 (6 min 44 s without the
-# install), 2800 x 8 +3.17/+3.40 but 11 min 51 s without the install. The default is the largest
-# measured budget that keeps a fresh-clone `make demo` under 10 minutes on 2 cores;
-# `mstok demo --steps 2800 --batch-size 8` is the one that clears 3 dB.
-DEFAULT_STEPS = 1200
-DEFAULT_BATCH = 16
+# Small batches, many steps: these small models need updates more than images per update.
+# Measured on the held-out crops (seed 0, 2 cores): one model after the other on 2 threads,
+# 600 x 32 +2.24/+2.11 dB over mean colour (TiTok/MsTok), 1200 x 16 +2.79/+2.75 (7 min 51 s from
+# a fresh clone), 2800 x 8 +3.17/+3.40 but 11 min 51 s without the install. Both models side by
+# side on one thread each (the default since 2026-12-02): 2800 x 8 +3.26/+3.33 dB in 6 min 25 s
+# without the install (0.12-0.13 s/step each, where one model on 2 threads took 0.12).
+DEFAULT_STEPS = 2800
+DEFAULT_BATCH = 8
 # The tiny recipe's peak lr is 2e-3 (tiny-imagenet-64); on the demo's narrow data (crops of six
 # photos) it collapsed MsTok-tiny's codebook to 3% of the codes and left it below mean colour
 # after 600 steps, while 1e-3 kept 39% in use and learned (16.4 dB at step 300): measured, so
