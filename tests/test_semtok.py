@@ -399,4 +399,33 @@ def test_cli_chain_train_pretokenize_bitmar_sample(tmp_path, capsys) -> None:
     assert batches[0]["arr_0"].shape == (2, 64, 64, 3) and batches[0]["tokens"].dtype == np.int64
     assert batches[0]["tokens"].min() >= 0 and batches[0]["tokens"].max() < 2**12
     assert np.array_equal(batches[0]["arr_0"], batches[1]["arr_0"])  # the flow decoder's noise is seeded
+
+    # --decode-steps: the same tokens through a one-step ODE, with the noise of the same seed
+    argv += ["--decode-steps", "1"]
+    argv[argv.index("--out-dir") + 1] = str(tmp_path / "one_step")
+    assert main(argv) == 0
+    one_step = np.load(tmp_path / "one_step" / "samples.npz")
+    assert np.array_equal(one_step["tokens"], batches[0]["tokens"])
+    tokenizer = load_tokenizer(tok)
+    assert tokenizer.config.sample_steps != 1
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        expected = tokenizer.decode(torch.from_numpy(one_step["tokens"]), steps=1)
+    expected = (expected.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(one_step["arr_0"], expected)
+    assert not np.array_equal(one_step["arr_0"], batches[0]["arr_0"])
     capsys.readouterr()
+
+
+def test_decode_steps_only_for_a_sampling_decoder() -> None:
+    """``--decode-steps`` / ``decode_steps``: accepted for a flow decoder, a clear error for a
+    one-pass decoder (a refiner, TiTok) or a bad count."""
+    from mstok.generators.sampling import check_decode_steps
+
+    assert check_decode_steps(create_tokenizer("semtok_tiny"), 3) == 3
+    for one_pass in (create_tokenizer("semtok_tiny", decoder_mode="refine"), create_tokenizer("titok_tiny")):
+        with pytest.raises(ValueError, match="decodes tokens in one pass"):
+            check_decode_steps(one_pass, 3)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            check_decode_steps(create_tokenizer("semtok_tiny"), bad)

@@ -77,7 +77,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
     from mstok.generators import check_tokenizer, family_of, generate_images, load_generator
-    from mstok.generators.sampling import write_samples
+    from mstok.generators.sampling import check_decode_steps, write_samples
     from mstok.training.checkpoint import load_tokenizer_folder
     from mstok.training.distributed import resolve_device
     from mstok.weights import locate_model
@@ -96,9 +96,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         grid = default_out_dir(folder, "sample") / "grid.png"
     settings = family.sampling_class
     config = settings.from_dict({**_sampling_file(args.sampling, folder), **_sampling_fields(args, family)})
+    decode_steps = None if args.decode_steps is None else check_decode_steps(tokenizer, args.decode_steps)
     started = time.perf_counter()
     images, ids = generate_images(
-        generator, tokenizer, labels, config, args.seed, args.batch_size, progress=not args.no_progress
+        generator,
+        tokenizer,
+        labels,
+        config,
+        args.seed,
+        args.batch_size,
+        progress=not args.no_progress,
+        decode_steps=decode_steps,
     )
     seconds = time.perf_counter() - started
     names = [f"{c} {class_names[c]}" if c < len(class_names) else f"class {c}" for c in classes]
@@ -237,7 +245,7 @@ def _cmd_pretokenize(args: argparse.Namespace) -> int:
 
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample = sub.add_parser(
-        "sample", help="generate images of some classes with a generator (MaskGIT or DiT) + its tokenizer"
+        "sample", help="generate images of some classes with a generator (MaskGIT, DiT or BitMAR) + its tokenizer"
     )
     sample.add_argument("--generator", required=True, help=f"the generator: {MODEL_HELP}")
     sample.add_argument(
@@ -260,6 +268,11 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     )
     sample.add_argument(
         "--steps", type=int, help="sampling steps S (MaskGIT default 8; DiT: 250 for ddpm/ddim, 50 for euler/heun)"
+    )
+    sample.add_argument(
+        "--decode-steps",
+        type=positive_int,
+        help="a tokenizer whose decoder samples (SemTok stage I): its ODE steps (default: its config's sample_steps)",
     )
     sample.add_argument(
         "--sampler",

@@ -28,6 +28,7 @@ sampler shares live here too: :func:`prepare_sampling` (eval mode, device, check
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,20 @@ def sample(
     return (ids, history) if return_history else ids
 
 
+def check_decode_steps(tokenizer: torch.nn.Module, steps: Any) -> int:
+    """``steps`` if ``tokenizer``'s decoder integrates an ODE in steps (its ``decode`` takes
+    ``steps`` and its config's ``decoder_mode`` is ``flow``), else a ValueError naming why."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"decode steps must be a positive integer, got {steps!r}")
+    takes_steps = "steps" in inspect.signature(tokenizer.decode).parameters
+    if not takes_steps or getattr(tokenizer.config, "decoder_mode", "flow") != "flow":
+        raise ValueError(
+            f"this {type(tokenizer).__name__} decodes tokens in one pass: decode steps apply only to a tokenizer "
+            "whose decoder samples (a SemTok stage-I model, decoder_mode='flow')"
+        )
+    return steps
+
+
 @torch.inference_mode()
 def generate_images(
     generator_model: torch.nn.Module,
@@ -224,6 +239,7 @@ def generate_images(
     seed: int | None = 0,
     batch_size: int = 32,
     progress: bool = False,
+    decode_steps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample tokens for ``labels`` with the generator's own sampler and decode them.
 
@@ -236,6 +252,8 @@ def generate_images(
         seed: seeds one ``torch.Generator`` on the model's device that drives every batch, and the global
             RNG a decoder that draws noise reads (restored afterwards); None: the global RNG.
         batch_size: labels per sampling call.
+        decode_steps: ODE steps of a tokenizer whose decoder samples (a ``decode(tokens, steps=...)``,
+            SemTok's stage-I flow decoder); None: its default. A ValueError for a one-pass decoder.
 
     Returns:
         (images (N, 3, H, W) in [0, 1], tokens: (N, K) ids or (N, K, C) latents), on the CPU.
@@ -251,6 +269,7 @@ def generate_images(
         )
     device = next(generator_model.parameters()).device
     labels = check_class_labels(labels, generator_model.config.num_classes)
+    decode_options = {} if decode_steps is None else {"steps": check_decode_steps(tokenizer, decode_steps)}
     rng = None
     if seed is not None:
         rng = torch.Generator(device=device).manual_seed(seed)
@@ -263,7 +282,7 @@ def generate_images(
             torch.manual_seed(seed)
         for chunk in tqdm(labels.split(batch_size), disable=not progress, desc="generate", unit="batch"):
             drawn = family.sample(generator_model, chunk, config, generator=rng)
-            images.append(tokenizer.decode(drawn).float().cpu())
+            images.append(tokenizer.decode(drawn, **decode_options).float().cpu())
             tokens.append(drawn.cpu())
     return torch.cat(images), torch.cat(tokens)
 
