@@ -74,8 +74,8 @@ def _candidate(**switches: Any) -> Row:
 
 
 ROWS: dict[str, Row] = {
-    "titok VQ, before (learned pos., lr 5e-4)": _candidate(),
-    "+ lr 2e-3, betas 0.95, warmup 50": Row("candidates", "titok_tiny", BEFORE, RECIPE_OPTIM),
+    "titok VQ before (learned pos. lr 5e-4)": _candidate(),
+    "+ lr 2e-3 betas 0.95 warmup 50": Row("candidates", "titok_tiny", BEFORE, RECIPE_OPTIM),
     "+ qk-norm": _candidate(qk_norm=True),
     "+ sincos positions": _candidate(position_embedding="sincos"),
     "+ mimetic attention init": _candidate(attention_init="mimetic"),
@@ -86,10 +86,14 @@ ROWS: dict[str, Row] = {
     "+ conv pixel head": _candidate(pixel_head="conv"),
     # the recipe: the tiny presets as shipped (sincos, grid latents, mimetic init, qk-norm) + its optimiser
     "titok VQ (recipe)": Row("recipe", "titok_tiny", {}, RECIPE_OPTIM),
-    "titok VQ (recipe), MSE only": Row("recipe", "titok_tiny", {}, [*RECIPE_OPTIM, "loss.l1_weight=0"]),
+    "titok VQ (recipe) MSE only": Row("recipe", "titok_tiny", {}, [*RECIPE_OPTIM, "loss.l1_weight=0"]),
     # "continuous": no quantizer, latents L2-normalised like VQ's (use_l2_norm, the default);
     # "raw": not normalised (how the first continuous rows ran: they started slower than VQ)
     "titok continuous (recipe)": Row("recipe", "titok_tiny", {"quantizer": "none"}, RECIPE_OPTIM),
+    # the recipe's peak lr halved: at 2000 steps the continuous row stayed on the plateau at 2e-3
+    "titok continuous (recipe) at lr 1e-3": Row(
+        "recipe", "titok_tiny", {"quantizer": "none"}, [*RECIPE_OPTIM, "optim.lr=1e-3", "optim.end_lr=1e-4"]
+    ),
     "titok continuous raw (recipe)": Row(
         "recipe", "titok_tiny", {"quantizer": "none", "use_l2_norm": False}, RECIPE_OPTIM
     ),
@@ -219,6 +223,14 @@ def by_row(done: dict[tuple[str, int], Any]) -> dict[str, list[Any]]:
     return rows
 
 
+SEED_TAG = " [seed "
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """A row's table name for ``seed``: the row's own name for seed 0, ``name [seed s]`` otherwise."""
+    return name if seed == 0 else f"{name}{SEED_TAG}{seed}]"
+
+
 def mean_colour_floor(data: str, val_images: int) -> tuple[float, float]:
     """(PSNR, SSIM) of painting each held-out image in its own mean colour: the floor every row is read against."""
     _, val_idx = _split(data, val_images)
@@ -272,7 +284,7 @@ def plot(results: dict[str, dict[str, Any]], floor: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, res in results.items():
-        group = ROWS[name].group
+        group = ROWS[name.split(SEED_TAG)[0]].group
         style = {"candidates": ":", "recipe": "-", "calibration": "--"}[group]
         ax.plot([r["step"] for r in res["val"]], [r["val_psnr"] for r in res["val"]], style, label=name)
     ax.axhline(floor, color="grey", lw=0.8, label="mean colour")
@@ -295,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--wall", default="60,120", help="training seconds at which to read PSNR")
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")
     parser.add_argument("--rows", default="", help="comma-separated row names (default: every row of --groups)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row, each its own table row (default 1)")
     parser.add_argument("--jobs", type=int, default=2, help="rows trained at once (one thread each when > 1)")
     parser.add_argument("--threads", type=int, default=0, help="threads per row with --jobs 1 (0 = auto)")
     parser.add_argument("--work-dir", default="runs/convergence")
@@ -321,7 +334,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         return (f"{name}: PSNR {last['val_psnr']:.2f} SSIM {last['val_ssim']:.4f} at step {last['step']}, "
                 f"{result['seconds_per_step']:.3f} s/step")  # fmt: skip
 
-    tasks = {name: functools.partial(run_row, name, args, threads) for name in names}
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    # seed 0 keeps the row's name (and its finished run); seed s > 0 is the row "name [seed s]"
+    tasks = {
+        seeded_name(name, seed): functools.partial(run_row, name, args, threads, seed=seed)
+        for name in names
+        for seed in range(args.seeds)
+    }
     results: dict[str, dict[str, Any]] = run_pooled(args.jobs, tasks, report, loads)
 
     floor = mean_colour_floor(args.data, args.val_images)

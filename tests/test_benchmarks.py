@@ -258,8 +258,12 @@ def test_convergence_benchmark_end_to_end(tmp_path, tiny_imagenet):
     saved = json.loads(saved_file.read_text())
     saved["val"][-1]["val_psnr"] = -1.0
     saved_file.write_text(json.dumps(saved))
-    again = convergence.main([*argv, "--rows", "titok VQ (recipe)", "--no-append"])
+    assert not [name for name in convergence.ROWS if "," in name]  # --rows is comma-separated
+    again = convergence.main([*argv, "--rows", "titok VQ (recipe)", "--no-append", "--seeds", "2"])
+    assert list(again) == ["titok VQ (recipe)", "titok VQ (recipe) [seed 1]"]
     assert again["titok VQ (recipe)"]["val"][-1]["val_psnr"] == -1.0
+    assert again["titok VQ (recipe) [seed 1]"]["val"][-1]["val_psnr"] > 0  # a new run, not the edited one
+    assert again["titok VQ (recipe) [seed 1]"]["loss"] != results["titok VQ (recipe)"]["loss"]  # another seed
 
 
 def test_quantizers_benchmark_end_to_end(tmp_path, tiny_imagenet):
