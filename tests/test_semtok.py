@@ -419,13 +419,14 @@ def test_cli_chain_train_pretokenize_bitmar_sample(tmp_path, capsys) -> None:
 
 def test_decode_steps_only_for_a_sampling_decoder() -> None:
     """``--decode-steps`` / ``decode_steps``: accepted for a flow decoder, a clear error for a
-    one-pass decoder (a refiner, TiTok) or a bad count."""
+    one-pass decoder (a refiner, TiTok, the MaskGIT-VQGAN) or a bad count."""
     from mstok.generators.sampling import check_decode_steps
 
     assert check_decode_steps(create_tokenizer("semtok_tiny"), 3) == 3
-    for one_pass in (create_tokenizer("semtok_tiny", decoder_mode="refine"), create_tokenizer("titok_tiny")):
+    refiner = create_tokenizer("semtok_tiny", decoder_mode="refine")
+    for tokenizer in (refiner, create_tokenizer("titok_tiny"), create_tokenizer("vqgan_tiny")):
         with pytest.raises(ValueError, match="decodes tokens in one pass"):
-            check_decode_steps(one_pass, 3)
+            check_decode_steps(tokenizer, 3)
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="positive integer"):
             check_decode_steps(create_tokenizer("semtok_tiny"), bad)

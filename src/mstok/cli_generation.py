@@ -77,7 +77,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
     from mstok.generators import check_tokenizer, family_of, generate_images, load_generator
-    from mstok.generators.sampling import check_decode_steps, write_samples
+    from mstok.generators.sampling import write_samples
     from mstok.training.checkpoint import load_tokenizer_folder
     from mstok.training.distributed import resolve_device
     from mstok.weights import locate_model
@@ -96,7 +96,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         grid = default_out_dir(folder, "sample") / "grid.png"
     settings = family.sampling_class
     config = settings.from_dict({**_sampling_file(args.sampling, folder), **_sampling_fields(args, family)})
-    decode_steps = None if args.decode_steps is None else check_decode_steps(tokenizer, args.decode_steps)
     started = time.perf_counter()
     images, ids = generate_images(
         generator,
@@ -106,7 +105,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         args.seed,
         args.batch_size,
         progress=not args.no_progress,
-        decode_steps=decode_steps,
+        decode_steps=args.decode_steps,  # checked before any sampling
     )
     seconds = time.perf_counter() - started
     names = [f"{c} {class_names[c]}" if c < len(class_names) else f"class {c}" for c in classes]

@@ -28,7 +28,6 @@ sampler shares live here too: :func:`prepare_sampling` (eval mode, device, check
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,12 +216,11 @@ def sample(
 
 
 def check_decode_steps(tokenizer: torch.nn.Module, steps: Any) -> int:
-    """``steps`` if ``tokenizer``'s decoder integrates an ODE in steps (its ``decode`` takes
-    ``steps`` and its config's ``decoder_mode`` is ``flow``), else a ValueError naming why."""
+    """``steps`` if ``tokenizer``'s decoder integrates an ODE in steps (its ``decodes_in_steps``),
+    else a ValueError naming why."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"decode steps must be a positive integer, got {steps!r}")
-    takes_steps = "steps" in inspect.signature(tokenizer.decode).parameters
-    if not takes_steps or getattr(tokenizer.config, "decoder_mode", "flow") != "flow":
+    if not tokenizer.decodes_in_steps:
         raise ValueError(
             f"this {type(tokenizer).__name__} decodes tokens in one pass: decode steps apply only to a tokenizer "
             "whose decoder samples (a SemTok stage-I model, decoder_mode='flow')"

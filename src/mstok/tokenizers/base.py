@@ -393,6 +393,12 @@ class Tokenizer(SavedModel, nn.Module):
         (SemTok's flow) overrides it."""
         return 1
 
+    @property
+    def decodes_in_steps(self) -> bool:
+        """Whether :meth:`decode` takes ``steps`` (a decoder that integrates an ODE): False here
+        (one pass); a sampling decoder (SemTok's flow) overrides it."""
+        return False
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part: encoder, decoder, quantizer (pixel_decoder when present) and total."""
         counts = {

@@ -447,6 +447,11 @@ class SemTok(Tokenizer):
             decoder = (self.decode_velocity, (codes, latents, time))
         return {"encoder": (self.encoder, (latents,)), "decoder": decoder}
 
+    @property
+    def decodes_in_steps(self) -> bool:
+        """True for a flow decoder (``decode(tokens, steps=n)``), False for the one-pass refiner."""
+        return self.config.decoder_mode == "flow"
+
     def decoder_calls(self, steps: int | None = None, sampler: str | None = None) -> int:
         """Decoder calls one :meth:`decode` makes: 1 for a refiner; for a flow decoder ``steps``
         (Euler) or ``2 * steps`` (Heun: two slopes a step); None takes the config's

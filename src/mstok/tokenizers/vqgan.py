@@ -253,6 +253,7 @@ class MaskGITVQGAN(SavedModel, nn.Module):
     """
 
     config_class: ClassVar[type[VQGANConfig]] = VQGANConfig
+    decodes_in_steps: ClassVar[bool] = False  # one conv pass (Tokenizer.decodes_in_steps)
 
     def __init__(self, config: VQGANConfig) -> None:
         super().__init__()
