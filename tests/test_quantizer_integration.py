@@ -269,3 +269,19 @@ def test_a_stage_that_freezes_an_ema_codebook_leaves_it_alone(tmp_path):
     assert q.frozen and "quantizer.embedding.weight" in trainer.frozen
     assert torch.equal(q.embedding.weight, before.quantizer.embedding.weight)  # no EMA step, no k-means
     assert not bool(q.kmeans_done) and "revived_codes" not in trainer.history[-1]
+
+
+def test_fsq_levels_set_the_code_dim_when_it_is_not_given(tmp_path):
+    # as a new user writes it: no code_dim beside the levels (the preset's own code_dim is 12)
+    model = create_tokenizer("titok_tiny", quantizer={"type": "fsq", "levels": [8, 5, 5, 5]})
+    assert model.config.code_dim == 4 and model.vocab_size == 1000
+    ids = model.eval().encode(torch.rand(2, 3, 64, 64))
+    assert ids.shape == (2, model.config.num_latent_tokens) and int(ids.max()) < 1000
+    fsq3 = "model.overrides.quantizer={type='fsq', levels=[8, 5, 5]}"
+    config = load_train_config(None, ["model.preset='titok_tiny'", f"out_dir='{tmp_path}'", fsq3])
+    assert create_tokenizer(config.model.preset, **config.model.overrides).config.code_dim == 3
+    # a code_dim given beside the levels still has to agree with them
+    with pytest.raises(ValueError, match=r"levels has 4 values but the model's code_dim is 6"):
+        create_tokenizer("titok_tiny", quantizer={"type": "fsq", "levels": [8, 5, 5, 5]}, code_dim=6)
+    # types that go with any code dim leave the preset's alone
+    assert create_tokenizer("titok_tiny", quantizer={"type": "bsq"}).config.code_dim == 12

@@ -64,6 +64,11 @@ class QuantizerSpec(ConfigDict):
         """Channels the encoder must emit per token for ``code_dim`` code channels."""
         return code_dim
 
+    @classmethod
+    def implied_code_dim(cls, settings: dict[str, Any]) -> int | None:
+        """The code dim these (unchecked) settings fix, or None when any code dim goes with them."""
+        return None
+
     def build(self, code_dim: int) -> Quantizer:
         """The quantizer for ``code_dim`` channels."""
         self.check_code_dim(code_dim)
@@ -126,6 +131,11 @@ class FSQSpec(QuantizerSpec):
 
     def vocab_size(self, code_dim: int) -> int | None:
         return math.prod(self.levels)
+
+    @classmethod
+    def implied_code_dim(cls, settings: dict[str, Any]) -> int | None:
+        levels = settings.get("levels")
+        return len(levels) if isinstance(levels, (list, tuple)) and levels else None
 
     def build(self, code_dim: int) -> Quantizer:
         self.check_code_dim(code_dim)
@@ -203,6 +213,15 @@ class IdentitySpec(QuantizerSpec):
 
 
 SPECS: dict[str, type[QuantizerSpec]] = {s.kind: s for s in (VQSpec, FSQSpec, LFQSpec, BSQSpec, KLSpec, IdentitySpec)}
+
+
+def implied_code_dim(spec: Any) -> int | None:
+    """The code dim a quantizer table fixes by its own settings (FSQ: one channel per level), or
+    None (a name, an unknown type, or a type that goes with any code dim). Unchecked: a bad
+    table still fails later, in :func:`parse_spec`, with its own message."""
+    if not isinstance(spec, dict) or spec.get("type") not in SPECS:
+        return None
+    return SPECS[spec["type"]].implied_code_dim(spec)
 
 
 def parse_spec(spec: Any) -> QuantizerSpec:

@@ -6,6 +6,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+from mstok.quantizers.registry import implied_code_dim
 from mstok.saved import CONFIG_FILE, read_saved_config, split_saved_config
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.convae import ConvAE
@@ -195,14 +196,22 @@ def _check_preset_name(name: Any, function: str) -> None:
 
 
 def preset_config(name: str, **overrides: Any) -> TokenizerConfig | VQGANConfig:
-    """The config of preset ``name`` with ``overrides`` applied (unknown names/fields raise)."""
+    """The config of preset ``name`` with ``overrides`` applied (unknown names/fields raise).
+
+    A ``quantizer`` override whose settings fix the code dim (FSQ's ``levels``: one channel per
+    level) sets ``code_dim`` too, unless ``code_dim`` is overridden as well (then the two must agree).
+    """
     _check_preset_name(name, "preset_config")
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown preset {name!r}{hint}; available: {', '.join(PRESETS)}")
     family, fields = PRESETS[name]
-    return FAMILIES[family].config_class.from_dict({**fields, **overrides})
+    fields = {**fields, **overrides}
+    implied = implied_code_dim(overrides.get("quantizer"))
+    if implied is not None and "code_dim" not in overrides:
+        fields["code_dim"] = implied
+    return FAMILIES[family].config_class.from_dict(fields)
 
 
 def create_tokenizer(name: str, **overrides: Any) -> AnyTokenizer:
