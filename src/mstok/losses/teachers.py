@@ -8,12 +8,14 @@ is that teacher, made pluggable like :mod:`mstok.tokenizers.latent_space`:
   fixed-resolution checkpoints, which share its architecture), read from a local folder or a
   hub id; images are resized and normalised as SigLIP's image processor does;
 * :class:`CallableTeacher`: any function or module mapping images to a feature grid;
-* :class:`TinyTeacher`: a small seeded random conv net, for tests and CPU runs without weights.
+* :class:`TinyTeacher`: a small seeded random conv net, for tests and CPU runs without weights;
+* :class:`ReferenceTeacher`: mstok's own reference network (``mstok reference train``, a Tiny
+  ImageNet classifier trained here), the semantic teacher that exists on machines without SigLIP.
 
 Every teacher maps images (B, 3, H, W) in [0, 1] to float32 features (B, D_t, h, w) under
 ``no_grad``, with every parameter frozen and the module kept in eval mode: a teacher is a fixed
 target, never trained by the losses that read it. :func:`build_teacher` makes one from a config
-spec (``"tiny"``, ``{"type": "siglip", "path": ...}``).
+spec (``"tiny"``, ``{"type": "siglip", "path": ...}``, ``{"type": "reference", "path": ...}``).
 
 Glossary: B batch, D_t teacher feature width, h x w the teacher's feature grid.
 """
@@ -392,10 +394,63 @@ def _preprocessing(folder: Path) -> dict[str, Any]:
     return found
 
 
+class ReferenceTeacher(Teacher):
+    """A frozen :class:`~mstok.evaluation.reference.ReferenceNet` (``mstok reference train``) as the teacher.
+
+    Its features are the last stage's grid (B, F, h, w) (``pooled=False``, the default: 4 x 4 for
+    the default 32 px network, which the distillation term resizes to the latent grid), whose mean
+    over the grid is exactly the network's penultimate feature vector, the contrastive term's
+    target; ``pooled=True`` gives that vector alone as a 1 x 1 grid. ``dim`` is the network's
+    ``feature_dim``. Images of any size are resized inside the network to its resolution.
+
+    Args:
+        model: a reference network (frozen in place).
+        pooled: one feature vector per image (B, F, 1, 1) instead of the grid.
+    """
+
+    def __init__(self, model: nn.Module, pooled: bool = False) -> None:
+        from mstok.evaluation.reference import ReferenceNet  # lazy: the evaluation package imports the data code
+
+        if not isinstance(model, ReferenceNet):
+            raise TypeError(f"ReferenceTeacher needs a ReferenceNet, got {type(model).__name__}")
+        if not isinstance(pooled, bool):
+            raise ValueError(f"ReferenceTeacher: pooled must be true or false, got {pooled!r}")
+        super().__init__(model.feature_dim)
+        self.model, self.pooled = model.float(), pooled
+        self.freeze()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path = "", weights: str | None = None, pooled: bool = False
+    ) -> ReferenceTeacher:
+        """Load a saved reference network (a folder, run or checkpoint by the loading rule) as the teacher.
+
+        Raises:
+            ValueError: no ``path``, or the folder holds another kind of model.
+            FileNotFoundError: ``path`` does not exist or holds no model.
+        """
+        from mstok.evaluation.reference import load_reference_net
+
+        if path is None or str(path) == "":
+            raise ValueError(
+                "a reference teacher needs a path: the folder `mstok reference train --out DIR` wrote "
+                '(teacher.spec = {type = "reference", path = "DIR"})'
+            )
+        return cls(load_reference_net(path, weights), pooled=pooled)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.feature_map(images)  # (B, F, h, w)
+        return features.mean(dim=(2, 3), keepdim=True) if self.pooled else features
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pooled={self.pooled}"
+
+
 # spec "type" -> the builder its other keys are passed to
 TEACHERS: dict[str, Callable[..., Teacher]] = {
     "tiny": TinyTeacher,
     "siglip": SiglipTeacher.from_pretrained,
+    "reference": ReferenceTeacher.from_pretrained,
 }
 
 
@@ -405,7 +460,8 @@ def _parameters(builder: Callable[..., Teacher]) -> Iterator[str]:
 
 def build_teacher(spec: str | dict[str, Any] | Teacher) -> Teacher:
     """A teacher from a spec: ``"tiny"`` (or another type name alone), a table such as
-    ``{"type": "siglip", "path": "weights/siglip", "bf16": true}`` or ``{"type": "tiny", "dim": 64}``
+    ``{"type": "siglip", "path": "weights/siglip", "bf16": true}``, ``{"type": "tiny", "dim": 64}`` or
+    ``{"type": "reference", "path": "runs/reference"}``
     (its other keys are the builder's arguments), or a built :class:`Teacher` (returned as is).
     A function is wrapped with :class:`CallableTeacher` directly, as it needs its width.
 

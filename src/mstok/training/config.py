@@ -200,7 +200,8 @@ class ProxyConfig:
 class TeacherConfig:
     """The frozen semantic teacher of SemTok's alignment terms (``loss.distill_weight``,
     ``loss.contrastive_weight``): a :func:`mstok.losses.teachers.build_teacher` spec, ``"tiny"``
-    (a seeded random conv net, for CPU runs) or a table such as ``{type = "siglip", path = DIR}``.
+    (a seeded random conv net, for CPU runs) or a table such as ``{type = "siglip", path = DIR}`` or
+    ``{type = "reference", path = DIR}`` (a network trained by ``mstok reference train``).
     Its width must be the model's ``teacher_dim``. Built only when a semantic weight is on."""
 
     spec: str | dict[str, Any] = "tiny"
