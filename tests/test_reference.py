@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mstok.evaluation.reference import ReferenceConfig, ReferenceMeter, ReferenceNet
+from mstok.cli import main
+from mstok.evaluation.reference import ReferenceConfig, ReferenceMeter, ReferenceNet, evaluate_reference
 from mstok.evaluation.reference_train import train_reference
 from mstok.losses.teachers import ReferenceTeacher, build_teacher
 from mstok.tokenizers import create_tokenizer
@@ -201,6 +202,70 @@ def test_training_resumes_exactly(folder, tmp_path) -> None:
     assert not torch.equal(straight.head.weight, _tiny().head.weight)  # it trained
     with pytest.raises(ValueError, match="steps"):  # other settings in the same folder are refused
         _train(folder, tmp_path / "b", steps=6)
+
+
+# ------------------------------------------------------------------ CLI
+def test_reference_eval_prints_one_json_line(saved, folder, capsys) -> None:
+    path, model = saved
+    assert main(["reference", "eval", "--model", str(path), "--data", str(folder), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["images"] == 12 and result == {**result, **evaluate_reference(model, folder)}
+    assert 0 <= result["top1"] <= result["top5"] <= 1
+
+
+def test_reference_cli_bad_input(saved, folder, tmp_path, capsys) -> None:
+    path, _ = saved
+    create_tokenizer("titok_tiny").save_pretrained(tmp_path / "tok")
+    cases = [
+        (["eval", "--model", str(tmp_path / "nope"), "--data", str(folder)], "does not exist"),
+        (["eval", "--model", str(tmp_path / "tok"), "--data", str(folder)], "not a reference network"),
+        (["eval", "--model", str(path), "--data", str(tmp_path / "nodata")], "--data: .*nodata does not exist"),
+        (["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "o")], "--data: .*does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(["reference", *argv, "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"mstok reference {argv[0]}: error:"), err
+        assert __import__("re").search(message, err), err
+
+
+@pytest.mark.slow
+def test_reference_train_cli_with_val_data(folder, tmp_path, capsys) -> None:
+    argv = ["reference", "train", "--data", str(folder), "--out", str(tmp_path / "r"), "--steps", "2"]
+    assert main([*argv, "--batch-size", "4", "--threads", "1", "--val-data", str(folder), "--no-progress"]) == 0
+    assert "held-out top-1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r" / "val.json").read_text())["images"] == 12
+    assert ReferenceNet.from_pretrained(tmp_path / "r").config == ReferenceConfig()
+
+
+@pytest.mark.slow
+def test_eval_feature_net_reports_fd_ref(saved, folder, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MSTOK_CACHE", str(tmp_path / "empty"))  # no Inception or LPIPS weights: rFID null
+    tokenizer = tmp_path / "tok"
+    create_tokenizer("titok_tiny").save_pretrained(tokenizer)
+    path, _ = saved
+    base = ["eval", "--checkpoint", str(tokenizer), "--data", str(folder), "--no-download", "--no-progress"]
+    base += ["--num-workers", "0", "--fid-method", "eigh", "--feature-net", str(path)]
+    assert main([*base, "--out", str(tmp_path / "e" / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines() if line.strip().startswith(("fd_ref", "ref_top1"))]
+    assert [row[0] for row in rows] == ["fd_ref", "ref_top1_real", "ref_top1_recon"]
+    results = json.loads((tmp_path / "e" / "r.json").read_text())
+    assert results["fd_ref"] > 0 and results["rfid"] is None and results["feature_net"] == str(path)
+    assert 0 <= results["ref_top1_recon"] <= 1 and 0 <= results["ref_top1_real"] <= 1
+    stats = tmp_path / "e" / "fd_ref_stats.npz"
+    assert stats.is_file()
+    # the saved real-image statistics give the same FD-ref
+    assert main([*base, "--out", str(tmp_path / "f" / "r.json"), "--feature-net-stats", str(stats)]) == 0
+    assert json.loads((tmp_path / "f" / "r.json").read_text())["fd_ref"] == pytest.approx(results["fd_ref"], rel=1e-6)
+    capsys.readouterr()
+    # statistics of another width: one clear error line
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(16), sigma=np.eye(16))
+    assert main([*base, "--feature-net-stats", str(tmp_path / "wide.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "16-d feature statistics but the feature net gives 8-d" in err
 
 
 # ------------------------------------------------------------------ SemTok's teacher

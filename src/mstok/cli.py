@@ -1,5 +1,5 @@
 """The ``mstok`` command line: presets, train, train-proxy, train-generator, eval, probe, bench, demo and data;
-pretokenize, sample and convert live in cli_generation.py."""
+pretokenize, sample and convert live in cli_generation.py, reference (train, eval) in cli_reference.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from mstok.cli_errors import MAX_PIXELS_HELP, run_command
 from mstok.cli_generation import MODEL_HELP, WEIGHTS_HELP, add_generation_commands, check_resolution, default_out_dir
+from mstok.cli_reference import add_feature_net_arguments, add_reference_commands, reference_meter
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -164,8 +165,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)  # one process: eval never joins a process group
     out = Path(args.out) if args.out else None
+    meter, meter_unavailable = None, {}
     # check the inputs before the (slow) metric networks load, so a wrong path fails at once
     if args.generated:
+        if args.feature_net or args.feature_net_stats:
+            raise ValueError("--feature-net measures reconstructions (FD-ref): it needs --checkpoint and --data")
         if args.latent_stats is not None:
             raise ValueError("--latent-stats measures a tokenizer's latents: it needs --checkpoint and --data")
         if not args.reference:
@@ -182,6 +186,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out = out or default_out_dir(folder, "eval") / "results.json"
         dataset = ev.eval_dataset(args.data, check_resolution(model, args.resolution), args.max_pixels)
         reference = ev.load_reference(args.reference) if args.reference else None
+        if args.feature_net_stats and not args.feature_net:
+            raise ValueError("--feature-net-stats needs --feature-net DIR, the network its statistics come from")
+        if args.feature_net:
+            meter, meter_unavailable = reference_meter(args, dataset, device)
     # missing-weights messages name this command's flags, not the training config's keys
     flags = {
         VGG16_FILENAME: "--vgg-weights",
@@ -211,8 +219,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             progress=not args.no_progress,
             fid_method=args.fid_method,
+            reference_meter=meter,
         )
+        results["unavailable"].update(meter_unavailable)
         results = {"checkpoint": str(folder), "weights": weights, "data": str(args.data), **results}
+        if args.feature_net:
+            results["feature_net"] = str(args.feature_net)
         if args.latent_stats is not None:
             _add_latent_stats(results, model, dataset, args, out.parent / "latent_tsne.png")
     print(ev.write_results(results, out))
@@ -420,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_cmd_demo)
 
-    evaluate = sub.add_parser("eval", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID, IS, usage) or gFID")
+    evaluate = sub.add_parser(
+        "eval", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID, IS, usage; FD-ref with --feature-net) or gFID"
+    )
     evaluate.add_argument("--checkpoint", help=f"the tokenizer: {MODEL_HELP}")
     evaluate.add_argument("--weights", help=WEIGHTS_HELP)
     evaluate.add_argument("--data", help="image folder or shards to reconstruct (resize + center crop)")
@@ -451,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--fid-method", choices=("sqrtm", "eigh"), default="sqrtm", help="matrix square root for the FID"
     )
+    add_feature_net_arguments(evaluate)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
@@ -490,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_shards.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     to_shards.set_defaults(func=_cmd_data_to_shards)
     add_generation_commands(sub)  # pretokenize, sample, convert (cli_generation.py)
+    add_reference_commands(sub)  # reference train, reference eval (cli_reference.py)
     _add_bench_parser(sub)
     return parser
 

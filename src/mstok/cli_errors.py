@@ -60,7 +60,7 @@ def one_line(err: BaseException) -> str:
 def command_name(args: argparse.Namespace) -> str:
     """``train``, ``data to-shards``, ``convert titok``: the command as typed."""
     words = [args.command]
-    for attr in ("data_command", "convert_command"):
+    for attr in ("data_command", "convert_command", "reference_command"):
         if getattr(args, attr, None):
             words.append(getattr(args, attr))
     return " ".join(words)

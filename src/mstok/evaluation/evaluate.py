@@ -7,6 +7,14 @@ classes. Unreadable and oversized files are skipped and counted (``skipped``); i
 than the model's resolution are upscaled, counted (``upscaled``) and warned about.
 A metric whose weights are missing is reported as unavailable with the reason; the others
 still run. ``evaluate_generated`` gives gFID / IS of a folder of samples.
+
+With a reference network (``mstok eval --feature-net DIR``, :class:`~mstok.evaluation.reference.ReferenceMeter`)
+the results add **FD-ref** (``fd_ref``), the Fréchet distance between that network's penultimate
+features of the real and the reconstructed images, and its top-1 on both (``ref_top1_real``,
+``ref_top1_recon``). It exists because the FID-Inception weights cannot be downloaded on every
+machine (not on this project's): FD-ref is computed in a small Tiny ImageNet classifier's feature
+space, so it is comparable only between runs that use the same reference model file, never with
+published FID.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from mstok.training.logger import make_grid
 from mstok.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
+FD_REF_STATS_FILE = "fd_ref_stats.npz"  # the real images' reference-network feature statistics
 
 
 def eval_dataset(path: str | Path, resolution: int, max_pixels: int | None = None) -> Dataset:
@@ -166,6 +175,7 @@ def evaluate_reconstruction(
     num_workers: int = 0,
     progress: bool = True,
     fid_method: str = "sqrtm",
+    reference_meter: Any = None,
 ) -> dict[str, Any]:
     """Reconstruct every image of ``dataset`` and measure it.
 
@@ -179,6 +189,8 @@ def evaluate_reconstruction(
         limit: evaluate only the first ``limit`` images.
         fid_method: ``sqrtm`` (scipy, the reference implementations' way) or ``eigh`` (an
             eigendecomposition, equal to 1e-13 and much faster on 2048-d covariances).
+        reference_meter: a :class:`~mstok.evaluation.reference.ReferenceMeter` for FD-ref and the
+            reference network's top-1 (real-image statistics go to ``fd_ref_stats.npz`` in ``out_dir``).
 
     Returns:
         a JSON-able dict of metrics and settings.
@@ -210,7 +222,7 @@ def evaluate_reconstruction(
     grid: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (image, reconstruction)
     fallback: list[tuple[torch.Tensor, torch.Tensor]] = []  # first readable images, for unreadable picks
     skipped, upscaled, started = 0, 0, time.perf_counter()
-    for images, _labels, indices, enlarged, broken in tqdm(loader, disable=not progress, desc="eval", unit="batch"):
+    for images, labels, indices, enlarged, broken in tqdm(loader, disable=not progress, desc="eval", unit="batch"):
         skipped += broken
         upscaled += enlarged
         if not len(images):
@@ -232,6 +244,8 @@ def evaluate_reconstruction(
             features, batch_logits = inception(recon)
             recon_stats.update(features)
             logits.append(batch_logits.double().cpu())
+        if reference_meter is not None:
+            reference_meter.update(images, recon, labels)
         for row, index in enumerate(indices):
             if index in slot_of:
                 grid[slot_of[index]] = (images[row].cpu(), recon[row].cpu())
@@ -287,6 +301,8 @@ def evaluate_reconstruction(
         results["rfid"] = frechet_distance(mu, sigma, recon_stats.mu, recon_stats.sigma, method=fid_method)
         results["inception_score"] = inception_score(torch.cat(logits), splits=inception_score_splits(n))[0]
         results["inception_score_splits"] = inception_score_splits(n)
+    if reference_meter is not None:
+        results.update(reference_meter.results(fid_method))
     results["unavailable"] = dict(unavailable or {})
     if out_dir is not None:
         out = Path(out_dir)
@@ -299,6 +315,8 @@ def evaluate_reconstruction(
             save_usage_histogram(counts, out / "codebook_usage.png")
         if inception is not None and reference_stats is None:
             real_stats.save_npz(out / "reference_stats.npz")
+        if reference_meter is not None:
+            reference_meter.save_real_stats(out / FD_REF_STATS_FILE)
     return results
 
 
