@@ -31,11 +31,43 @@ def test_benchmark_naive_entropy_equals_the_quantizer() -> None:
     bench = _benchmark()
     z = torch.randn(40, 6)
     naive = bench.naive_entropy(z)
-    ours = BinarySphericalQuantizer(6).entropy_terms(z)
+    ours = BinarySphericalQuantizer(6, inverse_temperature=1.0).entropy_terms(z)  # the benchmark's tau
     for a, b in zip(naive, ours, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     row = bench.run_row("grouped", 32, tokens=16, repeats=1, device="cpu")
     assert math.isfinite(row["value"]) and row["seconds"] > 0 and row["peak_mib"] >= 0
+
+
+def test_per_position_codebook_entropy_is_the_mean_of_each_positions_exact_entropy() -> None:
+    bench = _benchmark()
+    z = torch.randn(12, 3, 6)  # (B, K, C)
+    per_sample, codebook = BinarySphericalQuantizer(6, inverse_temperature=1.0).entropy_terms(z)
+    naive = [bench.naive_entropy(z[:, k]) for k in range(3)]  # each position's own batch
+    torch.testing.assert_close(codebook, torch.stack([c for _, c in naive]).mean(), rtol=1e-5, atol=1e-6)
+    flat = BinarySphericalQuantizer(6, inverse_temperature=1.0, entropy_per_position=False)
+    torch.testing.assert_close(per_sample, flat.entropy_terms(z)[0])
+    # grouped bits (above exact_max_bits) follow the same rule per position
+    grouped = BinarySphericalQuantizer(6, exact_max_bits=4, group_bits=3)
+    wide = BinarySphericalQuantizer(6, exact_max_bits=4, group_bits=3, entropy_per_position=False)
+    each = [wide.entropy_terms(z[:, k])[1] for k in range(3)]
+    torch.testing.assert_close(grouped.entropy_terms(z)[1], torch.stack(each).mean())
+    # (N, C) latents have no position axis: one position, the batch-wide entropy
+    torch.testing.assert_close(grouped.entropy_terms(z[:, 0])[1], each[0])
+    with pytest.raises(ValueError, match=r"per-position entropy needs \(B, K, C\) logits"):
+        grouped.entropy_terms(z[None])
+
+
+def test_position_constant_codes_score_high_batch_wide_but_zero_per_position() -> None:
+    # what a 1D tokenizer's learnt queries do when the codes ignore the image: token k always
+    # emits code k. Over the whole batch that looks diverse (log K nats); per position it is 0.
+    sharp = 50.0 * torch.where(torch.rand(8, 6) > 0.5, 1.0, -1.0)  # (K, C) one sure code per position
+    z = sharp.expand(16, 8, 6)  # (B, K, C): every image the same
+    lfq = {"type": "lfq", "inverse_temperature": 1.0, "layer_norm": False}
+    _, wide = build_quantizer({**lfq, "entropy_per_position": False}, 6).entropy_terms(z)
+    _, per_position = build_quantizer(lfq, 6).entropy_terms(z)  # the default
+    distinct = len({tuple(row.tolist()) for row in sharp})
+    assert wide.item() == pytest.approx(math.log(distinct), abs=1e-4)
+    assert per_position.item() == pytest.approx(0.0, abs=1e-4)
 
 
 DDP_CASES = [("lfq", {"inverse_temperature": 0.5}), ("bsq", {}), ("bsq", {"exact_max_bits": 4, "group_bits": 3})]

@@ -25,11 +25,25 @@ from mstok.quantizers import (
 )
 from mstok.quantizers.binary import bit_groups
 
+# The papers' definitions, which the reference computations below follow: no normalisation before
+# LFQ's sign and the codebook entropy over the whole batch (this project's defaults differ: see lfq.py).
+PAPER = {LookupFreeQuantizer: {"layer_norm": False, "entropy_per_position": False},
+         BinarySphericalQuantizer: {"entropy_per_position": False}}  # fmt: skip
+
 SPECS = {
     "vq": {"type": "vq", "codebook_size": 16},
     "vq_ema_kmeans": {"type": "vq", "codebook_size": 16, "ema": True, "kmeans_init": True},
     "fsq": {"type": "fsq", "levels": [8, 5, 5, 5]},
-    "lfq": {"type": "lfq", "entropy_weight": 0.1, "diversity_gamma": 1.0, "inverse_temperature": 100.0},
+    # MAGVIT-v2's LFQ as the paper defines it; "lfq_default" is this project's default (layer norm first)
+    "lfq": {
+        "type": "lfq",
+        "entropy_weight": 0.1,
+        "diversity_gamma": 1.0,
+        "inverse_temperature": 100.0,
+        "layer_norm": False,
+        "entropy_per_position": False,
+    },
+    "lfq_default": {"type": "lfq"},
     "bsq": {"type": "bsq"},
     "kl": {"type": "kl", "kl_weight": 1e-6},
 }
@@ -217,7 +231,7 @@ def test_fsq_agrees_with_vector_quantize_pytorch(vqp) -> None:
 @pytest.mark.parametrize("cls", [LookupFreeQuantizer, BinarySphericalQuantizer])
 def test_bit_quantizers_signs_ids_and_codes(cls: type) -> None:
     c = 6
-    q = cls(c)
+    q = cls(c, **PAPER[cls])
     z = torch.randn(2, 5, c)
     out = q(z)
     scale = 1.0 if cls is LookupFreeQuantizer else 1 / math.sqrt(c)
@@ -229,9 +243,21 @@ def test_bit_quantizers_signs_ids_and_codes(cls: type) -> None:
     assert q.codebook_size == 64 and q.bits_per_token == 6.0
 
 
+def test_lfq_layer_norm_takes_the_sign_of_the_normalised_latent() -> None:
+    q = LookupFreeQuantizer(6)  # the default: layer_norm=True
+    z = torch.randn(3, 4, 6) * 5 + 2  # an offset and a scale the normalisation removes
+    u = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    out = q(z)
+    torch.testing.assert_close(out.latents, u)
+    assert torch.equal(out.indices, sum((u[..., i] > 0).long() << i for i in range(6)))
+    # the encoder's output bias alone can no longer give every latent the same all-+1 code
+    assert int(q(torch.ones(2, 3, 6) + 1e-3 * torch.randn(2, 3, 6)).indices.max()) < 2**6 - 1
+    assert torch.equal(q(z + 7.0).indices, out.indices) and torch.equal(q(3 * z).indices, out.indices)
+
+
 @pytest.mark.parametrize("cls", [LookupFreeQuantizer, BinarySphericalQuantizer])
 def test_bit_ids_are_a_bijection(cls: type) -> None:
-    q = cls(5)
+    q = cls(5, **PAPER[cls])
     ids = torch.arange(32)
     codes = q.indices_to_codes(ids)
     assert len({tuple(x.tolist()) for x in codes}) == 32
@@ -260,11 +286,8 @@ def _bsq_logits(tau: float, c: int):
 @pytest.mark.parametrize("kind", ["lfq", "bsq"])
 def test_entropy_terms_equal_a_sum_over_all_codes(kind: str, c: int) -> None:
     tau = 0.7 if kind == "lfq" else 3.0
-    q = (
-        LookupFreeQuantizer(c, inverse_temperature=tau)
-        if kind == "lfq"
-        else BinarySphericalQuantizer(c, inverse_temperature=tau)
-    )
+    cls = LookupFreeQuantizer if kind == "lfq" else BinarySphericalQuantizer
+    q = cls(c, inverse_temperature=tau, **PAPER[cls])
     logits = _lfq_logits(tau) if kind == "lfq" else _bsq_logits(tau, c)
     z = torch.randn(3, 7, c)
     per_sample, codebook = q.entropy_terms(z)
@@ -287,7 +310,9 @@ def test_entropy_terms_equal_a_sum_over_all_codes(kind: str, c: int) -> None:
 def test_lfq_agrees_with_vector_quantize_pytorch(vqp) -> None:
     c, tau = 6, 0.3
     theirs = vqp.LFQ(dim=c, entropy_loss_weight=1.0, commitment_loss_weight=0.25).train()
-    ours = LookupFreeQuantizer(c, entropy_weight=1.0, inverse_temperature=tau, commitment_weight=0.25).train()
+    ours = LookupFreeQuantizer(
+        c, entropy_weight=1.0, inverse_temperature=tau, commitment_weight=0.25, **PAPER[LookupFreeQuantizer]
+    ).train()
     z = torch.randn(4, 5, c)
     (codes, ids, _), (per_sample, codebook, commit) = theirs(z, inv_temperature=tau, return_loss_breakdown=True)
     out = ours(z)
@@ -305,7 +330,8 @@ def test_lfq_agrees_with_vector_quantize_pytorch(vqp) -> None:
 def test_bsq_agrees_with_spherical_lfq_of_vector_quantize_pytorch(vqp) -> None:
     c, tau = 6, 1.0
     theirs = vqp.LFQ(dim=c, entropy_loss_weight=1.0, spherical=True).train()
-    ours = BinarySphericalQuantizer(c, entropy_weight=1.0, inverse_temperature=tau).train()
+    ours = BinarySphericalQuantizer(c, entropy_weight=1.0, inverse_temperature=tau, **PAPER[BinarySphericalQuantizer])
+    ours = ours.train()
     z = torch.randn(4, 5, c)
     # theirs: softmax(2 tau' u.c) = sigmoid(4 tau' u_d / sqrt(C)) per bit; BSQ-ViT's paper (ours):
     # sigmoid(2 tau u_d / sqrt(C)); so tau' = tau / 2. Their codebook entropy is over all 2^C codes.
@@ -321,7 +347,8 @@ def test_bsq_agrees_with_spherical_lfq_of_vector_quantize_pytorch(vqp) -> None:
 @pytest.mark.parametrize("kind", ["lfq", "bsq"])
 def test_entropy_loss_is_smallest_for_confident_uniform_usage(kind: str) -> None:
     c = 4
-    q = build_quantizer({"type": kind, "entropy_weight": 1.0, "inverse_temperature": 200.0}, c).train()
+    paper = PAPER[LookupFreeQuantizer if kind == "lfq" else BinarySphericalQuantizer]
+    q = build_quantizer({"type": kind, "entropy_weight": 1.0, "inverse_temperature": 200.0, **paper}, c).train()
     signs = 2 * _all_bits(c).float() - 1
     uniform = q(signs[None]).losses["entropy"]
     collapsed = q(signs[:1].repeat(16, 1)[None]).losses["entropy"]
@@ -423,7 +450,7 @@ def test_state_dict_round_trip(name: str) -> None:
     fresh.load_state_dict(q.state_dict(), strict=True)
     a, b = q.eval()(z), fresh.eval()(z)
     assert torch.equal(a.codes, b.codes) and (a.indices is None or torch.equal(a.indices, b.indices))
-    if name in ("fsq", "lfq", "bsq", "kl"):
+    if name in ("fsq", "lfq", "lfq_default", "bsq", "kl"):
         assert q.state_dict() == {}  # nothing learnt: configs alone rebuild them
 
 

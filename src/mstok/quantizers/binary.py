@@ -110,8 +110,18 @@ def _global_mean(sums: torch.Tensor, count: int) -> torch.Tensor:
     return local + (global_mean - local).detach()
 
 
+def _codebook_entropy(probs: torch.Tensor, exact_max_bits: int, group_bits: int) -> torch.Tensor:
+    """(N, C) per-bit P(+1) of N latents -> H(E[q(z)]) (nats), exact or summed over bit groups."""
+    codebook = probs.new_zeros(())
+    for start, stop in bit_groups(probs.shape[-1], exact_max_bits, group_bits):
+        mean = _global_mean(group_code_probs_sum(probs[:, start:stop]), probs.shape[0])
+        # clamped inside the log: an unused code (mean 0) would otherwise give 0 * -inf = nan gradients
+        codebook = codebook - torch.special.xlogy(mean, mean.clamp_min(1e-30)).sum()
+    return codebook
+
+
 def entropy_terms(
-    logits: torch.Tensor, exact_max_bits: int = 16, group_bits: int = 9
+    logits: torch.Tensor, exact_max_bits: int = 16, group_bits: int = 9, per_position: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample and codebook entropies (nats) of factorised bit distributions.
 
@@ -119,19 +129,24 @@ def entropy_terms(
         logits: (..., C) float32; bit d of a latent is +1 with probability sigmoid(logits[..., d]).
         exact_max_bits: the codebook entropy is exact over all 2^C codes up to this many bits.
         group_bits: above that, bits are split into groups of at most this many (see module doc).
+        per_position: for (B, K, C) logits, the codebook entropy is taken over the batch at each
+            of the K token positions, then averaged: a 1D tokenizer's token k has its own learnt
+            query, so the batch-wide entropy is met by K position-specific constant codes that
+            carry nothing about the image; per position it needs the images to differ. Logits
+            without a position axis, (N, C), are one position.
 
     Returns:
         (mean over latents of H(q(z)), H(E[q(z)]) exact or summed over groups), both scalars.
     """
     flat = logits.reshape(-1, logits.shape[-1]).float()
     per_sample = binary_entropy_from_logits(flat).sum(-1).mean()
-    probs = torch.sigmoid(flat)
-    codebook = flat.new_zeros(())
-    for start, stop in bit_groups(flat.shape[-1], exact_max_bits, group_bits):
-        mean = _global_mean(group_code_probs_sum(probs[:, start:stop]), flat.shape[0])
-        # clamped inside the log: an unused code (mean 0) would otherwise give 0 * -inf = nan gradients
-        codebook = codebook - torch.special.xlogy(mean, mean.clamp_min(1e-30)).sum()
-    return per_sample, codebook
+    if not per_position or logits.dim() < 3:
+        return per_sample, _codebook_entropy(torch.sigmoid(flat), exact_max_bits, group_bits)
+    if logits.dim() != 3:
+        raise ValueError(f"per-position entropy needs (B, K, C) logits, got shape {tuple(logits.shape)}")
+    probs = torch.sigmoid(logits.float())  # (B, K, C)
+    codebook = torch.stack([_codebook_entropy(probs[:, k], exact_max_bits, group_bits) for k in range(probs.shape[1])])
+    return per_sample, codebook.mean()
 
 
 def check_bits(name: str, code_dim: int, max_bits: int) -> None:
@@ -160,12 +175,17 @@ class SignQuantizer(Quantizer):
             (None: the subclass's default).
         exact_max_bits: codebook entropy exact over all 2^C codes up to this many bits.
         group_bits: above ``exact_max_bits``, bits are grouped in groups of at most this many.
+        entropy_per_position: the codebook entropy over the batch at each token position,
+            averaged over positions, instead of over all latents at once (see :func:`entropy_terms`).
     """
 
     name: str = "sign"
-    # A subclass's paper defaults for the two settings LFQ and BSQ disagree on (each sets both).
-    default_inverse_temperature: float
+    # A subclass's defaults for the two settings LFQ and BSQ disagree on (each sets both).
     default_commitment_weight: float
+
+    def default_inverse_temperature(self, code_dim: int) -> float:
+        """The inverse temperature when none is given (a subclass's choice)."""
+        raise NotImplementedError
 
     def __init__(
         self,
@@ -176,6 +196,7 @@ class SignQuantizer(Quantizer):
         commitment_weight: float | None = None,
         exact_max_bits: int = 16,
         group_bits: int = 9,
+        entropy_per_position: bool = True,
     ) -> None:
         super().__init__()
         check_bits(self.name, code_dim, MAX_ID_BITS)
@@ -184,11 +205,12 @@ class SignQuantizer(Quantizer):
         self.entropy_weight = entropy_weight
         self.diversity_gamma = diversity_gamma
         self.inverse_temperature = (
-            self.default_inverse_temperature if inverse_temperature is None else inverse_temperature
+            self.default_inverse_temperature(code_dim) if inverse_temperature is None else inverse_temperature
         )
         self.commitment_weight = self.default_commitment_weight if commitment_weight is None else commitment_weight
         self.exact_max_bits = exact_max_bits
         self.group_bits = group_bits
+        self.entropy_per_position = entropy_per_position
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """(B, K, C) float32 latents -> what the sign is taken of (identity here)."""
@@ -207,7 +229,7 @@ class SignQuantizer(Quantizer):
     def entropy_terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, K, C) latents -> (per-sample entropy, codebook entropy), unweighted, in nats."""
         u = self.project(z.float())
-        return entropy_terms(self.logit_scale * u, self.exact_max_bits, self.group_bits)
+        return entropy_terms(self.logit_scale * u, self.exact_max_bits, self.group_bits, self.entropy_per_position)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """z: (B, K, C) -> codes (straight-through), int64 ids, losses; ``latents`` is ``project(z)``.

@@ -35,13 +35,20 @@ class BinarySphericalQuantizer(SignQuantizer):
     """BSQ with V = 2^C codes in {-1/sqrt(C), +1/sqrt(C)}^C (arguments: :class:`SignQuantizer`).
 
     ``latents`` of the output is the normalised ``u``; bit d has the logit
-    ``2 * inverse_temperature * u_d / sqrt(C)``; BSQ-ViT's defaults: inverse temperature 1, no
-    commitment term.
+    ``2 * inverse_temperature * u_d / sqrt(C)``. A typical ``|u_d|`` is ``1 / sqrt(C)``, so the
+    default inverse temperature C gives a typical bit the logit 2 at every C, where the entropy
+    terms have gradients (BSQ-ViT's 1 gives 2 / C: at C = 10 every bit is nearly a fair coin
+    whatever u, and the entropy objective is flat: measured in benchmarks/RESULTS.md, "Binary
+    quantizers that keep their codes"). No commitment term (BSQ-ViT's choice); the codebook
+    entropy per token position (:func:`~mstok.quantizers.binary.entropy_terms`). BSQ-ViT's
+    settings: ``inverse_temperature=1, entropy_per_position=False``.
     """
 
     name = "bsq"
-    default_inverse_temperature = 1.0
     default_commitment_weight = 0.0
+
+    def default_inverse_temperature(self, code_dim: int) -> float:
+        return float(code_dim)
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """Onto the unit sphere: u = z / ||z||."""

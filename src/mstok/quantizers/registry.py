@@ -143,8 +143,8 @@ class FSQSpec(QuantizerSpec):
 
 
 @dataclass
-class LFQSpec(QuantizerSpec):
-    """Lookup-free quantization, C bits per token (:class:`~mstok.quantizers.LookupFreeQuantizer`)."""
+class SignSpec(QuantizerSpec):
+    """What LFQ and BSQ share: C bits per token (:class:`~mstok.quantizers.binary.SignQuantizer`)."""
 
     entropy_weight: float | None = None
     diversity_gamma: float | None = None
@@ -152,9 +152,8 @@ class LFQSpec(QuantizerSpec):
     commitment_weight: float | None = None
     exact_max_bits: int | None = None
     group_bits: int | None = None
+    entropy_per_position: bool | None = None
 
-    kind = "lfq"
-    quantizer_class = LookupFreeQuantizer
     field_rules: ClassVar[dict[str, Rule]] = {
         "entropy_weight": NON_NEGATIVE,
         "diversity_gamma": NON_NEGATIVE,
@@ -175,7 +174,17 @@ class LFQSpec(QuantizerSpec):
 
 
 @dataclass
-class BSQSpec(LFQSpec):
+class LFQSpec(SignSpec):
+    """Lookup-free quantization, C bits per token (:class:`~mstok.quantizers.LookupFreeQuantizer`)."""
+
+    layer_norm: bool | None = None
+
+    kind = "lfq"
+    quantizer_class = LookupFreeQuantizer
+
+
+@dataclass
+class BSQSpec(SignSpec):
     """Binary spherical quantization (:class:`~mstok.quantizers.BinarySphericalQuantizer`)."""
 
     kind = "bsq"
