@@ -1,9 +1,11 @@
 """How fast the tiny tokenizers learn, against a calibration measured in the same run.
 
-Every row trains on the same data stream (35 images per class of tiny-imagenet-64, random
-crops and flips) and is measured with its EMA weights on the same held-out images (one of
-the other 5 per class, never trained on), every ``--val-every`` steps: PSNR and SSIM at fixed
-steps, PSNR at fixed training time, and seconds per step. Three groups of rows:
+Every row trains on the same data stream (the 50,000 Tiny ImageNet training images of
+``tiny-imagenet-64-train``, WebDataset shards, random crops and flips) and is measured with its
+EMA weights on the same held-out images (Tiny ImageNet's validation images in
+``tiny-imagenet-64``, never trained on, spread over the 200 classes), every ``--val-every``
+steps: PSNR and SSIM at fixed steps, PSNR at fixed training time, and seconds per step. Three
+groups of rows:
 
 * **candidates**: ``titok_tiny`` as it was before this study (learned positions, random
   latents, no qk-norm, lr 5e-4), then each candidate fix applied alone to it (sin-cos
@@ -42,16 +44,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mstok.data import ImageFolder, IndexSubset, RandomResizedCropFlip, center_crop_transform
+from mstok.data import ImageFolder, RandomResizedCropFlip, center_crop_transform, open_image_dataset
 from mstok.evaluation.metrics import mean_colour, psnr, ssim
-from mstok.evaluation.probe import split_per_class
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
 from mstok.tokenizers import create_tokenizer
 from mstok.training import Trainer, load_train_config
 from mstok.training.recipes import tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
+DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"  # the held-out images
+TRAIN_DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64-train"  # the training shards
 # The tiny presets before this study: random positions and latents, no qk-norm.
 BEFORE = {"position_embedding": "learned", "latent_init": "random", "attention_init": "random", "qk_norm": False}
 # Today's titok_tiny.toml optimiser before this study (lr 5e-4, warmup 100, betas 0.9/0.99).
@@ -107,17 +109,40 @@ ROWS: dict[str, Row] = {
 GROUPS = ("candidates", "recipe", "calibration")
 
 
-@functools.cache  # a worker process trains several rows: list the folder and decode once
-def _split(data: str, val_count: int) -> tuple[list[int], list[int]]:
-    """Training indices (35 per class) and ``val_count`` held-out indices (from the other 5 per class,
-    spread over the classes)."""
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data`` (the held-out folder) and ``--train-data`` (the training images), shared by the studies."""
+    parser.add_argument("--data", default=str(DATA), help="held-out image folder (tiny-imagenet-64: 200 classes x 40)")
+    parser.add_argument(
+        "--train-data", default=str(TRAIN_DATA), help="training images: shards or a folder (tiny-imagenet-64-train)"
+    )
+
+
+def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A clear parser error when either data folder is missing."""
+    for flag, path in (("--data", args.data), ("--train-data", args.train_data)):
+        if not Path(path).is_dir():
+            parser.error(f"{flag} {path} not found (both Tiny ImageNet folders ship in ../shared/datasets)")
+
+
+@functools.cache  # a worker process trains several rows: list the folder once
+def held_out_indices(data: str, val_count: int) -> list[int]:
+    """``val_count`` indices of the held-out folder, spread over the classes: the first image of
+    every class, then the second of every class, and so on."""
     labels = [label for _, label in ImageFolder(data, center_crop_transform(64)).samples]
-    train_idx, val_idx = (t.tolist() for t in split_per_class(labels, 35, 5, seed=0))
     by_class: dict[int, list[int]] = {}
-    for i in val_idx:
-        by_class.setdefault(labels[i], []).append(i)
-    spread = [i for round_ in range(5) for members in by_class.values() for i in members[round_ : round_ + 1]]
-    return train_idx, spread[:val_count]
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    rounds = max(len(members) for members in by_class.values())
+    spread = [i for r in range(rounds) for members in by_class.values() for i in members[r : r + 1]]
+    if val_count > len(spread):
+        raise ValueError(f"--val-images {val_count}: {data} has only {len(spread)} images")
+    return spread[:val_count]
+
+
+def training_images(train_data: str, transform: Any = None) -> Any:
+    """The training images (shards or a folder) with the study's augmentation (random crops of
+    80-100% of the area and flips) unless ``transform`` is given."""
+    return open_image_dataset(train_data, transform or RandomResizedCropFlip(64, (0.8, 1.0)))
 
 
 @functools.cache
@@ -137,12 +162,49 @@ def toml_value(value: Any) -> str:
 
 
 @torch.no_grad()
-def held_out_usage(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Codebook usage and perplexity of ``model``'s ids on ``images`` (empty for continuous latents)."""
-    if model.vocab_size is None:
+def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> dict[str, float]:
+    """PSNR and SSIM of ``model``'s reconstructions of ``images`` and, for a tokenizer with ids,
+    the fraction of its codebook they use, the code perplexity, and for bit ids (V = 2^C) the mean
+    binary entropy of each bit over the images (bits; 1 = every bit a fair coin)."""
+    model.eval()
+    ids, scores = [], {"psnr": [], "ssim": []}
+    for chunk in images.split(batch):
+        out = model(chunk)
+        if out.reconstruction is not None:  # None: a flow decoder (SemTok stage I) or a proxy-code head
+            scores["psnr"].append(psnr(chunk, out.reconstruction))
+            scores["ssim"].append(ssim(chunk, out.reconstruction))
+        if out.indices is not None:
+            ids.append(out.indices)
+    metrics = {f"final_{k}": float(np.mean([x for part in v for x in part])) for k, v in scores.items() if v}
+    metrics["final_images"] = len(images)
+    if model.vocab_size is None or not ids:
+        return metrics
+    flat = torch.cat(ids).reshape(-1)
+    counts = torch.bincount(flat, minlength=model.vocab_size).double() if model.vocab_size <= 2**20 else None
+    if counts is not None:
+        probs = counts / counts.sum()
+        metrics["usage"] = float((counts > 0).double().mean())
+        metrics["perplexity"] = float(torch.exp(-torch.special.xlogy(probs, probs).sum()))
+    else:  # too many codes to count: distinct ids seen, and the perplexity of the ids seen
+        _, seen = torch.unique(flat, return_counts=True)
+        probs = seen.double() / seen.sum()
+        metrics["usage"] = seen.numel() / model.vocab_size
+        metrics["perplexity"] = float(torch.exp(-torch.special.xlogy(probs, probs).sum()))
+    bits = model.vocab_size.bit_length() - 1
+    if model.vocab_size == 2**bits:
+        p = ((flat[:, None] >> torch.arange(bits)) & 1).double().mean(0)  # (C,) share of ones per bit
+        nats = -torch.special.xlogy(p, p) - torch.special.xlogy(1 - p, 1 - p)
+        metrics["bit_entropy"] = float(nats.mean()) / math.log(2)
+        metrics["bit_entropy_min"] = float(nats.min()) / math.log(2)
+    return metrics
+
+
+def final_metrics(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, float]:
+    """:func:`held_out_metrics` on ``args.final_images`` held-out images (none when 0 or unset)."""
+    count = getattr(args, "final_images", 0)
+    if not count:
         return {}
-    stats = model.eval().quantizer.usage(model.encode(images))
-    return {"usage": float(stats["usage"]), "perplexity": float(stats.get("perplexity", stats.get("batch_perplexity")))}
+    return held_out_metrics(model, held_out_images(args.data, tuple(held_out_indices(args.data, count))))
 
 
 def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None = None, seed: int = 0) -> dict[str, Any]:
@@ -152,7 +214,9 @@ def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None =
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     out = Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
     identity = {"preset": row.preset, "model": row.model, "settings": row.settings, "steps": args.steps,
-                "batch_size": args.batch_size, "val_every": args.val_every, "val_images": args.val_images}  # fmt: skip
+                "batch_size": args.batch_size, "val_every": args.val_every, "val_images": args.val_images,
+                "train_data": Path(args.train_data).name, "held_out": Path(args.data).name,
+                "final_images": getattr(args, "final_images", 0)}  # fmt: skip
     if seed:
         identity["seed"] = seed  # seed 0 leaves the identity (and finished rows) as before
     done = out / "result.json"
@@ -179,15 +243,15 @@ def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None =
         *[f"model.overrides.{k}={toml_value(v)}" for k, v in row.model.items()],
     ]
     config = load_train_config(None, settings)
-    train_idx, val_idx = _split(args.data, args.val_images)
-    train = IndexSubset(ImageFolder(args.data, RandomResizedCropFlip(64, (0.8, 1.0))), train_idx)
-    val_images = held_out_images(args.data, tuple(val_idx))
+    train = training_images(args.train_data)
+    val_images = held_out_images(args.data, tuple(held_out_indices(args.data, args.val_images)))
     trainer = Trainer(config, dataset=train, val_images=val_images, progress=False)
     started = time.perf_counter()
     history = trainer.fit()
     result = {
         "identity": identity,
-        **held_out_usage(trainer.ema.module, val_images),
+        **held_out_metrics(trainer.ema.module, val_images),
+        **final_metrics(trainer.ema.module, args),
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "val": [{k: v for k, v in r.items() if k != "event"} for r in trainer.val_history],
         "loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
@@ -233,8 +297,7 @@ def seeded_name(name: str, seed: int) -> str:
 
 def mean_colour_floor(data: str, val_images: int) -> tuple[float, float]:
     """(PSNR, SSIM) of painting each held-out image in its own mean colour: the floor every row is read against."""
-    _, val_idx = _split(data, val_images)
-    images = held_out_images(data, tuple(val_idx))
+    images = held_out_images(data, tuple(held_out_indices(data, val_images)))
     flat = mean_colour(images)
     return float(np.mean(psnr(images, flat))), float(np.mean(ssim(images, flat)))
 
@@ -299,7 +362,7 @@ def plot(results: dict[str, dict[str, Any]], floor: float, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
+    add_data_arguments(parser)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--val-every", type=int, default=50)
@@ -321,8 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
-    if not Path(args.data).is_dir():
-        parser.error(f"--data {args.data} not found (tiny-imagenet-64 ships in ../shared/datasets)")
+    check_data_arguments(parser, args)
     for name in names:  # fail fast on a bad row, before any training
         create_tokenizer(ROWS[name].preset, **ROWS[name].model)
 

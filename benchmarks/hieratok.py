@@ -51,17 +51,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from convergence import (
     RECIPE_OPTIM,
     Row,
-    _split,
+    add_data_arguments,
     by_row,
+    check_data_arguments,
     held_out_images,
+    held_out_indices,
     mean_colour_floor,
     run_pooled,
     run_row,
+    training_images,
 )
 from quantizers import _cell
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
+DIT_TRAIN_IMAGES = 7000  # as many as the 35 per class the study trained on before the training split
 MULTISCALE = [*RECIPE_OPTIM, "loss.multiscale_weight=1.0"]
 PAPER = {"pyramid": "decoder"}  # K follows the placement: the 8x8 map
 
@@ -102,7 +105,7 @@ def run_with_uniformity(name: str, args: argparse.Namespace, threads: int, seed:
         torch.set_num_threads(max(1, threads))
         out = run_dir(args, name, seed)
         model = load_tokenizer(out).eval()
-        _, val_idx = _split(args.data, args.val_images)
+        val_idx = held_out_indices(args.data, args.val_images)
         stats = latent_uniformity(model, held_out_images(args.data, tuple(val_idx)), seed=0)
         result["uniformity"] = {k: float(stats[k]) for k in ("density_cv", "gini", "normalized_entropy")}
         result["latent_floats"] = model.config.num_latent_tokens * model.config.code_dim
@@ -133,9 +136,12 @@ def run_dit(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]
             saved["samples"] = torch.load(out / "samples.pt", weights_only=True)
             return saved
     tokenizer = load_tokenizer(run_dir(args, name)).eval()
-    train_idx, val_idx = _split(args.data, args.val_images)
+    val_idx = held_out_indices(args.data, args.val_images)
     folder = ImageFolder(args.data, center_crop_transform(64))
-    pretokenize(tokenizer, IndexSubset(folder, train_idx), out / "latents", flip=True, progress=False)
+    # the DiT's data: the first DIT_TRAIN_IMAGES training images (the shards are shuffled across classes)
+    train = training_images(args.train_data, center_crop_transform(64))
+    train = IndexSubset(train, list(range(min(DIT_TRAIN_IMAGES, len(train)))))
+    pretokenize(tokenizer, train, out / "latents", flip=True, progress=False)
     side = tokenizer.config.grid_size
     settings = [
         f"data.path='{out / 'latents'}'", f"out_dir='{out / 'run'}'", f"steps={args.dit_steps}",
@@ -220,8 +226,7 @@ def save_progressive_grid(args: argparse.Namespace, name: str, path: Path, count
     from mstok.demo import image_grid
 
     model = load_tokenizer(run_dir(args, name)).eval()
-    _, val_idx = _split(args.data, args.val_images)
-    images = held_out_images(args.data, tuple(val_idx))[:count]
+    images = held_out_images(args.data, tuple(held_out_indices(args.data, args.val_images)))[:count]
     tokens = model.encode(images)
     size = model.config.image_size
     rows = []
@@ -255,7 +260,7 @@ def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
+    add_data_arguments(parser)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (row names hold no commas)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -278,8 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
-    if not Path(args.data).is_dir():
-        parser.error(f"--data {args.data} not found (tiny-imagenet-64 ships in ../shared/datasets)")
+    check_data_arguments(parser, args)
     for name in names:  # fail fast on a bad row, before any training
         create_tokenizer(ROWS[name].preset, **ROWS[name].model)
 

@@ -64,12 +64,21 @@ from mstok.tokenizers import create_tokenizer, load_tokenizer
 from mstok.tokenizers.semtok import SEMANTIC_TERMS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from convergence import Row, _split, held_out_images, mean_colour_floor, run_pooled, run_row, toml_value
+from convergence import (
+    Row,
+    add_data_arguments,
+    check_data_arguments,
+    held_out_images,
+    held_out_indices,
+    mean_colour_floor,
+    run_pooled,
+    run_row,
+    toml_value,
+)
 from hieratok import run_dir
 from quantizers import CALIBRATION, _cell
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
 STAGE_CONFIGS = (ROOT / "configs" / "semtok_tiny_stage1.toml", ROOT / "configs" / "semtok_tiny_stage2.toml")
 FLOW_STEPS = (1, 4, 16, 50)
 # top-level fields run_row sets itself (or that only a CLI run needs), and the tables it replaces
@@ -200,8 +209,7 @@ def run_evaluated(name: str, row: Row, args: argparse.Namespace, threads: int, s
     if result.get("eval", {}).get("identity") != identity:
         if threads:
             torch.set_num_threads(threads)
-        _, val_idx = _split(args.data, args.val_images)
-        images = held_out_images(args.data, tuple(val_idx))
+        images = held_out_images(args.data, tuple(held_out_indices(args.data, args.val_images)))
         result["eval"] = {"identity": identity, **evaluate(run_dir(args, name, seed), images, FLOW_STEPS)}
         (run_dir(args, name, seed) / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -260,7 +268,7 @@ def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
+    add_data_arguments(parser)
     parser.add_argument("--rows", default=",".join(PIPELINES), help=f"comma-separated, of {', '.join(PIPELINES)}")
     parser.add_argument("--steps1", type=int, default=3000, help="stage-I steps")
     parser.add_argument("--steps2", type=int, default=1000, help="stage-II steps")
@@ -281,8 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         parser.error(f"unknown row(s) {unknown}; known: {', '.join(PIPELINES)}")
     if min(args.steps1, args.steps2, args.seeds, args.val_images) < 1:
         parser.error("--steps1, --steps2, --seeds and --val-images must be >= 1")
-    if not Path(args.data).is_dir():
-        parser.error(f"--data {args.data} not found (tiny-imagenet-64 ships in ../shared/datasets)")
+    check_data_arguments(parser, args)
     for name in names:  # fail fast on a bad row, before any training
         for row in stage_rows(name, args, 0).values():
             create_tokenizer(row.preset, **row.model)

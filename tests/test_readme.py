@@ -1,7 +1,8 @@
 """The README as a newcomer reads it: its tables list every preset and config key, every shell
 command parses, every path a command reads was written by an earlier command (or ships with the
 clone), and the CPU sequences (training, evaluation, generation) run as written, in order, in a
-fresh copy of the configs beside a small stand-in for ``../shared/datasets/tiny-imagenet-64``.
+fresh copy of the configs beside small stand-ins for ``../shared/datasets/tiny-imagenet-64`` and
+``tiny-imagenet-64-train``.
 
 Commands that need what a clone does not have (ImageNet under ``/data``, GPUs via ``torchrun``,
 hub downloads, ``UPPERCASE`` placeholders) are only parsed. The run appends tiny-budget flags
@@ -32,9 +33,10 @@ BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.S)
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")  # DIR, FILE, SRC
 # the arguments a command reads / writes (paths relative to the clone)
 READS = ("--config", "--checkpoint", "--data", "--generator", "--tokenizer", "--reference", "--generated", "--train")
+READS += ("--model", "--val-data", "--feature-net")  # mstok reference train/eval, mstok eval --feature-net
 WRITES = ("--out", "--out-dir")
 # config keys that name inputs, and the key of the run folder
-CONFIG_READS = (("data", "path"), ("proxy", "checkpoint"), ("model", "init_from"), ("tokenizer",))
+CONFIG_READS = (("data", "path"), ("data", "val_path"), ("proxy", "checkpoint"), ("model", "init_from"), ("tokenizer",))
 
 
 def shell_blocks() -> list[list[str]]:
@@ -182,6 +184,8 @@ TINY = {
     "eval": ["--no-progress", "--no-download", "--num-workers", "0", "--fid-method", "eigh"],
     "pretokenize": ["--no-progress", "--workers", "0", "--device", "cpu"],
     "sample": ["--no-progress", "--device", "cpu"],
+    "reference train": ["--no-progress", "--steps", "2", "--batch-size", "2", "--threads", "1"],
+    "reference eval": ["--no-progress"],
 }
 
 
@@ -208,11 +212,14 @@ def test_readme_sequences_run_in_order_on_a_fresh_clone(tmp_path: Path, monkeypa
     clone = tmp_path / "clone"
     shutil.copytree(REPO / "configs", clone / "configs")
     _stand_in_dataset(tmp_path / "shared" / "datasets" / "tiny-imagenet-64")
+    # the training split as a folder: the configs read shards or a folder alike (open_image_dataset)
+    _stand_in_dataset(tmp_path / "shared" / "datasets" / "tiny-imagenet-64-train")
     _random_inception_cache(tmp_path / "cache")
     monkeypatch.setenv("MSTOK_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(clone)
     for argv in runnable_commands():
-        code = cli.main([*argv, *TINY.get(argv[0], [])])
+        flags = TINY.get(" ".join(argv[:2]), TINY.get(argv[0], []))  # "reference train" has its own
+        code = cli.main([*argv, *flags])
         assert code == 0, f"README command failed: mstok {shlex.join(argv)}"
     # the Python snippet of "Generation" runs on what the commands made
     snippet = next(body for kind, body in BLOCK.findall(README) if kind == "python" and "runs/maskgit_tiny" in body)
