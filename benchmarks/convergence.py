@@ -107,6 +107,7 @@ ROWS: dict[str, Row] = {
     "conv AE VQ 8x8 V=32 (320 bits)": Row("calibration", "convae_tiny", {}, RECIPE_OPTIM),
 }
 GROUPS = ("candidates", "recipe", "calibration")
+LOGGED_TERMS = ("l1", "mse", "entropy", "commitment", "codebook", "usage", "perplexity")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -255,6 +256,8 @@ def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None =
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "val": [{k: v for k, v in r.items() if k != "event"} for r in trainer.val_history],
         "loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        # the loss terms as logged (reconstruction and the quantizer's own terms), for diagnoses
+        "terms": [{k: h[k] for k in ("step", *LOGGED_TERMS) if k in h} for h in history if "loss" in h],
         "seconds_per_step": trainer.train_seconds / args.steps,
         "wall_seconds": time.perf_counter() - started,
     }

@@ -282,3 +282,20 @@ def test_quantizers_benchmark_end_to_end(tmp_path, tiny_imagenet):
     assert "| titok: FSQ 8-5-5-5 | 9.97 |" in text and " ± " in text and "| each image in its mean colour |" in text
     with pytest.raises(SystemExit):
         quantizers.main([*argv, "--rows", "FSQ 8,5"])
+
+
+def test_quantizer_diagnosis_end_to_end(tmp_path, tiny_imagenet):
+    diagnosis = _load("quantizer_diagnosis")
+    argv = ["--data", str(tiny_imagenet), "--steps", "2", "--images", "16", "--jobs", "1", "--threads", "1"]
+    argv += ["--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "R.md")]
+    names = list(diagnosis.ROWS)
+    assert not [name for name in names if "," in name]  # --rows is comma-separated
+    with pytest.raises(SystemExit):  # an unknown row fails before any training
+        diagnosis.main([*argv, "--rows", "BSQ"])
+    results = diagnosis.main([*argv, "--rows", ",".join(names[i] for i in (1, 7))])
+    assert list(results) == [names[1], names[7]]
+    for result in results.values():
+        assert 0 <= result["position_bit_entropy"] <= 1 and 0 < result["usage"] <= 1
+        assert result["within_position_std"] >= 0 and result["terms"] and "entropy" in result["terms"][-1]
+    text = (tmp_path / "R.md").read_text()
+    assert "## Binary quantizers that keep their codes: diagnosis" in text and f"| {names[1]} |" in text
