@@ -200,6 +200,12 @@ def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 
     return metrics
 
 
+def run_dir(args: argparse.Namespace, name: str, seed: int = 0) -> Path:
+    """Where :func:`run_row` trains row ``name`` with ``seed`` (under ``args.work_dir``)."""
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    return Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
+
+
 def final_metrics(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, float]:
     """:func:`held_out_metrics` on ``args.final_images`` held-out images (none when 0 or unset)."""
     count = getattr(args, "final_images", 0)
@@ -212,8 +218,7 @@ def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None =
     """Train one row (``ROWS[name]`` unless ``row`` is given) with ``seed``, or reuse a finished
     one; return its val history, timings and the held-out codebook usage of its EMA weights."""
     row = ROWS[name] if row is None else row
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-    out = Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
+    out = run_dir(args, name, seed)
     identity = {"preset": row.preset, "model": row.model, "settings": row.settings, "steps": args.steps,
                 "batch_size": args.batch_size, "val_every": args.val_every, "val_images": args.val_images,
                 "train_data": Path(args.train_data).name, "held_out": Path(args.data).name,

@@ -57,6 +57,7 @@ from convergence import (
     held_out_images,
     held_out_indices,
     mean_colour_floor,
+    run_dir,
     run_pooled,
     run_row,
     training_images,
@@ -86,12 +87,6 @@ ROWS: dict[str, Row] = {
 DIT_ROWS = ("single-scale (8)", "multi-scale conv scale-causal")  # both: an 8x8 grid of 6 floats
 DIT_CONFIG = ROOT / "configs" / "dit_tiny.toml"
 GRID_CLASSES = 8  # sample grid: this many classes, two samples each
-
-
-def run_dir(args: argparse.Namespace, name: str, seed: int = 0) -> Path:
-    """Where :func:`run_row` trains row ``name`` with ``seed``."""
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-    return Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
 
 
 def run_with_uniformity(name: str, args: argparse.Namespace, threads: int, seed: int) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from convergence import (
     held_out_images,
     held_out_indices,
     held_out_metrics,
+    run_dir,
     run_pooled,
     run_row,
     seeded_name,
@@ -72,12 +73,6 @@ ROWS: dict[str, Row] = {
     ),
     "LFQ + per-position + layer norm + tau 0.5 + no commitment (defaults)": _row("lfq"),
 }
-
-
-def run_dir(args: argparse.Namespace, name: str, seed: int = 0) -> Path:
-    """Where :func:`run_row` trains row ``name`` (its naming rule)."""
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-    return Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
 
 
 @torch.no_grad()

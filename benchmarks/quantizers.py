@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
-from mstok.tokenizers import create_tokenizer
+from mstok.tokenizers import create_tokenizer, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script convergence.py
 from convergence import (
@@ -42,7 +42,10 @@ from convergence import (
     add_data_arguments,
     by_row,
     check_data_arguments,
+    held_out_images,
+    held_out_indices,
     mean_colour_floor,
+    run_dir,
     run_pooled,
     run_row,
 )
@@ -120,6 +123,24 @@ def table(rows: dict[str, Row], results: dict[str, list[dict[str, Any]]], floor:
     return "\n".join(lines)
 
 
+GRID_IMAGES = 10  # held-out images in the reconstruction grid: one of each of the first classes
+
+
+def write_grid(rows: dict[str, Row], args: argparse.Namespace, path: Path) -> None:
+    """Seed 0's EMA reconstructions of the first held-out images, one row per run, the originals on top."""
+    import torch
+
+    from mstok.demo import image_grid
+
+    images = held_out_images(args.data, tuple(held_out_indices(args.data, GRID_IMAGES)))
+    lines = [("held-out", images)]
+    with torch.no_grad():
+        for name in rows:
+            model = load_tokenizer(run_dir(args, name)).eval()
+            lines.append((name.split(": ", 1)[-1][:11], model(images).reconstruction.clamp(0, 1)))
+    image_grid(lines).save(path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser)
@@ -135,7 +156,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--threads", type=int, default=0, help="threads per run with --jobs 1 (0 = auto)")
     parser.add_argument("--work-dir", default="runs/quantizers")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
+    parser.add_argument("--no-append", action="store_true", help="print only; do not write --out or --grid")
+    parser.add_argument(
+        "--grid", default=str(ROOT / "benchmarks" / "quantizers_grid.png"), help="held-out reconstructions (PNG)"
+    )
     parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
     parser.add_argument(
         "--no-calibration", action="store_true", help="leave out the conv autoencoder row (mean colour stays)"
@@ -173,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             f"({threads or 'auto'} thread(s) each); "
             f"{minutes:.0f} min in all (reused runs count 0); {load_summary(loads)}.",
         ]
+        write_grid(rows, args, Path(args.grid))
+        notes.append(f"Held-out reconstructions (seed 0, first row the originals): `{Path(args.grid).name}`.")
         section = results_section("Quantizers at equal bits", command_line(__file__, argv), "cpu", [text], notes)
         append_section(args.out, section)
     return results

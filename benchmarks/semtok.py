@@ -71,11 +71,11 @@ from convergence import (
     held_out_images,
     held_out_indices,
     mean_colour_floor,
+    run_dir,
     run_pooled,
     run_row,
     toml_value,
 )
-from hieratok import run_dir
 from quantizers import CALIBRATION, _cell
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -271,7 +271,7 @@ def test_quantizers_benchmark_end_to_end(tmp_path, tiny_imagenet):
     assert not [name for name in quantizers.BOTTLENECKS if "," in name]  # --rows is comma-separated
     argv = ["--data", str(tiny_imagenet), "--steps", "2", "--val-every", "2", "--val-images", "8", "--jobs", "1"]
     argv += ["--threads", "1", "--seeds", "2", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "R.md")]
-    argv += ["--final-images", "16"]
+    argv += ["--final-images", "16", "--grid", str(tmp_path / "grid.png")]
     results = quantizers.main([*argv, "--rows", "FSQ 8-5-5-5,KL C=12 (continuous)"])
     assert list(results) == ["titok: FSQ 8-5-5-5", "titok: KL C=12 (continuous)", "conv AE VQ 8x8 V=32 (320 bits)"]
     fsq = results["titok: FSQ 8-5-5-5"]
@@ -280,6 +280,7 @@ def test_quantizers_benchmark_end_to_end(tmp_path, tiny_imagenet):
     assert "usage" not in results["titok: KL C=12 (continuous)"][0]  # continuous: no ids
     text = (tmp_path / "R.md").read_text()
     assert "| titok: FSQ 8-5-5-5 | 9.97 |" in text and " ± " in text and "| each image in its mean colour |" in text
+    assert (tmp_path / "grid.png").stat().st_size > 1000 and "grid.png" in text
     with pytest.raises(SystemExit):
         quantizers.main([*argv, "--rows", "FSQ 8,5"])
 

@@ -42,7 +42,7 @@ from mstok.config_schema import MAX_CODEBOOK, MAX_DEPTH, MAX_IMAGE_SIZE, MAX_WID
 from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
 from mstok.data.images import no_readable_image
 from mstok.saved import ConfigDict, SavedModel
-from mstok.tokenizers.contract import _check_finite
+from mstok.tokenizers.contract import check_images
 
 NAME = "reference network"
 # ImageNet's channel statistics: Tiny ImageNet is a subset of it
@@ -157,17 +157,8 @@ class ReferenceNet(nn.Module, SavedModel):
 
     def _prepare(self, images: Any) -> torch.Tensor:
         """Checked, resized, normalised images in the parameters' dtype and memory format."""
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if not images.is_floating_point():
-            raise ValueError(
-                f"images must be a float tensor in [0, 1], got dtype {images.dtype} "
-                "(for uint8 images divide by 255: images.float() / 255)"
-            )
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-        if images.numel() and images.device.type == "cpu":  # on an accelerator the check would sync every batch
-            _check_finite(images)
+        # any size: the network resizes to its own; the NaN check runs on the CPU only (no device sync)
+        images = check_images(images, None, check_values=False)
         param = self.head.weight
         images = images.to(param.device, param.dtype)
         size = self.config.image_size

@@ -87,9 +87,10 @@ def _check_finite(images: torch.Tensor) -> None:
 
 
 def check_images(
-    images: Any, image_size: int, check_values: bool = True, dtype: torch.dtype | None = None
+    images: Any, image_size: int | None, check_values: bool = True, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Validate a batch of images: float (B, 3, image_size, image_size) in [0, 1].
+    """Validate a batch of images: float (B, 3, image_size, image_size) in [0, 1] (any H, W when
+    ``image_size`` is None).
 
     Shared by every model that takes images (tokenizers and the proxy VQGAN), so they all
     reject bad input with the same messages. Integer images (uint8 ...) are refused rather
@@ -110,7 +111,7 @@ def check_images(
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     if images.shape[1] != 3:
         raise ValueError(f"images must have 3 channels (RGB), got {images.shape[1]} in shape {tuple(images.shape)}")
-    if tuple(images.shape[2:]) != (image_size, image_size):
+    if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
         raise ValueError(
             f"this tokenizer takes {image_size}x{image_size} images, got "
             f"{images.shape[2]}x{images.shape[3]}; resize or crop first"
