@@ -165,7 +165,7 @@ def toml_value(value: Any) -> str:
 @torch.no_grad()
 def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> dict[str, float]:
     """PSNR and SSIM of ``model``'s reconstructions of ``images`` and, for a tokenizer with ids,
-    the fraction of its codebook they use, the code perplexity, and for bit ids (V = 2^C) the mean
+    the fraction of its codebook they use, the code perplexity, and for bit ids (LFQ, BSQ) the mean
     binary entropy of each bit over the images (bits; 1 = every bit a fair coin)."""
     model.eval()
     ids, scores = [], {"psnr": [], "ssim": []}
@@ -192,7 +192,7 @@ def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 
         metrics["usage"] = seen.numel() / model.vocab_size
         metrics["perplexity"] = float(torch.exp(-torch.special.xlogy(probs, probs).sum()))
     bits = model.vocab_size.bit_length() - 1
-    if model.vocab_size == 2**bits:
+    if model.config.quantizer_spec().kind in ("lfq", "bsq"):  # bit ids (a VQ id's bits mean nothing)
         p = ((flat[:, None] >> torch.arange(bits)) & 1).double().mean(0)  # (C,) share of ones per bit
         nats = -torch.special.xlogy(p, p) - torch.special.xlogy(1 - p, 1 - p)
         metrics["bit_entropy"] = float(nats.mean()) / math.log(2)

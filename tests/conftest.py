@@ -29,6 +29,12 @@ def tiny_imagenet() -> Path:
     return _dataset("tiny-imagenet-64")
 
 
+@pytest.fixture
+def tiny_imagenet_train() -> Path:
+    """``../shared/datasets/tiny-imagenet-64-train``: 50,000 training images as ten WebDataset shards."""
+    return _dataset("tiny-imagenet-64-train")
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)

@@ -109,6 +109,7 @@ def _train_command(out: Path, data: Path) -> list[str]:
         "loss.gan_start_step=1",
         "discriminator.base_channels=8",
         f"data.path='{data}'",
+        "data.val_path=''",  # this folder alone, not the shipped validation set
         f"out_dir='{out}'",
     ]
 
