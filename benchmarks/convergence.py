@@ -125,6 +125,22 @@ def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error(f"{flag} {path} not found (both Tiny ImageNet folders ship in ../shared/datasets)")
 
 
+def checked_rows(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, rows: dict[str, Row], default: list[str]
+) -> list[str]:
+    """The rows ``--rows`` names (comma-separated; ``default`` when empty), after checking that each
+    is known, that the data folders exist, and that each row's model builds: every bad input fails
+    here, before any training."""
+    names = [n.strip() for n in args.rows.split(",") if n.strip()] or default
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; known: {', '.join(rows)}")
+    check_data_arguments(parser, args)
+    for name in names:
+        create_tokenizer(rows[name].preset, **rows[name].model)
+    return names
+
+
 @functools.cache  # a worker process trains several rows: list the folder once
 def held_out_indices(data: str, val_count: int) -> list[int]:
     """``val_count`` indices of the held-out folder, spread over the classes: the first image of
@@ -388,13 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--fresh", action="store_true", help="retrain finished rows")
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-    names = [n.strip() for n in args.rows.split(",") if n.strip()] or [n for n, r in ROWS.items() if r.group in groups]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        parser.error(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
-    check_data_arguments(parser, args)
-    for name in names:  # fail fast on a bad row, before any training
-        create_tokenizer(ROWS[name].preset, **ROWS[name].model)
+    names = checked_rows(parser, args, ROWS, [n for n, r in ROWS.items() if r.group in groups])
 
     loads, started = [load_1min()], time.perf_counter()
     threads = 1 if args.jobs > 1 else args.threads

@@ -45,7 +45,7 @@ from typing import Any
 
 from mstok.data import ImageFolder, IndexSubset, center_crop_transform
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
-from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.tokenizers import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from convergence import (
@@ -53,7 +53,7 @@ from convergence import (
     Row,
     add_data_arguments,
     by_row,
-    check_data_arguments,
+    checked_rows,
     held_out_images,
     held_out_indices,
     mean_colour_floor,
@@ -274,13 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     args = parser.parse_args(argv)
     if args.dit_steps > 0 and not 1 <= args.dit_every <= args.dit_steps:
         parser.error(f"--dit-every must be in [1, --dit-steps = {args.dit_steps}], got {args.dit_every}")
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        parser.error(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
-    check_data_arguments(parser, args)
-    for name in names:  # fail fast on a bad row, before any training
-        create_tokenizer(ROWS[name].preset, **ROWS[name].model)
+    names = checked_rows(parser, args, ROWS, list(ROWS))
 
     loads, started = [load_1min()], time.perf_counter()
     threads = 1 if args.jobs > 1 else args.threads

@@ -30,14 +30,14 @@ from typing import Any
 import torch
 
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
-from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.tokenizers import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from convergence import (
     RECIPE_OPTIM,
     Row,
     add_data_arguments,
-    check_data_arguments,
+    checked_rows,
     held_out_images,
     held_out_indices,
     held_out_metrics,
@@ -148,13 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
     args = parser.parse_args(argv)
     args.val_every, args.val_images = args.steps, 64  # run_row validates once, at the end
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        parser.error(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
-    check_data_arguments(parser, args)
-    for name in names:  # fail fast on a bad row, before any training
-        create_tokenizer(ROWS[name].preset, **ROWS[name].model)
+    names = checked_rows(parser, args, ROWS, list(ROWS))
 
     loads, started = [load_1min()], time.perf_counter()
     threads = 1 if args.jobs > 1 else args.threads
