@@ -73,11 +73,19 @@ def test_half_precision_codebook_is_searched_in_float32() -> None:
 
 
 # ---------------------------------------------------------------- the quantizer zoo (docs/MUTATION.md)
-def test_bit_quantizers_keep_their_papers_defaults() -> None:
-    # BSQ (SemTok eq. 3-4, BSQ-ViT): temperature 1, no commitment term; LFQ (MAGVIT-v2): 100 and 0.25.
+def test_bit_quantizers_keep_their_defaults() -> None:
+    # the measured defaults (lfq.py, bsq.py; RESULTS.md "Binary quantizers that keep their codes"):
+    # BSQ inverse temperature C, no commitment; LFQ 0.5 on a layer-normalised latent, no commitment;
+    # both with the codebook entropy per token position
     bsq, lfq = BinarySphericalQuantizer(8), LookupFreeQuantizer(8)
-    assert (bsq.inverse_temperature, bsq.commitment_weight) == (1.0, 0.0)
-    assert (lfq.inverse_temperature, lfq.commitment_weight) == (100.0, 0.25)
+    assert (bsq.inverse_temperature, bsq.commitment_weight, bsq.entropy_per_position) == (8.0, 0.0, True)
+    assert BinarySphericalQuantizer(18).inverse_temperature == 18.0
+    assert (lfq.inverse_temperature, lfq.commitment_weight, lfq.entropy_per_position, lfq.layer_norm) == (
+        0.5,
+        0.0,
+        True,
+        True,
+    )
     out = bsq(torch.randn(2, 4, 8))
     assert float(out.losses.get("commitment", torch.zeros(()))) == 0.0
 
