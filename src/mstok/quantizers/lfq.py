@@ -47,7 +47,9 @@ class LookupFreeQuantizer(SignQuantizer):
     Args:
         layer_norm: normalise each latent over its C channels (zero mean, unit variance, no
             learnt affine) before the sign, the non-affine normalisation MAGVIT-v2's authors
-            advise for LFQ: it fixes the scale the temperature is read against.
+            advise for LFQ: it fixes the scale the temperature is read against. A normalised
+            latent has zero mean over its channels, so the all-+1 code is never produced and the
+            all-(-1) code only from a constant latent (ids and ``indices_to_codes`` unchanged).
     """
 
     name = "lfq"
