@@ -178,11 +178,18 @@ def toml_value(value: Any) -> str:
     return json.dumps(value)  # strings, numbers and booleans are written alike in JSON and TOML
 
 
+def bit_entropies(ids: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, ...) int64 bit ids (LFQ, BSQ) -> (..., C) the binary entropy of each bit over the N ids,
+    in bits: 1 = a fair coin, 0 = the same value for every id."""
+    p = ((ids[..., None] >> torch.arange(bits)) & 1).double().mean(0)  # share of ones
+    return (-torch.special.xlogy(p, p) - torch.special.xlogy(1 - p, 1 - p)) / math.log(2)
+
+
 @torch.no_grad()
 def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> dict[str, float]:
     """PSNR and SSIM of ``model``'s reconstructions of ``images`` and, for a tokenizer with ids,
-    the fraction of its codebook they use, the code perplexity, and for bit ids (LFQ, BSQ) the mean
-    binary entropy of each bit over the images (bits; 1 = every bit a fair coin)."""
+    the quantizer's usage statistics of them (the fraction of the codebook used, the code
+    perplexity) and for bit ids (LFQ, BSQ) the mean and least binary entropy of a bit."""
     model.eval()
     ids, scores = [], {"psnr": [], "ssim": []}
     for chunk in images.split(batch):
@@ -197,22 +204,12 @@ def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 
     if model.vocab_size is None or not ids:
         return metrics
     flat = torch.cat(ids).reshape(-1)
-    counts = torch.bincount(flat, minlength=model.vocab_size).double() if model.vocab_size <= 2**20 else None
-    if counts is not None:
-        probs = counts / counts.sum()
-        metrics["usage"] = float((counts > 0).double().mean())
-        metrics["perplexity"] = float(torch.exp(-torch.special.xlogy(probs, probs).sum()))
-    else:  # too many codes to count: distinct ids seen, and the perplexity of the ids seen
-        _, seen = torch.unique(flat, return_counts=True)
-        probs = seen.double() / seen.sum()
-        metrics["usage"] = seen.numel() / model.vocab_size
-        metrics["perplexity"] = float(torch.exp(-torch.special.xlogy(probs, probs).sum()))
-    bits = model.vocab_size.bit_length() - 1
+    stats = model.quantizer.usage(flat)  # exact counts up to 2^20 codes; distinct ids / V above
+    metrics["usage"] = float(stats["usage"])
+    metrics["perplexity"] = float(stats.get("perplexity", stats.get("batch_perplexity")))
     if model.config.quantizer_spec().kind in ("lfq", "bsq"):  # bit ids (a VQ id's bits mean nothing)
-        p = ((flat[:, None] >> torch.arange(bits)) & 1).double().mean(0)  # (C,) share of ones per bit
-        nats = -torch.special.xlogy(p, p) - torch.special.xlogy(1 - p, 1 - p)
-        metrics["bit_entropy"] = float(nats.mean()) / math.log(2)
-        metrics["bit_entropy_min"] = float(nats.min()) / math.log(2)
+        entropies = bit_entropies(flat, model.config.code_dim)
+        metrics["bit_entropy"], metrics["bit_entropy_min"] = float(entropies.mean()), float(entropies.min())
     return metrics
 
 
@@ -220,14 +217,6 @@ def run_dir(args: argparse.Namespace, name: str, seed: int = 0) -> Path:
     """Where :func:`run_row` trains row ``name`` with ``seed`` (under ``args.work_dir``)."""
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     return Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
-
-
-def final_metrics(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, float]:
-    """:func:`held_out_metrics` on ``args.final_images`` held-out images (none when 0 or unset)."""
-    count = getattr(args, "final_images", 0)
-    if not count:
-        return {}
-    return held_out_metrics(model, held_out_images(args.data, tuple(held_out_indices(args.data, count))))
 
 
 def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None = None, seed: int = 0) -> dict[str, Any]:
@@ -267,13 +256,16 @@ def run_row(name: str, args: argparse.Namespace, threads: int, row: Row | None =
     config = load_train_config(None, settings)
     train = training_images(args.train_data)
     val_images = held_out_images(args.data, tuple(held_out_indices(args.data, args.val_images)))
+    final_count = getattr(args, "final_images", 0)  # 0: measure the validation images
+    measured = (
+        held_out_images(args.data, tuple(held_out_indices(args.data, final_count))) if final_count else val_images
+    )
     trainer = Trainer(config, dataset=train, val_images=val_images, progress=False)
     started = time.perf_counter()
     history = trainer.fit()
     result = {
         "identity": identity,
-        **held_out_metrics(trainer.ema.module, val_images),
-        **final_metrics(trainer.ema.module, args),
+        **held_out_metrics(trainer.ema.module, measured),
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "val": [{k: v for k, v in r.items() if k != "event"} for r in trainer.val_history],
         "loss": [[h["step"], h["loss"]] for h in history if "loss" in h],

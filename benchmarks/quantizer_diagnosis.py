@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,10 +36,10 @@ from convergence import (
     RECIPE_OPTIM,
     Row,
     add_data_arguments,
+    bit_entropies,
     checked_rows,
     held_out_images,
     held_out_indices,
-    held_out_metrics,
     run_dir,
     run_pooled,
     run_row,
@@ -85,21 +84,19 @@ def latent_statistics(model: torch.nn.Module, images: torch.Tensor) -> dict[str,
         "within_position_std": float(latents.std(0).mean()),  # spread over images per (k, d)
     }
     if out.indices is not None and model.vocab_size == 2**BITS:
-        bits = ((out.indices[..., None] >> torch.arange(BITS)) & 1).double()  # (N, K, C)
-        p = bits.mean(0)  # (K, C) share of ones of bit d at position k
-        nats = -torch.special.xlogy(p, p) - torch.special.xlogy(1 - p, 1 - p)
-        stats["position_bit_entropy"] = float(nats.mean()) / math.log(2)
+        stats["position_bit_entropy"] = float(bit_entropies(out.indices, BITS).mean())  # (K, C) averaged
     return stats
 
 
 def run_diagnosed(name: str, args: argparse.Namespace, threads: int, seed: int) -> dict[str, Any]:
-    """Train (or reuse) row ``name``, then measure it on ``args.images`` held-out images."""
+    """Train (or reuse) row ``name`` (measured on ``args.images`` held-out images by
+    :func:`run_row`), then add the statistics of its latents on the same images."""
     result = run_row(name, args, threads, ROWS[name], seed)
     if threads:
         torch.set_num_threads(threads)
     images = held_out_images(args.data, tuple(held_out_indices(args.data, args.images)))
     model = load_tokenizer(run_dir(args, name, seed)).eval()
-    return {**result, **held_out_metrics(model, images), **latent_statistics(model, images)}
+    return {**result, **latent_statistics(model, images)}
 
 
 def _terms_at(result: dict[str, Any], step: int) -> str:
@@ -148,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
     args = parser.parse_args(argv)
     args.val_every, args.val_images = args.steps, 64  # run_row validates once, at the end
+    args.final_images = args.images  # and measures the EMA weights on these
     names = checked_rows(parser, args, ROWS, list(ROWS))
 
     loads, started = [load_1min()], time.perf_counter()

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from convergence import (
     Row,
     add_data_arguments,
+    bit_entropies,
     check_data_arguments,
     held_out_images,
     held_out_indices,
@@ -165,9 +165,7 @@ def token_stats(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float | 
     of the bits over the held-out ids (bits; 1 = every bit a fair coin)."""
     stats: dict[str, float | None] = {"usage": torch.unique(ids).numel() / ids.numel(), "bit_entropy": None}
     if model.config.quantizer_spec().kind == "bsq":
-        p = (model.tokens_to_codes(ids) > 0).double().mean(dim=(0, 1))  # (C,) share of +1 per bit
-        nats = -torch.special.xlogy(p, p) - torch.special.xlogy(1 - p, 1 - p)  # (C,)
-        stats["bit_entropy"] = float(nats.mean()) / math.log(2)
+        stats["bit_entropy"] = float(bit_entropies(ids.reshape(-1), model.config.code_dim).mean())
     return stats
 
 
