@@ -75,22 +75,23 @@ def bit_groups(num_bits: int, exact_max_bits: int, group_bits: int) -> list[tupl
 
 
 def group_code_probs_sum(p: torch.Tensor) -> torch.Tensor:
-    """(N, G) per-bit P(+1) -> (2^G,) the sum over N of each code's probability.
+    """(..., N, G) per-bit P(+1) -> (..., 2^G) the sum over N of each code's probability.
 
     Code c (bit i of c = bit i of the group) has probability prod_i p_i^{c_i} (1 - p_i)^{1 - c_i};
-    built bit by bit as an outer product, over chunks of latents so memory is bounded.
+    built bit by bit as an outer product, over chunks of latents so memory is bounded (leading
+    dimensions, e.g. token positions, count towards the chunk).
     """
-    n, g = p.shape
-    chunk = max(1, CHUNK_ELEMENTS >> g)
-    total = p.new_zeros(2**g)
+    *lead, n, g = p.shape
+    chunk = max(1, CHUNK_ELEMENTS // (math.prod(lead) << g))
+    total = p.new_zeros(*lead, 2**g)
     for start in range(0, n, chunk):
-        part = p[start : start + chunk]
-        probs = part.new_ones(part.shape[0], 1)
+        part = p[..., start : start + chunk, :]
+        probs = part.new_ones(*part.shape[:-1], 1)
         for i in range(g):
             # new bit i is the most significant so far: codes [0, 2^i) have it 0, [2^i, 2^(i+1)) have it 1
-            pi = part[:, i : i + 1]
-            probs = torch.cat([probs * (1 - pi), probs * pi], dim=1)
-        total = total + probs.sum(0)
+            pi = part[..., i : i + 1]
+            probs = torch.cat([probs * (1 - pi), probs * pi], dim=-1)
+        total = total + probs.sum(-2)
     return total
 
 
@@ -104,19 +105,19 @@ def _global_mean(sums: torch.Tensor, count: int) -> torch.Tensor:
     local = sums / count
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    packed = torch.cat([sums.detach(), sums.new_tensor([float(count)])])
+    packed = torch.cat([sums.detach().reshape(-1), sums.new_tensor([float(count)])])
     dist.all_reduce(packed)
-    global_mean = packed[:-1] / packed[-1]
+    global_mean = (packed[:-1] / packed[-1]).reshape(sums.shape)
     return local + (global_mean - local).detach()
 
 
 def _codebook_entropy(probs: torch.Tensor, exact_max_bits: int, group_bits: int) -> torch.Tensor:
-    """(N, C) per-bit P(+1) of N latents -> H(E[q(z)]) (nats), exact or summed over bit groups."""
-    codebook = probs.new_zeros(())
+    """(..., N, C) per-bit P(+1) of N latents -> (...) H(E[q(z)]) (nats), exact or summed over bit groups."""
+    codebook = probs.new_zeros(probs.shape[:-2])
     for start, stop in bit_groups(probs.shape[-1], exact_max_bits, group_bits):
-        mean = _global_mean(group_code_probs_sum(probs[:, start:stop]), probs.shape[0])
+        mean = _global_mean(group_code_probs_sum(probs[..., start:stop]), probs.shape[-2])
         # clamped inside the log: an unused code (mean 0) would otherwise give 0 * -inf = nan gradients
-        codebook = codebook - torch.special.xlogy(mean, mean.clamp_min(1e-30)).sum()
+        codebook = codebook - torch.special.xlogy(mean, mean.clamp_min(1e-30)).sum(-1)
     return codebook
 
 
@@ -144,9 +145,8 @@ def entropy_terms(
         return per_sample, _codebook_entropy(torch.sigmoid(flat), exact_max_bits, group_bits)
     if logits.dim() != 3:
         raise ValueError(f"per-position entropy needs (B, K, C) logits, got shape {tuple(logits.shape)}")
-    probs = torch.sigmoid(logits.float())  # (B, K, C)
-    codebook = torch.stack([_codebook_entropy(probs[:, k], exact_max_bits, group_bits) for k in range(probs.shape[1])])
-    return per_sample, codebook.mean()
+    probs = torch.sigmoid(logits.float()).transpose(0, 1)  # (K, B, C): each position's own batch
+    return per_sample, _codebook_entropy(probs, exact_max_bits, group_bits).mean()
 
 
 def check_bits(name: str, code_dim: int, max_bits: int) -> None:
