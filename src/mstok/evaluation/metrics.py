@@ -95,3 +95,10 @@ def save_usage_histogram(counts: torch.Tensor, path: str | Path, title: str = ""
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """How many rows of ``logits`` (B, classes) have their label among their ``k`` largest entries
+    (``k`` capped at the class count)."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (B, k)
+    return int((top == labels[:, None]).any(dim=1).sum())

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
+from mstok.evaluation.metrics import topk_correct
 from mstok.tokenizers.registry import load_tokenizer
 from mstok.training.distributed import resolve_device
 from mstok.weights import locate_model
@@ -200,8 +201,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of rows whose label is among the ``k`` highest logits (``k`` capped at the class count)."""
     if not len(labels):
         return float("nan")
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels[:, None]).any(dim=1).float().mean().item()
+    return topk_correct(logits, labels, k) / len(labels)
 
 
 def train_probe(

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from mstok.config_schema import MAX_CODEBOOK, MAX_DEPTH, MAX_IMAGE_SIZE, MAX_WIDTH, Rule, positive
 from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
 from mstok.data.images import no_readable_image
+from mstok.evaluation.metrics import topk_correct
 from mstok.saved import ConfigDict, SavedModel
 from mstok.tokenizers.contract import check_images
 
@@ -207,12 +208,6 @@ def load_reference_net(path: str | Path, weights: str | None = None) -> Referenc
 def reference_dataset(path: str | Path, model: ReferenceNet, max_pixels: int | None = None) -> Dataset:
     """Images under ``path`` (a folder or shards) center-cropped to the model's ``input_size``."""
     return open_image_dataset(path, center_crop_transform(model.config.input_size), max_pixels)
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    """How many rows of ``logits`` (B, classes) have their label among their ``k`` largest entries."""
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (B, k)
-    return int((top == labels[:, None]).any(dim=1).sum())
 
 
 @torch.no_grad()
