@@ -2,8 +2,9 @@
 
 The tiny-scale reading of HieraTok's Tables 2-5 (``../shared/papers/hieratok.txt``). Every row is
 a tiny HieraTok (64 px, patch 8, width 128, depth 4, KL latents of C = 6 per token) trained with
-the tiny recipe on the data stream of the convergence study (``benchmarks/convergence.py``: 35
-images per class of tiny-imagenet-64; the same 200 held-out images, EMA weights):
+the tiny recipe on the data stream of the convergence study (``benchmarks/convergence.py``: the
+50,000 training images of tiny-imagenet-64-train; the same 200 held-out images of Tiny ImageNet's
+validation set, EMA weights):
 
 * **single-scale**: the 8 x 8 token map decoded at one scale (``hieratok_single_tiny``, 384 floats);
 * **multi-scale** (the paper's placement, ``pyramid = "decoder"``: the same 8 x 8 x 6 latent, the

@@ -3,7 +3,8 @@
 The tiny-scale reading of SemTok's Tables 4, 6 and 7 (``../shared/papers/semtok.txt``). Every run
 is ``semtok_tiny`` (64 px RGB as the latent space, 8 x 8 patches, K = 32 BSQ tokens of 12 bits,
 the tiny random teacher) on the data stream of the convergence study (``benchmarks/convergence.py``:
-35 images per class of tiny-imagenet-64; the same held-out images, EMA weights), with the
+the 50,000 training images of tiny-imagenet-64-train; held-out images of Tiny ImageNet's
+validation set, EMA weights), with the
 settings of the shipped configs (``configs/semtok_tiny_stage1.toml``, ``..._stage2.toml``, read
 here, so the benchmark follows them):
 
