@@ -1,5 +1,5 @@
 # make demo: train TiTok-tiny and MsTok-tiny on bundled photos and write runs/demo/report.md
-# make test: lint (ruff) and the whole test suite
+# make test: lint (ruff) and the whole test suite (two pytest-xdist workers, one torch thread each)
 # make test-quick: lint and the tests not marked slow (pytest -m "not slow")
 # Both create .venv when missing. Torch is installed only when none is importable there;
 # TORCH_SPEC picks it (default: the CPU build torch==2.13.0), e.g. for a GPU machine:
@@ -33,10 +33,10 @@ format: install
 	$(VENV)/bin/ruff format src tests benchmarks
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-quick: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 bench: install
 	$(PY) benchmarks/flops_vs_tokens.py

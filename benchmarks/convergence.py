@@ -169,6 +169,13 @@ def held_out_images(data: str, indices: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([fixed[(i, 0)][0] for i in indices])
 
 
+@functools.cache
+def held_out_labels(data: str, indices: tuple[int, ...]) -> torch.Tensor:
+    """The class index (sorted class folders) of each of :func:`held_out_images`' images: (N,) int64."""
+    samples = ImageFolder(data, center_crop_transform(64)).samples
+    return torch.tensor([samples[i][1] for i in indices], dtype=torch.long)
+
+
 def toml_value(value: Any) -> str:
     """``value`` as a TOML literal for a ``key=value`` override (a dict becomes an inline table)."""
     if isinstance(value, dict):

@@ -2,42 +2,45 @@
 
 The tiny-scale reading of SemTok's Tables 4, 6 and 7 (``../shared/papers/semtok.txt``). Every run
 is ``semtok_tiny`` (64 px RGB as the latent space, 8 x 8 patches, K = 32 BSQ tokens of 12 bits,
-the tiny random teacher) on the data stream of the convergence study (``benchmarks/convergence.py``:
+the reference network as teacher) on the data stream of the convergence study (``benchmarks/convergence.py``:
 the 50,000 training images of tiny-imagenet-64-train; held-out images of Tiny ImageNet's
 validation set, EMA weights), with the
 settings of the shipped configs (``configs/semtok_tiny_stage1.toml``, ``..._stage2.toml``, read
 here, so the benchmark follows them):
 
 * **stage I** (generative pre-training: flow decoder, BSQ entropy term) with the semantic terms
-  (distillation + contrastive, lambda_s = 0.05: the shipped config), without them (both
-  weights 0 and the projections left untrained: Table 4's first line), and with one of them
-  (the model built with that term's projection only: Table 4's middle lines);
+  (distillation + contrastive, lambda_s = 0.05, against the reference network: the shipped
+  config), without them (both weights 0 and the projections left untrained: Table 4's first
+  line), and with one of them (the model built with that term's projection only: Table 4's
+  middle lines);
 * **stage II** (one-step refiner: ``decoder_mode = "refine"``, MSE + PatchGAN, encoder frozen)
   initialised from each stage-I run (``model.init_from`` = its run folder);
 * **calibration**: the conv autoencoder with VQ at 320 bits (``quantizers.CALIBRATION``, trained
-  for steps1 + steps2 steps) and each image in its mean colour.
+  for steps1 + steps2 steps), each image in its mean colour, and the held-out images themselves
+  (the reference network's own top-1).
 
-Per stage-I run: held-out PSNR/SSIM of ``decode(tokens, steps=n, seed=0)`` (Euler) for n in
-1, 4, 16, 50 (Table 7's diffusion sampler); per stage-II run: PSNR/SSIM of the one-step refiner
-(Table 6). Per run: BSQ usage (distinct ids / N on the held-out ids, N = images x K) and the
-mean entropy of the 12 bits there (1 = every bit a fair coin), bits per pixel
-(log2 V x K / (H W)), and encode and decode milliseconds per image, each measured once on the
-whole held-out batch (after a 2-image warm-up) by the worker that trained the run, while the other
-worker may still be training: read them as relative. ``--seeds`` seeds per row, mean ± half the
-spread.
+Per run, on ``--eval-images`` held-out images (default all 8,000) with the EMA weights: PSNR/SSIM,
+**FD-ref** (the Fréchet distance of the reference network's features, real vs reconstructed:
+``mstok eval --feature-net``'s meter) and the reference network's top-1 on the reconstructions,
+for stage I's flow decoder at 1, 4 and 25 Euler steps (``decode(tokens, steps=n, seed=0)``;
+Table 7; the multi-step decodes on the first ``--sampler-images``, default 500) and stage II's
+one-step refiner (Table 6); the tokens' **linear-probe top-1** (``encode_features`` mean-pooled
+over K, a LARS linear probe trained on 35 and scored on the other 5 held-out images per class,
+as ``mstok probe`` does; Table 4's semantic column); BSQ usage (distinct ids / N, N = images x K)
+and the mean entropy of the 12 bits; bits per pixel; encode and decode milliseconds per image,
+each timed once by the worker that trained the run while the other may still be training: read
+them as relative. ``--seeds`` seeds per row, mean ± half the spread. ``--feature-net`` (default
+``runs/reference``, ``mstok reference train``) must exist: it is stage I's teacher too.
 
-    python benchmarks/semtok.py                    # 4 pipelines, 1 seed, 3000 + 1000 steps, ~55 min on 2 cores
-    python benchmarks/semtok.py --rows "semantic,no semantic"   # Table 4's first and last lines, ~30 min
-    python benchmarks/semtok.py --steps1 6 --steps2 4 --val-images 16 --no-append --work-dir /tmp/semtok_smoke
+    python benchmarks/semtok.py --rows "semantic,no semantic" --seeds 2   # Table 4's ends, ~100 min on 2 cores
+    python benchmarks/semtok.py --seeds 2                                 # all four lines, ~3.5 h
+    python benchmarks/semtok.py --steps1 6 --steps2 4 --eval-images 16 --sampler-images 4 --no-append \\
+        --work-dir /tmp/semtok_smoke
 
-The size of one pair of pipelines: with two runs at a time (one thread each) they train side by
-side, so on an idle 2-core machine at ~0.3 s/step for stage I and ~0.4 s/step for stage II (the
-pixel losses and, from step 200, the discriminator) training takes 3000 x 0.3 + 1000 x 0.4 ~ 22
-min; evaluation ~2.5 min per pipeline (the 1 + 4 + 16 + 50 flow steps over 200 images, ~165
-MFLOPs per image and step); the calibration's 4000 conv-AE steps (~0.08 s/step) ~5 min after
-them: ~30 min. The smoke run measured 0.76 s/step for a bare stage-I step of batch 32 (forward,
-backward, AdamW) on one thread at load average 5 (the 2 cores shared with another benchmark):
-on a machine shared like that, expect ~2.5x as long.
+The size of one pipeline: on a 2-core machine running two pipelines at a time (one thread each),
+stage I (2000 steps) takes ~0.7 s/step with the reference teacher and stage II (1000 steps, the
+pixel losses and from step 200 the discriminator) about as long: ~40 min, then ~5 min of
+evaluation.
 
 Finished runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains); a
 stage II whose stage I was retrained since is retrained too.
@@ -58,7 +61,9 @@ import numpy as np
 import tomllib
 import torch
 
-from mstok.evaluation.metrics import bits_per_pixel, psnr, ssim
+from mstok.evaluation.metrics import bits_per_pixel, mean_colour, psnr, ssim
+from mstok.evaluation.probe import split_per_class, train_probe
+from mstok.evaluation.reference import ReferenceMeter, load_reference_net
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
 from mstok.tokenizers import create_tokenizer, load_tokenizer
 from mstok.tokenizers.semtok import SEMANTIC_TERMS
@@ -71,6 +76,7 @@ from convergence import (
     check_data_arguments,
     held_out_images,
     held_out_indices,
+    held_out_labels,
     mean_colour_floor,
     run_dir,
     run_pooled,
@@ -81,7 +87,7 @@ from quantizers import CALIBRATION, _cell
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = (ROOT / "configs" / "semtok_tiny_stage1.toml", ROOT / "configs" / "semtok_tiny_stage2.toml")
-FLOW_STEPS = (1, 4, 16, 50)
+FLOW_STEPS = (1, 4, 25)  # Table 7: one step, a few, the paper's 25
 # top-level fields run_row sets itself (or that only a CLI run needs), and the tables it replaces
 RUN_FIELDS = {"steps", "batch_size", "seed", "out_dir", "log_every", "ckpt_every", "sample_every", "val_every",
               "val_images"}  # fmt: skip
@@ -170,18 +176,54 @@ def token_stats(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float | 
     return stats
 
 
+PROBE_SPLIT = (35, 5)  # of the 40 held-out images per class: the probe's train and val images
+
+
 @torch.no_grad()
-def evaluate(folder: Path, images: torch.Tensor, flow_steps: tuple[int, ...]) -> dict[str, Any]:
+def semantic_scores(net: Any, real: torch.Tensor, recon: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """FD-ref between real images and their reconstructions (B, 3, H, W) in the reference network's
+    feature space, and its top-1 on each (:class:`ReferenceMeter`, the meter of ``mstok eval``)."""
+    meter = ReferenceMeter(net)
+    for a, b, y in zip(real.split(500), recon.split(500), labels.split(500), strict=True):
+        meter.update(a, b, y)
+    return meter.results()
+
+
+def token_probe(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Linear-probe top-1 of the tokens (``encode_features`` mean-pooled over K, as ``mstok probe``
+    reads them), trained on 35 and scored on the other 5 held-out images of each class."""
+    with torch.no_grad():
+        features = torch.cat([model.encode_features(chunk).mean(1) for chunk in images.split(500)]).float()
+    train, val = split_per_class(labels, *PROBE_SPLIT)
+    classes = int(labels.max()) + 1
+    result = train_probe(features[train], labels[train], features[val], labels[val], classes)
+    return float(result["top1"])
+
+
+@torch.no_grad()
+def evaluate(
+    folder: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    flow_steps: tuple[int, ...],
+    sampler_images: int,
+    reference: Any,
+) -> dict[str, Any]:
     """Held-out metrics of the EMA model in ``folder``: token statistics, bits per pixel, encode
-    time, and PSNR/SSIM and decode time of each decoder (a flow decoder at each of ``flow_steps``)."""
+    time, the tokens' linear-probe top-1, and PSNR/SSIM, FD-ref, the reference network's top-1
+    and decode time of each decoder (a flow decoder at each of ``flow_steps``). One-pass decoders
+    (the refiner, a one-step flow) see every image; a multi-step flow decode the first
+    ``sampler_images`` of them (its cost grows with the steps)."""
     model = load_tokenizer(folder).eval()
     cfg = model.config
     model.encode(images[:2])  # warm-up: one-time allocations out of the timing
-    ids, seconds = _timed(lambda: model.encode(images))
+    ids, seconds = _timed(lambda: torch.cat([model.encode(chunk) for chunk in images.split(500)]))
     out: dict[str, Any] = {
         "encode_ms": 1000 * seconds / len(images),
         **token_stats(model, ids),
         "bpp": bits_per_pixel(cfg.num_latent_tokens, model.vocab_size, cfg.image_size, cfg.image_size),
+        # None when --eval-images leaves a class fewer than 40 images (smoke runs)
+        "probe_top1": token_probe(model, images, labels) if labels.bincount().min() >= sum(PROBE_SPLIT) else None,
         "decoders": {},
     }
     if getattr(cfg, "decoder_mode", None) == "flow":
@@ -191,12 +233,15 @@ def evaluate(folder: Path, images: torch.Tensor, flow_steps: tuple[int, ...]) ->
     else:
         decoders = {"refiner" if hasattr(cfg, "decoder_mode") else "decoder": model.decode}
     for label, decode in decoders.items():
+        count = sampler_images if label.startswith("flow") and not label.startswith("flow 1 ") else len(images)
         decode(ids[:2])
-        recon, seconds = _timed(functools.partial(decode, ids))
+        recon, seconds = _timed(lambda d=decode, n=count: torch.cat([d(chunk) for chunk in ids[:n].split(500)]))
         out["decoders"][label] = {
-            "psnr": float(np.mean(psnr(images, recon))),
-            "ssim": float(np.mean(ssim(images, recon))),
-            "decode_ms": 1000 * seconds / len(images),
+            "psnr": float(np.mean(psnr(images[:count], recon))),
+            "ssim": float(np.mean(ssim(images[:count], recon))),
+            "decode_ms": 1000 * seconds / count,
+            "images": count,
+            **semantic_scores(reference, images[:count], recon, labels[:count]),
         }
     return out
 
@@ -204,12 +249,16 @@ def evaluate(folder: Path, images: torch.Tensor, flow_steps: tuple[int, ...]) ->
 def run_evaluated(name: str, row: Row, args: argparse.Namespace, threads: int, seed: int) -> dict[str, Any]:
     """Train (or reuse) one run with :func:`run_row`, then evaluate it (or reuse the evaluation)."""
     result = run_row(name, args, threads, row, seed)
-    identity = {"flow_steps": list(FLOW_STEPS), "val_images": args.val_images}
+    identity = {"flow_steps": list(FLOW_STEPS), "eval_images": args.eval_images, "sampler_images": args.sampler_images,
+                "feature_net": str(Path(args.feature_net).resolve())}  # fmt: skip
     if result.get("eval", {}).get("identity") != identity:
         if threads:
             torch.set_num_threads(threads)
-        images = held_out_images(args.data, tuple(held_out_indices(args.data, args.val_images)))
-        result["eval"] = {"identity": identity, **evaluate(run_dir(args, name, seed), images, FLOW_STEPS)}
+        indices = tuple(held_out_indices(args.data, args.eval_images))
+        images, labels = held_out_images(args.data, indices), held_out_labels(args.data, indices)
+        reference = load_reference_net(args.feature_net)
+        evaluation = evaluate(run_dir(args, name, seed), images, labels, FLOW_STEPS, args.sampler_images, reference)
+        result["eval"] = {"identity": identity, **evaluation}
         (run_dir(args, name, seed) / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -238,10 +287,11 @@ def run_calibration(args: argparse.Namespace, threads: int) -> dict[str, dict[st
     return {name: run_evaluated(name, row, stage_args(args, args.steps1 + args.steps2), threads, 0)}
 
 
-def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) -> str:
-    """Markdown: a line per decoder of every row (seeds pooled), then the mean-colour floor."""
-    head = ["row", "decoder", "params", "s/step", "PSNR", "SSIM", "encode ms/img", "decode ms/img", "usage",
-            "bit entropy", "bits/pixel"]  # fmt: skip
+def table(results: dict[str, list[dict[str, Any]]], floor: dict[str, Any]) -> str:
+    """Markdown: a line per decoder of every row (seeds pooled), then the calibrations: each image
+    in its mean colour, and the real images themselves (the reference network's own top-1)."""
+    head = ["row", "decoder", "images", "PSNR", "SSIM", "FD-ref", "ref top-1", "probe top-1", "params", "s/step",
+            "encode ms/img", "decode ms/img", "usage", "bit entropy", "bits/pixel"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name, seeds in results.items():
         evals = [s["eval"] for s in seeds]
@@ -250,10 +300,14 @@ def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) 
             cells = [
                 name,
                 decoder,
-                f"{seeds[0]['params'] / 1e6:.2f}M",
-                _cell([s["seconds_per_step"] for s in seeds], 3),
+                str(per[0]["images"]),
                 _cell([d["psnr"] for d in per], 2),
                 _cell([d["ssim"] for d in per], 4),
+                _cell([d["fd_ref"] for d in per], 2),
+                _cell([d["ref_top1_recon"] for d in per], 3),
+                _cell([e["probe_top1"] for e in evals], 3),
+                f"{seeds[0]['params'] / 1e6:.2f}M",
+                _cell([s["seconds_per_step"] for s in seeds], 3),
                 _cell([e["encode_ms"] for e in evals], 2),
                 _cell([d["decode_ms"] for d in per], 2),
                 _cell([e["usage"] for e in evals], 3),
@@ -261,20 +315,44 @@ def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) 
                 f"{evals[0]['bpp']:.4f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"| each image in its mean colour | - | - | - | {floor[0]:.2f} | {floor[1]:.4f} | - | - | - | - | - |")
+    gap = " | - | - | - | - | - | - | - |"
+    lines.append(
+        f"| each image in its mean colour | - | {floor['images']} | {floor['psnr']:.2f} | {floor['ssim']:.4f} | "
+        f"{floor['fd_ref']:.2f} | {floor['ref_top1_recon']:.3f} | -{gap}"
+    )
+    real = f"| the held-out images themselves | - | {floor['images']} | inf | 1 | 0 | {floor['ref_top1_real']:.3f} | -"
+    lines.append(real + gap)
     return "\n".join(lines)
+
+
+def calibrations(args: argparse.Namespace) -> dict[str, Any]:
+    """Mean colour's PSNR, SSIM, FD-ref and reference top-1 on the evaluation images, and the
+    reference network's top-1 on the images themselves."""
+    indices = tuple(held_out_indices(args.data, args.eval_images))
+    images, labels = held_out_images(args.data, indices), held_out_labels(args.data, indices)
+    flat = mean_colour(images)
+    scores = semantic_scores(load_reference_net(args.feature_net), images, flat, labels)
+    psnr_value, ssim_value = mean_colour_floor(args.data, args.eval_images)
+    return {"images": len(images), "psnr": psnr_value, "ssim": ssim_value, **scores}
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser)
     parser.add_argument("--rows", default=",".join(PIPELINES), help=f"comma-separated, of {', '.join(PIPELINES)}")
-    parser.add_argument("--steps1", type=int, default=3000, help="stage-I steps")
+    parser.add_argument("--steps1", type=int, default=2000, help="stage-I steps")
     parser.add_argument("--steps2", type=int, default=1000, help="stage-II steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--val-images", type=int, default=200, help="held-out images (one per class first)")
+    parser.add_argument("--val-images", type=int, default=64, help="held-out images validated during training")
+    parser.add_argument("--eval-images", type=int, default=8000, help="held-out images measured after training")
+    parser.add_argument("--sampler-images", type=int, default=500, help="of those, decoded by multi-step flows")
     parser.add_argument("--no-calibration", action="store_true", help="skip the conv AE VQ calibration run")
+    parser.add_argument(
+        "--feature-net",
+        default="runs/reference",
+        help="the reference network for FD-ref and top-1 (mstok reference train --out DIR); also stage I's teacher",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="pipelines trained at once (one thread each when > 1)")
     parser.add_argument("--threads", type=int, default=0, help="threads per run with --jobs 1 (0 = auto)")
     parser.add_argument("--work-dir", default="runs/semtok")
@@ -286,9 +364,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     unknown = [n for n in names if n not in PIPELINES]
     if unknown:
         parser.error(f"unknown row(s) {unknown}; known: {', '.join(PIPELINES)}")
-    if min(args.steps1, args.steps2, args.seeds, args.val_images) < 1:
-        parser.error("--steps1, --steps2, --seeds and --val-images must be >= 1")
+    if min(args.steps1, args.steps2, args.seeds, args.val_images, args.eval_images, args.sampler_images) < 1:
+        parser.error("--steps1, --steps2, --seeds, --val-images, --eval-images and --sampler-images must be >= 1")
     check_data_arguments(parser, args)
+    try:
+        load_reference_net(args.feature_net)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(f"--feature-net: {error} (train one: mstok reference train --data TRAIN_IMAGES --out DIR)")
     for name in names:  # fail fast on a bad row, before any training
         for row in stage_rows(name, args, 0).values():
             create_tokenizer(row.preset, **row.model)
@@ -316,20 +398,24 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     order = [f"stage {s} {n}" for n in names for s in ("I", "II")] + [CALIBRATION[0]]
     results = {name: results[name] for name in order if name in results}
 
-    floor = mean_colour_floor(args.data, args.val_images)
-    text = table(results, floor)
+    text = table(results, calibrations(args))
     print(text)
     if not args.no_append:
         minutes = (time.perf_counter() - started) / 60
         notes = [
             f"Stage I {args.steps1} steps, stage II {args.steps2} steps, batch {args.batch_size}, the settings of "
             f"configs/semtok_tiny_stage1.toml / _stage2.toml; the calibration {args.steps1 + args.steps2} steps of the "
-            f"tiny recipe. {args.seeds} seed(s) per row (mean ± half the spread); {args.val_images} held-out images, "
-            f"EMA weights; {args.jobs} runs at a time ({threads or 'auto'} thread(s) each); {minutes:.0f} min in all "
+            f"tiny recipe. {args.seeds} seed(s) per row (mean ± half the spread); {args.eval_images} held-out images "
+            f"(multi-step flow decodes: the first {args.sampler_images}), EMA weights; {args.jobs} runs at a time "
+            f"({threads or 'auto'} thread(s) each); {minutes:.0f} min in all "
             f"(reused runs count 0); {load_summary(loads)}.",
             "Stage I decodes by the flow ODE from seeded noise (Euler, `decode(tokens, steps=n, seed=0)`), stage II "
             "by the one-step refiner. `no semantic`: distillation and contrastive weights 0, projections untrained "
-            "(SemTok Table 4's first line); its stage II refines that encoder's tokens. usage = distinct held-out "
+            "(SemTok Table 4's first line); its stage II refines that encoder's tokens. FD-ref: Fréchet distance of "
+            f"the reference network's features ({args.feature_net}), real vs decoded, over the images of the row (not "
+            "Inception FID; it grows as the count shrinks); ref top-1: that network's top-1 on the decoded images; "
+            "probe top-1: a linear probe of the mean-pooled token features, 35 train / 5 val held-out images per "
+            "class. usage = distinct held-out "
             "ids / (images x K); bit entropy = mean binary entropy of the BSQ bits over the held-out ids (max 1); "
             "bits/pixel = log2 V x K / (H W). Encode and decode ms/img are one timed call on the whole held-out "
             "batch in the worker that trained the run, with the other worker possibly still training.",

@@ -35,10 +35,15 @@ def tiny_imagenet_train() -> Path:
     return _dataset("tiny-imagenet-64-train")
 
 
+# One torch thread per pytest-xdist worker (make test runs two), else up to two: workers times
+# threads must not exceed the cores, or spin-waiting threads slow every test down.
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(TEST_THREADS)
     # The engine's automatic thread count follows the machine's load, so two runs of one test
     # could get different counts (hence different float summation orders) and tests that compare
     # runs bit for bit would turn flaky: keep the count above unless a config sets ``threads``.

@@ -217,6 +217,20 @@ def test_flow_interpolation_target_and_loss_by_hand() -> None:
         assert terms["loss"].item() == loss.item()
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+def test_time_shift_moves_training_times_toward_noise(sampling) -> None:
+    """time_shift s maps each drawn t to s t / (1 + (s - 1) t): same draws, by hand; s = 1 is the identity."""
+    plain = RectifiedFlow(sampling).sample_time(2000, torch.Generator().manual_seed(3))
+    shifted = RectifiedFlow(sampling, time_shift=10.0).sample_time(2000, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(shifted, 10 * plain / (1 + 9 * plain))
+    assert shifted.median() > plain.median() + 0.2 and shifted.max() < 1
+    same = RectifiedFlow(sampling, time_shift=1.0).sample_time(2000, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(same, plain)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="time_shift"):
+            RectifiedFlow(sampling, time_shift=bad)
+
+
 def test_euler_and_heun_steps_by_hand() -> None:
     flow, x, y = RectifiedFlow(), torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 3])
 

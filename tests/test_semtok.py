@@ -29,6 +29,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 B, K = 2, 32
 STAGE1 = ["encoder", "decoder", "flow_input", "semantic"]
 STAGE2 = ["decoder", "mask_tokens"]
+# the shipped configs align to the reference network (runs/reference, trained by the user first):
+# these tests swap in the random tiny teacher and its width
+TINY_TEACHER = ["teacher.spec='tiny'", "model.overrides.teacher_dim=32"]
 
 
 _BUILT: dict[tuple, SemTok] = {}
@@ -97,7 +100,8 @@ def test_bsq_ids_are_int64_and_valid(images, bits) -> None:
 
 # ------------------------------------------------------------------ flow: hand computations
 def test_flow_loss_matches_a_hand_computation(images) -> None:
-    model = _model()
+    """The paper's objective: the velocity MSE at uniform t (the tiny preset measures x0, shifted)."""
+    model = _model(flow_loss="velocity", time_shift=1.0)
     torch.manual_seed(7)
     out = model(images)
     _, terms = _flow_loss()(out, images)
@@ -134,6 +138,33 @@ def test_x0_prediction_turns_the_clean_estimate_into_a_velocity(images) -> None:
     assert create_tokenizer("semtok_tiny", flow_prediction="velocity").config.flow_prediction == "velocity"
     with pytest.raises(ValueError, match="flow_prediction"):
         preset_config("semtok_tiny", flow_prediction="eps")
+
+
+@pytest.mark.parametrize("prediction", ["x0", "velocity"])
+def test_x0_loss_compares_clean_latents(images, prediction) -> None:
+    """flow_loss = "x0": the training output is the clean estimate against x0 (the network's output
+    for x0 prediction, x_t - t v_hat for velocity prediction), its MSE the velocity MSE times t^2."""
+    model = _model(flow_prediction=prediction, flow_loss="x0", time_shift=1.0)
+    torch.manual_seed(7)
+    out = model(images)
+    _, terms = _flow_loss()(out, images)
+    torch.manual_seed(7)
+    t = torch.rand(B)
+    x0 = images * 2 - 1
+    noise = torch.randn_like(x0)
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * x0 + tt * noise
+    codes = model.quantizer(model.encoder(x0)[1]).codes
+    velocity = model.decode_velocity(codes, x_t, t)
+    clean = x_t - torch.maximum(tt, torch.tensor(0.05)) * velocity if prediction == "x0" else x_t - tt * velocity
+    assert_close(out.flow_target, x0)
+    assert_close(out.flow_prediction, clean, atol=1e-4, rtol=1e-4)
+    assert_close(terms["flow"], ((clean - x0) ** 2).mean(), atol=1e-5, rtol=1e-4)
+    if prediction == "velocity":  # the velocity MSE weighted by t^2, per example
+        per_example = ((velocity - (noise - x0)) ** 2).mean(dim=(1, 2, 3)) * t**2
+        assert_close(terms["flow"], per_example.mean(), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="flow_loss"):
+        preset_config("semtok_tiny", flow_loss="eps")
 
 
 def test_one_euler_step_decode_matches_the_velocity(images) -> None:
@@ -265,6 +296,7 @@ def _photos() -> InMemoryImages:
 def test_both_tiny_stages_train_through_the_shared_trainer(tmp_path) -> None:
     """4 steps of stage I, then 3 of stage II from its checkpoint (GAN from step 1)."""
     common = ["batch_size=4", "data.num_workers=0", "log_every=1", "tensorboard=false", "sample_every=0", "threads=1"]
+    common += TINY_TEACHER
     one = load_train_config(
         CONFIGS / "semtok_tiny_stage1.toml", [*common, "steps=4", "ckpt_every=4", f"out_dir='{tmp_path / 's1'}'"]
     )
@@ -333,12 +365,16 @@ def test_loss_and_stage_errors(tmp_path) -> None:
     settings = [f"out_dir='{tmp_path}'", f"teacher.spec={{type='siglip', path='{tmp_path / 'siglip'}'}}"]
     with pytest.raises(MissingWeightsError, match=r"teacher\.spec"):
         Trainer(load_train_config(CONFIGS / "semtok_tiny_stage1.toml", settings), dataset=_photos(), progress=False)
+    # the shipped reference teacher before `mstok reference train` made it: says how to make it
+    settings = [f"out_dir='{tmp_path}'", f"teacher.spec={{type='reference', path='{tmp_path / 'reference'}'}}"]
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*train the teacher first: mstok reference train"):
+        Trainer(load_train_config(CONFIGS / "semtok_tiny_stage1.toml", settings), dataset=_photos(), progress=False)
 
 
 def _stage_one(out_dir: Path, steps: int, *extra: str) -> Trainer:
     """The shipped stage-I config on two skimage photos, with a narrow model so the test is quick."""
     settings = [f"steps={steps}", "batch_size=4", "data.num_workers=0", "log_every=1", "tensorboard=false"]
-    settings += ["sample_every=0", "threads=1", "ckpt_every=2", f"out_dir='{out_dir}'", *extra]
+    settings += ["sample_every=0", "threads=1", "ckpt_every=2", f"out_dir='{out_dir}'", "teacher.spec='tiny'", *extra]
     settings += ["model.overrides={width=32, depth=1, num_heads=2, decoder_width=32, decoder_depth=1, sample_steps=2}"]
     return Trainer(load_train_config(CONFIGS / "semtok_tiny_stage1.toml", settings), dataset=_photos(), progress=False)
 

@@ -7,7 +7,10 @@ Convention: time runs from data at ``t = 0`` to noise at ``t = 1`` on straight l
 
 Training draws ``t`` per example, ``uniform`` on [0, 1) or ``logit_normal``
 (``t = sigmoid(n)``, ``n ~ N(logit_mean, logit_std^2)``, SD3 section 3.1: more weight on the
-middle of the path), and minimises ``mean || v_theta(x_t, 1000 t, y) - (eps - x0) ||^2``;
+middle of the path), optionally shifted toward the noise end by ``time_shift`` s
+(``t -> s t / (1 + (s - 1) t)``, SD3 section 5.3.2: at s > 1 more of the training sits where
+the input says little and the condition must say the rest), and minimises
+``mean || v_theta(x_t, 1000 t, y) - (eps - x0) ||^2``;
 the model time is ``1000 t``, the scale of DDPM's step index, so one timestep embedding
 serves both objectives.
 
@@ -58,22 +61,30 @@ class RectifiedFlow:
     Args:
         time_sampling: how training draws t: ``uniform`` or ``logit_normal``.
         logit_mean, logit_std: the logit-normal's location and scale (SD3: 0 and 1).
+        time_shift: s of the shift toward noise applied to the drawn times (1: none).
     """
 
-    def __init__(self, time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
+    def __init__(
+        self, time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0, time_shift: float = 1.0
+    ) -> None:
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
         if not _number(logit_mean) or not abs(logit_mean) < 1e3:
             raise ValueError(f"logit_mean must be a finite number, got {logit_mean!r}")
         if not _number(logit_std) or not 0 < logit_std < 1e3:
             raise ValueError(f"logit_std must be a finite number > 0, got {logit_std!r}")
+        if not _number(time_shift) or not 0 < time_shift < 1e3:
+            raise ValueError(f"time_shift must be a number in (0, 1000), got {time_shift!r}")
         self.time_sampling = time_sampling
+        self.time_shift = float(time_shift)
         self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
 
     def __repr__(self) -> str:
         extra = ""
         if self.time_sampling == "logit_normal":
             extra = f", logit_mean={self.logit_mean:g}, logit_std={self.logit_std:g}"
+        if self.time_shift != 1.0:
+            extra += f", time_shift={self.time_shift:g}"
         return f"RectifiedFlow(time_sampling={self.time_sampling!r}{extra})"
 
     @staticmethod
@@ -100,11 +111,16 @@ class RectifiedFlow:
     def sample_time(
         self, batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """Training times t (B,) float32 in [0, 1), drawn as ``time_sampling`` says."""
+        """Training times t (B,) float32 in [0, 1), drawn as ``time_sampling`` says, then shifted
+        by ``time_shift``."""
         if self.time_sampling == "uniform":
-            return torch.rand((batch,), generator=generator, device=device)
-        n = noise_like((batch,), generator, device, torch.float32)
-        return torch.sigmoid(self.logit_mean + self.logit_std * n)
+            t = torch.rand((batch,), generator=generator, device=device)
+        else:
+            n = noise_like((batch,), generator, device, torch.float32)
+            t = torch.sigmoid(self.logit_mean + self.logit_std * n)
+        if self.time_shift == 1.0:
+            return t
+        return self.time_shift * t / (1.0 + (self.time_shift - 1.0) * t)
 
     def loss(
         self, model: Denoiser, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None

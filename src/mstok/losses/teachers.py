@@ -436,7 +436,14 @@ class ReferenceTeacher(Teacher):
                 "a reference teacher needs a path: the folder `mstok reference train --out DIR` wrote "
                 '(teacher.spec = {type = "reference", path = "DIR"})'
             )
-        return cls(load_reference_net(path, weights), pooled=pooled)
+        try:
+            model = load_reference_net(path, weights)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"{error}; train the teacher first: mstok reference train --data TRAIN_IMAGES --out {path} "
+                '(or teacher.spec = "tiny" for a random stand-in)'
+            ) from error
+        return cls(model, pooled=pooled)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         features = self.model.feature_map(images)  # (B, F, h, w)
