@@ -196,7 +196,8 @@ def token_probe(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
         features = torch.cat([model.encode_features(chunk).mean(1) for chunk in images.split(500)]).float()
     train, val = split_per_class(labels, *PROBE_SPLIT)
     classes = int(labels.max()) + 1
-    result = train_probe(features[train], labels[train], features[val], labels[val], classes)
+    with torch.enable_grad():  # the probe trains, even when called under evaluate's no_grad
+        result = train_probe(features[train], labels[train], features[val], labels[val], classes)
     return float(result["top1"])
 
 
