@@ -33,10 +33,10 @@ format: install
 	$(VENV)/bin/ruff format src tests benchmarks
 
 test: lint
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 test-quick: lint
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 bench: install
 	$(PY) benchmarks/flops_vs_tokens.py
