@@ -142,10 +142,16 @@ def checked_rows(
 
 
 @functools.cache  # a worker process trains several rows: list the folder once
+@functools.cache
+def folder_labels(data: str) -> tuple[int, ...]:
+    """The class index (sorted class folders) of every image of the held-out folder, in its order."""
+    return tuple(label for _, label in ImageFolder(data, center_crop_transform(64)).samples)
+
+
 def held_out_indices(data: str, val_count: int) -> list[int]:
     """``val_count`` indices of the held-out folder, spread over the classes: the first image of
     every class, then the second of every class, and so on."""
-    labels = [label for _, label in ImageFolder(data, center_crop_transform(64)).samples]
+    labels = folder_labels(data)
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(labels):
         by_class.setdefault(label, []).append(i)
@@ -169,11 +175,10 @@ def held_out_images(data: str, indices: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([fixed[(i, 0)][0] for i in indices])
 
 
-@functools.cache
 def held_out_labels(data: str, indices: tuple[int, ...]) -> torch.Tensor:
-    """The class index (sorted class folders) of each of :func:`held_out_images`' images: (N,) int64."""
-    samples = ImageFolder(data, center_crop_transform(64)).samples
-    return torch.tensor([samples[i][1] for i in indices], dtype=torch.long)
+    """The class index of each of :func:`held_out_images`' images: (N,) int64."""
+    labels = folder_labels(data)
+    return torch.tensor([labels[i] for i in indices], dtype=torch.long)
 
 
 def toml_value(value: Any) -> str:

@@ -227,14 +227,18 @@ def evaluate(
         "probe_top1": token_probe(model, images, labels) if labels.bincount().min() >= sum(PROBE_SPLIT) else None,
         "decoders": {},
     }
+    # label -> (decode, how many of the images it decodes)
     if getattr(cfg, "decoder_mode", None) == "flow":
         decoders = {
-            f"flow {n} steps": functools.partial(model.decode, steps=n, seed=0, sampler="euler") for n in flow_steps
+            f"flow {n} steps": (
+                functools.partial(model.decode, steps=n, seed=0, sampler="euler"),
+                len(images) if n == 1 else min(sampler_images, len(images)),
+            )
+            for n in flow_steps
         }
     else:
-        decoders = {"refiner" if hasattr(cfg, "decoder_mode") else "decoder": model.decode}
-    for label, decode in decoders.items():
-        count = sampler_images if label.startswith("flow") and not label.startswith("flow 1 ") else len(images)
+        decoders = {"refiner" if hasattr(cfg, "decoder_mode") else "decoder": (model.decode, len(images))}
+    for label, (decode, count) in decoders.items():
         decode(ids[:2])
         recon, seconds = _timed(lambda d=decode, n=count: torch.cat([d(chunk) for chunk in ids[:n].split(500)]))
         out["decoders"][label] = {

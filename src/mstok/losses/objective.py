@@ -45,8 +45,9 @@ class TokenizerLoss(nn.Module):
         gan_weight: hinge generator loss; needs ``adversarial`` (an AdversarialLoss).
         multiscale_weight: the multi-scale RGB term (:meth:`multiscale_loss`); needs a model
             whose output has ``scale_reconstructions`` (HieraTok) and an L1 or MSE weight.
-        flow_weight: the velocity MSE of a flow-matching decoder, ``mean((v_pred - v)^2)``;
-            needs a model whose output has ``flow_prediction`` and ``flow_target`` (SemTok stage I).
+        flow_weight: the MSE of a flow-matching decoder's ``flow_prediction`` against its
+            ``flow_target`` (velocities, or clean latents: the model says which); needs a model
+            whose output has both (SemTok stage I).
         distill_weight, contrastive_weight: the semantic terms the model computes from the
             teacher's features (``semantic_losses``); need ``teacher``.
         perceptual: the LPIPS network, or None.

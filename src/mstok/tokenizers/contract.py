@@ -34,9 +34,11 @@ class TokenizerOutput:
         scale_reconstructions: a multi-scale decoder's (HieraTok's) unclamped image of every
             scale, coarse to fine, each (B, 3, s*p, s*p); the last is ``reconstruction``.
             None for single-scale families. The multi-scale RGB loss reads it.
-        flow_prediction: a flow-matching decoder's (SemTok stage I) predicted velocity at the
-            noisy latent it was given, e.g. (B, C, h, w); None for every other decoder.
-        flow_target: the velocity it should predict there (``noise - x0``), same shape. A
+        flow_prediction: a flow-matching decoder's (SemTok stage I) prediction at the noisy
+            latent it was given, e.g. (B, C, h, w): the velocity, or the clean latent when the
+            model measures its flow loss there (SemTok's ``flow_loss = "x0"``); None for every
+            other decoder.
+        flow_target: what it should predict there (``noise - x0``, or ``x0``), same shape. A
             model draws its own noise and time in the training forward (torch's global RNG,
             as a VAE draws its sample), so the target comes out with the prediction.
         semantic_losses: unweighted semantic alignment terms by name (``"distill"``,

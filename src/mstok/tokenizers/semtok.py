@@ -307,12 +307,15 @@ class SemTok(Tokenizer):
         return self.latent_space.encode(images, check_values=False).to(self.decoder.dtype)
 
     # ----------------------------------------------------------------- the decoder's two modes
-    def _flow_output(self, codes: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The flow network's raw output (B, C_lat, h, w) at ``x_t`` and times t (B,): a velocity or
-        the clean latent, as ``flow_prediction`` says."""
+    def _flow_output(
+        self, codes: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow network's raw output (B, C_lat, h, w) at ``x_t`` and time ``t`` (a number or (B,)):
+        a velocity or the clean latent, as ``flow_prediction`` says; returned with t as (B,) float32."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         tokens = self.flow_input(patchify(x_t.to(self.decoder.dtype), self.config.patch_size))  # (B, P, D)
         patches = self.decoder(tokens, codes, RectifiedFlow.model_time(t))
-        return unpatchify(patches, self.config.patch_size, self.config.grid_size)  # (B, C_lat, h, w)
+        return unpatchify(patches, self.config.patch_size, self.config.grid_size), t  # (B, C_lat, h, w), (B,)
 
     def decode_velocity(self, codes: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """Stage I's prediction: the velocity (B, C_lat, h, w) at the noisy latent ``x_t`` (B, C_lat, h, w)
@@ -320,8 +323,7 @@ class SemTok(Tokenizer):
 
         The network's output is that velocity, or (``flow_prediction = "x0"``) the clean latent
         x0_hat, whose velocity is ``(x_t - x0_hat) / max(t, X0_MIN_TIME)``."""
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
-        out = self._flow_output(codes, x_t, t)
+        out, t = self._flow_output(codes, x_t, t)
         if self.config.flow_prediction == "x0":
             return (x_t - out) / t.clamp(min=X0_MIN_TIME).view(-1, 1, 1, 1).to(out.dtype)
         return out
@@ -329,8 +331,7 @@ class SemTok(Tokenizer):
     def decode_clean(self, codes: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """Stage I's estimate of the clean latent (B, C_lat, h, w) at ``x_t`` and time ``t``: the
         network's output (``flow_prediction = "x0"``) or ``x_t - t v_hat``. Differentiable."""
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
-        out = self._flow_output(codes, x_t, t)
+        out, t = self._flow_output(codes, x_t, t)
         if self.config.flow_prediction == "x0":
             return out
         return x_t - t.view(-1, 1, 1, 1).to(out.dtype) * out
