@@ -189,6 +189,31 @@ def test_refiner_decode_is_deterministic(images) -> None:
     assert_close(first, ((latent + 1) / 2).clamp(0, 1))
 
 
+def test_one_step_refiner_starts_at_stage_one_decode_of_the_zero_latent(images) -> None:
+    """refine_input = "one_step": with stage I's weights (mask tokens untouched, so zero) the
+    refiner decodes exactly what the flow decoder predicts at t = 1 from the noise's mean."""
+    assert not create_tokenizer("semtok_tiny").mask_tokens.any()  # the preset's start: zero
+    flow = _model().eval()
+    refine = create_tokenizer("semtok_tiny", decoder_mode="refine").eval()
+    state = flow.state_dict()
+    state["mask_tokens"] = torch.zeros_like(state["mask_tokens"])  # stage I leaves them at their start
+    refine.load_state_dict(state)
+    codes = flow.quantizer.indices_to_codes(flow.encode(images))
+    with torch.no_grad():
+        expected = flow.decode_clean(codes, torch.zeros(B, 3, 64, 64), 1.0)
+        assert_close(refine.decode_refine(codes), expected)
+        # "mask" (the paper's, older files'): the mask tokens alone, without the flow input's bias
+        paper = create_tokenizer("semtok_tiny", decoder_mode="refine", refine_input="mask").eval()
+        paper.load_state_dict(state)
+        assert not torch.allclose(paper.decode_refine(codes), expected)
+    assert "refine_input" not in preset_config("semtok_tiny", refine_input="mask").to_dict()
+    older = preset_config("semtok_tiny").to_dict()
+    del older["refine_input"]  # a config.json saved before the field existed
+    assert SemTokConfig.from_dict(older).refine_input == "mask"
+    with pytest.raises(ValueError, match="refine_input"):
+        preset_config("semtok_tiny", refine_input="noise")
+
+
 # ------------------------------------------------------------------ gradients per stage
 def _missing_grads(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
@@ -294,7 +319,8 @@ def _photos() -> InMemoryImages:
 
 @pytest.mark.slow
 def test_both_tiny_stages_train_through_the_shared_trainer(tmp_path) -> None:
-    """4 steps of stage I, then 3 of stage II from its checkpoint (GAN from step 1)."""
+    """4 steps of stage I, then 3 of stage II from its checkpoint (with the paper's GAN, from step 1;
+    the shipped tiny stage II leaves it off)."""
     common = ["batch_size=4", "data.num_workers=0", "log_every=1", "tensorboard=false", "sample_every=0", "threads=1"]
     common += TINY_TEACHER
     one = load_train_config(
@@ -303,13 +329,14 @@ def test_both_tiny_stages_train_through_the_shared_trainer(tmp_path) -> None:
     history = Trainer(one, dataset=_photos(), progress=False).fit()
     assert len(history) == 4 and all(h["flow"] > 0 and "distill" in h and "contrastive" in h for h in history)
     assert (tmp_path / "s1" / "checkpoints").exists()
-    settings = [*common, "steps=3", "ckpt_every=3", "val_every=0", "loss.gan_start_step=1"]
+    settings = [*common, "steps=3", "ckpt_every=3", "val_every=0", "loss.gan_weight=0.1", "loss.gan_start_step=1"]
     settings += [f"out_dir='{tmp_path / 's2'}'", f"model.init_from='{tmp_path / 's1' / 'checkpoints'}'"]
     trainer = Trainer(
         load_train_config(CONFIGS / "semtok_tiny_stage2.toml", settings), dataset=_photos(), progress=False
     )
     stage_one = load_tokenizer(tmp_path / "s1")  # EMA weights, as init_from reads them
     assert torch.equal(trainer.model.encoder.latent_tokens, stage_one.encoder.latent_tokens)  # init_from
+    assert not trainer.model.mask_tokens.any()  # untouched by stage I: the refiner starts at its one-step decode
     history = trainer.fit()
     assert len(history) == 3 and "gan_g" in history[-1] and "flow" not in history[-1]
     assert torch.equal(trainer.model.encoder.latent_tokens, stage_one.encoder.latent_tokens)  # frozen

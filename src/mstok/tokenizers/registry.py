@@ -131,7 +131,8 @@ _SEMTOK = {
 # reconstructs"): the network predicts the clean patch (192 pixel values per patch > width 128),
 # the MSE is measured on it (the velocity MSE weights small t by 1/t^2, where the noisy input
 # already shows the image and the tokens are not needed), and t is shifted toward noise (s = 30:
-# half the draws above t = 0.97), where only the tokens tell the image.
+# half the draws above t = 0.97), where only the tokens tell the image. Stage II's refiner starts
+# from stage I's one-step decode (refine_input, "SemTok's refiner").
 _SEMTOK_TINY = {
     "image_size": 64,
     "latent_space": "pixels",
@@ -147,6 +148,7 @@ _SEMTOK_TINY = {
     "flow_prediction": "x0",
     "flow_loss": "x0",
     "time_shift": 30.0,
+    "refine_input": "one_step",
 }
 
 

@@ -32,6 +32,12 @@ The decoder works in one of two modes, ``decoder_mode``:
   mask tokens (``mask_tokens``) and the decoder predicts the clean latent in one pass
   (:meth:`SemTok.decode_refine`), trained by pixel losses through the frozen first stage.
   The timestep input is fixed at t = 1, the pure-noise end the mask tokens replace.
+  With ``refine_input = "one_step"`` (the tiny preset's) the patch stream is ``flow_input`` applied to
+  the noise's mean (zero) plus ``mask_tokens``, which start at zero: stage II then starts from
+  stage I's one-step decode (measured within 0.2 dB of decoding from a noise draw) instead of
+  from random tokens the decoder has never seen, which cost 1-2 dB it did not win back in 1000
+  steps (RESULTS.md, "SemTok's refiner"). ``"mask"`` (older files) uses the mask tokens alone,
+  randomly initialised, as the paper describes (the default).
 
 The mode is a field of the model's config, not a flag of a training step: it says what the
 released model *is* (an ODE sampler or a one-step refiner), so ``decode`` and every saved
@@ -68,6 +74,7 @@ from torch import nn
 
 from mstok.config_schema import MAX_DEPTH, MAX_IMAGE_SIZE, MAX_WIDTH, Rule, one_of, positive
 from mstok.diffusion.flow import MAX_STEPS, SAMPLERS, TIME_SAMPLINGS, RectifiedFlow
+from mstok.layers.embeddings import set_init_table
 from mstok.losses.semantic import SemanticLoss
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.contract import TokenizerOutput
@@ -75,6 +82,7 @@ from mstok.tokenizers.latent_space import LATENT_SPACES, LatentSpace, build_late
 from mstok.tokenizers.semtok_layers import SemTokDecoder, SemTokEncoder, patchify, unpatchify
 
 DECODER_MODES = ("flow", "refine")
+REFINE_INPUTS = ("one_step", "mask")
 FLOW_PREDICTIONS = ("velocity", "x0")
 FLOW_LOSSES = ("velocity", "x0")
 # x0 prediction divides by t: below this time the division uses it (bounded loss weight 1/t^2)
@@ -102,6 +110,8 @@ class SemTokConfig(TokenizerConfig):
             ``pixels`` (3 x patch^2 and its patch), other types need them (SD3.5: 16 and 8).
         decoder_width, decoder_depth, decoder_num_heads: the decoder MMDiT (None: the encoder's).
         decoder_mode: ``flow`` (stage I) or ``refine`` (stage II); module docstring.
+        refine_input: the refiner's patch stream: ``one_step`` (the flow input of the noise's
+            mean plus zero-initialised mask tokens) or ``mask`` (the paper's mask tokens alone).
         time_sampling: how stage I draws t (``uniform``: the paper; ``logit_normal``: SD3's).
         time_shift: SD3's shift of the drawn t toward noise (1: none, the paper).
         flow_prediction: what stage I's network outputs: ``velocity`` (the paper) or ``x0``
@@ -125,6 +135,7 @@ class SemTokConfig(TokenizerConfig):
     decoder_depth: int | None = None
     decoder_num_heads: int | None = None
     decoder_mode: str = "flow"
+    refine_input: str = "mask"
     time_sampling: str = "uniform"
     time_shift: float = 1.0
     flow_prediction: str = "velocity"
@@ -144,6 +155,7 @@ class SemTokConfig(TokenizerConfig):
         "decoder_depth": positive(MAX_DEPTH),
         "decoder_num_heads": positive(MAX_WIDTH),
         "decoder_mode": one_of(DECODER_MODES),
+        "refine_input": one_of(REFINE_INPUTS),
         "time_sampling": one_of(TIME_SAMPLINGS),
         "flow_prediction": one_of(FLOW_PREDICTIONS),
         "flow_loss": one_of(FLOW_LOSSES),
@@ -160,6 +172,7 @@ class SemTokConfig(TokenizerConfig):
         "flow_prediction": "velocity",
         "flow_loss": "velocity",
         "time_shift": 1.0,
+        "refine_input": "mask",
     }
 
     def __post_init__(self) -> None:
@@ -261,6 +274,8 @@ class SemTok(Tokenizer):
         # the decoder's two patch-stream inputs (module docstring): stage I's and stage II's
         self.flow_input = nn.Linear(cfg.patch_dim, d_width)
         self.mask_tokens = nn.Parameter(torch.empty(cfg.num_patches, d_width))
+        if cfg.refine_input == "one_step":  # an offset on the flow input: zero, so stage II starts at stage I
+            set_init_table(self, "mask_tokens", torch.zeros(cfg.num_patches, d_width))
         self.semantic = None
         if cfg.teacher_dim > 0 and cfg.semantic_terms:
             weights = {f"{term}_weight": float(term in cfg.semantic_terms) for term in SEMANTIC_TERMS}
@@ -339,7 +354,10 @@ class SemTok(Tokenizer):
     def decode_refine(self, codes: torch.Tensor) -> torch.Tensor:
         """Stage II's prediction: the clean latent (B, C_lat, h, w) from code vectors (B, K, C), one pass."""
         batch = codes.shape[0]
-        tokens = self.mask_tokens.expand(batch, -1, -1)  # (B, P, D)
+        tokens = self.mask_tokens
+        if self.config.refine_input == "one_step":
+            tokens = tokens + self.flow_input.bias  # flow_input of the zero latent, the noise's mean
+        tokens = tokens.expand(batch, -1, -1)  # (B, P, D)
         time = RectifiedFlow.model_time(torch.full((batch,), REFINE_TIME, device=codes.device))
         return unpatchify(self.decoder(tokens, codes, time), self.config.patch_size, self.config.grid_size)
 
