@@ -73,7 +73,7 @@ BOTTLENECKS: dict[str, tuple[dict[str, Any], str]] = {
     # the entropy term's weight (default 0.1) against the reconstruction loss late in training
     "BSQ 10 bits entropy 0.02": ({"quantizer": {"type": "bsq", "entropy_weight": 0.02}, "code_dim": 10}, "10"),
     "BSQ 10 bits entropy 0.005": ({"quantizer": {"type": "bsq", "entropy_weight": 0.005}, "code_dim": 10}, "10"),
-    "LFQ 10 bits entropy 0.02": ({"quantizer": {"type": "lfq", "entropy_weight": 0.02}, "code_dim": 10}, "10"),
+    "LFQ 10 bits entropy 0.005": ({"quantizer": {"type": "lfq", "entropy_weight": 0.005}, "code_dim": 10}, "10"),
     "LFQ 10 bits (MAGVIT-v2 settings)": ({"quantizer": MAGVIT_LFQ, "code_dim": 10}, "10"),
     "BSQ 10 bits (BSQ-ViT settings)": ({"quantizer": BSQ_VIT, "code_dim": 10}, "10"),
     "KL C=12 (continuous)": ({"quantizer": "vae"}, "- (12 floats)"),
