@@ -56,9 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # over the whole batch, MAGVIT-v2's LFQ (inverse temperature 100, commitment 0.25, no normalisation)
 # and BSQ-ViT's BSQ (inverse temperature 1). Measured in RESULTS.md ("Binary quantizers"): at this
 # scale every token position settles on one code whatever the image (LFQ: all latents +1).
-MAGVIT_LFQ = {"type": "lfq", "entropy_per_position": False, "inverse_temperature": 100.0,
+MAGVIT_LFQ = {"type": "lfq", "entropy_weight": 0.1, "entropy_per_position": False, "inverse_temperature": 100.0,
               "commitment_weight": 0.25, "layer_norm": False}  # fmt: skip
-BSQ_VIT = {"type": "bsq", "entropy_per_position": False, "inverse_temperature": 1.0}
+BSQ_VIT = {"type": "bsq", "entropy_weight": 0.1, "entropy_per_position": False, "inverse_temperature": 1.0}
 
 # row name -> (model overrides on the tiny preset, bits per token as a label)
 BOTTLENECKS: dict[str, tuple[dict[str, Any], str]] = {
@@ -70,9 +70,9 @@ BOTTLENECKS: dict[str, tuple[dict[str, Any], str]] = {
     "LFQ 10 bits": ({"quantizer": "lfq", "code_dim": 10}, "10"),
     "BSQ 10 bits": ({"quantizer": "bsq", "code_dim": 10}, "10"),
     "BSQ 18 bits": ({"quantizer": "bsq", "code_dim": 18}, "18"),
-    # the entropy term's weight (default 0.1) against the reconstruction loss late in training
+    # BSQ's entropy weight (default 0.005; 0.1 was the default before, BSQ-ViT's) and LFQ's (default 0.1)
+    "BSQ 10 bits entropy 0.1": ({"quantizer": {"type": "bsq", "entropy_weight": 0.1}, "code_dim": 10}, "10"),
     "BSQ 10 bits entropy 0.02": ({"quantizer": {"type": "bsq", "entropy_weight": 0.02}, "code_dim": 10}, "10"),
-    "BSQ 10 bits entropy 0.005": ({"quantizer": {"type": "bsq", "entropy_weight": 0.005}, "code_dim": 10}, "10"),
     "LFQ 10 bits entropy 0.005": ({"quantizer": {"type": "lfq", "entropy_weight": 0.005}, "code_dim": 10}, "10"),
     "LFQ 10 bits (MAGVIT-v2 settings)": ({"quantizer": MAGVIT_LFQ, "code_dim": 10}, "10"),
     "BSQ 10 bits (BSQ-ViT settings)": ({"quantizer": BSQ_VIT, "code_dim": 10}, "10"),

@@ -168,7 +168,8 @@ class SignQuantizer(Quantizer):
 
     Args:
         code_dim: C, the number of bits (at most 62).
-        entropy_weight: weight of the entropy objective in ``losses["entropy"]``.
+        entropy_weight: weight of the entropy objective in ``losses["entropy"]`` (None: the
+            subclass's default).
         diversity_gamma: weight of the codebook entropy inside the objective.
         inverse_temperature: sharpness of the soft code assignment (None: the subclass's default).
         commitment_weight: weight of ``mean((project(z) - sg[q])^2)``; 0 leaves the term out
@@ -180,8 +181,9 @@ class SignQuantizer(Quantizer):
     """
 
     name: str = "sign"
-    # A subclass's defaults for the two settings LFQ and BSQ disagree on (each sets both).
+    # A subclass's defaults for the settings LFQ and BSQ disagree on (each sets them all).
     default_commitment_weight: float
+    default_entropy_weight: float
 
     def default_inverse_temperature(self, code_dim: int) -> float:
         """The inverse temperature when none is given (a subclass's choice)."""
@@ -190,7 +192,7 @@ class SignQuantizer(Quantizer):
     def __init__(
         self,
         code_dim: int,
-        entropy_weight: float = 0.1,
+        entropy_weight: float | None = None,
         diversity_gamma: float = 1.0,
         inverse_temperature: float | None = None,
         commitment_weight: float | None = None,
@@ -202,7 +204,7 @@ class SignQuantizer(Quantizer):
         check_bits(self.name, code_dim, MAX_ID_BITS)
         self.code_dim = code_dim
         self.codebook_size = 2**code_dim
-        self.entropy_weight = entropy_weight
+        self.entropy_weight = self.default_entropy_weight if entropy_weight is None else entropy_weight
         self.diversity_gamma = diversity_gamma
         self.inverse_temperature = (
             self.default_inverse_temperature(code_dim) if inverse_temperature is None else inverse_temperature

@@ -54,6 +54,7 @@ class LookupFreeQuantizer(SignQuantizer):
 
     name = "lfq"
     default_commitment_weight = 0.0
+    default_entropy_weight = 0.1  # MAGVIT-v2's (RESULTS.md, "BSQ's entropy weight": LFQ at 0.005)
 
     def __init__(self, code_dim: int, *args: Any, layer_norm: bool = True, **kwargs: Any) -> None:
         super().__init__(code_dim, *args, **kwargs)
