@@ -70,10 +70,10 @@ BOTTLENECKS: dict[str, tuple[dict[str, Any], str]] = {
     "LFQ 10 bits": ({"quantizer": "lfq", "code_dim": 10}, "10"),
     "BSQ 10 bits": ({"quantizer": "bsq", "code_dim": 10}, "10"),
     "BSQ 18 bits": ({"quantizer": "bsq", "code_dim": 18}, "18"),
-    # BSQ's entropy weight (default 0.005; 0.1 was the default before, BSQ-ViT's) and LFQ's (default 0.1)
+    # the entropy weight (default 0.005; before, 0.1: the papers')
+    "LFQ 10 bits entropy 0.1": ({"quantizer": {"type": "lfq", "entropy_weight": 0.1}, "code_dim": 10}, "10"),
     "BSQ 10 bits entropy 0.1": ({"quantizer": {"type": "bsq", "entropy_weight": 0.1}, "code_dim": 10}, "10"),
     "BSQ 10 bits entropy 0.02": ({"quantizer": {"type": "bsq", "entropy_weight": 0.02}, "code_dim": 10}, "10"),
-    "LFQ 10 bits entropy 0.005": ({"quantizer": {"type": "lfq", "entropy_weight": 0.005}, "code_dim": 10}, "10"),
     "LFQ 10 bits (MAGVIT-v2 settings)": ({"quantizer": MAGVIT_LFQ, "code_dim": 10}, "10"),
     "BSQ 10 bits (BSQ-ViT settings)": ({"quantizer": BSQ_VIT, "code_dim": 10}, "10"),
     "KL C=12 (continuous)": ({"quantizer": "vae"}, "- (12 floats)"),

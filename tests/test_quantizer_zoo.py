@@ -459,10 +459,10 @@ def test_build_quantizer_makes_every_spec_of_the_issue() -> None:
     assert build_quantizer({"type": "bsq"}, 32).codebook_size == 2**32
     lfq = build_quantizer(SPECS["lfq"], 10)
     assert (lfq.entropy_weight, lfq.diversity_gamma, lfq.inverse_temperature) == (0.1, 1.0, 100.0)
-    # each bit quantizer's own entropy weight when none is given (BSQ's is lower: RESULTS.md)
+    # each bit quantizer's own entropy weight when none is given (below the papers' 0.1: RESULTS.md)
     assert build_quantizer({"type": "bsq"}, 10).entropy_weight == BinarySphericalQuantizer.default_entropy_weight
     assert build_quantizer({"type": "lfq"}, 10).entropy_weight == LookupFreeQuantizer.default_entropy_weight
-    assert BinarySphericalQuantizer.default_entropy_weight < LookupFreeQuantizer.default_entropy_weight
+    assert max(BinarySphericalQuantizer.default_entropy_weight, LookupFreeQuantizer.default_entropy_weight) < 0.1
     assert build_quantizer({"type": "bsq", "entropy_weight": 0.0}, 10).entropy_weight == 0.0
     vq = build_quantizer({"type": "vq", "codebook_size": 1024, "ema": True, "kmeans_init": True}, 12)
     assert vq.ema and vq.kmeans_init and vq.codebook_size == 1024

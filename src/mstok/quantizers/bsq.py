@@ -43,7 +43,8 @@ class BinarySphericalQuantizer(SignQuantizer):
     entropy per token position (:func:`~mstok.quantizers.binary.entropy_terms`). Entropy weight
     0.005: at logit 2 the entropy terms are 10-20x larger than at BSQ-ViT's temperature, and
     BSQ-ViT's weight 0.1 then rivals the reconstruction loss all through training (-0.21 against
-    0.18 at step 300), which costs 1.2 dB at 2000 steps (RESULTS.md, "BSQ's entropy weight").
+    0.18 at step 300), which costs 0.9 dB at 2000 steps (RESULTS.md, "The bit quantizers' entropy
+    weight").
     BSQ-ViT's settings: ``entropy_weight=0.1, inverse_temperature=1, entropy_per_position=False``.
     """
 
