@@ -41,7 +41,7 @@ class BinarySphericalQuantizer(SignQuantizer):
     whatever u, and the entropy objective is flat: measured in benchmarks/RESULTS.md, "Binary
     quantizers that keep their codes"). No commitment term (BSQ-ViT's choice); the codebook
     entropy per token position (:func:`~mstok.quantizers.binary.entropy_terms`). Entropy weight
-    0.005: at logit 2 the entropy terms are 10-20x larger than at BSQ-ViT's temperature, and
+    0.005: at logit 2 the entropy term is 40x larger than at BSQ-ViT's temperature, and
     BSQ-ViT's weight 0.1 then rivals the reconstruction loss all through training (-0.21 against
     0.18 at step 300), which costs 0.9 dB at 2000 steps (RESULTS.md, "The bit quantizers' entropy
     weight").
