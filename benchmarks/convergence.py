@@ -142,7 +142,6 @@ def checked_rows(
 
 
 @functools.cache  # a worker process trains several rows: list the folder once
-@functools.cache
 def folder_labels(data: str) -> tuple[int, ...]:
     """The class index (sorted class folders) of every image of the held-out folder, in its order."""
     return tuple(label for _, label in ImageFolder(data, center_crop_transform(64)).samples)
