@@ -184,7 +184,7 @@ def test_help_of_every_model_command_states_the_loading_rule(capsys) -> None:
 
 # ------------------------------------------------------------------ labelled grids
 def test_grid_labels_add_a_text_column_and_must_match_the_rows() -> None:
-    from mstok.training.logger import make_grid
+    from mstok.images import make_grid
 
     rows = torch.ones(2, 3, 3, 16, 16)  # white images: any dark pixel is label text
     plain, labelled = make_grid(rows), make_grid(rows, labels=("original", "reconstruction"))

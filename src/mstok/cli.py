@@ -155,12 +155,12 @@ def _cmd_data_to_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from mstok.device import resolve_device
     from mstok.evaluation import evaluate as ev
     from mstok.evaluation import uniformity
     from mstok.evaluation.inception import FID_WEIGHTS_FILENAME
     from mstok.losses.perceptual import LPIPS_FILENAME, VGG16_FILENAME
     from mstok.training.checkpoint import load_tokenizer_folder
-    from mstok.training.distributed import resolve_device
     from mstok.weights import command_hints
 
     device = resolve_device(args.device)  # one process: eval never joins a process group

@@ -76,10 +76,10 @@ def _add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
+    from mstok.device import resolve_device
     from mstok.generators import check_tokenizer, family_of, generate_images, load_generator
     from mstok.generators.sampling import write_samples
     from mstok.training.checkpoint import load_tokenizer_folder
-    from mstok.training.distributed import resolve_device
     from mstok.weights import locate_model
 
     device = resolve_device(args.device)

@@ -63,8 +63,8 @@ def _cmd_reference_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference_eval(args: argparse.Namespace) -> int:
+    from mstok.device import resolve_device
     from mstok.evaluation.reference import evaluate_reference, load_reference_net
-    from mstok.training.distributed import resolve_device
 
     model = load_reference_net(args.model, args.weights)  # a missing or wrong-kind folder fails here, at once
     _require_folder(args.data, "--data")

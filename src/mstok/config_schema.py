@@ -264,3 +264,32 @@ def check_config(config: Any, prefix: str = "") -> None:
         checked = check_value(key, value, hints[f.name], rules.get(f.name, NO_RULE))
         if checked is not value:
             setattr(config, f.name, checked)
+
+
+class ConfigDict:
+    """Dict conversion and schema checks (:mod:`mstok.config_schema`, rules in each class's
+    ``field_rules``) shared by the config dataclasses of every model family."""
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        """Build a config, rejecting unknown fields with the list of valid ones (lists become tuples)."""
+        if not isinstance(values, dict):
+            raise TypeError(f"{cls.__name__} fields must be a dict of field values, got {values!r}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def replace(self, **overrides: Any) -> Any:
+        """A copy with some fields changed (validated like :meth:`from_dict`)."""
+        return type(self).from_dict({**self.to_dict(), **overrides})

@@ -9,7 +9,6 @@ here knows a family: the registries (``mstok.tokenizers.registry``,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,41 +16,12 @@ from typing import Any
 
 import torch
 
-from mstok.config_schema import check_config
+from mstok.config_schema import ConfigDict
 from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
 from mstok.weights import locate_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-class ConfigDict:
-    """Dict conversion and schema checks (:mod:`mstok.config_schema`, rules in each class's
-    ``field_rules``) shared by the config dataclasses of every model family."""
-
-    def __post_init__(self) -> None:
-        check_config(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Any:
-        """Build a config, rejecting unknown fields with the list of valid ones (lists become tuples)."""
-        if not isinstance(values, dict):
-            raise TypeError(f"{cls.__name__} fields must be a dict of field values, got {values!r}")
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(cls.field_names())}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-    def replace(self, **overrides: Any) -> Any:
-        """A copy with some fields changed (validated like :meth:`from_dict`)."""
-        return type(self).from_dict({**self.to_dict(), **overrides})
 
 
 class SavedModel:

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mstok.config_schema import STRICTLY_POSITIVE, Rule, one_of, positive
+from mstok.config_schema import STRICTLY_POSITIVE, ConfigDict, Rule, one_of, positive
 from mstok.diffusion.ddpm import MAX_TIMESTEPS, GaussianDiffusion
 from mstok.diffusion.flow import TIME_SAMPLINGS, RectifiedFlow
-from mstok.saved import ConfigDict
 
 OBJECTIVES = ("ddpm", "flow")
 

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from mstok.data import center_crop_transform, open_image_dataset, to_tensor
 from mstok.data.images import data_source, no_readable_image
 from mstok.evaluation.metrics import bits_per_pixel, codebook_usage, psnr, save_usage_histogram, ssim
+from mstok.images import make_grid
 from mstok.quantizers.base import DENSE_USAGE_MAX
-from mstok.training.logger import make_grid
 from mstok.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
+from mstok.device import resolve_device
 from mstok.evaluation.metrics import topk_correct
 from mstok.tokenizers.registry import load_tokenizer
-from mstok.training.distributed import resolve_device
 from mstok.weights import locate_model
 
 log = logging.getLogger(__name__)

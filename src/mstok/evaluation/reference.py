@@ -38,11 +38,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mstok.config_schema import MAX_CODEBOOK, MAX_DEPTH, MAX_IMAGE_SIZE, MAX_WIDTH, Rule, positive
+from mstok.config_schema import MAX_CODEBOOK, MAX_DEPTH, MAX_IMAGE_SIZE, MAX_WIDTH, ConfigDict, Rule, positive
 from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
 from mstok.data.images import no_readable_image
 from mstok.evaluation.metrics import topk_correct
-from mstok.saved import ConfigDict, SavedModel
+from mstok.saved import SavedModel
 from mstok.tokenizers.contract import check_images
 
 NAME = "reference network"

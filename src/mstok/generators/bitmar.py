@@ -47,6 +47,7 @@ from mstok.config_schema import (
     MAX_TOKENS,
     MAX_WIDTH,
     STRICTLY_POSITIVE,
+    ConfigDict,
     Rule,
     positive,
 )
@@ -57,7 +58,7 @@ from mstok.layers.embeddings import set_init_table
 from mstok.layers.rope import Line1D, NoRotation, RotaryTables
 from mstok.quantizers.base import MAX_ID_BITS
 from mstok.quantizers.binary import ids_to_bits
-from mstok.saved import ConfigDict, SavedModel
+from mstok.saved import SavedModel
 
 MAX_GROUP_BITS = 16  # a group's softmax has 2^g logits per position
 

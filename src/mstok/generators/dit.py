@@ -45,6 +45,7 @@ from mstok.config_schema import (
     MAX_WIDTH,
     PROBABILITY,
     STRICTLY_POSITIVE,
+    ConfigDict,
     ConfigError,
     Rule,
     one_of,
@@ -54,7 +55,7 @@ from mstok.diffusion.config import DiffusionConfig
 from mstok.layers import init_weights
 from mstok.layers.adaln import AdaLNZeroBlock, FinalLayer, LabelEmbedding, TimestepEmbedding, frequency_embedding
 from mstok.layers.embeddings import latent_grid, sincos_at
-from mstok.saved import ConfigDict, SavedModel
+from mstok.saved import SavedModel
 
 POSITION_EMBEDDINGS = ("learned", "sincos", "multiscale", "table")
 

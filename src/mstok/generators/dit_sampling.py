@@ -23,11 +23,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from mstok.config_schema import NON_NEGATIVE, PROBABILITY, Rule, one_of
+from mstok.config_schema import NON_NEGATIVE, PROBABILITY, ConfigDict, Rule, one_of
 from mstok.diffusion import DiffusionConfig, create_diffusion
 from mstok.generators.dit import DiT, DiTConfig
 from mstok.generators.sampling import prepare_sampling
-from mstok.saved import ConfigDict
 
 # sampler -> the objective whose model it integrates
 SAMPLER_OBJECTIVE = {"ddpm": "ddpm", "ddim": "ddpm", "euler": "flow", "heun": "flow"}

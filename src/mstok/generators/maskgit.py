@@ -38,13 +38,14 @@ from mstok.config_schema import (
     MAX_TOKENS,
     MAX_WIDTH,
     STRICTLY_POSITIVE,
+    ConfigDict,
     Rule,
     one_of,
     positive,
 )
 from mstok.layers import init_weights
 from mstok.layers.blocks import SelfAttentionBlock
-from mstok.saved import ConfigDict, SavedModel
+from mstok.saved import SavedModel
 
 ARCHITECTURES = ("vit", "uvit")
 

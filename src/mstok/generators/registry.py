@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from mstok.config_schema import ConfigDict
 from mstok.generators.bitmar import BITMAR_PRESETS, BitMAR, BitMARConfig
 from mstok.generators.bitmar_sampling import BitSamplingConfig, sample_bits
 from mstok.generators.dit import DIT_PRESETS, DiT, DiTConfig
 from mstok.generators.dit_sampling import DiTSamplingConfig, sample_latents
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
 from mstok.generators.sampling import SamplingConfig, sample
-from mstok.saved import ConfigDict, read_saved_config, split_saved_config
+from mstok.saved import read_saved_config, split_saved_config
 from mstok.weights import locate_model
 
 _VIT = {"width": 768, "depth": 24, "num_heads": 16}

@@ -38,10 +38,9 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from mstok.config_schema import NON_NEGATIVE, Rule, one_of, positive
+from mstok.config_schema import NON_NEGATIVE, ConfigDict, Rule, one_of, positive
 from mstok.generators.maskgit import MaskGITGenerator
 from mstok.generators.schedules import GUIDANCE_SCHEDULES, MASK_SCHEDULES, guidance_weight, masked_counts
-from mstok.saved import ConfigDict
 
 CONFIDENCES = ("log_prob", "logit")
 
@@ -300,7 +299,7 @@ def write_samples(
     evaluator reads it, ``labels``, ``tokens``: the ids (N, K) or latents (N, K, C)). Returns the paths."""
     from PIL import Image
 
-    from mstok.training.logger import make_grid
+    from mstok.images import make_grid
 
     written = []
     pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # (N, 3, H, W)

@@ -26,6 +26,7 @@ from mstok.config_schema import (
     NON_NEGATIVE,
     POSITIVE,
     STRICTLY_POSITIVE,
+    ConfigDict,
     ConfigError,
     Rule,
     positive,
@@ -37,7 +38,6 @@ from mstok.quantizers.identity import IdentityQuantizer
 from mstok.quantizers.kl import KLQuantizer
 from mstok.quantizers.lfq import LookupFreeQuantizer
 from mstok.quantizers.vq import VectorQuantizer
-from mstok.saved import ConfigDict
 
 
 @dataclass

@@ -36,11 +36,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mstok.config_schema import FRACTION, MAX_CODEBOOK, MAX_IMAGE_SIZE, MAX_WIDTH, NON_NEGATIVE, Rule, positive
+from mstok.config_schema import (
+    FRACTION,
+    MAX_CODEBOOK,
+    MAX_IMAGE_SIZE,
+    MAX_WIDTH,
+    NON_NEGATIVE,
+    ConfigDict,
+    Rule,
+    positive,
+)
 from mstok.io import load_state_dict_checked
 from mstok.layers import init_weights
 from mstok.quantizers import VectorQuantizer
-from mstok.saved import ConfigDict, SavedModel
+from mstok.saved import SavedModel
 from mstok.tokenizers.contract import TokenizerOutput, check_images, check_tokens
 from mstok.weights import load_torch_state_dict
 
