@@ -63,11 +63,11 @@ from mstok.evaluation.report import (
     synchronize,
     with_threads,
 )
+from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.latent_space import DiffusersVAESpace, LatentSpace, build_latent_space
 from mstok.tokenizers.registry import AnyTokenizer, preset_config
 from mstok.tokenizers.vqgan import MaskGITVQGAN
-from mstok.weights import MissingWeightsError
 
 DEFAULT_PRESETS = ("titok_s128", "titok_b64", "titok_l32", "mstok_b64", "mstok_b128", "mstok_b256", "mstok_l32")
 QUICK_PRESETS = ("titok_tiny", "mstok_tiny", "titok_b64", "mstok_b64")

@@ -33,8 +33,8 @@ from mstok.convert.titok import (
 )
 from mstok.io import read_safetensors
 from mstok.quantizers import DiagonalGaussianQuantizer
+from mstok.storage.weights import MissingWeightsError, load_torch_state_dict
 from mstok.tokenizers import TiTokConfig, preset_config
-from mstok.weights import MissingWeightsError, load_torch_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "titok"
 VQ_FIXTURES = ("legacy_s", "legacy_b", "single_vq_sl")

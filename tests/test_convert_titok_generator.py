@@ -40,7 +40,7 @@ from mstok.convert.generator import (
 )
 from mstok.generators import MaskGITGenerator, SamplingConfig, generate_images, load_generator, masked_counts, sample
 from mstok.io import read_safetensors
-from mstok.weights import MissingWeightsError, load_torch_state_dict
+from mstok.storage.weights import MissingWeightsError, load_torch_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "titok"
 NAMES = ("generator_bert", "generator_uvit")

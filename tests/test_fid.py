@@ -24,7 +24,7 @@ from mstok.evaluation.inception import (
     load_fid_inception,
     tf1_resize_bilinear,
 )
-from mstok.weights import MissingWeightsError
+from mstok.storage.weights import MissingWeightsError
 
 # (name, shape) of tensors in pytorch-fid's pt_inception-2015-12-05-6726825d.pth, read off its
 # fid_inception_v3(): torchvision Inception3(num_classes=1008, aux_logits=False) with FID blocks.

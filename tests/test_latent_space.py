@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.latent_space import (
     VAE_CONFIG_FILE,
@@ -26,7 +27,6 @@ from mstok.tokenizers.latent_space import (
     TokenizerSpace,
     build_latent_space,
 )
-from mstok.weights import MissingWeightsError
 
 SCALE, SHIFT = 1.7, 0.2  # deliberately not SD3.5's, so a hard-coded constant would fail
 

@@ -1,4 +1,4 @@
-"""One loading rule for the API and every CLI command (``mstok.weights.locate_model``): a run
+"""One loading rule for the API and every CLI command (``mstok.storage.locate.locate_model``): a run
 folder means its newest checkpoint, a weights file its own folder, and a checkpoint folder its
 EMA weights when present. The EMA and raw weights of the checkpoints below differ, so a command
 that read the wrong file would give other numbers."""
@@ -16,7 +16,7 @@ from PIL import Image
 import mstok
 from mstok import cli
 from mstok.io import atomic_save_safetensors, read_safetensors
-from mstok.weights import locate_model
+from mstok.storage.locate import locate_model
 
 
 def _two_weight_checkpoint(folder: Path, make) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from mstok.losses import LPIPS, VGG16Features, check_lpips_weights
 from mstok.losses.perceptual import LPIPS_FILENAME, LPIPS_URL, VGG16_FILENAME, VGG16_URL
-from mstok.weights import MissingWeightsError, cache_dir, load_torch_state_dict, resolve_weights
+from mstok.storage.weights import MissingWeightsError, cache_dir, load_torch_state_dict, resolve_weights
 
 # torchvision vgg16().features layout, written out independently of the module under test.
 STAGES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))

@@ -19,10 +19,10 @@ import torch
 from mstok.data import InMemoryImages, RandomResizedCropFlip
 from mstok.demo import TRAIN_PHOTOS, skimage_photos
 from mstok.io import apply_umask
+from mstok.storage.layout import STATE_FILE
 from mstok.tokenizers import create_tokenizer
 from mstok.training import Trainer, latest_checkpoint, load_train_config
 from mstok.training.checkpoint import (
-    STATE_FILE,
     CheckpointWriteError,
     CorruptCheckpointError,
     read_checkpoint,

@@ -16,7 +16,7 @@ from torch import nn
 
 from mstok.losses.semantic import ContrastiveLoss, DistillationLoss, SemanticLoss, resize_grid
 from mstok.losses.teachers import CallableTeacher, SiglipTeacher, Teacher, TinyTeacher, build_teacher
-from mstok.weights import MissingWeightsError
+from mstok.storage.weights import MissingWeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
 

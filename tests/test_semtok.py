@@ -18,12 +18,12 @@ from mstok.data import InMemoryImages, RandomResizedCropFlip
 from mstok.demo import TRAIN_PHOTOS, skimage_photos
 from mstok.losses import TokenizerLoss
 from mstok.losses.teachers import TinyTeacher
+from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers import SemTok, SemTokConfig, create_tokenizer, load_tokenizer, preset_config
 from mstok.tokenizers.latent_space import LatentSpace
 from mstok.training import Trainer, load_train_config
 from mstok.training.components import check_model_fits_loss
 from mstok.training.stages import apply_stage
-from mstok.weights import MissingWeightsError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 B, K = 2, 32

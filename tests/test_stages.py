@@ -13,12 +13,12 @@ from mstok.data import InMemoryImages, RandomResizedCropFlip
 from mstok.demo import TRAIN_PHOTOS, skimage_photos
 from mstok.losses import TokenizerLoss
 from mstok.losses.perceptual import VGG16Features
+from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers import create_tokenizer, load_tokenizer
 from mstok.tokenizers.contract import TokenizerOutput
 from mstok.tokenizers.vqgan import VQGANConfig
 from mstok.training import Trainer, load_train_config
 from mstok.training.stages import apply_stage, load_initial_weights
-from mstok.weights import MissingWeightsError
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@
 >>> ids = mstok.sample(gen, labels)  # MaskGIT decoding -> (B, K) ids for tok.decode
 >>> tok = mstok.load_tokenizer("runs/mstok_tiny")  # a run, checkpoint or model folder, or a weights file
 
-``load_tokenizer`` and ``load_generator`` follow the CLI's loading rule (``mstok.weights.locate_model``):
+``load_tokenizer`` and ``load_generator`` follow the CLI's loading rule (``mstok.storage.locate.locate_model``):
 a run folder means its newest checkpoint, and a checkpoint folder its EMA weights when present.
 """
 

@@ -160,8 +160,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mstok.evaluation import uniformity
     from mstok.evaluation.inception import FID_WEIGHTS_FILENAME
     from mstok.losses.perceptual import LPIPS_FILENAME, VGG16_FILENAME
+    from mstok.storage.weights import command_hints
     from mstok.training.checkpoint import load_tokenizer_folder
-    from mstok.weights import command_hints
 
     device = resolve_device(args.device)  # one process: eval never joins a process group
     out = Path(args.out) if args.out else None
@@ -266,7 +266,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     import json
 
     from mstok.evaluation.probe import run_probe
-    from mstok.weights import locate_model
+    from mstok.storage.locate import locate_model
 
     if args.val and args.split:
         raise ValueError("--split divides the train folder and cannot be combined with --val")

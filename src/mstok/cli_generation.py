@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from mstok.cli_errors import MAX_PIXELS_HELP, positive_int
+from mstok.storage.layout import CHECKPOINTS_DIR, CONFIG_FILE, TRAIN_CONFIG_FILE
 
 if TYPE_CHECKING:
     from mstok.generators import GeneratorFamily
 
-# every command that reads a model says the same (the rule is mstok.weights.locate_model, as in mstok.load_tokenizer)
+# every command that reads a model says the same (the rule: mstok.storage.locate.locate_model, as mstok.load_tokenizer)
 MODEL_HELP = "a run folder (its newest checkpoint), a checkpoint or saved-model folder, or a weights file in one"
 WEIGHTS_HELP = (
     "ema, model, or a weights file name in the folder (default: ema.safetensors when the checkpoint has it, "
@@ -27,7 +28,7 @@ WEIGHTS_HELP = (
 def default_out_dir(folder: Path, command: str) -> Path:
     """Where a command writes when no ``--out`` is given: ``<run>/<command>/<step_N>`` for a
     checkpoint of a run, else ``<model folder>/<command>``; never the current folder."""
-    if folder.parent.name == "checkpoints":
+    if folder.parent.name == CHECKPOINTS_DIR:
         return folder.parent.parent / command / folder.name
     return folder / command
 
@@ -79,8 +80,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from mstok.device import resolve_device
     from mstok.generators import check_tokenizer, family_of, generate_images, load_generator
     from mstok.generators.sampling import write_samples
+    from mstok.storage.locate import locate_model
     from mstok.training.checkpoint import load_tokenizer_folder
-    from mstok.weights import locate_model
 
     device = resolve_device(args.device)
     folder, weights = locate_model(args.generator, args.weights, "--generator")
@@ -142,7 +143,7 @@ def _check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> list[st
     from mstok.data.tokens import identity_differences, tokenizer_identity
 
     try:
-        data = Path(json.loads((folder / "train_config.json").read_text())["data"]["path"])
+        data = Path(json.loads((folder / TRAIN_CONFIG_FILE).read_text())["data"]["path"])
         index = json.loads((data / "index.json").read_text())
         made_by = index["tokenizer"]
     except (OSError, KeyError, TypeError, ValueError):
@@ -315,7 +316,7 @@ def _cmd_convert_titok(args: argparse.Namespace) -> int:
     if not Path(src).exists() and is_hub_id(src):
         src = download(src)  # a hub id: fetch the release into the hub cache first
     out = convert_titok(src, args.out, release=args.release, overwrite=args.overwrite)
-    config = TiTokConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
+    config = TiTokConfig.from_dict(json.loads((out / CONFIG_FILE).read_text())["config"])
     print(f"converted {args.src} into {out} ({describe(config)}); load it with mstok.load_tokenizer({str(out)!r})")
     return 0
 
@@ -331,7 +332,7 @@ def _cmd_convert_titok_generator(args: argparse.Namespace) -> int:
     if not Path(src).exists() and is_hub_id(src):
         src = download(src, kind="generator")  # a hub id: fetch the release into the hub cache first
     out = convert_titok_generator(src, args.out, release=args.release, overwrite=args.overwrite)
-    config = GeneratorConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
+    config = GeneratorConfig.from_dict(json.loads((out / CONFIG_FILE).read_text())["config"])
     sampling = f"; official sampling settings in {out / SAMPLING_FILE}" if (out / SAMPLING_FILE).is_file() else ""
     print(
         f"converted {args.src} into {out} ({describe_generator(config)}){sampling}; sample with "

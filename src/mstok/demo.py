@@ -34,9 +34,9 @@ from PIL import Image, ImageDraw
 
 from mstok.data import InMemoryImages, RandomResizedCropFlip, find_images, load_rgb, to_tensor
 from mstok.evaluation.metrics import bits_per_pixel, mean_colour, psnr, ssim
+from mstok.storage.layout import EMA_FILE, step_dir_name
 from mstok.tokenizers import Tokenizer, load_tokenizer, preset_config
 from mstok.training import TrainConfig, Trainer
-from mstok.training.checkpoint import EMA_FILE
 from mstok.training.config import DataConfig, ModelConfig
 from mstok.training.recipes import TINY_EMA_DECAY, TINY_OPTIM, tiny_optim
 from mstok.training.threads import busy_cores, choose_threads, usable_cores
@@ -204,7 +204,7 @@ def _train(job: _Job) -> dict[str, Any]:
     started = time.perf_counter()
     history = trainer.fit()
     seconds = time.perf_counter() - started
-    model = load_tokenizer(trainer.ckpt_dir / f"step_{job.steps:07d}", weights=EMA_FILE)
+    model = load_tokenizer(trainer.ckpt_dir / step_dir_name(job.steps), weights=EMA_FILE)
     recon, metrics = _evaluate(model, job.crops)
     metrics |= {
         "train_seconds": seconds,

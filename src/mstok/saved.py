@@ -1,111 +1,18 @@
-"""How models are saved and read back: a folder with ``config.json`` and ``model.safetensors``.
-
-Shared by every model family, tokenizers and generators alike: :class:`ConfigDict` (the dict
-conversion and schema checks of a family's config dataclass), :class:`SavedModel`
-(``save_pretrained`` / ``load_weights``) and the readers of a saved ``config.json``. Nothing
-here knows a family: the registries (``mstok.tokenizers.registry``,
-``mstok.generators.registry``) map a saved ``family`` to its class.
-"""
+"""Deprecated: the saved-model format moved to :mod:`mstok.storage.saved` (``ConfigDict`` to
+:mod:`mstok.config_schema`). This module re-exports the old names and warns once on import."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
-import torch
+import warnings
 
 from mstok.config_schema import ConfigDict
-from mstok.io import atomic_save_safetensors, load_state_dict_checked, read_safetensors
-from mstok.weights import locate_model
+from mstok.storage.layout import CONFIG_FILE, WEIGHTS_FILE
+from mstok.storage.saved import SavedModel, read_saved_config, split_saved_config
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ConfigDict", "SavedModel", "read_saved_config", "split_saved_config"]
 
-
-class SavedModel:
-    """``save_pretrained`` / ``load_weights`` for an ``nn.Module`` with a ``config`` (a family's config)."""
-
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (``load_tokenizer`` reads it).
-
-        Args:
-            path: target folder (created if needed).
-            state_dict: weights to save instead of this model's own (e.g. EMA weights).
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"family": self.config.family, "config": self.config.to_dict()}
-        tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(path / CONFIG_FILE)
-        atomic_save_safetensors(state_dict if state_dict is not None else self.state_dict(), path / WEIGHTS_FILE)
-        return path
-
-    def load_weights(self, path: str | Path) -> None:
-        """Load a safetensors file into this model strictly, with a clear error on any mismatch."""
-        load_state_dict_checked(self, read_safetensors(path), str(path))
-
-    @classmethod
-    def load_saved(
-        cls,
-        path: str | Path,
-        weights: str | None,
-        config_class: type[ConfigDict],
-        name: str,
-        what: str | None = None,
-        build: Callable[[Any], Any] | None = None,
-    ) -> Any:
-        """A model of this class saved by :meth:`save_pretrained`, in eval mode: the folder and
-        weights by the rule of :func:`mstok.weights.locate_model`, its ``config.json`` checked to
-        be of ``config_class``'s family, the model built from the config and its weights loaded.
-
-        Args:
-            path, weights: as :func:`~mstok.weights.locate_model` takes them.
-            config_class: the family's config dataclass (its ``family`` is the one expected).
-            name: the model in messages (``"DiT"``, ``"BitMAR generator"``).
-            what: what the folder should hold, in the ``config.json`` messages (default ``name``).
-            build: config -> the model before its weights load (default: the class itself).
-        """
-        what = name if what is None else what
-        folder, weights = locate_model(path, weights, name)
-        family, fields = split_saved_config(read_saved_config(folder, what), folder, what)
-        if family != config_class.family:
-            raise ValueError(f"{folder} holds a {family!r} model, not a {name}")
-        try:
-            config = config_class.from_dict(fields)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{folder / CONFIG_FILE}: {err}") from err
-        model = (cls if build is None else build)(config)
-        model.load_weights(folder / weights)
-        return model.eval()
-
-
-def read_saved_config(path: Path, what: str) -> Any:
-    """The parsed ``config.json`` of a model folder (the inverse of ``save_pretrained``'s write),
-    or an error naming ``what`` the folder should hold. Official TiTok ``config.json`` files parse
-    too; :func:`split_saved_config` then tells them apart."""
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a saved mstok {what}")
-    try:
-        return json.loads(config_path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{config_path} is not a valid mstok {what} config: not UTF-8 text ({err})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not a valid mstok {what} config: not JSON ({err})") from err
-
-
-def split_saved_config(meta: Any, path: Path, what: str) -> tuple[str, dict[str, Any]]:
-    """``(family, config fields)`` of a parsed mstok ``config.json``: a table with a string
-    ``family`` and a table ``config``, else a ValueError naming the file."""
-    where = f"{path / CONFIG_FILE} is not a valid mstok {what} config"
-    if not isinstance(meta, dict):
-        raise ValueError(f"{where}: it must hold a JSON object, got {type(meta).__name__}")
-    for key, kind, name in (("family", str, "a string"), ("config", dict, "a table of config fields")):
-        if key not in meta:
-            raise ValueError(f"{where}: no {key!r} entry")
-        if not isinstance(meta[key], kind):
-            raise ValueError(f"{where}: {key!r} must be {name}, got {meta[key]!r}")
-    return meta["family"], meta["config"]
+warnings.warn(
+    "mstok.saved is deprecated: import from mstok.storage.saved (ConfigDict from mstok.config_schema)",
+    DeprecationWarning,
+    stacklevel=2,
+)

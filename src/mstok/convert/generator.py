@@ -69,7 +69,7 @@ from mstok.convert.titok import (
 )
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
 from mstok.generators.sampling import SamplingConfig
-from mstok.weights import load_torch_state_dict
+from mstok.storage.weights import load_torch_state_dict
 
 SAMPLING_FILE = "sampling.json"
 MODEL_TYPES = {"ViT": "ImageBert", "UViT": "UViTBert"}

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from mstok.convert.titok import HUB_OWNER
+from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers.titok import TiTok
-from mstok.weights import MissingWeightsError
 
 # owner/name as the hub spells repository ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
+from mstok.storage.weights import load_torch_state_dict
 from mstok.tokenizers.titok import TiTok, TiTokConfig
-from mstok.weights import load_torch_state_dict
 
 HUB_OWNER = "yucornetto"
 EXTENSIONS_KEY = "mstok_extensions"

@@ -37,7 +37,7 @@ from mstok.data.images import data_source, no_readable_image
 from mstok.evaluation.metrics import bits_per_pixel, codebook_usage, psnr, save_usage_histogram, ssim
 from mstok.images import make_grid
 from mstok.quantizers.base import DENSE_USAGE_MAX
-from mstok.weights import MissingWeightsError
+from mstok.storage.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
 FD_REF_STATS_FILE = "fd_ref_stats.npz"  # the real images' reference-network feature statistics

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mstok.weights import load_torch_state_dict, resolve_weights
+from mstok.storage.weights import load_torch_state_dict, resolve_weights
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = (
@@ -339,7 +339,7 @@ def load_fid_inception(
 ) -> FIDInceptionV3:
     """The FID Inception-v3 with pretrained weights, in eval mode with gradients off.
 
-    Weights come from :func:`mstok.weights.resolve_weights`: ``path``, else
+    Weights come from :func:`mstok.storage.weights.resolve_weights`: ``path``, else
     ``<cache>/pt_inception-2015-12-05-6726825d.pth``, else a download of pytorch-fid's release
     file (when ``download``). torch-fidelity's file works too when given as ``path``.
 

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
 from mstok.device import resolve_device
 from mstok.evaluation.metrics import topk_correct
+from mstok.storage.locate import locate_model
 from mstok.tokenizers.registry import load_tokenizer
-from mstok.weights import locate_model
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def train_probe(
 
 def load_probe_tokenizer(checkpoint: str | Path, weights: str | None = None) -> tuple[nn.Module, Path]:
     """Load a tokenizer for probing by the loading rule of ``mstok.load_tokenizer``
-    (:func:`mstok.weights.locate_model`: the EMA weights when present, else ``model.safetensors``).
+    (:func:`mstok.storage.locate.locate_model`: the EMA weights when present, else ``model.safetensors``).
 
     ``checkpoint`` is a saved tokenizer, a ``step_N`` checkpoint, or a run folder (its newest checkpoint).
 

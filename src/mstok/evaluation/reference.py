@@ -19,7 +19,7 @@ head. Images (B, 3, H, W) in [0, 1] of any size are resized inside to ``image_si
 bilinear) and normalised with ``mean``/``std``, so the same model reads 64 px data crops, a
 tokenizer's reconstructions or 256 px images. It saves and loads as an ordinary mstok saved model
 (``config.json`` with ``family = "reference"`` + ``model.safetensors``) by the loading rule of
-:func:`mstok.weights.locate_model`.
+:func:`mstok.storage.locate.locate_model`.
 
 Glossary: B batch, S image_size, F feature_dim (the last stage's width), h x w the last grid.
 """
@@ -42,7 +42,7 @@ from mstok.config_schema import MAX_CODEBOOK, MAX_DEPTH, MAX_IMAGE_SIZE, MAX_WID
 from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
 from mstok.data.images import no_readable_image
 from mstok.evaluation.metrics import topk_correct
-from mstok.saved import SavedModel
+from mstok.storage.saved import SavedModel
 from mstok.tokenizers.contract import check_images
 
 NAME = "reference network"
@@ -190,7 +190,7 @@ class ReferenceNet(nn.Module, SavedModel):
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str | None = None) -> ReferenceNet:
         """A reference network saved by ``save_pretrained`` (or a checkpoint or run folder of
-        ``mstok reference train``, by the rule of :func:`mstok.weights.locate_model`), in eval mode.
+        ``mstok reference train``, by the rule of :func:`mstok.storage.locate.locate_model`), in eval mode.
 
         Raises:
             FileNotFoundError: ``path`` does not exist or holds no model.

@@ -58,7 +58,7 @@ from mstok.layers.embeddings import set_init_table
 from mstok.layers.rope import Line1D, NoRotation, RotaryTables
 from mstok.quantizers.base import MAX_ID_BITS
 from mstok.quantizers.binary import ids_to_bits
-from mstok.saved import SavedModel
+from mstok.storage.saved import SavedModel
 
 MAX_GROUP_BITS = 16  # a group's softmax has 2^g logits per position
 
@@ -261,7 +261,7 @@ class BitMAR(SavedModel, nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str | None = None) -> BitMAR:
         """Load a BitMAR saved by ``save_pretrained`` (or a checkpoint or run folder, by the rule of
-        :func:`mstok.weights.locate_model`), in eval mode."""
+        :func:`mstok.storage.locate.locate_model`), in eval mode."""
         return cls.load_saved(path, weights, BitMARConfig, "BitMAR generator", what="generator")
 
 

@@ -55,7 +55,7 @@ from mstok.diffusion.config import DiffusionConfig
 from mstok.layers import init_weights
 from mstok.layers.adaln import AdaLNZeroBlock, FinalLayer, LabelEmbedding, TimestepEmbedding, frequency_embedding
 from mstok.layers.embeddings import latent_grid, sincos_at
-from mstok.saved import SavedModel
+from mstok.storage.saved import SavedModel
 
 POSITION_EMBEDDINGS = ("learned", "sincos", "multiscale", "table")
 
@@ -279,7 +279,7 @@ class DiT(SavedModel, nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str | None = None) -> DiT:
         """Load a DiT saved by ``save_pretrained`` (or a checkpoint or run folder, by the rule of
-        :func:`mstok.weights.locate_model`), in eval mode."""
+        :func:`mstok.storage.locate.locate_model`), in eval mode."""
 
         def build(config: DiTConfig) -> DiT:
             # a caller's table is in the weights file: a placeholder of its shape until it loads

@@ -45,7 +45,7 @@ from mstok.config_schema import (
 )
 from mstok.layers import init_weights
 from mstok.layers.blocks import SelfAttentionBlock
-from mstok.saved import SavedModel
+from mstok.storage.saved import SavedModel
 
 ARCHITECTURES = ("vit", "uvit")
 

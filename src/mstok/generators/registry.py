@@ -35,8 +35,8 @@ from mstok.generators.dit import DIT_PRESETS, DiT, DiTConfig
 from mstok.generators.dit_sampling import DiTSamplingConfig, sample_latents
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
 from mstok.generators.sampling import SamplingConfig, sample
-from mstok.saved import read_saved_config, split_saved_config
-from mstok.weights import locate_model
+from mstok.storage.locate import locate_model
+from mstok.storage.saved import read_saved_config, split_saved_config
 
 _VIT = {"width": 768, "depth": 24, "num_heads": 16}
 _TINY = {"width": 128, "depth": 4, "num_heads": 4, "num_tokens": 32, "codebook_size": 1024, "num_classes": 200}
@@ -207,7 +207,7 @@ def create_generator(name: str, **overrides: Any) -> nn.Module:
 def load_generator(path: str | Path, weights: str | None = None) -> nn.Module:
     """Load a generator of any family saved by ``save_pretrained``, a training checkpoint or a
     run folder, by the same rule as :func:`mstok.load_tokenizer`
-    (:func:`mstok.weights.locate_model`: a run's newest checkpoint; the EMA weights when
+    (:func:`mstok.storage.locate.locate_model`: a run's newest checkpoint; the EMA weights when
     present, else ``model.safetensors``); its ``config.json`` names the family.
 
     Official TiTok generators load too, converted on the fly (:mod:`mstok.convert.generator`):

@@ -9,7 +9,7 @@ Perceptual Metric" (2018), as the reference ``lpips`` package computes it:
     d(x, y) = sum_l mean_hw( sum_c w_l[c] * (n_l(x) - n_l(y))^2 )
 
 Weights: the VGG16 trunk from torchvision's ImageNet checkpoint and the non-negative linear
-weights ``w_l`` from the lpips ``v0.1/vgg.pth`` file, both found by :func:`mstok.weights.resolve_weights`.
+weights ``w_l`` from the lpips ``v0.1/vgg.pth`` file, both found by :func:`mstok.storage.weights.resolve_weights`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mstok.io import load_state_dict_checked
-from mstok.weights import load_torch_state_dict, resolve_weights
+from mstok.storage.weights import load_torch_state_dict, resolve_weights
 
 VGG16_FILENAME = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -128,7 +128,7 @@ class LPIPS(nn.Module):
         Args:
             vgg_weights: explicit path of ``vgg16-397923af.pth`` (or a safetensors copy).
             lpips_weights: explicit path of the lpips ``v0.1/vgg.pth``.
-            cache: cache folder overriding :func:`mstok.weights.cache_dir`.
+            cache: cache folder overriding :func:`mstok.storage.weights.cache_dir`.
             download: fetch files missing from the cache.
 
         Raises:

@@ -37,8 +37,8 @@ from einops import rearrange
 from torch import nn
 
 from mstok.layers.init import init_weights
+from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers.contract import _check_finite
-from mstok.weights import MissingWeightsError
 
 INSTALL_HINT = 'pip install "mstok[semtok]"'
 SIGLIP_CONFIG_FILE = "config.json"

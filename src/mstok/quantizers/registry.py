@@ -7,7 +7,7 @@ tokenizer config it is the ``quantizer`` field (``[model.overrides.quantizer]`` 
 code dim comes from the model (for LFQ and BSQ it is the number of bits, so ``code_dim = 32``
 is a 2^32 codebook; for FSQ it must equal the number of levels).
 
-Each type's settings are a :class:`~mstok.saved.ConfigDict` dataclass below, so their types
+Each type's settings are a :class:`~mstok.config_schema.ConfigDict` dataclass below, so their types
 and ranges are checked by :mod:`mstok.config_schema` like every other config, and a typo in a
 TOML file fails at construction with the key's dotted name (``quantizer.levels``), not as a
 torch error deep in the first training step. A setting left out (``None``) takes the

@@ -34,7 +34,7 @@ from mstok.layers import CrossAttention, SelfAttention, init_weights
 from mstok.layers.embeddings import POSITION_EMBEDDINGS, latent_grid, sincos_at
 from mstok.quantizers import Quantizer
 from mstok.quantizers.registry import SPECS, QuantizerSpec, parse_spec
-from mstok.saved import SavedModel
+from mstok.storage.saved import SavedModel
 from mstok.tokenizers.contract import TokenizerOutput, check_images, check_latents, check_tokens
 from mstok.tokenizers.pixel_decoder import ProxyPixelDecoder, check_pixel_decoder_fits
 

@@ -38,8 +38,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers.contract import _check_finite
-from mstok.weights import MissingWeightsError
 
 if TYPE_CHECKING:  # the registry imports the SemTok family, which imports this module
     from mstok.tokenizers.registry import AnyTokenizer

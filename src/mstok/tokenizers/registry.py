@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from mstok.quantizers.registry import implied_code_dim
-from mstok.saved import CONFIG_FILE, read_saved_config, split_saved_config
+from mstok.storage.layout import CONFIG_FILE
+from mstok.storage.locate import locate_model
+from mstok.storage.saved import read_saved_config, split_saved_config
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.convae import ConvAE
 from mstok.tokenizers.hieratok import HieraTok
@@ -15,7 +17,6 @@ from mstok.tokenizers.mstok import MsTok
 from mstok.tokenizers.semtok import SemTok
 from mstok.tokenizers.titok import TiTok
 from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
-from mstok.weights import locate_model
 
 # The proxy VQGAN is not a Tokenizer subclass (its keys follow the official file) but has the same API.
 AnyTokenizer = Tokenizer | MaskGITVQGAN
@@ -246,7 +247,7 @@ def tokenizer_from_config(family: str, fields: dict[str, Any], source: str | Pat
 def load_tokenizer(path: str | Path, weights: str | None = None) -> AnyTokenizer:
     """Load a tokenizer saved by :meth:`Tokenizer.save_pretrained`, a training checkpoint or a run.
 
-    The rule every CLI command follows too (:func:`mstok.weights.locate_model`): ``path`` is a run
+    The rule every CLI command follows too (:func:`mstok.storage.locate.locate_model`): ``path`` is a run
     folder (its newest checkpoint), a checkpoint or saved-model folder, or a weights file in one;
     in a folder the EMA weights (``ema.safetensors``) are read when present, else ``model.safetensors``.
 

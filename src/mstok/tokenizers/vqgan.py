@@ -49,9 +49,9 @@ from mstok.config_schema import (
 from mstok.io import load_state_dict_checked
 from mstok.layers import init_weights
 from mstok.quantizers import VectorQuantizer
-from mstok.saved import SavedModel
+from mstok.storage.saved import SavedModel
+from mstok.storage.weights import load_torch_state_dict
 from mstok.tokenizers.contract import TokenizerOutput, check_images, check_tokens
-from mstok.weights import load_torch_state_dict
 
 USAGE_KEY = "quantize.usage_ema"
 

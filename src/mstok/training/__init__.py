@@ -1,6 +1,7 @@
 """The training loop, its configuration, optimizer and checkpoints."""
 
-from mstok.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mstok.storage.layout import latest_checkpoint
+from mstok.training.checkpoint import load_checkpoint, save_checkpoint
 from mstok.training.config import (
     GeneratorTrainConfig,
     RunConfig,

@@ -1,6 +1,7 @@
-"""Training checkpoints: one step-numbered folder each, written atomically.
+"""Writing and reading training checkpoints: one step-numbered folder each, written atomically.
 
-Layout of ``<out_dir>/checkpoints/step_000500/``::
+Layout of ``<out_dir>/checkpoints/step_000500/`` (its names, and finding the newest checkpoint,
+belong to :mod:`mstok.storage.layout`; they are re-exported here)::
 
     config.json           tokenizer config (so ``load_tokenizer`` opens the folder directly)
     model.safetensors     raw weights
@@ -28,7 +29,6 @@ import errno
 import logging
 import os
 import pickle
-import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -38,12 +38,24 @@ import torch
 from safetensors import SafetensorError
 
 from mstok.io import apply_umask, atomic_save_safetensors, read_safetensors
+from mstok.storage.layout import (  # the layout's names, re-exported here where they used to live
+    EMA_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TRAIN_CONFIG_FILE,
+    checkpoint_dirs,
+    latest_checkpoint,
+    step_dir_name,
+)
+from mstok.storage.layout import (
+    STEP_DIR as STEP_DIR,
+)
+from mstok.storage.layout import (
+    step_of as step_of,
+)
+from mstok.storage.locate import find_model_folder as find_model_folder  # re-exported (it lived here)
 from mstok.tokenizers.base import Tokenizer
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
-EMA_FILE = "ema.safetensors"
-STATE_FILE = "train_state.pt"
-TRAIN_CONFIG_FILE = "train_config.json"
 # what a torch.load of a truncated or garbled file raises
 _STATE_READ_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError)
 # what every train_state.pt holds (a file without these keys is not one of ours)
@@ -63,50 +75,13 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, permissions); nothing partial was left."""
 
 
-def step_of(path: Path) -> int:
-    """The step number of a ``step_*`` folder."""
-    match = STEP_DIR.match(path.name)
-    if match is None:
-        raise ValueError(f"{path} is not a step_* checkpoint folder")
-    return int(match.group(1))
-
-
-def checkpoint_dirs(root: str | Path) -> list[Path]:
-    """Complete checkpoint folders under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint folder, or None."""
-    dirs = checkpoint_dirs(root)
-    return dirs[-1] if dirs else None
-
-
-def find_model_folder(path: str | Path, what: str = "checkpoint") -> Path:
-    """A folder holding ``config.json``: ``path`` itself, or the newest ``step_*`` checkpoint
-    under it or under its ``checkpoints/`` (so a run folder works too)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
-    if (path / "config.json").is_file():
-        return path
-    newest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
-    if newest is None:
-        raise FileNotFoundError(f"{what}: {path} holds no saved model (config.json) and no step_* checkpoint")
-    return newest
-
-
 def load_tokenizer_folder(
     path: str | Path, weights: str | None = None, what: str = "checkpoint"
 ) -> tuple[torch.nn.Module, Path, str]:
-    """A tokenizer by the loading rule of :func:`mstok.weights.locate_model` (the one of
+    """A tokenizer by the loading rule of :func:`mstok.storage.locate.locate_model` (the one of
     ``mstok.load_tokenizer``); returns (model, folder, weights file name)."""
+    from mstok.storage.locate import locate_model
     from mstok.tokenizers import load_tokenizer  # lazy: the registry imports the converters lazily too
-    from mstok.weights import locate_model
 
     folder, weights = locate_model(path, weights, what)
     return load_tokenizer(folder, weights=weights), folder, weights
@@ -184,9 +159,9 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     recover_checkpoints(root)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-step_{step:07d}"
-    old = root / f".old-step_{step:07d}"
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}"
+    old = root / f".old-{final.name}"
     try:
         tmp.mkdir()
         _write_files(tmp, model, ema_state, train_state, train_config_json)
@@ -250,7 +225,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     state = _read_state(path)
-    return _read_weights(path / "model.safetensors"), _read_weights(path / EMA_FILE), state
+    return _read_weights(path / MODEL_FILE), _read_weights(path / EMA_FILE), state
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:

@@ -18,9 +18,9 @@ from torch.utils.data import Dataset
 
 from mstok.data import IndexSubset, RandomResizedCropFlip, center_crop_transform, open_image_dataset
 from mstok.losses import TokenizerLoss
-from mstok.training.checkpoint import find_model_folder
+from mstok.storage.locate import find_model_folder
+from mstok.storage.weights import MissingWeightsError
 from mstok.training.config import TrainConfig
-from mstok.weights import MissingWeightsError
 
 PROXY_FAMILY = "maskgit_vqgan"
 

@@ -36,7 +36,16 @@ from tqdm.auto import tqdm
 
 from mstok.data import EpochSampler, SkipBroken, collate_skip_broken
 from mstok.io import load_state_dict_checked
-from mstok.training.checkpoint import EMA_FILE, checkpoint_dirs, recover_checkpoints, save_checkpoint, step_of
+from mstok.storage.layout import (
+    CHECKPOINTS_DIR,
+    EMA_FILE,
+    MODEL_FILE,
+    TRAIN_CONFIG_FILE,
+    checkpoint_dirs,
+    step_dir_name,
+    step_of,
+)
+from mstok.training.checkpoint import recover_checkpoints, save_checkpoint
 from mstok.training.config import RunConfig
 from mstok.training.distributed import DistContext
 from mstok.training.interrupt import DeferredInterrupt
@@ -105,7 +114,7 @@ class Engine:
             torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(config.seed)
         self.out_dir = Path(config.out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.ckpt_dir = self.out_dir / CHECKPOINTS_DIR
         self.step = 0
         self.samples_seen = 0
         self.skipped = 0
@@ -214,7 +223,7 @@ class Engine:
         """Load a checkpoint read by :func:`pick_checkpoint` into the model, EMA, optimizer...;
         with ``changed`` settings, the optimizer's settings and the schedule follow the new config."""
         try:
-            load_state_dict_checked(self.model, model_state, str(path / "model.safetensors"))
+            load_state_dict_checked(self.model, model_state, str(path / MODEL_FILE))
             load_state_dict_checked(self.ema.module, ema_state, str(path / EMA_FILE))
             # with changed settings the checkpoint's groups hold the old lr, betas...: the new config's apply
             load_optimizer_state(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"], changed)
@@ -369,7 +378,7 @@ class Engine:
         cfg = self.config
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(self.run_config_json + "\n")
+            (self.out_dir / TRAIN_CONFIG_FILE).write_text(self.run_config_json + "\n")
         if self.step >= cfg.steps:
             return self.history
         if cfg.optim.warmup_steps >= cfg.steps and self.dist.is_main:
@@ -494,7 +503,7 @@ class Engine:
             if logger.window:
                 self._flush(logger)
             self.save()
-        where = self.ckpt_dir / f"step_{self.step:07d}"
+        where = self.ckpt_dir / step_dir_name(self.step)
         raise TrainingInterrupted(f"stopped at step {self.step}; saved {where} (continue with --resume auto)")
 
     def _validate(self, logger: RunLogger) -> dict[str, float]:

@@ -28,15 +28,8 @@ from typing import Any
 
 import torch
 
-from mstok.training.checkpoint import (
-    STATE_FILE,
-    STEP_DIR,
-    TRAIN_CONFIG_FILE,
-    CorruptCheckpointError,
-    checkpoint_dirs,
-    read_checkpoint,
-    step_of,
-)
+from mstok.storage.layout import CHECKPOINTS_DIR, STATE_FILE, STEP_DIR, TRAIN_CONFIG_FILE, checkpoint_dirs, step_of
+from mstok.training.checkpoint import CorruptCheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 Loaded = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]
@@ -140,7 +133,7 @@ def saved_run_config(folder: str | Path) -> tuple[Path, str, Path]:
             "with; give --config, or a checkpoint folder (runs/NAME/checkpoints/step_...) or a run folder"
         )
     if (path / STATE_FILE).is_file():  # a checkpoint: runs/NAME/checkpoints/step_...
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent
         return path / TRAIN_CONFIG_FILE, str(path), run
     return path / TRAIN_CONFIG_FILE, "auto", path
 
@@ -223,9 +216,9 @@ def archive_future(out_dir: Path, ckpt_dir: Path, step: int) -> Path | None:
     if not (future or grids or drop):
         return None
     archive = _archive_folder(out_dir)
-    (archive / "checkpoints").mkdir(parents=True)
+    (archive / CHECKPOINTS_DIR).mkdir(parents=True)
     for path in future:
-        os.replace(path, archive / "checkpoints" / path.name)
+        os.replace(path, archive / CHECKPOINTS_DIR / path.name)
     for path in grids:
         (archive / path.parent.name).mkdir(exist_ok=True)
         os.replace(path, archive / path.parent.name / path.name)

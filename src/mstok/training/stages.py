@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mstok.io import read_safetensors
-from mstok.weights import locate_model
+from mstok.storage.locate import locate_model
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def apply_stage(model: nn.Module, train: Sequence[str]) -> tuple[list[str], list
 
 def resolve_weights_file(path: str | Path, weights: str = "") -> Path:
     """A weights file from a file path, a model or checkpoint folder, or a run (its newest
-    checkpoint), by the one loading rule (:func:`mstok.weights.locate_model`): ``weights`` empty
+    checkpoint), by the one loading rule (:func:`mstok.storage.locate.locate_model`): ``weights`` empty
     takes the EMA weights when the folder has them, else ``model.safetensors``."""
     path = Path(path)
     if path.is_file():
