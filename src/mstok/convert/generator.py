@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 
+from mstok.convert.hub import download, read_release_config
 from mstok.convert.titok import (
     ConversionError,
     check_official_keys,
@@ -424,8 +425,6 @@ def convert_titok_generator(
 
 def load_generator_from_hub(repo_id: str, revision: str | None = None) -> MaskGITGenerator:
     """Download (or read from the hub cache) an official TiTok generator and convert it on the fly."""
-    from mstok.convert.hub import download, read_release_config
-
     folder = download(repo_id, revision, kind="generator")
     read_release_config(folder, repo_id, is_official_generator_config, "generator", "generator")
     return load_official_generator(folder)

@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mstok.convert.titok import HUB_OWNER
+from mstok.convert.titok import HUB_OWNER, is_official_titok_config, load_official_titok
+from mstok.storage.locate import is_hub_id as is_hub_id  # re-exported: a hub id is part of the loading rule
 from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers.titok import TiTok
-
-# owner/name as the hub spells repository ids
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def is_hub_id(name: object) -> bool:
-    """Whether ``name`` is a string shaped like a hub repository id (``owner/name``)."""
-    return isinstance(name, str) and bool(_HUB_ID.match(name))
 
 
 def _hub_cache() -> str:
@@ -111,8 +103,6 @@ def read_release_config(
 
 def load_from_hub(repo_id: str, revision: str | None = None) -> TiTok:
     """Download (or read from the cache) an official TiTok release and convert it to an mstok TiTok."""
-    from mstok.convert.titok import is_official_titok_config, load_official_titok
-
     folder = download(repo_id, revision)
     read_release_config(folder, repo_id, is_official_titok_config, "tokenizer", "vq_model")
     return load_official_titok(folder)

@@ -37,6 +37,7 @@ from einops import rearrange
 from torch import nn
 
 from mstok.layers.init import init_weights
+from mstok.storage.locate import is_hub_id
 from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers.contract import _check_finite
 
@@ -278,8 +279,6 @@ class SiglipTeacher(Teacher):
             raise ValueError(f"SiglipTeacher needs a path: a SigLIP folder or a hub id such as {SIGLIP_EXAMPLE_REPO}")
         local = Path(path).expanduser()
         if not local.exists():
-            from mstok.convert.hub import is_hub_id  # lazy: it imports the TiTok converter
-
             if not is_hub_id(str(path)):
                 raise MissingWeightsError(f"SigLIP folder {local} does not exist.\n{_how_to_get_siglip(local)}")
             local = _download_siglip(str(path), download)

@@ -38,6 +38,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from mstok.storage.locate import is_hub_id
 from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers.contract import _check_finite
 
@@ -285,7 +286,6 @@ class DiffusersVAESpace(LatentSpace):
         options = {"scaling_factor": scaling_factor, "shift_factor": shift_factor, "sample": sample, "bf16": bf16}
         if local.exists():
             return cls(_load_local_vae(local / subfolder if subfolder else local), **options)
-        from mstok.convert.hub import is_hub_id  # lazy: it imports the TiTok converter
 
         if not is_hub_id(str(path)):
             raise MissingWeightsError(f"VAE folder {local} does not exist.\n{_how_to_get_vae(local)}")
