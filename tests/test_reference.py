@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from mstok.cli import main
-from mstok.evaluation.reference import ReferenceConfig, ReferenceMeter, ReferenceNet, evaluate_reference
+from mstok.evaluation.reference import ReferenceMeter, evaluate_reference
 from mstok.evaluation.reference_train import train_reference
 from mstok.losses.teachers import ReferenceTeacher, build_teacher
+from mstok.networks.reference import ReferenceConfig, ReferenceNet
 from mstok.tokenizers import create_tokenizer
 from mstok.training import Trainer, load_train_config
 

@@ -1,6 +1,6 @@
 """Training the reference network (``mstok reference train``) on the shared training engine.
 
-:func:`train_reference` trains a :class:`~mstok.evaluation.reference.ReferenceNet` on labelled
+:func:`train_reference` trains a :class:`~mstok.networks.reference.ReferenceNet` on labelled
 images (Tiny ImageNet's 50,000 training images as shards, or any folder of class sub-folders)
 with cross-entropy (label smoothing 0.1), random resized crops (35-100% of the area) and
 horizontal flips, AdamW with a linear warmup and a cosine decay to zero, and bf16 autocast
@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 
 from mstok.config_schema import FRACTION, NON_NEGATIVE, POSITIVE, Rule
 from mstok.data import IndexSubset, RandomResizedCropFlip, open_image_dataset
-from mstok.evaluation.reference import ReferenceConfig, ReferenceNet, evaluate_reference, reference_dataset
+from mstok.evaluation.reference import evaluate_reference, reference_dataset
+from mstok.networks.reference import ReferenceConfig, ReferenceNet
 from mstok.training.components import held_out_indices
 from mstok.training.config import DataConfig, OptimConfig, RunConfig
 from mstok.training.distributed import DistContext

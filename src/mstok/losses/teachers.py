@@ -37,6 +37,7 @@ from einops import rearrange
 from torch import nn
 
 from mstok.layers.init import init_weights
+from mstok.networks.reference import ReferenceNet
 from mstok.storage.locate import is_hub_id
 from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers.contract import _check_finite
@@ -394,7 +395,7 @@ def _preprocessing(folder: Path) -> dict[str, Any]:
 
 
 class ReferenceTeacher(Teacher):
-    """A frozen :class:`~mstok.evaluation.reference.ReferenceNet` (``mstok reference train``) as the teacher.
+    """A frozen :class:`~mstok.networks.reference.ReferenceNet` (``mstok reference train``) as the teacher.
 
     Its features are the last stage's grid (B, F, h, w) (``pooled=False``, the default: 4 x 4 for
     the default 32 px network, which the distillation term resizes to the latent grid), whose mean
@@ -408,8 +409,6 @@ class ReferenceTeacher(Teacher):
     """
 
     def __init__(self, model: nn.Module, pooled: bool = False) -> None:
-        from mstok.evaluation.reference import ReferenceNet  # lazy: the evaluation package imports the data code
-
         if not isinstance(model, ReferenceNet):
             raise TypeError(f"ReferenceTeacher needs a ReferenceNet, got {type(model).__name__}")
         if not isinstance(pooled, bool):
