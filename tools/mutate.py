@@ -99,12 +99,19 @@ DEFAULT_TESTS: dict[str, list[str]] = {
     "mstok.losses.gan": ["tests/test_mutation_gaps.py", "tests/test_gan.py"],
     "mstok.losses.objective": ["tests/test_mutation_gaps.py", "tests/test_training.py", "tests/test_stages.py"],
     "mstok.generators.schedules": ["tests/test_sampling_reference.py", "tests/test_generator.py"],
-    "mstok.generators.sampling": [
+    "mstok.generators.maskgit_sampling": [
         "tests/test_mutation_gaps.py",
         "tests/test_sampling_reference.py",
         "tests/test_generator.py",
         "tests/test_convert_titok_generator.py",  # the official sampler, noise included, on fixtures
     ],
+    "mstok.generators.common": [
+        "tests/test_mutation_gaps.py",
+        "tests/test_sampling_reference.py",
+        "tests/test_generator.py",
+        "tests/test_convert_titok_generator.py",
+    ],
+    "mstok.generators.sampling": ["tests/test_mutation_gaps.py", "tests/test_generator.py"],
     "mstok.training.engine": ["tests/test_mutation_gaps.py", "tests/test_training.py", "tests/test_reliability.py"],
     "mstok.training.trainer": [
         "tests/test_mutation_gaps.py",

@@ -69,7 +69,7 @@ from mstok.convert.titok import (
     release_key,
 )
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
-from mstok.generators.sampling import SamplingConfig
+from mstok.generators.maskgit_sampling import SamplingConfig
 from mstok.storage.weights import load_torch_state_dict
 
 SAMPLING_FILE = "sampling.json"

@@ -6,6 +6,7 @@ from mstok.generators.bitmar_sampling import BitSamplingConfig, sample_bits
 from mstok.generators.dit import DIT_PRESETS, DiT, DiTConfig, create_dit, dit_config
 from mstok.generators.dit_sampling import DiTSamplingConfig, sample_latents
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
+from mstok.generators.maskgit_sampling import SamplingConfig, guided_logits, sample
 from mstok.generators.registry import (
     FAMILIES,
     GENERATOR_PRESETS,
@@ -18,7 +19,7 @@ from mstok.generators.registry import (
     load_generator,
     preset_family,
 )
-from mstok.generators.sampling import SamplingConfig, generate_images, guided_logits, sample
+from mstok.generators.sampling import generate_images
 from mstok.generators.schedules import MASK_SCHEDULES, guidance_weight, mask_ratio, masked_counts
 
 __all__ = [

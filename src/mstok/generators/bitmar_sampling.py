@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from mstok.config_schema import NON_NEGATIVE, ConfigDict, Rule, one_of, positive
 from mstok.generators.bitmar import BitMAR
-from mstok.generators.sampling import conditional_pair, gumbel_noise, prepare_sampling
+from mstok.generators.common import conditional_pair, gumbel_noise, prepare_sampling
 from mstok.generators.schedules import MASK_SCHEDULES, masked_counts
 
 BIT_GUIDANCE_SCHEDULES = ("linear", "constant")

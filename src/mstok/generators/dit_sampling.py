@@ -25,8 +25,8 @@ import torch
 
 from mstok.config_schema import NON_NEGATIVE, PROBABILITY, ConfigDict, Rule, one_of
 from mstok.diffusion import DiffusionConfig, create_diffusion
+from mstok.generators.common import prepare_sampling
 from mstok.generators.dit import DiT, DiTConfig
-from mstok.generators.sampling import prepare_sampling
 
 # sampler -> the objective whose model it integrates
 SAMPLER_OBJECTIVE = {"ddpm": "ddpm", "ddim": "ddpm", "euler": "flow", "heun": "flow"}

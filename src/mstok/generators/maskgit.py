@@ -25,6 +25,7 @@ Glossary: B batch, K tokens, D width, V codebook size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +44,7 @@ from mstok.config_schema import (
     one_of,
     positive,
 )
+from mstok.generators.common import check_class_labels
 from mstok.layers import init_weights
 from mstok.layers.blocks import SelfAttentionBlock
 from mstok.storage.saved import SavedModel
@@ -186,8 +188,6 @@ class MaskGITGenerator(SavedModel, nn.Module):
 
     def check_labels(self, labels: Any, allow_null: bool = True) -> torch.Tensor:
         """Validate class ids: integers (B,) in [0, num_classes) (or the null class)."""
-        from mstok.generators.sampling import check_class_labels  # lazy: the sampler imports this module
-
         return check_class_labels(labels, self.config.num_classes, allow_null)
 
     def parameter_counts(self) -> dict[str, int]:
@@ -196,3 +196,9 @@ class MaskGITGenerator(SavedModel, nn.Module):
         head = sum(p.numel() for p in self.head.parameters())
         total = sum(p.numel() for p in self.parameters())
         return {"embeddings": embed, "transformer": total - embed - head, "head": head, "total": total}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, weights: str | None = None) -> MaskGITGenerator:
+        """Load a MaskGIT generator saved by ``save_pretrained`` (or a checkpoint or run folder, by the
+        rule of :func:`mstok.storage.locate.locate_model`), in eval mode."""
+        return cls.load_saved(path, weights, GeneratorConfig, "MaskGIT generator", what="generator")

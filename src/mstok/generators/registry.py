@@ -34,7 +34,7 @@ from mstok.generators.bitmar_sampling import BitSamplingConfig, sample_bits
 from mstok.generators.dit import DIT_PRESETS, DiT, DiTConfig
 from mstok.generators.dit_sampling import DiTSamplingConfig, sample_latents
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
-from mstok.generators.sampling import SamplingConfig, sample
+from mstok.generators.maskgit_sampling import SamplingConfig, sample
 from mstok.storage.locate import locate_model
 from mstok.storage.saved import read_saved_config, split_saved_config
 
@@ -99,10 +99,6 @@ class GeneratorFamily:
         return TokenSpace(self.continuous, config.num_tokens, getattr(config, self.size_field))
 
 
-def _load_maskgit(folder: Path, weights: str) -> MaskGITGenerator:
-    return MaskGITGenerator.load_saved(folder, weights, GeneratorConfig, "MaskGIT generator", what="generator")
-
-
 FAMILIES: dict[str, GeneratorFamily] = {
     family.name: family
     for family in (
@@ -112,7 +108,7 @@ FAMILIES: dict[str, GeneratorFamily] = {
             config_class=GeneratorConfig,
             presets=MASKGIT_PRESETS,
             build=MaskGITGenerator,
-            load=_load_maskgit,
+            load=MaskGITGenerator.from_pretrained,
             continuous=False,
             size_field="codebook_size",
             sampling_class=SamplingConfig,

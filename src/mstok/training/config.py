@@ -46,7 +46,7 @@ from mstok.config_schema import (
 from mstok.diffusion.config import DiffusionConfig
 from mstok.generators.bitmar_sampling import BitSamplingConfig
 from mstok.generators.dit_sampling import DiTSamplingConfig
-from mstok.generators.sampling import SamplingConfig
+from mstok.generators.maskgit_sampling import SamplingConfig
 from mstok.generators.schedules import MASK_SCHEDULES
 
 C = TypeVar("C", bound="RunConfig")
