@@ -297,6 +297,12 @@ def test_tokenizer_space_refuses_non_grid_or_discrete(preset: str, overrides: di
         TokenizerSpace(create_tokenizer(preset, **overrides))
 
 
+def test_tokenizer_space_loads_only_grid_families(tmp_path: Path) -> None:
+    folder = create_tokenizer("titok_tiny", quantizer="none").save_pretrained(tmp_path / "titok")
+    with pytest.raises(ValueError, match=r"latents form a spatial grid .* holds a 'titok' model"):
+        build_latent_space({"type": "tokenizer", "path": str(folder)})
+
+
 def test_tokenizer_space_checks_sizes(saved_convae: tuple[torch.nn.Module, Path]) -> None:
     space = TokenizerSpace(saved_convae[0])
     with pytest.raises(ValueError, match="takes 64x64 images, got 32x32"):

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mstok.losses.semantic import ContrastiveLoss, DistillationLoss, SemanticLoss, resize_grid
 from mstok.losses.teachers import CallableTeacher, SiglipTeacher, Teacher, TinyTeacher, build_teacher
 from mstok.storage.weights import MissingWeightsError
+from mstok.tokenizers.semtok_semantic import ContrastiveLoss, DistillationLoss, SemanticLoss, resize_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -463,7 +463,7 @@ def test_teacher_is_an_abstract_interface():
 _DDP_SCRIPT = """
 import copy, json, sys
 import torch, torch.distributed as dist
-from mstok.losses.semantic import ContrastiveLoss
+from mstok.tokenizers.semtok_semantic import ContrastiveLoss
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

@@ -1,7 +1,7 @@
 """Frozen semantic teachers: the pretrained network whose features SemTok's encoder is aligned to.
 
 SemTok (section 3.1, eq. 1) runs each image through a SigLIP encoder ``E_sig`` and aligns its
-own encoder to the resulting feature grid ``x_sig`` (:mod:`mstok.losses.semantic`). This module
+own encoder to the resulting feature grid ``x_sig`` (:mod:`mstok.tokenizers.semtok_semantic`). This module
 is that teacher, made pluggable like :mod:`mstok.tokenizers.latent_space`:
 
 * :class:`SiglipTeacher`: a ``transformers.SiglipVisionModel`` (SigLIP, and SigLIP 2's

@@ -32,18 +32,20 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from mstok.storage.locate import is_hub_id
+from mstok.storage.layout import CONFIG_FILE
+from mstok.storage.locate import is_hub_id, locate_model
+from mstok.storage.saved import read_saved_config, split_saved_config
 from mstok.storage.weights import MissingWeightsError
+from mstok.tokenizers.base import Tokenizer
 from mstok.tokenizers.contract import _check_finite
-
-if TYPE_CHECKING:  # the registry imports the SemTok family, which imports this module
-    from mstok.tokenizers.registry import AnyTokenizer
+from mstok.tokenizers.convae import ConvAE
+from mstok.tokenizers.hieratok import HieraTok
 
 INSTALL_HINT = 'pip install "mstok[semtok]"'
 SD35_VAE_REPO = "stabilityai/stable-diffusion-3.5-large"
@@ -374,7 +376,7 @@ def _load_hub_vae(repo_id: str, subfolder: str | None, download: bool) -> nn.Mod
         ) from err
 
 
-def token_grid_side(tokenizer: AnyTokenizer) -> int:
+def token_grid_side(tokenizer: Tokenizer) -> int:
     """The side g of the g x g grid a tokenizer's K latents form in raster order.
 
     Raises:
@@ -398,6 +400,38 @@ def token_grid_side(tokenizer: AnyTokenizer) -> int:
     return config.grid_size
 
 
+# the families whose continuous latents can form a spatial grid (token_grid_side says which configs do)
+GRID_FAMILIES: dict[str, type[Tokenizer]] = {"convae": ConvAE, "hieratok": HieraTok}
+
+
+def load_grid_tokenizer(path: str | Path, weights: str | None = None) -> Tokenizer:
+    """A saved tokenizer of a family in :data:`GRID_FAMILIES`, in eval mode, found by the loading rule
+    of :func:`mstok.load_tokenizer` (:func:`~mstok.storage.locate.locate_model`).
+
+    Only those families can be a latent space, so only they are loaded here (which keeps the
+    family registry, which imports SemTok and so this module, out of it).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or holds no model.
+        ValueError: the folder holds another family, or a config or weights that do not fit.
+    """
+    folder, weights = locate_model(path, weights, "tokenizer")
+    family, fields = split_saved_config(read_saved_config(folder, "tokenizer"), folder, "tokenizer")
+    if family not in GRID_FAMILIES:
+        raise ValueError(
+            f"TokenizerSpace needs a tokenizer whose latents form a spatial grid (family 'convae', or 'hieratok' with "
+            f"pyramid='decoder'); {folder} holds a {family!r} model"
+        )
+    family_class = GRID_FAMILIES[family]
+    try:
+        config = family_class.config_class.from_dict(fields)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{folder / CONFIG_FILE}: {err}") from err
+    model = family_class(config)
+    model.load_weights(folder / weights)
+    return model.eval()
+
+
 class TokenizerSpace(LatentSpace):
     """An mstok tokenizer with continuous grid latents as the latent space: its (B, K, C)
     latents reshaped to (B, C, g, g) (C = code_dim, f = patch_size, K = g^2).
@@ -405,7 +439,7 @@ class TokenizerSpace(LatentSpace):
     The tokenizer is frozen in place. A VAE tokenizer encodes to its posterior mean unless ``sample``.
     """
 
-    def __init__(self, tokenizer: AnyTokenizer, sample: bool = False, bf16: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, sample: bool = False, bf16: bool = False) -> None:
         grid = token_grid_side(tokenizer)
         if sample and not tokenizer.is_vae:
             raise ValueError(
@@ -420,10 +454,9 @@ class TokenizerSpace(LatentSpace):
     def from_pretrained(
         cls, path: str | Path, weights: str | None = None, sample: bool = False, bf16: bool = False
     ) -> TokenizerSpace:
-        """Load a saved tokenizer (:func:`mstok.load_tokenizer`'s rule; ``weights`` as there) and wrap it."""
-        from mstok.tokenizers.registry import load_tokenizer  # lazy: the registry imports this module
-
-        return cls(load_tokenizer(path, weights), sample=sample, bf16=bf16)
+        """Load a saved tokenizer of a grid family (:func:`load_grid_tokenizer`: the loading rule of
+        :func:`mstok.load_tokenizer`, ``weights`` as there) and wrap it."""
+        return cls(load_grid_tokenizer(path, weights), sample=sample, bf16=bf16)
 
     def latent_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
         """(C, g, g); the tokenizer takes images of its own size only (ValueError for any other)."""

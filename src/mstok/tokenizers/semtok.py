@@ -47,7 +47,7 @@ layout serves both stages and stage II starts from stage I's file; a stage train
 input it uses (configs/semtok_*_stage*.toml).
 
 The semantic alignment of eq. 2 (distillation on the encoder's patch stream, InfoNCE on the
-quantized tokens; :mod:`mstok.losses.semantic`) needs the projections ``w_x``, ``w_z``, which
+quantized tokens; :mod:`mstok.tokenizers.semtok_semantic`) needs the projections ``w_x``, ``w_z``, which
 are trained with the model: they live in the model as ``semantic`` when ``teacher_dim > 0``,
 and the training forward computes the terms when it is given the teacher's features (the
 loss runs the frozen teacher, :meth:`mstok.losses.TokenizerLoss.model_inputs`).
@@ -75,11 +75,11 @@ from torch import nn
 from mstok.config_schema import MAX_DEPTH, MAX_IMAGE_SIZE, MAX_WIDTH, Rule, one_of, positive
 from mstok.diffusion.flow import MAX_STEPS, SAMPLERS, TIME_SAMPLINGS, RectifiedFlow
 from mstok.layers.embeddings import set_init_table
-from mstok.losses.semantic import SemanticLoss
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.contract import TokenizerOutput
 from mstok.tokenizers.latent_space import LATENT_SPACES, LatentSpace, build_latent_space
 from mstok.tokenizers.semtok_layers import SemTokDecoder, SemTokEncoder, patchify, unpatchify
+from mstok.tokenizers.semtok_semantic import SemanticLoss
 
 DECODER_MODES = ("flow", "refine")
 REFINE_INPUTS = ("one_step", "mask")
