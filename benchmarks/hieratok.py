@@ -46,7 +46,7 @@ from typing import Any
 
 from mstok.data import ImageFolder, IndexSubset, center_crop_transform
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
-from mstok.tokenizers import load_tokenizer
+from mstok.persistence import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from convergence import (
@@ -116,8 +116,9 @@ def run_dit(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]
 
     from mstok.data.tokens import pretokenize
     from mstok.diffusion import create_diffusion
-    from mstok.generators import DiTSamplingConfig, generate_images, load_generator
+    from mstok.generators import DiTSamplingConfig, generate_images
     from mstok.generators.dit_sampling import diffusion_of, normalize_latents
+    from mstok.persistence import load_generator
     from mstok.training import load_train_config
     from mstok.training.config import GeneratorTrainConfig
     from mstok.training.generator_trainer import GeneratorTrainer

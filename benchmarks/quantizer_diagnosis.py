@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
-from mstok.tokenizers import load_tokenizer
+from mstok.persistence import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from convergence import (

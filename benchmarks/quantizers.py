@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
-from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.persistence import load_tokenizer
+from mstok.tokenizers import create_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script convergence.py
 from convergence import (

@@ -45,8 +45,8 @@ from mstok.evaluation.evaluate import evaluate_reconstruction
 from mstok.evaluation.metrics import mean_colour, psnr
 from mstok.evaluation.probe import extract_features, split_per_class, train_probe
 from mstok.evaluation.report import load_1min, load_summary, machine_line
+from mstok.persistence import load_tokenizer
 from mstok.storage.layout import EMA_FILE, latest_checkpoint
-from mstok.tokenizers import load_tokenizer
 from mstok.training import Trainer, load_train_config
 from mstok.training.recipes import TINY_OPTIM, tiny_settings
 

@@ -63,9 +63,10 @@ import torch
 
 from mstok.evaluation.metrics import bits_per_pixel, mean_colour, psnr, ssim
 from mstok.evaluation.probe import split_per_class, train_probe
-from mstok.evaluation.reference import ReferenceMeter, load_reference_net
+from mstok.evaluation.reference import ReferenceMeter
 from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
-from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.persistence import load_reference_net, load_tokenizer
+from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.semtok import SEMANTIC_TERMS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts

@@ -15,15 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mstok.cli import main
-from mstok.generators import (
-    FAMILIES,
-    BitMAR,
-    BitSamplingConfig,
-    create_generator,
-    generate_images,
-    load_generator,
-    sample_bits,
-)
+from mstok.generators import FAMILIES, BitMAR, BitSamplingConfig, create_generator, generate_images, sample_bits
 from mstok.generators.bitmar_sampling import (
     categorical_logits,
     draw,
@@ -34,8 +26,9 @@ from mstok.generators.bitmar_sampling import (
 )
 from mstok.generators.schedules import masked_counts
 from mstok.losses.bitwise import BitMaskedTokens, BitwiseObjective, bitwise_sums, group_values
+from mstok.persistence import load_generator, load_tokenizer
 from mstok.quantizers.bsq import BinarySphericalQuantizer
-from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.tokenizers import create_tokenizer
 from mstok.training import GeneratorTrainConfig, load_train_config
 from mstok.training.generator_trainer import GeneratorTrainer
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from mstok.cli import main
 from mstok.demo import run_demo
-from mstok.tokenizers import list_presets, load_tokenizer
+from mstok.persistence import load_tokenizer
+from mstok.tokenizers import list_presets
 from mstok.training import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ import mstok
 from mstok.config_schema import ConfigError, Rule, check_config, describe, field_rules, one_of
 from mstok.generators.maskgit import GeneratorConfig
 from mstok.generators.maskgit_sampling import SamplingConfig
-from mstok.generators.registry import GENERATOR_PRESETS, generator_config, load_generator
+from mstok.generators.registry import GENERATOR_PRESETS, generator_config
+from mstok.persistence import load_generator
 from mstok.tokenizers.mstok import MsTokConfig
 from mstok.tokenizers.registry import create_tokenizer, list_presets, preset_config
 from mstok.tokenizers.titok import TiTokConfig

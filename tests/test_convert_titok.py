@@ -20,7 +20,8 @@ import torch
 
 import mstok
 from mstok.cli import main
-from mstok.convert.titok import (
+from mstok.io import read_safetensors
+from mstok.persistence.convert.titok import (
     RELEASES,
     ConversionError,
     convert_titok,
@@ -31,7 +32,6 @@ from mstok.convert.titok import (
     release_key,
     titok_config_from_official,
 )
-from mstok.io import read_safetensors
 from mstok.quantizers import DiagonalGaussianQuantizer
 from mstok.storage.weights import MissingWeightsError, load_torch_state_dict
 from mstok.tokenizers import TiTokConfig, preset_config

@@ -26,7 +26,10 @@ import torch
 
 import mstok
 from mstok.cli import main
-from mstok.convert.generator import (
+from mstok.generators import MaskGITGenerator, SamplingConfig, generate_images, masked_counts, sample
+from mstok.io import read_safetensors
+from mstok.persistence import load_generator
+from mstok.persistence.convert.generator import (
     GENERATOR_RELEASES,
     ConversionError,
     convert_generator_state_dict,
@@ -38,8 +41,6 @@ from mstok.convert.generator import (
     official_generator_layout,
     sampling_from_official,
 )
-from mstok.generators import MaskGITGenerator, SamplingConfig, generate_images, load_generator, masked_counts, sample
-from mstok.io import read_safetensors
 from mstok.storage.weights import MissingWeightsError, load_torch_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "titok"
@@ -281,7 +282,7 @@ def test_hub_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
     message = str(err.value)
     assert "getting it from the Hugging Face hub failed: LocalEntryNotFoundError" in message
     assert "hf download yucornetto/generator_titok_l32_imagenet --local-dir generator_titok_l32_imagenet" in message
-    assert "mstok.generators.load_generator('generator_titok_l32_imagenet')" in message
+    assert "mstok.load_generator('generator_titok_l32_imagenet')" in message
     assert "mstok convert titok-generator generator_titok_l32_imagenet OUT" in message
     assert main(["convert", "titok-generator", "yucornetto/generator_titok_l32_imagenet", "out"]) == 2
 

@@ -32,12 +32,12 @@ from mstok.generators import (
     SamplingConfig,
     create_generator,
     generate_images,
-    load_generator,
     sample_latents,
 )
 from mstok.generators.dit_sampling import denormalize_latents
 from mstok.losses.diffusion import DiffusionInputs, DiffusionObjective, sample_generator
-from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.persistence import load_generator, load_tokenizer
+from mstok.tokenizers import create_tokenizer
 from mstok.training import GeneratorTrainConfig, load_train_config
 from mstok.training.generator_trainer import GeneratorTrainer
 

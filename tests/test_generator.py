@@ -16,13 +16,13 @@ from mstok.generators import (
     create_generator,
     guidance_weight,
     guided_logits,
-    load_generator,
     mask_ratio,
     masked_counts,
     sample,
 )
 from mstok.layers.blocks import SelfAttentionBlock
 from mstok.losses import MaskedTokenLoss, mask_tokens
+from mstok.persistence import load_generator
 from mstok.tokenizers import create_tokenizer
 
 SMALL = {"width": 32, "depth": 2, "num_heads": 2, "num_tokens": 16, "codebook_size": 64, "num_classes": 5}

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from mstok.cli import main
 from mstok.data.tokens import TokenDataset
-from mstok.generators import load_generator
+from mstok.persistence import load_generator
 from mstok.tokenizers import create_tokenizer
 from mstok.training import GeneratorTrainConfig, load_train_config
 from mstok.training.generator_trainer import GeneratorTrainer

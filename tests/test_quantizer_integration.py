@@ -20,6 +20,7 @@ from mstok.data import InMemoryImages, RandomResizedCropFlip, center_crop_transf
 from mstok.data.tokens import pretokenize, token_dtype
 from mstok.demo import TRAIN_PHOTOS, skimage_photos
 from mstok.evaluation.evaluate import evaluate_reconstruction
+from mstok.persistence import load_tokenizer
 from mstok.quantizers import (
     BinarySphericalQuantizer,
     FiniteScalarQuantizer,
@@ -28,7 +29,7 @@ from mstok.quantizers import (
     LookupFreeQuantizer,
     VectorQuantizer,
 )
-from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.tokenizers import create_tokenizer
 from mstok.training import Trainer, load_train_config
 
 # name -> (model overrides, quantizer class, V)
@@ -227,7 +228,7 @@ def test_the_readme_table_lists_every_quantizer_setting():
 def test_a_converted_official_vae_fine_tunes(tmp_path):
     from pathlib import Path
 
-    from mstok.convert.titok import load_official_titok
+    from mstok.persistence.convert.titok import load_official_titok
 
     fixture = Path(__file__).parent / "fixtures" / "titok" / "vae_ll"
     official = load_official_titok(fixture)

@@ -18,8 +18,9 @@ from mstok.data import InMemoryImages, RandomResizedCropFlip
 from mstok.demo import TRAIN_PHOTOS, skimage_photos
 from mstok.losses import TokenizerLoss
 from mstok.losses.teachers import TinyTeacher
+from mstok.persistence import load_tokenizer
 from mstok.storage.weights import MissingWeightsError
-from mstok.tokenizers import SemTok, SemTokConfig, create_tokenizer, load_tokenizer, preset_config
+from mstok.tokenizers import SemTok, SemTokConfig, create_tokenizer, preset_config
 from mstok.tokenizers.latent_space import LatentSpace
 from mstok.training import Trainer, load_train_config
 from mstok.training.components import check_model_fits_loss
@@ -451,7 +452,7 @@ def test_cli_chain_train_pretokenize_bitmar_sample(tmp_path, capsys) -> None:
     settings += ["tensorboard=false", "log_every=1", "threads=1"]
     configs = str(CONFIGS / "bitmar_tiny.toml")
     assert main(["train-generator", "--config", configs, "--no-progress", "--set", *settings]) == 0
-    assert mstok.generators.load_generator(run).config.num_bits == 12
+    assert mstok.load_generator(run).config.num_bits == 12
 
     batches = []
     for out in ("first", "second"):

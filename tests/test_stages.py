@@ -13,8 +13,9 @@ from mstok.data import InMemoryImages, RandomResizedCropFlip
 from mstok.demo import TRAIN_PHOTOS, skimage_photos
 from mstok.losses import TokenizerLoss
 from mstok.losses.perceptual import VGG16Features
+from mstok.persistence import load_tokenizer
 from mstok.storage.weights import MissingWeightsError
-from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.contract import TokenizerOutput
 from mstok.tokenizers.vqgan import VQGANConfig
 from mstok.training import Trainer, load_train_config

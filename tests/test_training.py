@@ -14,8 +14,9 @@ from PIL import Image
 
 from mstok.data import InMemoryImages, RandomResizedCropFlip
 from mstok.demo import TRAIN_PHOTOS, skimage_photos
+from mstok.persistence import load_tokenizer
 from mstok.storage.layout import EMA_FILE
-from mstok.tokenizers import create_tokenizer, load_tokenizer
+from mstok.tokenizers import create_tokenizer
 from mstok.training import Trainer, latest_checkpoint, load_train_config
 from mstok.training.optim import ModelEMA, ema_decay_at, no_decay_parameter_names, warmup_cosine
 

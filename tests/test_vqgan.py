@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import mstok
-from mstok.tokenizers import MaskGITVQGAN, VQGANConfig, load_official_vqgan, load_tokenizer, preset_config
+from mstok.persistence import load_official_vqgan, load_tokenizer
+from mstok.tokenizers import MaskGITVQGAN, VQGANConfig, preset_config
 
 B = 4
 TINY = preset_config("vqgan_tiny")

@@ -18,9 +18,9 @@ from mstok.generators import (
     SamplingConfig,
     create_generator,
     generate_images,
-    load_generator,
     sample,
 )
+from mstok.persistence import load_generator, load_tokenizer
 from mstok.tokenizers import (
     MsTok,
     MsTokConfig,
@@ -31,7 +31,6 @@ from mstok.tokenizers import (
     TokenizerOutput,
     create_tokenizer,
     list_presets,
-    load_tokenizer,
 )
 
 __version__ = "0.1.0"

@@ -160,8 +160,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mstok.evaluation import uniformity
     from mstok.evaluation.inception import FID_WEIGHTS_FILENAME
     from mstok.losses.perceptual import LPIPS_FILENAME, VGG16_FILENAME
+    from mstok.persistence import load_tokenizer_folder
     from mstok.storage.weights import command_hints
-    from mstok.training.checkpoint import load_tokenizer_folder
 
     device = resolve_device(args.device)  # one process: eval never joins a process group
     out = Path(args.out) if args.out else None

@@ -78,10 +78,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
     from mstok.device import resolve_device
-    from mstok.generators import check_tokenizer, family_of, generate_images, load_generator
+    from mstok.generators import check_tokenizer, family_of, generate_images
     from mstok.generators.sampling import write_samples
+    from mstok.persistence import load_generator, load_tokenizer_folder
     from mstok.storage.locate import locate_model
-    from mstok.training.checkpoint import load_tokenizer_folder
 
     device = resolve_device(args.device)
     folder, weights = locate_model(args.generator, args.weights, "--generator")
@@ -205,7 +205,7 @@ def _cmd_pretokenize(args: argparse.Namespace) -> int:
 
     from mstok.data import center_crop_transform, open_image_dataset
     from mstok.data.tokens import pretokenize
-    from mstok.training.checkpoint import load_tokenizer_folder
+    from mstok.persistence import load_tokenizer_folder
     from mstok.training.distributed import DistContext
 
     # same default as eval: the EMA weights of a training checkpoint when it has them
@@ -308,8 +308,8 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_convert_titok(args: argparse.Namespace) -> int:
     import json
 
-    from mstok.convert.hub import download, is_hub_id
-    from mstok.convert.titok import convert_titok, describe
+    from mstok.persistence.convert.titok import convert_titok, describe
+    from mstok.persistence.hub import download, is_hub_id
     from mstok.tokenizers import TiTokConfig
 
     src = args.src
@@ -324,9 +324,9 @@ def _cmd_convert_titok(args: argparse.Namespace) -> int:
 def _cmd_convert_titok_generator(args: argparse.Namespace) -> int:
     import json
 
-    from mstok.convert.generator import SAMPLING_FILE, convert_titok_generator, describe_generator
-    from mstok.convert.hub import download, is_hub_id
     from mstok.generators import GeneratorConfig
+    from mstok.persistence.convert.generator import SAMPLING_FILE, convert_titok_generator, describe_generator
+    from mstok.persistence.hub import download, is_hub_id
 
     src = args.src
     if not Path(src).exists() and is_hub_id(src):

@@ -64,7 +64,8 @@ def _cmd_reference_train(args: argparse.Namespace) -> int:
 
 def _cmd_reference_eval(args: argparse.Namespace) -> int:
     from mstok.device import resolve_device
-    from mstok.evaluation.reference import evaluate_reference, load_reference_net
+    from mstok.evaluation.reference import evaluate_reference
+    from mstok.persistence import load_reference_net
 
     model = load_reference_net(args.model, args.weights)  # a missing or wrong-kind folder fails here, at once
     _require_folder(args.data, "--data")
@@ -86,7 +87,8 @@ def reference_meter(args: argparse.Namespace, dataset: Dataset, device: torch.de
     """``mstok eval --feature-net DIR [--feature-net-stats FILE]``: the FD-ref meter on ``device``,
     and why the top-1 is unavailable (the data's classes are not the network's) if it is."""
     from mstok.evaluation.fid import load_stats
-    from mstok.evaluation.reference import ReferenceMeter, load_reference_net
+    from mstok.evaluation.reference import ReferenceMeter
+    from mstok.persistence import load_reference_net
 
     net = load_reference_net(args.feature_net).to(device)
     stats = load_stats(args.feature_net_stats) if args.feature_net_stats else None

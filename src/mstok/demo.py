@@ -34,8 +34,9 @@ from PIL import Image, ImageDraw
 
 from mstok.data import InMemoryImages, RandomResizedCropFlip, find_images, load_rgb, to_tensor
 from mstok.evaluation.metrics import bits_per_pixel, mean_colour, psnr, ssim
+from mstok.persistence import load_tokenizer
 from mstok.storage.layout import EMA_FILE, step_dir_name
-from mstok.tokenizers import Tokenizer, load_tokenizer, preset_config
+from mstok.tokenizers import Tokenizer, preset_config
 from mstok.training import TrainConfig, Trainer
 from mstok.training.config import DataConfig, ModelConfig
 from mstok.training.recipes import TINY_EMA_DECAY, TINY_OPTIM, tiny_optim

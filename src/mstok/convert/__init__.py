@@ -1,25 +1,20 @@
-"""Importers for checkpoints released by other code bases (one module per family).
+"""Deprecated: the official-release importers moved to :mod:`mstok.persistence.convert`
+(``mstok.convert.hub`` to :mod:`mstok.persistence.hub`). The old module paths still import (each
+warns once); the old names of this package resolve with a warning."""
 
-:mod:`mstok.convert.titok` maps the official TiTok tokenizers (bytedance/1d-tokenizer) onto
-:class:`mstok.TiTok`; :mod:`mstok.convert.hub` fetches them from the Hugging Face hub.
-"""
+from __future__ import annotations
 
-from mstok.convert.titok import (
-    RELEASES,
-    ConversionError,
-    convert_titok,
-    convert_titok_state_dict,
-    load_official_titok,
-    release_config,
-    titok_config_from_official,
-)
+import warnings
+from typing import Any
 
-__all__ = [
-    "RELEASES",
-    "ConversionError",
-    "convert_titok",
-    "convert_titok_state_dict",
-    "load_official_titok",
-    "release_config",
-    "titok_config_from_official",
-]
+from mstok.persistence import convert as _convert
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecation shim: this package's names, from :mod:`mstok.persistence.convert`."""
+    if name in _convert.__all__:
+        warnings.warn(
+            f"mstok.convert.{name} moved to mstok.persistence.convert.{name}", DeprecationWarning, stacklevel=2
+        )
+        return getattr(_convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

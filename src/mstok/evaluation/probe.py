@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from mstok.data import center_crop_transform, collate_skip_broken, open_image_dataset
 from mstok.device import resolve_device
 from mstok.evaluation.metrics import topk_correct
+from mstok.persistence import load_tokenizer
 from mstok.storage.locate import locate_model
-from mstok.tokenizers.registry import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -46,11 +46,7 @@ from mstok.networks.reference import (
 from mstok.networks.reference import (
     ReferenceNet,
 )
-
-
-def load_reference_net(path: str | Path, weights: str | None = None) -> ReferenceNet:
-    """:meth:`ReferenceNet.from_pretrained`, the loader the CLI and the teacher use."""
-    return ReferenceNet.from_pretrained(path, weights)
+from mstok.persistence.loading import load_reference_net as load_reference_net  # re-exported (it lived here)
 
 
 def reference_dataset(path: str | Path, model: ReferenceNet, max_pixels: int | None = None) -> Dataset:

@@ -1,5 +1,12 @@
 """Generators over 1D tokens: MaskGIT over token ids, DiT over continuous latents and BitMAR
-over the bits of BSQ ids, their samplers, and one registry for the three families."""
+over the bits of BSQ ids, their samplers, and one registry for the three families.
+
+Models only: loading a saved generator of any family is :func:`mstok.load_generator`
+(:mod:`mstok.persistence`).
+"""
+
+import warnings
+from typing import Any
 
 from mstok.generators.bitmar import BITMAR_PRESETS, BitMAR, BitMARConfig
 from mstok.generators.bitmar_sampling import BitSamplingConfig, sample_bits
@@ -16,7 +23,6 @@ from mstok.generators.registry import (
     create_generator,
     family_of,
     generator_config,
-    load_generator,
     preset_family,
 )
 from mstok.generators.sampling import generate_images
@@ -48,7 +54,6 @@ __all__ = [
     "generator_config",
     "guidance_weight",
     "guided_logits",
-    "load_generator",
     "mask_ratio",
     "masked_counts",
     "preset_family",
@@ -56,3 +61,17 @@ __all__ = [
     "sample_bits",
     "sample_latents",
 ]
+
+
+# names that moved up to mstok.persistence (the model layer may not import it); they still resolve here
+_MOVED = {"load_generator": "mstok.persistence"}
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecation shim: a name in ``_MOVED`` resolves from its new home, with a DeprecationWarning."""
+    if name in _MOVED:
+        from mstok import persistence  # deprecation shim: the one allowed upward import
+
+        warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(persistence, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

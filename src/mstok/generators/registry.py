@@ -1,4 +1,5 @@
-"""Named generator presets of every family, and the functions that create and load generators.
+"""Named generator presets of every family, and the functions that create generators (loading a
+saved one of any family is :func:`mstok.load_generator`, :mod:`mstok.persistence.loading`).
 
 Three families share one registry: MaskGIT (:mod:`mstok.generators.maskgit`), a masked-token
 transformer over the ids of a discrete tokenizer, DiT (:mod:`mstok.generators.dit`), a
@@ -20,6 +21,7 @@ and the class count are overridden from the tokens a generator is trained on.
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +37,6 @@ from mstok.generators.dit import DIT_PRESETS, DiT, DiTConfig
 from mstok.generators.dit_sampling import DiTSamplingConfig, sample_latents
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
 from mstok.generators.maskgit_sampling import SamplingConfig, sample
-from mstok.storage.locate import locate_model
-from mstok.storage.saved import read_saved_config, split_saved_config
 
 _VIT = {"width": 768, "depth": 24, "num_heads": 16}
 _TINY = {"width": 128, "depth": 4, "num_heads": 4, "num_tokens": 32, "codebook_size": 1024, "num_classes": 200}
@@ -200,35 +200,15 @@ def create_generator(name: str, **overrides: Any) -> nn.Module:
     return preset_family(name).build(generator_config(name, **overrides))
 
 
-def load_generator(path: str | Path, weights: str | None = None) -> nn.Module:
-    """Load a generator of any family saved by ``save_pretrained``, a training checkpoint or a
-    run folder, by the same rule as :func:`mstok.load_tokenizer`
-    (:func:`mstok.storage.locate.locate_model`: a run's newest checkpoint; the EMA weights when
-    present, else ``model.safetensors``); its ``config.json`` names the family.
+# names that moved up to mstok.persistence.loading (the model layer may not import it); they still resolve here
+_MOVED = {"load_generator": "mstok.persistence.loading"}
 
-    Official TiTok generators load too, converted on the fly (:mod:`mstok.convert.generator`):
-    a Hugging Face hub id such as ``"yucornetto/generator_titok_l32_imagenet"`` (a string that
-    is not a local path; downloaded into the hub cache), or a folder holding such a release.
 
-    Args:
-        path: a model, checkpoint or run folder, a weights file in a model folder, or a hub id.
-        weights: ``None`` (EMA when present, else model), ``"ema"``, ``"model"``, or a file name in the folder.
-    """
-    if isinstance(path, str) and not Path(path).exists():
-        from mstok.convert.hub import is_hub_id  # lazy: only hub ids and official folders need the converter
+def __getattr__(name: str) -> Any:
+    """Deprecation shim: a name in ``_MOVED`` resolves from its new home, with a DeprecationWarning."""
+    if name in _MOVED:
+        from mstok.persistence import loading  # deprecation shim: the one allowed upward import
 
-        if is_hub_id(path):
-            from mstok.convert.generator import load_generator_from_hub
-
-            return load_generator_from_hub(path)
-    path, weights = locate_model(path, weights, "generator")
-    meta = read_saved_config(path, "generator")
-    if isinstance(meta, dict) and "family" not in meta:
-        from mstok.convert.generator import is_official_generator_config, load_official_generator
-
-        if is_official_generator_config(meta):
-            return load_official_generator(path)
-    family, _ = split_saved_config(meta, path, "generator")
-    if family not in FAMILIES:
-        raise ValueError(f"{path} holds a {family!r} model, not a generator (load it with mstok.load_tokenizer)")
-    return FAMILIES[family].load(path, weights)
+        warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -427,7 +427,7 @@ class ReferenceTeacher(Teacher):
             ValueError: no ``path``, or the folder holds another kind of model.
             FileNotFoundError: ``path`` does not exist or holds no model.
         """
-        from mstok.evaluation.reference import load_reference_net
+        from mstok.persistence import load_reference_net
 
         if path is None or str(path) == "":
             raise ValueError(

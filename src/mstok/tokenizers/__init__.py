@@ -1,4 +1,11 @@
-"""Tokenizer families (one file each) and the preset registry."""
+"""Tokenizer families (one file each) and the preset registry.
+
+Models only: loading a saved tokenizer of any family is :func:`mstok.load_tokenizer`
+(:mod:`mstok.persistence`).
+"""
+
+import warnings
+from typing import Any
 
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.contract import TokenizerOutput
@@ -9,13 +16,12 @@ from mstok.tokenizers.registry import (
     SIZES,
     create_tokenizer,
     list_presets,
-    load_tokenizer,
     preset_config,
     tokenizer_from_config,
 )
 from mstok.tokenizers.semtok import SemTok, SemTokConfig
 from mstok.tokenizers.titok import TiTok, TiTokConfig
-from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig, load_official_vqgan
+from mstok.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
 
 __all__ = [
     "PRESETS",
@@ -35,8 +41,20 @@ __all__ = [
     "VQGANConfig",
     "create_tokenizer",
     "list_presets",
-    "load_official_vqgan",
-    "load_tokenizer",
     "preset_config",
     "tokenizer_from_config",
 ]
+
+
+# names that moved up to mstok.persistence (the model layer may not import it); they still resolve here
+_MOVED = {"load_tokenizer": "mstok.persistence", "load_official_vqgan": "mstok.persistence"}
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecation shim: a name in ``_MOVED`` resolves from its new home, with a DeprecationWarning."""
+    if name in _MOVED:
+        from mstok import persistence  # deprecation shim: the one allowed upward import
+
+        warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(persistence, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

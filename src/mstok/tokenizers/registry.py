@@ -1,15 +1,14 @@
-"""Named presets, the model size table, and the functions that create and load tokenizers."""
+"""Named presets, the model size table, and the functions that create tokenizers (loading a saved
+one is :func:`mstok.load_tokenizer`, :mod:`mstok.persistence.loading`)."""
 
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any
 
 from mstok.quantizers.registry import implied_code_dim
-from mstok.storage.layout import CONFIG_FILE
-from mstok.storage.locate import locate_model
-from mstok.storage.saved import read_saved_config, split_saved_config
 from mstok.tokenizers.base import Tokenizer, TokenizerConfig
 from mstok.tokenizers.convae import ConvAE
 from mstok.tokenizers.hieratok import HieraTok
@@ -244,36 +243,15 @@ def tokenizer_from_config(family: str, fields: dict[str, Any], source: str | Pat
     return FAMILIES[family](config)
 
 
-def load_tokenizer(path: str | Path, weights: str | None = None) -> AnyTokenizer:
-    """Load a tokenizer saved by :meth:`Tokenizer.save_pretrained`, a training checkpoint or a run.
+# names that moved up to mstok.persistence.loading (the model layer may not import it); they still resolve here
+_MOVED = {"load_tokenizer": "mstok.persistence.loading"}
 
-    The rule every CLI command follows too (:func:`mstok.storage.locate.locate_model`): ``path`` is a run
-    folder (its newest checkpoint), a checkpoint or saved-model folder, or a weights file in one;
-    in a folder the EMA weights (``ema.safetensors``) are read when present, else ``model.safetensors``.
 
-    Official TiTok releases load too, converted on the fly (:mod:`mstok.convert.titok`): a
-    Hugging Face hub id such as ``"yucornetto/tokenizer_titok_l32_imagenet"`` (a string that
-    is not a local path; downloaded into the hub cache), or a folder holding such a release's
-    ``config.json`` and weights.
+def __getattr__(name: str) -> Any:
+    """Deprecation shim: a name in ``_MOVED`` resolves from its new home, with a DeprecationWarning."""
+    if name in _MOVED:
+        from mstok.persistence import loading  # deprecation shim: the one allowed upward import
 
-    Args:
-        path: a model, checkpoint or run folder, a weights file in a model folder, or a hub id.
-        weights: ``None`` (EMA when present, else model), ``"ema"``, ``"model"``, or a file name
-            inside the folder.
-    """
-    if isinstance(path, str) and not Path(path).exists():
-        from mstok.convert.hub import is_hub_id, load_from_hub  # lazy: only hub ids need it
-
-        if is_hub_id(path):
-            return load_from_hub(path)
-    path, weights = locate_model(path, weights, "tokenizer")
-    meta = read_saved_config(path, "tokenizer")
-    if isinstance(meta, dict) and "family" not in meta:
-        from mstok.convert.titok import is_official_titok_config, load_official_titok  # lazy: it imports TiTok
-
-        if is_official_titok_config(meta):
-            return load_official_titok(path)
-    family, fields = split_saved_config(meta, path, "tokenizer")
-    model = tokenizer_from_config(family, fields, source=path / CONFIG_FILE)
-    model.load_weights(path / weights)
-    return model.eval()
+        warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

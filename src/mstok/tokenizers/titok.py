@@ -10,7 +10,7 @@ Because the latents share the encoder's self-attention with the patches, encoder
 grows with (P + K)^2: that is the scalability bottleneck MsTok removes.
 
 The options beyond :class:`TokenizerConfig` describe the released official checkpoints
-(bytedance/1d-tokenizer, imported by :mod:`mstok.convert.titok`): a decoder of another size
+(bytedance/1d-tokenizer, imported by :mod:`mstok.persistence.convert.titok`): a decoder of another size
 than the encoder ("BL" = Base encoder, Large decoder), the legacy token projection of the
 two-stage releases, and Gaussian (VAE) latents instead of a codebook.
 

@@ -4,7 +4,7 @@ Stage 1 of two-stage training teaches a 1D tokenizer to predict the codes this f
 gives an image; stage 2 feeds ``softmax(logits)`` through :meth:`MaskGITVQGAN.decode_probabilities`
 to get pixels. The architecture and the state-dict key layout follow the public
 ``maskgit-vqgan-imagenet-f16-256.bin`` (a PyTorch port of the JAX MaskGIT VQGAN), so that file
-loads strictly with :func:`load_official_vqgan`:
+loads strictly with :func:`mstok.persistence.convert.vqgan.load_official_vqgan`:
 
 * encoder: 3x3 ``conv_in`` (no bias), one level per ``channel_mult`` entry with
   ``num_res_blocks`` ResNet blocks (GroupNorm + SiLU + 3x3 conv, twice, convs without bias)
@@ -27,9 +27,9 @@ N = h*w tokens in raster order (row by row).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +46,9 @@ from mstok.config_schema import (
     Rule,
     positive,
 )
-from mstok.io import load_state_dict_checked
 from mstok.layers import init_weights
 from mstok.quantizers import VectorQuantizer
 from mstok.storage.saved import SavedModel
-from mstok.storage.weights import load_torch_state_dict
 from mstok.tokenizers.contract import TokenizerOutput, check_images, check_tokens
 
 USAGE_KEY = "quantize.usage_ema"
@@ -350,23 +348,16 @@ class MaskGITVQGAN(SavedModel, nn.Module):
         return counts
 
 
-def load_official_vqgan(path: str | Path, config: VQGANConfig | None = None) -> MaskGITVQGAN:
-    """Load the released ``maskgit-vqgan-imagenet-f16-256.bin`` (or a ``.safetensors`` with the same keys).
+def __getattr__(name: str) -> Any:
+    """Deprecation shim: ``load_official_vqgan`` moved up to :mod:`mstok.persistence.convert.vqgan`
+    (reading a released file is persistence's job; the model layer may not import it)."""
+    if name == "load_official_vqgan":
+        from mstok.persistence.convert import vqgan  # deprecation shim: the one allowed upward import
 
-    The file must match the architecture of ``config`` (default: the official f16 256px
-    config) key for key and shape for shape. Official files lack the codebook-usage buffer
-    ``quantize.usage_ema``; it keeps the fresh model's value.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unreadable file, or missing/unexpected keys and shape mismatches, each named
-            with the checkpoint's and the model's shapes.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VQGAN weights file not found: {path}")
-    state = dict(load_torch_state_dict(path))
-    model = MaskGITVQGAN(config if config is not None else VQGANConfig())
-    state.setdefault(USAGE_KEY, model.quantize.usage_ema.clone())
-    load_state_dict_checked(model, state, str(path))
-    return model.eval()
+        warnings.warn(
+            "mstok.tokenizers.vqgan.load_official_vqgan moved to mstok.persistence.convert.vqgan.load_official_vqgan",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return vqgan.load_official_vqgan
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

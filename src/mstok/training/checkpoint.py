@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError
 
 from mstok.io import apply_umask, atomic_save_safetensors, read_safetensors
+from mstok.persistence.loading import load_tokenizer_folder as load_tokenizer_folder  # re-exported (it lived here)
 from mstok.storage.layout import (  # the layout's names, re-exported here where they used to live
     EMA_FILE,
     MODEL_FILE,
@@ -73,18 +74,6 @@ class CorruptCheckpointError(ValueError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, permissions); nothing partial was left."""
-
-
-def load_tokenizer_folder(
-    path: str | Path, weights: str | None = None, what: str = "checkpoint"
-) -> tuple[torch.nn.Module, Path, str]:
-    """A tokenizer by the loading rule of :func:`mstok.storage.locate.locate_model` (the one of
-    ``mstok.load_tokenizer``); returns (model, folder, weights file name)."""
-    from mstok.storage.locate import locate_model
-    from mstok.tokenizers import load_tokenizer  # lazy: the registry imports the converters lazily too
-
-    folder, weights = locate_model(path, weights, what)
-    return load_tokenizer(folder, weights=weights), folder, weights
 
 
 def _fsync(path: Path) -> None:

@@ -28,8 +28,7 @@ PROXY_FAMILY = "maskgit_vqgan"
 def load_proxy(path: str | Path, weights: str = "model.safetensors") -> nn.Module:
     """The frozen proxy tokenizer: an mstok MaskGIT-VQGAN folder, a run or checkpoint folder
     of one (newest checkpoint), or an official ``maskgit-vqgan-imagenet-f16-256.bin``."""
-    from mstok.tokenizers import load_tokenizer
-    from mstok.tokenizers.vqgan import load_official_vqgan
+    from mstok.persistence import load_official_vqgan, load_tokenizer
 
     path = Path(path)
     if path.is_file():

@@ -41,7 +41,7 @@ from mstok.generators.registry import FAMILIES, GeneratorFamily, TokenSpace, pre
 from mstok.losses.bitwise import BitwiseObjective
 from mstok.losses.diffusion import DiffusionObjective
 from mstok.losses.masked import MaskedTokenObjective
-from mstok.training.checkpoint import load_tokenizer_folder
+from mstok.persistence import load_tokenizer_folder
 from mstok.training.config import GeneratorTrainConfig
 from mstok.training.distributed import DistContext
 from mstok.training.engine import Engine, MicroBatch
