@@ -14,7 +14,7 @@ from PIL import Image
 
 from mstok.cli import main
 from mstok.evaluation.reference import ReferenceMeter, evaluate_reference
-from mstok.evaluation.reference_train import train_reference
+from mstok.training.reference import train_reference
 from mstok.losses.teachers import ReferenceTeacher, build_teacher
 from mstok.networks.reference import ReferenceConfig, ReferenceNet
 from mstok.tokenizers import create_tokenizer

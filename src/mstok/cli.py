@@ -12,9 +12,23 @@ from pathlib import Path
 
 import torch
 
+import mstok
 from mstok.cli_errors import MAX_PIXELS_HELP, run_command
 from mstok.cli_generation import MODEL_HELP, WEIGHTS_HELP, add_generation_commands, check_resolution, default_out_dir
 from mstok.cli_reference import add_feature_net_arguments, add_reference_commands, reference_meter
+from mstok.data.shards import write_shards
+from mstok.device import resolve_device
+from mstok.evaluation import uniformity
+from mstok.evaluation.inception import FID_WEIGHTS_FILENAME
+from mstok.generators import GENERATOR_PRESETS, create_generator, family_of
+from mstok.losses.perceptual import LPIPS_FILENAME, VGG16_FILENAME
+from mstok.persistence import load_tokenizer_folder
+from mstok.storage.locate import locate_model
+from mstok.storage.weights import command_hints
+from mstok.tokenizers.registry import PRESETS, create_tokenizer, preset_config
+from mstok.training import GeneratorTrainConfig, Trainer, load_train_config
+from mstok.training.generator_trainer import GeneratorTrainer
+from mstok.training.resume import saved_run_config
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -24,9 +38,6 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from mstok.generators import GENERATOR_PRESETS, create_generator, family_of
-    from mstok.tokenizers.registry import PRESETS, create_tokenizer
-
     rows = []
     for name in PRESETS:
         with torch.device("meta"):  # count parameters without allocating B/L weights
@@ -59,10 +70,6 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 def _run_training(args: argparse.Namespace, kind: str) -> int:
     """Shared by ``train``, ``train-proxy`` and ``train-generator``: one engine, under torchrun or not."""
-    from mstok.training import GeneratorTrainConfig, Trainer, load_train_config
-    from mstok.training.generator_trainer import GeneratorTrainer
-    from mstok.training.resume import saved_run_config
-
     if args.config is None:
         if not args.resume or args.resume == "auto":
             raise ValueError(
@@ -97,8 +104,6 @@ def _run_training(args: argparse.Namespace, kind: str) -> int:
 
 
 def _preset_family(preset: str) -> str:
-    from mstok.tokenizers.registry import preset_config
-
     return preset_config(preset).family
 
 
@@ -115,7 +120,7 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from mstok.demo import run_demo
+    from mstok.demo import run_demo  # lazy: the demo imports training and evaluation (torchmetrics, about 2 s)
 
     report = run_demo(
         out_dir=args.out,
@@ -131,8 +136,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_to_shards(args: argparse.Namespace) -> int:
-    from mstok.data.shards import write_shards
-
     index = write_shards(
         args.src,
         args.dst,
@@ -155,13 +158,8 @@ def _cmd_data_to_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mstok.device import resolve_device
+    # lazy: evaluation imports torchmetrics and scikit-image (about 2 s), which only this command needs
     from mstok.evaluation import evaluate as ev
-    from mstok.evaluation import uniformity
-    from mstok.evaluation.inception import FID_WEIGHTS_FILENAME
-    from mstok.losses.perceptual import LPIPS_FILENAME, VGG16_FILENAME
-    from mstok.persistence import load_tokenizer_folder
-    from mstok.storage.weights import command_hints
 
     device = resolve_device(args.device)  # one process: eval never joins a process group
     out = Path(args.out) if args.out else None
@@ -237,8 +235,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_latent_stats(results: dict, model: torch.nn.Module, dataset, args: argparse.Namespace, plot: Path) -> None:
     """``mstok eval --latent-stats N``: the latent-uniformity statistics as ``latent_*`` results and
     their t-SNE plot; latents with no spread to measure make them unavailable, not the evaluation."""
-    from mstok.evaluation import uniformity
-
     batches = uniformity.dataset_batches(dataset, args.latent_stats, args.batch_size, args.num_workers)
     try:
         stats = uniformity.latent_uniformity(model, batches)
@@ -265,8 +261,7 @@ def _parse_split(text: str) -> tuple[int, int]:
 def _cmd_probe(args: argparse.Namespace) -> int:
     import json
 
-    from mstok.evaluation.probe import run_probe
-    from mstok.storage.locate import locate_model
+    from mstok.evaluation.probe import run_probe  # lazy: it imports torchmetrics (about 2 s)
 
     if args.val and args.split:
         raise ValueError("--split divides the train folder and cannot be combined with --val")
@@ -312,8 +307,6 @@ BENCH_SCRIPTS = {
 
 def _benchmarks_dir(given: str | None) -> Path:
     """The benchmarks folder: ``given``, else the one beside ``src/`` in the checkout mstok runs from."""
-    import mstok
-
     folder = Path(given) if given else Path(mstok.__file__).resolve().parents[2] / "benchmarks"
     if not all((folder / f"{script}.py").is_file() for script in BENCH_SCRIPTS.values()):
         raise FileNotFoundError(

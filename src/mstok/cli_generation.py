@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from mstok.cli_errors import MAX_PIXELS_HELP, positive_int
+from mstok.data import center_crop_transform, open_image_dataset
+from mstok.data.tokens import identity_differences, pretokenize, tokenizer_identity
+from mstok.device import resolve_device
+from mstok.generators import GeneratorConfig, GeneratorFamily, check_tokenizer, family_of, generate_images
+from mstok.generators.sampling import write_samples
+from mstok.persistence import load_generator, load_tokenizer_folder
+from mstok.persistence.convert.generator import SAMPLING_FILE, convert_titok_generator, describe_generator
+from mstok.persistence.convert.titok import convert_titok, describe
+from mstok.persistence.hub import download, is_hub_id
 from mstok.storage.layout import CHECKPOINTS_DIR, CONFIG_FILE, TRAIN_CONFIG_FILE
-
-if TYPE_CHECKING:
-    from mstok.generators import GeneratorFamily
+from mstok.storage.locate import locate_model
+from mstok.tokenizers import TiTokConfig
+from mstok.training.distributed import DistContext
 
 # every command that reads a model says the same (the rule: mstok.storage.locate.locate_model, as mstok.load_tokenizer)
 MODEL_HELP = "a run folder (its newest checkpoint), a checkpoint or saved-model folder, or a weights file in one"
@@ -77,12 +85,6 @@ def _add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
-    from mstok.device import resolve_device
-    from mstok.generators import check_tokenizer, family_of, generate_images
-    from mstok.generators.sampling import write_samples
-    from mstok.persistence import load_generator, load_tokenizer_folder
-    from mstok.storage.locate import locate_model
-
     device = resolve_device(args.device)
     folder, weights = locate_model(args.generator, args.weights, "--generator")
     generator = load_generator(folder, weights).to(device)
@@ -139,8 +141,6 @@ def _check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> list[st
     """When the generator's training tokens are reachable, refuse a tokenizer other than theirs;
     returns the class names of those tokens' images when known (for the grid's row labels)."""
     import json
-
-    from mstok.data.tokens import identity_differences, tokenizer_identity
 
     try:
         data = Path(json.loads((folder / TRAIN_CONFIG_FILE).read_text())["data"]["path"])
@@ -202,11 +202,6 @@ def _sampling_fields(args: argparse.Namespace, family: GeneratorFamily) -> dict:
 
 def _cmd_pretokenize(args: argparse.Namespace) -> int:
     import time
-
-    from mstok.data import center_crop_transform, open_image_dataset
-    from mstok.data.tokens import pretokenize
-    from mstok.persistence import load_tokenizer_folder
-    from mstok.training.distributed import DistContext
 
     # same default as eval: the EMA weights of a training checkpoint when it has them
     model, folder, weights = load_tokenizer_folder(args.checkpoint, args.weights, "--checkpoint")
@@ -308,10 +303,6 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_convert_titok(args: argparse.Namespace) -> int:
     import json
 
-    from mstok.persistence.convert.titok import convert_titok, describe
-    from mstok.persistence.hub import download, is_hub_id
-    from mstok.tokenizers import TiTokConfig
-
     src = args.src
     if not Path(src).exists() and is_hub_id(src):
         src = download(src)  # a hub id: fetch the release into the hub cache first
@@ -323,10 +314,6 @@ def _cmd_convert_titok(args: argparse.Namespace) -> int:
 
 def _cmd_convert_titok_generator(args: argparse.Namespace) -> int:
     import json
-
-    from mstok.generators import GeneratorConfig
-    from mstok.persistence.convert.generator import SAMPLING_FILE, convert_titok_generator, describe_generator
-    from mstok.persistence.hub import download, is_hub_id
 
     src = args.src
     if not Path(src).exists() and is_hub_id(src):

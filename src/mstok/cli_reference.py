@@ -16,6 +16,9 @@ from torch.utils.data import Dataset
 
 from mstok.cli_errors import MAX_PIXELS_HELP, positive_int
 from mstok.cli_generation import MODEL_HELP, WEIGHTS_HELP
+from mstok.device import resolve_device
+from mstok.persistence import load_reference_net
+from mstok.training.reference import DEFAULT_BATCH, DEFAULT_DATA, DEFAULT_LR, DEFAULT_STEPS, train_reference
 
 DEFAULT_VAL_DATA = "../shared/datasets/tiny-imagenet-64"
 
@@ -27,8 +30,7 @@ def _require_folder(path: str, flag: str) -> None:
 
 
 def _cmd_reference_train(args: argparse.Namespace) -> int:
-    from mstok.evaluation.reference import evaluate_reference
-    from mstok.evaluation.reference_train import train_reference
+    from mstok.evaluation.reference import evaluate_reference  # lazy: torchmetrics takes about 2 s to import
 
     _require_folder(args.data, "--data")
     if args.val_data:
@@ -63,9 +65,7 @@ def _cmd_reference_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference_eval(args: argparse.Namespace) -> int:
-    from mstok.device import resolve_device
-    from mstok.evaluation.reference import evaluate_reference
-    from mstok.persistence import load_reference_net
+    from mstok.evaluation.reference import evaluate_reference  # lazy: torchmetrics takes about 2 s to import
 
     model = load_reference_net(args.model, args.weights)  # a missing or wrong-kind folder fails here, at once
     _require_folder(args.data, "--data")
@@ -86,9 +86,9 @@ def _cmd_reference_eval(args: argparse.Namespace) -> int:
 def reference_meter(args: argparse.Namespace, dataset: Dataset, device: torch.device) -> tuple[Any, dict[str, str]]:
     """``mstok eval --feature-net DIR [--feature-net-stats FILE]``: the FD-ref meter on ``device``,
     and why the top-1 is unavailable (the data's classes are not the network's) if it is."""
+    # lazy: scipy and torchmetrics (about 2 s), needed only with --feature-net
     from mstok.evaluation.fid import load_stats
     from mstok.evaluation.reference import ReferenceMeter
-    from mstok.persistence import load_reference_net
 
     net = load_reference_net(args.feature_net).to(device)
     stats = load_stats(args.feature_net_stats) if args.feature_net_stats else None
@@ -122,8 +122,6 @@ def add_feature_net_arguments(evaluate: argparse.ArgumentParser) -> None:
 
 def add_reference_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``mstok reference train`` and ``mstok reference eval``."""
-    from mstok.evaluation.reference_train import DEFAULT_BATCH, DEFAULT_DATA, DEFAULT_LR, DEFAULT_STEPS
-
     reference = sub.add_parser(
         "reference",
         help="train or evaluate the reference network (a Tiny ImageNet classifier: SemTok's teacher, FD-ref)",

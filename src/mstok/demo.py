@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mstok.data import InMemoryImages, RandomResizedCropFlip, find_images, load_rgb, to_tensor
+from mstok.evaluation.evaluate import load_lpips
 from mstok.evaluation.metrics import bits_per_pixel, mean_colour, psnr, ssim
 from mstok.persistence import load_tokenizer
 from mstok.storage.layout import EMA_FILE, step_dir_name
@@ -259,8 +260,6 @@ def run_demo(
         raise ValueError(f"demo models must share one resolution, got {sorted(sizes)}")
     size = sizes.pop()
     crops = held_out_crops(held_photos, size, per_photo, seed)  # the same held-out batch for every model
-
-    from mstok.evaluation.evaluate import load_lpips  # lazy: torchmetrics is slow to import
 
     lpips, lpips_missing = load_lpips(torch.device("cpu"), download=False, level=logging.INFO)
     processes, threads = demo_jobs(jobs)

@@ -32,10 +32,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mstok.data import center_crop_transform, open_image_dataset, to_tensor
+from mstok.data import center_crop_transform, find_images, load_rgb, open_image_dataset, to_tensor
 from mstok.data.images import data_source, no_readable_image
+from mstok.evaluation.fid import FeatureStats, frechet_distance, inception_score, inception_score_splits, load_stats
+from mstok.evaluation.inception import load_fid_inception
 from mstok.evaluation.metrics import bits_per_pixel, codebook_usage, psnr, save_usage_histogram, ssim
 from mstok.images import make_grid
+from mstok.losses.perceptual import LPIPS
 from mstok.quantizers.base import DENSE_USAGE_MAX
 from mstok.storage.weights import MissingWeightsError
 
@@ -130,7 +133,6 @@ def load_lpips(
     """(LPIPS on ``device``, None) or (None, why it is unavailable, also logged at ``level``);
     ``lpips_weights`` are the explicit VGG16 and LPIPS files (None: the cache, downloading there
     when ``download``)."""
-    from mstok.losses.perceptual import LPIPS
 
     def build():
         return LPIPS.from_pretrained(*lpips_weights, cache=cache, download=download).to(device)
@@ -145,8 +147,6 @@ def load_metric_networks(
     download: bool = True,
 ) -> tuple[Any, Any, dict[str, str]]:
     """(LPIPS or None, FID-Inception or None, reasons for what is unavailable)."""
-    from mstok.evaluation.inception import load_fid_inception
-
     unavailable = {}
     lpips, why = load_lpips(device, lpips_weights, download=download)
     if why:
@@ -195,8 +195,6 @@ def evaluate_reconstruction(
     Returns:
         a JSON-able dict of metrics and settings.
     """
-    from mstok.evaluation.fid import FeatureStats, frechet_distance, inception_score, inception_score_splits
-
     device = torch.device(device)
     model = model.to(device).eval()
     cfg = model.config
@@ -342,15 +340,11 @@ def write_results(results: dict[str, Any], path: str | Path | None) -> str:
 
 def load_reference(path: str | Path) -> tuple[Any, Any]:
     """``(mu, sigma)`` Inception statistics from an ``.npz`` (ours, or an ADM evaluator reference batch)."""
-    from mstok.evaluation.fid import load_stats
-
     return load_stats(path)
 
 
 def _generated_batches(path: Path, batch_size: int):
     """uint8 (B, 3, H, W) batches from a folder of images or an ``.npz`` (``arr_0``: N x H x W x 3)."""
-    from mstok.data import find_images, load_rgb
-
     if path.suffix == ".npz":
         array = np.load(path)["arr_0"]
         if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
@@ -376,8 +370,6 @@ def evaluate_generated(
     fid_method: str = "sqrtm",
 ) -> dict[str, Any]:
     """gFID against reference statistics and Inception Score of generated images."""
-    from mstok.evaluation.fid import FeatureStats, frechet_distance, inception_score, inception_score_splits
-
     if inception is None:
         why = (unavailable or {}).get("rfid", "no FID-Inception network")
         raise MissingWeightsError(f"gFID needs the FID-Inception weights: {why}")

@@ -38,6 +38,7 @@ from torch import nn
 
 from mstok.layers.init import init_weights
 from mstok.networks.reference import ReferenceNet
+from mstok.persistence import load_reference_net
 from mstok.storage.locate import is_hub_id
 from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers.contract import _check_finite
@@ -427,8 +428,6 @@ class ReferenceTeacher(Teacher):
             ValueError: no ``path``, or the folder holds another kind of model.
             FileNotFoundError: ``path`` does not exist or holds no model.
         """
-        from mstok.persistence import load_reference_net
-
         if path is None or str(path) == "":
             raise ValueError(
                 "a reference teacher needs a path: the folder `mstok reference train --out DIR` wrote "

@@ -18,6 +18,10 @@ from torch.utils.data import Dataset
 
 from mstok.data import IndexSubset, RandomResizedCropFlip, center_crop_transform, open_image_dataset
 from mstok.losses import TokenizerLoss
+from mstok.losses.gan import AdversarialLoss
+from mstok.losses.perceptual import LPIPS
+from mstok.losses.teachers import build_teacher
+from mstok.persistence import load_official_vqgan, load_tokenizer
 from mstok.storage.locate import find_model_folder
 from mstok.storage.weights import MissingWeightsError
 from mstok.training.config import TrainConfig
@@ -28,8 +32,6 @@ PROXY_FAMILY = "maskgit_vqgan"
 def load_proxy(path: str | Path, weights: str = "model.safetensors") -> nn.Module:
     """The frozen proxy tokenizer: an mstok MaskGIT-VQGAN folder, a run or checkpoint folder
     of one (newest checkpoint), or an official ``maskgit-vqgan-imagenet-f16-256.bin``."""
-    from mstok.persistence import load_official_vqgan, load_tokenizer
-
     path = Path(path)
     if path.is_file():
         proxy = load_official_vqgan(path)
@@ -47,8 +49,6 @@ def build_loss(config: TrainConfig, device: torch.device) -> tuple[TokenizerLoss
     w = config.loss
     perceptual = None
     if w.perceptual_weight > 0:
-        from mstok.losses.perceptual import LPIPS
-
         p = config.perceptual
         try:
             perceptual = LPIPS.from_pretrained(
@@ -63,16 +63,12 @@ def build_loss(config: TrainConfig, device: torch.device) -> tuple[TokenizerLoss
         perceptual = perceptual.to(device)
     adversarial = None
     if w.gan_weight > 0:
-        from mstok.losses.gan import AdversarialLoss
-
         d = config.discriminator
         adversarial = AdversarialLoss(
             base_channels=d.base_channels, num_layers=d.num_layers, lecam_weight=w.lecam_weight
         ).to(device)
     teacher = None
     if w.distill_weight > 0 or w.contrastive_weight > 0:
-        from mstok.losses.teachers import build_teacher
-
         try:
             teacher = build_teacher(config.teacher.spec)
         except MissingWeightsError as err:

@@ -47,7 +47,9 @@ from mstok.diffusion.config import DiffusionConfig
 from mstok.generators.bitmar_sampling import BitSamplingConfig
 from mstok.generators.dit_sampling import DiTSamplingConfig
 from mstok.generators.maskgit_sampling import SamplingConfig
+from mstok.generators.registry import GENERATOR_PRESETS, generator_config
 from mstok.generators.schedules import MASK_SCHEDULES
+from mstok.tokenizers.registry import PRESETS, preset_config
 
 C = TypeVar("C", bound="RunConfig")
 
@@ -291,7 +293,6 @@ class TrainConfig(RunConfig):
         low, high = self.data.crop_scale
         if low > high:
             raise ConfigError("data.crop_scale", f"must be [min, max] with min <= max, got {[low, high]}")
-        from mstok.tokenizers.registry import PRESETS, preset_config  # lazy: model code, only to check names
 
         check_model_overrides(self.model, preset_config, PRESETS)
 
@@ -379,7 +380,6 @@ class GeneratorTrainConfig(RunConfig):
         low, high = self.bit_loss.min_mask_ratio, self.bit_loss.max_mask_ratio
         if low > high:
             raise ConfigError("bit_loss.min_mask_ratio", f"must be at most max_mask_ratio = {high}, got {low}")
-        from mstok.generators.registry import GENERATOR_PRESETS, generator_config  # lazy, as for TrainConfig
 
         check_model_overrides(self.model, generator_config, GENERATOR_PRESETS)
 

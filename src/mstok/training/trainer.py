@@ -130,8 +130,8 @@ class Trainer(Engine):
         """LPIPS for validation (the loss's when it has one; else only from local files, never a
         download), and the PSNR of painting each held-out image in its mean colour, a floor to
         read the reconstructions' PSNR against."""
-        # imported here: evaluation imports the training package (its grids), and torchmetrics
-        # takes seconds to import, which a run without validation need not pay
+        # lazy: evaluation.metrics imports torchmetrics and scikit-image (about 2 s), which a run
+        # without validation need not pay
         from mstok.evaluation.evaluate import load_lpips
         from mstok.evaluation.metrics import mean_colour, psnr
 
@@ -184,7 +184,7 @@ class Trainer(Engine):
     def validate(self) -> dict[str, float]:
         """PSNR, SSIM (and LPIPS when available) of the EMA model's reconstructions of the
         held-out batch, means over its images; in micro-batches, so it fits where training does."""
-        from mstok.evaluation.metrics import psnr, ssim
+        from mstok.evaluation.metrics import psnr, ssim  # lazy: torchmetrics is slow to import (above)
 
         if self.val_images is None:
             return {}
