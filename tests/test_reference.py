@@ -14,11 +14,11 @@ from PIL import Image
 
 from mstok.cli import main
 from mstok.evaluation.reference import ReferenceMeter, evaluate_reference
-from mstok.training.reference import train_reference
 from mstok.losses.teachers import ReferenceTeacher, build_teacher
 from mstok.networks.reference import ReferenceConfig, ReferenceNet
 from mstok.tokenizers import create_tokenizer
 from mstok.training import Trainer, load_train_config
+from mstok.training.reference import train_reference
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # a net of a few thousand parameters: 16 px inside, two stages, 3 classes
