@@ -11,7 +11,7 @@ with both predictions from ONE batched call on ``[x; x]`` (2B rows), so a networ
 same batch statistics as an unguided one and the GPU runs one large call, not two small ones.
 ``s = 1`` is plain conditional sampling and ``s = 0`` plain unconditional sampling; both skip
 the second half of the batch. ``s`` relates to the MaskGIT sampler's weight ``w``
-(:mod:`mstok.generators.sampling`, ``cond + w (cond - uncond)``) by ``s = 1 + w``.
+(:mod:`mstok.generators.maskgit_sampling`, ``cond + w (cond - uncond)``) by ``s = 1 + w``.
 
 Every sampler starts the same way (:func:`start_sampling`): the starting noise, drawn or
 given, and the guided function of the checked labels.

@@ -1,6 +1,6 @@
 """Sampling a BitMAR generator: random-order masked generation of bit tokens (SemTok A.2, B.2).
 
-Unlike MaskGIT's sampler (:mod:`mstok.generators.sampling`), which keeps its most confident
+Unlike MaskGIT's sampler (:mod:`mstok.generators.maskgit_sampling`), which keeps its most confident
 predictions, BitMAR reveals tokens in a random order, as MAR does (SemTok Table 14: better gFID
 than confidence-based choice). With S steps and K tokens:
 

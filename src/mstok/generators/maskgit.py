@@ -4,7 +4,7 @@ A bidirectional transformer reads ``[class token; K token slots]`` where each sl
 code id or the mask id, and predicts a distribution over the V codes at every slot.
 Training masks a random fraction of the slots (see :mod:`mstok.losses.masked`); sampling
 starts from all masks and reveals tokens over a few steps (see
-:mod:`mstok.generators.sampling`).
+:mod:`mstok.generators.maskgit_sampling`).
 
 One embedding table holds every input symbol, in the official TiTok layout so its
 generators load without remapping::

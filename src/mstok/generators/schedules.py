@@ -7,7 +7,7 @@ it decreases in between. Training draws ``r ~ U(0, 1)`` per example and masks
 tokens masked after step t (TiTok Table 3b compares the four schedules below).
 
 A guidance schedule gives the classifier-free guidance weight ``w_t`` of step t of S, used as
-``logits = cond + w_t * (cond - uncond)`` (see :mod:`mstok.generators.sampling`):
+``logits = cond + w_t * (cond - uncond)`` (see :mod:`mstok.generators.maskgit_sampling`):
 
 * ``constant``: ``w_t = w``.
 * ``linear``: ``w_t = w * t / S``, from no guidance at the first step (as in MUSE).
