@@ -18,12 +18,13 @@ groups of rows:
 
     python benchmarks/convergence.py                      # all rows, 400 steps, 2 rows at a time
     python benchmarks/convergence.py --steps 2000 --groups recipe,calibration
-    python benchmarks/convergence.py --rows "titok VQ (recipe)" --steps 200 --no-append
+    python benchmarks/convergence.py --rows "titok VQ (recipe)" --steps 200 --no-write
 
 ``--jobs 2`` trains two rows at once with one thread each (on 2 cores, the fairest use of the
 machine: every row sees the same contention, so seconds per step compare across rows).
 Finished rows are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
-The table, a PSNR-vs-step plot and the command go to ``benchmarks/RESULTS.md``.
+The table, a PSNR-vs-step plot and the command go to its section of ``benchmarks/RESULTS.md``, replaced in
+place by each run (the one replaced moves to ``benchmarks/history/convergence.md``).
 """
 
 from __future__ import annotations

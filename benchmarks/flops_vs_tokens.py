@@ -14,10 +14,10 @@ the two-stage decode; the second table adds it to each decoder (with its proxy-c
 Builds one model at a time on the meta device (counts depend only on shapes) at 256x256,
 batch 1, counts FLOPs with :func:`mstok.evaluation.flops.tokenizer_flops`, prints markdown
 tables with ratios to the smallest K, checks the targets, draws cost vs K into ``--plot``
-and appends a dated section to ``--out``.
+and writes its section of ``--out`` in place (``harness.write_section``).
 
     python benchmarks/flops_vs_tokens.py --out benchmarks/RESULTS.md --ks 32,64,128,256 --models titok_b64,mstok_b64
-    python benchmarks/flops_vs_tokens.py --models titok_tiny,mstok_tiny --ks 8,32 --image-size 64 --no-append --no-plot
+    python benchmarks/flops_vs_tokens.py --models titok_tiny,mstok_tiny --ks 8,32 --image-size 64 --no-write --no-plot
 
 Exits 1 if a target fails.
 """

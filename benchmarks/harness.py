@@ -527,10 +527,32 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROXY_FOR_SIZE = {256: "maskgit_vqgan_f16", 64: "vqgan_tiny"}
 
 
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--device`` (auto, cpu, cuda) and ``--threads`` (torch intra-op threads)."""
+def timing_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The command line the timing benchmarks share: the output flags (:func:`add_output_arguments`),
+    ``--quick`` (help ``quick``), ``--device`` (auto, cpu, cuda) and ``--threads`` (torch intra-op threads)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_output_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    return parser
+
+
+def list_help(what: str, default: Iterable[str], quick: Iterable[str]) -> str:
+    """Help for a comma-separated list whose default depends on ``--quick``."""
+    return f"comma-separated {what} (default: {','.join(default)}; --quick: {','.join(quick)}; '' for none)"
+
+
+def add_repeat_arguments(
+    parser: argparse.ArgumentParser, count: str, unit: str, most: str, budget: str, warmup: str
+) -> None:
+    """How often a row is timed: ``count`` (``--reps``, ``--steps``: the most timed ``unit``s per row, by
+    default ``most``), ``--budget`` (seconds of them, by default ``budget``) and ``--warmup`` (help ``warmup``)."""
+    parser.add_argument(count, type=int, help=f"most timed {unit}s per row (default {most})")
+    parser.add_argument(
+        "--budget", type=float, help=f"seconds of timed {unit}s per row before stopping (default {budget})"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help=warmup)
 
 
 def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
@@ -542,12 +564,19 @@ def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return args.device == "cuda"
 
 
-def check_modes(parser: argparse.ArgumentParser, flag: str, modes: list[str]) -> None:
-    """A parser error for a mode that is not ``PRECISION[+compile]``."""
-    for mode in modes:
+def check_timing(parser: argparse.ArgumentParser, args: argparse.Namespace, count: str, modes: str) -> None:
+    """Parser errors for what the timing benchmarks share: fewer than one timed call per row (``count``:
+    ``--reps`` or ``--steps``), a negative ``--warmup`` or ``--budget``, no mode or a mode that is not
+    ``PRECISION[+compile]`` in ``modes`` (the flag: ``--modes``, ``--precisions``)."""
+    if getattr(args, count[2:]) < 1 or args.warmup < 0 or args.budget < 0:
+        parser.error(f"{count} must be >= 1; --warmup and --budget >= 0")
+    chosen_modes = getattr(args, modes[2:])
+    if not chosen_modes:
+        parser.error(f"{modes} names no precision")
+    for mode in chosen_modes:
         precision, _, extra = mode.partition("+")
         if precision not in DTYPES or extra not in ("", "compile"):
-            parser.error(f"{flag}: {mode!r} is not PRECISION[+compile] with PRECISION fp32, bf16 or fp16")
+            parser.error(f"{modes}: {mode!r} is not PRECISION[+compile] with PRECISION fp32, bf16 or fp16")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -623,6 +652,21 @@ def compiled_parts(owner: Any, parts: Iterable[str], enabled: bool) -> Iterator[
             torch._dynamo.reset()
 
 
+@dataclass(kw_only=True)
+class Timed:
+    """What every timed row records besides its times: peak memory (CUDA), the 1-minute load average as it
+    ended, and its error when it failed (its times then empty)."""
+
+    peak_mem_bytes: int | None = None
+    load_after: float = math.nan
+    error: str | None = None
+
+
+def per_second(count: int, times: Sequence[float]) -> float:
+    """``count`` items over the median of ``times`` (NaN when there is none)."""
+    return count / median(times) if times else math.nan
+
+
 def median(times: Sequence[float]) -> float:
     """The median (NaN when there is none)."""
     return statistics.median(times) if times else math.nan
@@ -633,9 +677,14 @@ def gib(nbytes: int | None) -> str:
     return f"{nbytes / 2**30:.2f}" if nbytes is not None else "-"
 
 
-def peak_note(cuda: bool, over: str) -> str:
-    """What the peak memory column is."""
-    return f"peak mem is `torch.cuda.max_memory_allocated` over {over}" if cuda else "no peak memory on CPU"
+def measured_notes(device: str, synchronised: str, peak_over: str, warmed_on_cpu: str = "") -> tuple[str, str, str]:
+    """The notes' words on CUDA synchronisation (``synchronised``: around what), on the peak memory column
+    (``peak_over``: over what it is taken) and on when rows are warmed up (on CUDA before each row, on CPU
+    ``warmed_on_cpu``); on CPU, there is no synchronisation nor peak memory."""
+    if device != "cuda":
+        return "", "no peak memory on CPU", warmed_on_cpu
+    peak = f"peak mem is `torch.cuda.max_memory_allocated` over {peak_over}"
+    return f"CUDA synchronised {synchronised}; ", peak, "before each row"
 
 
 def load_note(clock: Clock, effect: str) -> str:
@@ -646,8 +695,10 @@ def load_note(clock: Clock, effect: str) -> str:
     )
 
 
-def print_outcome(clock: Clock, blocks: list[str], failed: list[str]) -> list[str]:
-    """Print the tables, a line per failed row and the run's time and load; returns the failed rows as notes."""
+def print_outcome(clock: Clock, blocks: list[str], results: Iterable[Timed], label: Callable[[Any], str]) -> list[str]:
+    """Print the tables, a line per failed row (``label(row)``: error) and the run's time and load; returns
+    the failed rows as notes."""
+    failed = [f"{label(r)}: {r.error}" for r in results if r.error]
     print()
     print("\n\n".join(blocks))
     for label in failed:
@@ -680,6 +731,11 @@ def cell(values: Iterable[float | None], digits: int) -> str:
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def pooled(items: Sequence[dict[str, Any]], *columns: tuple[str, int]) -> list[str]:
+    """One :func:`cell` per ``(key, digits)`` column, pooling ``item[key]`` over ``items`` (the seeds of a row)."""
+    return [cell([item.get(key) for item in items], digits) for key, digits in columns]
 
 
 def mean_std(values: Sequence[float], digits: int) -> str:

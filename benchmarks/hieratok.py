@@ -29,7 +29,7 @@ timesteps and noise for both, a paired comparison), and a grid of class-conditio
 is written.
 
     python benchmarks/hieratok.py                                  # every row, 400 steps, 2 seeds
-    python benchmarks/hieratok.py --rows "single-scale" --seeds 1 --steps 50 --no-append
+    python benchmarks/hieratok.py --rows "single-scale" --seeds 1 --steps 50 --no-write
 
 Finished runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
 """
@@ -230,10 +230,9 @@ def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) 
             name,
             str(seeds[0]["latent_floats"]),
             f"{seeds[0]['params'] / 1e6:.2f}M",
-            harness.cell([s["seconds_per_step"] for s in seeds], 3),
-            harness.cell([f["val_psnr"] for f in final], 2),
-            harness.cell([f["val_ssim"] for f in final], 4),
-            *[harness.cell([u[k] for u in uni], 3) for k in ("density_cv", "gini", "normalized_entropy")],
+            *harness.pooled(seeds, ("seconds_per_step", 3)),
+            *harness.pooled(final, ("val_psnr", 2), ("val_ssim", 4)),
+            *harness.pooled(uni, ("density_cv", 3), ("gini", 3), ("normalized_entropy", 3)),
         ])  # fmt: skip
     rows.append(harness.mean_colour_row(len(head), {4: f"{floor[0]:.2f}", 5: f"{floor[1]:.4f}"}))
     return harness.markdown_table(head, rows)

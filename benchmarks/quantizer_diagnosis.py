@@ -12,7 +12,7 @@ images at a position); and, over training, the entropy term beside the reconstru
 (L1 + MSE). The VQ row is the reference at equal bits.
 
     python benchmarks/quantizer_diagnosis.py                 # every row, 300 steps, 2 at a time
-    python benchmarks/quantizer_diagnosis.py --rows "BSQ (BSQ-ViT settings),BSQ (defaults)" --steps 100 --no-append
+    python benchmarks/quantizer_diagnosis.py --rows "BSQ (BSQ-ViT settings),BSQ (defaults)" --steps 100 --no-write
 
 Finished runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
 """

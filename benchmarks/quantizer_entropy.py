@@ -11,8 +11,8 @@ process's peak resident memory over the baseline after the inputs were made (CPU
 ``torch.cuda.max_memory_allocated`` (CUDA). The naive version runs only up to C = 18, where its
 (N, 2^C) tensors still fit.
 
-    OMP_NUM_THREADS=1 python benchmarks/quantizer_entropy.py            # prints, appends to RESULTS.md
-    python benchmarks/quantizer_entropy.py --tokens 1024 --no-append
+    OMP_NUM_THREADS=1 python benchmarks/quantizer_entropy.py            # prints, writes its section of RESULTS.md
+    python benchmarks/quantizer_entropy.py --tokens 1024 --no-write
 
 Prints a markdown table and writes its section of ``--out`` unless ``--no-write``.
 """

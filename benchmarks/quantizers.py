@@ -16,7 +16,7 @@ of V = 32 = 320 bits) and each image in its mean colour.
 
     python benchmarks/quantizers.py --rows "VQ V=1024,LFQ 10 bits,BSQ 10 bits,BSQ 18 bits"  # 2000 steps, 2 seeds
     python benchmarks/quantizers.py --presets titok_tiny,mstok_tiny --steps 600
-    python benchmarks/quantizers.py --rows "FSQ 8-5-5-5" --seeds 1 --steps 50 --no-append
+    python benchmarks/quantizers.py --rows "FSQ 8-5-5-5" --seeds 1 --steps 50 --no-write
 
 Finished runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
 """
@@ -76,12 +76,8 @@ def table(rows: dict[str, Row], results: dict[str, list[dict[str, Any]]], floor:
             name,
             bits,
             f"{seeds[0]['params'] / 1e6:.2f}M",
-            harness.cell([s["seconds_per_step"] for s in seeds], 3),
-            harness.cell([s["final_psnr"] for s in seeds], 2),
-            harness.cell([s["final_ssim"] for s in seeds], 4),
-            harness.cell([s.get("usage") for s in seeds], 4),
-            harness.cell([s.get("perplexity") for s in seeds], 0),
-            harness.cell([s.get("bit_entropy") for s in seeds], 3),
+            *harness.pooled(seeds, ("seconds_per_step", 3), ("final_psnr", 2), ("final_ssim", 4), ("usage", 4),
+                            ("perplexity", 0), ("bit_entropy", 3)),
         ])  # fmt: skip
     lines.append(harness.mean_colour_row(len(head), {4: f"{floor[0]:.2f}", 5: f"{floor[1]:.4f}"}))
     return harness.markdown_table(head, lines, left=2)

@@ -7,7 +7,8 @@ other 5 per class: PSNR and SSIM of the EMA model's reconstructions, codebook us
 linear-probe top-1 (frozen encoder, mean-pooled pre-quantization latents, BatchNorm + linear,
 LARS; features of the same split). Each variant runs with several seeds; the table reports
 mean +- standard deviation over seeds, and ``benchmarks/REPLICATION.md`` records it with the
-command that made it, whatever the result.
+command that made it, whatever the result (its section, replaced in place by the newest run; the
+earlier ones in ``benchmarks/history/replicate.md``).
 
     python benchmarks/replicate.py                       # 700 steps per run: about 90 min on 2 CPU cores
     python benchmarks/replicate.py --finished-only       # the table of what has finished so far

@@ -35,7 +35,8 @@ Subset it with ``--pairs``, ``--steps``, ``--batch-size`` and ``--precisions``.
     python benchmarks/sampling.py --pairs titok_b64 --steps 8 --batch-size 8 --precisions fp32
     python benchmarks/sampling.py --device cuda  # bf16 and bf16+compile, with peak memory
 
-Prints a markdown table and appends a dated section to ``--out`` unless ``--no-append``.
+Prints a markdown table and writes its section of ``--out`` in place (``harness.write_section``)
+unless ``--no-write`` (alias ``--no-append``).
 Exits 1 if a row failed (the others are still reported).
 """
 
@@ -82,7 +83,7 @@ class Row:
 
 
 @dataclass
-class Result:
+class Result(harness.Timed):
     """Timings of one row; ``error`` is set (and the timings empty) when it did not run."""
 
     row: Row
@@ -93,9 +94,6 @@ class Result:
     guidance: float
     sample_times: list[float] = field(default_factory=list)
     decode_times: list[float] = field(default_factory=list)
-    peak_mem_bytes: int | None = None
-    load_after: float = math.nan
-    error: str | None = None
 
     @property
     def calls(self) -> int:
@@ -123,11 +121,7 @@ class Result:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_output_arguments(parser)
-    parser.add_argument(
-        "--quick", action="store_true", help=f"tiny presets ({','.join(QUICK_PAIRS)}) + {QUICK_GENERATOR}, batch 8"
-    )
+    parser = harness.timing_parser(__doc__, f"tiny presets ({','.join(QUICK_PAIRS)}) + {QUICK_GENERATOR}, batch 8")
     parser.add_argument(
         "--pairs",
         help=f"comma-separated tokenizer presets, each paired with a --generator sized to its K and V "
@@ -149,12 +143,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="classifier-free guidance weight (default 0: off; >0 doubles the generator batch)",
     )
-    harness.add_device_arguments(parser)
-    parser.add_argument("--reps", type=int, help="most timed calls per row (default 3; CUDA 10)")
-    parser.add_argument(
-        "--budget", type=float, help="seconds of timed calls per row before stopping (default 10; --quick 3)"
+    harness.add_repeat_arguments(
+        parser,
+        "--reps",
+        "call",
+        "3; CUDA 10",
+        "10; --quick 3",
+        "untimed calls before a configuration's first timed one",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before a configuration's first timed one")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, labels and sampling noise")
     args = parser.parse_args(argv)
     args.pairs = harness.names(args.pairs, QUICK_PAIRS if args.quick else DEFAULT_PAIRS)
@@ -179,13 +175,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--pairs: {name} is not a 1D tokenizer decoding to pixels")
     if args.generator not in GENERATOR_PRESETS:
         parser.error(f"--generator: unknown preset {args.generator!r}; available: {', '.join(GENERATOR_PRESETS)}")
-    harness.check_modes(parser, "--precisions", args.precisions)
-    if not args.precisions:
-        parser.error("--precisions names no precision")
+    harness.check_timing(parser, args, "--reps", "--precisions")
     if not args.steps or min(args.steps) < 1:
         parser.error("--steps must name positive integers")
-    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0 or args.budget < 0 or args.guidance < 0:
-        parser.error("--batch-size and --reps must be >= 1; --warmup, --budget and --guidance >= 0")
+    if args.batch_size < 1 or args.guidance < 0:
+        parser.error("--batch-size must be >= 1, --guidance >= 0")
     return args
 
 
@@ -328,6 +322,10 @@ def make_table(results: list[Result]) -> str:
     return harness.markdown_table(header, rows, left=(0, 5))
 
 
+def label(r: Result) -> str:
+    return f"{r.row.pair} S={r.row.steps} b{r.row.batch_size} {r.row.mode}"
+
+
 def describe(r: Result) -> str:
     if r.error:
         return f"error: {r.error}"
@@ -363,15 +361,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
         results += rows
 
     table = make_table(results)
-    failed = [f"{r.row.pair} S={r.row.steps} b{r.row.batch_size} {r.row.mode}: {r.error}" for r in results if r.error]
-    failed_notes = harness.print_outcome(clock, [table], failed)
-    cuda = args.device == "cuda"
-    sync = "CUDA synchronised before and after each part; " if cuda else ""
-    peak = harness.peak_note(cuda, "a row's warm-up and timed calls (weights included)")
-    warm = (
-        "before each row"
-        if cuda
-        else "before the fewest-steps row of each pair/precision (every row with compile; all S run the same shapes)"
+    failed_notes = harness.print_outcome(clock, [table], results, label)
+    sync, peak, warm = harness.measured_notes(
+        args.device,
+        "before and after each part",
+        "a row's warm-up and timed calls (weights included)",
+        "before the fewest-steps row of each pair/precision (every row with compile; all S run the same shapes)",
     )
     sizes = ", ".join(
         f"{name}: {params[name] / 1e6:.1f}M (K={preset_config(name).num_latent_tokens}, "

@@ -34,7 +34,7 @@ them as relative. ``--seeds`` seeds per row, mean ± half the spread. ``--featur
 
     python benchmarks/semtok.py --rows "semantic,no semantic" --seeds 2   # Table 4's ends, ~100 min on 2 cores
     python benchmarks/semtok.py --seeds 2                                 # all four lines, ~3.5 h
-    python benchmarks/semtok.py --steps1 6 --steps2 4 --eval-images 16 --sampler-images 4 --no-append \\
+    python benchmarks/semtok.py --steps1 6 --steps2 4 --eval-images 16 --sampler-images 4 --no-write \\
         --work-dir /tmp/semtok_smoke
 
 The size of one pipeline: on a 2-core machine running two pipelines at a time (one thread each),
@@ -282,7 +282,6 @@ def run_calibration(args: argparse.Namespace, threads: int) -> dict[str, dict[st
 def table(results: dict[str, list[dict[str, Any]]], floor: dict[str, Any]) -> str:
     """Markdown: a line per decoder of every row (seeds pooled), then the calibrations: each image
     in its mean colour, and the real images themselves (the reference network's own top-1)."""
-    cell = harness.cell
     head = ["row", "decoder", "images", "PSNR", "SSIM", "FD-ref", "ref top-1", "probe top-1", "params", "s/step",
             "encode ms/img", "decode ms/img", "usage", "bit entropy", "bits/pixel"]  # fmt: skip
     rows = []
@@ -294,17 +293,13 @@ def table(results: dict[str, list[dict[str, Any]]], floor: dict[str, Any]) -> st
                 name,
                 decoder,
                 str(per[0]["images"]),
-                cell([d["psnr"] for d in per], 2),
-                cell([d["ssim"] for d in per], 4),
-                cell([d["fd_ref"] for d in per], 2),
-                cell([d["ref_top1_recon"] for d in per], 3),
-                cell([e["probe_top1"] for e in evals], 3),
+                *harness.pooled(per, ("psnr", 2), ("ssim", 4), ("fd_ref", 2), ("ref_top1_recon", 3)),
+                *harness.pooled(evals, ("probe_top1", 3)),
                 f"{seeds[0]['params'] / 1e6:.2f}M",
-                cell([s["seconds_per_step"] for s in seeds], 3),
-                cell([e["encode_ms"] for e in evals], 2),
-                cell([d["decode_ms"] for d in per], 2),
-                cell([e["usage"] for e in evals], 3),
-                cell([e["bit_entropy"] for e in evals], 3),
+                *harness.pooled(seeds, ("seconds_per_step", 3)),
+                *harness.pooled(evals, ("encode_ms", 2)),
+                *harness.pooled(per, ("decode_ms", 2)),
+                *harness.pooled(evals, ("usage", 3), ("bit_entropy", 3)),
                 f"{evals[0]['bpp']:.4f}",
             ])  # fmt: skip
     images = str(floor["images"])

@@ -29,7 +29,8 @@ stage-II one-step refiner in place of the 25-step flow decoder). ``--random-firs
 latent tokenizer whose first stage is not on disk with a random-weight copy of the SD3.5 VAE
 (:meth:`~mstok.tokenizers.latent_space.DiffusersVAESpace.random`: the same compute), and says so.
 
-Prints markdown tables and appends a dated section to ``--out`` unless ``--no-append``.
+Prints markdown tables and writes its section of ``--out`` in place (``harness.write_section``)
+unless ``--no-write`` (alias ``--no-append``).
 Exits 1 if a row failed (the others are still reported).
 """
 
@@ -117,17 +118,14 @@ class Row:
 
 
 @dataclass
-class Result:
+class Result(harness.Timed):
     """Timings of one row; ``error`` or ``skipped`` is set (and the timings empty) when it did not run."""
 
     row: Row
     device: str
     flops_per_image: int
     call_times: list[float] = field(default_factory=list)
-    peak_mem_bytes: int | None = None
-    load_after: float = math.nan
     mm_gflops: float = math.nan  # the matmul rate this row is compared with (see ``run``)
-    error: str | None = None
     skipped: str | None = None
 
     @property
@@ -136,7 +134,7 @@ class Result:
 
     @property
     def images_per_s(self) -> float:
-        return self.row.batch_size / self.median_s if self.call_times else math.nan
+        return harness.per_second(self.row.batch_size, self.call_times)
 
     @property
     def gflops_per_s(self) -> float:
@@ -152,35 +150,26 @@ class MatmulRate:
     when: str
     rates: list[float]
 
-    @property
-    def best(self) -> float:
-        return max(self.rates)
+    best: float = field(init=False)
+    median: float = field(init=False)
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
+    def __post_init__(self) -> None:
+        self.best, self.median = max(self.rates), statistics.median(self.rates)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_output_arguments(parser)
-    parser.add_argument("--quick", action="store_true", help="tiny presets + titok_b64/mstok_b64, batch 8")
+    parser = harness.timing_parser(__doc__, "tiny presets + titok_b64/mstok_b64, batch 8")
     parser.add_argument("--presets", help="comma-separated presets for encode/decode rows ('' for none)")
     parser.add_argument(
-        "--two-stage",
-        help=f"comma-separated presets for two-stage decode rows (default: {','.join(DEFAULT_TWO_STAGE)}; "
-        f"--quick: {','.join(QUICK_TWO_STAGE)}; '' for none)",
+        "--two-stage", help=harness.list_help("presets for two-stage decode rows", DEFAULT_TWO_STAGE, QUICK_TWO_STAGE)
     )
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes (default 8,32; --quick 8)")
     parser.add_argument(
         "--modes", help="comma-separated PRECISION[+compile] (default: fp32,bf16; CUDA bf16,bf16+compile)"
     )
-    harness.add_device_arguments(parser)
-    parser.add_argument("--reps", type=int, help="most timed calls per row (default 5; CUDA 20)")
-    parser.add_argument(
-        "--budget", type=float, help="seconds of timed calls per row before stopping (default 10; --quick 3)"
+    harness.add_repeat_arguments(
+        parser, "--reps", "call", "5; CUDA 20", "10; --quick 3", "untimed calls before a row's first timed call"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before a row's first timed call")
     parser.add_argument(
         "--max-call-s",
         type=float,
@@ -220,13 +209,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--two-stage: {model.preset} is a proxy tokenizer, it has no two-stage decode")
         if preset_config(model.preset).image_size not in PROXY_FOR_SIZE:
             parser.error(f"--two-stage: no proxy preset for {model.preset}'s image size")
-    harness.check_modes(parser, "--modes", args.modes)
+    harness.check_timing(parser, args, "--reps", "--modes")
     if not args.presets and not args.two_stage:
         parser.error("nothing to run: --presets and --two-stage are both empty")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         parser.error("--batch-sizes must name positive integers")
-    if args.reps < 1 or args.warmup < 0 or args.budget < 0 or args.max_call_s < 0 or args.mm_reps < 1:
-        parser.error("--reps and --mm-reps must be >= 1; --warmup, --budget and --max-call-s >= 0")
+    if args.max_call_s < 0 or args.mm_reps < 1:
+        parser.error("--mm-reps must be >= 1, --max-call-s >= 0")
     return args
 
 
@@ -452,6 +441,10 @@ def make_matmul_table(rates: list[MatmulRate]) -> str:
     return intro + "\n\n" + harness.markdown_table(header, rows)
 
 
+def label(r: Result) -> str:
+    return f"{r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}"
+
+
 def describe(result: Result) -> str:
     r = result
     if r.error:
@@ -504,17 +497,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
         before = after
 
     table, mm_table = make_table(results), make_matmul_table(matmuls)
-    failed = [
-        f"{r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}: {r.error}" for r in results if r.error
-    ]
-    failed_notes = harness.print_outcome(clock, [mm_table, table], failed)
-    cuda = device.type == "cuda"
-    sync = "CUDA synchronised around each call; " if cuda else ""
-    peak = harness.peak_note(cuda, "a row's warm-up and timed calls (weights included)")
-    warm = (
-        "before each row"
-        if cuda
-        else "before the first (smallest) batch size of each model/part/mode (before every batch size with compile)"
+    failed_notes = harness.print_outcome(clock, [mm_table, table], results, label)
+    sync, peak, warm = harness.measured_notes(
+        args.device,
+        "around each call",
+        "a row's warm-up and timed calls (weights included)",
+        "before the first (smallest) batch size of each model/part/mode (before every batch size with compile)",
     )
     notes = [
         "- `encode` is `tokenizer.encode(images)` (value checks, encoder, quantizer) on random 256x256 (tiny: 64x64) "

@@ -22,7 +22,8 @@ passed (at least one), so slow rows on a small CPU still finish; the median step
     python benchmarks/train_step.py --quick         # tiny presets and their stage rows, ~2-3 min on 2 cores
     python benchmarks/train_step.py --presets titok_b64 --stage-presets '' --modes bf16 --steps 20
 
-Prints a markdown table and appends a dated section to ``--out`` unless ``--no-append``.
+Prints a markdown table and writes its section of ``--out`` in place (``harness.write_section``)
+unless ``--no-write`` (alias ``--no-append``).
 Exits 1 if a row failed (the others are still reported).
 """
 
@@ -66,7 +67,7 @@ class Row:
 
 
 @dataclass
-class Result:
+class Result(harness.Timed):
     """Timings of one row; ``error`` is set (and the timings empty) when the row failed."""
 
     row: Row
@@ -75,9 +76,6 @@ class Result:
     batch_size: int
     trainable_params: int = 0
     step_times: list[float] = field(default_factory=list)
-    peak_mem_bytes: int | None = None
-    load_after: float = math.nan  # 1-min load average when the row ended
-    error: str | None = None
 
     @property
     def median_s(self) -> float:
@@ -85,29 +83,23 @@ class Result:
 
     @property
     def samples_per_s(self) -> float:
-        return self.batch_size / self.median_s if self.step_times else math.nan
+        return harness.per_second(self.batch_size, self.step_times)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_output_arguments(parser)
-    parser.add_argument("--quick", action="store_true", help="tiny presets and their stage rows, few steps")
+    parser = harness.timing_parser(__doc__, "tiny presets and their stage rows, few steps")
     parser.add_argument("--presets", help="comma-separated presets for single-stage rows (default: all; '' for none)")
     parser.add_argument(
         "--stage-presets",
-        help=f"comma-separated presets for the stage-1/2 rows (default: {','.join(DEFAULT_STAGE_PRESETS)}; "
-        f"--quick: {','.join(QUICK_STAGE_PRESETS)}; '' for none)",
+        help=harness.list_help("presets for the stage-1/2 rows", DEFAULT_STAGE_PRESETS, QUICK_STAGE_PRESETS),
     )
     parser.add_argument(
         "--modes", help="comma-separated PRECISION[+compile] (default: fp32,bf16; CUDA adds bf16+compile)"
     )
-    harness.add_device_arguments(parser)
     parser.add_argument("--batch-size", type=int, help="global batch per step (default: 8 at 256px, 32 at 64px)")
-    parser.add_argument("--steps", type=int, help="most timed steps per row (default 10; --quick 5)")
-    parser.add_argument(
-        "--budget", type=float, help="seconds of timed steps per row before stopping (default 30; --quick 3)"
+    harness.add_repeat_arguments(
+        parser, "--steps", "step", "10; --quick 5", "30; --quick 3", "untimed steps per row (one more with compile)"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row (one more with compile)")
     args = parser.parse_args(argv)
     args.presets = harness.names(args.presets, TINY_PRESETS if args.quick else PRESETS)
     args.stage_presets = harness.names(args.stage_presets, QUICK_STAGE_PRESETS if args.quick else DEFAULT_STAGE_PRESETS)
@@ -125,11 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--stage-presets: {name} is a proxy tokenizer, it has no two-stage training")
         if preset_config(name).image_size not in PROXY_FOR_SIZE:
             parser.error(f"--stage-presets: no proxy preset for {name}'s image size")
-    harness.check_modes(parser, "--modes", args.modes)
+    harness.check_timing(parser, args, "--steps", "--modes")
     if not args.presets and not args.stage_presets:
         parser.error("nothing to run: --presets and --stage-presets are both empty")
-    if args.steps < 1 or args.warmup < 0 or args.budget < 0:
-        parser.error("--steps must be >= 1, --warmup and --budget >= 0")
     return args
 
 
@@ -263,6 +253,10 @@ def make_table(results: list[Result]) -> str:
     return harness.markdown_table(header, rows, left=3)
 
 
+def label(r: Result) -> str:
+    return f"{r.row.preset} {r.row.stage} {r.row.mode}"
+
+
 def main(argv: list[str] | None = None) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
     args = parse_args(argv)
@@ -291,11 +285,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
                 what = f"{result.samples_per_s:.2f} samples/s (median {result.median_s:.3f}s, {steps} steps)"
             print(f"  {row.preset} {row.stage} {row.mode}: {what} ({time.perf_counter() - row_start:.0f}s)", flush=True)
     table = make_table(results)
-    failed = [f"{r.row.preset} {r.row.stage} {r.row.mode}: {r.error}" for r in results if r.error]
-    failed_notes = harness.print_outcome(clock, [table], failed)
-    cuda = args.device == "cuda"
-    sync = "CUDA synchronised around each step; " if cuda else ""
-    peak = harness.peak_note(cuda, "warm-up and timed steps (weights, EMA, optimizer state and activations)")
+    failed_notes = harness.print_outcome(clock, [table], results, label)
+    sync, peak, _ = harness.measured_notes(
+        args.device, "around each step", "warm-up and timed steps (weights, EMA, optimizer state and activations)"
+    )
     notes = [
         "- Each row is `Trainer.train_step` of the project's trainer on one micro-batch (grad_accum 1): forward, "
         "losses, backward, grad clipping, AdamW, LR schedule, EMA, dead-code revival and codebook statistics "
