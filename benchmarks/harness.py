@@ -180,7 +180,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, out: Path = RESULTS, a
         action="store_true",
         help=f"print only; write neither --out{also}",
     )
-    parser.add_argument("--section", help="the section of --out to replace (default: the benchmark's own)")
+    parser.add_argument(
+        "--section", type=section_name, help="the section of --out to replace (default: the benchmark's own)"
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -749,12 +751,20 @@ def mean_std(values: Sequence[float], digits: int) -> str:
 # A benchmark's section runs from its start marker to its end marker (both included); the heading
 # follows the start marker, the reading (kept from run to run unless a script writes one) sits
 # between the reading markers at its end.
-MARKER = re.compile(r"<!--\s*(end\s+)?benchmark:\s*([A-Za-z0-9_.-]+)\s*-->")
+SECTION_NAME = r"[A-Za-z0-9_.-]+"
+MARKER = re.compile(rf"<!--\s*(end\s+)?benchmark:\s*({SECTION_NAME})\s*-->")
 LOOKS_LIKE_MARKER = re.compile(r"<!--\s*(end\s+)?benchmark\b", re.IGNORECASE)
 READING, END_READING = "<!-- reading -->", "<!-- end reading -->"
 NO_READING = (
     "Reading: not written yet (what these numbers say is added by hand; it is kept when the section is rewritten)."
 )
+
+
+def section_name(name: str) -> str:
+    """``name`` if it can name a section (letters, digits, ``_ . -``), else a ValueError."""
+    if not re.fullmatch(SECTION_NAME, name):
+        raise ValueError(f"section name {name!r}: letters, digits, '_', '.' and '-' only")
+    return name
 
 
 def start_marker(name: str) -> str:
@@ -824,7 +834,7 @@ def write_section(
     Other sections and text are left as they are; a malformed marker is a ValueError before anything is
     written."""
     out = Path(out)
-    history = history or out.parent / "history" / f"{name}.md"
+    history = history or out.parent / "history" / f"{section_name(name)}.md"
     existing = out.read_text() if out.exists() else "# Benchmark results\n"
     lines = existing.splitlines()
     sections = find_sections(existing, out)

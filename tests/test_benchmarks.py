@@ -216,6 +216,13 @@ def test_write_section_refuses_a_malformed_marker(tmp_path: Path, text: str, err
     assert out.read_text() == text and not (tmp_path / "history").exists()
 
 
+def test_write_section_refuses_a_name_no_marker_can_hold(tmp_path: Path) -> None:
+    harness = _load("harness")
+    with pytest.raises(ValueError, match="section name 'flops k32'"):
+        harness.write_section(tmp_path / "RESULTS.md", "flops k32", "FLOPs", "Newest run.")
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
 def test_mstok_bench_runs_one_script(tmp_path: Path, capsys) -> None:
     """`mstok bench --only throughput -- ARGS` runs the script from --benchmarks-dir, prints, appends nothing."""
     from mstok.cli import BENCH_HARNESS, BENCH_SCRIPTS, main
