@@ -14,10 +14,10 @@ the two-stage decode; the second table adds it to each decoder (with its proxy-c
 Builds one model at a time on the meta device (counts depend only on shapes) at 256x256,
 batch 1, counts FLOPs with :func:`mstok.evaluation.flops.tokenizer_flops`, prints markdown
 tables with ratios to the smallest K, checks the targets, draws cost vs K into ``--plot``
-and appends a dated section to ``--out``.
+and writes its section of ``--out`` in place (``harness.write_section``).
 
     python benchmarks/flops_vs_tokens.py --out benchmarks/RESULTS.md --ks 32,64,128,256 --models titok_b64,mstok_b64
-    python benchmarks/flops_vs_tokens.py --models titok_tiny,mstok_tiny --ks 8,32 --image-size 64 --no-append --no-plot
+    python benchmarks/flops_vs_tokens.py --models titok_tiny,mstok_tiny --ks 8,32 --image-size 64 --no-write --no-plot
 
 Exits 1 if a target fails.
 """
@@ -27,12 +27,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +38,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mstok
 from mstok.evaluation.flops import count_flops, tokenizer_flops
-from mstok.evaluation.report import append_section, cpu_name
 from mstok.tokenizers.registry import PRESETS, preset_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
 
 PARTS = ("encoder", "decoder", "total")
 # two-stage entries of a result: decoder with the proxy-code head, pixel decoder, their sum
@@ -75,8 +74,7 @@ TARGETS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to append to")
-    parser.add_argument("--no-append", action="store_true", help="print the tables only, do not touch --out")
+    harness.add_output_arguments(parser)
     parser.add_argument("--ks", default="32,64,128,256", help="comma-separated numbers of latent tokens K")
     parser.add_argument("--models", default="titok_b64,mstok_b64", help="comma-separated preset names")
     parser.add_argument("--image-size", type=int, default=256, help="image resolution (square)")
@@ -93,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     plot.add_argument("--no-plot", action="store_true", help="draw no plot")
     args = parser.parse_args(argv)
-    args.ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.ks = sorted({int(k) for k in harness.names(args.ks)})
+    args.models = harness.names(args.models)
     if not args.ks or not args.models:
         parser.error("--ks and --models must each name at least one value")
     if args.pixel_decoder not in ("auto", "none"):
@@ -178,15 +176,15 @@ def measure(models: list[str], ks: list[int], image_size: int, batch_size: int, 
 def make_table(results: Results, models: list[str], ks: list[int]) -> str:
     base = ks[0]
     header = ["model", "K"] + [f"{p} GFLOPs" for p in PARTS] + [f"{p} / K={base}" for p in PARTS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 6) + "|"]
+    rows = []
     for name in models:
         for k in ks:
             flops, ref = results[name, k], results[name, base]
             cells = [name, str(k)]
             cells += [f"{flops[p] / 1e9:.2f}" for p in PARTS]
             cells += [f"{flops[p] / ref[p]:.3f}x" for p in PARTS]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return harness.markdown_table(header, rows, left=2)
 
 
 def make_two_stage_table(results: Results, models: list[str], ks: list[int], proxies: dict[str, str]) -> str:
@@ -203,7 +201,7 @@ def make_two_stage_table(results: Results, models: list[str], ks: list[int], pro
         "vs one-stage decoder",
         f"decode to pixels / K={base}",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 6) + "|"]
+    rows = []
     for name in models:
         if name not in proxies:
             continue
@@ -214,8 +212,8 @@ def make_two_stage_table(results: Results, models: list[str], ks: list[int], pro
             cells.append(f"{100 * flops['pixel_decoder'] / flops['two_stage_decode']:.0f}%")
             cells.append(f"{flops['two_stage_decode'] / flops['decoder']:.2f}x")
             cells.append(f"{flops['two_stage_decode'] / ref['two_stage_decode']:.3f}x")
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+            rows.append(cells)
+    return harness.markdown_table(header, rows, left=3) if rows else ""
 
 
 def check_pixel_decoder(results: Results, proxies: dict[str, str], image_size: int, batch_size: int) -> list[str]:
@@ -335,45 +333,21 @@ def main(argv: list[str] | None = None) -> int:
         title = f"Forward GFLOPs vs K, {size}, batch {args.batch_size}"
         plot_path = plot_costs(results, args.models, args.ks, args.plot, title)
         print(f"\nPlot written to {plot_path}")
-    if args.no_append:
-        return 1 if failed else 0
-
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", __file__, *argv])
-    section = "\n".join(
-        [
-            f"## FLOPs vs number of latent tokens ({stamp})",
-            "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: torch {torch.__version__}, Python {platform.python_version()}, CPU {cpu_name()}, "
-            f"{torch.get_num_threads()} threads. Forward FLOPs (2 per multiply-add) from FlopCounterMode with "
-            f"attention on the math SDPA backend; {args.image_size}x{args.image_size} images, batch {args.batch_size}; "
-            "quantizer and element-wise ops not counted.",
-            "",
-            table,
-            "",
-            *(
-                [
-                    "Two-stage decode to pixels (decoder with the proxy-code head, then the MaskGIT-VQGAN pixel "
-                    "decoder: softmax codebook mix + conv decoder):",
-                    "",
-                    two_stage_table,
-                    "",
-                    *proxy_lines,
-                    "",
-                ]
-                if two_stage_table
-                else []
-            ),
-            *([f"![GFLOPs vs K]({os.path.relpath(plot_path, args.out.parent)})", ""] if plot_path else []),
-            "Targets:",
-            "",
-            *target_lines,
-            "",
-        ]
-    )
-    append_section(args.out, section)
+    blocks = [table]
+    if two_stage_table:
+        blocks.append(
+            "Two-stage decode to pixels (decoder with the proxy-code head, then the MaskGIT-VQGAN pixel decoder: "
+            f"softmax codebook mix + conv decoder):\n\n{two_stage_table}\n\n" + "\n".join(proxy_lines)
+        )
+    if plot_path:
+        blocks.append(f"![GFLOPs vs K]({os.path.relpath(plot_path, args.out.parent)})")
+    blocks.append("Targets:\n\n" + "\n".join(target_lines))
+    notes = [
+        "Forward FLOPs (2 per multiply-add) from FlopCounterMode with attention on the math SDPA backend; "
+        f"{size} images, batch {args.batch_size}; quantizer and element-wise ops not counted; models built on the "
+        "meta device."
+    ]
+    harness.publish(args, "flops_vs_tokens", "FLOPs vs number of latent tokens", __file__, argv, blocks, notes)
     return 1 if failed else 0
 
 

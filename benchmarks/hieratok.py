@@ -29,7 +29,7 @@ timesteps and noise for both, a paired comparison), and a grid of class-conditio
 is written.
 
     python benchmarks/hieratok.py                                  # every row, 400 steps, 2 seeds
-    python benchmarks/hieratok.py --rows "single-scale" --seeds 1 --steps 50 --no-append
+    python benchmarks/hieratok.py --rows "single-scale" --seeds 1 --steps 50 --no-write
 
 Finished runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
 """
@@ -45,27 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from mstok.data import ImageFolder, IndexSubset, center_crop_transform
-from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
 from mstok.persistence import load_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from convergence import (
-    RECIPE_OPTIM,
-    Row,
-    add_data_arguments,
-    by_row,
-    checked_rows,
-    held_out_images,
-    held_out_indices,
-    mean_colour_floor,
-    run_dir,
-    run_pooled,
-    run_row,
-    training_images,
-)
-from quantizers import _cell
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
+from harness import Row
 
-ROOT = Path(__file__).resolve().parents[1]
+RECIPE_OPTIM = harness.recipe()
 DIT_TRAIN_IMAGES = 7000  # as many as the 35 per class the study trained on before the training split
 MULTISCALE = [*RECIPE_OPTIM, "loss.multiscale_weight=1.0"]
 PAPER = {"pyramid": "decoder"}  # K follows the placement: the 8x8 map
@@ -79,14 +65,12 @@ ROWS: dict[str, Row] = {
     ),
     "multi-scale conv full attention": Row("hieratok", "hieratok_tiny", {**PAPER, "attention": "full"}, MULTISCALE),
     "multi-scale conv scale-causal; pyramid as codes (K=85)": Row("hieratok", "hieratok_tiny", {}, MULTISCALE),
-    "conv AE continuous 8x8x6": Row(
-        "calibration", "convae_tiny", {"quantizer": "none", "use_l2_norm": False}, RECIPE_OPTIM
-    ),
+    **dict([harness.conv_ae_continuous()]),
 }
 
 
 DIT_ROWS = ("single-scale (8)", "multi-scale conv scale-causal")  # both: an 8x8 grid of 6 floats
-DIT_CONFIG = ROOT / "configs" / "dit_tiny.toml"
+DIT_CONFIG = harness.ROOT / "configs" / "dit_tiny.toml"
 GRID_CLASSES = 8  # sample grid: this many classes, two samples each
 
 
@@ -96,16 +80,15 @@ def run_with_uniformity(name: str, args: argparse.Namespace, threads: int, seed:
 
     from mstok.evaluation.uniformity import latent_uniformity
 
-    result = run_row(name, args, threads, ROWS[name], seed)
+    result = harness.run_row(name, ROWS[name], args, threads, seed)
     if "uniformity" not in result:
         torch.set_num_threads(max(1, threads))
-        out = run_dir(args, name, seed)
+        out = harness.run_dir(args, name, seed)
         model = load_tokenizer(out).eval()
-        val_idx = held_out_indices(args.data, args.val_images)
-        stats = latent_uniformity(model, held_out_images(args.data, tuple(val_idx)), seed=0)
+        stats = latent_uniformity(model, harness.held_out(args.data, args.val_images), seed=0)
         result["uniformity"] = {k: float(stats[k]) for k in ("density_cv", "gini", "normalized_entropy")}
         result["latent_floats"] = model.config.num_latent_tokens * model.config.code_dim
-        (out / "result.json").write_text(json.dumps(result, indent=2))
+        harness.save_result(out, result)
     return result
 
 
@@ -124,19 +107,17 @@ def run_dit(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]
     from mstok.training.generator_trainer import GeneratorTrainer
 
     torch.set_num_threads(max(1, threads))
-    out = run_dir(args, name) / "dit"
+    out = harness.run_dir(args, name) / "dit"
     done = out / "dit_result.json"
     identity = {"steps": args.dit_steps, "every": args.dit_every}
-    if done.is_file() and not args.fresh:
-        saved = json.loads(done.read_text())
-        if saved.get("identity") == identity:
-            saved["samples"] = torch.load(out / "samples.pt", weights_only=True)
-            return saved
-    tokenizer = load_tokenizer(run_dir(args, name)).eval()
-    val_idx = held_out_indices(args.data, args.val_images)
+    saved = harness.saved_run(done, identity, args.fresh)
+    if saved is not None:
+        return {**saved, "samples": torch.load(out / "samples.pt", weights_only=True)}
+    tokenizer = load_tokenizer(harness.run_dir(args, name)).eval()
+    val_idx = harness.held_out_indices(args.data, args.val_images)
     folder = ImageFolder(args.data, center_crop_transform(64))
     # the DiT's data: the first DIT_TRAIN_IMAGES training images (the shards are shuffled across classes)
-    train = training_images(args.train_data, center_crop_transform(64))
+    train = harness.training_images(args.train_data, center_crop_transform(64))
     train = IndexSubset(train, list(range(min(DIT_TRAIN_IMAGES, len(train)))))
     pretokenize(tokenizer, train, out / "latents", flip=True, progress=False)
     side = tokenizer.config.grid_size
@@ -152,7 +133,7 @@ def run_dit(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]
     trainer.fit()
     seconds = time.perf_counter() - started
 
-    val_images = held_out_images(args.data, tuple(val_idx))
+    val_images = harness.held_out_images(args.data, tuple(val_idx))
     val_labels = torch.tensor([folder.samples[i][1] for i in val_idx])
     latents = tokenizer.encode(val_images)  # (N, K, C) posterior means
     curve = []
@@ -182,11 +163,16 @@ def dit_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: held-out diffusion loss of each DiT at every checkpoint."""
     steps = [c["step"] for c in next(iter(results.values()))["curve"]]
     head = ["latents of", "DiT params", "train s", *[f"val loss @{s}" for s in steps]]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for name, res in results.items():
-        cells = [name, f"{res['params'] / 1e6:.2f}M", f"{res['train_seconds']:.0f}"]
-        lines.append("| " + " | ".join(cells + [f"{c['val_loss']:.4f}" for c in res["curve"]]) + " |")
-    return "\n".join(lines)
+    rows = [
+        [
+            name,
+            f"{res['params'] / 1e6:.2f}M",
+            f"{res['train_seconds']:.0f}",
+            *(f"{c['val_loss']:.4f}" for c in res["curve"]),
+        ]
+        for name, res in results.items()
+    ]
+    return harness.markdown_table(head, rows)
 
 
 def save_dit_figures(results: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
@@ -222,8 +208,8 @@ def save_progressive_grid(args: argparse.Namespace, name: str, path: Path, count
 
     from mstok.demo import image_grid
 
-    model = load_tokenizer(run_dir(args, name)).eval()
-    images = held_out_images(args.data, tuple(held_out_indices(args.data, args.val_images)))[:count]
+    model = load_tokenizer(harness.run_dir(args, name)).eval()
+    images = harness.held_out(args.data, args.val_images)[:count]
     tokens = model.encode(images)
     size = model.config.image_size
     rows = []
@@ -237,49 +223,40 @@ def save_progressive_grid(args: argparse.Namespace, name: str, path: Path, count
 def table(results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) -> str:
     """Markdown: one line per row, seeds pooled (mean ± half the max-min spread)."""
     head = ["row", "latent floats", "params", "s/step", "PSNR", "SSIM", "density CV ↓", "Gini ↓", "norm. entropy ↑"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    rows = []
     for name, seeds in results.items():
         final = [s["val"][-1] for s in seeds]
         uni = [s["uniformity"] for s in seeds]
-        cells = [
+        rows.append([
             name,
             str(seeds[0]["latent_floats"]),
             f"{seeds[0]['params'] / 1e6:.2f}M",
-            _cell([s["seconds_per_step"] for s in seeds], 3),
-            _cell([f["val_psnr"] for f in final], 2),
-            _cell([f["val_ssim"] for f in final], 4),
-            *[_cell([u[k] for u in uni], 3) for k in ("density_cv", "gini", "normalized_entropy")],
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"| each image in its mean colour | - | - | - | {floor[0]:.2f} | {floor[1]:.4f} | - | - | - |")
-    return "\n".join(lines)
+            *harness.pooled(seeds, ("seconds_per_step", 3)),
+            *harness.pooled(final, ("val_psnr", 2), ("val_ssim", 4)),
+            *harness.pooled(uni, ("density_cv", 3), ("gini", 3), ("normalized_entropy", 3)),
+        ])  # fmt: skip
+    rows.append(harness.mean_colour_row(len(head), {4: f"{floor[0]:.2f}", 5: f"{floor[1]:.4f}"}))
+    return harness.markdown_table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_data_arguments(parser)
+    harness.add_data_arguments(parser)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (row names hold no commas)")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--val-images", type=int, default=200, help="held-out images (one per class first)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each when > 1)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per run with --jobs 1 (0 = auto)")
-    parser.add_argument("--work-dir", default="runs/hieratok")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
-    parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
+    harness.add_run_arguments(parser, "runs/hieratok", seeds=2)
+    harness.add_output_arguments(parser, also=" nor the figures")
     parser.add_argument("--dit-steps", type=int, default=2000, help="DiT training steps per tokenizer (0: skip)")
     parser.add_argument("--dit-every", type=int, default=250, help="DiT checkpoint (and validation) interval")
     parser.add_argument("--dit-repeats", type=int, default=4, help="noise draws per held-out latent")
     args = parser.parse_args(argv)
     if args.dit_steps > 0 and not 1 <= args.dit_every <= args.dit_steps:
         parser.error(f"--dit-every must be in [1, --dit-steps = {args.dit_steps}], got {args.dit_every}")
-    names = checked_rows(parser, args, ROWS, list(ROWS))
-
-    loads, started = [load_1min()], time.perf_counter()
-    threads = 1 if args.jobs > 1 else args.threads
+    names = harness.chosen(parser, args.rows, ROWS, ROWS)
+    harness.check_rows(parser, args, [ROWS[n] for n in names])
+    study = harness.Study(args)
 
     def report(key: tuple[str, int], result: dict[str, Any]) -> str:
         last, uni = result["val"][-1], result["uniformity"]
@@ -287,37 +264,34 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                 f"CV {uni['density_cv']:.3f} Gini {uni['gini']:.3f} H {uni['normalized_entropy']:.3f}, "
                 f"{result['seconds_per_step']:.3f} s/step")  # fmt: skip
 
-    tasks = {(name, seed): functools.partial(run_with_uniformity, name, args, threads, seed)
+    tasks = {(name, seed): functools.partial(run_with_uniformity, name, args, study.threads, seed)
              for name in names for seed in range(args.seeds)}  # fmt: skip
-    results = by_row(run_pooled(args.jobs, tasks, report, loads))
+    results = harness.by_row(study.run(tasks, report))
 
-    floor = mean_colour_floor(args.data, args.val_images)
+    floor = harness.mean_colour_floor(args.data, args.val_images)
     text = table(results, floor)
     print(text)
     tables, figures = [text], []
+    folder = Path(args.out).parent
     dit_rows = [n for n in DIT_ROWS if n in names] if args.dit_steps > 0 else []
     if dit_rows:
-        tasks = {name: functools.partial(run_dit, name, args, threads) for name in dit_rows}
-        dit = run_pooled(args.jobs, tasks, lambda name, _result: f"{name}: DiT trained", loads)
+        tasks = {name: functools.partial(run_dit, name, args, study.threads) for name in dit_rows}
+        dit = study.run(tasks, lambda name, _result: f"{name}: DiT trained")
         tables.append(dit_table(dit))
         print(tables[-1])
-        if not args.no_append:
-            figures = save_dit_figures(dit, Path(args.out).parent)
+        if not args.no_write:
+            figures = save_dit_figures(dit, folder)
     progressive = "multi-scale conv scale-causal"
-    if progressive in names and not args.no_append:
-        figures.append(save_progressive_grid(args, progressive, Path(args.out).parent / "hieratok_progressive.png"))
-    if not args.no_append:
-        minutes = (time.perf_counter() - started) / 60
-        notes = [
-            f"{args.steps} steps of batch {args.batch_size} per run, the tiny recipe (multi-scale rows: "
-            f"loss.multiscale_weight = 1); {args.seeds} seeds per row (mean ± half the spread); "
-            f"{args.val_images} held-out images, EMA weights, uniformity of their posterior-mean latents; "
-            f"{args.jobs} runs at a time ({threads or 'auto'} thread(s) each); {minutes:.0f} min in all "
-            f"(reused runs count 0); {load_summary(loads)}.",
-        ]
-        notes += [f"![{p.stem}]({p.name})" for p in figures]
-        section = results_section("HieraTok at tiny scale", command_line(__file__, argv), "cpu", tables, notes)
-        append_section(args.out, section)
+    if progressive in names and not args.no_write:
+        figures.append(save_progressive_grid(args, progressive, folder / "hieratok_progressive.png"))
+    notes = [
+        f"{args.steps} steps of batch {args.batch_size} per run, the tiny recipe (multi-scale rows: "
+        f"loss.multiscale_weight = 1); {args.seeds} seeds per row (mean ± half the spread); "
+        f"{args.val_images} held-out images, EMA weights, uniformity of their posterior-mean latents; "
+        f"{study.pace()}.",
+        *[f"![{p.stem}]({p.name})" for p in figures],
+    ]
+    harness.publish(args, "hieratok", "HieraTok at tiny scale", __file__, argv, tables, notes)
     return results
 
 

@@ -12,7 +12,7 @@ images at a position); and, over training, the entropy term beside the reconstru
 (L1 + MSE). The VQ row is the reference at equal bits.
 
     python benchmarks/quantizer_diagnosis.py                 # every row, 300 steps, 2 at a time
-    python benchmarks/quantizer_diagnosis.py --rows "BSQ (BSQ-ViT settings),BSQ (defaults)" --steps 100 --no-append
+    python benchmarks/quantizer_diagnosis.py --rows "BSQ (BSQ-ViT settings),BSQ (defaults)" --steps 100 --no-write
 
 Finished runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
 """
@@ -22,33 +22,17 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
-from mstok.persistence import load_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
+from harness import BSQ_VIT, MAGVIT_LFQ, Row
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from convergence import (
-    RECIPE_OPTIM,
-    Row,
-    add_data_arguments,
-    bit_entropies,
-    checked_rows,
-    held_out_images,
-    held_out_indices,
-    run_dir,
-    run_pooled,
-    run_row,
-    seeded_name,
-)
-from quantizers import BSQ_VIT, MAGVIT_LFQ
-
-ROOT = Path(__file__).resolve().parents[1]
 BITS = 10
+RECIPE_OPTIM = harness.recipe()
 
 
 def _row(quantizer: str | dict[str, Any]) -> Row:
@@ -84,18 +68,20 @@ def latent_statistics(model: torch.nn.Module, images: torch.Tensor) -> dict[str,
         "within_position_std": float(latents.std(0).mean()),  # spread over images per (k, d)
     }
     if out.indices is not None and model.vocab_size == 2**BITS:
-        stats["position_bit_entropy"] = float(bit_entropies(out.indices, BITS).mean())  # (K, C) averaged
+        stats["position_bit_entropy"] = float(harness.bit_entropies(out.indices, BITS).mean())  # (K, C) averaged
     return stats
 
 
 def run_diagnosed(name: str, args: argparse.Namespace, threads: int, seed: int) -> dict[str, Any]:
     """Train (or reuse) row ``name`` (measured on ``args.images`` held-out images by
-    :func:`run_row`), then add the statistics of its latents on the same images."""
-    result = run_row(name, args, threads, ROWS[name], seed)
+    :func:`harness.run_row`), then add the statistics of its latents on the same images."""
+    from mstok.persistence import load_tokenizer
+
+    result = harness.run_row(name, ROWS[name], args, threads, seed)
     if threads:
         torch.set_num_threads(threads)
-    images = held_out_images(args.data, tuple(held_out_indices(args.data, args.images)))
-    model = load_tokenizer(run_dir(args, name, seed)).eval()
+    images = harness.held_out(args.data, args.images)
+    model = load_tokenizer(harness.run_dir(args, name, seed)).eval()
     return {**result, **latent_statistics(model, images)}
 
 
@@ -112,9 +98,8 @@ def table(results: dict[str, dict[str, Any]], steps: int) -> str:
     early = max(1, steps // 6)
     head = ["row", "PSNR", "codes used", "perplexity", "bit entropy", "bit entropy per position",
             "latent position mean / spread", f"entropy / recon. @{early}", f"entropy / recon. @{steps}"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for name, r in results.items():
-        cells = [
+    rows = [
+        [
             name,
             f"{r['final_psnr']:.2f}",
             f"{r['usage']:.3f}",
@@ -125,51 +110,40 @@ def table(results: dict[str, dict[str, Any]], steps: int) -> str:
             _terms_at(r, early),
             _terms_at(r, steps),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for name, r in results.items()
+    ]
+    return harness.markdown_table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_data_arguments(parser)
+    harness.add_data_arguments(parser)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--images", type=int, default=1000, help="held-out images measured at the end")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each when > 1)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per run with --jobs 1 (0 = auto)")
-    parser.add_argument("--work-dir", default="runs/quantizer_diagnosis")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
-    parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
+    harness.add_run_arguments(parser, "runs/quantizer_diagnosis", seeds=1)
+    harness.add_output_arguments(parser)
     args = parser.parse_args(argv)
     args.val_every, args.val_images = args.steps, 64  # run_row validates once, at the end
     args.final_images = args.images  # and measures the EMA weights on these
-    names = checked_rows(parser, args, ROWS, list(ROWS))
-
-    loads, started = [load_1min()], time.perf_counter()
-    threads = 1 if args.jobs > 1 else args.threads
+    names = harness.chosen(parser, args.rows, ROWS, ROWS)
+    harness.check_rows(parser, args, [ROWS[n] for n in names])
+    study = harness.Study(args)
     tasks = {
-        seeded_name(name, seed): functools.partial(run_diagnosed, name, args, threads, seed)
+        harness.seeded_name(name, seed): functools.partial(run_diagnosed, name, args, study.threads, seed)
         for name in names
         for seed in range(args.seeds)
     }
-    results = run_pooled(args.jobs, tasks, lambda key, r: f"{key}: PSNR {r['final_psnr']:.2f}", loads)
+    results = study.run(tasks, lambda key, r: f"{key}: PSNR {r['final_psnr']:.2f}")
     text = table(results, args.steps)
     print(text)
-    if not args.no_append:
-        minutes = (time.perf_counter() - started) / 60
-        notes = [
-            f"titok_tiny, {BITS} bits per token, {args.steps} steps of batch {args.batch_size}, the tiny recipe; "
-            f"{args.images} held-out images, EMA weights; entropy / recon.: the weighted entropy term and L1 + MSE "
-            f"as logged at that step; {args.jobs} runs at a time ({threads or 'auto'} thread(s) each); "
-            f"{minutes:.0f} min in all (reused runs count 0); {load_summary(loads)}.",
-        ]
-        section = results_section(
-            "Binary quantizers that keep their codes: diagnosis", command_line(__file__, argv), "cpu", [text], notes
-        )
-        append_section(args.out, section)
+    notes = [
+        f"titok_tiny, {BITS} bits per token, {args.steps} steps of batch {args.batch_size}, the tiny recipe; "
+        f"{args.images} held-out images, EMA weights; entropy / recon.: the weighted entropy term and L1 + MSE "
+        f"as logged at that step; {study.pace()}.",
+    ]
+    title = "Binary quantizers that keep their codes: diagnosis"
+    harness.publish(args, "quantizer_diagnosis", title, __file__, argv, [text], notes)
     return results
 
 

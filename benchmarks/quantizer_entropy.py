@@ -11,16 +11,15 @@ process's peak resident memory over the baseline after the inputs were made (CPU
 ``torch.cuda.max_memory_allocated`` (CUDA). The naive version runs only up to C = 18, where its
 (N, 2^C) tensors still fit.
 
-    OMP_NUM_THREADS=1 python benchmarks/quantizer_entropy.py            # prints, appends to RESULTS.md
-    python benchmarks/quantizer_entropy.py --tokens 1024 --no-append
+    OMP_NUM_THREADS=1 python benchmarks/quantizer_entropy.py            # prints, writes its section of RESULTS.md
+    python benchmarks/quantizer_entropy.py --tokens 1024 --no-write
 
-Prints a markdown table and appends a dated section to ``--out`` unless ``--no-append``.
+Prints a markdown table and writes its section of ``--out`` unless ``--no-write``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -30,6 +29,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
 
 ROWS = [  # (method, C)
     ("naive", 10),
@@ -100,17 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256, help="latents N (batch x tokens per image)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
-    parser.add_argument("--no-append", action="store_true")
+    harness.add_output_arguments(parser)
     parser.add_argument("--row", nargs=2, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args(argv)
     if args.row:
         print(json.dumps(run_row(args.row[0], int(args.row[1]), args.tokens, args.repeats, args.device)))
         return 0
-    lines = [
-        "| method | C | codebook | N | seconds (fwd+bwd) | peak MiB | loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    head = ["method", "C", "codebook", "N", "seconds (fwd+bwd)", "peak MiB", "loss"]
+    rows = []
     failed = False
     for method, c in ROWS:
         cmd = [sys.executable, __file__, "--row", method, str(c), "--tokens", str(args.tokens),
@@ -118,23 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if done.returncode != 0:
             failed = True
-            lines.append(f"| {method} | {c} | 2^{c} | {args.tokens} | failed: {done.stderr.strip()[-80:]} | | |")
+            rows.append([method, str(c), f"2^{c}", str(args.tokens), f"failed: {done.stderr.strip()[-80:]}", "", ""])
         else:
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            numbers = f"{r['seconds']:.4f} | {r['peak_mib']:.1f} | {r['value']:.4f}"
-            lines.append(f"| {method} | {c} | 2^{c} | {args.tokens} | {numbers} |")
-        print(lines[-1], flush=True)
-    table = "\n".join(lines)
+            numbers = [f"{r['seconds']:.4f}", f"{r['peak_mib']:.1f}", f"{r['value']:.4f}"]
+            rows.append([method, str(c), f"2^{c}", str(args.tokens), *numbers])
+        print(harness.table_line(rows[-1]), flush=True)
+    table = harness.markdown_table(head, rows)
     print(table)
-    if not args.no_append:
-        threads = os.environ.get("OMP_NUM_THREADS", "default")
-        section = (
-            f"\n## Entropy loss of LFQ/BSQ: grouped vs exact vs naive ({datetime.date.today()})\n\n"
-            f"Command: `OMP_NUM_THREADS={threads} python benchmarks/quantizer_entropy.py --tokens {args.tokens}` "
-            f"(device {args.device}; peak = growth of the process's peak memory during the row).\n\n{table}\n"
-        )
-        with args.out.open("a") as f:
-            f.write(section)
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    command = f"OMP_NUM_THREADS={threads} {harness.command_line(__file__, argv)}"
+    notes = [f"Device {args.device}; peak = growth of the process's peak memory during the row."]
+    title = "Entropy loss of LFQ/BSQ: grouped vs exact vs naive"
+    harness.publish(args, "quantizer_entropy", title, __file__, argv, [table], notes, args.device, command=command)
     return 1 if failed else 0
 
 

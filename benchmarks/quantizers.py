@@ -16,7 +16,7 @@ of V = 32 = 320 bits) and each image in its mean colour.
 
     python benchmarks/quantizers.py --rows "VQ V=1024,LFQ 10 bits,BSQ 10 bits,BSQ 18 bits"  # 2000 steps, 2 seeds
     python benchmarks/quantizers.py --presets titok_tiny,mstok_tiny --steps 600
-    python benchmarks/quantizers.py --rows "FSQ 8-5-5-5" --seeds 1 --steps 50 --no-append
+    python benchmarks/quantizers.py --rows "FSQ 8-5-5-5" --seeds 1 --steps 50 --no-write
 
 Finished runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
 """
@@ -26,40 +26,12 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
-from mstok.persistence import load_tokenizer
-from mstok.tokenizers import create_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script convergence.py
-from convergence import (
-    RECIPE_OPTIM,
-    Row,
-    add_data_arguments,
-    by_row,
-    check_data_arguments,
-    held_out_images,
-    held_out_indices,
-    mean_colour_floor,
-    run_dir,
-    run_pooled,
-    run_row,
-)
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# The papers' settings of the bit quantizers, before this project's defaults: the codebook entropy
-# over the whole batch, MAGVIT-v2's LFQ (inverse temperature 100, commitment 0.25, no normalisation)
-# and BSQ-ViT's BSQ (inverse temperature 1). Measured in RESULTS.md ("Binary quantizers"): at this
-# scale every token position settles on one code whatever the image (LFQ: all latents +1).
-MAGVIT_LFQ = {"type": "lfq", "entropy_weight": 0.1, "entropy_per_position": False, "inverse_temperature": 100.0,
-              "commitment_weight": 0.25, "layer_norm": False}  # fmt: skip
-BSQ_VIT = {"type": "bsq", "entropy_weight": 0.1, "entropy_per_position": False, "inverse_temperature": 1.0}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
+from harness import BSQ_VIT, MAGVIT_LFQ, Row
 
 # row name -> (model overrides on the tiny preset, bits per token as a label)
 BOTTLENECKS: dict[str, tuple[dict[str, Any], str]] = {
@@ -79,53 +51,36 @@ BOTTLENECKS: dict[str, tuple[dict[str, Any], str]] = {
     "BSQ 10 bits (BSQ-ViT settings)": ({"quantizer": BSQ_VIT, "code_dim": 10}, "10"),
     "KL C=12 (continuous)": ({"quantizer": "vae"}, "- (12 floats)"),
 }
-CALIBRATION = ("conv AE VQ 8x8 V=32 (320 bits)", Row("calibration", "convae_tiny", {}, RECIPE_OPTIM))
 
 
 def runs(presets: list[str], names: list[str], calibration: bool = True) -> dict[str, Row]:
     """Every row to train, named ``"<family>: <bottleneck>"``, then the conv calibration (unless not asked)."""
     rows = {
-        f"{preset.split('_')[0]}: {name}": Row("quantizers", preset, BOTTLENECKS[name][0], RECIPE_OPTIM)
+        f"{preset.split('_')[0]}: {name}": Row("quantizers", preset, BOTTLENECKS[name][0], harness.recipe())
         for preset in presets
         for name in names
     }
     if calibration:
-        rows[CALIBRATION[0]] = CALIBRATION[1]
+        rows.update([harness.conv_ae_vq()])
     return rows
-
-
-def _cell(values: list[float], digits: int) -> str:
-    """``mean ± spread/2`` of the seeds (just the value for one seed); '-' when missing."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean = float(np.mean(values))
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
 def table(rows: dict[str, Row], results: dict[str, list[dict[str, Any]]], floor: tuple[float, float]) -> str:
     """Markdown: one line per row, seeds pooled (mean ± half the max-min spread)."""
     head = ["row", "bits/token", "params", "s/step", "PSNR", "SSIM", "codebook used", "perplexity", "bit entropy"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    lines = []
     for name, seeds in results.items():
         bottleneck = name.split(": ", 1)[-1]
         bits = BOTTLENECKS[bottleneck][1] if bottleneck in BOTTLENECKS else "5 (x64)"
-        cells = [
+        lines.append([
             name,
             bits,
             f"{seeds[0]['params'] / 1e6:.2f}M",
-            _cell([s["seconds_per_step"] for s in seeds], 3),
-            _cell([s["final_psnr"] for s in seeds], 2),
-            _cell([s["final_ssim"] for s in seeds], 4),
-            _cell([s.get("usage") for s in seeds], 4),
-            _cell([s.get("perplexity") for s in seeds], 0),
-            _cell([s.get("bit_entropy") for s in seeds], 3),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"| each image in its mean colour | - | - | - | {floor[0]:.2f} | {floor[1]:.4f} | - | - | - |")
-    return "\n".join(lines)
+            *harness.pooled(seeds, ("seconds_per_step", 3), ("final_psnr", 2), ("final_ssim", 4), ("usage", 4),
+                            ("perplexity", 0), ("bit_entropy", 3)),
+        ])  # fmt: skip
+    lines.append(harness.mean_colour_row(len(head), {4: f"{floor[0]:.2f}", 5: f"{floor[1]:.4f}"}))
+    return harness.markdown_table(head, lines, left=2)
 
 
 GRID_IMAGES = 10  # held-out images in the reconstruction grid: one of each of the first classes
@@ -136,76 +91,60 @@ def write_grid(rows: dict[str, Row], args: argparse.Namespace, path: Path) -> No
     import torch
 
     from mstok.demo import image_grid
+    from mstok.persistence import load_tokenizer
 
-    images = held_out_images(args.data, tuple(held_out_indices(args.data, GRID_IMAGES)))
+    images = harness.held_out(args.data, GRID_IMAGES)
     lines = [("held-out", images)]
     with torch.no_grad():
         for name in rows:
-            model = load_tokenizer(run_dir(args, name)).eval()
+            model = load_tokenizer(harness.run_dir(args, name)).eval()
             lines.append((name.split(": ", 1)[-1][:11], model(images).reconstruction.clamp(0, 1)))
     image_grid(lines).save(path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_data_arguments(parser)
+    harness.add_data_arguments(parser)
     parser.add_argument("--presets", default="titok_tiny", help="comma-separated tiny presets")
     parser.add_argument("--rows", default=",".join(BOTTLENECKS), help="comma-separated bottleneck names")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--val-images", type=int, default=200, help="held-out images validated during training")
     parser.add_argument("--final-images", type=int, default=8000, help="held-out images measured at the end")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each when > 1)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per run with --jobs 1 (0 = auto)")
-    parser.add_argument("--work-dir", default="runs/quantizers")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    parser.add_argument("--no-append", action="store_true", help="print only; do not write --out or --grid")
+    harness.add_run_arguments(parser, "runs/quantizers", seeds=2)
+    harness.add_output_arguments(parser, also=" nor --grid")
     parser.add_argument(
-        "--grid", default=str(ROOT / "benchmarks" / "quantizers_grid.png"), help="held-out reconstructions (PNG)"
+        "--grid", default=str(harness.BENCHMARKS / "quantizers_grid.png"), help="held-out reconstructions (PNG)"
     )
-    parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
     parser.add_argument(
         "--no-calibration", action="store_true", help="leave out the conv autoencoder row (mean colour stays)"
     )
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BOTTLENECKS]
-    if unknown:
-        parser.error(f"unknown row(s) {unknown}; known: {', '.join(BOTTLENECKS)}")
-    check_data_arguments(parser, args)
-    rows = runs([p.strip() for p in args.presets.split(",") if p.strip()], names, not args.no_calibration)
-    for row in rows.values():  # fail fast on a bad row, before any training
-        create_tokenizer(row.preset, **row.model)
-
-    loads, started = [load_1min()], time.perf_counter()
-    threads = 1 if args.jobs > 1 else args.threads
+    names = harness.chosen(parser, args.rows, BOTTLENECKS, ())
+    rows = runs(harness.names(args.presets), names, not args.no_calibration)
+    harness.check_rows(parser, args, rows.values())  # fail fast on a bad row, before any training
+    study = harness.Study(args)
 
     def report(key: tuple[str, int], result: dict[str, Any]) -> str:
         return (f"{key[0]} seed {key[1]}: PSNR {result['final_psnr']:.2f} SSIM {result['final_ssim']:.4f} "
                 f"usage {result.get('usage', float('nan')):.4f}, {result['seconds_per_step']:.3f} s/step")  # fmt: skip
 
-    tasks = {(name, seed): functools.partial(run_row, name, args, threads, row, seed)
+    tasks = {(name, seed): functools.partial(harness.run_row, name, row, args, study.threads, seed)
              for name, row in rows.items() for seed in range(args.seeds)}  # fmt: skip
-    results = by_row(run_pooled(args.jobs, tasks, report, loads))
+    results = harness.by_row(study.run(tasks, report))
 
-    floor = mean_colour_floor(args.data, args.final_images)
+    floor = harness.mean_colour_floor(args.data, args.final_images)
     text = table(rows, results, floor)
     print(text)
-    if not args.no_append:
-        minutes = (time.perf_counter() - started) / 60
+    if not args.no_write:
         notes = [
             f"{args.steps} steps of batch {args.batch_size} per run, the tiny recipe; {args.seeds} seeds per row "
             f"(mean ± half the spread); {args.final_images} held-out images, EMA weights; codebook used "
-            f"(distinct ids / V), perplexity and bit entropy of their ids; {args.jobs} runs at a time "
-            f"({threads or 'auto'} thread(s) each); "
-            f"{minutes:.0f} min in all (reused runs count 0); {load_summary(loads)}.",
+            f"(distinct ids / V), perplexity and bit entropy of their ids; {study.pace()}.",
         ]
         write_grid(rows, args, Path(args.grid))
         notes.append(f"Held-out reconstructions (seed 0, first row the originals): `{Path(args.grid).name}`.")
-        section = results_section("Quantizers at equal bits", command_line(__file__, argv), "cpu", [text], notes)
-        append_section(args.out, section)
+        harness.publish(args, "quantizers", "Quantizers at equal bits", __file__, argv, [text], notes)
     return results
 
 

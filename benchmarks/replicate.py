@@ -7,7 +7,8 @@ other 5 per class: PSNR and SSIM of the EMA model's reconstructions, codebook us
 linear-probe top-1 (frozen encoder, mean-pooled pre-quantization latents, BatchNorm + linear,
 LARS; features of the same split). Each variant runs with several seeds; the table reports
 mean +- standard deviation over seeds, and ``benchmarks/REPLICATION.md`` records it with the
-command that made it, whatever the result.
+command that made it, whatever the result (its section, replaced in place by the newest run; the
+earlier ones in ``benchmarks/history/replicate.md``).
 
     python benchmarks/replicate.py                       # 700 steps per run: about 90 min on 2 CPU cores
     python benchmarks/replicate.py --finished-only       # the table of what has finished so far
@@ -34,7 +35,6 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,15 @@ from mstok.data import ImageFolder, IndexSubset, RandomResizedCropFlip, center_c
 from mstok.evaluation.evaluate import evaluate_reconstruction
 from mstok.evaluation.metrics import mean_colour, psnr
 from mstok.evaluation.probe import extract_features, split_per_class, train_probe
-from mstok.evaluation.report import load_1min, load_summary, machine_line
 from mstok.persistence import load_tokenizer
 from mstok.storage.layout import EMA_FILE, latest_checkpoint
 from mstok.training import Trainer, load_train_config
 from mstok.training.recipes import TINY_OPTIM, tiny_settings
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
+
+ROOT = harness.ROOT
 CONFIGS = ROOT / "configs"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "titok K=32": ("titok_tiny", {}),
@@ -147,10 +148,9 @@ def run_variant(
     out = Path(args.work_dir) / name.replace(" ", "_").replace("=", "").replace(".", "") / f"seed{seed}"
     done = out / "result.json"
     identity = study_identity(args)
-    if done.is_file() and not args.fresh:
-        saved = json.loads(done.read_text())
-        if saved.get("settings") == identity:  # a finished run with the same budget: reuse it
-            return saved["metrics"]
+    saved = harness.saved_run(done, identity, args.fresh, key="settings")
+    if saved is not None:  # a finished run with the same budget: reuse it
+        return saved["metrics"]
     if args.finished_only:
         return None
     if out.exists():
@@ -196,25 +196,21 @@ def run_variant(
 
 def summarise(results: dict[str, list[dict[str, float]]]) -> str:
     """Markdown table of mean +- std over seeds."""
-    lines = [
-        "| variant | seeds | PSNR (dB) | SSIM | codebook usage | probe top-1 (%) | train s/run |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    head = ["variant", "seeds", "PSNR (dB)", "SSIM", "codebook usage", "probe top-1 (%)", "train s/run"]
+    rows = []
     for name, runs in results.items():
         cells = []
         for metric in METRICS:
             values = [r[metric] * (100 if metric == "probe_top1" else 1) for r in runs]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            digits = 2 if metric in ("psnr", "probe_top1") else 4
-            cells.append(f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}")
+            cells.append(harness.mean_std(values, 2 if metric in ("psnr", "probe_top1") else 4))
         seconds = statistics.mean(r["train_seconds"] for r in runs)
-        lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} | {seconds:.0f} |")
-    return "\n".join(lines)
+        rows.append([name, str(len(runs)), *cells, f"{seconds:.0f}"])
+    return harness.markdown_table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
+    parser.add_argument("--data", default=str(harness.DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
     parser.add_argument("--steps", type=int, default=700, help="per run (700: past the plateau, REPLICATION.md)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=TINY_OPTIM["lr"], help="peak lr (default: the tiny recipe's)")
@@ -233,8 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         default=str(ROOT / "benchmarks" / "replicate_results.json"),
         help="finished runs' metrics, kept in the repository so a study spans sessions (reused unless --fresh)",
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "REPLICATION.md"))
-    parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
+    harness.add_output_arguments(parser, out=harness.BENCHMARKS / "REPLICATION.md")
     parser.add_argument(
         "--fresh", action="store_true", help="retrain every run (default: reuse finished runs in --work-dir)"
     )
@@ -242,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         "--finished-only", action="store_true", help="train nothing: tabulate the runs already finished in --work-dir"
     )
     args = parser.parse_args(argv)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = harness.names(args.variants)
     unknown = [n for n in names if n not in VARIANTS and n not in TWO_STAGE]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join([*VARIANTS, *TWO_STAGE])}")
@@ -252,8 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     train_idx = [i for i in train_idx if labels[i] < args.classes]
     val_idx = [i for i in val_idx if labels[i] < args.classes]
     results: dict[str, list[dict[str, float]]] = {}
-    started = time.perf_counter()
-    loads = [load_1min()]
+    clock = harness.Clock()
     if args.jobs > 1:
         args.threads = 1  # --jobs runs share the cores: one thread each never oversubscribes them
     tasks = [(name, seed) for name in names for seed in seeds]
@@ -275,32 +269,26 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
                 if run is None:
                     continue
                 record_result(results_file, key, identity, run)
-            loads.append(load_1min())
+            clock.seen()
             results.setdefault(name, []).append(run)
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.items()), flush=True)
     fixed = ImageFolder(args.data, center_crop_transform(64))
     held_out = torch.stack([fixed[(i, 0)][0] for i in val_idx])
     floor = statistics.mean(psnr(held_out, mean_colour(held_out)))
     table = summarise(results) + f"\n| each image in its own mean colour | - | {floor:.2f} | | | | |"
-    minutes = (time.perf_counter() - started) / 60
     print(table)
-    if not args.no_append:
-        command = "python benchmarks/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        text = (
-            f"\n## Run of {stamp}\n\nCommand: `{command.strip()}`\n\n"
-            f"{len(train_idx)} training / {len(val_idx)} held-out images, {args.steps} steps of batch "
-            f"{args.batch_size}, lr {args.lr}, seeds {args.seeds}, {args.jobs} run(s) at a time, device {args.device}, "
-            f"torch {torch.__version__}; "
-            f"{minutes:.0f} min in all (runs reused from --work-dir count as 0). {machine_line(args.device)}; "
-            f"{load_summary(loads)}. Metrics on the held-out images with EMA weights; mean ± std over seeds.\n\n"
-            f"{table}\n"
+    if not args.no_write and not Path(args.out).exists():
+        Path(args.out).write_text(
+            "# Replication at small scale\n\nWritten by `benchmarks/replicate.py`; see its docstring.\n"
         )
-        out = Path(args.out)
-        if not out.exists():
-            out.write_text("# Replication at small scale\n\nWritten by `benchmarks/replicate.py`; see its docstring.\n")
-        with open(out, "a") as handle:
-            handle.write(text)
+    notes = [
+        f"{len(train_idx)} training / {len(val_idx)} held-out images, {args.steps} steps of batch "
+        f"{args.batch_size}, lr {args.lr}, seeds {args.seeds}, {args.jobs} run(s) at a time, device {args.device}; "
+        f"{clock.minutes:.0f} min in all (runs reused from --work-dir count as 0); {clock.summary()}. Metrics on the "
+        "held-out images with EMA weights; mean ± std over seeds."
+    ]
+    title = "TiTok vs MsTok and MsTok's ablations on tiny-imagenet-64"
+    harness.publish(args, "replicate", title, __file__, argv, [table], notes, args.device)
     return results
 
 

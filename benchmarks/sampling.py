@@ -35,7 +35,8 @@ Subset it with ``--pairs``, ``--steps``, ``--batch-size`` and ``--precisions``.
     python benchmarks/sampling.py --pairs titok_b64 --steps 8 --batch-size 8 --precisions fp32
     python benchmarks/sampling.py --device cuda  # bf16 and bf16+compile, with peak memory
 
-Prints a markdown table and appends a dated section to ``--out`` unless ``--no-append``.
+Prints a markdown table and writes its section of ``--out`` in place (``harness.write_section``)
+unless ``--no-write`` (alias ``--no-append``).
 Exits 1 if a row failed (the others are still reported).
 """
 
@@ -43,39 +44,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import math
-import statistics
 import sys
-import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mstok.evaluation.report import (
-    append_section,
-    command_line,
-    load_1min,
-    load_summary,
-    machine_line,
-    results_section,
-    synchronize,
-    with_threads,
-)
 from mstok.generators import MaskGITGenerator, SamplingConfig, create_generator, sample
 from mstok.generators.registry import GENERATOR_PRESETS
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.registry import AnyTokenizer, preset_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
 
 DEFAULT_PAIRS = ("titok_b64", "mstok_b64", "mstok_b128")
 QUICK_PAIRS = ("titok_tiny", "mstok_tiny")
 DEFAULT_GENERATOR, QUICK_GENERATOR = "maskgit_vit", "maskgit_tiny"
 DEFAULT_STEPS = (8, 64)
 NUM_CLASSES = 1000
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -94,7 +83,7 @@ class Row:
 
 
 @dataclass
-class Result:
+class Result(harness.Timed):
     """Timings of one row; ``error`` is set (and the timings empty) when it did not run."""
 
     row: Row
@@ -105,9 +94,6 @@ class Result:
     guidance: float
     sample_times: list[float] = field(default_factory=list)
     decode_times: list[float] = field(default_factory=list)
-    peak_mem_bytes: int | None = None
-    load_after: float = math.nan
-    error: str | None = None
 
     @property
     def calls(self) -> int:
@@ -116,18 +102,18 @@ class Result:
     @property
     def sample_s(self) -> float:
         """Median seconds per batch of sampling."""
-        return statistics.median(self.sample_times) if self.sample_times else math.nan
+        return harness.median(self.sample_times)
 
     @property
     def decode_s(self) -> float:
         """Median seconds per batch of decoding."""
-        return statistics.median(self.decode_times) if self.decode_times else math.nan
+        return harness.median(self.decode_times)
 
     @property
     def total_s(self) -> float:
         """Median seconds per batch of sampling + decoding (the median of the per-call sums)."""
         totals = [s + d for s, d in zip(self.sample_times, self.decode_times, strict=True)]
-        return statistics.median(totals) if totals else math.nan
+        return harness.median(totals)
 
     @property
     def images_per_s(self) -> float:
@@ -135,12 +121,7 @@ class Result:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to append to")
-    parser.add_argument("--no-append", action="store_true", help="print the table only, do not touch --out")
-    parser.add_argument(
-        "--quick", action="store_true", help=f"tiny presets ({','.join(QUICK_PAIRS)}) + {QUICK_GENERATOR}, batch 8"
-    )
+    parser = harness.timing_parser(__doc__, f"tiny presets ({','.join(QUICK_PAIRS)}) + {QUICK_GENERATOR}, batch 8")
     parser.add_argument(
         "--pairs",
         help=f"comma-separated tokenizer presets, each paired with a --generator sized to its K and V "
@@ -162,29 +143,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="classifier-free guidance weight (default 0: off; >0 doubles the generator batch)",
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--reps", type=int, help="most timed calls per row (default 3; CUDA 10)")
-    parser.add_argument(
-        "--budget", type=float, help="seconds of timed calls per row before stopping (default 10; --quick 3)"
+    harness.add_repeat_arguments(
+        parser,
+        "--reps",
+        "call",
+        "3; CUDA 10",
+        "10; --quick 3",
+        "untimed calls before a configuration's first timed one",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before a configuration's first timed one")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, labels and sampling noise")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
-
-    def names(text: str | None, default: tuple[str, ...]) -> list[str]:
-        return list(default) if text is None else [n.strip() for n in text.split(",") if n.strip()]
-
-    args.pairs = names(args.pairs, QUICK_PAIRS if args.quick else DEFAULT_PAIRS)
+    args.pairs = harness.names(args.pairs, QUICK_PAIRS if args.quick else DEFAULT_PAIRS)
     args.generator = args.generator or (QUICK_GENERATOR if args.quick else DEFAULT_GENERATOR)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    cuda = args.device == "cuda"
-    args.precisions = names(args.precisions, ("bf16", "bf16+compile") if cuda else ("fp32", "bf16"))
+    cuda = harness.resolve_device(parser, args)
+    args.precisions = harness.names(args.precisions, ("bf16", "bf16+compile") if cuda else ("fp32", "bf16"))
     try:
-        args.steps = sorted({int(s) for s in names(args.steps, tuple(str(s) for s in DEFAULT_STEPS))})
+        args.steps = sorted({int(s) for s in harness.names(args.steps, (str(s) for s in DEFAULT_STEPS))})
     except ValueError:
         parser.error(f"--steps must be comma-separated integers, got {args.steps!r}")
     args.batch_size = args.batch_size or (8 if args.quick else 32)
@@ -201,16 +175,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--pairs: {name} is not a 1D tokenizer decoding to pixels")
     if args.generator not in GENERATOR_PRESETS:
         parser.error(f"--generator: unknown preset {args.generator!r}; available: {', '.join(GENERATOR_PRESETS)}")
-    for mode in args.precisions:
-        precision, _, extra = mode.partition("+")
-        if precision not in DTYPES or extra not in ("", "compile"):
-            parser.error(f"--precisions: {mode!r} is not PRECISION[+compile] with PRECISION fp32, bf16 or fp16")
-    if not args.precisions:
-        parser.error("--precisions names no precision")
+    harness.check_timing(parser, args, "--reps", "--precisions")
     if not args.steps or min(args.steps) < 1:
         parser.error("--steps must name positive integers")
-    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0 or args.budget < 0 or args.guidance < 0:
-        parser.error("--batch-size and --reps must be >= 1; --warmup, --budget and --guidance >= 0")
+    if args.batch_size < 1 or args.guidance < 0:
+        parser.error("--batch-size must be >= 1, --guidance >= 0")
     return args
 
 
@@ -230,21 +199,9 @@ def build(tokenizer: str, generator: str, device: torch.device, seed: int) -> tu
 def compiled(tok: AnyTokenizer, gen: MaskGITGenerator, enabled: bool) -> Iterator[MaskGITGenerator]:
     """Yield the generator to sample with: ``torch.compile``d (and the tokenizer's decoder swapped
     for a compiled one while the block runs) when ``enabled``, else ``gen`` itself."""
-    names = [n for n in ("decoder", "pixel_decoder") if getattr(tok, n, None) is not None]
-    originals = {n: getattr(tok, n) for n in names}
-    try:
-        if not enabled:
-            yield gen
-            return
-        for n in names:
-            setattr(tok, n, torch.compile(originals[n]))
+    with harness.compiled_parts(tok, ("decoder", "pixel_decoder"), enabled):
         # the compiled module forwards .config, .check_labels and .parameters() to ``gen``
-        yield torch.compile(gen)
-    finally:
-        for n, module in originals.items():
-            setattr(tok, n, module)
-        if enabled:
-            torch._dynamo.reset()
+        yield torch.compile(gen) if enabled else gen
 
 
 def make_call(
@@ -257,19 +214,10 @@ def make_call(
 
     def call() -> tuple[float, float, torch.Tensor]:
         rng = torch.Generator(device=device).manual_seed(seed)  # the same samples in every call
-        autocast = (
-            torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            synchronize(device)
-            start = time.perf_counter()
-            ids = sample(gen, labels, config, generator=rng)
-            synchronize(device)
-            sampled = time.perf_counter()
-            images = tok.decode(ids)
-            synchronize(device)
-            decoded = time.perf_counter()
-        return sampled - start, decoded - sampled, images
+        with torch.inference_mode(), harness.autocast(device, precision):
+            ids, sampled = harness.timed(device, lambda: sample(gen, labels, config, generator=rng))
+            images, decoded = harness.timed(device, lambda: tok.decode(ids))
+        return sampled, decoded, images
 
     return call
 
@@ -278,28 +226,22 @@ def time_row(
     result: Result, call: Callable[[], tuple[float, float, torch.Tensor]], args: argparse.Namespace, warmup: int
 ) -> None:
     """Run ``warmup`` untimed calls, then timed calls until ``--reps`` or ``--budget``; fills ``result``."""
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+
+    def checked() -> tuple[float, float]:
+        sample_s, decode_s, images = call()
+        size = result.image_size
+        if images.shape != (result.row.batch_size, 3, size, size) or not torch.isfinite(images).all():
+            raise RuntimeError(f"decode gave {tuple(images.shape)} images (finite: {bool(images.isfinite().all())})")
+        return sample_s, decode_s
+
+    harness.reset_peak(args.device)
     try:
-        for i in range(warmup + args.reps):
-            if i >= warmup and sum(result.sample_times) + sum(result.decode_times) >= args.budget:
-                break
-            sample_s, decode_s, images = call()
-            size = result.image_size
-            if images.shape != (result.row.batch_size, 3, size, size) or not torch.isfinite(images).all():
-                raise RuntimeError(
-                    f"decode gave {tuple(images.shape)} images (finite: {bool(images.isfinite().all())})"
-                )
-            if i >= warmup:
-                result.sample_times.append(sample_s)
-                result.decode_times.append(decode_s)
-        if device.type == "cuda":
-            result.peak_mem_bytes = torch.cuda.max_memory_allocated(device)
+        times = harness.time_calls(checked, warmup, args.reps, args.budget)
+        result.sample_times, result.decode_times = [t[0] for t in times], [t[1] for t in times]
+        result.peak_mem_bytes = harness.peak_bytes(args.device)
     except Exception as err:  # report the row and go on: one bad config must not lose a long run
         result.sample_times, result.decode_times = [], []
-        result.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-        traceback.print_exc()
+        result.error = harness.failure(err)
 
 
 def run_pair(tokenizer: str, args: argparse.Namespace, report: Callable[[Result], None]) -> tuple[list[Result], int]:
@@ -314,10 +256,10 @@ def run_pair(tokenizer: str, args: argparse.Namespace, report: Callable[[Result]
     try:
         tok, gen = build(tokenizer, args.generator, device, args.seed)
     except Exception as err:
-        traceback.print_exc()
+        error = harness.failure(err)
         failed = [result(s, m) for m in args.precisions for s in args.steps]
         for r in failed:
-            r.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            r.error = error
             report(r)
         return failed, 0
     params = gen.parameter_counts()["total"]
@@ -332,13 +274,11 @@ def run_pair(tokenizer: str, args: argparse.Namespace, report: Callable[[Result]
                 every = device.type == "cuda" or extra == "compile"
                 warmup = args.warmup if every or i == 0 else 0
                 time_row(r, make_call(tok, sampler, r.row, args.guidance, device, args.seed), args, warmup)
-                r.load_after = load_1min()
+                r.load_after = harness.load_1min()
                 results.append(r)
                 report(r)
     del tok, gen
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    harness.release(device)
     return results, params
 
 
@@ -360,13 +300,12 @@ def make_table(results: list[Result]) -> str:
         "peak mem (GiB)",
         "load 1m",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * 4 + ["---"] + ["---:"] * 9) + "|"]
+    rows = []
     for r in results:
         size = f"{r.image_size}x{r.image_size}"
         cells = [r.row.pair, str(r.num_tokens), str(r.codebook_size), size, str(r.row.steps)]
         cells += [f"{r.device} {r.row.mode}", str(r.row.batch_size)]
         if r.sample_times:
-            peak = f"{r.peak_mem_bytes / 2**30:.2f}" if r.peak_mem_bytes is not None else "-"
             cells += [
                 str(r.calls),
                 f"{r.sample_s:.3f}",
@@ -374,13 +313,17 @@ def make_table(results: list[Result]) -> str:
                 f"{r.total_s:.3f}",
                 f"{100 * r.sample_s / (r.sample_s + r.decode_s):.0f}%",
                 f"{r.images_per_s:.2f}",
-                peak,
+                harness.gib(r.peak_mem_bytes),
             ]
         else:
             cells += ["-", "-", "-", "-", "-", "failed", "-"]
         cells.append(f"{r.load_after:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return harness.markdown_table(header, rows, left=(0, 5))
+
+
+def label(r: Result) -> str:
+    return f"{r.row.pair} S={r.row.steps} b{r.row.batch_size} {r.row.mode}"
 
 
 def describe(r: Result) -> str:
@@ -395,21 +338,19 @@ def describe(r: Result) -> str:
 def main(argv: list[str] | None = None) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
     args = parse_args(argv)
-    return with_threads(args.threads, lambda: run(args, argv))
+    return harness.with_threads(args.threads, lambda: run(args, argv))
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
-    """Time every row, print the table and append the section (see :func:`main`)."""
-    device = torch.device(args.device)
-    loads = [load_1min()]
+    """Time every row, print the table and write the section (see :func:`main`)."""
+    clock = harness.Clock()
     print(
-        f"Timing {len(args.pairs)} pairs with {args.generator} on {args.device} ({machine_line(args.device)}); "
-        f"load average {loads[0]:.2f}"
+        f"Timing {len(args.pairs)} pairs with {args.generator} on {args.device} "
+        f"({harness.machine_line(args.device)}); load average {clock.loads[0]:.2f}"
     )
-    started = time.perf_counter()
 
     def report(r: Result) -> None:
-        loads.append(r.load_after)
+        clock.seen(r.load_after)
         row = r.row
         print(f"  {row.pair} S={row.steps} b{row.batch_size} {row.mode}: {describe(r)}", flush=True)
 
@@ -418,30 +359,14 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
     for tokenizer in args.pairs:
         rows, params[tokenizer] = run_pair(tokenizer, args, report)
         results += rows
-    total = time.perf_counter() - started
 
     table = make_table(results)
-    failed = [r for r in results if r.error]
-    print()
-    print(table)
-    for r in failed:
-        print(f"FAILED {r.row.pair} S={r.row.steps} b{r.row.batch_size} {r.row.mode}: {r.error}")
-    load_text = load_summary(loads)
-    print(f"\nTotal {total / 60:.1f} min; {load_text}")
-    if args.no_append:
-        return results
-
-    command = command_line("benchmarks/sampling.py", argv)
-    sync = "CUDA synchronised before and after each part; " if device.type == "cuda" else ""
-    peak = (
-        "peak mem is `torch.cuda.max_memory_allocated` over a row's warm-up and timed calls (weights included)"
-        if device.type == "cuda"
-        else "no peak memory on CPU"
-    )
-    warm = (
-        "before each row"
-        if device.type == "cuda"
-        else "before the fewest-steps row of each pair/precision (every row with compile; all S run the same shapes)"
+    failed_notes = harness.print_outcome(clock, [table], results, label)
+    sync, peak, warm = harness.measured_notes(
+        args.device,
+        "before and after each part",
+        "a row's warm-up and timed calls (weights included)",
+        "before the fewest-steps row of each pair/precision (every row with compile; all S run the same shapes)",
     )
     sizes = ", ".join(
         f"{name}: {params[name] / 1e6:.1f}M (K={preset_config(name).num_latent_tokens}, "
@@ -467,14 +392,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
         f"stopping once {args.budget:g} s of timed calls have passed (at least one); {sync}sampling and decoding "
         f"are timed separately in each call with `time.perf_counter` (medians over the calls), and images/s = "
         f"batch / median(sampling + decoding); {peak}. A row with one timed call is a single measurement.",
-        f"- {load_text}; `load 1m` is the 1-minute load average as each row ended. Other processes may share this "
-        "machine: a load above this run's thread count means they competed for the cores and the rates here are "
-        f"lower bounds. Whole run {total / 60:.1f} min.",
+        harness.load_note(
+            clock,
+            "a load above this run's thread count means they competed for the cores and the rates here are lower "
+            "bounds",
+        ),
     ]
-    notes += [f"- FAILED {r.row.pair} S={r.row.steps} b{r.row.batch_size} {r.row.mode}: {r.error}" for r in failed]
-    title = f"Sampling + decoding throughput{' (quick)' if args.quick else ''}"
-    section = results_section(title, command, args.device, [table], notes)
-    append_section(args.out, section)
+    quick = " (quick)" if args.quick else ""
+    name = "sampling-quick" if args.quick else "sampling"
+    harness.publish(args, name, f"Sampling + decoding throughput{quick}", __file__, argv, [table],
+                    notes + failed_notes, args.device)  # fmt: skip
     return results
 
 

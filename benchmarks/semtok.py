@@ -34,7 +34,7 @@ them as relative. ``--seeds`` seeds per row, mean ± half the spread. ``--featur
 
     python benchmarks/semtok.py --rows "semantic,no semantic" --seeds 2   # Table 4's ends, ~100 min on 2 cores
     python benchmarks/semtok.py --seeds 2                                 # all four lines, ~3.5 h
-    python benchmarks/semtok.py --steps1 6 --steps2 4 --eval-images 16 --sampler-images 4 --no-append \\
+    python benchmarks/semtok.py --steps1 6 --steps2 4 --eval-images 16 --sampler-images 4 --no-write \\
         --work-dir /tmp/semtok_smoke
 
 The size of one pipeline: on a 2-core machine running two pipelines at a time (one thread each),
@@ -64,29 +64,15 @@ import torch
 from mstok.evaluation.metrics import bits_per_pixel, mean_colour, psnr, ssim
 from mstok.evaluation.probe import split_per_class, train_probe
 from mstok.evaluation.reference import ReferenceMeter
-from mstok.evaluation.report import append_section, command_line, load_1min, load_summary, results_section
 from mstok.persistence import load_reference_net, load_tokenizer
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.semtok import SEMANTIC_TERMS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from convergence import (
-    Row,
-    add_data_arguments,
-    bit_entropies,
-    check_data_arguments,
-    held_out_images,
-    held_out_indices,
-    held_out_labels,
-    mean_colour_floor,
-    run_dir,
-    run_pooled,
-    run_row,
-    toml_value,
-)
-from quantizers import CALIBRATION, _cell
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
+from harness import Row, toml_value
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = harness.ROOT
 STAGE_CONFIGS = (ROOT / "configs" / "semtok_tiny_stage1.toml", ROOT / "configs" / "semtok_tiny_stage2.toml")
 FLOW_STEPS = (1, 4, 25)  # Table 7: one step, a few, the paper's 25
 # top-level fields run_row sets itself (or that only a CLI run needs), and the tables it replaces
@@ -145,7 +131,7 @@ def stage_rows(name: str, args: argparse.Namespace, seed: int) -> dict[str, Row]
     stages, so stage II loads stage I's weights)."""
     terms = PIPELINES[name]
     first = f"stage I {name}"
-    init = f"model.init_from={toml_value(str(run_dir(args, first, seed)))}"
+    init = f"model.init_from={toml_value(str(harness.run_dir(args, first, seed)))}"
     rows = {
         first: config_row(STAGE_CONFIGS[0], "stage I", stage_one_settings(terms)),
         f"stage II {name}": config_row(STAGE_CONFIGS[1], "stage II", [init]),
@@ -173,7 +159,7 @@ def token_stats(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float | 
     of the bits over the held-out ids (bits; 1 = every bit a fair coin)."""
     stats: dict[str, float | None] = {"usage": torch.unique(ids).numel() / ids.numel(), "bit_entropy": None}
     if model.config.quantizer_spec().kind == "bsq":
-        stats["bit_entropy"] = float(bit_entropies(ids.reshape(-1), model.config.code_dim).mean())
+        stats["bit_entropy"] = float(harness.bit_entropies(ids.reshape(-1), model.config.code_dim).mean())
     return stats
 
 
@@ -253,19 +239,20 @@ def evaluate(
 
 
 def run_evaluated(name: str, row: Row, args: argparse.Namespace, threads: int, seed: int) -> dict[str, Any]:
-    """Train (or reuse) one run with :func:`run_row`, then evaluate it (or reuse the evaluation)."""
-    result = run_row(name, args, threads, row, seed)
+    """Train (or reuse) one run with :func:`harness.run_row`, then evaluate it (or reuse the evaluation)."""
+    result = harness.run_row(name, row, args, threads, seed)
     identity = {"flow_steps": list(FLOW_STEPS), "eval_images": args.eval_images, "sampler_images": args.sampler_images,
                 "feature_net": str(Path(args.feature_net).resolve())}  # fmt: skip
     if result.get("eval", {}).get("identity") != identity:
         if threads:
             torch.set_num_threads(threads)
-        indices = tuple(held_out_indices(args.data, args.eval_images))
-        images, labels = held_out_images(args.data, indices), held_out_labels(args.data, indices)
+        indices = tuple(harness.held_out_indices(args.data, args.eval_images))
+        images, labels = harness.held_out_images(args.data, indices), harness.held_out_labels(args.data, indices)
         reference = load_reference_net(args.feature_net)
-        evaluation = evaluate(run_dir(args, name, seed), images, labels, FLOW_STEPS, args.sampler_images, reference)
+        folder = harness.run_dir(args, name, seed)
+        evaluation = evaluate(folder, images, labels, FLOW_STEPS, args.sampler_images, reference)
         result["eval"] = {"identity": identity, **evaluation}
-        (run_dir(args, name, seed) / "result.json").write_text(json.dumps(result, indent=2))
+        harness.save_result(folder, result)
     return result
 
 
@@ -277,19 +264,19 @@ def run_pipeline(name: str, args: argparse.Namespace, threads: int, seed: int) -
     (first, row1), (second, row2) = stage_rows(name, args, seed).items()
     result1 = run_evaluated(first, row1, stage_args(args, args.steps1), threads, seed)
     stamp = {"identity": result1["identity"], "wall_seconds": result1["wall_seconds"]}
-    done2 = run_dir(args, second, seed) / "result.json"
+    done2 = harness.run_dir(args, second, seed) / "result.json"
     stale = done2.is_file() and json.loads(done2.read_text()).get("stage1") != stamp
     result2 = run_evaluated(second, row2, stage_args(args, args.steps2, fresh=stale), threads, seed)
     if result2.get("stage1") != stamp:
         result2["stage1"] = stamp
-        done2.write_text(json.dumps(result2, indent=2))
+        harness.save_result(done2.parent, result2)
     return {first: result1, second: result2}
 
 
 def run_calibration(args: argparse.Namespace, threads: int) -> dict[str, dict[str, Any]]:
-    """The conv AE VQ calibration of quantizers.py, trained for steps1 + steps2 steps, then
+    """The conv AE VQ calibration (as in quantizers.py), trained for steps1 + steps2 steps, then
     evaluated; returned by its row name, as :func:`run_pipeline` returns its rows."""
-    name, row = CALIBRATION
+    name, row = harness.conv_ae_vq()
     return {name: run_evaluated(name, row, stage_args(args, args.steps1 + args.steps2), threads, 0)}
 
 
@@ -298,58 +285,59 @@ def table(results: dict[str, list[dict[str, Any]]], floor: dict[str, Any]) -> st
     in its mean colour, and the real images themselves (the reference network's own top-1)."""
     head = ["row", "decoder", "images", "PSNR", "SSIM", "FD-ref", "ref top-1", "probe top-1", "params", "s/step",
             "encode ms/img", "decode ms/img", "usage", "bit entropy", "bits/pixel"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    rows = []
     for name, seeds in results.items():
         evals = [s["eval"] for s in seeds]
         for decoder in evals[0]["decoders"]:
             per = [e["decoders"][decoder] for e in evals]
-            cells = [
+            rows.append([
                 name,
                 decoder,
                 str(per[0]["images"]),
-                _cell([d["psnr"] for d in per], 2),
-                _cell([d["ssim"] for d in per], 4),
-                _cell([d["fd_ref"] for d in per], 2),
-                _cell([d["ref_top1_recon"] for d in per], 3),
-                _cell([e["probe_top1"] for e in evals], 3),
+                *harness.pooled(per, ("psnr", 2), ("ssim", 4), ("fd_ref", 2), ("ref_top1_recon", 3)),
+                *harness.pooled(evals, ("probe_top1", 3)),
                 f"{seeds[0]['params'] / 1e6:.2f}M",
-                _cell([s["seconds_per_step"] for s in seeds], 3),
-                _cell([e["encode_ms"] for e in evals], 2),
-                _cell([d["decode_ms"] for d in per], 2),
-                _cell([e["usage"] for e in evals], 3),
-                _cell([e["bit_entropy"] for e in evals], 3),
+                *harness.pooled(seeds, ("seconds_per_step", 3)),
+                *harness.pooled(evals, ("encode_ms", 2)),
+                *harness.pooled(per, ("decode_ms", 2)),
+                *harness.pooled(evals, ("usage", 3), ("bit_entropy", 3)),
                 f"{evals[0]['bpp']:.4f}",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    gap = " | - | - | - | - | - | - | - |"
-    lines.append(
-        f"| each image in its mean colour | - | {floor['images']} | {floor['psnr']:.2f} | {floor['ssim']:.4f} | "
-        f"{floor['fd_ref']:.2f} | {floor['ref_top1_recon']:.3f} | -{gap}"
+            ])  # fmt: skip
+    images = str(floor["images"])
+    rows.append(
+        harness.mean_colour_row(
+            len(head),
+            {
+                2: images,
+                3: f"{floor['psnr']:.2f}",
+                4: f"{floor['ssim']:.4f}",
+                5: f"{floor['fd_ref']:.2f}",
+                6: f"{floor['ref_top1_recon']:.3f}",
+            },
+        )
     )
-    real = f"| the held-out images themselves | - | {floor['images']} | inf | 1 | 0 | {floor['ref_top1_real']:.3f} | -"
-    lines.append(real + gap)
-    return "\n".join(lines)
+    real = {2: images, 3: "inf", 4: "1", 5: "0", 6: f"{floor['ref_top1_real']:.3f}"}
+    rows.append(["the held-out images themselves", *harness.mean_colour_row(len(head), real)[1:]])
+    return harness.markdown_table(head, rows, left=2)
 
 
 def calibrations(args: argparse.Namespace) -> dict[str, Any]:
     """Mean colour's PSNR, SSIM, FD-ref and reference top-1 on the evaluation images, and the
     reference network's top-1 on the images themselves."""
-    indices = tuple(held_out_indices(args.data, args.eval_images))
-    images, labels = held_out_images(args.data, indices), held_out_labels(args.data, indices)
+    indices = tuple(harness.held_out_indices(args.data, args.eval_images))
+    images, labels = harness.held_out_images(args.data, indices), harness.held_out_labels(args.data, indices)
     flat = mean_colour(images)
     scores = semantic_scores(load_reference_net(args.feature_net), images, flat, labels)
-    psnr_value, ssim_value = mean_colour_floor(args.data, args.eval_images)
+    psnr_value, ssim_value = harness.mean_colour_floor(args.data, args.eval_images)
     return {"images": len(images), "psnr": psnr_value, "ssim": ssim_value, **scores}
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_data_arguments(parser)
+    harness.add_data_arguments(parser)
     parser.add_argument("--rows", default=",".join(PIPELINES), help=f"comma-separated, of {', '.join(PIPELINES)}")
     parser.add_argument("--steps1", type=int, default=2000, help="stage-I steps")
     parser.add_argument("--steps2", type=int, default=1000, help="stage-II steps")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--val-images", type=int, default=64, help="held-out images validated during training")
     parser.add_argument("--eval-images", type=int, default=8000, help="held-out images measured after training")
     parser.add_argument("--sampler-images", type=int, default=500, help="of those, decoded by multi-step flows")
@@ -359,20 +347,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         default="runs/reference",
         help="the reference network for FD-ref and top-1 (mstok reference train --out DIR); also stage I's teacher",
     )
-    parser.add_argument("--jobs", type=int, default=2, help="pipelines trained at once (one thread each when > 1)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per run with --jobs 1 (0 = auto)")
-    parser.add_argument("--work-dir", default="runs/semtok")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    parser.add_argument("--no-append", action="store_true", help="print only; do not write --out")
-    parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
+    harness.add_run_arguments(parser, "runs/semtok", seeds=1, unit="pipelines")
+    harness.add_output_arguments(parser)
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PIPELINES]
-    if unknown:
-        parser.error(f"unknown row(s) {unknown}; known: {', '.join(PIPELINES)}")
+    names = harness.chosen(parser, args.rows, PIPELINES, ())
     if min(args.steps1, args.steps2, args.seeds, args.val_images, args.eval_images, args.sampler_images) < 1:
         parser.error("--steps1, --steps2, --seeds, --val-images, --eval-images and --sampler-images must be >= 1")
-    check_data_arguments(parser, args)
+    harness.check_data_arguments(parser, args)
     try:
         load_reference_net(args.feature_net)
     except (FileNotFoundError, ValueError) as error:
@@ -380,9 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     for name in names:  # fail fast on a bad row, before any training
         for row in stage_rows(name, args, 0).values():
             create_tokenizer(row.preset, **row.model)
-
-    loads, started = [load_1min()], time.perf_counter()
-    threads = 1 if args.jobs > 1 else args.threads
+    study = harness.Study(args)
 
     def report(key: tuple[str, int], rows: dict[str, dict[str, Any]]) -> str:
         lines = []
@@ -393,41 +372,37 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                          f"{speed:.3f} s/step")  # fmt: skip
         return "\n".join(lines)
 
-    tasks = {(name, seed): functools.partial(run_pipeline, name, args, threads, seed)
+    tasks = {(name, seed): functools.partial(run_pipeline, name, args, study.threads, seed)
              for seed in range(args.seeds) for name in names}  # fmt: skip
+    calibration = harness.conv_ae_vq()[0]
     if not args.no_calibration:
-        tasks[CALIBRATION[0], 0] = functools.partial(run_calibration, args, threads)
+        tasks[calibration, 0] = functools.partial(run_calibration, args, study.threads)
     results: dict[str, list[dict[str, Any]]] = {}
-    for rows in run_pooled(args.jobs, tasks, report, loads).values():
+    for rows in study.run(tasks, report).values():
         for row, result in rows.items():
             results.setdefault(row, []).append(result)
-    order = [f"stage {s} {n}" for n in names for s in ("I", "II")] + [CALIBRATION[0]]
+    order = [f"stage {s} {n}" for n in names for s in ("I", "II")] + [calibration]
     results = {name: results[name] for name in order if name in results}
 
     text = table(results, calibrations(args))
     print(text)
-    if not args.no_append:
-        minutes = (time.perf_counter() - started) / 60
-        notes = [
-            f"Stage I {args.steps1} steps, stage II {args.steps2} steps, batch {args.batch_size}, the settings of "
-            f"configs/semtok_tiny_stage1.toml / _stage2.toml; the calibration {args.steps1 + args.steps2} steps of the "
-            f"tiny recipe. {args.seeds} seed(s) per row (mean ± half the spread); {args.eval_images} held-out images "
-            f"(multi-step flow decodes: the first {args.sampler_images}), EMA weights; {args.jobs} runs at a time "
-            f"({threads or 'auto'} thread(s) each); {minutes:.0f} min in all "
-            f"(reused runs count 0); {load_summary(loads)}.",
-            "Stage I decodes by the flow ODE from seeded noise (Euler, `decode(tokens, steps=n, seed=0)`), stage II "
-            "by the one-step refiner. `no semantic`: distillation and contrastive weights 0, projections untrained "
-            "(SemTok Table 4's first line); its stage II refines that encoder's tokens. FD-ref: Fréchet distance of "
-            f"the reference network's features ({args.feature_net}), real vs decoded, over the images of the row (not "
-            "Inception FID; it grows as the count shrinks); ref top-1: that network's top-1 on the decoded images; "
-            "probe top-1: a linear probe of the mean-pooled token features, 35 train / 5 val held-out images per "
-            "class. usage = distinct held-out "
-            "ids / (images x K); bit entropy = mean binary entropy of the BSQ bits over the held-out ids (max 1); "
-            "bits/pixel = log2 V x K / (H W). Encode and decode ms/img are one timed call on the whole held-out "
-            "batch in the worker that trained the run, with the other worker possibly still training.",
-        ]
-        section = results_section("SemTok at tiny scale", command_line(__file__, argv), "cpu", [text], notes)
-        append_section(args.out, section)
+    notes = [
+        f"Stage I {args.steps1} steps, stage II {args.steps2} steps, batch {args.batch_size}, the settings of "
+        f"configs/semtok_tiny_stage1.toml / _stage2.toml; the calibration {args.steps1 + args.steps2} steps of the "
+        f"tiny recipe. {args.seeds} seed(s) per row (mean ± half the spread); {args.eval_images} held-out images "
+        f"(multi-step flow decodes: the first {args.sampler_images}), EMA weights; {study.pace()}.",
+        "Stage I decodes by the flow ODE from seeded noise (Euler, `decode(tokens, steps=n, seed=0)`), stage II "
+        "by the one-step refiner. `no semantic`: distillation and contrastive weights 0, projections untrained "
+        "(SemTok Table 4's first line); its stage II refines that encoder's tokens. FD-ref: Fréchet distance of "
+        f"the reference network's features ({args.feature_net}), real vs decoded, over the images of the row (not "
+        "Inception FID; it grows as the count shrinks); ref top-1: that network's top-1 on the decoded images; "
+        "probe top-1: a linear probe of the mean-pooled token features, 35 train / 5 val held-out images per "
+        "class. usage = distinct held-out "
+        "ids / (images x K); bit entropy = mean binary entropy of the BSQ bits over the held-out ids (max 1); "
+        "bits/pixel = log2 V x K / (H W). Encode and decode ms/img are one timed call on the whole held-out "
+        "batch in the worker that trained the run, with the other worker possibly still training.",
+    ]
+    harness.publish(args, "semtok", "SemTok at tiny scale", __file__, argv, [text], notes)
     return results
 
 

@@ -29,7 +29,8 @@ stage-II one-step refiner in place of the 25-step flow decoder). ``--random-firs
 latent tokenizer whose first stage is not on disk with a random-weight copy of the SD3.5 VAE
 (:meth:`~mstok.tokenizers.latent_space.DiffusersVAESpace.random`: the same compute), and says so.
 
-Prints markdown tables and appends a dated section to ``--out`` unless ``--no-append``.
+Prints markdown tables and writes its section of ``--out`` in place (``harness.write_section``)
+unless ``--no-write`` (alias ``--no-append``).
 Exits 1 if a row failed (the others are still reported).
 """
 
@@ -38,12 +39,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import math
 import statistics
 import sys
-import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,30 +51,21 @@ from unittest import mock
 import torch
 
 from mstok.evaluation.flops import count_flops, decoder_calls, tokenizer_flops
-from mstok.evaluation.report import (
-    append_section,
-    command_line,
-    load_1min,
-    load_summary,
-    machine_line,
-    results_section,
-    synchronize,
-    with_threads,
-)
 from mstok.storage.weights import MissingWeightsError
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.latent_space import DiffusersVAESpace, LatentSpace, build_latent_space
 from mstok.tokenizers.registry import AnyTokenizer, preset_config
 from mstok.tokenizers.vqgan import MaskGITVQGAN
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
+from harness import DTYPES, PROXY_FOR_SIZE
+
 DEFAULT_PRESETS = ("titok_s128", "titok_b64", "titok_l32", "mstok_b64", "mstok_b128", "mstok_b256", "mstok_l32")
 QUICK_PRESETS = ("titok_tiny", "mstok_tiny", "titok_b64", "mstok_b64")
 DEFAULT_TWO_STAGE = ("titok_b64", "mstok_b64")
 QUICK_TWO_STAGE = ("titok_tiny", "mstok_tiny")
-# the proxy whose code grid matches the patch grid of the presets at that resolution
-PROXY_FOR_SIZE = {256: "maskgit_vqgan_f16", 64: "vqgan_tiny"}
 PART_TEXT = {"encode": "encode", "decode": "decode", "decode2": "decode (two-stage, to pixels)"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -129,26 +118,23 @@ class Row:
 
 
 @dataclass
-class Result:
+class Result(harness.Timed):
     """Timings of one row; ``error`` or ``skipped`` is set (and the timings empty) when it did not run."""
 
     row: Row
     device: str
     flops_per_image: int
     call_times: list[float] = field(default_factory=list)
-    peak_mem_bytes: int | None = None
-    load_after: float = math.nan
     mm_gflops: float = math.nan  # the matmul rate this row is compared with (see ``run``)
-    error: str | None = None
     skipped: str | None = None
 
     @property
     def median_s(self) -> float:
-        return statistics.median(self.call_times) if self.call_times else math.nan
+        return harness.median(self.call_times)
 
     @property
     def images_per_s(self) -> float:
-        return self.row.batch_size / self.median_s if self.call_times else math.nan
+        return harness.per_second(self.row.batch_size, self.call_times)
 
     @property
     def gflops_per_s(self) -> float:
@@ -164,36 +150,26 @@ class MatmulRate:
     when: str
     rates: list[float]
 
-    @property
-    def best(self) -> float:
-        return max(self.rates)
+    best: float = field(init=False)
+    median: float = field(init=False)
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
+    def __post_init__(self) -> None:
+        self.best, self.median = max(self.rates), statistics.median(self.rates)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to append to")
-    parser.add_argument("--no-append", action="store_true", help="print the tables only, do not touch --out")
-    parser.add_argument("--quick", action="store_true", help="tiny presets + titok_b64/mstok_b64, batch 8")
+    parser = harness.timing_parser(__doc__, "tiny presets + titok_b64/mstok_b64, batch 8")
     parser.add_argument("--presets", help="comma-separated presets for encode/decode rows ('' for none)")
     parser.add_argument(
-        "--two-stage",
-        help=f"comma-separated presets for two-stage decode rows (default: {','.join(DEFAULT_TWO_STAGE)}; "
-        f"--quick: {','.join(QUICK_TWO_STAGE)}; '' for none)",
+        "--two-stage", help=harness.list_help("presets for two-stage decode rows", DEFAULT_TWO_STAGE, QUICK_TWO_STAGE)
     )
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes (default 8,32; --quick 8)")
     parser.add_argument(
         "--modes", help="comma-separated PRECISION[+compile] (default: fp32,bf16; CUDA bf16,bf16+compile)"
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--reps", type=int, help="most timed calls per row (default 5; CUDA 20)")
-    parser.add_argument(
-        "--budget", type=float, help="seconds of timed calls per row before stopping (default 10; --quick 3)"
+    harness.add_repeat_arguments(
+        parser, "--reps", "call", "5; CUDA 20", "10; --quick 3", "untimed calls before a row's first timed call"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before a row's first timed call")
     parser.add_argument(
         "--max-call-s",
         type=float,
@@ -202,27 +178,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--mm-size", type=int, help="matrix size of the matmul reference (default 2048; CUDA 8192)")
     parser.add_argument("--mm-reps", type=int, default=5, help="timed matmuls per precision (default 5)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument(
         "--random-first-stage",
         action="store_true",
         help="time a latent tokenizer whose VAE is not on disk with SD3.5's VAE architecture and random weights",
     )
     args = parser.parse_args(argv)
-
-    def names(text: str | None, default: tuple[str, ...]) -> list[str]:
-        return list(default) if text is None else [n.strip() for n in text.split(",") if n.strip()]
-
-    args.presets = names(args.presets, QUICK_PRESETS if args.quick else DEFAULT_PRESETS)
-    args.two_stage = names(args.two_stage, QUICK_TWO_STAGE if args.quick else DEFAULT_TWO_STAGE)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    cuda = args.device == "cuda"
-    args.modes = names(args.modes, ("bf16", "bf16+compile") if cuda else ("fp32", "bf16"))
+    args.presets = harness.names(args.presets, QUICK_PRESETS if args.quick else DEFAULT_PRESETS)
+    args.two_stage = harness.names(args.two_stage, QUICK_TWO_STAGE if args.quick else DEFAULT_TWO_STAGE)
+    cuda = harness.resolve_device(parser, args)
+    args.modes = harness.names(args.modes, ("bf16", "bf16+compile") if cuda else ("fp32", "bf16"))
     try:
-        args.batch_sizes = sorted({int(b) for b in names(args.batch_sizes, ("8",) if args.quick else ("8", "32"))})
+        args.batch_sizes = sorted(
+            {int(b) for b in harness.names(args.batch_sizes, ("8",) if args.quick else ("8", "32"))}
+        )
     except ValueError:
         parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
     args.reps = args.reps if args.reps is not None else (20 if cuda else 5)
@@ -240,16 +209,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--two-stage: {model.preset} is a proxy tokenizer, it has no two-stage decode")
         if preset_config(model.preset).image_size not in PROXY_FOR_SIZE:
             parser.error(f"--two-stage: no proxy preset for {model.preset}'s image size")
-    for mode in args.modes:
-        precision, _, extra = mode.partition("+")
-        if precision not in DTYPES or extra not in ("", "compile"):
-            parser.error(f"--modes: {mode!r} is not PRECISION[+compile] with PRECISION fp32, bf16 or fp16")
+    harness.check_timing(parser, args, "--reps", "--modes")
     if not args.presets and not args.two_stage:
         parser.error("nothing to run: --presets and --two-stage are both empty")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         parser.error("--batch-sizes must name positive integers")
-    if args.reps < 1 or args.warmup < 0 or args.budget < 0 or args.max_call_s < 0 or args.mm_reps < 1:
-        parser.error("--reps and --mm-reps must be >= 1; --warmup, --budget and --max-call-s >= 0")
+    if args.max_call_s < 0 or args.mm_reps < 1:
+        parser.error("--mm-reps must be >= 1, --max-call-s >= 0")
     return args
 
 
@@ -332,30 +298,10 @@ def measure_matmul(device: torch.device, precision: str, size: int, reps: int, w
     a, b = (torch.randn(size, size, generator=gen).to(device, DTYPES[precision]) for _ in range(2))
     rates = []
     for i in range(reps + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
+        _, seconds = harness.timed(device, lambda: torch.mm(a, b))
         if i:
-            rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+            rates.append(2 * size**3 / seconds / 1e9)
     return MatmulRate(precision, size, when, rates)
-
-
-@contextlib.contextmanager
-def compiled(tok: AnyTokenizer, enabled: bool) -> Iterator[None]:
-    """Swap the model's networks for ``torch.compile`` versions while the block runs."""
-    names = [n for n in ("encoder", "decoder", "pixel_decoder") if getattr(tok, n, None) is not None]
-    originals = {n: getattr(tok, n) for n in names}
-    try:
-        if enabled:
-            for n in names:
-                setattr(tok, n, torch.compile(originals[n]))
-        yield
-    finally:
-        for n, module in originals.items():
-            setattr(tok, n, module)
-        if enabled:
-            torch._dynamo.reset()
 
 
 def make_call(tok: AnyTokenizer, part: str, batch_size: int, mode: str, device: torch.device) -> Callable[[], Any]:
@@ -375,10 +321,7 @@ def make_call(tok: AnyTokenizer, part: str, batch_size: int, mode: str, device: 
         run = lambda: tok.decode(tokens)  # noqa: E731
 
     def call() -> Any:
-        autocast = (
-            torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), harness.autocast(device, precision):
             return run()
 
     return call
@@ -391,25 +334,14 @@ def estimate_s(flops_per_image: int, batch_size: int, rate: float) -> float:
 
 def time_row(result: Result, call: Callable[[], Any], args: argparse.Namespace, warmup: int) -> None:
     """Run ``warmup`` untimed calls, then timed calls until ``--reps`` or ``--budget``; fills ``result``."""
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    harness.reset_peak(args.device)
     try:
-        for i in range(warmup + args.reps):
-            if i >= warmup and result.call_times and sum(result.call_times) >= args.budget:
-                break
-            synchronize(device)
-            start = time.perf_counter()
-            call()
-            synchronize(device)
-            if i >= warmup:
-                result.call_times.append(time.perf_counter() - start)
-        if device.type == "cuda":
-            result.peak_mem_bytes = torch.cuda.max_memory_allocated(device)
+        times = harness.time_calls(lambda: [harness.timed(args.device, call)[1]], warmup, args.reps, args.budget)
+        result.call_times = [t[0] for t in times]
+        result.peak_mem_bytes = harness.peak_bytes(args.device)
     except Exception as err:  # report the row and go on: one bad config must not lose a long run
         result.call_times = []
-        result.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-        traceback.print_exc()
+        result.error = harness.failure(err)
 
 
 def run_model(
@@ -425,7 +357,7 @@ def run_model(
             for part in model.parts:
                 for batch in args.batch_sizes:
                     result = Result(Row(model, part, batch, mode), args.device, flops[part], skipped=missing)
-                    result.load_after = load_1min()
+                    result.load_after = harness.load_1min()
                     results.append(result)
                     report(result)
         return results
@@ -434,15 +366,15 @@ def run_model(
         if space is not None:
             tok.attach_latent_space(space)
     except Exception as err:
-        traceback.print_exc()
+        error = harness.failure(err)
         for mode in args.modes:
             for part in model.parts:
                 for batch in args.batch_sizes:
-                    results.append(Result(Row(model, part, batch, mode), args.device, flops[part], error=str(err)))
+                    results.append(Result(Row(model, part, batch, mode), args.device, flops[part], error=error))
         return results
     for mode in args.modes:
         precision, _, extra = mode.partition("+")
-        with compiled(tok, extra == "compile"):
+        with harness.compiled_parts(tok, ("encoder", "decoder", "pixel_decoder"), extra == "compile"):
             for part in model.parts:
                 rate = mm_now[precision] * 1e9  # optimistic until this part has been timed
                 warmed = False
@@ -461,39 +393,22 @@ def run_model(
                         warmed = True
                         if result.call_times:
                             rate = result.gflops_per_s * 1e9
-                    result.load_after = load_1min()
+                    result.load_after = harness.load_1min()
                     results.append(result)
                     report(result)
     del tok
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    harness.release(device)
     return results
 
 
 def make_table(results: list[Result]) -> str:
-    header = [
-        "model",
-        "part",
-        "mode",
-        "batch",
-        "GFLOPs/img",
-        "timed calls",
-        "median call (s)",
-        "min call (s)",
-        "images/s",
-        "GFLOP/s",
-        "mm GFLOP/s",
-        "% of mm",
-        "peak mem (GiB)",
-        "load 1m",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 11) + "|"]
+    header = ["model", "part", "mode", "batch", "GFLOPs/img", "timed calls", "median call (s)", "min call (s)",
+              "images/s", "GFLOP/s", "mm GFLOP/s", "% of mm", "peak mem (GiB)", "load 1m"]  # fmt: skip
+    rows = []
     for r in results:
         cells = [r.row.model.label, PART_TEXT[r.row.part], f"{r.device} {r.row.mode}", str(r.row.batch_size)]
         cells.append(f"{r.flops_per_image / 1e9:.2f}")
         if r.call_times:
-            peak = f"{r.peak_mem_bytes / 2**30:.2f}" if r.peak_mem_bytes is not None else "-"
             cells += [
                 str(len(r.call_times)),
                 f"{r.median_s:.3f}",
@@ -502,13 +417,13 @@ def make_table(results: list[Result]) -> str:
                 f"{r.gflops_per_s:.1f}",
                 f"{r.mm_gflops:.0f}",
                 f"{100 * r.gflops_per_s / r.mm_gflops:.0f}%",
-                peak,
+                harness.gib(r.peak_mem_bytes),
             ]
         else:
             cells += ["-", "-", "-", "failed" if r.error else f"skipped ({r.skipped})", "-", "-", "-", "-"]
         cells.append(f"{r.load_after:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return harness.markdown_table(header, rows, left=3)
 
 
 def make_matmul_table(rates: list[MatmulRate]) -> str:
@@ -516,17 +431,18 @@ def make_matmul_table(rates: list[MatmulRate]) -> str:
     precisions = list(dict.fromkeys(m.precision for m in rates))
     size, reps = rates[0].size, len(rates[0].rates)
     header = ["torch.mm measured"] + [f"{p} {stat} GFLOP/s" for p in precisions for stat in ("median", "best")]
-    lines = [
-        f"`torch.mm` of two {size}x{size} matrices, {reps} timed after one warm-up, at each checkpoint:",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|---|" + "---:|" * (len(header) - 1),
-    ]
+    rows = []
     for when in dict.fromkeys(m.when for m in rates):
         by_precision = {m.precision: m for m in rates if m.when == when}
-        cells = [when] + [f"{getattr(by_precision[p], stat):.1f}" for p in precisions for stat in ("median", "best")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(
+            [when] + [f"{getattr(by_precision[p], stat):.1f}" for p in precisions for stat in ("median", "best")]
+        )
+    intro = f"`torch.mm` of two {size}x{size} matrices, {reps} timed after one warm-up, at each checkpoint:"
+    return intro + "\n\n" + harness.markdown_table(header, rows)
+
+
+def label(r: Result) -> str:
+    return f"{r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}"
 
 
 def describe(result: Result) -> str:
@@ -541,17 +457,17 @@ def describe(result: Result) -> str:
 def main(argv: list[str] | None = None) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
     args = parse_args(argv)
-    return with_threads(args.threads, lambda: run(args, argv))
+    return harness.with_threads(args.threads, lambda: run(args, argv))
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
-    """Time every row, print the tables and append the section (see :func:`main`)."""
+    """Time every row, print the tables and write the section (see :func:`main`)."""
     device = torch.device(args.device)
     models = args.models
     precisions = list(dict.fromkeys(m.partition("+")[0] for m in args.modes))
-    loads = [load_1min()]
-    print(f"Timing {len(models)} models on {args.device} ({machine_line(args.device)}); load average {loads[0]:.2f}")
-    started = time.perf_counter()
+    clock = harness.Clock()
+    print(f"Timing {len(models)} models on {args.device} ({harness.machine_line(args.device)}); "
+          f"load average {clock.loads[0]:.2f}")  # fmt: skip
     matmuls: list[MatmulRate] = []
 
     def checkpoint(when: str) -> dict[str, float]:
@@ -563,7 +479,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
         return {m.precision: m.best for m in now}
 
     def report(r: Result) -> None:
-        loads.append(r.load_after)
+        clock.seen(r.load_after)
         row = r.row
         print(f"  {row.model.label} {row.part} b{row.batch_size} {row.mode}: {describe(r)}", flush=True)
 
@@ -579,32 +495,14 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
             r.mm_gflops = max(before[precision], after[precision])
         results += rows
         before = after
-    total = time.perf_counter() - started
 
     table, mm_table = make_table(results), make_matmul_table(matmuls)
-    failed = [r for r in results if r.error]
-    print()
-    print(mm_table)
-    print()
-    print(table)
-    for r in failed:
-        print(f"FAILED {r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}: {r.error}")
-    load_text = load_summary(loads)
-    print(f"\nTotal {total / 60:.1f} min; {load_text}")
-    if args.no_append:
-        return results
-
-    command = command_line("benchmarks/throughput.py", argv)
-    sync = "CUDA synchronised around each call; " if device.type == "cuda" else ""
-    peak = (
-        "peak mem is `torch.cuda.max_memory_allocated` over a row's warm-up and timed calls (weights included)"
-        if device.type == "cuda"
-        else "no peak memory on CPU"
-    )
-    warm = (
-        "before each row"
-        if device.type == "cuda"
-        else "before the first (smallest) batch size of each model/part/mode (before every batch size with compile)"
+    failed_notes = harness.print_outcome(clock, [mm_table, table], results, label)
+    sync, peak, warm = harness.measured_notes(
+        args.device,
+        "around each call",
+        "a row's warm-up and timed calls (weights included)",
+        "before the first (smallest) batch size of each model/part/mode (before every batch size with compile)",
     )
     notes = [
         "- `encode` is `tokenizer.encode(images)` (value checks, encoder, quantizer) on random 256x256 (tiny: 64x64) "
@@ -627,9 +525,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
             if args.max_call_s
             else "- No row was skipped for time (`--max-call-s 0`)."
         ),
-        f"- {load_text}; `load 1m` is the 1-minute load average as each row ended. Other processes may share this "
-        "machine: a load above this run's thread count means they competed for the cores and the rates here are "
-        f"lower bounds (min call shows the least disturbed one). Whole run {total / 60:.1f} min.",
+        harness.load_note(
+            clock,
+            "a load above this run's thread count means they competed for the cores and the rates here are lower "
+            "bounds (min call shows the least disturbed one)",
+        ),
     ]
     if any(hasattr(preset_config(m.preset), "latent_space") for m in models):
         notes.append(
@@ -644,10 +544,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
                 else "."
             )
         )
-    notes += [f"- FAILED {r.row.model.label} {r.row.part} b{r.row.batch_size} {r.row.mode}: {r.error}" for r in failed]
-    title = f"Inference throughput{' (quick)' if args.quick else ''}"
-    section = results_section(title, command, args.device, [mm_table, table], notes)
-    append_section(args.out, section)
+    quick = " (quick)" if args.quick else ""
+    name = "throughput-quick" if args.quick else "throughput"
+    harness.publish(args, name, f"Inference throughput{quick}", __file__, argv, [mm_table, table],
+                    notes + failed_notes, args.device)  # fmt: skip
     return results
 
 

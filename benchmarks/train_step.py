@@ -22,20 +22,19 @@ passed (at least one), so slow rows on a small CPU still finish; the median step
     python benchmarks/train_step.py --quick         # tiny presets and their stage rows, ~2-3 min on 2 cores
     python benchmarks/train_step.py --presets titok_b64 --stage-presets '' --modes bf16 --steps 20
 
-Prints a markdown table and appends a dated section to ``--out`` unless ``--no-append``.
+Prints a markdown table and writes its section of ``--out`` in place (``harness.write_section``)
+unless ``--no-write`` (alias ``--no-append``).
 Exits 1 if a row failed (the others are still reported).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import itertools
 import math
-import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,24 +42,16 @@ import torch
 from PIL import Image
 
 from mstok.data import InMemoryImages, center_crop_transform
-from mstok.evaluation.report import (
-    append_section,
-    command_line,
-    load_1min,
-    load_summary,
-    machine_line,
-    results_section,
-    synchronize,
-    with_threads,
-)
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.registry import PRESETS, preset_config
 from mstok.training import Trainer, load_train_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
+from harness import PROXY_FOR_SIZE
+
 STAGES = ("single", "stage1", "stage2")
 STAGE_TEXT = {"single": "single (L1+MSE+VQ)", "stage1": "stage 1 (proxy CE+VQ)", "stage2": "stage 2 (MSE+GAN)"}
-# the proxy whose code grid matches the patch grid of the presets at that resolution
-PROXY_FOR_SIZE = {256: "maskgit_vqgan_f16", 64: "vqgan_tiny"}
 TINY_PRESETS = tuple(name for name in PRESETS if preset_config(name).image_size <= 64)
 DEFAULT_STAGE_PRESETS = ("titok_b64", "mstok_b64")
 QUICK_STAGE_PRESETS = ("titok_tiny", "mstok_tiny")
@@ -76,7 +67,7 @@ class Row:
 
 
 @dataclass
-class Result:
+class Result(harness.Timed):
     """Timings of one row; ``error`` is set (and the timings empty) when the row failed."""
 
     row: Row
@@ -85,54 +76,35 @@ class Result:
     batch_size: int
     trainable_params: int = 0
     step_times: list[float] = field(default_factory=list)
-    peak_mem_bytes: int | None = None
-    load_after: float = math.nan  # 1-min load average when the row ended
-    error: str | None = None
 
     @property
     def median_s(self) -> float:
-        return statistics.median(self.step_times) if self.step_times else math.nan
+        return harness.median(self.step_times)
 
     @property
     def samples_per_s(self) -> float:
-        return self.batch_size / self.median_s if self.step_times else math.nan
+        return harness.per_second(self.batch_size, self.step_times)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to append to")
-    parser.add_argument("--no-append", action="store_true", help="print the table only, do not touch --out")
-    parser.add_argument("--quick", action="store_true", help="tiny presets and their stage rows, few steps")
+    parser = harness.timing_parser(__doc__, "tiny presets and their stage rows, few steps")
     parser.add_argument("--presets", help="comma-separated presets for single-stage rows (default: all; '' for none)")
     parser.add_argument(
         "--stage-presets",
-        help=f"comma-separated presets for the stage-1/2 rows (default: {','.join(DEFAULT_STAGE_PRESETS)}; "
-        f"--quick: {','.join(QUICK_STAGE_PRESETS)}; '' for none)",
+        help=harness.list_help("presets for the stage-1/2 rows", DEFAULT_STAGE_PRESETS, QUICK_STAGE_PRESETS),
     )
     parser.add_argument(
         "--modes", help="comma-separated PRECISION[+compile] (default: fp32,bf16; CUDA adds bf16+compile)"
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, help="global batch per step (default: 8 at 256px, 32 at 64px)")
-    parser.add_argument("--steps", type=int, help="most timed steps per row (default 10; --quick 5)")
-    parser.add_argument(
-        "--budget", type=float, help="seconds of timed steps per row before stopping (default 30; --quick 3)"
+    harness.add_repeat_arguments(
+        parser, "--steps", "step", "10; --quick 5", "30; --quick 3", "untimed steps per row (one more with compile)"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row (one more with compile)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
-
-    def names(text: str | None, default: tuple[str, ...]) -> list[str]:
-        return list(default) if text is None else [n.strip() for n in text.split(",") if n.strip()]
-
-    args.presets = names(args.presets, TINY_PRESETS if args.quick else tuple(PRESETS))
-    args.stage_presets = names(args.stage_presets, QUICK_STAGE_PRESETS if args.quick else DEFAULT_STAGE_PRESETS)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    default_modes = "fp32,bf16,bf16+compile" if args.device == "cuda" else "fp32,bf16"
-    args.modes = names(args.modes, tuple(default_modes.split(",")))
+    args.presets = harness.names(args.presets, TINY_PRESETS if args.quick else PRESETS)
+    args.stage_presets = harness.names(args.stage_presets, QUICK_STAGE_PRESETS if args.quick else DEFAULT_STAGE_PRESETS)
+    cuda = harness.resolve_device(parser, args)
+    args.modes = harness.names(args.modes, ("fp32", "bf16", "bf16+compile") if cuda else ("fp32", "bf16"))
     args.steps = args.steps if args.steps is not None else (5 if args.quick else 10)
     args.budget = args.budget if args.budget is not None else (3.0 if args.quick else 30.0)
     for name in args.presets + args.stage_presets:
@@ -145,14 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--stage-presets: {name} is a proxy tokenizer, it has no two-stage training")
         if preset_config(name).image_size not in PROXY_FOR_SIZE:
             parser.error(f"--stage-presets: no proxy preset for {name}'s image size")
-    for mode in args.modes:
-        precision, _, extra = mode.partition("+")
-        if precision not in ("fp32", "bf16", "fp16") or extra not in ("", "compile"):
-            parser.error(f"--modes: {mode!r} is not PRECISION[+compile] with PRECISION fp32, bf16 or fp16")
+    harness.check_timing(parser, args, "--steps", "--modes")
     if not args.presets and not args.stage_presets:
         parser.error("nothing to run: --presets and --stage-presets are both empty")
-    if args.steps < 1 or args.warmup < 0 or args.budget < 0:
-        parser.error("--steps must be >= 1, --warmup and --budget >= 0")
     return args
 
 
@@ -223,37 +190,30 @@ def time_row(row: Row, args: argparse.Namespace, proxies: dict[int, Path], tmp: 
         batches = [torch.rand(batch_size, 3, image_size, image_size, generator=gen) for _ in range(2)]
         if device.type == "cuda":
             batches = [b.pin_memory() for b in batches]
-            torch.cuda.reset_peak_memory_stats(device)
+        harness.reset_peak(device)
         labels = torch.zeros(batch_size, dtype=torch.long)
         warmup = args.warmup + (1 if row.mode.endswith("+compile") else 0)
         terms: dict[str, torch.Tensor] = {}
-        for i in range(warmup + args.steps):
-            if i >= warmup and result.step_times and sum(result.step_times) >= args.budget:
-                break
-            synchronize(device)
-            start = time.perf_counter()
-            terms = trainer.train_step([(batches[i % 2], labels)])
-            synchronize(device)
-            elapsed = time.perf_counter() - start
+        calls = itertools.count()
+
+        def step() -> list[float]:
+            nonlocal terms
+            batch = batches[next(calls) % 2]
+            terms, seconds = harness.timed(device, lambda: trainer.train_step([(batch, labels)]))
             trainer.step += 1  # as fit() does: the schedules and the GAN start read it
-            if i >= warmup:
-                result.step_times.append(elapsed)
-        if device.type == "cuda":
-            result.peak_mem_bytes = torch.cuda.max_memory_allocated(device)
+            return [seconds]
+
+        result.step_times = [t[0] for t in harness.time_calls(step, warmup, args.steps, args.budget)]
+        result.peak_mem_bytes = harness.peak_bytes(device)
         loss = float(terms["loss"])
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} after {trainer.step} steps")
     except Exception as err:  # report the row and go on: one bad config must not lose a long run
         result.step_times = []
-        result.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-        traceback.print_exc()
+        result.error = harness.failure(err)
     finally:
-        del trainer
-        gc.collect()
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-        if row.mode.endswith("+compile"):
-            torch._dynamo.reset()
+        trainer = None  # (the timed closure holds it too) freed before the caches are emptied
+        harness.release(args.device, compiled=row.mode.endswith("+compile"))
     return result
 
 
@@ -265,61 +225,50 @@ def make_rows(args: argparse.Namespace) -> list[Row]:
 
 
 def make_table(results: list[Result]) -> str:
-    header = [
-        "preset",
-        "stage",
-        "mode",
-        "image",
-        "batch",
-        "trainable M",
-        "timed steps",
-        "median step (s)",
-        "min step (s)",
-        "samples/s",
-        "peak mem (GiB)",
-        "load 1m",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 9) + "|"]
+    header = ["preset", "stage", "mode", "image", "batch", "trainable M", "timed steps", "median step (s)",
+              "min step (s)", "samples/s", "peak mem (GiB)", "load 1m"]  # fmt: skip
+    rows = []
     for r in results:
-        mode = f"{r.device} {r.row.mode}"
-        cells = [r.row.preset, STAGE_TEXT[r.row.stage], mode, str(r.image_size), str(r.batch_size)]
+        cells = [
+            r.row.preset,
+            STAGE_TEXT[r.row.stage],
+            f"{r.device} {r.row.mode}",
+            str(r.image_size),
+            str(r.batch_size),
+        ]
         if r.error:
-            cells += [
-                f"{r.trainable_params / 1e6:.1f}" if r.trainable_params else "-",
-                "-",
-                "-",
-                "-",
-                "failed",
-                "-",
-                f"{r.load_after:.1f}",
-            ]
+            params = f"{r.trainable_params / 1e6:.1f}" if r.trainable_params else "-"
+            cells += [params, "-", "-", "-", "failed", "-", f"{r.load_after:.1f}"]
         else:
-            peak = f"{r.peak_mem_bytes / 2**30:.2f}" if r.peak_mem_bytes is not None else "-"
             cells += [
                 f"{r.trainable_params / 1e6:.1f}",
                 str(len(r.step_times)),
                 f"{r.median_s:.3f}",
                 f"{min(r.step_times):.3f}",
                 f"{r.samples_per_s:.2f}",
-                peak,
+                harness.gib(r.peak_mem_bytes),
                 f"{r.load_after:.1f}",
             ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return harness.markdown_table(header, rows, left=3)
+
+
+def label(r: Result) -> str:
+    return f"{r.row.preset} {r.row.stage} {r.row.mode}"
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per row (failed rows carry ``error``)."""
     args = parse_args(argv)
-    return with_threads(args.threads, lambda: run(args, argv))
+    return harness.with_threads(args.threads, lambda: run(args, argv))
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
-    """Time every row, print the table and append the section unless ``--no-append``."""
+    """Time every row, print the table and write the section unless ``--no-write``."""
     rows = make_rows(args)
-    loads = [load_1min()]
-    print(f"Timing {len(rows)} rows on {args.device} ({machine_line(args.device)}); load average {loads[0]:.2f}")
-    started = time.perf_counter()
+    clock = harness.Clock()
+    print(f"Timing {len(rows)} rows on {args.device} ({harness.machine_line(args.device)}); "
+          f"load average {clock.loads[0]:.2f}")  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory(prefix="mstok_train_step_") as tmp_name:
         tmp = Path(tmp_name)
@@ -327,34 +276,18 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
         for row in rows:
             row_start = time.perf_counter()
             result = time_row(row, args, proxies, tmp)
-            result.load_after = load_1min()
+            result.load_after = clock.seen()
             results.append(result)
-            loads.append(result.load_after)
             if result.error:
                 what = f"error: {result.error}"
             else:
                 steps = len(result.step_times)
                 what = f"{result.samples_per_s:.2f} samples/s (median {result.median_s:.3f}s, {steps} steps)"
             print(f"  {row.preset} {row.stage} {row.mode}: {what} ({time.perf_counter() - row_start:.0f}s)", flush=True)
-    total = time.perf_counter() - started
     table = make_table(results)
-    failed = [r for r in results if r.error]
-    print()
-    print(table)
-    for r in failed:
-        print(f"FAILED {r.row.preset} {r.row.stage} {r.row.mode}: {r.error}")
-    load_text = load_summary(loads)
-    print(f"\nTotal {total / 60:.1f} min; {load_text}")
-    if args.no_append:
-        return results
-
-    command = command_line("benchmarks/train_step.py", argv)
-    sync = "CUDA synchronised around each step; " if args.device == "cuda" else ""
-    peak = (
-        "peak mem is `torch.cuda.max_memory_allocated` over warm-up and timed steps (weights, EMA, optimizer "
-        "state and activations)"
-        if args.device == "cuda"
-        else "no peak memory on CPU"
+    failed_notes = harness.print_outcome(clock, [table], results, label)
+    sync, peak, _ = harness.measured_notes(
+        args.device, "around each step", "warm-up and timed steps (weights, EMA, optimizer state and activations)"
     )
     notes = [
         "- Each row is `Trainer.train_step` of the project's trainer on one micro-batch (grad_accum 1): forward, "
@@ -366,18 +299,19 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
         f"step time (min step: the least disturbed one); {peak}. A row with one timed step is a single measurement.",
         "- Stage rows use a randomly initialised proxy (maskgit_vqgan_f16 at 256px, vqgan_tiny at 64px) and random "
         "tokenizer weights; stage 2 trains decoder + pixel_decoder with MSE + GAN (weight 0.01, from step 0).",
-        f"- {load_text}; `load 1m` is the 1-minute load average as each row ended. Other processes may share "
-        "this machine: a load well above this run's thread count means they competed for the cores, and on a "
-        "small CPU that slows torch's OpenMP steps many times over (min step shows the least disturbed one). "
-        f"Whole run {total / 60:.1f} min.",
+        harness.load_note(
+            clock,
+            "a load well above this run's thread count means they competed for the cores, and on a small CPU that "
+            "slows torch's OpenMP steps many times over (min step shows the least disturbed one)",
+        ),
     ]
     skipped = [name for name in PRESETS if name not in args.presets]
     if skipped:
         notes.append(f"- Presets without a single-stage row in this run: {', '.join(skipped)}.")
-    notes += [f"- FAILED {r.row.preset} {r.row.stage} {r.row.mode}: {r.error}" for r in failed]
-    title = f"Training step throughput{' (quick)' if args.quick else ''}"
-    section = results_section(title, command, args.device, [table], notes)
-    append_section(args.out, section)
+    quick = " (quick)" if args.quick else ""
+    name = "train_step-quick" if args.quick else "train_step"
+    harness.publish(args, name, f"Training step throughput{quick}", __file__, argv, [table], notes + failed_notes,
+                    args.device)  # fmt: skip
     return results
 
 

@@ -121,13 +121,113 @@ def test_flops_benchmark_plots_and_adds_two_stage_rows(tmp_path: Path) -> None:
     assert "| titok_tiny | 32 | vqgan_tiny |" in text  # two-stage row: decoder + the tiny proxy's pixel decoder
     assert "![GFLOPs vs K](flops.png)" in text
     assert "the same as the two-stage tokenizers' `pixel_decoder`" in text
+    # a second run replaces its section in place (the first moves to history/); --section keeps a variant apart
+    assert bench.main([*argv, "--ks", "8", "--no-plot", "--out", str(out)]) == 0
+    assert bench.main([*argv, "--ks", "32", "--no-plot", "--out", str(out), "--section", "flops-k32"]) == 0
+    text = out.read_text()
+    assert text.count("<!-- benchmark: flops_vs_tokens -->") == 1 and "<!-- benchmark: flops-k32 -->" in text
+    assert "| titok_tiny | 32 | vqgan_tiny |" in text.split("<!-- benchmark: flops-k32 -->")[1]
+    assert "| titok_tiny | 32 |" not in text.split("<!-- benchmark: flops-k32 -->")[0]
+    assert "![GFLOPs vs K](flops.png)" in (tmp_path / "history" / "flops_vs_tokens.md").read_text()
+
+
+def test_harness_tables() -> None:
+    """Mean ± half the spread (one seed: the value alone), mean ± std, and the markdown alignment rule."""
+    harness = _load("harness")
+    assert harness.cell([1.0, 2.0, None], 2) == "1.50 ± 0.50" and harness.cell([3.0], 1) == "3.0"
+    assert harness.cell([None], 2) == "-"
+    assert harness.mean_std([1.0, 3.0], 1) == "2.0 ± 1.4" and harness.mean_std([2.0], 2) == "2.00 ± 0.00"
+    table = harness.markdown_table(["a", "b", "c"], [["x", "1", "2"], harness.mean_colour_row(3, {2: "9"})], left=2)
+    assert table.splitlines() == [
+        "| a | b | c |",
+        "|---|---|---:|",
+        "| x | 1 | 2 |",
+        f"| {harness.MEAN_COLOUR} | - | 9 |",
+    ]
+    assert harness.markdown_table(["a", "b", "c"], [], left=(0, 2)).splitlines()[1] == "|---|---:|---|"
+
+
+def _section(text: str, name: str) -> str:
+    start, end = f"<!-- benchmark: {name} -->", f"<!-- end benchmark: {name} -->"
+    return text[text.index(start) : text.index(end) + len(end)]
+
+
+def test_write_section_creates_replaces_and_keeps_the_old_one_in_history(tmp_path: Path) -> None:
+    """A benchmark's section is added when missing, then replaced in place by each newer run: the rest of
+    the file is untouched, the replaced section is appended unchanged to history/<name>.md, and the
+    reading is kept (unless the script writes one)."""
+    harness = _load("harness")
+    out = tmp_path / "RESULTS.md"
+    before = "# Benchmark results\n\nIntro.\n\n## A section written by hand (2026-12-01)\n\nIts text.\n"
+    out.write_text(before)
+    assert harness.write_section(out, "quantizers", "Quantizers at equal bits", "Newest run: 1.\n\n| t | 1 |") is None
+    assert harness.write_section(out, "semtok", "SemTok at tiny scale", "Newest run: S.") is None
+    text = out.read_text()
+    assert text.startswith(before + "\n<!-- benchmark: quantizers -->\n## Quantizers at equal bits\n\nNewest run: 1.")
+    assert harness.NO_READING in _section(text, "quantizers") and not (tmp_path / "history").exists()
+    # the reading is written by hand, and text after the sections too
+    first = _section(text, "quantizers").replace(harness.NO_READING, "Reading: VQ leads.")
+    out.write_text(text.replace(_section(text, "quantizers"), first) + "\nA note after the sections.\n")
+    moved = harness.write_section(out, "quantizers", "Quantizers at equal bits", "Newest run: 2.\n\n| t | 2 |")
+    assert moved == tmp_path / "history" / "quantizers.md"
+    text = out.read_text()
+    second = _section(text, "quantizers")
+    assert "| t | 2 |" in second and "| t | 1 |" not in text and "Reading: VQ leads." in second
+    assert "Earlier runs: `history/quantizers.md`." in second
+    assert text.startswith(before) and text.endswith("\nA note after the sections.\n")
+    assert text.index(second) < text.index("<!-- benchmark: semtok -->")  # in place, before the later section
+    assert "Newest run: S." in _section(text, "semtok")  # other sections untouched
+    assert moved.read_text().endswith("\n" + first + "\n")  # the replaced section, unchanged
+    harness.write_section(out, "quantizers", "Quantizers at equal bits", "Newest run: 3.", reading="Reading: new.")
+    text = out.read_text()
+    assert "Reading: new." in text and "Reading: VQ leads." not in text
+    history = moved.read_text()
+    assert history.index(first) < history.index(second) and history.count("<!-- benchmark: quantizers -->") == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("<!-- benchmark: quantizers -->\n## Q\n", r"RESULTS.md:1: section 'quantizers' has no end marker"),
+        ("## Q\n<!-- end benchmark: quantizers -->\n", r"RESULTS.md:2: end of section 'quantizers' without its start"),
+        ("<!-- benchmark: quantizers\n## Q\n", r"RESULTS.md:1: malformed benchmark marker"),
+        ("<!--end benchmark:quantizers->\n", r"RESULTS.md:1: malformed benchmark marker"),
+        (
+            "<!-- benchmark: semtok -->\n<!-- benchmark: quantizers -->\n<!-- end benchmark: quantizers -->\n",
+            r"RESULTS.md:2: section 'quantizers' starts inside section 'semtok'",
+        ),
+        (
+            "<!-- benchmark: quantizers -->\n<!-- end benchmark: quantizers -->\n" * 2,
+            r"RESULTS.md:3: a second section 'quantizers'",
+        ),
+        (
+            "<!-- benchmark: quantizers -->\n<!-- reading -->\nR\n<!-- end benchmark: quantizers -->\n",
+            r"RESULTS.md:2: the section's reading needs",
+        ),
+    ],
+)
+def test_write_section_refuses_a_malformed_marker(tmp_path: Path, text: str, error: str) -> None:
+    """A marker that is malformed, unmatched or nested is a clear error naming the line; nothing is written."""
+    harness = _load("harness")
+    out = tmp_path / "RESULTS.md"
+    out.write_text(text)
+    with pytest.raises(ValueError, match=error):
+        harness.write_section(out, "quantizers", "Quantizers at equal bits", "Newest run.")
+    assert out.read_text() == text and not (tmp_path / "history").exists()
+
+
+def test_write_section_refuses_a_name_no_marker_can_hold(tmp_path: Path) -> None:
+    harness = _load("harness")
+    with pytest.raises(ValueError, match="section name 'flops k32'"):
+        harness.write_section(tmp_path / "RESULTS.md", "flops k32", "FLOPs", "Newest run.")
+    assert not (tmp_path / "RESULTS.md").exists()
 
 
 def test_mstok_bench_runs_one_script(tmp_path: Path, capsys) -> None:
     """`mstok bench --only throughput -- ARGS` runs the script from --benchmarks-dir, prints, appends nothing."""
-    from mstok.cli import BENCH_SCRIPTS, main
+    from mstok.cli import BENCH_HARNESS, BENCH_SCRIPTS, main
 
-    for name in BENCH_SCRIPTS.values():  # `mstok bench` wants every script it knows in the folder
+    for name in [*BENCH_SCRIPTS.values(), BENCH_HARNESS]:  # `mstok bench` wants every script it knows in the folder
         (tmp_path / f"{name}.py").write_text((BENCHMARKS / f"{name}.py").read_text())
     argv = ["--presets", "titok_tiny", "--two-stage", "", *THROUGHPUT_ARGS, "--threads", "1"]
     assert main(["bench", "--only", "throughput", "--benchmarks-dir", str(tmp_path), "--", *argv]) == 0
@@ -174,9 +274,9 @@ def test_sampling_benchmark_runs(tmp_path: Path) -> None:
 
 def test_mstok_bench_runs_sampling_with_guidance(tmp_path: Path, capsys) -> None:
     """`mstok bench --only sampling` runs sampling.py --quick (here with guidance on), prints, appends nothing."""
-    from mstok.cli import BENCH_SCRIPTS, main
+    from mstok.cli import BENCH_HARNESS, BENCH_SCRIPTS, main
 
-    for name in BENCH_SCRIPTS.values():
+    for name in [*BENCH_SCRIPTS.values(), BENCH_HARNESS]:
         (tmp_path / f"{name}.py").write_text((BENCHMARKS / f"{name}.py").read_text())
     argv = ["--pairs", "mstok_tiny", "--steps", "2", "--guidance", "1.5", *SAMPLING_ARGS]
     assert main(["bench", "--only", "sampling", "--benchmarks-dir", str(tmp_path), "--", *argv]) == 0

@@ -303,12 +303,13 @@ BENCH_SCRIPTS = {
     "train_step": "train_step",
     "sampling": "sampling",
 }
+BENCH_HARNESS = "harness"  # benchmarks/harness.py: what the scripts share, imported from their folder
 
 
 def _benchmarks_dir(given: str | None) -> Path:
     """The benchmarks folder: ``given``, else the one beside ``src/`` in the checkout mstok runs from."""
     folder = Path(given) if given else Path(mstok.__file__).resolve().parents[2] / "benchmarks"
-    if not all((folder / f"{script}.py").is_file() for script in BENCH_SCRIPTS.values()):
+    if not all((folder / f"{script}.py").is_file() for script in [*BENCH_SCRIPTS.values(), BENCH_HARNESS]):
         raise FileNotFoundError(
             f"no benchmark scripts in {folder}: `mstok bench` runs benchmarks/*.py of a source checkout "
             "(git clone, then pip install -e .); an installed copy has none, pass --benchmarks-dir DIR"
@@ -355,7 +356,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--only", choices=tuple(BENCH_SCRIPTS), help="run one benchmark only")
     append = bench.add_mutually_exclusive_group()
-    append.add_argument("--append", action="store_true", help="append the sections to benchmarks/RESULTS.md")
+    append.add_argument(
+        "--append", action="store_true", help="write their sections of benchmarks/RESULTS.md (each replaced in place)"
+    )
     append.add_argument("--no-append", dest="append", action="store_false", help="print only (the default)")
     bench.add_argument("--benchmarks-dir", help="folder of the benchmark scripts (default: the checkout's)")
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="-- ARGS for the --only script")

@@ -1,0 +1,894 @@
+"""The benchmark harness: everything the scripts of ``benchmarks/`` share, so that each keeps only its own
+rows, tables and figures.
+
+A script imports it as ``import harness`` after putting its own folder on ``sys.path`` (one line), so that
+it works run as ``python benchmarks/x.py`` and loaded by path (the tests, ``mstok bench``). No script
+imports another. What is here:
+
+* **machine and process**: :func:`machine_line`, :func:`command_line`, the load averages of a run
+  (:class:`Clock`), :func:`with_threads`, :func:`synchronize`;
+* **command line**: ``--out``/``--no-write``/``--section`` (:func:`add_output_arguments`), ``--data``/
+  ``--train-data`` (:func:`add_data_arguments`), the run loop's ``--batch-size``/``--seeds``/``--jobs``/
+  ``--threads``/``--work-dir``/``--fresh`` (:func:`add_run_arguments`), row names (:func:`chosen`);
+* **the run loop** of the training studies: a :class:`Row`, trained or reused from
+  ``<work-dir>/<row>[_seedN]/result.json`` (:func:`run_row`, :func:`run_dir`, :func:`run_identity`),
+  rows x seeds ``--jobs`` at a time (:class:`Study`, :func:`run_pooled`);
+* **held-out evaluation** on Tiny ImageNet's validation images (:func:`held_out_images`,
+  :func:`held_out_metrics`, :func:`bit_entropies`);
+* **calibration rows**: each image in its mean colour (:func:`mean_colour_floor`, :func:`mean_colour_row`)
+  and the conv autoencoder at equal bits (:func:`conv_ae_vq`, :func:`conv_ae_continuous`);
+* **timing** (throughput, train_step, sampling): devices, precisions, timed calls, peak memory;
+* **tables**: :func:`markdown_table`, mean ± half the spread (:func:`cell`) or ± std (:func:`mean_std`);
+* **RESULTS.md**: each benchmark owns one section, replaced in place by its newest run, the replaced
+  one appended unchanged to ``history/<benchmark>.md`` (:func:`write_section`, :func:`publish`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+# mstok's data, training and metrics are imported where they are used: the timing scripts and the row
+# subprocesses of quantizer_entropy.py (which measure their own peak memory) need none of them.
+
+T = TypeVar("T")
+BENCHMARKS = Path(__file__).resolve().parent
+ROOT = BENCHMARKS.parent
+RESULTS = BENCHMARKS / "RESULTS.md"
+DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64"  # the held-out images
+TRAIN_DATA = ROOT.parent / "shared" / "datasets" / "tiny-imagenet-64-train"  # the training shards
+
+
+# -- machine and process -------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``model name``), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_line(device: str = "cpu") -> str:
+    """torch / Python versions, CPU model, cores and threads (and the GPU on CUDA)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = (
+        f"torch {torch.__version__}, Python {platform.python_version()}, CPU {cpu_name()}, {cores} cores, "
+        f"{torch.get_num_threads()} threads"
+    )
+    if device == "cuda":
+        text += f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return text
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How a benchmark was invoked: the real command line, or ``python benchmarks/<script>`` with the
+    argv given to ``main`` (the tests, ``mstok bench``)."""
+    if argv is None:
+        return shlex.join(["python", *sys.argv])
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *argv])
+
+
+def load_1min() -> float:
+    """The 1-minute load average (NaN where the OS has none): above the core count, others compete."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+def load_summary(loads: list[float]) -> str:
+    """``loads[0]`` taken at the start of a run, the rest after each row."""
+    seen = [x for x in loads[1:] if not math.isnan(x)] or [math.nan]
+    return f"1-min load average {loads[0]:.2f} at the start, {min(seen):.2f}-{max(seen):.2f} after rows"
+
+
+class Clock:
+    """One invocation of a benchmark: when it started and the 1-minute load averages seen (the first at
+    the start, then one as each row ends)."""
+
+    def __init__(self) -> None:
+        self.loads = [load_1min()]
+        self.started = time.perf_counter()
+
+    def seen(self, load: float | None = None) -> float:
+        """Record the load as a row ends (``load``, else now); returns it."""
+        self.loads.append(load_1min() if load is None else load)
+        return self.loads[-1]
+
+    @property
+    def minutes(self) -> float:
+        return (time.perf_counter() - self.started) / 60
+
+    def summary(self) -> str:
+        return load_summary(self.loads)
+
+
+def with_threads(threads: int | None, run: Callable[[], T]) -> T:
+    """Call ``run`` with ``threads`` torch threads (0 or None = unchanged), restoring the caller's count
+    after: ``mstok bench`` and the tests run benchmarks in-process."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(before)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued CUDA work, so wall-clock timings cover it (no-op elsewhere)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- command line --------------------------------------------------------------------------------------
+
+
+def names(text: str | None, default: Iterable[str] = ()) -> list[str]:
+    """Comma-separated names; ``default`` when ``text`` is None (not given), none when it is ''."""
+    return list(default) if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def chosen(parser: argparse.ArgumentParser, text: str, known: Iterable[str], default: Iterable[str]) -> list[str]:
+    """The row names ``text`` lists (comma-separated; ``default`` when it names none); a parser error
+    for a name not in ``known``."""
+    known = list(known)
+    picked = names(text) or list(default)
+    unknown = [n for n in picked if n not in known]
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; known: {', '.join(known)}")
+    return picked
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, out: Path = RESULTS, also: str = "") -> None:
+    """``--out`` (the markdown file; this benchmark's section of it is replaced), ``--no-write`` (alias
+    ``--no-append``: print only; nor ``also``, the figures it would draw) and ``--section`` (the section's
+    name; another than the benchmark's own keeps a variant of the run beside the default one)."""
+    parser.add_argument("--out", type=Path, default=out, help=f"markdown file to write the section to ({out.name})")
+    parser.add_argument(
+        "--no-write",
+        "--no-append",
+        dest="no_write",
+        action="store_true",
+        help=f"print only; write neither --out{also}",
+    )
+    parser.add_argument(
+        "--section", type=section_name, help="the section of --out to replace (default: the benchmark's own)"
+    )
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data`` (the held-out folder) and ``--train-data`` (the training images), shared by the studies."""
+    parser.add_argument("--data", default=str(DATA), help="held-out image folder (tiny-imagenet-64: 200 classes x 40)")
+    parser.add_argument(
+        "--train-data", default=str(TRAIN_DATA), help="training images: shards or a folder (tiny-imagenet-64-train)"
+    )
+
+
+def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A clear parser error when either data folder is missing."""
+    for flag, path in (("--data", args.data), ("--train-data", args.train_data)):
+        if not Path(path).is_dir():
+            parser.error(f"{flag} {path} not found (both Tiny ImageNet folders ship in ../shared/datasets)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, work_dir: str, seeds: int, unit: str = "runs") -> None:
+    """The run loop's flags: ``--batch-size``, ``--seeds``, ``--jobs``, ``--threads``, ``--work-dir``, ``--fresh``."""
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds 0..N-1 per row (default {seeds})")
+    parser.add_argument("--jobs", type=int, default=2, help=f"{unit} trained at once (one thread each when > 1)")
+    parser.add_argument("--threads", type=int, default=0, help=f"threads per {unit[:-1]} with --jobs 1 (0 = auto)")
+    parser.add_argument("--work-dir", default=work_dir)
+    parser.add_argument("--fresh", action="store_true", help=f"retrain finished {unit}")
+
+
+# -- the run loop of the training studies -----------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One training run of a table: a preset, config-field overrides and run settings."""
+
+    group: str
+    preset: str
+    model: dict[str, Any] = field(default_factory=dict)
+    settings: list[str] = field(default_factory=list)
+
+
+def recipe() -> list[str]:
+    """The tiny recipe's optimiser settings (:func:`mstok.training.recipes.tiny_settings`), as ``key=value``."""
+    from mstok.training.recipes import tiny_settings
+
+    return tiny_settings()
+
+
+def check_rows(parser: argparse.ArgumentParser, args: argparse.Namespace, rows: Iterable[Row]) -> None:
+    """Check that the data folders exist and that each row's model builds: every bad input fails here,
+    before any training."""
+    from mstok.tokenizers import create_tokenizer
+
+    check_data_arguments(parser, args)
+    for row in rows:
+        create_tokenizer(row.preset, **row.model)
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML literal for a ``key=value`` override (a dict becomes an inline table)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings, numbers and booleans are written alike in JSON and TOML
+
+
+def run_dir(args: argparse.Namespace, name: str, seed: int = 0) -> Path:
+    """Where :func:`run_row` trains row ``name`` with ``seed``: ``<work-dir>/<name as a slug>[_seed<seed>]``."""
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    return Path(args.work_dir) / (slug if seed == 0 else f"{slug}_seed{seed}")
+
+
+def run_identity(row: Row, args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
+    """The settings a finished run's ``result.json`` must record to be reused."""
+    identity = {"preset": row.preset, "model": row.model, "settings": row.settings, "steps": args.steps,
+                "batch_size": args.batch_size, "val_every": args.val_every, "val_images": args.val_images,
+                "train_data": Path(args.train_data).name, "held_out": Path(args.data).name,
+                "final_images": getattr(args, "final_images", 0)}  # fmt: skip
+    if seed:
+        identity["seed"] = seed  # seed 0 leaves the identity (and finished rows) as before
+    return identity
+
+
+LOGGED_TERMS = ("l1", "mse", "entropy", "commitment", "codebook", "usage", "perplexity")
+
+
+def run_row(name: str, row: Row, args: argparse.Namespace, threads: int, seed: int = 0) -> dict[str, Any]:
+    """Train ``row`` (named ``name``) with ``seed`` for ``args.steps`` steps, or reuse the finished run in
+    :func:`run_dir` (unless ``args.fresh``); return its val history, timings and the held-out metrics of
+    its EMA weights on ``args.final_images`` images (the validation images when 0)."""
+    from mstok.training import Trainer, load_train_config
+
+    out = run_dir(args, name, seed)
+    identity = run_identity(row, args, seed)
+    saved = saved_run(out / "result.json", identity, args.fresh)
+    if saved is not None:
+        return saved
+    if out.exists():
+        shutil.rmtree(out)  # a stale or unfinished run: the trainer would resume it
+    settings = [
+        f"model.preset='{row.preset}'",
+        f"steps={args.steps}",
+        f"batch_size={args.batch_size}",
+        f"out_dir='{out}'",
+        f"val_every={args.val_every}",
+        f"ckpt_every={args.steps}",
+        "keep_last=1",
+        f"log_every={args.val_every}",
+        "tensorboard=false",
+        "data.num_workers=0",
+        f"threads={threads}",
+        f"seed={seed}",
+        *row.settings,
+        *[f"model.overrides.{k}={toml_value(v)}" for k, v in row.model.items()],
+    ]
+    config = load_train_config(None, settings)
+    train = training_images(args.train_data)
+    val_images = held_out_images(args.data, tuple(held_out_indices(args.data, args.val_images)))
+    final_count = getattr(args, "final_images", 0)  # 0: measure the validation images
+    measured = (
+        held_out_images(args.data, tuple(held_out_indices(args.data, final_count))) if final_count else val_images
+    )
+    trainer = Trainer(config, dataset=train, val_images=val_images, progress=False)
+    started = time.perf_counter()
+    history = trainer.fit()
+    result = {
+        "identity": identity,
+        **held_out_metrics(trainer.ema.module, measured),
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "val": [{k: v for k, v in r.items() if k != "event"} for r in trainer.val_history],
+        "loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        # the loss terms as logged (reconstruction and the quantizer's own terms), for diagnoses
+        "terms": [{k: h[k] for k in ("step", *LOGGED_TERMS) if k in h} for h in history if "loss" in h],
+        "seconds_per_step": trainer.train_seconds / args.steps,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    save_result(out, result)
+    return result
+
+
+def saved_run(path: Path, identity: dict[str, Any], fresh: bool, key: str = "identity") -> dict[str, Any] | None:
+    """The result saved at ``path`` by a finished run whose ``key`` records ``identity``; None when there is
+    none, it was made with other settings, or ``fresh`` asks to retrain."""
+    if path.is_file() and not fresh:
+        saved = json.loads(path.read_text())
+        if saved.get(key) == identity:
+            return saved
+    return None
+
+
+def save_result(folder: Path, result: dict[str, Any]) -> None:
+    """Write a run's ``result.json`` (also after adding an evaluation to it)."""
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+
+
+def run_pooled(
+    jobs: int, tasks: dict[Any, Callable[[], Any]], report: Callable[[Any, Any], str], loads: list[float]
+) -> dict[Any, Any]:
+    """Run ``tasks`` (picklable zero-argument callables: ``functools.partial`` of a module-level
+    function) ``jobs`` at a time in worker processes and return their results by key, in the
+    tasks' order. As each result is collected (in that order), ``report(key, result)`` is
+    printed and the 1-minute load appended to ``loads`` (for :func:`load_summary`)."""
+    done: dict[Any, Any] = {}
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {key: pool.submit(task) for key, task in tasks.items()}
+        for key, future in futures.items():
+            done[key] = future.result()
+            loads.append(load_1min())
+            print(report(key, done[key]), flush=True)
+    return done
+
+
+def by_row(done: dict[tuple[str, int], Any]) -> dict[str, list[Any]]:
+    """``{(row, seed): result}`` -> ``{row: [result of each seed]}``, rows in first-seen order."""
+    rows: dict[str, list[Any]] = {}
+    for (name, _seed), result in done.items():
+        rows.setdefault(name, []).append(result)
+    return rows
+
+
+SEED_TAG = " [seed "
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """A row's table name for ``seed``: the row's own name for seed 0, ``name [seed s]`` otherwise."""
+    return name if seed == 0 else f"{name}{SEED_TAG}{seed}]"
+
+
+class Study(Clock):
+    """One invocation of a training benchmark: its clock and loads, and the threads of each run
+    (one each when ``--jobs`` > 1, else ``--threads``)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args
+        self.threads = 1 if args.jobs > 1 else args.threads
+
+    def run(self, tasks: dict[Any, Callable[[], Any]], report: Callable[[Any, Any], str]) -> dict[Any, Any]:
+        """:func:`run_pooled` ``--jobs`` at a time."""
+        return run_pooled(self.args.jobs, tasks, report, self.loads)
+
+    def pace(self, unit: str = "runs") -> str:
+        """How the run went, for the notes: jobs and threads, minutes, load averages."""
+        return (
+            f"{self.args.jobs} {unit} at a time ({self.threads or 'auto'} thread(s) each); {self.minutes:.0f} min "
+            f"in all (reused {unit} count 0); {self.summary()}"
+        )
+
+
+# -- held-out evaluation -------------------------------------------------------------------------------------
+
+
+@functools.cache  # a worker process trains several rows: list the folder once
+def folder_labels(data: str) -> tuple[int, ...]:
+    """The class index (sorted class folders) of every image of the held-out folder, in its order."""
+    from mstok.data import ImageFolder, center_crop_transform
+
+    return tuple(label for _, label in ImageFolder(data, center_crop_transform(64)).samples)
+
+
+def held_out_indices(data: str, val_count: int) -> list[int]:
+    """``val_count`` indices of the held-out folder, spread over the classes: the first image of
+    every class, then the second of every class, and so on."""
+    labels = folder_labels(data)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    rounds = max(len(members) for members in by_class.values())
+    spread = [i for r in range(rounds) for members in by_class.values() for i in members[r : r + 1]]
+    if val_count > len(spread):
+        raise ValueError(f"--val-images {val_count}: {data} has only {len(spread)} images")
+    return spread[:val_count]
+
+
+def training_images(train_data: str, transform: Any = None) -> Any:
+    """The training images (shards or a folder) with the studies' augmentation (random crops of
+    80-100% of the area and flips) unless ``transform`` is given."""
+    from mstok.data import RandomResizedCropFlip, open_image_dataset
+
+    return open_image_dataset(train_data, transform or RandomResizedCropFlip(64, (0.8, 1.0)))
+
+
+@functools.cache
+def held_out_images(data: str, indices: tuple[int, ...]) -> torch.Tensor:
+    """The held-out images, center-cropped: (N, 3, 64, 64) in [0, 1]."""
+    from mstok.data import ImageFolder, center_crop_transform
+
+    fixed = ImageFolder(data, center_crop_transform(64))
+    return torch.stack([fixed[(i, 0)][0] for i in indices])
+
+
+def held_out_labels(data: str, indices: tuple[int, ...]) -> torch.Tensor:
+    """The class index of each of :func:`held_out_images`' images: (N,) int64."""
+    labels = folder_labels(data)
+    return torch.tensor([labels[i] for i in indices], dtype=torch.long)
+
+
+def held_out(data: str, count: int) -> torch.Tensor:
+    """The first ``count`` held-out images of :func:`held_out_indices` (one per class first)."""
+    return held_out_images(data, tuple(held_out_indices(data, count)))
+
+
+def bit_entropies(ids: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, ...) int64 bit ids (LFQ, BSQ) -> (..., C) the binary entropy of each bit over the N ids,
+    in bits: 1 = a fair coin, 0 = the same value for every id."""
+    p = ((ids[..., None] >> torch.arange(bits)) & 1).double().mean(0)  # share of ones
+    return (-torch.special.xlogy(p, p) - torch.special.xlogy(1 - p, 1 - p)) / math.log(2)
+
+
+@torch.no_grad()
+def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> dict[str, float]:
+    """PSNR and SSIM of ``model``'s reconstructions of ``images`` and, for a tokenizer with ids,
+    the quantizer's usage statistics of them (the fraction of the codebook used, the code
+    perplexity) and for bit ids (LFQ, BSQ) the mean and least binary entropy of a bit."""
+    from mstok.evaluation.metrics import psnr, ssim
+
+    model.eval()
+    ids, scores = [], {"psnr": [], "ssim": []}
+    for chunk in images.split(batch):
+        out = model(chunk)
+        if out.reconstruction is not None:  # None: a flow decoder (SemTok stage I) or a proxy-code head
+            scores["psnr"].append(psnr(chunk, out.reconstruction))
+            scores["ssim"].append(ssim(chunk, out.reconstruction))
+        if out.indices is not None:
+            ids.append(out.indices)
+    metrics = {f"final_{k}": float(np.mean([x for part in v for x in part])) for k, v in scores.items() if v}
+    metrics["final_images"] = len(images)
+    if model.vocab_size is None or not ids:
+        return metrics
+    flat = torch.cat(ids).reshape(-1)
+    stats = model.quantizer.usage(flat)  # exact counts up to 2^20 codes; distinct ids / V above
+    metrics["usage"] = float(stats["usage"])
+    metrics["perplexity"] = float(stats.get("perplexity", stats.get("batch_perplexity")))
+    if model.config.quantizer_spec().kind in ("lfq", "bsq"):  # bit ids (a VQ id's bits mean nothing)
+        entropies = bit_entropies(flat, model.config.code_dim)
+        metrics["bit_entropy"], metrics["bit_entropy_min"] = float(entropies.mean()), float(entropies.min())
+    return metrics
+
+
+# -- calibration rows ------------------------------------------------------------------------------------------
+
+MEAN_COLOUR = "each image in its mean colour"
+
+
+def mean_colour_floor(data: str, val_images: int) -> tuple[float, float]:
+    """(PSNR, SSIM) of painting each held-out image in its own mean colour: the floor every row is read against."""
+    from mstok.evaluation.metrics import mean_colour, psnr, ssim
+
+    images = held_out(data, val_images)
+    flat = mean_colour(images)
+    return float(np.mean(psnr(images, flat))), float(np.mean(ssim(images, flat)))
+
+
+def mean_colour_row(width: int, cells: dict[int, str]) -> list[str]:
+    """The mean-colour calibration as a table row of ``width`` cells: ``cells`` by column, '-' elsewhere."""
+    return [MEAN_COLOUR, *(cells.get(i, "-") for i in range(1, width))]
+
+
+def conv_ae_vq() -> tuple[str, Row]:
+    """The conv autoencoder with a discrete bottleneck at equal bits (64 codes of V = 32 = 320 bits)."""
+    return "conv AE VQ 8x8 V=32 (320 bits)", Row("calibration", "convae_tiny", {}, recipe())
+
+
+def conv_ae_continuous() -> tuple[str, Row]:
+    """The conv autoencoder with a continuous 8 x 8 x 6 bottleneck (384 floats)."""
+    return "conv AE continuous 8x8x6", Row(
+        "calibration", "convae_tiny", {"quantizer": "none", "use_l2_norm": False}, recipe()
+    )
+
+
+# The papers' settings of the bit quantizers, before this project's defaults: the codebook entropy
+# over the whole batch, MAGVIT-v2's LFQ (inverse temperature 100, commitment 0.25, no normalisation)
+# and BSQ-ViT's BSQ (inverse temperature 1). Measured in RESULTS.md ("Binary quantizers"): at this
+# scale every token position settles on one code whatever the image (LFQ: all latents +1).
+MAGVIT_LFQ = {"type": "lfq", "entropy_weight": 0.1, "entropy_per_position": False, "inverse_temperature": 100.0,
+              "commitment_weight": 0.25, "layer_norm": False}  # fmt: skip
+BSQ_VIT = {"type": "bsq", "entropy_weight": 0.1, "entropy_per_position": False, "inverse_temperature": 1.0}
+
+
+# -- timing ------------------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the proxy whose code grid matches the patch grid of the presets at that resolution
+PROXY_FOR_SIZE = {256: "maskgit_vqgan_f16", 64: "vqgan_tiny"}
+
+
+def timing_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The command line the timing benchmarks share: the output flags (:func:`add_output_arguments`),
+    ``--quick`` (help ``quick``), ``--device`` (auto, cpu, cuda) and ``--threads`` (torch intra-op threads)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_output_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    return parser
+
+
+def list_help(what: str, default: Iterable[str], quick: Iterable[str]) -> str:
+    """Help for a comma-separated list whose default depends on ``--quick``."""
+    return f"comma-separated {what} (default: {','.join(default)}; --quick: {','.join(quick)}; '' for none)"
+
+
+def add_repeat_arguments(
+    parser: argparse.ArgumentParser, count: str, unit: str, most: str, budget: str, warmup: str
+) -> None:
+    """How often a row is timed: ``count`` (``--reps``, ``--steps``: the most timed ``unit``s per row, by
+    default ``most``), ``--budget`` (seconds of them, by default ``budget``) and ``--warmup`` (help ``warmup``)."""
+    parser.add_argument(count, type=int, help=f"most timed {unit}s per row (default {most})")
+    parser.add_argument(
+        "--budget", type=float, help=f"seconds of timed {unit}s per row before stopping (default {budget})"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help=warmup)
+
+
+def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """Set ``args.device`` (auto: CUDA when there is one); a parser error for CUDA without one. True on CUDA."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    return args.device == "cuda"
+
+
+def check_timing(parser: argparse.ArgumentParser, args: argparse.Namespace, count: str, modes: str) -> None:
+    """Parser errors for what the timing benchmarks share: fewer than one timed call per row (``count``:
+    ``--reps`` or ``--steps``), a negative ``--warmup`` or ``--budget``, no mode or a mode that is not
+    ``PRECISION[+compile]`` in ``modes`` (the flag: ``--modes``, ``--precisions``)."""
+    if getattr(args, count[2:]) < 1 or args.warmup < 0 or args.budget < 0:
+        parser.error(f"{count} must be >= 1; --warmup and --budget >= 0")
+    chosen_modes = getattr(args, modes[2:])
+    if not chosen_modes:
+        parser.error(f"{modes} names no precision")
+    for mode in chosen_modes:
+        precision, _, extra = mode.partition("+")
+        if precision not in DTYPES or extra not in ("", "compile"):
+            parser.error(f"{modes}: {mode!r} is not PRECISION[+compile] with PRECISION fp32, bf16 or fp16")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision`` (nothing for fp32)."""
+    return torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
+
+
+def timed(device: torch.device | str, call: Callable[[], T]) -> tuple[T, float]:
+    """``call()`` and its wall-clock seconds, CUDA synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = call()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def time_calls(call: Callable[[], Sequence[float]], warmup: int, reps: int, budget: float) -> list[Sequence[float]]:
+    """``warmup`` untimed calls, then timed calls until ``reps`` are done or ``budget`` seconds of them
+    have passed (at least one). ``call`` returns the seconds it measured (one part or several); the
+    timed calls' are returned."""
+    times: list[Sequence[float]] = []
+    for i in range(warmup + reps):
+        if i >= warmup and times and sum(sum(t) for t in times) >= budget:
+            break
+        seconds = call()
+        if i >= warmup:
+            times.append(seconds)
+    return times
+
+
+def reset_peak(device: torch.device | str) -> None:
+    """Start counting peak memory (CUDA; nothing elsewhere)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device | str) -> int | None:
+    """Peak allocated memory since :func:`reset_peak` (CUDA; None elsewhere)."""
+    device = torch.device(device)
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def failure(err: Exception) -> str:
+    """Print the traceback of a row that failed; its error in one short line, for the table."""
+    traceback.print_exc()
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
+def release(device: torch.device | str, compiled: bool = False) -> None:
+    """Free what a finished model held: garbage, the CUDA cache, torch.compile's caches."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    if compiled:
+        torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def compiled_parts(owner: Any, parts: Iterable[str], enabled: bool) -> Iterator[None]:
+    """Swap ``owner``'s networks ``parts`` (those it has) for ``torch.compile`` versions while the block runs."""
+    present = [n for n in parts if getattr(owner, n, None) is not None]
+    originals = {n: getattr(owner, n) for n in present}
+    try:
+        if enabled:
+            for n in present:
+                setattr(owner, n, torch.compile(originals[n]))
+        yield
+    finally:
+        for n, module in originals.items():
+            setattr(owner, n, module)
+        if enabled:
+            torch._dynamo.reset()
+
+
+@dataclass(kw_only=True)
+class Timed:
+    """What every timed row records besides its times: peak memory (CUDA), the 1-minute load average as it
+    ended, and its error when it failed (its times then empty)."""
+
+    peak_mem_bytes: int | None = None
+    load_after: float = math.nan
+    error: str | None = None
+
+
+def per_second(count: int, times: Sequence[float]) -> float:
+    """``count`` items over the median of ``times`` (NaN when there is none)."""
+    return count / median(times) if times else math.nan
+
+
+def median(times: Sequence[float]) -> float:
+    """The median (NaN when there is none)."""
+    return statistics.median(times) if times else math.nan
+
+
+def gib(nbytes: int | None) -> str:
+    """Bytes as GiB with two decimals; '-' when not measured."""
+    return f"{nbytes / 2**30:.2f}" if nbytes is not None else "-"
+
+
+def measured_notes(device: str, synchronised: str, peak_over: str, warmed_on_cpu: str = "") -> tuple[str, str, str]:
+    """The notes' words on CUDA synchronisation (``synchronised``: around what), on the peak memory column
+    (``peak_over``: over what it is taken) and on when rows are warmed up (on CUDA before each row, on CPU
+    ``warmed_on_cpu``); on CPU, there is no synchronisation nor peak memory."""
+    if device != "cuda":
+        return "", "no peak memory on CPU", warmed_on_cpu
+    peak = f"peak mem is `torch.cuda.max_memory_allocated` over {peak_over}"
+    return f"CUDA synchronised {synchronised}; ", peak, "before each row"
+
+
+def load_note(clock: Clock, effect: str) -> str:
+    """The notes' line on the machine's load during the run; ``effect``: what a high load does to the rows."""
+    return (
+        f"- {clock.summary()}; `load 1m` is the 1-minute load average as each row ended. Other processes may share "
+        f"this machine: {effect}. Whole run {clock.minutes:.1f} min."
+    )
+
+
+def print_outcome(clock: Clock, blocks: list[str], results: Iterable[Timed], label: Callable[[Any], str]) -> list[str]:
+    """Print the tables, a line per failed row (``label(row)``: error) and the run's time and load; returns
+    the failed rows as notes."""
+    failed = [f"{label(r)}: {r.error}" for r in results if r.error]
+    print()
+    print("\n\n".join(blocks))
+    for label in failed:
+        print(f"FAILED {label}")
+    print(f"\nTotal {clock.minutes:.1f} min; {clock.summary()}")
+    return [f"- FAILED {label}" for label in failed]
+
+
+# -- tables ------------------------------------------------------------------------------------------------------
+
+
+def table_line(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(head: Sequence[str], rows: Iterable[Sequence[str]], left: int | Iterable[int] = 1) -> str:
+    """A markdown table; ``left``: how many leading columns are left-aligned (the rest right-aligned), or
+    the indices of the left-aligned ones."""
+    lefts = set(range(left)) if isinstance(left, int) else set(left)
+    rule = "|" + "|".join("---" if i in lefts else "---:" for i in range(len(head))) + "|"
+    return "\n".join([table_line(head), rule, *(table_line(row) for row in rows)])
+
+
+def cell(values: Iterable[float | None], digits: int) -> str:
+    """``mean ± spread/2`` of the seeds (just the value for one seed); '-' when missing."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def pooled(items: Sequence[dict[str, Any]], *columns: tuple[str, int]) -> list[str]:
+    """One :func:`cell` per ``(key, digits)`` column, pooling ``item[key]`` over ``items`` (the seeds of a row)."""
+    return [cell([item.get(key) for item in items], digits) for key, digits in columns]
+
+
+def mean_std(values: Sequence[float], digits: int) -> str:
+    """``mean ± standard deviation`` over seeds (± 0 for one)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+# -- RESULTS.md: one section per benchmark, replaced in place --------------------------------------------------
+
+# A benchmark's section runs from its start marker to its end marker (both included); the heading
+# follows the start marker, the reading (kept from run to run unless a script writes one) sits
+# between the reading markers at its end.
+SECTION_NAME = r"[A-Za-z0-9_.-]+"
+MARKER = re.compile(rf"<!--\s*(end\s+)?benchmark:\s*({SECTION_NAME})\s*-->")
+LOOKS_LIKE_MARKER = re.compile(r"<!--\s*(end\s+)?benchmark\b", re.IGNORECASE)
+READING, END_READING = "<!-- reading -->", "<!-- end reading -->"
+NO_READING = (
+    "Reading: not written yet (what these numbers say is added by hand; it is kept when the section is rewritten)."
+)
+
+
+def section_name(name: str) -> str:
+    """``name`` if it can name a section (letters, digits, ``_ . -``), else a ValueError."""
+    if not re.fullmatch(SECTION_NAME, name):
+        raise ValueError(f"section name {name!r}: letters, digits, '_', '.' and '-' only")
+    return name
+
+
+def start_marker(name: str) -> str:
+    return f"<!-- benchmark: {name} -->"
+
+
+def end_marker(name: str) -> str:
+    return f"<!-- end benchmark: {name} -->"
+
+
+def find_sections(text: str, path: Path | str = "RESULTS.md") -> dict[str, tuple[int, int]]:
+    """Every benchmark section of ``text``: name -> (start line, end line), 0-based, markers included.
+    A ValueError, with the file and line, for a malformed marker, a section that never ends, an end
+    without its start, a section inside another, or two sections of one benchmark."""
+    sections: dict[str, tuple[int, int]] = {}
+    open_name, open_line = None, 0
+    for number, line in enumerate(text.splitlines()):
+        stripped = line.strip()
+        if not LOOKS_LIKE_MARKER.match(stripped):
+            continue
+        where = f"{path}:{number + 1}"
+        match = MARKER.fullmatch(stripped)
+        if match is None:
+            raise ValueError(
+                f"{where}: malformed benchmark marker {stripped!r}; expected '<!-- benchmark: NAME -->' or "
+                "'<!-- end benchmark: NAME -->' on a line of its own"
+            )
+        is_end, name = bool(match[1]), match[2]
+        if not is_end:
+            if open_name is not None:
+                raise ValueError(f"{where}: section {name!r} starts inside section {open_name!r} "
+                                 f"(line {open_line + 1}), which has no end marker before it")  # fmt: skip
+            if name in sections:
+                raise ValueError(f"{where}: a second section {name!r} (the first at line {sections[name][0] + 1})")
+            open_name, open_line = name, number
+        elif open_name != name:
+            inside = f" inside section {open_name!r}" if open_name else ""
+            raise ValueError(f"{where}: end of section {name!r} without its start marker{inside}")
+        else:
+            sections[name], open_name = (open_line, number), None
+    if open_name is not None:
+        raise ValueError(f"{path}:{open_line + 1}: section {open_name!r} has no end marker {end_marker(open_name)!r}")
+    return sections
+
+
+def section_reading(lines: list[str], path: Path | str, first: int) -> str | None:
+    """The reading between the reading markers of a section's ``lines`` (None without one); a ValueError
+    when only one of the markers is there. ``first``: the section's line in the file, for the message."""
+    marks = [i for i, line in enumerate(lines) if line.strip() in (READING, END_READING)]
+    if not marks:
+        return None
+    kinds = [lines[i].strip() for i in marks]
+    if kinds != [READING, END_READING]:
+        raise ValueError(f"{path}:{first + marks[0] + 1}: the section's reading needs one {READING!r} and then one "
+                         f"{END_READING!r}, found {kinds}")  # fmt: skip
+    return "\n".join(lines[marks[0] + 1 : marks[1]]).strip("\n")
+
+
+def write_section(
+    out: Path | str, name: str, title: str, text: str, reading: str | None = None, history: Path | None = None
+) -> Path | None:
+    """Put benchmark ``name``'s newest run in ``out``, in place of its section (or at the end when it has
+    none yet; ``out`` is created when missing). The section: start marker, ``## title``, ``text`` (what
+    :func:`run_text` writes), the reading, end marker. The reading is ``reading`` when given, else the one of
+    the section replaced, else a placeholder. The replaced section is appended unchanged to ``history``
+    (default ``history/<name>.md`` beside ``out``), whose path is returned (None when nothing was replaced).
+    Other sections and text are left as they are; a malformed marker is a ValueError before anything is
+    written."""
+    out = Path(out)
+    history = history or out.parent / "history" / f"{section_name(name)}.md"
+    existing = out.read_text() if out.exists() else "# Benchmark results\n"
+    lines = existing.splitlines()
+    sections = find_sections(existing, out)
+    old = lines[sections[name][0] : sections[name][1] + 1] if name in sections else None
+    kept = section_reading(old, out, sections[name][0]) if old is not None else None
+    reading = (reading if reading is not None else kept) or NO_READING
+    earlier = f" Earlier runs: `{os.path.relpath(history, out.parent)}`." if old is not None or history.exists() else ""
+    new = [start_marker(name), f"## {title}", "", text.strip("\n") + earlier, "", READING, reading, END_READING,
+           end_marker(name)]  # fmt: skip
+    if old is None:
+        result = existing.rstrip("\n") + "\n\n" + "\n".join(new) + "\n"
+    else:
+        start, end = sections[name]
+        result = "\n".join([*lines[:start], *new, *lines[end + 1 :]]) + "\n"
+        history.parent.mkdir(parents=True, exist_ok=True)
+        before = history.read_text() if history.exists() else (
+            f"# {name}: earlier runs\n\nSections of `benchmarks/{out.name}` that a newer run of this benchmark "
+            "replaced, oldest first, as they were.\n"
+        )  # fmt: skip
+        history.write_text(before.rstrip("\n") + "\n\n" + "\n".join(old) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".tmp")
+    partial.write_text(result)
+    partial.replace(out)  # never half a file
+    return history if old is not None else None
+
+
+def run_text(command: str, device: str, blocks: list[str], notes: list[str]) -> str:
+    """A run, as its section shows it: when, the command, the machine, the tables in ``blocks``, then notes."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"Newest run: {stamp}.", "", f"Command: `{command}`", "", f"Machine: {machine_line(device)}.", ""]
+    for block in blocks:
+        lines += [block, ""]
+    return "\n".join([*lines, "Notes:", "", *notes])
+
+
+def publish(
+    args: argparse.Namespace,
+    name: str,
+    title: str,
+    script: str,
+    argv: list[str] | None,
+    blocks: list[str],
+    notes: list[str],
+    device: str = "cpu",
+    reading: str | None = None,
+    command: str | None = None,
+) -> None:
+    """Write the run to ``args.out`` as the section ``args.section`` (default ``name``) with
+    :func:`write_section`, unless ``args.no_write``. ``command``: the command line to show (default:
+    :func:`command_line` of ``script`` and ``argv``)."""
+    if args.no_write:
+        return
+    section = args.section or name
+    text = run_text(command or command_line(script, argv), device, blocks, notes)
+    moved = write_section(args.out, section, title, text, reading)
+    print(f"\nWrote section {section!r} of {args.out}" + (f"; the one it replaced is in {moved}" if moved else ""))
