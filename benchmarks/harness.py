@@ -515,8 +515,9 @@ def conv_ae_continuous() -> tuple[str, Row]:
 
 # The papers' settings of the bit quantizers, before this project's defaults: the codebook entropy
 # over the whole batch, MAGVIT-v2's LFQ (inverse temperature 100, commitment 0.25, no normalisation)
-# and BSQ-ViT's BSQ (inverse temperature 1). Measured in RESULTS.md ("Binary quantizers"): at this
-# scale every token position settles on one code whatever the image (LFQ: all latents +1).
+# and BSQ-ViT's BSQ (inverse temperature 1). Measured in RESULTS.md ("Binary quantizers that keep
+# their codes: diagnosis"): at this scale every token position settles on one code whatever the image
+# (LFQ: all latents +1).
 MAGVIT_LFQ = {"type": "lfq", "entropy_weight": 0.1, "entropy_per_position": False, "inverse_temperature": 100.0,
               "commitment_weight": 0.25, "layer_norm": False}  # fmt: skip
 BSQ_VIT = {"type": "bsq", "entropy_weight": 0.1, "entropy_per_position": False, "inverse_temperature": 1.0}

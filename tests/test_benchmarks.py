@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -214,6 +215,42 @@ def test_write_section_refuses_a_malformed_marker(tmp_path: Path, text: str, err
     with pytest.raises(ValueError, match=error):
         harness.write_section(out, "quantizers", "Quantizers at equal bits", "Newest run.")
     assert out.read_text() == text and not (tmp_path / "history").exists()
+
+
+def _published_sections() -> dict[str, str]:
+    """Section name -> title of every ``harness.publish`` call into RESULTS.md, read from the scripts'
+    source: a literal name and title, a title in ``title = "..."``, or the ``--quick`` variants
+    (``name = "X-quick" if args.quick else "X"`` with the title ``f"...{quick}"``, quick = " (quick)")."""
+    found = {}
+    for script in sorted(BENCHMARKS.glob("*.py")):
+        source = script.read_text()
+        if "REPLICATION.md" in source:  # replicate.py writes its own file
+            continue
+        found.update(re.findall(r'harness\.publish\(args, "([\w.-]+)", "([^"{]+)"', source))
+        title = re.search(r'^\s*title = "([^"]+)"\n\s*harness\.publish\(args, "([\w.-]+)", title', source, re.M)
+        if title:
+            found[title[2]] = title[1]
+        quick = re.search(r'name = "([\w.-]+)-quick" if args\.quick else "\1"', source)
+        if quick:
+            base = re.search(r'harness\.publish\(args, name, f"([^"{]+)\{quick\}"', source)[1]
+            found.update({quick[1]: base, f"{quick[1]}-quick": f"{base} (quick)"})
+    return found
+
+
+def test_results_md_has_the_section_each_benchmark_replaces() -> None:
+    """The committed RESULTS.md parses, and holds one section for each name a script publishes under, with
+    the title it writes (so a run replaces that section instead of adding one), a reading and a history file."""
+    harness = _load("harness")
+    text = harness.RESULTS.read_text()
+    lines = text.splitlines()
+    sections = harness.find_sections(text, harness.RESULTS)
+    published = _published_sections()
+    assert len(published) == 13 and set(published) <= set(sections)
+    for name, (start, end) in sections.items():
+        heading = lines[start + 1]
+        assert heading == f"## {published[name]}" if name in published else heading.startswith("## ")
+        assert harness.section_reading(lines[start : end + 1], harness.RESULTS, start) not in (None, harness.NO_READING)
+        assert (BENCHMARKS / "history" / f"{name}.md").is_file()
 
 
 def test_write_section_refuses_a_name_no_marker_can_hold(tmp_path: Path) -> None:

@@ -18,10 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bottleneck -> (overrides of the shipped titok_tiny.toml, steps, dB over mean colour required).
 # Measured at 300 steps on 1,000 held-out images (benchmarks/RESULTS.md, "Binary quantizers that
-# keep their codes"): VQ +1.7, BSQ +1.4, LFQ +0.5 dB; before the fix, the papers' settings ended
-# at -1.1 (BSQ) and -0.4 dB (LFQ). With the entropy weight 0.005 ("The bit quantizers' entropy
-# weight") LFQ starts slower (200 images, 2 seeds: -0.6 / -1.7 dB at 250 steps, +0.6 / +0.5 at 500,
-# +2.2 / +1.6 at 750), so it gets 600 steps; BSQ at 250 steps: +1.0 / +1.1.
+# keep their codes: diagnosis"): VQ +1.7, BSQ +1.4, LFQ +0.5 dB; before the fix, the papers'
+# settings ended at -1.1 (BSQ) and -0.4 dB (LFQ). With the entropy weight 0.005
+# (benchmarks/history/quantizers.md, "The bit quantizers' entropy weight") LFQ starts slower (200
+# images, 2 seeds: -0.6 / -1.7 dB at 250 steps, +0.6 / +0.5 at 500, +2.2 / +1.6 at 750), so it gets
+# 600 steps; BSQ at 250 steps: +1.0 / +1.1.
 BOTTLENECKS = {
     "vq": ([], 300, 1.0),
     "bsq": (["model.overrides.quantizer='bsq'", "model.overrides.code_dim=10"], 300, 0.7),
@@ -67,10 +68,10 @@ def test_tiny_recipe_beats_mean_colour_on_held_out_images(tmp_path, tiny_imagene
 def test_semtok_stage_one_beats_mean_colour_on_held_out_images(tmp_path, tiny_imagenet, tiny_imagenet_train):
     """The shipped semtok_tiny_stage1.toml on the training shards, its semantic terms off (a fresh
     clone has no reference network to align to, and the random tiny teacher costs PSNR:
-    benchmarks/RESULTS.md, "SemTok that reconstructs"): the flow decoder's one-step decode of
-    held-out images beats their mean colour. Before the x0 loss and the time shift it stayed below
-    mean colour for 3,000 steps; now it leaves that plateau between 300 steps (-0.2 dB at batch 16)
-    and 600 (+2.6 dB), the longest run of the suite."""
+    benchmarks/history/semtok.md, "SemTok that reconstructs: what the flow decoder needs"): the flow
+    decoder's one-step decode of held-out images beats their mean colour. Before the x0 loss and the
+    time shift it stayed below mean colour for 3,000 steps; now it leaves that plateau between 300
+    steps (-0.2 dB at batch 16) and 600 (+2.6 dB), the longest run of the suite."""
     steps = 500
     config = load_train_config(
         ROOT / "configs" / "semtok_tiny_stage1.toml",

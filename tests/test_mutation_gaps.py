@@ -74,9 +74,9 @@ def test_half_precision_codebook_is_searched_in_float32() -> None:
 
 # ---------------------------------------------------------------- the quantizer zoo (docs/MUTATION.md)
 def test_bit_quantizers_keep_their_defaults() -> None:
-    # the measured defaults (lfq.py, bsq.py; RESULTS.md "Binary quantizers that keep their codes"):
-    # BSQ inverse temperature C, no commitment; LFQ 0.5 on a layer-normalised latent, no commitment;
-    # both with the codebook entropy per token position
+    # the measured defaults (lfq.py, bsq.py; benchmarks/RESULTS.md "Binary quantizers that keep their
+    # codes: diagnosis"): BSQ inverse temperature C, no commitment; LFQ 0.5 on a layer-normalised
+    # latent, no commitment; both with the codebook entropy per token position
     bsq, lfq = BinarySphericalQuantizer(8), LookupFreeQuantizer(8)
     assert (bsq.inverse_temperature, bsq.commitment_weight, bsq.entropy_per_position) == (8.0, 0.0, True)
     assert BinarySphericalQuantizer(18).inverse_temperature == 18.0

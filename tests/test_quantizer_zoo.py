@@ -459,7 +459,8 @@ def test_build_quantizer_makes_every_spec_of_the_issue() -> None:
     assert build_quantizer({"type": "bsq"}, 32).codebook_size == 2**32
     lfq = build_quantizer(SPECS["lfq"], 10)
     assert (lfq.entropy_weight, lfq.diversity_gamma, lfq.inverse_temperature) == (0.1, 1.0, 100.0)
-    # each bit quantizer's own entropy weight when none is given (below the papers' 0.1: RESULTS.md)
+    # each bit quantizer's own entropy weight when none is given (below the papers' 0.1:
+    # benchmarks/RESULTS.md, "Quantizers at equal bits")
     assert build_quantizer({"type": "bsq"}, 10).entropy_weight == BinarySphericalQuantizer.default_entropy_weight
     assert build_quantizer({"type": "lfq"}, 10).entropy_weight == LookupFreeQuantizer.default_entropy_weight
     assert max(BinarySphericalQuantizer.default_entropy_weight, LookupFreeQuantizer.default_entropy_weight) < 0.1

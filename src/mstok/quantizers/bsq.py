@@ -39,12 +39,12 @@ class BinarySphericalQuantizer(SignQuantizer):
     default inverse temperature C gives a typical bit the logit 2 at every C, where the entropy
     terms have gradients (BSQ-ViT's 1 gives 2 / C: at C = 10 every bit is nearly a fair coin
     whatever u, and the entropy objective is flat: measured in benchmarks/RESULTS.md, "Binary
-    quantizers that keep their codes"). No commitment term (BSQ-ViT's choice); the codebook
-    entropy per token position (:func:`~mstok.quantizers.binary.entropy_terms`). Entropy weight
+    quantizers that keep their codes: diagnosis"). No commitment term (BSQ-ViT's choice); the
+    codebook entropy per token position (:func:`~mstok.quantizers.binary.entropy_terms`). Entropy weight
     0.005: at logit 2 the entropy term is 40x larger than at BSQ-ViT's temperature, and
     BSQ-ViT's weight 0.1 then rivals the reconstruction loss all through training (-0.21 against
-    0.18 at step 300), which costs 0.9 dB at 2000 steps (RESULTS.md, "The bit quantizers' entropy
-    weight").
+    0.18 at step 300), which costs 0.9 dB at 2000 steps (benchmarks/RESULTS.md, "Quantizers at equal
+    bits"; the runs: benchmarks/history/quantizers.md, "The bit quantizers' entropy weight").
     BSQ-ViT's settings: ``entropy_weight=0.1, inverse_temperature=1, entropy_per_position=False``.
     """
 

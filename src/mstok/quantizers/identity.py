@@ -23,7 +23,9 @@ class IdentityQuantizer(Quantizer):
         code_dim: C, checked against the input's last dimension.
         use_l2_norm: project each latent onto the unit sphere, as the VQ quantizer does before
             its search. The decoder then sees inputs of the scale VQ codes have; without it a
-            continuous TiTok-tiny started slower than the same model with VQ (RESULTS.md).
+            continuous TiTok-tiny started slower than the same model with VQ (benchmarks/RESULTS.md,
+            "Convergence of the tiny tokenizers"; the run: benchmarks/history/convergence.md,
+            "Continuous bottleneck: L2-normalised latents").
     """
 
     def __init__(self, code_dim: int, use_l2_norm: bool = False) -> None:

@@ -34,15 +34,15 @@ class LookupFreeQuantizer(SignQuantizer):
     The soft assignment ``softmax_c(-inverse_temperature * ||z - c||^2)`` gives bit d the logit
     ``4 * inverse_temperature * z_d``.
 
-    Defaults (measured in benchmarks/RESULTS.md, "Binary quantizers that keep their codes"): the
-    latent is layer-normalised (below), so ``|z_d|`` is about 1 and inverse temperature 0.5 gives
-    a typical bit the logit 2, where the entropy terms still have gradients (MAGVIT-v2's 100 puts
-    it at 200: every bit saturated, the entropy objective flat); no commitment term (with
-    MAGVIT-v2's 0.25 the encoder met it with its output bias alone at tiny scale: every latent
-    +1, one code for every image, with or without the normalisation); the codebook entropy per
-    token position (:func:`~mstok.quantizers.binary.entropy_terms`); entropy weight 0.005, not
-    MAGVIT-v2's 0.1, which at logit 2 rivals the reconstruction loss all through training (at
-    2000 steps: 16.63 dB with 0.1, 17.26 with 0.005, VQ 17.65). MAGVIT-v2's settings:
+    Defaults (measured in benchmarks/RESULTS.md, "Binary quantizers that keep their codes:
+    diagnosis"): the latent is layer-normalised (below), so ``|z_d|`` is about 1 and inverse
+    temperature 0.5 gives a typical bit the logit 2, where the entropy terms still have gradients
+    (MAGVIT-v2's 100 puts it at 200: every bit saturated, the entropy objective flat); no commitment
+    term (with MAGVIT-v2's 0.25 the encoder met it with its output bias alone at tiny scale: every
+    latent +1, one code for every image, with or without the normalisation); the codebook entropy
+    per token position (:func:`~mstok.quantizers.binary.entropy_terms`); entropy weight 0.005, not
+    MAGVIT-v2's 0.1, which at logit 2 rivals the reconstruction loss all through training (at 2000
+    steps: 16.63 dB with 0.1, 17.26 with 0.005, VQ 17.65). MAGVIT-v2's settings:
     ``entropy_weight=0.1, inverse_temperature=100, commitment_weight=0.25, layer_norm=False,
     entropy_per_position=False``.
 
@@ -56,7 +56,7 @@ class LookupFreeQuantizer(SignQuantizer):
 
     name = "lfq"
     default_commitment_weight = 0.0
-    default_entropy_weight = 0.005  # as BSQ's (RESULTS.md, "The bit quantizers' entropy weight")
+    default_entropy_weight = 0.005  # as BSQ's (benchmarks/RESULTS.md, "Quantizers at equal bits")
 
     def __init__(self, code_dim: int, *args: Any, layer_norm: bool = True, **kwargs: Any) -> None:
         super().__init__(code_dim, *args, **kwargs)

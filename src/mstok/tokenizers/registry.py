@@ -127,12 +127,13 @@ _SEMTOK = {
 # Tiny SemTok for CPU runs: RGB as the latent space, 8 x 8 patches (an 8 x 8 grid), K = 32 tokens of
 # 12 bits, a 4-block encoder (TiTok-tiny's depth) and a 4-block decoder of width 128, qk-norm; the
 # tiny teacher's width (the shipped configs use the reference network's, 256).
-# Stage I's flow is set for a decoder that must reconstruct (benchmarks/RESULTS.md, "SemTok that
-# reconstructs"): the network predicts the clean patch (192 pixel values per patch > width 128),
-# the MSE is measured on it (the velocity MSE weights small t by 1/t^2, where the noisy input
-# already shows the image and the tokens are not needed), and t is shifted toward noise (s = 30:
-# half the draws above t = 0.97), where only the tokens tell the image. Stage II's refiner starts
-# from stage I's one-step decode (refine_input, "SemTok's refiner").
+# Stage I's flow is set for a decoder that must reconstruct (benchmarks/history/semtok.md, "SemTok
+# that reconstructs: what the flow decoder needs"): the network predicts the clean patch (192 pixel
+# values per patch > width 128), the MSE is measured on it (the velocity MSE weights small t by
+# 1/t^2, where the noisy input already shows the image and the tokens are not needed), and t is
+# shifted toward noise (s = 30: half the draws above t = 0.97), where only the tokens tell the
+# image. Stage II's refiner starts from stage I's one-step decode (refine_input;
+# benchmarks/history/semtok.md, "SemTok's refiner: where stage II starts and what the GAN costs").
 _SEMTOK_TINY = {
     "image_size": 64,
     "latent_space": "pixels",

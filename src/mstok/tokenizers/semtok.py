@@ -20,8 +20,9 @@ The decoder works in one of two modes, ``decoder_mode``:
   width while the clean patch lies near a low-dimensional set of images (Li and He, "Back to
   Basics: Let Denoising Generative Models Denoise", 2025). Measured: a velocity-predicting
   ``semtok_tiny`` ended 3000 steps with a one-step reconstruction below painting each image in
-  its mean colour (benchmarks/RESULTS.md, "SemTok at tiny scale").
-  Two more settings decide whether the tokens matter (RESULTS.md, "SemTok that reconstructs").
+  its mean colour (benchmarks/history/semtok.md, "SemTok at tiny scale (2026-12-02 18:23 UTC)").
+  Two more settings decide whether the tokens matter (benchmarks/history/semtok.md, "SemTok that
+  reconstructs: what the flow decoder needs").
   ``flow_loss = "x0"`` measures the MSE on the clean estimate instead of the velocity (the
   velocity MSE is the x0 MSE times 1/t^2, so it is dominated by small t, where ``x_t`` already
   shows the image and the decoder learns to ignore the tokens); ``time_shift`` s > 1 moves the
@@ -36,8 +37,9 @@ The decoder works in one of two modes, ``decoder_mode``:
   the noise's mean (zero) plus ``mask_tokens``, which start at zero: stage II then starts from
   stage I's one-step decode (measured within 0.2 dB of decoding from a noise draw) instead of
   from random tokens the decoder has never seen, which cost 1-2 dB it did not win back in 1000
-  steps (RESULTS.md, "SemTok's refiner"). ``"mask"`` (older files) uses the mask tokens alone,
-  randomly initialised, as the paper describes (the default).
+  steps (benchmarks/history/semtok.md, "SemTok's refiner: where stage II starts and what the GAN
+  costs"). ``"mask"`` (older files) uses the mask tokens alone, randomly initialised, as the paper
+  describes (the default).
 
 The mode is a field of the model's config, not a flag of a training step: it says what the
 released model *is* (an ODE sampler or a one-step refiner), so ``decode`` and every saved
