@@ -355,7 +355,7 @@ def test_old_import_paths_work_and_warn() -> None:
 
 
 def test_public_api_paths_without_warnings() -> None:
-    """The paths the README and the benchmarks use, and the names that moved down (re-exported
+    """The paths the README, the docs pages and the benchmarks use, and the names that moved down (re-exported
     from their old modules), import without a DeprecationWarning."""
     import warnings
 

@@ -209,20 +209,20 @@ def test_a_vae_tokenizer_trains_and_then_fine_tunes_from_its_checkpoint(tmp_path
     assert moved, "fine-tuning changed no weight"
 
 
-def test_the_readme_table_lists_every_quantizer_setting():
+def test_the_quantizers_page_table_lists_every_quantizer_setting():
     from pathlib import Path
 
     from mstok.quantizers.registry import SPECS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    rows = {line.split("`")[1]: line for line in readme.splitlines() if line.strip().startswith("| `")}
+    page = (Path(__file__).resolve().parents[1] / "docs" / "quantizers.md").read_text()
+    rows = {line.split("`")[1]: line for line in page.splitlines() if line.strip().startswith("| `")}
     for kind, spec in SPECS.items():
         row = rows.get(kind)
-        assert row is not None, f"README's quantizer table has no row for {kind!r}"
+        assert row is not None, f"the quantizer table of docs/quantizers.md has no row for {kind!r}"
         settings = row.rsplit("|", 2)[-2]
         documented = rows["lfq"].rsplit("|", 2)[-2] if "as `lfq`" in settings else settings
         missing = [name for name in spec.field_names() if f"`{name}`" not in documented]
-        assert not missing, f"README's {kind!r} row does not document {missing}"
+        assert not missing, f"the {kind!r} row of docs/quantizers.md does not document {missing}"
 
 
 def test_a_converted_official_vae_fine_tunes(tmp_path):
