@@ -299,7 +299,8 @@ def test_semtok_trains_with_the_reference_teacher(saved, folder, tmp_path) -> No
     settings += [f"teacher.spec={{type='reference', path='{path}'}}"]
     settings += [
         "model.overrides={width=32, depth=1, num_heads=2, decoder_width=32, decoder_depth=1, sample_steps=2, "
-        f"teacher_dim={model.feature_dim}}}"
+        f"teacher_dim={model.feature_dim}, semantic_terms=['distill', 'contrastive']}}",
+        "loss.contrastive_weight=0.05",  # both terms (the paper's), though the shipped config trains distillation
     ]
     trainer = Trainer(load_train_config(CONFIGS / "semtok_tiny_stage1.toml", settings), progress=False)
     before = {k: v.clone() for k, v in trainer.loss_fn.teacher.state_dict().items()}
