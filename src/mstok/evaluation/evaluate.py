@@ -343,7 +343,7 @@ def load_reference(path: str | Path) -> tuple[Any, Any]:
     return load_stats(path)
 
 
-def _generated_batches(path: Path, batch_size: int):
+def generated_batches(path: Path, batch_size: int):
     """uint8 (B, 3, H, W) batches from a folder of images or an ``.npz`` (``arr_0``: N x H x W x 3)."""
     if path.suffix == ".npz":
         array = np.load(path)["arr_0"]
@@ -376,7 +376,7 @@ def evaluate_generated(
     ref_mu, ref_sigma = load_reference(reference)
     stats, logits = FeatureStats(), []
     device = next(inception.parameters()).device
-    for batch in _generated_batches(Path(path), batch_size):
+    for batch in generated_batches(Path(path), batch_size):
         features, batch_logits = inception(batch.to(device))
         stats.update(features)
         logits.append(batch_logits.double().cpu())
