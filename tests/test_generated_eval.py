@@ -131,3 +131,44 @@ def test_bad_input_gets_a_clear_error(net, real, tmp_path):
     folder = _write_generated(tmp_path / "big", big, [0] * 4)
     with pytest.raises(ValueError, match=r"48x48.*32x32"):
         gen.evaluate_generated_reference(folder, real, net, cache_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ mstok eval --generated --feature-net
+def test_cli_scores_a_sampled_folder(net, real, tmp_path, monkeypatch, capsys):
+    from mstok.cli import main
+
+    monkeypatch.setenv("MSTOK_CACHE", str(tmp_path / "cache"))
+    net.save_pretrained(tmp_path / "ref")
+    folder = _write_generated(tmp_path / "gen", _images(5, 9), [i % 3 for i in range(9)])
+    argv = ["eval", "--generated", str(folder), "--feature-net", str(tmp_path / "ref"), "--data", str(real)]
+    assert main([*argv, "--class-accuracy", "--out", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    saved = __import__("json").loads((tmp_path / "r.json").read_text())
+    direct = gen.evaluate_generated_reference(folder, real, net, cache_dir=tmp_path / "cache" / "reference_features")
+    assert {k: saved[k] for k in ("fd_ref", "class_accuracy", "precision", "recall")} == pytest.approx(
+        {k: direct[k] for k in ("fd_ref", "class_accuracy", "precision", "recall")}
+    )
+    assert len(list((tmp_path / "cache" / "reference_features").glob("*.npz"))) == 1  # computed once, cached
+    capsys.readouterr()
+
+
+def test_cli_bad_input_is_one_line(net, real, tmp_path, capsys):
+    from mstok.cli import main
+    from mstok.tokenizers import create_tokenizer
+
+    net.save_pretrained(tmp_path / "ref")
+    create_tokenizer("titok_tiny").save_pretrained(tmp_path / "tok")
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for i, pixels in enumerate(_images(6, 4)):
+        Image.fromarray(pixels).save(unlabelled / f"{i}.png")
+    ref, gen_dir = str(tmp_path / "ref"), str(unlabelled)
+    cases = [
+        (["--generated", gen_dir, "--feature-net", ref, "--data", str(real), "--class-accuracy"], "no class labels"),
+        (["--generated", gen_dir, "--feature-net", str(tmp_path / "tok"), "--data", str(real)], "not a reference"),
+        (["--generated", gen_dir, "--feature-net", ref], "needs --data"),
+        (["--generated", str(tmp_path / "nope"), "--feature-net", ref, "--data", str(real)], "does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(["eval", *argv, "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("mstok eval: error:") and message in err, err

@@ -15,7 +15,12 @@ import torch
 import mstok
 from mstok.cli_errors import MAX_PIXELS_HELP, run_command
 from mstok.cli_generation import MODEL_HELP, WEIGHTS_HELP, add_generation_commands, check_resolution, default_out_dir
-from mstok.cli_reference import add_feature_net_arguments, add_reference_commands, reference_meter
+from mstok.cli_reference import (
+    add_feature_net_arguments,
+    add_reference_commands,
+    eval_generated_reference,
+    reference_meter,
+)
 from mstok.data.shards import write_shards
 from mstok.device import resolve_device
 from mstok.evaluation import uniformity
@@ -164,10 +169,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # one process: eval never joins a process group
     out = Path(args.out) if args.out else None
     meter, meter_unavailable = None, {}
+    if args.generated and args.feature_net:  # generated images in the reference network's feature space
+        return eval_generated_reference(args, out)
     # check the inputs before the (slow) metric networks load, so a wrong path fails at once
     if args.generated:
-        if args.feature_net or args.feature_net_stats:
-            raise ValueError("--feature-net measures reconstructions (FD-ref): it needs --checkpoint and --data")
+        if args.feature_net_stats:
+            raise ValueError("--feature-net-stats measures reconstructions: it needs --checkpoint and --data")
         if args.latent_stats is not None:
             raise ValueError("--latent-stats measures a tokenizer's latents: it needs --checkpoint and --data")
         if not args.reference:
@@ -435,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", help=WEIGHTS_HELP)
     evaluate.add_argument("--data", help="image folder or shards to reconstruct (resize + center crop)")
     evaluate.add_argument("--resolution", type=int, help="evaluation resolution (default: the tokenizer's)")
-    evaluate.add_argument("--generated", help="a folder of generated images: report gFID and IS against --reference")
+    evaluate.add_argument(
+        "--generated",
+        help="a folder (or .npz) of generated images: gFID and IS against --reference, or with --feature-net "
+        "FD-ref, class accuracy and precision/recall against the real images in --data",
+    )
     evaluate.add_argument("--reference", help="Inception statistics .npz (mstok or ADM reference batch)")
     evaluate.add_argument(
         "--out",

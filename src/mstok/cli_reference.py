@@ -1,5 +1,6 @@
 """The reference-network commands of the ``mstok`` CLI: ``reference train`` and ``reference eval``,
-and the ``--feature-net`` part of ``mstok eval`` (FD-ref). ``mstok.cli`` registers them with
+and the ``--feature-net`` part of ``mstok eval`` (FD-ref of reconstructions, or of generated images
+with class accuracy and precision/recall). ``mstok.cli`` registers them with
 :func:`add_reference_commands`; errors are ``ValueError``/``FileNotFoundError``, which its ``main``
 turns into one-line messages."""
 
@@ -104,6 +105,37 @@ def reference_meter(args: argparse.Namespace, dataset: Dataset, device: torch.de
     return ReferenceMeter(net, stats, labelled=labelled, source=source), unavailable
 
 
+def eval_generated_reference(args: argparse.Namespace, out: Path | None) -> int:
+    """``mstok eval --generated DIR --feature-net NET --data REAL``: FD-ref, class accuracy and
+    precision/recall of generated images against real ones, printed and written to ``--out``."""
+    # lazy: evaluation imports torchmetrics and scikit-image (about 2 s), which only this command needs
+    from mstok.evaluation.evaluate import write_results
+    from mstok.evaluation.generated import evaluate_generated_reference
+
+    if args.feature_net_stats:
+        raise ValueError("--feature-net-stats is for reconstructions; with --generated the real features are cached")
+    if not args.data:
+        raise ValueError("--generated with --feature-net needs --data DIR: the real images to compare with")
+    if not Path(args.generated).exists():
+        raise FileNotFoundError(f"--generated: {args.generated} does not exist")
+    _require_folder(args.data, "--data")
+    net = load_reference_net(args.feature_net).to(resolve_device(args.device))
+    results = evaluate_generated_reference(
+        args.generated,
+        args.data,
+        net,
+        batch_size=args.batch_size,
+        k=args.pr_k,
+        require_labels=args.class_accuracy,
+        progress=not args.no_progress,
+    )
+    results["feature_net"] = str(args.feature_net)
+    print(write_results(results, out))
+    if out is not None:
+        print(f"results written to {out}")
+    return 0
+
+
 def add_feature_net_arguments(evaluate: argparse.ArgumentParser) -> None:
     """``mstok eval``'s FD-ref options."""
     evaluate.add_argument(
@@ -117,6 +149,15 @@ def add_feature_net_arguments(evaluate: argparse.ArgumentParser) -> None:
         "--feature-net-stats",
         metavar="FILE",
         help="reuse real-image FD-ref statistics (an fd_ref_stats.npz written with the same --feature-net)",
+    )
+    evaluate.add_argument(
+        "--class-accuracy",
+        action="store_true",
+        help="with --generated and --feature-net: require class labels (samples.npz or class<c>_<i>.png names) "
+        "and fail without them (otherwise the accuracy is reported when they are there)",
+    )
+    evaluate.add_argument(
+        "--pr-k", type=positive_int, default=3, help="neighbourhood size of precision/recall (Kynkäänniemi et al.)"
     )
 
 
