@@ -17,7 +17,8 @@ imports another. What is here:
   :func:`held_out_metrics`, :func:`bit_entropies`);
 * **calibration rows**: each image in its mean colour (:func:`mean_colour_floor`, :func:`mean_colour_row`)
   and the conv autoencoder at equal bits (:func:`conv_ae_vq`, :func:`conv_ae_continuous`);
-* **timing** (throughput, train_step, sampling): devices, precisions, timed calls, peak memory;
+* **timing** (throughput, train_step, sampling, gpu_check): devices, precisions, timed calls, peak memory,
+  models built fast (:func:`fast_init`), the stage rows' trainers (:func:`stage_trainer`, :func:`save_proxies`);
 * **tables**: :func:`markdown_table`, mean ± half the spread (:func:`cell`) or ± std (:func:`mean_std`);
 * **RESULTS.md**: each benchmark owns one section, replaced in place by its newest run, the replaced
   one appended unchanged to ``history/<benchmark>.md`` (:func:`write_section`, :func:`publish`).
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest import mock
 
 import numpy as np
 import torch
@@ -653,6 +655,115 @@ def compiled_parts(owner: Any, parts: Iterable[str], enabled: bool) -> Iterator[
             setattr(owner, n, module)
         if enabled:
             torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def fast_init() -> Iterator[None]:
+    """Build models with a clamped normal in place of ``torch.nn.init.trunc_normal_``.
+
+    torch's truncated normal resamples by rejection, so initialising a B-size model takes ~40 s
+    on 2 cores (L several times more); the weight values do not change the cost of any op here.
+    """
+
+    def trunc_normal(
+        tensor: torch.Tensor,
+        mean: float = 0.0,
+        std: float = 1.0,
+        a: float = -2.0,
+        b: float = 2.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
+
+    with mock.patch.object(torch.nn.init, "trunc_normal_", trunc_normal):
+        yield
+
+
+# -- the stage rows of the training-step benchmarks (train_step, gpu_check) -----------------------------------
+
+STAGE_TEXT = {"single": "single (L1+MSE+VQ)", "stage1": "stage 1 (proxy CE+VQ)", "stage2": "stage 2 (MSE+GAN)"}
+
+
+def stage_overrides(stage: str, proxy_dir: Path | None) -> list[str]:
+    """Config overrides of a stage (``single``, ``stage1``, ``stage2``), as the two-stage recipes in
+    ``configs/`` set them: stage 1 trains the proxy-code cross-entropy + VQ, stage 2 the decoder and the
+    proxy's pixel decoder on MSE + PatchGAN (weight 0.01, from step 0, so the discriminator step runs)."""
+    if stage == "single":
+        return []
+    common = ["model.overrides.head='proxy_codes'", f"proxy.checkpoint='{proxy_dir}'"]
+    if stage == "stage1":
+        return [*common, "loss.l1_weight=0", "loss.mse_weight=0", "loss.proxy_ce_weight=1"]
+    return [
+        *common,
+        "stage.pixel_decoder_from_proxy=true",
+        "stage.train=['decoder', 'pixel_decoder']",
+        "loss.l1_weight=0",
+        "loss.mse_weight=1",
+        "loss.gan_weight=0.01",
+        "loss.gan_start_step=0",
+    ]
+
+
+def save_proxies(presets: Iterable[str], tmp: Path, quick_init: bool = False) -> dict[int, Path]:
+    """A randomly initialised proxy folder (:data:`PROXY_FOR_SIZE`) per image size of ``presets``, saved
+    under ``tmp``: the frozen MaskGIT-VQGAN whose codes the stage rows train against (``quick_init``:
+    built with :func:`fast_init`)."""
+    from mstok.tokenizers import create_tokenizer
+    from mstok.tokenizers.registry import preset_config
+
+    proxies = {}
+    for size in sorted({preset_config(name).image_size for name in presets}):
+        torch.manual_seed(0)
+        with fast_init() if quick_init else contextlib.nullcontext():
+            proxies[size] = create_tokenizer(PROXY_FOR_SIZE[size]).save_pretrained(tmp / f"proxy_{size}")
+    return proxies
+
+
+def stage_trainer(
+    preset: str,
+    stage: str,
+    mode: str,
+    device: str,
+    batch_size: int,
+    steps: int,
+    proxies: dict[int, Path],
+    tmp: Path,
+    quick_init: bool = False,
+) -> Any:
+    """The project's :class:`~mstok.training.Trainer` for ``preset`` trained in ``stage`` (``single``,
+    ``stage1``, ``stage2``: :func:`stage_overrides`, with the proxy of its image size from ``proxies``) in
+    ``mode`` (``PRECISION[+compile]``), with a schedule of ``steps`` steps, writing (nothing, unless a
+    step saves) under ``tmp``; fed by a one-image in-memory dataset, never read while timing.
+    ``quick_init``: build the model with :func:`fast_init` (same compute, faster to build)."""
+    from PIL import Image
+
+    from mstok.data import InMemoryImages, center_crop_transform
+    from mstok.tokenizers.registry import preset_config
+    from mstok.training import Trainer, load_train_config
+
+    precision, _, extra = mode.partition("+")
+    image_size = preset_config(preset).image_size
+    proxy_dir = proxies.get(image_size) if stage != "single" else None
+    config = load_train_config(
+        None,
+        [
+            f"model.preset='{preset}'",
+            f"batch_size={batch_size}",
+            f"precision='{precision}'",
+            f"compile={'true' if extra == 'compile' else 'false'}",
+            f"device='{device}'",
+            f"steps={steps}",
+            "tensorboard=false",
+            "data.num_workers=0",
+            f"threads={torch.get_num_threads()}",  # keep --threads (the engine would pick its own)
+            f"out_dir='{tmp / 'run'}'",
+            *stage_overrides(stage, proxy_dir),
+        ],
+    )
+    dataset = InMemoryImages([Image.new("RGB", (image_size, image_size))], center_crop_transform(image_size))
+    with fast_init() if quick_init else contextlib.nullcontext():
+        return Trainer(config, dataset=dataset, progress=False)
 
 
 @dataclass(kw_only=True)

@@ -42,11 +42,10 @@ import dataclasses
 import math
 import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 
@@ -219,36 +218,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def fast_init() -> Iterator[None]:
-    """Build models with a clamped normal in place of ``torch.nn.init.trunc_normal_``.
-
-    torch's truncated normal resamples by rejection, so initialising a B-size model takes ~40 s
-    on 2 cores (L several times more); the weight values do not change the cost of any op here.
-    """
-
-    def trunc_normal(
-        tensor: torch.Tensor,
-        mean: float = 0.0,
-        std: float = 1.0,
-        a: float = -2.0,
-        b: float = 2.0,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
-
-    with mock.patch.object(torch.nn.init, "trunc_normal_", trunc_normal):
-        yield
-
-
 def build(model: Model, device: torch.device | str) -> AnyTokenizer:
     """The model with random weights, in eval mode, on ``device`` (``"meta"`` for FLOP counting)."""
     overrides: dict[str, Any] = dict(model.overrides)
     if model.two_stage:
         overrides |= {"head": "proxy_codes", "pixel_decoder": preset_config(model.proxy).to_dict()}
     torch.manual_seed(0)
-    with fast_init(), torch.device(device):
+    with harness.fast_init(), torch.device(device):
         return create_tokenizer(model.preset, **overrides).eval()
 
 

@@ -39,19 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from mstok.data import InMemoryImages, center_crop_transform
-from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.registry import PRESETS, preset_config
-from mstok.training import Trainer, load_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
 import harness
-from harness import PROXY_FOR_SIZE
+from harness import PROXY_FOR_SIZE, STAGE_TEXT
 
 STAGES = ("single", "stage1", "stage2")
-STAGE_TEXT = {"single": "single (L1+MSE+VQ)", "stage1": "stage 1 (proxy CE+VQ)", "stage2": "stage 2 (MSE+GAN)"}
 TINY_PRESETS = tuple(name for name in PRESETS if preset_config(name).image_size <= 64)
 DEFAULT_STAGE_PRESETS = ("titok_b64", "mstok_b64")
 QUICK_STAGE_PRESETS = ("titok_tiny", "mstok_tiny")
@@ -123,58 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def stage_overrides(stage: str, proxy_dir: Path | None) -> list[str]:
-    """Config overrides of a stage, as the two-stage recipes in ``configs/`` set them."""
-    if stage == "single":
-        return []
-    common = ["model.overrides.head='proxy_codes'", f"proxy.checkpoint='{proxy_dir}'"]
-    if stage == "stage1":
-        return [*common, "loss.l1_weight=0", "loss.mse_weight=0", "loss.proxy_ce_weight=1"]
-    return [
-        *common,
-        "stage.pixel_decoder_from_proxy=true",
-        "stage.train=['decoder', 'pixel_decoder']",
-        "loss.l1_weight=0",
-        "loss.mse_weight=1",
-        "loss.gan_weight=0.01",
-        "loss.gan_start_step=0",
-    ]
-
-
-def build_trainer(row: Row, args: argparse.Namespace, batch_size: int, proxies: dict[int, Path], tmp: Path) -> Trainer:
-    """The project's trainer for ``row``, fed by a one-image in-memory dataset (never read while timing)."""
-    precision, _, extra = row.mode.partition("+")
-    image_size = preset_config(row.preset).image_size
-    proxy_dir = proxies.get(image_size) if row.stage != "single" else None
-    config = load_train_config(
-        None,
-        [
-            f"model.preset='{row.preset}'",
-            f"batch_size={batch_size}",
-            f"precision='{precision}'",
-            f"compile={'true' if extra == 'compile' else 'false'}",
-            f"device='{args.device}'",
-            f"steps={args.warmup + args.steps + 2}",
-            "tensorboard=false",
-            "data.num_workers=0",
-            f"threads={torch.get_num_threads()}",  # keep --threads (the engine would pick its own)
-            f"out_dir='{tmp / 'run'}'",
-            *stage_overrides(row.stage, proxy_dir),
-        ],
-    )
-    dataset = InMemoryImages([Image.new("RGB", (image_size, image_size))], center_crop_transform(image_size))
-    return Trainer(config, dataset=dataset, progress=False)
-
-
-def save_proxies(stage_presets: list[str], tmp: Path) -> dict[int, Path]:
-    """A randomly initialised proxy folder per image size that the stage rows need."""
-    proxies = {}
-    for size in sorted({preset_config(name).image_size for name in stage_presets}):
-        torch.manual_seed(0)
-        proxies[size] = create_tokenizer(PROXY_FOR_SIZE[size]).save_pretrained(tmp / f"proxy_{size}")
-    return proxies
-
-
 def time_row(row: Row, args: argparse.Namespace, proxies: dict[int, Path], tmp: Path) -> Result:
     """Build the row's trainer, warm it up, then time steps until ``--steps`` or ``--budget``."""
     image_size = preset_config(row.preset).image_size
@@ -182,7 +125,9 @@ def time_row(row: Row, args: argparse.Namespace, proxies: dict[int, Path], tmp: 
     result = Result(row, args.device, image_size, batch_size)
     trainer = None
     try:
-        trainer = build_trainer(row, args, batch_size, proxies, tmp)
+        # a schedule longer than the steps run (compile adds a warm-up step)
+        steps = args.warmup + args.steps + 2
+        trainer = harness.stage_trainer(row.preset, row.stage, row.mode, args.device, batch_size, steps, proxies, tmp)
         device = trainer.device
         result.trainable_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         gen = torch.Generator().manual_seed(0)
@@ -272,7 +217,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
     results = []
     with tempfile.TemporaryDirectory(prefix="mstok_train_step_") as tmp_name:
         tmp = Path(tmp_name)
-        proxies = save_proxies(args.stage_presets, tmp)
+        proxies = harness.save_proxies(args.stage_presets, tmp)
         for row in rows:
             row_start = time.perf_counter()
             result = time_row(row, args, proxies, tmp)
