@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -245,7 +247,7 @@ def test_results_md_has_the_section_each_benchmark_replaces() -> None:
     lines = text.splitlines()
     sections = harness.find_sections(text, harness.RESULTS)
     published = _published_sections()
-    assert len(published) == 13 and set(published) <= set(sections)
+    assert len(published) == 14 and set(published) <= set(sections)
     for name, (start, end) in sections.items():
         heading = lines[start + 1]
         assert heading == f"## {published[name]}" if name in published else heading.startswith("## ")
@@ -307,6 +309,132 @@ def test_sampling_benchmark_runs(tmp_path: Path) -> None:
     assert "## Sampling + decoding throughput (quick)" in text
     assert "| titok_tiny + maskgit_tiny | 32 | 1024 | 64x64 | 4 | cpu fp32 | 2 | 1 |" in text
     assert "classifier-free guidance off" in text
+
+
+# gpu_check.py's CPU run: tiny presets at 64 px against vqgan_tiny, fp32 only, compile skipped
+GPU_CHECK_CPU = ["--device", "cpu", "--presets", "titok_tiny,mstok_tiny", "--steps", "2", "--budget", "1"]
+
+
+def _table_rows(table: str) -> tuple[list[str], list[list[str]]]:
+    """A markdown table's header cells and its rows' cells."""
+    lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
+    return lines[0], lines[2:]
+
+
+@pytest.mark.slow  # ~10 s on a busy 2-core machine (8 rows, FLOPs counted for each)
+def test_gpu_check_runs_on_cpu_with_tiny_presets(tmp_path: Path, capsys) -> None:
+    """gpu_check.py with tiny presets on the CPU: a stage-1 training row per preset x mode and the encode/decode
+    rows, with finite images/s, an MFU column (no peak known for a CPU), the official row not run; nothing written."""
+    bench = _load("gpu_check")
+    out = tmp_path / "RESULTS.md"
+    threads = torch.get_num_threads()
+    results = bench.main([*GPU_CHECK_CPU, "--threads", "1", "--no-write", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # main puts the thread count back
+    presets = ["titok_tiny", "mstok_tiny"]
+    assert [(r.row.model, r.row.mode) for r in results if r.row.training] == [(p, "fp32") for p in presets]
+    inference = [(r.row.model, r.row.kind, r.row.mode) for r in results if not r.row.training]
+    assert inference == [(p, part, "fp32") for p in presets for part in ("encode", "decode", "decode2")]
+    for r in results:
+        assert r.error is None and r.skipped is None
+        assert 1 <= len(r.times) <= 2
+        assert r.images_per_s > 0 and math.isfinite(r.images_per_s)
+        assert r.forward_flops > 0 and r.peak_mem_bytes is None  # CPU: no peak memory
+        assert r.warmup_s >= 0 and r.build_s >= 0
+    for r in (r for r in results if r.row.training):
+        assert (r.batch_size, r.image_size) == (8, 64)
+        assert math.isfinite(r.loss) and r.trainable_params > 0 and r.proxy_flops > 0
+        assert r.model_flops == 3 * r.forward_flops
+    printed = capsys.readouterr().out
+    table = bench.train_table(results, None, False)
+    assert table in printed and "not run (pass --official DIR)" in printed
+    head, rows = _table_rows(table)
+    assert {"images/s", "MFU", "MFU +proxy", "÷ official", "warm-up (s)"} <= set(head)
+    assert [row[:2] for row in rows] == [
+        ["titok_tiny stage 1", "cpu fp32"],
+        ["mstok_tiny stage 1", "cpu fp32"],
+        ["official TiTok-B-64", "not run (pass --official DIR)"],
+    ]
+    for row in rows[:2]:
+        assert float(row[head.index("images/s")]) > 0 and math.isfinite(float(row[head.index("images/s")]))
+        assert row[head.index("MFU")] == "unknown peak"
+    head, rows = _table_rows(bench.infer_table(results, None))
+    assert len(rows) == 6 and all(row[head.index("MFU")] == "unknown peak" for row in rows)
+    # with a peak (--peak-tflops), the MFU column holds percentages
+    head, rows = _table_rows(bench.train_table(results, 1e12, False))
+    assert all(re.fullmatch(r"\d+\.\d%", row[head.index("MFU")]) for row in rows[:2])
+    assert not out.exists()
+
+
+def test_gpu_check_mfu_arithmetic() -> None:
+    """MFU = 3 x forward FLOPs x batch / median step / peak; the peak by device name, or unknown."""
+    bench = _load("gpu_check")
+    # 100 GFLOPs forward per image, batch 32: 9.6 TFLOP per training step; 20 ms steps on a 989 TFLOP/s device
+    assert bench.mfu(9.6e12, 0.02, 989e12) == pytest.approx(0.48533, abs=1e-5)
+    assert bench.mfu_cell(bench.mfu(9.6e12, 0.02, 989e12)) == "48.5%"
+    assert bench.mfu(9.6e12, 0.02, None) is None and bench.mfu_cell(None) == "unknown peak"
+    assert bench.mfu_cell(bench.mfu(9.6e12, math.nan, 989e12)) == "-"
+    train = bench.Result(bench.Row("train", "titok_b64", "bf16"), "cuda", 32, 256, forward_flops=100 * 10**9,
+                         proxy_flops=50 * 10**9, times=[0.03, 0.02, 0.01])  # fmt: skip
+    assert train.model_flops == 300 * 10**9 and train.median_s == 0.02 and train.images_per_s == 1600
+    assert train.mfu(989e12) == pytest.approx(0.48533, abs=1e-5)
+    assert train.mfu(989e12, with_proxy=True) == pytest.approx(350e9 * 32 / 0.02 / 989e12)
+    encode = bench.Result(bench.Row("encode", "titok_b64", "bf16"), "cuda", 32, 256, forward_flops=10**11, times=[0.01])
+    assert encode.model_flops == 10**11 and encode.mfu(312e12) == pytest.approx(1e11 * 32 / 0.01 / 312e12)
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3") == ("H100 SXM bf16 dense 989 TFLOP/s", 989e12)
+    assert bench.peak_flops("NVIDIA H100 PCIe")[1] == 756e12
+    assert bench.peak_flops("NVIDIA H200")[1] == 989e12
+    assert bench.peak_flops("NVIDIA A100-SXM4-80GB")[1] == 312e12
+    assert bench.peak_flops("NVIDIA H100 NVL") is None and bench.peak_flops("AMD EPYC") is None
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", 500.0) == ("--peak-tflops 500", 500e12)
+
+
+@pytest.mark.slow
+def test_gpu_check_sh_runs_the_check_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh installs nothing where torch and mstok import, and runs gpu_check.py (on the CPU
+    when allowed), copying the log and RESULTS.md to $OUT."""
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_ALLOW_CPU": "1", "OUT": str(tmp_path),
+           "OMP_NUM_THREADS": "1", "WHEELHOUSE": str(tmp_path / "none")}  # fmt: skip
+    argv = [*GPU_CHECK_CPU, "--parts", "encode", "--threads", "1", "--no-write"]
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), *argv], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "installing nothing" in done.stdout and "torch sees no CUDA" not in done.stderr
+    assert "| titok_tiny stage 1 | cpu fp32 | 8 | 64 |" in done.stdout
+    assert "| titok_tiny stage 1 | cpu fp32 |" in (tmp_path / "gpu_check.log").read_text()
+    assert (tmp_path / "RESULTS.md").read_text() == (BENCHMARKS / "RESULTS.md").read_text()  # --no-write
+    without_cuda = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), *argv], capture_output=True, text=True,
+                                  env={**env, "GPU_CHECK_ALLOW_CPU": "0"}, timeout=600)  # fmt: skip
+    assert without_cuda.returncode == (0 if torch.cuda.is_available() else 2)
+
+
+@pytest.mark.slow
+def test_gpu_check_official_row_on_cpu(tmp_path: Path) -> None:
+    """With MSTOK_OFFICIAL_TITOK=DIR (a bytedance/1d-tokenizer checkout whose imports are installed), the official
+    stage-1 model counts mstok's titok_b64 stage-1 FLOPs and parameters, and its step runs at a small size."""
+    official = os.environ.get("MSTOK_OFFICIAL_TITOK")
+    if not official:
+        pytest.skip("MSTOK_OFFICIAL_TITOK (a bytedance/1d-tokenizer checkout) not set")
+    bench = _load("gpu_check")
+    step = bench.official_stage1(Path(official), bench.OFFICIAL_CONFIG, [], "fp32", torch.device("cpu"), tmp_path)
+    step.restore()
+    image = torch.rand(1, 3, 256, 256)
+    forward, proxy = bench.stage1_flops("titok_b64")
+    # their forward also counts the quantizer's distance matmul (2 x 64 x 12 x 4096 FLOPs), mstok's does not
+    assert bench.count_flops(step.model, image) - forward == 2 * 64 * 12 * 4096
+    assert bench.count_flops(step.proxy.encoder, image) == proxy
+    with torch.device("meta"):
+        mstok = bench.create_tokenizer("titok_b64", head="proxy_codes")
+    assert sum(p.numel() for p in step.model.parameters()) == sum(p.numel() for p in mstok.parameters())
+    small = ["dataset.preprocessing.crop_size=64", "model.vq_model.vit_enc_model_size=small",
+             "model.vq_model.vit_dec_model_size=small"]  # fmt: skip
+    argv = ["--device", "cpu", "--presets", "titok_tiny", "--parts", "", "--steps", "1", "--budget", "0.1",
+            "--batch-size", "2", "--threads", "1", "--no-write", "--official", official,
+            *[a for s in small for a in ("--official-set", s)]]  # fmt: skip
+    results = bench.main(argv)
+    assert [(r.row.kind, r.error) for r in results] == [("train", None), ("official", None)]
+    assert math.isfinite(results[1].loss) and results[1].image_size == 64 and results[1].forward_flops > 0
+    _, rows = _table_rows(bench.train_table(results, None, True))
+    assert rows[1][0] == "official TiTok (titok_b64, changed)" and rows[1][13] == "1.00"
 
 
 def test_mstok_bench_runs_sampling_with_guidance(tmp_path: Path, capsys) -> None:
