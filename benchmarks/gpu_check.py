@@ -39,15 +39,18 @@ unless ``--no-write``. Exits 1 if a row failed (the others are still reported).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import itertools
 import math
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -578,15 +581,41 @@ def reserve_s(row: Row, args: argparse.Namespace) -> float:
     """Seconds a row is assumed to need beyond its timed ones (build, warm-up, compilation), for
     ``--max-minutes``: generous for a compiled training step."""
     if row.compiled:
-        return 150.0 if row.training else 60.0
+        return 100.0 if row.training else 60.0
     return 25.0 if row.training else 10.0
+
+
+def new_result(row: Row, args: argparse.Namespace) -> Result:
+    """The row's result before it runs (the official row's image size is set from its config as it runs)."""
+    size = preset_config(row.model).image_size if row.kind != "official" else 256
+    return Result(row, args.device, args.batch_size if row.training else args.infer_batch, size)
+
+
+class Stopped(BaseException):
+    """SIGTERM (``gpu_check.sh``'s hard time limit) while rows run: the rest are reported as skipped and the
+    tables still printed and written. Not an ``Exception``, so that no row's error handling swallows it."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Stopped` in the main thread while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped()
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def time_row(row: Row, args: argparse.Namespace, proxies: dict[int, Path], tmp: Path, clock: harness.Clock) -> Result:
     """Run one row (or skip it for time); a failure is reported in the row, never raised."""
-    size = preset_config(row.model).image_size if row.kind != "official" else 256
-    batch = args.batch_size if row.training else args.infer_batch
-    result = Result(row, args.device, batch, size)
+    result = new_result(row, args)
     if args.max_minutes and clock.minutes * 60 + args.budget + reserve_s(row, args) > args.max_minutes * 60:
         result.skipped = f"time: --max-minutes {args.max_minutes:g}"
         return result
@@ -713,9 +742,20 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="mstok_gpu_check_") as tmp_name:
         tmp = Path(tmp_name)
         proxies = harness.save_proxies(args.presets, tmp, quick_init=True)
+        stopped = False
         for row in rows:
             row_start = time.perf_counter()
-            result = time_row(row, args, proxies, tmp, clock)
+            if stopped:
+                result = new_result(row, args)
+                result.skipped = "time: stopped by SIGTERM"
+            else:
+                try:
+                    with stop_on_sigterm():
+                        result = time_row(row, args, proxies, tmp, clock)
+                except Stopped:
+                    stopped = True
+                    result = new_result(row, args)
+                    result.skipped = "time: stopped by SIGTERM as it ran"
             result.load_after = clock.seen()
             results.append(result)
             print(f"  {row.label}: {describe(result)} ({time.perf_counter() - row_start:.0f} s)", flush=True)
