@@ -651,7 +651,7 @@ def official_rate(results: list[Result], mode: str) -> float | None:
 
 
 def rate(value: float) -> str:
-    """A FLOP rate with about 3 significant digits, without an exponent."""
+    """A rate (images/s, TFLOP/s) with about 3 significant digits, without an exponent."""
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
@@ -687,7 +687,7 @@ def train_table(results: list[Result], peak: float | None, official_given: bool)
             else:
                 ratio = "-"
             tflops = r.model_flops * r.images_per_s / 1e12
-            cells += [str(len(r.times)), f"{1e3 * r.median_s:.1f}", f"{r.images_per_s:.1f}", rate(tflops),
+            cells += [str(len(r.times)), f"{1e3 * r.median_s:.1f}", rate(r.images_per_s), rate(tflops),
                       mfu_cell(r.mfu(peak)), mfu_cell(r.mfu(peak, with_proxy=True)), ratio,
                       harness.gib(r.peak_mem_bytes), f"{r.build_s:.1f}", f"{r.warmup_s:.1f}"]  # fmt: skip
         rows.append(cells)
@@ -708,7 +708,7 @@ def infer_table(results: list[Result], peak: float | None) -> str:
             cells += ["-", "-", why, "-", "-", "-", "-", "-"]
         else:
             tflops = r.model_flops * r.images_per_s / 1e12
-            cells += [str(len(r.times)), f"{1e3 * r.median_s:.1f}", f"{r.images_per_s:.1f}", rate(tflops),
+            cells += [str(len(r.times)), f"{1e3 * r.median_s:.1f}", rate(r.images_per_s), rate(tflops),
                       mfu_cell(r.mfu(peak)), harness.gib(r.peak_mem_bytes), f"{r.build_s:.1f}",
                       f"{r.warmup_s:.1f}"]  # fmt: skip
         rows.append(cells)
@@ -719,7 +719,7 @@ def describe(r: Result) -> str:
     why = status(r)
     if why:
         return why + (f": {r.error}" if r.error else "")
-    return (f"{r.images_per_s:.1f} images/s (median {1e3 * r.median_s:.1f} ms, {len(r.times)} timed; build "
+    return (f"{rate(r.images_per_s)} images/s (median {1e3 * r.median_s:.1f} ms, {len(r.times)} timed; build "
             f"{r.build_s:.1f} s, warm-up {r.warmup_s:.1f} s)")  # fmt: skip
 
 

@@ -14,11 +14,10 @@
 #       --platform manylinux_2_28_x86_64 -d .whl webdataset==1.0.2 braceexpand==0.1.7 omegaconf==2.4.0
 #
 # The official code (only with --official) travels the same way: the files of a bytedance/1d-tokenizer checkout
-# that its stage-1 model needs (the search tool's `fetch github:bytedance/1d-tokenizer` gives a git dir):
+# that its stage-1 model needs, from a clone or a bare git dir of it (OFFICIAL_GIT):
 #
 #   echo /.official/ >> .git/info/exclude; mkdir -p .official/1d-tokenizer
-#   git -C /work/.mirror/bytedance+1d-tokenizer/repo archive HEAD modeling configs utils LICENSE \
-#       | tar -x -C .official/1d-tokenizer
+#   git -C "$OFFICIAL_GIT" archive HEAD modeling configs utils LICENSE | tar -x -C .official/1d-tokenizer
 #
 # Then, with the run tool: command `bash benchmarks/gpu_check.sh`, carry [".whl", ".official"], timeout_s 540.
 # .official/1d-tokenizer is used when present (else pass --official DIR). With $OUT set (the run tool sets it)
