@@ -284,6 +284,26 @@ def run_calibration(args: argparse.Namespace, threads: int) -> dict[str, dict[st
     return {name: run_evaluated(name, row, stage_args(args, args.steps1 + args.steps2), threads, 0)}
 
 
+GRID_IMAGES = 10  # held-out images in the reconstruction grid: one of each of the first classes
+
+
+def write_grid(names: Sequence[str], args: argparse.Namespace, path: Path) -> None:
+    """Seed 0's EMA reconstructions of the first held-out images: the originals on top, then per pipeline
+    stage I's one-step decode and stage II's refiner."""
+    from mstok.demo import image_grid
+
+    images = harness.held_out(args.data, GRID_IMAGES)
+    lines = [("held-out", images)]
+    with torch.no_grad():
+        for name in names:
+            for stage, label in (("I", "1-step"), ("II", "refiner")):
+                model = load_tokenizer(harness.run_dir(args, f"stage {stage} {name}", 0)).eval()
+                ids = model.encode(images)
+                decoded = model.decode(ids, steps=1, seed=0, sampler="euler") if stage == "I" else model.decode(ids)
+                lines.append((f"{name[:8]} {label}", decoded.clamp(0, 1)))
+    image_grid(lines).save(path)
+
+
 def table(results: dict[str, list[dict[str, Any]]], floor: dict[str, Any]) -> str:
     """Markdown: a line per decoder of every row (seeds pooled), then the calibrations: each image
     in its mean colour, and the real images themselves (the reference network's own top-1)."""
@@ -352,7 +372,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         help="the reference network for FD-ref and top-1 (mstok reference train --out DIR); also stage I's teacher",
     )
     harness.add_run_arguments(parser, "runs/semtok", seeds=1, unit="pipelines")
-    harness.add_output_arguments(parser)
+    harness.add_output_arguments(parser, also=" nor --grid")
+    parser.add_argument(
+        "--grid", default=str(harness.BENCHMARKS / "semtok_grid.png"), help="held-out reconstructions (PNG)"
+    )
     args = parser.parse_args(argv)
     names = harness.chosen(parser, args.rows, PIPELINES, ())
     if min(args.steps1, args.steps2, args.seeds, args.val_images, args.eval_images, args.sampler_images) < 1:
@@ -407,6 +430,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         "bits/pixel = log2 V x K / (H W). Encode and decode ms/img are one timed call on the whole held-out "
         "batch in the worker that trained the run, with the other worker possibly still training.",
     ]
+    if not args.no_write:
+        write_grid(names, args, Path(args.grid))
+        notes.append(f"Held-out reconstructions (seed 0, first row the originals): `{Path(args.grid).name}`.")
     harness.publish(args, "semtok", "SemTok at tiny scale", __file__, argv, [text], notes)
     return results
 
