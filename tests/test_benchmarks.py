@@ -269,9 +269,12 @@ def test_mstok_bench_runs_one_script(tmp_path: Path, capsys) -> None:
     for name in [*BENCH_SCRIPTS.values(), BENCH_HARNESS]:  # `mstok bench` wants every script it knows in the folder
         (tmp_path / f"{name}.py").write_text((BENCHMARKS / f"{name}.py").read_text())
     argv = ["--presets", "titok_tiny", "--two-stage", "", *THROUGHPUT_ARGS, "--threads", "1"]
+    before = sys.modules.get("harness")
     assert main(["bench", "--only", "throughput", "--benchmarks-dir", str(tmp_path), "--", *argv]) == 0
     assert "| titok_tiny | decode | cpu fp32 | 2 |" in capsys.readouterr().out
     assert not (tmp_path / "RESULTS.md").exists()
+    # the copy's harness is not left behind for the next test's scripts (they would find the copy's paths)
+    assert sys.modules.get("harness") is before
 
 
 # tiny pairs, few steps, one timed call: each row runs in well under a second on one thread

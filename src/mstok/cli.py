@@ -4,9 +4,11 @@ pretokenize, sample and convert live in cli_generation.py, reference (train, eva
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -324,9 +326,17 @@ def _benchmarks_dir(given: str | None) -> Path:
     return folder
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import importlib.util
+def _load_module(name: str, path: Path) -> types.ModuleType:
+    """Execute the file ``path`` as the module ``name`` (registered first: dataclasses look their module
+    up while a class is built)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
+
+def _cmd_bench(args: argparse.Namespace) -> int:
     folder = _benchmarks_dir(args.benchmarks_dir)
     extra = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
     if extra and not args.only:
@@ -338,17 +348,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         plot = []
     quick = {"throughput": ["--quick"], "flops": plot, "train_step": ["--quick"], "sampling": ["--quick"]}
     failed = []
-    for name in [args.only] if args.only else list(BENCH_SCRIPTS):
-        path = folder / f"{BENCH_SCRIPTS[name]}.py"
-        spec = importlib.util.spec_from_file_location(f"_mstok_bench_{BENCH_SCRIPTS[name]}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-        print(f"== {name}: {path.name} {' '.join([*quick[name], *extra])}", flush=True)
-        returned = module.main([*quick[name], *common, *extra])
-        # flops_vs_tokens returns an exit code, the timing scripts their rows (failed ones carry .error)
-        if returned if isinstance(returned, int) else any(getattr(r, "error", None) for r in returned):
-            failed.append(name)
+    # the scripts `import harness` from their own folder: load that one, and put back whatever
+    # "harness" was before, so another checkout's harness is never reused (nor left behind)
+    before = sys.modules.get("harness")
+    try:
+        _load_module("harness", folder / "harness.py")
+        for name in [args.only] if args.only else list(BENCH_SCRIPTS):
+            path = folder / f"{BENCH_SCRIPTS[name]}.py"
+            module = _load_module(f"_mstok_bench_{BENCH_SCRIPTS[name]}", path)
+            print(f"== {name}: {path.name} {' '.join([*quick[name], *extra])}", flush=True)
+            returned = module.main([*quick[name], *common, *extra])
+            # flops_vs_tokens returns an exit code, the timing scripts their rows (failed ones carry .error)
+            if returned if isinstance(returned, int) else any(getattr(r, "error", None) for r in returned):
+                failed.append(name)
+    finally:
+        if before is None:
+            sys.modules.pop("harness", None)
+        else:
+            sys.modules["harness"] = before
     if failed:
         print(f"mstok bench: {', '.join(failed)} failed (see above)", file=sys.stderr)
     return 1 if failed else 0
