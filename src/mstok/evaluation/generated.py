@@ -49,12 +49,11 @@ def default_cache_dir() -> Path:
 
 def generated_labels(path: str | Path) -> np.ndarray | None:
     """The class each generated image was made for, in the order :func:`generated_batches` reads them:
-    ``labels`` of an ``.npz`` (or of the ``samples.npz`` in a folder), else the ``class{c}_{i}``
-    file names; None when there are none."""
+    ``labels`` of an ``.npz``; for a folder (whose images, not its ``samples.npz``, are scored) the
+    ``class{c}_{i}`` file names; None when there are none."""
     path = Path(path)
-    npz = path if path.suffix == ".npz" else path / "samples.npz"
     if path.suffix == ".npz":
-        with np.load(npz) as data:
+        with np.load(path) as data:
             return np.asarray(data["labels"], dtype=np.int64) if "labels" in data else None
     files = [p for p, _ in find_images(path)[0]]
     matches = [CLASS_FILE.match(p.name) for p in files]
