@@ -50,13 +50,23 @@ BOTTLENECKS: dict[str, tuple[dict[str, Any], str]] = {
     "LFQ 10 bits (MAGVIT-v2 settings)": ({"quantizer": MAGVIT_LFQ, "code_dim": 10}, "10"),
     "BSQ 10 bits (BSQ-ViT settings)": ({"quantizer": BSQ_VIT, "code_dim": 10}, "10"),
     "KL C=12 (continuous)": ({"quantizer": "vae"}, "- (12 floats)"),
+    # the entropy term's warm start: 20x (the papers' 0.1) at step 0, down to 1x (0.005) at step 500
+    "LFQ 10 bits entropy warm start": ({"quantizer": "lfq", "code_dim": 10}, "10"),
+    "BSQ 18 bits entropy warm start": ({"quantizer": "bsq", "code_dim": 18}, "18"),
+}
+# training settings a row adds to the tiny recipe (key=value)
+SETTINGS: dict[str, list[str]] = {
+    name: ["loss.entropy_boost=20", "loss.entropy_boost_steps=500"]
+    for name in ("LFQ 10 bits entropy warm start", "BSQ 18 bits entropy warm start")
 }
 
 
 def runs(presets: list[str], names: list[str], calibration: bool = True) -> dict[str, Row]:
     """Every row to train, named ``"<family>: <bottleneck>"``, then the conv calibration (unless not asked)."""
     rows = {
-        f"{preset.split('_')[0]}: {name}": Row("quantizers", preset, BOTTLENECKS[name][0], harness.recipe())
+        f"{preset.split('_')[0]}: {name}": Row(
+            "quantizers", preset, BOTTLENECKS[name][0], harness.recipe() + SETTINGS.get(name, [])
+        )
         for preset in presets
         for name in names
     }

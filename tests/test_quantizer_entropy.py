@@ -151,3 +151,33 @@ def test_usage_of_a_2_to_the_32_codebook_never_builds_a_v_sized_tensor(monkeypat
     huge_fsq = FiniteScalarQuantizer([3] * 30)  # 3^30 codes, not a power of two: hashed
     hashed = huge_fsq.usage(huge_fsq(torch.randn(2, 50, 30)).indices)
     assert hashed["method"] == "hashed" and 1 < hashed["perplexity_hashed"] <= 100
+
+
+def test_entropy_warm_start_counts_the_entropy_term_boost_times_then_once() -> None:
+    from mstok.losses import TokenizerLoss
+    from mstok.tokenizers.contract import TokenizerOutput
+
+    torch.manual_seed(0)
+    quant = build_quantizer({"type": "bsq"}, code_dim=6)
+    quant.train()
+    out = quant(torch.randn(4, 8, 6))
+    assert "entropy" in out.losses
+    output = TokenizerOutput.from_quantizer(out, reconstruction=torch.rand(4, 3, 8, 8))
+    images = torch.rand(4, 3, 8, 8)
+    plain = TokenizerLoss()
+    warm = TokenizerLoss(entropy_boost=5.0, entropy_boost_steps=100)
+    entropy = out.losses["entropy"]
+    base, _ = plain(output, images)
+    for step, factor in ((0, 5.0), (50, 3.0), (100, 1.0), (1000, 1.0)):
+        assert warm.entropy_factor(step) == pytest.approx(factor)
+        total, terms = warm(output, images, step=step)
+        torch.testing.assert_close(total, base + (factor - 1.0) * entropy)
+        torch.testing.assert_close(terms["entropy"], entropy.detach())  # logged as the quantizer weighted it
+    # a warm start reaches the latents' gradient through the entropy term only
+    z = torch.randn(4, 8, 6, requires_grad=True)
+    q = quant(z)
+    loss, _ = warm(TokenizerOutput.from_quantizer(q, reconstruction=images.clone()), images, step=0)
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="entropy_boost must be >= 1"):
+        TokenizerLoss(entropy_boost=0.5)

@@ -53,6 +53,10 @@ class TokenizerLoss(nn.Module):
         perceptual: the LPIPS network, or None.
         adversarial: the discriminator loss module, or None.
         teacher: the frozen semantic teacher (:mod:`mstok.losses.teachers`), or None.
+        entropy_boost, entropy_boost_steps: a warm start of a bit quantizer's entropy term
+            (``quantizer_losses["entropy"]``, already weighted by the quantizer): at step 0 it
+            counts ``entropy_boost`` times, falling linearly to once at ``entropy_boost_steps``
+            (:meth:`entropy_factor`). 1 / 0: off.
     """
 
     def __init__(
@@ -71,8 +75,14 @@ class TokenizerLoss(nn.Module):
         distill_weight: float = 0.0,
         contrastive_weight: float = 0.0,
         teacher: nn.Module | None = None,
+        entropy_boost: float = 1.0,
+        entropy_boost_steps: int = 0,
     ) -> None:
         super().__init__()
+        if entropy_boost < 1:
+            raise ValueError(
+                f"entropy_boost must be >= 1 (a multiplier of the entropy term early on), got {entropy_boost}"
+            )
         if (distill_weight > 0 or contrastive_weight > 0) and teacher is None:
             raise ValueError("distill_weight / contrastive_weight > 0 need a semantic teacher (the [teacher] section)")
         if perceptual_weight > 0 and perceptual is None:
@@ -96,8 +106,22 @@ class TokenizerLoss(nn.Module):
         self.semantic_weights = {"distill": distill_weight, "contrastive": contrastive_weight}
         self.perceptual = perceptual
         self.teacher = teacher
+        self.entropy_boost, self.entropy_boost_steps = float(entropy_boost), int(entropy_boost_steps)
         # not a submodule: the discriminator has its own optimizer and checkpoint entry
         self._adversarial = [adversarial]
+
+    def entropy_factor(self, step: int) -> float:
+        """How many times the quantizer's entropy term counts at ``step``: ``entropy_boost`` at
+        step 0, linearly down to 1 at ``entropy_boost_steps`` and after.
+
+        Why: a binary quantizer's codes are decided in the first few hundred steps. A large
+        entropy weight then spreads the tokens over the codebook (LFQ/BSQ at 0.1 use more codes),
+        but kept large it costs reconstruction for the whole run (benchmarks/RESULTS.md,
+        "Quantizers at equal bits"); the warm start takes the spread and then gets out of the way.
+        """
+        if self.entropy_boost_steps <= 0 or step >= self.entropy_boost_steps:
+            return 1.0
+        return self.entropy_boost + (1.0 - self.entropy_boost) * step / self.entropy_boost_steps
 
     @property
     def needs_pixels(self) -> bool:
@@ -157,6 +181,7 @@ class TokenizerLoss(nn.Module):
         images: torch.Tensor,
         proxy_codes: torch.Tensor | None = None,
         gan_active: bool = False,
+        step: int = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its terms.
 
@@ -165,6 +190,7 @@ class TokenizerLoss(nn.Module):
             images: (B, 3, H, W) targets in [0, 1].
             proxy_codes: (B, P) proxy tokenizer ids, needed when ``proxy_ce_weight > 0``.
             gan_active: whether the generator's adversarial term applies at this step.
+            step: the optimisation step (the entropy warm start reads it).
         """
         terms: dict[str, torch.Tensor] = {}
         total = images.new_zeros(())
@@ -227,6 +253,9 @@ class TokenizerLoss(nn.Module):
             total = total + self.semantic_weights[name] * terms[name]
         if self.quantizer_weight > 0:
             total = total + self.quantizer_weight * output.quantizer_loss
+            boost = self.entropy_factor(step) - 1.0
+            if boost > 0 and "entropy" in output.quantizer_losses:
+                total = total + self.quantizer_weight * boost * output.quantizer_losses["entropy"]
         terms["quantizer"] = output.quantizer_loss
         terms["commitment"] = output.commitment_loss
         terms["codebook"] = output.codebook_loss

@@ -94,6 +94,8 @@ def build_loss(config: TrainConfig, device: torch.device) -> tuple[TokenizerLoss
         distill_weight=w.distill_weight,
         contrastive_weight=w.contrastive_weight,
         teacher=teacher,
+        entropy_boost=w.entropy_boost,
+        entropy_boost_steps=w.entropy_boost_steps,
     )
     return loss, adversarial
 

@@ -123,6 +123,10 @@ class LossConfig:
     SemTok (eq. 6): ``flow_weight``, the velocity MSE of a flow-matching decoder (stage I);
     ``distill_weight`` and ``contrastive_weight``, lambda_s times the semantic alignment terms
     of eq. 2 (the paper: 0.05 each), which run the ``[teacher]`` on every batch.
+
+    ``entropy_boost`` / ``entropy_boost_steps``: a warm start of a bit quantizer's (LFQ, BSQ)
+    entropy term, counted ``entropy_boost`` times at step 0 and linearly less until
+    ``entropy_boost_steps`` (1 / 0: off; see :meth:`mstok.losses.objective.TokenizerLoss.entropy_factor`).
     """
 
     l1_weight: float = 1.0
@@ -138,12 +142,16 @@ class LossConfig:
     flow_weight: float = 0.0
     distill_weight: float = 0.0
     contrastive_weight: float = 0.0
+    entropy_boost: float = 1.0
+    entropy_boost_steps: int = 0
 
     field_rules: ClassVar[dict[str, Rule]] = {
         **{name: NON_NEGATIVE for name in ("l1_weight", "mse_weight", "perceptual_weight", "quantizer_weight")},
         **{name: NON_NEGATIVE for name in ("proxy_ce_weight", "gan_weight", "gan_start_step", "lecam_weight")},
         **{name: NON_NEGATIVE for name in ("multiscale_weight", "flow_weight", "distill_weight", "contrastive_weight")},
         "label_smoothing": FRACTION,
+        "entropy_boost": Rule(ge=1),
+        "entropy_boost_steps": NON_NEGATIVE,
     }
 
 

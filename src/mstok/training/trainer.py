@@ -232,7 +232,7 @@ class Trainer(Engine):
                 inputs = self.loss_fn.model_inputs(images)  # e.g. a semantic teacher's features; usually none
                 with self.autocast():
                     output = self.train_model(images, **inputs)
-                loss, terms = self.loss_fn(output, images, codes, gan_active)
+                loss, terms = self.loss_fn(output, images, codes, gan_active, step=self.step)
                 self.scaler.scale(loss / n).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v / n
