@@ -33,10 +33,10 @@ format: install
 	$(VENV)/bin/ruff format src tests benchmarks
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PY) -m pytest -q -n 2 --dist load --maxschedchunk 1
 
 test-quick: lint
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist load --maxschedchunk 1 -m "not slow"
 
 bench: install
 	$(PY) benchmarks/flops_vs_tokens.py

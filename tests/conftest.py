@@ -53,3 +53,19 @@ def _seed_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
         return threads.resolve_threads(requested, *args, **kwargs) if requested else (None, "fixed by conftest")
 
     monkeypatch.setattr(engine, "resolve_threads", fixed_unless_set)
+
+
+# The longest tests first (the convergence runs, then the other slow ones), so that with
+# `--dist load --maxschedchunk 1` (make test) the two workers start them at once and the short
+# tests fill in around them: the suite's time is then about half its total, not the sum of the
+# long tests one worker happened to draw.
+_LONGEST_MODULES = ("test_convergence.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        if item.path.name in _LONGEST_MODULES:
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)  # stable: the order within each group stays pytest's
