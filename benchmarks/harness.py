@@ -13,6 +13,8 @@ imports another. What is here:
 * **the run loop** of the training studies: a :class:`Row`, trained or reused from
   ``<work-dir>/<row>[_seedN]/result.json`` (:func:`run_row`, :func:`run_dir`, :func:`run_identity`),
   rows x seeds ``--jobs`` at a time (:class:`Study`, :func:`run_pooled`);
+* **shipped configs as rows** (:func:`config_row`, :func:`config_steps`) and SemTok's two stages
+  (:func:`semtok_stage_rows`, :func:`run_semtok_stages`: semtok.py, generation.py);
 * **held-out evaluation** on Tiny ImageNet's validation images (:func:`held_out_images`,
   :func:`held_out_metrics`, :func:`bit_entropies`);
 * **calibration rows**: each image in its mean colour (:func:`mean_colour_floor`, :func:`mean_colour_row`)
@@ -50,6 +52,7 @@ from typing import Any, TypeVar
 from unittest import mock
 
 import numpy as np
+import tomllib
 import torch
 
 # mstok's data, training and metrics are imported where they are used: the timing scripts and the row
@@ -392,6 +395,123 @@ class Study(Clock):
             f"{self.args.jobs} {unit} at a time ({self.threads or 'auto'} thread(s) each); {self.minutes:.0f} min "
             f"in all (reused {unit} count 0); {self.summary()}"
         )
+
+
+# -- shipped configs as rows, and SemTok's two stages (semtok, generation) -------------------------------------
+
+CONFIGS = ROOT / "configs"
+# top-level fields run_row sets itself (or that only a CLI run needs), and the tables it replaces
+RUN_FIELDS = {"steps", "batch_size", "seed", "out_dir", "log_every", "ckpt_every", "sample_every", "val_every",
+              "val_images"}  # fmt: skip
+RUN_TABLES = {"data"}
+
+
+def config_row(path: Path, group: str, extra: Sequence[str] = ()) -> Row:
+    """A shipped config as a :class:`Row`: its preset, ``model.overrides`` and every other
+    setting as ``key=value`` (``model.init_from`` is left to the caller), then ``extra``."""
+    table = tomllib.loads(path.read_text())
+    model = table.pop("model")
+    settings = []
+
+    def flatten(prefix: str, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and key != "spec":  # teacher.spec may be a table itself
+                flatten(f"{prefix}{key}.", value)
+            else:
+                settings.append(f"{prefix}{key}={toml_value(value)}")
+
+    for key, value in table.items():
+        if key in RUN_TABLES or key in RUN_FIELDS:
+            continue
+        if isinstance(value, dict):
+            flatten(f"{key}.", value)
+        else:
+            settings.append(f"{key}={toml_value(value)}")
+    return Row(group, model["preset"], dict(model.get("overrides", {})), [*settings, *extra])
+
+
+def config_steps(path: Path) -> int:
+    """The ``steps`` a shipped config trains for."""
+    return int(tomllib.loads(path.read_text())["steps"])
+
+
+SEMTOK_CONFIGS = (CONFIGS / "semtok_tiny_stage1.toml", CONFIGS / "semtok_tiny_stage2.toml")
+# SemTok's lambda_s, the weight of each semantic term a pipeline trains (the shipped config trains
+# distillation alone: benchmarks/RESULTS.md, "SemTok at tiny scale")
+SEMANTIC_WEIGHT = 0.05
+# pipeline name -> the semantic terms its stage I trains (mstok.tokenizers.semtok.SEMANTIC_TERMS and its
+# subsets): SemTok Table 4's four lines (names without commas: --rows)
+SEMTOK_PIPELINES: dict[str, tuple[str, ...]] = {
+    "semantic": ("distill", "contrastive"),
+    "no semantic": (),
+    "contrastive only": ("contrastive",),
+    "distill only": ("distill",),
+}
+
+
+def semtok_stage_one_settings(terms: tuple[str, ...]) -> list[str]:
+    """What stage I sets on top of the shipped config for a pipeline with ``terms``: each term's
+    weight (``SEMANTIC_WEIGHT`` or 0, whatever the config says); with none, the projections are
+    not trained either."""
+    both = SEMTOK_PIPELINES["semantic"]
+    weights = [f"loss.{term}_weight={SEMANTIC_WEIGHT if term in terms else 0}" for term in both]
+    if terms:
+        return weights
+    stage1 = tomllib.loads(SEMTOK_CONFIGS[0].read_text())
+    train = [name for name in stage1["stage"]["train"] if name != "semantic"]
+    return [*weights, f"stage.train={toml_value(train)}"]
+
+
+def semtok_stage_rows(
+    name: str, args: argparse.Namespace, seed: int, model: dict[str, Any] | None = None, first_extra: Sequence[str] = ()
+) -> dict[str, Row]:
+    """The stage-I and stage-II rows of SemTok pipeline ``name`` (stage II starts from stage I's run
+    folder). The model is built with the projections of the pipeline's terms (both stages, so stage
+    II loads stage I's weights); without terms, with both, left untrained (the paper's ablation).
+    ``model``: more model overrides of both stages; ``first_extra``: more settings of stage I."""
+    terms = SEMTOK_PIPELINES[name]
+    first = f"stage I {name}"
+    init = f"model.init_from={toml_value(str(run_dir(args, first, seed)))}"
+    rows = {
+        first: config_row(SEMTOK_CONFIGS[0], "stage I", [*semtok_stage_one_settings(terms), *first_extra]),
+        f"stage II {name}": config_row(SEMTOK_CONFIGS[1], "stage II", [init]),
+    }
+    for row in rows.values():
+        row.model.update(model or {})
+        row.model["semantic_terms"] = list(terms or SEMTOK_PIPELINES["semantic"])
+    return rows
+
+
+def stage_args(args: argparse.Namespace, steps: int, fresh: bool = False) -> argparse.Namespace:
+    """``args`` for one :func:`run_row` call: ``steps`` steps, validated (and logged) at the end only."""
+    return argparse.Namespace(**{**vars(args), "steps": steps, "val_every": steps, "fresh": args.fresh or fresh})
+
+
+RunFunction = Callable[[str, Row, argparse.Namespace, int, int], dict[str, Any]]
+
+
+def run_semtok_stages(
+    rows: dict[str, Row],
+    args: argparse.Namespace,
+    threads: int,
+    seed: int,
+    steps: tuple[int, int],
+    run: RunFunction = run_row,
+) -> dict[str, dict[str, Any]]:
+    """Stage I then stage II (``rows``, :func:`semtok_stage_rows`) for ``steps`` steps each with ``seed``,
+    each by ``run`` (:func:`run_row`, or a script's run that evaluates too); returns both results by row
+    name. A reused stage II is retrained when the stage I it started from is not the one on disk now (its
+    result records which: the stage-I run's identity and wall time)."""
+    (first, row1), (second, row2) = rows.items()
+    result1 = run(first, row1, stage_args(args, steps[0]), threads, seed)
+    stamp = {"identity": result1["identity"], "wall_seconds": result1["wall_seconds"]}
+    done2 = run_dir(args, second, seed) / "result.json"
+    stale = done2.is_file() and json.loads(done2.read_text()).get("stage1") != stamp
+    result2 = run(second, row2, stage_args(args, steps[1], fresh=stale), threads, seed)
+    if result2.get("stage1") != stamp:
+        result2["stage1"] = stamp
+        save_result(done2.parent, result2)
+    return {first: result1, second: result2}
 
 
 # -- held-out evaluation -------------------------------------------------------------------------------------
