@@ -9,14 +9,17 @@ imports another. What is here:
   (:class:`Clock`), :func:`with_threads`, :func:`synchronize`;
 * **command line**: ``--out``/``--no-write``/``--section`` (:func:`add_output_arguments`), ``--data``/
   ``--train-data`` (:func:`add_data_arguments`), the run loop's ``--batch-size``/``--seeds``/``--jobs``/
-  ``--threads``/``--work-dir``/``--fresh`` (:func:`add_run_arguments`), row names (:func:`chosen`);
+  ``--threads``/``--work-dir``/``--fresh`` (:func:`add_run_arguments`), the reference network
+  (:func:`add_feature_net_argument`, :func:`feature_net`), row names (:func:`chosen`);
 * **the run loop** of the training studies: a :class:`Row`, trained or reused from
   ``<work-dir>/<row>[_seedN]/result.json`` (:func:`run_row`, :func:`run_dir`, :func:`run_identity`),
   rows x seeds ``--jobs`` at a time (:class:`Study`, :func:`run_pooled`);
 * **shipped configs as rows** (:func:`config_row`, :func:`config_steps`) and SemTok's two stages
   (:func:`semtok_stage_rows`, :func:`run_semtok_stages`: semtok.py, generation.py);
 * **held-out evaluation** on Tiny ImageNet's validation images (:func:`held_out_images`,
-  :func:`held_out_metrics`, :func:`bit_entropies`);
+  :func:`held_out_metrics`, :func:`bit_entropies`, the classes' names: :func:`class_names`);
+* **generator runs** on the training images' token shards (:func:`pretokenized`, :func:`generator_config`,
+  :func:`run_generator_row`), reused like the rows;
 * **calibration rows**: each image in its mean colour (:func:`mean_colour_floor`, :func:`mean_colour_row`)
   and the conv autoencoder at equal bits (:func:`conv_ae_vq`, :func:`conv_ae_continuous`);
 * **timing** (throughput, train_step, sampling, gpu_check): devices, precisions, timed calls, peak memory,
@@ -203,6 +206,25 @@ def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
     for flag, path in (("--data", args.data), ("--train-data", args.train_data)):
         if not Path(path).is_dir():
             parser.error(f"{flag} {path} not found (both Tiny ImageNet folders ship in ../shared/datasets)")
+
+
+FEATURE_NET = "runs/reference"  # where `mstok reference train` saves the reference network by default
+
+
+def add_feature_net_argument(parser: argparse.ArgumentParser, also: str = "") -> None:
+    """``--feature-net``: the reference network that scores FD-ref and top-1 (``also``: what else it does)."""
+    text = f"the reference network for FD-ref and top-1 (mstok reference train --out DIR){also}"
+    parser.add_argument("--feature-net", default=FEATURE_NET, help=text)
+
+
+def feature_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The reference network of ``--feature-net``; a parser error when it is missing or of another kind."""
+    from mstok.persistence import load_reference_net
+
+    try:
+        return load_reference_net(args.feature_net)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(f"--feature-net: {error} (train one: mstok reference train --data TRAIN_IMAGES --out DIR)")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, work_dir: str, seeds: int, unit: str = "runs") -> None:
@@ -525,6 +547,21 @@ def folder_labels(data: str) -> tuple[int, ...]:
     return tuple(label for _, label in ImageFolder(data, center_crop_transform(64)).samples)
 
 
+@functools.cache
+def class_names(data: str) -> tuple[str, ...]:
+    """The name of each class of the held-out folder, by class index (its sorted class folders): the
+    ``class_name`` of its ``manifest.csv`` where it has one (Tiny ImageNet's words), else the folder's name."""
+    import csv
+
+    folders = sorted(p.name for p in Path(data).iterdir() if p.is_dir())
+    manifest = Path(data) / "manifest.csv"
+    if not manifest.is_file():
+        return tuple(folders)
+    with manifest.open(newline="") as file:
+        named = {int(r["class_idx"]): r["class_name"] for r in csv.DictReader(file) if r.get("class_name")}
+    return tuple(named.get(i, folder) for i, folder in enumerate(folders))
+
+
 def held_out_indices(data: str, val_count: int) -> list[int]:
     """``val_count`` indices of the held-out folder, spread over the classes: the first image of
     every class, then the second of every class, and so on."""
@@ -602,6 +639,76 @@ def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 
         entropies = bit_entropies(flat, model.config.code_dim)
         metrics["bit_entropy"], metrics["bit_entropy_min"] = float(entropies.mean()), float(entropies.min())
     return metrics
+
+
+# -- generator runs: token shards and generators on them, reused like the rows (generation) ---------------------
+
+
+def pretokenized(
+    tokenizer: torch.nn.Module, folder: Path, train_data: str, out: Path, count: int = 0, fresh: bool = False
+) -> Path:
+    """``out`` holding the tokens of the first ``count`` training images (0: all) and of their flips by
+    ``tokenizer`` (from run ``folder``): reused when they are that tokenizer's of as many images, else written
+    again (:func:`mstok.data.tokens.pretokenize`, as ``mstok pretokenize --flip``)."""
+    from mstok.data import IndexSubset, center_crop_transform
+    from mstok.data.tokens import identity_differences, pretokenize, tokenizer_identity
+
+    images = training_images(train_data, center_crop_transform(tokenizer.config.image_size))
+    count = min(count or len(images), len(images))
+    index = out / "index.json"
+    if index.is_file() and not fresh:
+        saved = json.loads(index.read_text())
+        same = not identity_differences(saved["tokenizer"], tokenizer_identity(tokenizer))
+        if same and saved["num_images"] == count and saved["views"] == 2:
+            return out
+    shutil.rmtree(out, ignore_errors=True)
+    images = IndexSubset(images, list(range(count))) if count < len(images) else images
+    pretokenize(tokenizer, images, out, flip=True, progress=False, source=train_data, checkpoint=str(folder))
+    return out
+
+
+def generator_config(
+    path: Path, tokens: Path, out: Path, steps: int, seed: int, threads: int, extra: Sequence[str] = ()
+) -> Any:
+    """The shipped generator config ``path`` on the token shards ``tokens``, trained into ``out`` for ``steps``
+    steps with ``seed`` and ``threads`` threads, one checkpoint at the end and no sample grids, then ``extra``."""
+    from mstok.training import load_train_config
+    from mstok.training.config import GeneratorTrainConfig
+
+    settings = [
+        f"data.path={toml_value(str(tokens))}", f"out_dir={toml_value(str(out))}", f"steps={steps}", f"seed={seed}",
+        f"ckpt_every={steps}", "keep_last=1", "sample_every=0", "tokenizer=''", "tensorboard=false",
+        f"threads={threads}", "data.num_workers=0", *extra,
+    ]  # fmt: skip
+    return load_train_config(path, settings, kind=GeneratorTrainConfig)
+
+
+def run_generator_row(config: Any, fresh: bool = False) -> dict[str, Any]:
+    """Train the generator of ``config`` (:func:`generator_config`) into its ``out_dir``, or reuse the finished
+    run whose ``result.json`` beside it records the same config and tokens (unless ``fresh``); returns that
+    result: identity, parameters, loss curve, seconds per step."""
+    from mstok.training.generator_trainer import GeneratorTrainer
+
+    folder = Path(config.out_dir).parent
+    index = json.loads((Path(config.data.path) / "index.json").read_text())
+    # the config as result.json reads it back (tuples as lists), less the threads, and the tokens it trains on
+    identity = {**json.loads(config.to_json()), "threads": None, "images": index["num_images"],
+                "tokens": index["tokenizer"]["weights_sha256"]}  # fmt: skip
+    saved = saved_run(folder / "result.json", identity, fresh)
+    if saved is not None:
+        return saved
+    shutil.rmtree(folder, ignore_errors=True)  # a stale or unfinished run: the trainer would resume it
+    trainer = GeneratorTrainer(config, progress=False)
+    history = trainer.fit()
+    result = {
+        "identity": identity,
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        "seconds_per_step": trainer.train_seconds / config.steps,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_result(folder, result)
+    return result
 
 
 # -- calibration rows ------------------------------------------------------------------------------------------

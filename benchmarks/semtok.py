@@ -281,11 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--eval-images", type=int, default=8000, help="held-out images measured after training")
     parser.add_argument("--sampler-images", type=int, default=500, help="of those, decoded by multi-step flows")
     parser.add_argument("--no-calibration", action="store_true", help="skip the conv AE VQ calibration run")
-    parser.add_argument(
-        "--feature-net",
-        default="runs/reference",
-        help="the reference network for FD-ref and top-1 (mstok reference train --out DIR); also stage I's teacher",
-    )
+    harness.add_feature_net_argument(parser, "; also stage I's teacher")
     harness.add_run_arguments(parser, "runs/semtok", seeds=1, unit="pipelines")
     harness.add_output_arguments(parser, also=" nor --grid")
     parser.add_argument(
@@ -296,10 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     if min(args.steps1, args.steps2, args.seeds, args.val_images, args.eval_images, args.sampler_images) < 1:
         parser.error("--steps1, --steps2, --seeds, --val-images, --eval-images and --sampler-images must be >= 1")
     harness.check_data_arguments(parser, args)
-    try:
-        load_reference_net(args.feature_net)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(f"--feature-net: {error} (train one: mstok reference train --data TRAIN_IMAGES --out DIR)")
+    harness.feature_net(parser, args)
     for name in names:  # fail fast on a bad row, before any training
         for row in harness.semtok_stage_rows(name, args, 0).values():
             create_tokenizer(row.preset, **row.model)

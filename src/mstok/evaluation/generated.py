@@ -203,3 +203,18 @@ def evaluate_generated_reference(
         "real_images": len(reals),
         **feature_scores(reals, features, predicted, labels, k),
     }
+
+
+def score_images(
+    net: ReferenceNet,
+    batches: Iterable[torch.Tensor],
+    real: np.ndarray,
+    labels: np.ndarray | None = None,
+    k: int = 3,
+) -> dict[str, Any]:
+    """:func:`feature_scores` of image batches (B, 3, S, S) in [0, 1] against ``real`` features (N, F): the
+    images are rounded to 8 bits first, as the PNGs ``mstok sample --out-dir`` writes hold them, so both score
+    alike; precision/recall is None unless each side has more than ``k`` images."""
+    features, predicted = classify_batches(net, ((b.float().clamp(0, 1) * 255).round() / 255 for b in batches))
+    k_used = k if min(len(features), len(real)) > k else None
+    return {"images": len(features), **feature_scores(real, features, predicted, labels, k_used)}
