@@ -29,11 +29,12 @@ with each scale mask (``hieratok-single``, ``hieratok-causal``, ``hieratok-indep
 ``hieratok-full``); BitMAR on SemTok tokens without and with both semantic terms (``semtok-none``,
 ``semtok-both``; the ``semtok`` row trains distillation only, as shipped).
 
-Time on 2 cores, two pipelines at a time (one thread each; s/step measured at 1-min load 3-4, so a
-quiet machine is faster): a tokenizer ~20 min (SemTok's two stages ~45), pre-tokenizing 100,000 views
-~10 min, the generator at the default 2000 steps MaskGIT 0.34 s/step (11 min), BitMAR 0.40 (13 min),
-DiT 0.88 (29 min), then per seed sampling and scoring 3 x 8,000 images: MaskGIT ~12 min, BitMAR ~25,
-DiT ~75. About 1.5 h per family for MaskGIT and BitMAR and 3.5 h for HieraTok + DiT with 2 seeds.
+Time, from 20-step timings on this 2-core machine at 1-min load 3-4 (one thread; a quiet machine is
+faster), per family on one core: the tokenizer (TiTok, MsTok ~20 min, HieraTok ~32, SemTok's two stages
+~35), pre-tokenizing 100,000 views ~10 min, then per seed the generator's 2000 steps (MaskGIT 0.34 s/step:
+11 min; BitMAR 0.40: 13; DiT 0.88: 29) and sampling + scoring 3 x 8,000 images (MaskGIT ~12 min, BitMAR ~24,
+DiT ~75: a guided step costs two passes). With 2 seeds: TiTok and MsTok ~1.3 h each, SemTok ~2.1 h,
+HieraTok ~4.3 h; ``--jobs 2`` (the default) runs the four in ~5 h.
 
     python benchmarks/generation.py                                      # the four families, 2 seeds
     python benchmarks/generation.py --rows hieratok-single,hieratok-causal,hieratok-independent,hieratok-full
