@@ -9,12 +9,17 @@ imports another. What is here:
   (:class:`Clock`), :func:`with_threads`, :func:`synchronize`;
 * **command line**: ``--out``/``--no-write``/``--section`` (:func:`add_output_arguments`), ``--data``/
   ``--train-data`` (:func:`add_data_arguments`), the run loop's ``--batch-size``/``--seeds``/``--jobs``/
-  ``--threads``/``--work-dir``/``--fresh`` (:func:`add_run_arguments`), row names (:func:`chosen`);
+  ``--threads``/``--work-dir``/``--fresh`` (:func:`add_run_arguments`), the reference network
+  (:func:`add_feature_net_argument`, :func:`feature_net`), row names (:func:`chosen`);
 * **the run loop** of the training studies: a :class:`Row`, trained or reused from
   ``<work-dir>/<row>[_seedN]/result.json`` (:func:`run_row`, :func:`run_dir`, :func:`run_identity`),
   rows x seeds ``--jobs`` at a time (:class:`Study`, :func:`run_pooled`);
+* **shipped configs as rows** (:func:`config_row`, :func:`config_steps`) and SemTok's two stages
+  (:func:`semtok_stage_rows`, :func:`run_semtok_stages`: semtok.py, generation.py);
 * **held-out evaluation** on Tiny ImageNet's validation images (:func:`held_out_images`,
-  :func:`held_out_metrics`, :func:`bit_entropies`);
+  :func:`held_out_metrics`, :func:`bit_entropies`, the classes' names: :func:`class_names`);
+* **generator runs** on the training images' token shards (:func:`pretokenized`, :func:`generator_config`,
+  :func:`run_generator_row`), reused like the rows;
 * **calibration rows**: each image in its mean colour (:func:`mean_colour_floor`, :func:`mean_colour_row`)
   and the conv autoencoder at equal bits (:func:`conv_ae_vq`, :func:`conv_ae_continuous`);
 * **timing** (throughput, train_step, sampling, gpu_check): devices, precisions, timed calls, peak memory,
@@ -50,6 +55,7 @@ from typing import Any, TypeVar
 from unittest import mock
 
 import numpy as np
+import tomllib
 import torch
 
 # mstok's data, training and metrics are imported where they are used: the timing scripts and the row
@@ -200,6 +206,25 @@ def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
     for flag, path in (("--data", args.data), ("--train-data", args.train_data)):
         if not Path(path).is_dir():
             parser.error(f"{flag} {path} not found (both Tiny ImageNet folders ship in ../shared/datasets)")
+
+
+FEATURE_NET = "runs/reference"  # where `mstok reference train` saves the reference network by default
+
+
+def add_feature_net_argument(parser: argparse.ArgumentParser, also: str = "") -> None:
+    """``--feature-net``: the reference network that scores FD-ref and top-1 (``also``: what else it does)."""
+    text = f"the reference network for FD-ref and top-1 (mstok reference train --out DIR){also}"
+    parser.add_argument("--feature-net", default=FEATURE_NET, help=text)
+
+
+def feature_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The reference network of ``--feature-net``; a parser error when it is missing or of another kind."""
+    from mstok.persistence import load_reference_net
+
+    try:
+        return load_reference_net(args.feature_net)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(f"--feature-net: {error} (train one: mstok reference train --data TRAIN_IMAGES --out DIR)")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, work_dir: str, seeds: int, unit: str = "runs") -> None:
@@ -394,6 +419,123 @@ class Study(Clock):
         )
 
 
+# -- shipped configs as rows, and SemTok's two stages (semtok, generation) -------------------------------------
+
+CONFIGS = ROOT / "configs"
+# top-level fields run_row sets itself (or that only a CLI run needs), and the tables it replaces
+RUN_FIELDS = {"steps", "batch_size", "seed", "out_dir", "log_every", "ckpt_every", "sample_every", "val_every",
+              "val_images"}  # fmt: skip
+RUN_TABLES = {"data"}
+
+
+def config_row(path: Path, group: str, extra: Sequence[str] = ()) -> Row:
+    """A shipped config as a :class:`Row`: its preset, ``model.overrides`` and every other
+    setting as ``key=value`` (``model.init_from`` is left to the caller), then ``extra``."""
+    table = tomllib.loads(path.read_text())
+    model = table.pop("model")
+    settings = []
+
+    def flatten(prefix: str, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and key != "spec":  # teacher.spec may be a table itself
+                flatten(f"{prefix}{key}.", value)
+            else:
+                settings.append(f"{prefix}{key}={toml_value(value)}")
+
+    for key, value in table.items():
+        if key in RUN_TABLES or key in RUN_FIELDS:
+            continue
+        if isinstance(value, dict):
+            flatten(f"{key}.", value)
+        else:
+            settings.append(f"{key}={toml_value(value)}")
+    return Row(group, model["preset"], dict(model.get("overrides", {})), [*settings, *extra])
+
+
+def config_steps(path: Path) -> int:
+    """The ``steps`` a shipped config trains for."""
+    return int(tomllib.loads(path.read_text())["steps"])
+
+
+SEMTOK_CONFIGS = (CONFIGS / "semtok_tiny_stage1.toml", CONFIGS / "semtok_tiny_stage2.toml")
+# SemTok's lambda_s, the weight of each semantic term a pipeline trains (the shipped config trains
+# distillation alone: benchmarks/RESULTS.md, "SemTok at tiny scale")
+SEMANTIC_WEIGHT = 0.05
+# pipeline name -> the semantic terms its stage I trains (mstok.tokenizers.semtok.SEMANTIC_TERMS and its
+# subsets): SemTok Table 4's four lines (names without commas: --rows)
+SEMTOK_PIPELINES: dict[str, tuple[str, ...]] = {
+    "semantic": ("distill", "contrastive"),
+    "no semantic": (),
+    "contrastive only": ("contrastive",),
+    "distill only": ("distill",),
+}
+
+
+def semtok_stage_one_settings(terms: tuple[str, ...]) -> list[str]:
+    """What stage I sets on top of the shipped config for a pipeline with ``terms``: each term's
+    weight (``SEMANTIC_WEIGHT`` or 0, whatever the config says); with none, the projections are
+    not trained either."""
+    both = SEMTOK_PIPELINES["semantic"]
+    weights = [f"loss.{term}_weight={SEMANTIC_WEIGHT if term in terms else 0}" for term in both]
+    if terms:
+        return weights
+    stage1 = tomllib.loads(SEMTOK_CONFIGS[0].read_text())
+    train = [name for name in stage1["stage"]["train"] if name != "semantic"]
+    return [*weights, f"stage.train={toml_value(train)}"]
+
+
+def semtok_stage_rows(
+    name: str, args: argparse.Namespace, seed: int, model: dict[str, Any] | None = None, first_extra: Sequence[str] = ()
+) -> dict[str, Row]:
+    """The stage-I and stage-II rows of SemTok pipeline ``name`` (stage II starts from stage I's run
+    folder). The model is built with the projections of the pipeline's terms (both stages, so stage
+    II loads stage I's weights); without terms, with both, left untrained (the paper's ablation).
+    ``model``: more model overrides of both stages; ``first_extra``: more settings of stage I."""
+    terms = SEMTOK_PIPELINES[name]
+    first = f"stage I {name}"
+    init = f"model.init_from={toml_value(str(run_dir(args, first, seed)))}"
+    rows = {
+        first: config_row(SEMTOK_CONFIGS[0], "stage I", [*semtok_stage_one_settings(terms), *first_extra]),
+        f"stage II {name}": config_row(SEMTOK_CONFIGS[1], "stage II", [init]),
+    }
+    for row in rows.values():
+        row.model.update(model or {})
+        row.model["semantic_terms"] = list(terms or SEMTOK_PIPELINES["semantic"])
+    return rows
+
+
+def stage_args(args: argparse.Namespace, steps: int, fresh: bool = False) -> argparse.Namespace:
+    """``args`` for one :func:`run_row` call: ``steps`` steps, validated (and logged) at the end only."""
+    return argparse.Namespace(**{**vars(args), "steps": steps, "val_every": steps, "fresh": args.fresh or fresh})
+
+
+RunFunction = Callable[[str, Row, argparse.Namespace, int, int], dict[str, Any]]
+
+
+def run_semtok_stages(
+    rows: dict[str, Row],
+    args: argparse.Namespace,
+    threads: int,
+    seed: int,
+    steps: tuple[int, int],
+    run: RunFunction = run_row,
+) -> dict[str, dict[str, Any]]:
+    """Stage I then stage II (``rows``, :func:`semtok_stage_rows`) for ``steps`` steps each with ``seed``,
+    each by ``run`` (:func:`run_row`, or a script's run that evaluates too); returns both results by row
+    name. A reused stage II is retrained when the stage I it started from is not the one on disk now (its
+    result records which: the stage-I run's identity and wall time)."""
+    (first, row1), (second, row2) = rows.items()
+    result1 = run(first, row1, stage_args(args, steps[0]), threads, seed)
+    stamp = {"identity": result1["identity"], "wall_seconds": result1["wall_seconds"]}
+    done2 = run_dir(args, second, seed) / "result.json"
+    stale = done2.is_file() and json.loads(done2.read_text()).get("stage1") != stamp
+    result2 = run(second, row2, stage_args(args, steps[1], fresh=stale), threads, seed)
+    if result2.get("stage1") != stamp:
+        result2["stage1"] = stamp
+        save_result(done2.parent, result2)
+    return {first: result1, second: result2}
+
+
 # -- held-out evaluation -------------------------------------------------------------------------------------
 
 
@@ -403,6 +545,21 @@ def folder_labels(data: str) -> tuple[int, ...]:
     from mstok.data import ImageFolder, center_crop_transform
 
     return tuple(label for _, label in ImageFolder(data, center_crop_transform(64)).samples)
+
+
+@functools.cache
+def class_names(data: str) -> tuple[str, ...]:
+    """The name of each class of the held-out folder, by class index (its sorted class folders): the
+    ``class_name`` of its ``manifest.csv`` where it has one (Tiny ImageNet's words), else the folder's name."""
+    import csv
+
+    folders = sorted(p.name for p in Path(data).iterdir() if p.is_dir())
+    manifest = Path(data) / "manifest.csv"
+    if not manifest.is_file():
+        return tuple(folders)
+    with manifest.open(newline="") as file:
+        named = {int(r["class_idx"]): r["class_name"] for r in csv.DictReader(file) if r.get("class_name")}
+    return tuple(named.get(i, folder) for i, folder in enumerate(folders))
 
 
 def held_out_indices(data: str, val_count: int) -> list[int]:
@@ -482,6 +639,76 @@ def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 
         entropies = bit_entropies(flat, model.config.code_dim)
         metrics["bit_entropy"], metrics["bit_entropy_min"] = float(entropies.mean()), float(entropies.min())
     return metrics
+
+
+# -- generator runs: token shards and generators on them, reused like the rows (generation) ---------------------
+
+
+def pretokenized(
+    tokenizer: torch.nn.Module, folder: Path, train_data: str, out: Path, count: int = 0, fresh: bool = False
+) -> Path:
+    """``out`` holding the tokens of the first ``count`` training images (0: all) and of their flips by
+    ``tokenizer`` (from run ``folder``): reused when they are that tokenizer's of as many images, else written
+    again (:func:`mstok.data.tokens.pretokenize`, as ``mstok pretokenize --flip``)."""
+    from mstok.data import IndexSubset, center_crop_transform
+    from mstok.data.tokens import identity_differences, pretokenize, tokenizer_identity
+
+    images = training_images(train_data, center_crop_transform(tokenizer.config.image_size))
+    count = min(count or len(images), len(images))
+    index = out / "index.json"
+    if index.is_file() and not fresh:
+        saved = json.loads(index.read_text())
+        same = not identity_differences(saved["tokenizer"], tokenizer_identity(tokenizer))
+        if same and saved["num_images"] == count and saved["views"] == 2:
+            return out
+    shutil.rmtree(out, ignore_errors=True)
+    images = IndexSubset(images, list(range(count))) if count < len(images) else images
+    pretokenize(tokenizer, images, out, flip=True, progress=False, source=train_data, checkpoint=str(folder))
+    return out
+
+
+def generator_config(
+    path: Path, tokens: Path, out: Path, steps: int, seed: int, threads: int, extra: Sequence[str] = ()
+) -> Any:
+    """The shipped generator config ``path`` on the token shards ``tokens``, trained into ``out`` for ``steps``
+    steps with ``seed`` and ``threads`` threads, one checkpoint at the end and no sample grids, then ``extra``."""
+    from mstok.training import load_train_config
+    from mstok.training.config import GeneratorTrainConfig
+
+    settings = [
+        f"data.path={toml_value(str(tokens))}", f"out_dir={toml_value(str(out))}", f"steps={steps}", f"seed={seed}",
+        f"ckpt_every={steps}", "keep_last=1", "sample_every=0", "tokenizer=''", "tensorboard=false",
+        f"threads={threads}", "data.num_workers=0", *extra,
+    ]  # fmt: skip
+    return load_train_config(path, settings, kind=GeneratorTrainConfig)
+
+
+def run_generator_row(config: Any, fresh: bool = False) -> dict[str, Any]:
+    """Train the generator of ``config`` (:func:`generator_config`) into its ``out_dir``, or reuse the finished
+    run whose ``result.json`` beside it records the same config and tokens (unless ``fresh``); returns that
+    result: identity, parameters, loss curve, seconds per step."""
+    from mstok.training.generator_trainer import GeneratorTrainer
+
+    folder = Path(config.out_dir).parent
+    index = json.loads((Path(config.data.path) / "index.json").read_text())
+    # the config as result.json reads it back (tuples as lists), less the threads, and the tokens it trains on
+    identity = {**json.loads(config.to_json()), "threads": None, "images": index["num_images"],
+                "tokens": index["tokenizer"]["weights_sha256"]}  # fmt: skip
+    saved = saved_run(folder / "result.json", identity, fresh)
+    if saved is not None:
+        return saved
+    shutil.rmtree(folder, ignore_errors=True)  # a stale or unfinished run: the trainer would resume it
+    trainer = GeneratorTrainer(config, progress=False)
+    history = trainer.fit()
+    result = {
+        "identity": identity,
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        "seconds_per_step": trainer.train_seconds / config.steps,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_result(folder, result)
+    return result
 
 
 # -- calibration rows ------------------------------------------------------------------------------------------

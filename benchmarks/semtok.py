@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -58,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 import torch
 
 from mstok.evaluation.metrics import bits_per_pixel, mean_colour, psnr, ssim
@@ -66,89 +64,16 @@ from mstok.evaluation.probe import split_per_class, train_probe
 from mstok.evaluation.reference import ReferenceMeter
 from mstok.persistence import load_reference_net, load_tokenizer
 from mstok.tokenizers import create_tokenizer
-from mstok.tokenizers.semtok import SEMANTIC_TERMS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
 import harness
-from harness import Row, toml_value
+from harness import Row
 
 ROOT = harness.ROOT
-STAGE_CONFIGS = (ROOT / "configs" / "semtok_tiny_stage1.toml", ROOT / "configs" / "semtok_tiny_stage2.toml")
 FLOW_STEPS = (1, 4, 25)  # Table 7: one step, a few, the paper's 25
-# top-level fields run_row sets itself (or that only a CLI run needs), and the tables it replaces
-RUN_FIELDS = {"steps", "batch_size", "seed", "out_dir", "log_every", "ckpt_every", "sample_every", "val_every",
-              "val_images"}  # fmt: skip
-RUN_TABLES = {"data"}
-
-
-def config_row(path: Path, group: str, extra: Sequence[str] = ()) -> Row:
-    """A shipped stage config as a :class:`Row`: its preset, ``model.overrides`` and every other
-    setting as ``key=value`` (``model.init_from`` is left to the caller), then ``extra``."""
-    table = tomllib.loads(path.read_text())
-    model = table.pop("model")
-    settings = []
-
-    def flatten(prefix: str, values: dict[str, Any]) -> None:
-        for key, value in values.items():
-            if isinstance(value, dict) and key != "spec":  # teacher.spec may be a table itself
-                flatten(f"{prefix}{key}.", value)
-            else:
-                settings.append(f"{prefix}{key}={toml_value(value)}")
-
-    for key, value in table.items():
-        if key in RUN_TABLES or key in RUN_FIELDS:
-            continue
-        if isinstance(value, dict):
-            flatten(f"{key}.", value)
-        else:
-            settings.append(f"{key}={toml_value(value)}")
-    return Row(group, model["preset"], dict(model.get("overrides", {})), [*settings, *extra])
-
-
-# SemTok's lambda_s, the weight of each semantic term a pipeline trains (the shipped config trains
-# distillation alone: benchmarks/RESULTS.md, "SemTok at tiny scale")
-SEMANTIC_WEIGHT = 0.05
-
-# pipeline name -> the semantic terms its stage I trains: Table 4's four lines (names without commas: --rows)
-PIPELINES: dict[str, tuple[str, ...]] = {
-    "semantic": SEMANTIC_TERMS,
-    "no semantic": (),
-    "contrastive only": ("contrastive",),
-    "distill only": ("distill",),
-}
-
-
-def stage_one_settings(terms: tuple[str, ...]) -> list[str]:
-    """What stage I sets on top of the shipped config for a pipeline with ``terms``: each term's
-    weight (``SEMANTIC_WEIGHT`` or 0, whatever the config says); with none, the projections are
-    not trained either."""
-    weights = [f"loss.{term}_weight={SEMANTIC_WEIGHT if term in terms else 0}" for term in SEMANTIC_TERMS]
-    if terms:
-        return weights
-    stage1 = tomllib.loads(STAGE_CONFIGS[0].read_text())
-    train = [name for name in stage1["stage"]["train"] if name != "semantic"]
-    return [*weights, f"stage.train={toml_value(train)}"]
-
-
-def stage_rows(name: str, args: argparse.Namespace, seed: int) -> dict[str, Row]:
-    """The stage-I and stage-II rows of pipeline ``name`` (stage II starts from stage I's run
-    folder). The model is built with the projections of the pipeline's terms (both stages, so stage
-    II loads stage I's weights); without terms, with both, left untrained (the paper's ablation)."""
-    terms = PIPELINES[name]
-    first = f"stage I {name}"
-    init = f"model.init_from={toml_value(str(harness.run_dir(args, first, seed)))}"
-    rows = {
-        first: config_row(STAGE_CONFIGS[0], "stage I", stage_one_settings(terms)),
-        f"stage II {name}": config_row(STAGE_CONFIGS[1], "stage II", [init]),
-    }
-    for row in rows.values():
-        row.model["semantic_terms"] = list(terms or SEMANTIC_TERMS)
-    return rows
-
-
-def stage_args(args: argparse.Namespace, steps: int, fresh: bool = False) -> argparse.Namespace:
-    """``args`` for one :func:`run_row` call: ``steps`` steps, validated (and logged) at the end only."""
-    return argparse.Namespace(**{**vars(args), "steps": steps, "val_every": steps, "fresh": args.fresh or fresh})
+# Table 4's four pipelines (their stage rows, the shipped stage configs and the run of both stages are
+# the harness's, shared with generation.py)
+PIPELINES = harness.SEMTOK_PIPELINES
 
 
 def _timed(call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -261,27 +186,17 @@ def run_evaluated(name: str, row: Row, args: argparse.Namespace, threads: int, s
 
 
 def run_pipeline(name: str, args: argparse.Namespace, threads: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Stage I then stage II of pipeline ``name`` with ``seed``; returns both results by row name.
-
-    A reused stage II is retrained when the stage I it started from is not the one on disk now
-    (its result records which: the stage-I run's identity and wall time)."""
-    (first, row1), (second, row2) = stage_rows(name, args, seed).items()
-    result1 = run_evaluated(first, row1, stage_args(args, args.steps1), threads, seed)
-    stamp = {"identity": result1["identity"], "wall_seconds": result1["wall_seconds"]}
-    done2 = harness.run_dir(args, second, seed) / "result.json"
-    stale = done2.is_file() and json.loads(done2.read_text()).get("stage1") != stamp
-    result2 = run_evaluated(second, row2, stage_args(args, args.steps2, fresh=stale), threads, seed)
-    if result2.get("stage1") != stamp:
-        result2["stage1"] = stamp
-        harness.save_result(done2.parent, result2)
-    return {first: result1, second: result2}
+    """Stage I then stage II of pipeline ``name`` with ``seed``, each evaluated; returns both results by row
+    name (:func:`harness.run_semtok_stages`: a stage II whose stage I was retrained is retrained too)."""
+    rows = harness.semtok_stage_rows(name, args, seed)
+    return harness.run_semtok_stages(rows, args, threads, seed, (args.steps1, args.steps2), run_evaluated)
 
 
 def run_calibration(args: argparse.Namespace, threads: int) -> dict[str, dict[str, Any]]:
     """The conv AE VQ calibration (as in quantizers.py), trained for steps1 + steps2 steps, then
     evaluated; returned by its row name, as :func:`run_pipeline` returns its rows."""
     name, row = harness.conv_ae_vq()
-    return {name: run_evaluated(name, row, stage_args(args, args.steps1 + args.steps2), threads, 0)}
+    return {name: run_evaluated(name, row, harness.stage_args(args, args.steps1 + args.steps2), threads, 0)}
 
 
 GRID_IMAGES = 10  # held-out images in the reconstruction grid: one of each of the first classes
@@ -366,11 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--eval-images", type=int, default=8000, help="held-out images measured after training")
     parser.add_argument("--sampler-images", type=int, default=500, help="of those, decoded by multi-step flows")
     parser.add_argument("--no-calibration", action="store_true", help="skip the conv AE VQ calibration run")
-    parser.add_argument(
-        "--feature-net",
-        default="runs/reference",
-        help="the reference network for FD-ref and top-1 (mstok reference train --out DIR); also stage I's teacher",
-    )
+    harness.add_feature_net_argument(parser, "; also stage I's teacher")
     harness.add_run_arguments(parser, "runs/semtok", seeds=1, unit="pipelines")
     harness.add_output_arguments(parser, also=" nor --grid")
     parser.add_argument(
@@ -381,12 +292,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     if min(args.steps1, args.steps2, args.seeds, args.val_images, args.eval_images, args.sampler_images) < 1:
         parser.error("--steps1, --steps2, --seeds, --val-images, --eval-images and --sampler-images must be >= 1")
     harness.check_data_arguments(parser, args)
-    try:
-        load_reference_net(args.feature_net)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(f"--feature-net: {error} (train one: mstok reference train --data TRAIN_IMAGES --out DIR)")
+    harness.feature_net(parser, args)
     for name in names:  # fail fast on a bad row, before any training
-        for row in stage_rows(name, args, 0).values():
+        for row in harness.semtok_stage_rows(name, args, 0).values():
             create_tokenizer(row.preset, **row.model)
     study = harness.Study(args)
 

@@ -247,7 +247,7 @@ def test_results_md_has_the_section_each_benchmark_replaces() -> None:
     lines = text.splitlines()
     sections = harness.find_sections(text, harness.RESULTS)
     published = _published_sections()
-    assert len(published) == 14 and set(published) <= set(sections)
+    assert len(published) == 15 and set(published) <= set(sections)
     for name, (start, end) in sections.items():
         heading = lines[start + 1]
         assert heading == f"## {published[name]}" if name in published else heading.startswith("## ")
@@ -568,3 +568,83 @@ def test_quantizer_diagnosis_end_to_end(tmp_path, tiny_imagenet):
         assert result["within_position_std"] >= 0 and result["terms"] and "entropy" in result["terms"][-1]
     text = (tmp_path / "R.md").read_text()
     assert "## Binary quantizers that keep their codes: diagnosis" in text and f"| {names[1]} |" in text
+
+
+def _reference_net(folder: Path) -> Path:
+    """A tiny random reference network of Tiny ImageNet's 200 classes (16-d features), saved into ``folder``."""
+    from mstok.networks.reference import ReferenceConfig, ReferenceNet
+
+    torch.manual_seed(0)
+    config = ReferenceConfig(widths=(4, 8, 16), blocks=(1, 1, 1), num_classes=200, image_size=16, input_size=64)
+    return ReferenceNet(config).save_pretrained(folder)
+
+
+# a few steps on a few images: tokenizer 2 steps, 24 training images' tokens, generator 2 steps, 2 images of each of
+# 4 classes per guidance scale, one seed
+GENERATION_ARGS = ["--tokenizer-steps", "2", "--gen-steps", "2", "--train-images", "24", "--classes", "4",
+                   "--per-class", "2", "--guidance", "1,2", "--val-images", "4", "--batch-size", "4",
+                   "--gen-batch-size", "8", "--jobs", "1", "--threads", "1", "--seeds", "1"]  # fmt: skip
+
+
+@pytest.mark.slow  # ~40 s on a busy 2-core machine: four tokenizers and generators, sampled and scored
+def test_generation_benchmark_end_to_end(tmp_path: Path, tiny_imagenet: Path) -> None:
+    """The four family pipelines train, sample and score at trivial size, write their section and grids; a second
+    run reuses the finished generators, and a given tokenizer run is used instead of training one."""
+    generation = _load("generation")
+    net = _reference_net(tmp_path / "net")
+    work, out = tmp_path / "work", tmp_path / "R.md"
+    argv = [*GENERATION_ARGS, "--data", str(tiny_imagenet), "--train-data", str(tiny_imagenet), "--feature-net",
+            str(net), "--work-dir", str(work)]  # fmt: skip
+    rows = generation.main([*argv, "--out", str(out), "--grid-dir", str(tmp_path)])
+    assert list(rows) == ["titok", "mstok", "hieratok", "semtok"]
+    for name, row in rows.items():
+        (seed,) = row["seeds"]
+        assert [g["scale"] for g in seed["eval"]["guided"]] == [1.0, 2.0]
+        for scored in [*seed["eval"]["guided"], row["prepared"]["reconstructions"], row["prepared"]["random tokens"]]:
+            assert math.isfinite(scored["fd_ref"]) and 0 <= scored["class_accuracy"] <= 1, name
+        assert [t["steps"] for t in seed["eval"]["timing"]] == list(
+            generation.STEPS[seed["identity"]["model"]["preset"].split("_")[0]]
+        )
+        assert (tmp_path / f"generation_{name}_grid.png").stat().st_size > 1000
+    text = out.read_text()
+    for title in ("TiTok + MaskGIT", "MsTok + MaskGIT", "HieraTok + DiT", "SemTok + BitMAR"):
+        assert f"| {title} | 2 | 8 |" in text
+    assert "| the held-out images themselves | 160 | 0.00 |" in text and "| HieraTok: random tokens | 8 |" in text
+    assert "## Generation at tiny scale" in text and "generation_semtok_grid.png" in text
+    # a second run reuses the finished tokenizer, tokens and generator (a marker only a reused run returns)
+    saved_file = work / "titok" / "generator_seed0" / "result.json"
+    saved = json.loads(saved_file.read_text())
+    saved["eval"]["guided"][0]["fd_ref"] = -1.0
+    saved_file.write_text(json.dumps(saved))
+    again = generation.main([*argv, "--rows", "titok", "--no-write"])
+    assert again["titok"]["seeds"][0]["eval"]["guided"][0]["fd_ref"] == -1.0
+    # a given tokenizer run: nothing trained for it in the new work dir
+    given = ["--rows", "titok", "--tokenizer", f"titok={work / 'tokenizer_titok'}", "--no-write"]
+    other = generation.main([*argv, *given, "--work-dir", str(tmp_path / "other")])
+    assert not (tmp_path / "other" / "tokenizer_titok").exists()
+    assert other["titok"]["prepared"]["tokenizer"] == str(work / "tokenizer_titok")
+
+
+def test_generation_benchmark_refuses_bad_input(tmp_path: Path, tiny_imagenet: Path, capsys) -> None:
+    """An unknown row, a tokenizer run that is missing or of another family, a feature net of another kind and a
+    guidance scale below 1 are each one error line, before anything trains."""
+    from mstok.tokenizers import create_tokenizer
+
+    generation = _load("generation")
+    net = _reference_net(tmp_path / "net")
+    tokenizer = create_tokenizer("titok_tiny").save_pretrained(tmp_path / "titok")
+    argv = [*GENERATION_ARGS, "--data", str(tiny_imagenet), "--train-data", str(tiny_imagenet), "--no-write",
+            "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    cases = {
+        ("--feature-net", str(net), "--rows", "titok,dit"): "unknown row(s) ['dit']",
+        ("--feature-net", str(net), "--tokenizer", f"titok={tmp_path / 'missing'}"): "does not exist",
+        ("--feature-net", str(net), "--tokenizer", f"mstok={tokenizer}"): "holds a 'titok' tokenizer; row 'mstok'",
+        ("--feature-net", str(tokenizer)): "--feature-net: ",
+        ("--feature-net", str(net), "--guidance", "0.5,2"): "--guidance: give one scale or more, each >= 1",
+    }
+    for extra, message in cases.items():
+        with pytest.raises(SystemExit):
+            generation.main([*argv, *extra])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert ": error: " in error and message in error, error
+    assert not (tmp_path / "work").exists()

@@ -172,3 +172,21 @@ def test_cli_bad_input_is_one_line(net, real, tmp_path, capsys):
         assert main(["eval", *argv, "--no-progress"]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("mstok eval: error:") and message in err, err
+
+
+def test_score_images_rounds_to_8_bits_and_scores_as_the_saved_folder(net, real, tmp_path):
+    """Image tensors score as their PNGs would (rounded to 8 bits first): the same numbers as the folder written
+    from them; precision/recall only when each side has more than k images."""
+    images = _images(3, 12, shift=10.0)
+    labels = np.array([i % 3 for i in range(12)])
+    folder = _write_generated(tmp_path / "gen", images, labels.tolist())
+    from_folder = gen.evaluate_generated_reference(folder, real, net, cache_dir=tmp_path / "cache")
+    reals = gen.real_features(net, real, cache_dir=tmp_path / "cache")
+    # the tensors carry sub-8-bit noise that rounding removes
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    noisy = batch + (torch.rand_like(batch) - 0.5) / 300
+    scored = gen.score_images(net, noisy.split(5), reals, labels)
+    for key in ("fd_ref", "class_accuracy", "precision", "recall"):
+        assert scored[key] == pytest.approx(from_folder[key], rel=1e-6, abs=1e-9), key
+    few = gen.score_images(net, [batch[:3]], reals, labels[:3])
+    assert few["images"] == 3 and few["precision"] is None and few["recall"] is None

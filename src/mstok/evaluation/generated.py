@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,52 @@ def real_features(
 
 
 @torch.no_grad()
+def classify_batches(net: ReferenceNet, batches: Iterable[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """The reference network's penultimate features (N, F) float32 and top-1 classes (N,) int64 of image
+    batches (B, 3, S, S) in [0, 1], S its input size."""
+    net = net.eval()
+    device = next(net.parameters()).device
+    features, predicted = [], []
+    for batch in batches:
+        rows, logits = net.classify(batch.to(device).float())
+        features.append(rows.float().cpu().numpy())
+        predicted.append(logits.argmax(-1).cpu().numpy())
+    if not features:
+        return np.zeros((0, net.feature_dim), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(features), np.concatenate(predicted).astype(np.int64)
+
+
+def feature_scores(
+    real: np.ndarray,
+    features: np.ndarray,
+    predicted: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    k: int | None = 3,
+) -> dict[str, Any]:
+    """FD-ref of generated ``features`` (M, F) against ``real`` features (N, F), class accuracy (the share
+    of ``predicted`` classes equal to ``labels``, the classes asked for; None without them) and
+    precision/recall with neighbourhood ``k`` (None: not measured, as for sets of ``k`` rows or fewer)."""
+    if len(features) < 2 or len(real) < 2:
+        raise ValueError(f"FD-ref needs 2 images or more on each side, got {len(features)} generated, {len(real)} real")
+    stats, real_stats = FeatureStats(features.shape[1]), FeatureStats(real.shape[1])
+    stats.update(features)
+    real_stats.update(real)
+    scores = {
+        "fd_ref": frechet_distance(real_stats.mu, real_stats.sigma, stats.mu, stats.sigma),
+        "class_accuracy": None,
+        "precision": None,
+        "recall": None,
+    }
+    if labels is not None and predicted is not None:
+        if len(labels) != len(predicted):
+            raise ValueError(f"{len(labels)} labels for {len(predicted)} images")
+        scores["class_accuracy"] = float(np.mean(np.asarray(predicted) == np.asarray(labels)))
+    if k is not None:
+        scores.update(precision_recall(real, features, k=k))
+    return scores
+
+
+@torch.no_grad()
 def evaluate_generated_reference(
     generated: str | Path,
     real: str | Path,
@@ -132,35 +179,42 @@ def evaluate_generated_reference(
             "`mstok sample --out-dir` writes them): class accuracy needs them"
         )
     size = net.config.input_size
-    net = net.eval()
-    device = next(net.parameters()).device
-    stats, rows, correct, seen = FeatureStats(net.feature_dim), [], 0, 0
-    for batch in generated_batches(Path(generated), batch_size):
-        if tuple(batch.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"generated images in {generated} are {batch.shape[-1]}x{batch.shape[-2]}, the reference network "
-                f"scores {size}x{size} images: generate at that size"
-            )
-        features, logits = net.classify(batch.to(device).float() / 255)
-        stats.update(features)
-        rows.append(features.float().cpu().numpy())
-        if labels is not None:
-            batch_labels = torch.from_numpy(labels[seen : seen + len(batch)]).to(logits.device)
-            correct += int((logits.argmax(-1) == batch_labels).sum())
-        seen += len(batch)
+
+    def checked() -> Iterator[torch.Tensor]:
+        for batch in generated_batches(Path(generated), batch_size):
+            if tuple(batch.shape[-2:]) != (size, size):
+                raise ValueError(
+                    f"generated images in {generated} are {batch.shape[-1]}x{batch.shape[-2]}, the reference "
+                    f"network scores {size}x{size} images: generate at that size"
+                )
+            yield batch.float() / 255
+
+    features, predicted = classify_batches(net, checked())
+    seen = len(features)
     if seen < 2:
         raise ValueError(f"need at least 2 generated images in {generated}, found {seen}")
     if labels is not None and len(labels) != seen:
         raise ValueError(f"{generated}: {len(labels)} labels for {seen} images")
     reals = real_features(net, real, batch_size, cache_dir, progress)
-    real_stats = FeatureStats(net.feature_dim)
-    real_stats.update(reals)
     return {
         "generated": str(generated),
         "real": str(real),
         "images": seen,
         "real_images": len(reals),
-        "fd_ref": frechet_distance(real_stats.mu, real_stats.sigma, stats.mu, stats.sigma),
-        "class_accuracy": correct / seen if labels is not None else None,
-        **precision_recall(reals, np.concatenate(rows), k=k),
+        **feature_scores(reals, features, predicted, labels, k),
     }
+
+
+def score_images(
+    net: ReferenceNet,
+    batches: Iterable[torch.Tensor],
+    real: np.ndarray,
+    labels: np.ndarray | None = None,
+    k: int = 3,
+) -> dict[str, Any]:
+    """:func:`feature_scores` of image batches (B, 3, S, S) in [0, 1] against ``real`` features (N, F): the
+    images are rounded to 8 bits first, as the PNGs ``mstok sample --out-dir`` writes hold them, so both score
+    alike; precision/recall is None unless each side has more than ``k`` images."""
+    features, predicted = classify_batches(net, ((b.float().clamp(0, 1) * 255).round() / 255 for b in batches))
+    k_used = k if min(len(features), len(real)) > k else None
+    return {"images": len(features), **feature_scores(real, features, predicted, labels, k_used)}
