@@ -170,8 +170,8 @@ def encode_adaptive(
     total = model.config.num_latent_tokens
     if not model.config.nested:
         raise ValueError(nested_refusal(model, "encode_adaptive"))
-    if isinstance(min_psnr, bool) or not isinstance(min_psnr, (int, float)) or not math.isfinite(min_psnr):
-        raise ValueError(f"min_psnr must be a finite number of dB, got {min_psnr!r}")
+    if isinstance(min_psnr, bool) or not isinstance(min_psnr, (int, float)) or math.isnan(min_psnr):
+        raise ValueError(f"min_psnr must be a number of dB (inf: always the longest prefix), got {min_psnr!r}")
     most = total if max_tokens is None else check_num_tokens(max_tokens, total, "max_tokens")
     tried = list(range(1, most + 1)) if candidates is None else sorted({int(k) for k in candidates})
     if not tried or tried[0] < 1 or tried[-1] > most:
