@@ -31,7 +31,7 @@ from mstok.config_schema import (
     positive,
 )
 from mstok.layers import CrossAttention, SelfAttention, init_weights
-from mstok.layers.embeddings import POSITION_EMBEDDINGS, latent_grid, sincos_at
+from mstok.layers.embeddings import POSITION_EMBEDDINGS, latent_grid, sincos_at, spread_order
 from mstok.quantizers import Quantizer
 from mstok.quantizers.registry import SPECS, QuantizerSpec, parse_spec
 from mstok.storage.saved import SavedModel
@@ -202,10 +202,12 @@ class TokenizerConfig(ConfigDict):
                 raise err.under("pixel_decoder") from None
 
     def latent_init_table(self) -> torch.Tensor | None:
-        """(K, D) starting embeddings of the latent tokens for ``latent_init="grid"``, else None."""
+        """(K, D) starting embeddings of the latent tokens for ``latent_init="grid"``, else None; with
+        nested tokens the cells come coarse to fine (:func:`~mstok.layers.embeddings.spread_order`)."""
         if self.latent_init != "grid":
             return None
-        return sincos_at(latent_grid(self.num_latent_tokens, self.grid_size), self.width)
+        cells = latent_grid(self.num_latent_tokens, self.grid_size)  # (K, 2), raster order
+        return sincos_at(cells[spread_order(cells)] if self.nested else cells, self.width)
 
     def quantizer_spec(self) -> QuantizerSpec:
         """The checked quantizer spec: ``quantizer`` resolved (a name becomes a table) and the
@@ -401,17 +403,13 @@ class Tokenizer(SavedModel, nn.Module):
         return (quant.codes if quant.indices is None else quant.indices)[:, :k]
 
     def encode_adaptive(
-        self,
-        images: torch.Tensor,
-        min_psnr: float,
-        max_tokens: int | None = None,
-        candidates: list[int] | None = None,
-        **decode_options: Any,
+        self, images: torch.Tensor, min_psnr: float, max_tokens: int | None = None, candidates: Any = None, **kw: Any
     ) -> AdaptiveTokens:
         """Per image, the shortest prefix whose decode reaches ``min_psnr`` dB (at most
         ``max_tokens``, default K): ragged ids (B, L) padded with 0, lengths (B,) and the PSNR
-        reached (:func:`mstok.tokenizers.nested.encode_adaptive`). Nested models only."""
-        return encode_adaptive(self, images, min_psnr, max_tokens, candidates, **decode_options)
+        reached (:func:`mstok.tokenizers.nested.encode_adaptive`; ``kw`` go to ``decode``).
+        Nested models only."""
+        return encode_adaptive(self, images, min_psnr, max_tokens, candidates, **kw)
 
     @torch.no_grad()
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
