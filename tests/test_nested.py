@@ -235,3 +235,18 @@ def test_encode_adaptive_picks_the_shortest_prefix_that_reaches_the_target(image
     assert model.encode_adaptive(images, -math.inf).lengths.tolist() == [1, 1]
     capped = model.encode_adaptive(images, math.inf, max_tokens=8, candidates=[2, 4])
     assert capped.lengths.tolist() == [8, 8] and capped.ids.shape == (2, 8)
+
+
+def test_nested_grid_latents_start_coarse_to_fine() -> None:
+    """With latent_init='grid', a nested model's latent k starts at a cell of a coarse-to-fine order, so the
+    first tokens start spread over the image (a raster order would give its top rows)."""
+    from mstok.layers.embeddings import latent_grid, spread_order
+
+    cells = latent_grid(K, 8)
+    order = spread_order(cells)
+    assert sorted(order.tolist()) == list(range(K))
+    quadrants = {(r >= 3.5, c >= 3.5) for r, c in cells[order[:4]].tolist()}
+    assert len(quadrants) == 4  # the first four cells lie in the four quadrants
+    plain = create_tokenizer("mstok_tiny").config.latent_init_table()
+    nested = create_tokenizer("mstok_tiny", nested=True).config.latent_init_table()
+    assert torch.equal(nested, plain[order])
