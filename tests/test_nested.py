@@ -180,6 +180,23 @@ def test_nested_dropout_draws_seeded_lengths_per_slot(tmp_path, photos) -> None:
     assert not torch.equal(other.prefix_lengths(0, 8), first)
 
 
+@pytest.mark.slow  # ~30 s: three short runs
+def test_a_resumed_nested_run_is_bit_identical(tmp_path, photos) -> None:
+    """The lengths come from (seed, step): a run stopped after step 2 and resumed to 4 ends as a straight run."""
+    settings = ("nested.distribution='uniform'", "steps=4", "ckpt_every=2", "batch_size=4", "log_every=1")
+    straight = _trainer(tmp_path / "a", photos, *settings)
+    straight.fit()
+    first = _trainer(tmp_path / "b", photos, *settings)
+    first.config.steps = 2  # "killed" after step 2
+    first.fit()
+    resumed = _trainer(tmp_path / "b", photos, *settings)
+    assert resumed.resume("auto").name == "step_0000002"
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert [h["loss"] for h in straight.history[2:]] == [h["loss"] for h in resumed.history]
+
+
 def test_nested_config_errors(tmp_path) -> None:
     base = ["model.preset='mstok_tiny'", f"out_dir='{tmp_path}'"]
     with pytest.raises(ValueError, match=r"nested\.distribution.*'none', 'uniform', 'pow2'"):
