@@ -197,6 +197,15 @@ def test_a_resumed_nested_run_is_bit_identical(tmp_path, photos) -> None:
     assert [h["loss"] for h in straight.history[2:]] == [h["loss"] for h in resumed.history]
 
 
+def test_a_nested_model_trained_without_nested_dropout_keeps_its_tail_token(tmp_path, photos) -> None:
+    """No prefix dropped, no gradient for the tail token: it stays out of the optimizer (DDP would refuse it)."""
+    trainer = _trainer(tmp_path, photos, "model.overrides.nested=true", "steps=1")
+    before = trainer.model.decoder.tail_token.detach().clone()
+    trainer.fit()
+    assert not trainer.model.decoder.tail_token.requires_grad
+    assert torch.equal(trainer.model.decoder.tail_token, before)
+
+
 def test_nested_config_errors(tmp_path) -> None:
     base = ["model.preset='mstok_tiny'", f"out_dir='{tmp_path}'"]
     with pytest.raises(ValueError, match=r"nested\.distribution.*'none', 'uniform', 'pow2'"):

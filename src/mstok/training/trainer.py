@@ -99,6 +99,9 @@ class Trainer(Engine):
         if config.stage.pixel_decoder_from_proxy:
             copy_pixel_decoder(model, self.proxy)
         self.trainable, self.frozen = apply_stage(model, config.stage.train)
+        if getattr(model.config, "nested", False) and not self.nested:
+            # no prefix is dropped, so the tail token gets no gradient (DDP refuses such a parameter): keep it
+            model.decoder.tail_token.requires_grad_(False)
         # a stage that freezes the quantizer (TiTok's stage 2) must not move its codes either:
         # no EMA / k-means update in forward, no step_hook
         model.quantizer.frozen = any(name.startswith("quantizer.") for name in self.frozen)
