@@ -247,7 +247,7 @@ def test_results_md_has_the_section_each_benchmark_replaces() -> None:
     lines = text.splitlines()
     sections = harness.find_sections(text, harness.RESULTS)
     published = _published_sections()
-    assert len(published) == 15 and set(published) <= set(sections)
+    assert len(published) == 16 and set(published) <= set(sections)
     for name, (start, end) in sections.items():
         heading = lines[start + 1]
         assert heading == f"## {published[name]}" if name in published else heading.startswith("## ")
@@ -648,3 +648,25 @@ def test_generation_benchmark_refuses_bad_input(tmp_path: Path, tiny_imagenet: P
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert ": error: " in error and message in error, error
     assert not (tmp_path / "work").exists()
+
+
+def test_nested_benchmark_end_to_end(tmp_path, tiny_imagenet):
+    """nested.py at a trivial size: the nested row and one dedicated row train, every prefix is measured, the
+    adaptive rows agree with encode_adaptive, and the section is written."""
+    nested = _load("nested")
+    argv = ["--data", str(tiny_imagenet), "--steps", "2", "--val-every", "2", "--val-images", "8", "--jobs", "1"]
+    argv += ["--threads", "1", "--seeds", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "R.md")]
+    argv += ["--final-images", "16", "--dedicated", "8", "--prefixes", "1,8,32", "--targets", "5,40"]
+    results = nested.main(argv)
+    assert list(results) == ["nested K=32 (pow2)", "dedicated K=8"]
+    (run,) = results["nested K=32 (pow2)"]
+    assert set(run["psnr"]) == {1, 8, 32} and all(v > 0 for v in run["psnr"].values()) and len(run["curve"]) == 32
+    assert results["dedicated K=8"][0]["psnr"].keys() == {8}
+    unreachable = run["adaptive"][40.0]
+    assert unreachable["tokens"] == 32 and unreachable["reached"] == 0  # none reaches 40 dB: all 32 tokens
+    assert 1 <= run["adaptive"][5.0]["tokens"] <= 32
+    text = (tmp_path / "R.md").read_text()
+    assert "## Nested tokens: PSNR against the prefix length" in text and "| nested - dedicated PSNR (dB) |" in text
+    assert "| 40 | 32.00 |" in text
+    with pytest.raises(SystemExit):
+        nested.main([*argv, "--prefixes", "64"])

@@ -311,6 +311,7 @@ def test_new_options_default_to_todays_titok() -> None:
         "attention_init",
         "qk_norm",
         "pixel_head",
+        "nested",
     }
     assert config.decoder_dims == (768, 12, 12) and config.replace(decoder_depth=2).decoder_dims == (768, 2, 12)
     with pytest.raises(ValueError, match="token_projection must be one of"):

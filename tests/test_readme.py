@@ -404,6 +404,7 @@ TINY = {
     # eigh: the same FID as sqrtm to 1e-13, seconds instead of a minute for 2048x2048 on one core
     "eval": ["--no-progress", "--no-download", "--num-workers", "0", "--fid-method", "eigh"],
     "pretokenize": ["--no-progress", "--workers", "0", "--device", "cpu"],
+    "tokenize": ["--no-progress", "--workers", "0", "--device", "cpu"],
     "sample": ["--no-progress", "--device", "cpu"],
     "reference train": ["--no-progress", "--steps", "2", "--batch-size", "2", "--threads", "1"],
     "reference eval": ["--no-progress"],

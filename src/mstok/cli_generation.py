@@ -1,4 +1,4 @@
-"""The generation and import commands of the ``mstok`` CLI: ``pretokenize``, ``sample`` and
+"""The generation and import commands of the ``mstok`` CLI: ``pretokenize`` (alias ``tokenize``), ``sample`` and
 ``convert titok`` / ``convert titok-generator``. ``mstok.cli`` registers them with
 :func:`add_generation_commands`; errors are ``ValueError``/``FileNotFoundError``, which its
 ``main`` turns into one-line messages."""
@@ -14,7 +14,14 @@ from mstok.cli_errors import MAX_PIXELS_HELP, positive_int
 from mstok.data import center_crop_transform, open_image_dataset
 from mstok.data.tokens import identity_differences, pretokenize, tokenizer_identity
 from mstok.device import resolve_device
-from mstok.generators import GeneratorConfig, GeneratorFamily, check_tokenizer, family_of, generate_images
+from mstok.generators import (
+    GeneratorConfig,
+    GeneratorFamily,
+    check_tokenizer,
+    family_of,
+    generate_images,
+    token_lengths,
+)
 from mstok.generators.sampling import write_samples
 from mstok.persistence import load_generator, load_tokenizer_folder
 from mstok.persistence.convert.generator import SAMPLING_FILE, convert_titok_generator, describe_generator
@@ -59,8 +66,9 @@ def add_generation_commands(sub: argparse._SubParsersAction) -> None:
 def _add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
     pretok = sub.add_parser(
         "pretokenize",
+        aliases=["tokenize"],
         help="encode a dataset once into token shards (ids, or float16 latents of a continuous tokenizer) for "
-        "generator training (torchrun works too)",
+        "generator training (torchrun works too); with --target-psnr, a length per image",
     )
     pretok.add_argument("--checkpoint", required=True, help=f"the tokenizer: {MODEL_HELP}")
     pretok.add_argument("--data", required=True, help="image folder or shards (resize + center crop)")
@@ -70,6 +78,16 @@ def _add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
         "--sample-latents",
         action="store_true",
         help="a VAE tokenizer: store one posterior sample per image instead of the posterior mean (the default)",
+    )
+    pretok.add_argument(
+        "--target-psnr",
+        type=float,
+        metavar="DB",
+        help="a nested tokenizer: keep per image the shortest prefix whose decode reaches DB dB PSNR (ragged "
+        "token shards with lengths, for a MaskGIT generator with an end token; docs/nested.md)",
+    )
+    pretok.add_argument(
+        "--max-tokens", type=positive_int, help="with --target-psnr: the longest prefix kept (default: K)"
     )
     pretok.add_argument("--weights", help=WEIGHTS_HELP)
     pretok.add_argument("--resolution", type=int, help="image resolution (default: the tokenizer's)")
@@ -112,7 +130,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - started
     names = [f"{c} {class_names[c]}" if c < len(class_names) else f"class {c}" for c in classes]
-    written = write_samples(images, labels, ids, args.n, grid=grid, out_dir=args.out_dir, row_labels=names)
+    lengths = token_lengths(ids, g.end_id) if getattr(g, "end_token", False) else None  # a ragged generator's
+    written = write_samples(
+        images, labels, ids, args.n, grid=grid, out_dir=args.out_dir, row_labels=names, lengths=lengths
+    )
     print(f"{len(labels)} images in {seconds:.1f} s ({len(labels) / seconds:.2f} img/s); wrote {', '.join(written)}")
     return 0
 
@@ -226,11 +247,16 @@ def _cmd_pretokenize(args: argparse.Namespace) -> int:
             checkpoint=str(folder / weights),
             progress=not args.no_progress,
             barrier=dist.barrier,
+            target_psnr=args.target_psnr,
+            max_tokens=args.max_tokens,
         )
     finally:
         dist.shutdown()
     if dist.is_main:
         tokens = f"K={index['num_tokens']}" + (f", C={index['token_dim']} latents" if index.get("continuous") else "")
+        if index.get("ragged"):
+            target = index["ragged"]["target_psnr"]
+            tokens += f", {index['mean_length']:.2f} tokens per image on average for {target:g} dB"
         print(
             f"pretokenized {index['num_images']} images ({index['num_valid']} valid, {index['views']} view(s), "
             f"{tokens}) into {len(index['shards'])} shards in {args.out} in {time.perf_counter() - started:.1f} s"

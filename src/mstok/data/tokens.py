@@ -27,11 +27,14 @@ bytes). The metadata says ``"continuous": true`` with ``token_dim`` C and ``samp
 valid image, view and token, accumulated in float64. Per channel rather than one global
 scale because a KL bottleneck's channels differ in spread by orders of magnitude; a
 generator normalises each channel to zero mean and unit variance with them.
+
+**Ragged tokens.** With ``target_psnr`` (``pretokenize --target-psnr DB``) a nested tokenizer
+keeps, per image, the shortest prefix whose decode reaches the target: the folder is version 2,
+with per-row ``lengths`` and ``psnr`` and a ``ragged`` table (:mod:`mstok.data.ragged`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,58 +42,40 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mstok.io import atomic_save_safetensors, read_safetensors
+from mstok.data.ragged import RAGGED_TENSORS, RAGGED_VERSION, encode_ragged, length_statistics, ragged_settings
+from mstok.data.token_dataset import (  # the format's names and the reader, re-exported: they lived here
+    FORMAT,
+    INDEX_NAME,
+    META_NAME,
+    SHARD_PATTERN,
+    VERSION,
+    TokenDataset,
+    identity_differences,
+    token_dtype,
+    tokenizer_identity,
+)
+from mstok.io import atomic_save_safetensors
 
-FORMAT = "mstok-tokens"
-VERSION = 1
-META_NAME = "meta.json"
-INDEX_NAME = "index.json"
-SHARD_PATTERN = "shard-{:06d}.safetensors"
+__all__ = [
+    "FORMAT",
+    "INDEX_NAME",
+    "META_NAME",
+    "SHARD_PATTERN",
+    "VERSION",
+    "TokenDataset",
+    "identity_differences",
+    "pretokenize",
+    "token_dtype",
+    "tokenizer_identity",
+]
 # what must agree between a folder's meta.json and a run that adds shards to it
-_PINNED = ("format", "version", "views", "resolution", "shard_size", "num_images", "sampled")
-_IDENTITY_KEYS = ("family", "config", "weights_sha256")
-_FINISH = "run mstok pretokenize to completion first"
-
-
-def tokenizer_identity(model: nn.Module, checkpoint: str | Path = "") -> dict[str, Any]:
-    """What makes two tokenizers produce the same ids: family, config and a weight hash.
-
-    ``weights_sha256`` hashes each tensor's name and raw bytes in sorted name order, so it
-    does not depend on the device or on how the weights were loaded. ``checkpoint`` is only
-    recorded (the same weights may live at different paths).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode("utf-8"))
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy())
-    # a JSON round trip turns tuples into lists, so a fresh identity equals one read from disk
-    config = json.loads(json.dumps(model.config.to_dict()))
-    return {
-        "family": model.config.family,
-        "config": config,
-        "weights_sha256": digest.hexdigest(),
-        "checkpoint": str(checkpoint),
-    }
-
-
-def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The identity fields (family, config, weights_sha256) in which ``a`` and ``b`` differ."""
-    return [key for key in _IDENTITY_KEYS if a.get(key) != b.get(key)]
-
-
-def token_dtype(codebook_size: int) -> torch.dtype:
-    """The smallest signed dtype that holds ids in [0, codebook_size) (int64 past 2^31: BSQ/LFQ bits)."""
-    if codebook_size <= 2**15:
-        return torch.int16
-    return torch.int32 if codebook_size <= 2**31 else torch.int64
+_PINNED = ("format", "version", "views", "resolution", "shard_size", "num_images", "sampled", "ragged")
 
 
 def _write_json(path: Path, value: dict[str, Any], tmp_suffix: str = ".tmp") -> None:
@@ -165,6 +150,9 @@ def pretokenize(
     checkpoint: str | Path = "",
     progress: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    target_psnr: float | None = None,
+    max_tokens: int | None = None,
+    candidates: list[int] | None = None,
 ) -> dict[str, Any]:
     """Encode every item of ``dataset`` with ``tokenizer`` into token shards under ``out_dir``.
 
@@ -180,6 +168,9 @@ def pretokenize(
         rank, world_size: this process among the writers; shard ``s`` is written by rank
             ``s % world_size``. ``barrier`` synchronizes them (a no-op for one process).
         source, checkpoint: recorded in the metadata.
+        target_psnr: a nested tokenizer keeps, per image and view, the shortest prefix (at most
+            ``max_tokens``, trying the ``candidates`` lengths) whose decode reaches this PSNR in
+            dB: a ragged folder (module docstring, :mod:`mstok.data.ragged`).
 
     Returns:
         the index (what ``index.json`` holds) on rank 0; on other ranks the index once rank 0
@@ -200,6 +191,9 @@ def pretokenize(
         raise ValueError("pretokenize got an empty dataset")
     cfg, out = tokenizer.config, Path(out_dir)
     continuous = tokenizer.vocab_size is None
+    ragged = None if target_psnr is None else ragged_settings(tokenizer, target_psnr, max_tokens, candidates)
+    if ragged is None and (max_tokens is not None or candidates is not None):
+        raise ValueError("max_tokens and candidates bound the lengths a target_psnr chooses: give a target_psnr")
     if sample_latents and not (continuous and tokenizer.is_vae):
         raise ValueError(
             f"sample_latents draws from a VAE's posterior, but this tokenizer's bottleneck is "
@@ -220,6 +214,8 @@ def pretokenize(
     }
     if continuous:
         meta.update(continuous=True, token_dim=cfg.code_dim, sampled=sample_latents)
+    if ragged is not None:
+        meta.update(version=RAGGED_VERSION, ragged=ragged)
     _prepare_folder(out, meta, rank)
     num_shards = math.ceil(num_images / shard_size)
     files = [out / SHARD_PATTERN.format(s) for s in range(num_shards)]
@@ -271,10 +267,18 @@ def pretokenize(
                     "labels": torch.full((count,), -1, dtype=torch.long),
                     "valid": torch.zeros(count, dtype=torch.bool),
                 }
+                if ragged is not None:  # length 0: an invalid row
+                    current["lengths"] = torch.zeros(count, views, dtype=torch.int16)
+                    current["psnr"] = torch.zeros(count, views, dtype=torch.float32)
             rows = slice(lo, lo + len(keys))
             if images is not None:
                 images = images.to(dev, non_blocking=True)
-                encoded = _encode_views(tokenizer, images, flip, sample_latents, seed=keys[0][0])
+                if ragged is None:
+                    encoded = _encode_views(tokenizer, images, flip, sample_latents, seed=keys[0][0])
+                else:
+                    encoded, lengths, psnr = encode_ragged(tokenizer, images, flip, ragged)
+                    current["lengths"][rows][valid] = lengths.to("cpu", torch.int16)
+                    current["psnr"][rows][valid] = psnr.to("cpu", torch.float32)
                 block = torch.zeros(len(keys), views, *row, dtype=dtype)
                 block[valid] = encoded.to("cpu", dtype)  # (B', views, K[, C])
                 if continuous and not bool(block.isfinite().all()):
@@ -287,9 +291,8 @@ def pretokenize(
             current["filled"] += len(keys)
             bar.update(len(keys))
             if current["filled"] == len(current["labels"]):
-                atomic_save_safetensors(
-                    {name: current[name] for name in ("tokens", "labels", "valid")}, files[current["shard"]]
-                )
+                names = ("tokens", "labels", "valid", *(RAGGED_TENSORS if ragged is not None else ()))
+                atomic_save_safetensors({name: current[name] for name in names}, files[current["shard"]])
                 current = None
     bar.close()
 
@@ -357,182 +360,8 @@ def _write_index(out: Path, meta: dict[str, Any], files: list[Path]) -> dict[str
     index = {**meta, "shards": shards, "num_valid": num_valid, "num_classes": max_label + 1}
     if meta.get("continuous"):
         index.update(_latent_statistics(files))
+    if meta.get("ragged"):
+        index.update(length_statistics(files))
     index["complete"] = True
     _write_json(out / INDEX_NAME, index)
     return index
-
-
-class TokenDataset(Dataset):
-    """The valid rows of a complete token-shard folder, all in memory.
-
-    ``dataset[(i, seed)]`` returns ``(tokens (K,) int64, label)``, or ``(latents (K, C)
-    float32, label)`` for continuous tokens (:attr:`continuous`); with two views (``--flip``)
-    the view is drawn from ``numpy.random.default_rng(seed)``, which is the flip augmentation.
-    A plain int index gives view 0.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.root = Path(path)
-        index_path = self.root / INDEX_NAME
-        if not index_path.is_file():
-            raise FileNotFoundError(f"no {INDEX_NAME} in {self.root}: not a finished token-shard folder; {_FINISH}")
-        try:
-            index = json.loads(index_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{index_path} is not valid JSON ({err}); {_FINISH}") from err
-        if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise ValueError(f"{index_path} is not an mstok token-shard index (expected format {FORMAT!r})")
-        if index.get("version") != VERSION:
-            raise ValueError(f"{index_path} has version {index.get('version')!r}; this mstok reads {VERSION}")
-        if index.get("complete") is not True:
-            raise ValueError(f"{self.root} is not complete: {_FINISH}")
-        self.index = index
-        if self.continuous:
-            self._check_statistics(index_path)
-        tokens, labels, valid = [], [], []
-        for entry in index["shards"]:
-            part = self._read_shard(self.root / entry["file"], entry)
-            tokens.append(part["tokens"])
-            labels.append(part["labels"])
-            valid.append(part["valid"])
-        valid_all = torch.cat(valid)
-        if len(valid_all) != index["num_images"]:
-            raise ValueError(
-                f"{self.root}: the shards hold {len(valid_all)} rows, the index says {index['num_images']}"
-            )
-        self.tokens = torch.cat(tokens)[valid_all]  # (N_valid, views, K[, C]), stored dtype
-        self.labels = torch.cat(labels)[valid_all]  # (N_valid,) int64
-        if not len(self.labels):
-            raise ValueError(f"{self.root} holds no valid image (every image failed to decode)")
-        self._item_dtype = torch.float32 if self.continuous else torch.int64
-
-    @property
-    def _row(self) -> tuple[int, ...]:
-        """The shape of one view's tokens: (K,) ids or (K, C) latents."""
-        return (self.num_tokens, self.token_dim) if self.continuous else (self.num_tokens,)
-
-    def _check_statistics(self, index_path: Path) -> None:
-        """A continuous index's C and per-channel statistics: C finite numbers each, std >= 0."""
-        c = self.index.get("token_dim")
-        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
-            raise ValueError(f"{index_path}: continuous tokens need token_dim, a positive int, got {c!r}")
-        for key in ("latent_mean", "latent_std"):
-            values = self.index.get(key)
-            ok = isinstance(values, list) and len(values) == c
-            ok = ok and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in values
-            )
-            if not ok or (key == "latent_std" and min(values) < 0):
-                raise ValueError(
-                    f"{index_path}: {key} must be a list of token_dim = {c} finite numbers"
-                    f"{' >= 0' if key == 'latent_std' else ''}, got {values!r}; {_FINISH}"
-                )
-
-    def _read_shard(self, path: Path, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One shard's tensors, checked against the index: shapes, dtypes, valid count, and the
-        values (ids inside the codebook, or finite latents)."""
-        if not {"file", "count", "valid"} <= set(entry):
-            raise ValueError(f"{path.parent / INDEX_NAME}: a shard entry lacks file, count or valid")
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in the index is missing; {_FINISH}")
-        part = read_safetensors(path)
-        missing = {"tokens", "labels", "valid"} - set(part)
-        if missing:
-            raise ValueError(f"shard {path} lacks the tensor(s) {', '.join(sorted(missing))}")
-        tokens, labels, valid = part["tokens"], part["labels"], part["valid"]
-        n, expected = entry["count"], (entry["count"], self.views, *self._row)
-        if tuple(tokens.shape) != expected or labels.shape != (n,) or valid.shape != (n,):
-            raise ValueError(
-                f"shard {path} has tokens {tuple(tokens.shape)}, labels {tuple(labels.shape)}, valid "
-                f"{tuple(valid.shape)}; the index expects {expected}, ({n},), ({n},)"
-            )
-        dtypes = (torch.float16, torch.float32) if self.continuous else (torch.int16, torch.int32, torch.int64)
-        if tokens.dtype not in dtypes or valid.dtype != torch.bool:
-            raise ValueError(f"shard {path} has tokens of dtype {tokens.dtype} and valid of dtype {valid.dtype}")
-        if int(valid.sum()) != entry["valid"]:
-            raise ValueError(f"shard {path} has {int(valid.sum())} valid rows, the index says {entry['valid']}")
-        if self.continuous:
-            if not bool(tokens.isfinite().all()):
-                raise ValueError(f"shard {path} holds NaN or infinite latents: it is corrupt")
-        elif tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.codebook_size):
-            raise ValueError(
-                f"shard {path} holds token ids in [{int(tokens.min())}, {int(tokens.max())}], outside the "
-                f"codebook [0, {self.codebook_size}): it is corrupt or was written for another tokenizer"
-            )
-        return {"tokens": tokens, "labels": labels.long(), "valid": valid}
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        if isinstance(key, tuple):
-            index, seed = key
-            view = int(np.random.default_rng(seed).integers(self.views)) if self.views > 1 else 0
-        else:
-            index, view = key, 0
-        if not 0 <= index < len(self):
-            raise IndexError(f"token index {index} out of range for {len(self)} images")
-        return self.tokens[index, view].to(self._item_dtype), int(self.labels[index])
-
-    @property
-    def num_tokens(self) -> int:
-        """K, tokens per image."""
-        return self.index["num_tokens"]
-
-    @property
-    def codebook_size(self) -> int | None:
-        """V, the tokenizer's codebook size (None for continuous tokens)."""
-        return self.index["codebook_size"]
-
-    @property
-    def continuous(self) -> bool:
-        """True when the tokens are float latents (K, C) of a continuous tokenizer, not ids."""
-        return self.index.get("continuous", False) is True
-
-    @property
-    def token_dim(self) -> int | None:
-        """C, the channels of each continuous token (None for ids)."""
-        return self.index["token_dim"] if self.continuous else None
-
-    @property
-    def latent_mean(self) -> torch.Tensor | None:
-        """(C,) float64 per-channel mean of the latents over the dataset (None for ids)."""
-        return torch.tensor(self.index["latent_mean"], dtype=torch.float64) if self.continuous else None
-
-    @property
-    def latent_std(self) -> torch.Tensor | None:
-        """(C,) float64 per-channel population std of the latents over the dataset (None for ids)."""
-        return torch.tensor(self.index["latent_std"], dtype=torch.float64) if self.continuous else None
-
-    @property
-    def num_classes(self) -> int:
-        """Largest label + 1."""
-        return self.index["num_classes"]
-
-    @property
-    def views(self) -> int:
-        """1, or 2 when the flipped image was encoded too."""
-        return self.index["views"]
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """The tokenizer identity (see :func:`tokenizer_identity`) the tokens were made with."""
-        return self.index["tokenizer"]
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """The run's metadata (what meta.json holds)."""
-        return {
-            key: value
-            for key, value in self.index.items()
-            if key not in ("shards", "num_valid", "num_classes", "complete", "latent_mean", "latent_std")
-        }
-
-    def check_matches(self, tokenizer: nn.Module) -> None:
-        """Raise ValueError unless ``tokenizer`` is the one that made these tokens."""
-        differ = identity_differences(self.identity, tokenizer_identity(tokenizer))
-        if differ:
-            raise ValueError(
-                f"the tokens in {self.root} were made by another tokenizer ({self.identity.get('checkpoint')}); "
-                f"this one differs in {', '.join(differ)}"
-            )

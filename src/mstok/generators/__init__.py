@@ -13,7 +13,7 @@ from mstok.generators.bitmar_sampling import BitSamplingConfig, sample_bits
 from mstok.generators.dit import DIT_PRESETS, DiT, DiTConfig, create_dit, dit_config
 from mstok.generators.dit_sampling import DiTSamplingConfig, sample_latents
 from mstok.generators.maskgit import GeneratorConfig, MaskGITGenerator
-from mstok.generators.maskgit_sampling import SamplingConfig, guided_logits, sample
+from mstok.generators.maskgit_sampling import SamplingConfig, guided_logits, sample, token_lengths
 from mstok.generators.registry import (
     FAMILIES,
     GENERATOR_PRESETS,
@@ -60,6 +60,7 @@ __all__ = [
     "sample",
     "sample_bits",
     "sample_latents",
+    "token_lengths",
 ]
 
 

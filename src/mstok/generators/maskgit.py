@@ -14,6 +14,10 @@ generators load without remapping::
     V + 1 + c            class c, for c in [0, num_classes)
     V + 1 + num_classes  the "null" class of classifier-free guidance
 
+With ``end_token`` (ragged token data, :mod:`mstok.data.ragged`) id V is the *end* id, a
+(V+1)-th output that fills every slot past an image's length, and the rest moves up by one:
+mask V + 1, class c at V + 2 + c. The sampler then returns the end id past each sample's length.
+
 Two architectures: ``vit`` (a plain stack; pre-LN by default, or post-LN with an embedding
 LayerNorm as in BERT, which the official TiTok generators are) and ``uvit`` (U-ViT: depth//2
 in-blocks, a middle block, depth//2 out-blocks, each out-block first fusing the matching
@@ -67,6 +71,9 @@ class GeneratorConfig(ConfigDict):
         qkv_bias: bias on the qkv projection (U-ViT has none).
         norm_eps: LayerNorm epsilon (BERT: 1e-12).
         dropout: attention and residual dropout during training (official recipe: 0.1).
+        end_token: an end id V after the codes (module docstring): the generator learns
+            variable lengths from ragged tokens (``pretokenize --target-psnr``); the trainer sets
+            it from the data. Saved in ``config.json`` only when on.
     """
 
     num_tokens: int = 64
@@ -82,6 +89,7 @@ class GeneratorConfig(ConfigDict):
     qkv_bias: bool = True
     norm_eps: float = 1e-5
     dropout: float = 0.1
+    end_token: bool = False
 
     family: ClassVar[str] = "maskgit"
     field_rules: ClassVar[dict[str, Rule]] = {
@@ -104,9 +112,25 @@ class GeneratorConfig(ConfigDict):
         if self.architecture == "uvit" and not self.norm_first:
             raise ValueError("the uvit architecture is pre-LN: set norm_first = true")
 
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        if not self.end_token:  # a field added later: configs saved before (and their hashes) stay as they were
+            del values["end_token"]
+        return values
+
+    @property
+    def num_outputs(self) -> int:
+        """Ids the head predicts: the V codes, and the end id with ``end_token``."""
+        return self.codebook_size + int(self.end_token)
+
+    @property
+    def end_id(self) -> int | None:
+        """The end id (V) with ``end_token``, else None."""
+        return self.codebook_size if self.end_token else None
+
     @property
     def mask_id(self) -> int:
-        return self.codebook_size
+        return self.num_outputs
 
     @property
     def null_class(self) -> int:
@@ -115,8 +139,8 @@ class GeneratorConfig(ConfigDict):
 
     @property
     def vocab_size(self) -> int:
-        """Rows of the embedding table: codes, mask, classes, null class."""
-        return self.codebook_size + self.num_classes + 2
+        """Rows of the embedding table: codes (and the end id), mask, classes, null class."""
+        return self.num_outputs + self.num_classes + 2
 
 
 class MaskGITGenerator(SavedModel, nn.Module):
@@ -148,25 +172,26 @@ class MaskGITGenerator(SavedModel, nn.Module):
             self.out_blocks = nn.ModuleList(block() for _ in range(half))
             self.skips = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(half))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.norm_first else None
-        self.head = nn.Linear(d, cfg.codebook_size)
+        self.head = nn.Linear(d, cfg.num_outputs)
         init_weights(self)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Logits over the codes at every slot.
+        """Logits over the codes (and the end id) at every slot.
 
         Args:
-            tokens: (B, K) ids in [0, V] (V = mask id).
+            tokens: (B, K) ids in [0, mask_id] (V, or V + 1 with an end token, is the mask id).
             labels: (B,) class ids in [0, num_classes], ``num_classes`` = null class.
 
         Returns:
-            (B, K, V) logits. Shapes and dtypes are checked; values are not (a device sync).
+            (B, K, V) logits ((B, K, V + 1) with an end token). Shapes and dtypes are checked;
+            values are not (a device sync).
         """
         cfg = self.config
         if tokens.dim() != 2 or tokens.shape[1] != cfg.num_tokens or tokens.dtype.is_floating_point:
             raise ValueError(f"tokens must be integer ids of shape (B, {cfg.num_tokens}), got {tuple(tokens.shape)}")
         if labels.shape != (tokens.shape[0],) or labels.dtype.is_floating_point:
             raise ValueError(f"labels must be integer ids of shape ({tokens.shape[0]},), got {tuple(labels.shape)}")
-        ids = torch.cat([labels[:, None] + cfg.codebook_size + 1, tokens], dim=1)  # (B, 1 + K)
+        ids = torch.cat([labels[:, None] + cfg.mask_id + 1, tokens], dim=1)  # (B, 1 + K)
         x = F.embedding(ids, self.token_embed) + self.pos_embed  # (B, 1 + K, D)
         if self.embed_norm is not None:
             x = self.embed_norm(x)

@@ -15,6 +15,10 @@ At step t (0-based) of S, with progress ``r = (t + 1) / S``:
 4. The ``masked_counts(K, S, schedule)[t]`` least confident new tokens are masked again; at
    the last step none are, so every token is fixed.
 
+With an end token (ragged data) the first slot never draws the end id, so every sample has
+at least one token, and after the last step every slot past a sample's first end id holds the
+end id too: :func:`token_lengths` gives the lengths.
+
 All randomness comes from one ``torch.Generator``: a fixed seed reproduces samples exactly.
 ``SamplingConfig.official_titok(...)`` gives the official TiTok sampler's settings.
 
@@ -109,6 +113,21 @@ def guided_logits(model: MaskGITGenerator, tokens: torch.Tensor, labels: torch.T
     return cond + weight * (cond - uncond)
 
 
+def token_lengths(ids: torch.Tensor, end_id: int | None) -> torch.Tensor:
+    """(B,) int64: each row's slots before its first ``end_id`` (K when it has none, or when
+    ``end_id`` is None). ids: (B, K)."""
+    if end_id is None:
+        return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
+    ended = ids == end_id
+    return torch.where(ended.any(1), ended.int().argmax(1), ids.shape[1]).long()
+
+
+def end_after_first(ids: torch.Tensor, end_id: int) -> torch.Tensor:
+    """ids (B, K) with every slot after a row's first ``end_id`` set to it (what the training data holds)."""
+    past = torch.arange(ids.shape[1], device=ids.device)[None, :] >= token_lengths(ids, end_id)[:, None]
+    return torch.where(past, end_id, ids)
+
+
 @torch.inference_mode()
 def sample(
     model: MaskGITGenerator,
@@ -129,7 +148,8 @@ def sample(
         progress: a tqdm bar over the steps.
 
     Returns:
-        (B, K) int64 ids in [0, V), and the per-step history when asked.
+        (B, K) int64 ids in [0, V) (with an end token: in [0, V], V past each sample's length,
+        :func:`token_lengths`), and the per-step history when asked.
     """
     config = config or SamplingConfig()
     device, labels = prepare_sampling(model, labels)
@@ -142,6 +162,8 @@ def sample(
         r = (t + 1) / steps
         weight = guidance_weight(config.guidance_scale, t, steps, config.guidance_schedule, config.guidance_power)
         logits = guided_logits(model, ids, labels, weight)  # (B, K, V)
+        if cfg.end_token:  # a sample has at least one token: the first slot never ends it
+            logits[:, 0, cfg.end_id] = -torch.inf
         if config.softmax_annealing:
             logits = logits / (0.5 + 0.8 * (1.0 - r))
         tau = config.temperature * ((1.0 - r) if config.anneal_temperature else 1.0)
@@ -161,4 +183,6 @@ def sample(
             ids = ids.scatter(1, remask, cfg.mask_id)
         if return_history:
             history.append(ids.clone())
+    if cfg.end_token:
+        ids = end_after_first(ids, cfg.end_id)
     return (ids, history) if return_history else ids

@@ -185,6 +185,11 @@ def check_tokenizer(generator: nn.Module, tokenizer: nn.Module) -> None:
         raise ValueError(
             f"the generator models {model} but the tokenizer has {made}: use the tokenizer its tokens came from"
         )
+    if getattr(generator.config, "end_token", False) and not getattr(tokenizer.config, "nested", False):
+        raise ValueError(
+            "the generator samples ragged tokens (an end token) but the tokenizer has no nested tokens, so it cannot "
+            "decode a prefix: use the nested tokenizer its tokens came from"
+        )
 
 
 def generator_config(name: str, **overrides: Any) -> ConfigDict:

@@ -47,6 +47,9 @@ from mstok.generators.maskgit_sampling import (
 from mstok.generators.maskgit_sampling import (
     sample as sample,
 )
+from mstok.generators.maskgit_sampling import (
+    token_lengths as token_lengths,
+)
 from mstok.generators.registry import check_tokenizer, family_of
 from mstok.images import make_grid
 
@@ -90,7 +93,9 @@ def generate_images(
             SemTok's stage-I flow decoder); None: its default. A ValueError for a one-pass decoder.
 
     Returns:
-        (images (N, 3, H, W) in [0, 1], tokens: (N, K) ids or (N, K, C) latents), on the CPU.
+        (images (N, 3, H, W) in [0, 1], tokens: (N, K) ids or (N, K, C) latents), on the CPU. A
+        MaskGIT generator with an end token (ragged tokens) samples a length per image: its ids
+        hold the end id past it (:func:`token_lengths`), and the tokenizer decodes the prefix.
     """
     family = family_of(generator_model)
     check_tokenizer(generator_model, tokenizer)
@@ -114,7 +119,9 @@ def generate_images(
             torch.manual_seed(seed)
         for chunk in tqdm(labels.split(batch_size), disable=not progress, desc="generate", unit="batch"):
             drawn = family.sample(generator_model, chunk, config, generator=rng)
-            images.append(tokenizer.decode(drawn, **decode_options).float().cpu())
+            end_id = getattr(generator_model.config, "end_id", None)
+            ragged = {} if end_id is None else {"lengths": token_lengths(drawn, end_id)}
+            images.append(tokenizer.decode(drawn, **ragged, **decode_options).float().cpu())
             tokens.append(drawn.cpu())
     return torch.cat(images), torch.cat(tokens)
 
@@ -127,11 +134,13 @@ def write_samples(
     grid: str | Path | None = None,
     out_dir: str | Path | None = None,
     row_labels: Sequence[str] | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> list[str]:
     """Save generated images: a grid PNG (one row of ``per_class`` images per class, at most
     32 rows, named by ``row_labels``, one per class, default ``class <id>``) and/or a folder of
     ``class{c}_{i}.png`` files plus ``samples.npz`` (``arr_0``: uint8 (N, H, W, 3) as the ADM
-    evaluator reads it, ``labels``, ``tokens``: the ids (N, K) or latents (N, K, C)). Returns the paths."""
+    evaluator reads it, ``labels``, ``tokens``: the ids (N, K) or latents (N, K, C), and ``lengths`` (N,)
+    when given: a ragged generator's sample lengths). Returns the paths."""
     written = []
     pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # (N, 3, H, W)
     if grid:
@@ -146,6 +155,7 @@ def write_samples(
         nhwc = rearrange(pixels, "n c h w -> n h w c").numpy()
         for i, (image, label) in enumerate(zip(nhwc, labels.tolist(), strict=True)):
             Image.fromarray(image).save(out / f"class{label:04d}_{i % per_class:04d}.png")
-        np.savez(out / "samples.npz", arr_0=nhwc, labels=labels.numpy(), tokens=ids.numpy())
+        extra = {} if lengths is None else {"lengths": lengths.numpy()}
+        np.savez(out / "samples.npz", arr_0=nhwc, labels=labels.numpy(), tokens=ids.numpy(), **extra)
         written.append(f"{out}/ ({len(nhwc)} PNGs + samples.npz)")
     return written

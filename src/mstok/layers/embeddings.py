@@ -67,6 +67,22 @@ def latent_grid(num_tokens: int, grid_size: int) -> torch.Tensor:
     return torch.stack([r.flatten(), c.flatten()], dim=1)
 
 
+def spread_order(points: torch.Tensor) -> torch.Tensor:
+    """(K,) an order of K points (K, 2) in which every prefix covers all of them well: greedily, each
+    next point is the one that most lowers the mean distance from every point to its nearest point
+    taken (the first is the most central). Nested tokens start from it, so a short prefix of grid
+    latents begins as a coarse grid over the whole image rather than as its top rows."""
+    distance = torch.cdist(points, points)  # (K, K)
+    nearest = torch.full((len(points),), torch.inf, dtype=points.dtype)
+    taken: list[int] = []
+    for _ in range(len(points)):
+        cost = torch.minimum(nearest[None, :], distance).mean(1)  # (K,) the mean distance after taking each
+        cost[taken] = torch.inf
+        taken.append(int(cost.argmin()))
+        nearest = torch.minimum(nearest, distance[taken[-1]])
+    return torch.tensor(taken)
+
+
 def set_init_table(module: nn.Module, name: str, table: torch.Tensor) -> None:
     """Ask :func:`~mstok.layers.init.init_weights` to start ``module.<name>`` from ``table``
     instead of its random rule (the table is kept as a plain attribute, not in the state dict)."""

@@ -31,11 +31,20 @@ from mstok.config_schema import (
     positive,
 )
 from mstok.layers import CrossAttention, SelfAttention, init_weights
-from mstok.layers.embeddings import POSITION_EMBEDDINGS, latent_grid, sincos_at
+from mstok.layers.embeddings import POSITION_EMBEDDINGS, latent_grid, sincos_at, spread_order
 from mstok.quantizers import Quantizer
 from mstok.quantizers.registry import SPECS, QuantizerSpec, parse_spec
 from mstok.storage.saved import SavedModel
 from mstok.tokenizers.contract import TokenizerOutput, check_images, check_latents, check_tokens
+from mstok.tokenizers.nested import (
+    AdaptiveTokens,
+    check_lengths,
+    check_num_tokens,
+    check_prefix,
+    encode_adaptive,
+    fill_tail,
+    nested_refusal,
+)
 from mstok.tokenizers.pixel_decoder import ProxyPixelDecoder, check_pixel_decoder_fits
 
 HEADS = ("pixels", "proxy_codes")
@@ -80,6 +89,12 @@ class TokenizerConfig(ConfigDict):
         pixel_head: ``linear`` (per-patch linear map + one 3x3 conv, the ViT/TiTok head) or
             ``conv`` (per-patch linear map to feature channels, then residual 3x3 conv
             blocks at full resolution; :class:`~mstok.layers.embeddings.ConvPixelHead`).
+        nested: the decoder gets a learned tail token (``decoder.tail_token``, a code vector
+            (1, C)) that stands in for every token past a prefix, so ``decode(tokens[:, :k])``
+            takes any prefix, 1 <= k <= K, and ``encode(images, num_tokens=k)`` returns one
+            (:mod:`mstok.tokenizers.nested`). Training with the trainer's ``[nested]`` section
+            teaches the prefixes to decode; a model without it refuses prefixes. 1D families
+            only (a family that cannot says why in ``no_nested_reason``).
     """
 
     image_size: int = 256
@@ -102,8 +117,11 @@ class TokenizerConfig(ConfigDict):
     attention_init: str = "random"
     qk_norm: bool = False
     pixel_head: str = "linear"
+    nested: bool = False
 
     family: ClassVar[str] = ""
+    # why a family cannot decode prefixes (set by HieraTok and the conv AE); empty: it can
+    no_nested_reason: ClassVar[str] = ""
     # names of the quantizer field -> spec type (a spec type's own name stands for itself)
     quantizer_names: ClassVar[dict[str, str]] = {"vq": "vq", "none": "identity", "vae": "kl"}
     quantizers: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys([*quantizer_names, *SPECS]))
@@ -144,6 +162,7 @@ class TokenizerConfig(ConfigDict):
         "attention_init": "random",
         "qk_norm": False,
         "pixel_head": "linear",
+        "nested": False,
     }
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +174,8 @@ class TokenizerConfig(ConfigDict):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the schema: types, ranges, choices (field_rules)
+        if self.nested and self.no_nested_reason:
+            raise ValueError(f"nested = true is for 1D token sequences: {self.no_nested_reason}")
         # Cross-field checks the per-field schema cannot express:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
@@ -181,10 +202,12 @@ class TokenizerConfig(ConfigDict):
                 raise err.under("pixel_decoder") from None
 
     def latent_init_table(self) -> torch.Tensor | None:
-        """(K, D) starting embeddings of the latent tokens for ``latent_init="grid"``, else None."""
+        """(K, D) starting embeddings of the latent tokens for ``latent_init="grid"``, else None; with
+        nested tokens the cells come coarse to fine (:func:`~mstok.layers.embeddings.spread_order`)."""
         if self.latent_init != "grid":
             return None
-        return sincos_at(latent_grid(self.num_latent_tokens, self.grid_size), self.width)
+        cells = latent_grid(self.num_latent_tokens, self.grid_size)  # (K, 2), raster order
+        return sincos_at(cells[spread_order(cells)] if self.nested else cells, self.width)
 
     def quantizer_spec(self) -> QuantizerSpec:
         """The checked quantizer spec: ``quantizer`` resolved (a name becomes a table) and the
@@ -254,6 +277,9 @@ class Tokenizer(SavedModel, nn.Module):
         self.pixel_decoder = None
         if config.pixel_decoder:
             self.pixel_decoder = ProxyPixelDecoder.from_dict(config.pixel_decoder)
+        if config.nested:
+            # on the decoder: it is one of the decoder's inputs, so a stage that trains the decoder trains it
+            self.decoder.register_parameter("tail_token", nn.Parameter(torch.empty(1, config.code_dim)))
         if config.attention_init == "mimetic":
             for part in (self.encoder, self.decoder):
                 for module in part.modules():
@@ -296,14 +322,49 @@ class Tokenizer(SavedModel, nn.Module):
             return check_latents(tokens, self.config.num_latent_tokens, self.config.code_dim, kind)
         return check_tokens(tokens, self.config.num_latent_tokens, self.vocab_size)
 
+    def nested_refusal(self, what: str) -> str:
+        """The message of a model without nested tokens asked for a prefix (``what``: the call)."""
+        return nested_refusal(self, what)
+
+    def check_prefix(self, tokens: Any, lengths: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate a prefix of tokens and optional lengths (:func:`mstok.tokenizers.nested.check_prefix`)."""
+        tokens, lengths, count = check_prefix(self, tokens, lengths)
+        if self.vocab_size is None:
+            kind = "VAE" if self.is_vae else "unquantized"
+            return check_latents(tokens, count, self.config.code_dim, kind), lengths
+        return check_tokens(tokens, count, self.vocab_size), lengths
+
+    def prefix_codes(self, tokens: Any, lengths: Any = None) -> torch.Tensor:
+        """Tokens (B, k) (checked by :meth:`check_prefix`) -> the decoder's K code slots (B, K, C),
+        the tail token past each prefix."""
+        tokens, lengths = self.check_prefix(tokens, lengths)
+        codes = self.tokens_to_codes(tokens)
+        if not self.config.nested:
+            return codes
+        return fill_tail(codes, self.config.num_latent_tokens, self.decoder.tail_token, lengths)
+
+    def mask_codes(self, codes: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """The training forward's nested dropout: code slots (B, K, C) past each image's length
+        (``lengths`` (B,); None keeps all) replaced by the tail token. Shape checks only: a value
+        check would sync the device every step."""
+        if lengths is None:
+            return codes
+        if not self.config.nested:
+            raise ValueError(self.nested_refusal("forward(lengths=...)"))
+        total = self.config.num_latent_tokens
+        lengths = check_lengths(lengths, codes.shape[0], total, check_values=False)
+        return fill_tail(codes, total, self.decoder.tail_token, lengths)
+
     # ----------------------------------------------------------------- compute
-    def forward(self, images: torch.Tensor) -> TokenizerOutput:
+    def forward(self, images: torch.Tensor, lengths: torch.Tensor | None = None) -> TokenizerOutput:
         """Training forward: encode, quantize (straight-through), decode.
 
-        Checks shape and dtype only; ``encode`` also checks values (range, NaN)."""
+        ``lengths`` (B,) in 1..K (nested models): each image is decoded from its first
+        ``lengths[b]`` tokens, the rest replaced by the tail token (nested dropout). Checks shape
+        and dtype only; ``encode`` also checks values (range, NaN)."""
         images = self.check_images(images, check_values=False)
         quant = self.quantizer(self.encoder(images))
-        out, scale_images = self.decode_codes_at_scales(quant.codes)
+        out, scale_images = self.decode_codes_at_scales(self.mask_codes(quant.codes, lengths))
         pixels = self.config.head == "pixels"
         reconstruction = out if pixels else None
         if self.pixel_decoder is not None:
@@ -317,17 +378,38 @@ class Tokenizer(SavedModel, nn.Module):
         """True for a Gaussian bottleneck (``quantizer="vae"`` or a ``kl`` table)."""
         return self.quantizer.stochastic
 
+    def check_num_tokens(self, num_tokens: Any) -> int:
+        """The prefix length ``num_tokens`` asked of ``encode`` (None: K), checked: 1..K, and below K
+        only for a nested model."""
+        total = self.config.num_latent_tokens
+        if num_tokens is None:
+            return total
+        k = check_num_tokens(num_tokens, total)
+        if k < total and not self.config.nested:
+            raise ValueError(self.nested_refusal(f"encode(num_tokens={k})"))
+        return k
+
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, sample: bool = False, num_tokens: int | None = None) -> torch.Tensor:
         """Float images (B, 3, H, W) in [0, 1] -> token ids (B, K) in [0, V), or float32 latents
         (B, K, C) for a continuous bottleneck: for a VAE the posterior mean, or a sample of it
-        with ``sample=True``."""
+        with ``sample=True``. ``num_tokens=k`` (nested models) returns the first k: (B, k)."""
         if sample and not self.is_vae:
             raise ValueError("sample=True is for VAE tokenizers (quantizer='vae'); this one has no posterior to sample")
+        k = self.check_num_tokens(num_tokens)
         z = self.encoder(self.check_images(images))
         # a VAE: the mean unless sampling, whatever the module's mode
         quant = self.quantizer(z, sample=sample) if self.is_vae else self.quantizer(z)
-        return quant.codes if quant.indices is None else quant.indices
+        return (quant.codes if quant.indices is None else quant.indices)[:, :k]
+
+    def encode_adaptive(
+        self, images: torch.Tensor, min_psnr: float, max_tokens: int | None = None, candidates: Any = None, **kw: Any
+    ) -> AdaptiveTokens:
+        """Per image, the shortest prefix whose decode reaches ``min_psnr`` dB (at most
+        ``max_tokens``, default K): ragged ids (B, L) padded with 0, lengths (B,) and the PSNR
+        reached (:func:`mstok.tokenizers.nested.encode_adaptive`; ``kw`` go to ``decode``).
+        Nested models only."""
+        return encode_adaptive(self, images, min_psnr, max_tokens, candidates, **kw)
 
     @torch.no_grad()
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -337,28 +419,32 @@ class Tokenizer(SavedModel, nn.Module):
         return self.encoder.features(self.check_images(images))
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, K) -> images (B, 3, H, W) clamped to [0, 1].
 
-        A two-stage tokenizer (``proxy_codes`` head) decodes through its pixel decoder."""
-        tokens = self.check_tokens(tokens)
+        A nested model (``config.nested``) also takes a prefix (B, k), 1 <= k <= K, and ragged
+        rows: ``lengths`` (B,) in 1..k, each row's ids past its length ignored (padding, or a
+        generator's end id). A two-stage tokenizer (``proxy_codes`` head) decodes through its
+        pixel decoder."""
+        codes = self.prefix_codes(tokens, lengths)
         if self.config.head != "pixels" and self.pixel_decoder is None:
             raise ValueError(
                 "this tokenizer predicts proxy codes (head='proxy_codes') and has no pixel decoder; use "
                 "decode_logits(), and a proxy tokenizer's decode_probabilities(logits.softmax(-1)) for pixels"
             )
-        out = self.decode_codes(self.tokens_to_codes(tokens))
+        out = self.decode_codes(codes)
         if self.pixel_decoder is not None:
             out = self.pixel_decoder(out)
         return out.clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def decode_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, K) -> proxy-code logits (B, P, V_proxy) (``proxy_codes`` head only)."""
-        tokens = self.check_tokens(tokens)
+    def decode_logits(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, K) (a prefix, as :meth:`decode` takes) -> proxy-code logits (B, P, V_proxy)
+        (``proxy_codes`` head only)."""
+        codes = self.prefix_codes(tokens, lengths)
         if self.config.head != "proxy_codes":
             raise ValueError("decode_logits() needs head='proxy_codes'; this tokenizer decodes to pixels")
-        return self.decode_codes(self.tokens_to_codes(tokens))
+        return self.decode_codes(codes)
 
     def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, K), already checked by :meth:`check_tokens` -> the code vectors (B, K, C) the decoder reads."""

@@ -41,6 +41,7 @@ class ConvAEConfig(TokenizerConfig):
     """
 
     family: ClassVar[str] = "convae"
+    no_nested_reason: ClassVar[str] = "a conv autoencoder's tokens are a 2D grid, not a coarse-to-fine sequence"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -102,8 +102,12 @@ class HieraTokConfig(TokenizerConfig):
         "decoder_num_heads": positive(MAX_WIDTH),
         "kl_weight": NON_NEGATIVE,
     }
-    # a new family has no config.json saved before a field existed: write every field
-    optional_defaults: ClassVar[dict[str, Any]] = {}
+    # a new family has no config.json saved before a field existed: write every field (but nested,
+    # which HieraTok refuses: its prefixes are its scales)
+    optional_defaults: ClassVar[dict[str, Any]] = {"nested": False}
+    no_nested_reason: ClassVar[str] = (
+        "HieraTok's prefixes are its scales: decode(tokens, scales=n) decodes the first n scales' tokens"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

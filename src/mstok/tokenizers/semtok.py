@@ -175,6 +175,7 @@ class SemTokConfig(TokenizerConfig):
         "flow_loss": "velocity",
         "time_shift": 1.0,
         "refine_input": "mask",
+        "nested": False,
     }
 
     def __post_init__(self) -> None:
@@ -364,7 +365,9 @@ class SemTok(Tokenizer):
         return unpatchify(self.decoder(tokens, codes, time), self.config.patch_size, self.config.grid_size)
 
     # ----------------------------------------------------------------- training
-    def forward(self, images: torch.Tensor, teacher_features: torch.Tensor | None = None) -> TokenizerOutput:
+    def forward(
+        self, images: torch.Tensor, teacher_features: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+    ) -> TokenizerOutput:
         """Training forward: latents, encode, quantize (straight-through), then by ``decoder_mode``:
 
         * ``flow``: draw t (``time_sampling``) and noise with torch's global RNG, as a VAE draws
@@ -378,18 +381,19 @@ class SemTok(Tokenizer):
         x0 = self.to_latents(images, check_values=False)  # (B, C_lat, h, w), no gradient
         features, z = self.encoder(x0)
         quant = self.quantizer(z)
+        codes = self.mask_codes(quant.codes, lengths)  # (B, K, C)
         reconstruction = prediction = target = None
         if self.config.decoder_mode == "flow":
             t = self.flow.sample_time(x0.shape[0], device=x0.device)  # (B,)
             noise = torch.randn_like(x0)
             x_t = self.flow.interpolate(x0, noise, t)
             if self.config.flow_loss == "x0":
-                prediction, target = self.decode_clean(quant.codes, x_t, t), x0
+                prediction, target = self.decode_clean(codes, x_t, t), x0
             else:
-                prediction = self.decode_velocity(quant.codes, x_t, t)
+                prediction = self.decode_velocity(codes, x_t, t)
                 target = self.flow.velocity_target(x0, noise)
         else:
-            reconstruction = self.latent_space.decode_with_grad(self.decode_refine(quant.codes))
+            reconstruction = self.latent_space.decode_with_grad(self.decode_refine(codes))
         return TokenizerOutput.from_quantizer(
             quant,
             reconstruction=reconstruction,
@@ -420,14 +424,15 @@ class SemTok(Tokenizer):
 
     # ----------------------------------------------------------------- public API
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, sample: bool = False, num_tokens: int | None = None) -> torch.Tensor:
         """Float images (B, 3, H, W) in [0, 1] -> token ids (B, K) int64 in [0, V) (float latents
-        (B, K, C) for a continuous bottleneck)."""
+        (B, K, C) for a continuous bottleneck); ``num_tokens=k`` (nested models): the first k."""
         if sample and not self.is_vae:
             raise ValueError("sample=True is for VAE tokenizers (quantizer='vae'); this one has no posterior to sample")
+        k = self.check_num_tokens(num_tokens)
         _, z = self.encoder(self.to_latents(images))
         quant = self.quantizer(z, sample=sample) if self.is_vae else self.quantizer(z)
-        return quant.codes if quant.indices is None else quant.indices
+        return (quant.codes if quant.indices is None else quant.indices)[:, :k]
 
     @torch.no_grad()
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -436,11 +441,16 @@ class SemTok(Tokenizer):
 
     @torch.no_grad()
     def decode_latents(
-        self, tokens: torch.Tensor, steps: int | None = None, seed: int | None = None, sampler: str | None = None
+        self,
+        tokens: torch.Tensor,
+        steps: int | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, K) -> first-stage latents (B, C_lat, h, w): the one-step refiner, or the
-        flow ODE from seeded noise (:meth:`decode`)."""
-        codes = self.tokens_to_codes(self.check_tokens(tokens)).to(self.decoder.dtype)
+        """Token ids (B, K) (or a prefix, :meth:`decode`) -> first-stage latents (B, C_lat, h, w):
+        the one-step refiner, or the flow ODE from seeded noise (:meth:`decode`)."""
+        codes = self.prefix_codes(tokens, lengths).to(self.decoder.dtype)  # (B, K, C)
         if self.config.decoder_mode == "refine":
             if steps not in (None, 1):
                 raise ValueError(
@@ -471,9 +481,15 @@ class SemTok(Tokenizer):
 
     @torch.no_grad()
     def decode(
-        self, tokens: torch.Tensor, steps: int | None = None, seed: int | None = None, sampler: str | None = None
+        self,
+        tokens: torch.Tensor,
+        steps: int | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, K) -> images (B, 3, H, W) clamped to [0, 1].
+        """Token ids (B, K) -> images (B, 3, H, W) clamped to [0, 1]. A nested model also takes a
+        prefix (B, k) and ragged ``lengths`` (B,), as :meth:`Tokenizer.decode` does.
 
         A refiner (``decoder_mode="refine"``) predicts the latent in one pass (``steps`` must be
         None). A flow decoder integrates the ODE from noise in ``steps`` steps (default
@@ -481,7 +497,7 @@ class SemTok(Tokenizer):
         ``heun``); the noise comes from ``seed`` (on the model's device), else torch's global
         RNG. Either way the latent is decoded to pixels by the frozen first stage.
         """
-        return self.latent_space.decode(self.decode_latents(tokens, steps, seed, sampler))
+        return self.latent_space.decode(self.decode_latents(tokens, steps, seed, sampler, lengths))
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Not defined for SemTok: a flow decoder needs noise and steps; use :meth:`decode`."""

@@ -49,6 +49,7 @@ from mstok.generators.dit_sampling import DiTSamplingConfig
 from mstok.generators.maskgit_sampling import SamplingConfig
 from mstok.generators.registry import GENERATOR_PRESETS, generator_config
 from mstok.generators.schedules import MASK_SCHEDULES
+from mstok.tokenizers.nested import PREFIX_DISTRIBUTIONS
 from mstok.tokenizers.registry import PRESETS, preset_config
 
 C = TypeVar("C", bound="RunConfig")
@@ -152,6 +153,28 @@ class LossConfig:
         "label_smoothing": FRACTION,
         "entropy_boost": Rule(ge=1),
         "entropy_boost_steps": NON_NEGATIVE,
+    }
+
+
+@dataclass
+class NestedConfig:
+    """Nested dropout (tail drop): each training image keeps a random prefix of its K tokens and
+    the decoder reads the tail token in place of the rest, so every prefix learns to decode
+    (:mod:`mstok.tokenizers.nested`, docs/nested.md).
+
+    ``distribution``: ``none`` (off), ``uniform`` (k uniform over ``min_tokens``..K) or ``pow2``
+    (k uniform over the powers of two in ``min_tokens``..K, plus K). One length per image, drawn
+    from (seed, step) alone: the same on any number of ranks and after a resume. A run with it
+    on builds its model with ``nested = true`` (an explicit ``model.overrides.nested = false``
+    is an error), and ``model.init_from`` may be a model without the tail token (it starts new).
+    """
+
+    distribution: str = "none"
+    min_tokens: int = 1
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "distribution": one_of(("none", *PREFIX_DISTRIBUTIONS)),
+        "min_tokens": POSITIVE,
     }
 
 
@@ -286,6 +309,7 @@ class TrainConfig(RunConfig):
     stage: StageConfig = field(default_factory=StageConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    nested: NestedConfig = field(default_factory=NestedConfig)
     dead_code_threshold: float = 0.01
     val_every: int = 0
     val_images: int = 64
@@ -303,6 +327,8 @@ class TrainConfig(RunConfig):
             raise ConfigError("data.crop_scale", f"must be [min, max] with min <= max, got {[low, high]}")
 
         check_model_overrides(self.model, preset_config, PRESETS)
+        if self.nested.distribution != "none":
+            check_nested_model(self)
 
 
 @dataclass
@@ -408,6 +434,24 @@ def check_model_overrides(model: ModelConfig, make: Callable[..., Any], presets:
     except (ValueError, TypeError) as err:
         key = "model.overrides" if model.preset in presets else "model.preset"
         raise ValueError(f"{key}: {err}") from None
+
+
+def check_nested_model(config: TrainConfig) -> None:
+    """A run with nested dropout needs a model that can have nested tokens, and ``min_tokens`` <= K."""
+    overrides = config.model.overrides
+    if overrides.get("nested", True) is not True:
+        raise ConfigError(
+            "model.overrides.nested",
+            f"must be true or left out: nested.distribution = {config.nested.distribution!r} trains nested tokens",
+        )
+    try:
+        model = preset_config(config.model.preset, **{**overrides, "nested": True})
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"nested.distribution: {err}") from None
+    if config.nested.min_tokens > model.num_latent_tokens:
+        raise ConfigError(
+            "nested.min_tokens", f"must be at most K = {model.num_latent_tokens}, got {config.nested.min_tokens}"
+        )
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

@@ -134,7 +134,14 @@ def data_tokens(dataset: Dataset) -> TokenSpace:
 
 
 def check_family_fits(family: GeneratorFamily, preset: str, dataset: Dataset) -> None:
-    """ValueError when the preset's family models another kind of token than the data holds."""
+    """ValueError when the preset's family models another kind of token than the data holds
+    (ragged ids: MaskGIT only, the family with an end token)."""
+    if getattr(dataset, "ragged", False) and family.name != "maskgit":
+        presets = ", ".join(FAMILIES["maskgit"].presets)
+        raise ValueError(
+            f"model.preset {preset!r} is a {family.title} generator, but the token data is ragged (one length per "
+            f"image, pretokenize --target-psnr): only MaskGIT learns lengths (its end token); train one of {presets}"
+        )
     held = data_tokens(dataset)
     if family.continuous == held.continuous:
         return
@@ -150,7 +157,10 @@ def check_family_fits(family: GeneratorFamily, preset: str, dataset: Dataset) ->
 def data_overrides(dataset: Dataset, overrides: dict[str, Any], family: GeneratorFamily) -> dict[str, Any]:
     """The generator's K, V or C and class count from the token data, checked against explicit overrides."""
     fields, held = dict(overrides), data_tokens(dataset)
-    for name, value in (("num_tokens", held.num_tokens), (family.size_field, held.size)):
+    sizes = [("num_tokens", held.num_tokens), (family.size_field, held.size)]
+    if family.name == "maskgit":  # ragged data needs the end token, fixed-length data has no end to learn
+        sizes.append(("end_token", bool(getattr(dataset, "ragged", False))))
+    for name, value in sizes:
         if name in fields and fields[name] != value:
             raise ValueError(f"model.overrides.{name} = {fields[name]}, but the token data has {name} = {value}")
         fields[name] = value

@@ -16,10 +16,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from mstok.tokenizers import create_tokenizer
+from mstok.tokenizers.nested import prefix_lengths
 from mstok.training.components import (
     build_dataset,
     build_loss,
@@ -81,17 +83,25 @@ class Trainer(Engine):
         if self.proxy is not None:
             self.proxy.to(self.device)
         overrides = dict(config.model.overrides)
+        self.nested = config.nested.distribution != "none"
+        if self.nested:
+            overrides["nested"] = True  # the tail token nested dropout trains (config.py checked the rest)
         if config.stage.pixel_decoder_from_proxy:
             if self.proxy is None:
                 raise ValueError("stage.pixel_decoder_from_proxy needs proxy.checkpoint")
             overrides.setdefault("pixel_decoder", self.proxy.config.to_dict())
         model = create_tokenizer(config.model.preset, **overrides)
         fill = ("pixel_decoder",) if config.stage.pixel_decoder_from_proxy else ()
+        if self.nested:
+            fill += ("decoder.tail_token",)  # a model trained without nested tokens may start a nested run
         if config.model.init_from:
             load_initial_weights(model, config.model.init_from, config.model.init_weights, fill=fill)
         if config.stage.pixel_decoder_from_proxy:
             copy_pixel_decoder(model, self.proxy)
         self.trainable, self.frozen = apply_stage(model, config.stage.train)
+        if getattr(model.config, "nested", False) and not self.nested:
+            # no prefix is dropped, so the tail token gets no gradient (DDP refuses such a parameter): keep it
+            model.decoder.tail_token.requires_grad_(False)
         # a stage that freezes the quantizer (TiTok's stage 2) must not move its codes either:
         # no EMA / k-means update in forward, no step_hook
         model.quantizer.frozen = any(name.startswith("quantizer.") for name in self.frozen)
@@ -230,6 +240,8 @@ class Trainer(Engine):
             with self.grad_sync(last=i == n - 1):
                 codes = self.proxy_codes(images) if self.loss_fn.needs_proxy_codes else None
                 inputs = self.loss_fn.model_inputs(images)  # e.g. a semantic teacher's features; usually none
+                if self.nested:
+                    inputs["lengths"] = self.prefix_lengths(i, len(images))
                 with self.autocast():
                     output = self.train_model(images, **inputs)
                 loss, terms = self.loss_fn(output, images, codes, gan_active, step=self.step)
@@ -254,6 +266,22 @@ class Trainer(Engine):
             sums.update(quantizer.step_hook(all_latents, all_indices, **settings))
         sums.update(quantizer.usage_tensors(all_indices))
         return sums
+
+    def prefix_lengths(self, micro_step: int, count: int) -> torch.Tensor:
+        """Nested dropout's prefix lengths (count,) for this rank's ``micro_step`` of the current step.
+
+        One length per slot of the global batch, drawn from (seed, step) alone and sliced like the
+        data (rank r reads slice r of each micro-step's chunk): any number of ranks, and a
+        resumed run, train each sample slot with the same length."""
+        cfg = self.config
+        state = np.random.SeedSequence([cfg.seed, self.step, 0x6E6573746564]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        total = self.model.config.num_latent_tokens
+        lengths = prefix_lengths(
+            cfg.nested.distribution, total, cfg.batch_size, generator, cfg.nested.min_tokens
+        )  # (global batch,)
+        start = (micro_step * self.dist.world_size + self.dist.rank) * self.micro_batch
+        return lengths[start : start + count].to(self.device)
 
     def discriminator_step(self, reals: list[torch.Tensor], fakes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """One discriminator update on real images and detached reconstructions."""
