@@ -72,10 +72,10 @@ def load_official(source: str | Path, kind: str = "tokenizer") -> tuple[torch.nn
     try:
         return loader(repo), f"{release} (official TiTok {kind}, {repo})"
     except MissingWeightsError as err:
-        cause = str(err.__cause__ or err).splitlines()[0]
+        cause = str(err.__cause__ or err).splitlines()[0].split(". ")[0][:150]
         local = repo.rsplit("/", 1)[-1]
         raise OfficialUnavailableError(
-            f"the weights of {release} cannot be fetched from the Hugging Face hub ({cause[:160]}); where there "
+            f"the weights of {release} cannot be fetched from the Hugging Face hub ({cause}); where there "
             f"is internet run `hf download {repo} --local-dir {local}`, copy {local}/ here and give the folder "
             f"instead: `mstok demo --official {local}` (in the app: official:{local})"
         ) from None
