@@ -267,3 +267,15 @@ def test_mstok_app_parses_and_the_cpu_runs_in_float32() -> None:
     args = build_parser().parse_args(["app", "--model", "runs/a", "--model", "runs/b", "--port", "0", "--half"])
     assert (args.model, args.port, args.half, args.func) == (["runs/a", "runs/b"], 0, True, command.cmd_app)
     assert models.choose_runtime("cpu", half=True) == Runtime(torch.device("cpu"), torch.float32)
+
+
+def test_the_browser_is_found_on_the_path_or_named_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import app_browser
+
+    monkeypatch.delenv("MSTOK_CHROMIUM", raising=False)
+    monkeypatch.delenv("MSTOK_CHROMEDRIVER", raising=False)
+    monkeypatch.setattr(app_browser.shutil, "which", lambda name: None)
+    assert app_browser.find_chromium() is None  # the end-to-end test then skips, or fails under CI
+    monkeypatch.setenv("MSTOK_CHROMIUM", "/opt/chrome")
+    monkeypatch.setenv("MSTOK_CHROMEDRIVER", "/opt/chromedriver")
+    assert app_browser.find_chromium() == ("/opt/chrome", "/opt/chromedriver")

@@ -273,7 +273,10 @@ def test_readme_test_command_is_the_one_ci_runs() -> None:
         if line and not line.startswith(("#", "set ", "cd "))
     ]
     setup = [line.split("#")[0].strip() for _, block in shell_blocks({"README.md": README}) for line in block]
-    assert ci == ["make test"] and "make test" in setup, f".ci/run runs {ci}; README's set-up block has {setup}"
+    # before it, .ci/install-browser installs the browser of the app's end-to-end test (when root)
+    assert ci == [".ci/install-browser", "make test"] and "make test" in setup, (
+        f".ci/run runs {ci}; README's set-up block has {setup}"
+    )
 
 
 # ------------------------------------------------------------------ links

@@ -111,8 +111,10 @@ def build_page(
                 with gr.Column(scale=3):
                     status = gr.Markdown(elem_id="tok-status")
                     with gr.Row():
-                        original = gr.Image(label="image (center crop)", interactive=False, elem_id="tok-original")
-                        recon = gr.Image(label="reconstruction", interactive=False, elem_id="tok-recon")
+                        original = gr.Image(
+                            format="png", label="image (center crop)", interactive=False, elem_id="tok-original"
+                        )
+                        recon = gr.Image(format="png", label="reconstruction", interactive=False, elem_id="tok-recon")
                         heat = gr.Image(
                             label=f"error (black 0, yellow ≥ {HEAT_MAX})", interactive=False, elem_id="tok-heat"
                         )
@@ -156,12 +158,12 @@ def build_page(
                 cmp_run = gr.Button("Compare", variant="primary", elem_id="cmp-run")
             cmp_status = gr.Markdown(elem_id="cmp-status")
             with gr.Row():
-                cmp_original = gr.Image(label="image", interactive=False, elem_id="cmp-original")
-                recon_a = gr.Image(label="A", interactive=False, elem_id="cmp-recon-a")
-                recon_b = gr.Image(label="B", interactive=False, elem_id="cmp-recon-b")
+                cmp_original = gr.Image(format="png", label="image", interactive=False, elem_id="cmp-original")
+                recon_a = gr.Image(format="png", label="A", interactive=False, elem_id="cmp-recon-a")
+                recon_b = gr.Image(format="png", label="B", interactive=False, elem_id="cmp-recon-b")
             with gr.Row():
-                heat_a = gr.Image(label="error of A", interactive=False, elem_id="cmp-heat-a")
-                heat_b = gr.Image(label="error of B", interactive=False, elem_id="cmp-heat-b")
+                heat_a = gr.Image(format="png", label="error of A", interactive=False, elem_id="cmp-heat-a")
+                heat_b = gr.Image(format="png", label="error of B", interactive=False, elem_id="cmp-heat-b")
             table = gr.Markdown(elem_id="cmp-table")
 
             def side_by_side(spec_a: str, spec_b: str, file: str | None, photo: str | None) -> list[Any]:
@@ -191,7 +193,7 @@ def build_page(
                 load = gr.Button("Load models", elem_id="gen-load")
                 draw = gr.Button("Generate", variant="primary", elem_id="gen-run")
             gen_status = gr.Markdown(elem_id="gen-status")
-            gallery = gr.Gallery(label="samples", columns=4, elem_id="gen-gallery")
+            gallery = gr.Gallery(format="png", label="samples", columns=4, elem_id="gen-gallery")
             caption = gr.Markdown(elem_id="gen-caption")
 
             def settings(gen_spec: str, tok_spec: str) -> list[Any]:
