@@ -37,15 +37,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(args: Sequence[str], log: Path) -> Iterator[str]:
-    """Run ``python -m mstok.app ARGS`` on a free loopback port; yields its URL once it answers,
-    and stops it (this process's own child, by its id) afterwards. Its output goes to ``log``."""
+def serving(args: Sequence[str], log: Path, cwd: Path | None = None) -> Iterator[str]:
+    """Run ``python -m mstok.app ARGS`` (in ``cwd``) on a free loopback port; yields its URL once it
+    answers, and stops it (this process's own child, by its id) afterwards. Its output goes to ``log``."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
     command = [sys.executable, "-m", "mstok.app", *args, "--host", "127.0.0.1", "--port", str(port)]
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -102,6 +102,11 @@ def wait_for(browser: Any, condition, what: str, timeout: float = PAGE_TIMEOUT) 
     except TimeoutException:
         status = [e.text for e in browser.find_elements("css selector", "[id$='-status']") if e.text]
         raise AssertionError(f"the page did not show {what} in {timeout:.0f} s; status lines: {status}") from None
+
+
+def open_tab(browser: Any, title: str) -> None:
+    """Click the page's tab named ``title``."""
+    browser.find_element("xpath", f"//button[@role='tab'][normalize-space()='{title}']").click()
 
 
 def text_of(browser: Any, elem_id: str) -> str:

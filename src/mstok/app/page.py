@@ -27,7 +27,7 @@ from mstok.app.handlers import (
 from mstok.app.models import ModelCache
 
 TITLE = "mstok: compact 1D image tokenizers"
-PICKER_INFO = "a run folder, a saved model, a hub id, or official:<release> (fetched once, ~1 GB)"
+PICKER_INFO = "a run folder, a saved model, a hub id, or official:<release> (fetched once into the hub cache)"
 
 
 def _guard(outputs: int, work: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
@@ -78,7 +78,7 @@ def _picker(gr: Any, label: str, choices: Sequence[str], elem_id: str, value: st
 
 
 def _image_inputs(gr: Any, prefix: str) -> tuple[Any, Any]:
-    upload = gr.File(label="an image file (PNG, JPEG, ...)", type="filepath", elem_id=f"{prefix}-upload")
+    upload = gr.File(label="an image file (PNG, JPEG, ...)", type="filepath", height=150, elem_id=f"{prefix}-upload")
     example = gr.Dropdown(
         list(EXAMPLES), value=EXAMPLES[0], label="or a photo shipped with scikit-image", elem_id=f"{prefix}-example"
     )
@@ -193,7 +193,7 @@ def build_page(
                 load = gr.Button("Load models", elem_id="gen-load")
                 draw = gr.Button("Generate", variant="primary", elem_id="gen-run")
             gen_status = gr.Markdown(elem_id="gen-status")
-            gallery = gr.Gallery(format="png", label="samples", columns=4, elem_id="gen-gallery")
+            gallery = gr.Gallery(format="png", label="samples", columns=8, height="auto", elem_id="gen-gallery")
             caption = gr.Markdown(elem_id="gen-caption")
 
             def settings(gen_spec: str, tok_spec: str) -> list[Any]:
