@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +280,14 @@ def test_the_browser_is_found_on_the_path_or_named_by_the_environment(monkeypatc
     monkeypatch.setenv("MSTOK_CHROMIUM", "/opt/chrome")
     monkeypatch.setenv("MSTOK_CHROMEDRIVER", "/opt/chromedriver")
     assert app_browser.find_chromium() == ("/opt/chrome", "/opt/chromedriver")
+
+
+def test_mstok_app_without_gradio_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from mstok.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as where the "app" extra is not installed
+    assert main(["app", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == 'mstok app: error: mstok app needs Gradio, the optional extra "app": pip install "mstok[app]"\n'
