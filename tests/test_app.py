@@ -291,3 +291,10 @@ def test_mstok_app_without_gradio_says_what_to_install(
     assert main(["app", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err == 'mstok app: error: mstok app needs Gradio, the optional extra "app": pip install "mstok[app]"\n'
+
+
+def test_an_official_generator_starts_from_its_release_settings(saved: dict[str, Path]) -> None:
+    loaded = models.Loaded(mstok.load_generator(saved["gen"]), "official", None)
+    settings = generation.sampling_defaults(loaded, "official:titok_l32")
+    assert (settings["guidance_scale"], settings["steps"]) == (4.5, 8)  # docs/official-checkpoints.md's table
+    assert generation.sampling_defaults(loaded, str(saved["gen"])) == {}  # no sampling.json: the family's defaults
