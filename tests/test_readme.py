@@ -8,8 +8,9 @@ order, in a fresh copy of the configs beside small stand-ins for ``../shared/dat
 and ``tiny-imagenet-64-train``.
 
 Commands that need what a clone does not have (ImageNet under ``/data``, GPUs via ``torchrun``,
-hub downloads, ``UPPERCASE`` placeholders) are only parsed. The run appends tiny-budget flags
-(``--set steps=2 ...``) to each command; it never changes the paths the pages use."""
+hub downloads, ``UPPERCASE`` placeholders) and ``mstok app`` (a server) are only parsed. The run
+appends tiny-budget flags (``--set steps=2 ...``) to each command; it never changes the paths the
+pages use."""
 
 from __future__ import annotations
 
@@ -152,8 +153,8 @@ def mstok_argv(command: str) -> list[str] | None:
 
 def needs_outside(block: list[str], argv: list[str]) -> bool:
     """Whether a command needs what a fresh clone lacks: downloads, /data, GPUs, placeholders."""
-    if any(line.startswith("hf ") for line in block) or argv[0] in ("convert", "bench", "demo"):
-        return True  # a block that starts with hub downloads works on what they fetch
+    if any(line.startswith("hf ") for line in block) or argv[0] in ("convert", "bench", "demo", "app"):
+        return True  # a block that starts with hub downloads works on what they fetch; `app` serves until stopped
     return any(word.startswith("/") or PLACEHOLDER.match(word) or word.endswith(".bin") for word in argv)
 
 
@@ -273,7 +274,10 @@ def test_readme_test_command_is_the_one_ci_runs() -> None:
         if line and not line.startswith(("#", "set ", "cd "))
     ]
     setup = [line.split("#")[0].strip() for _, block in shell_blocks({"README.md": README}) for line in block]
-    assert ci == ["make test"] and "make test" in setup, f".ci/run runs {ci}; README's set-up block has {setup}"
+    # before it, .ci/install-browser installs the browser of the app's end-to-end test (when root)
+    assert ci == [".ci/install-browser", "make test"] and "make test" in setup, (
+        f".ci/run runs {ci}; README's set-up block has {setup}"
+    )
 
 
 # ------------------------------------------------------------------ links

@@ -31,8 +31,20 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("losses", ("mstok.losses",)),
     ("evaluation", ("mstok.evaluation",)),
     ("training", ("mstok.training",)),
-    # the command line, the demo, and the package's public API (mstok/__init__.py)
-    ("app", ("mstok", "mstok.cli", "mstok.cli_errors", "mstok.cli_generation", "mstok.cli_reference", "mstok.demo")),
+    # the command line, the demos, the web app (mstok.app) and the package's public API (mstok/__init__.py)
+    (
+        "app",
+        (
+            "mstok",
+            "mstok.cli",
+            "mstok.cli_errors",
+            "mstok.cli_generation",
+            "mstok.cli_reference",
+            "mstok.demo",
+            "mstok.demo_official",
+            "mstok.app",
+        ),
+    ),
 )
 
 # modules kept only so old import paths work; importing one warns (DeprecationWarning)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import mstok
+from mstok.app.command import add_app_parser
 from mstok.cli_errors import MAX_PIXELS_HELP, run_command
 from mstok.cli_generation import MODEL_HELP, WEIGHTS_HELP, add_generation_commands, check_resolution, default_out_dir
 from mstok.cli_reference import (
@@ -36,6 +37,8 @@ from mstok.tokenizers.registry import PRESETS, create_tokenizer, preset_config
 from mstok.training import GeneratorTrainConfig, Trainer, load_train_config
 from mstok.training.generator_trainer import GeneratorTrainer
 from mstok.training.resume import saved_run_config
+
+DEMO_OUT = "runs/demo"
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -127,6 +130,16 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.official:
+        if args.data or args.steps:
+            raise ValueError("--official shows a released tokenizer and trains nothing: drop --data and --steps")
+        # lazy: the demo imports training and evaluation (torchmetrics, about 2 s)
+        from mstok.demo_official import run_official_demo
+
+        out = None if args.out == DEMO_OUT else args.out
+        report = run_official_demo(args.official, out, device=args.device, progress=not args.no_progress)
+        print(f"report written to {report}")
+        return 0
     from mstok.demo import run_demo  # lazy: the demo imports training and evaluation (torchmetrics, about 2 s)
 
     report = run_demo(
@@ -442,7 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps per model (default 2800)")
     demo.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed shared by both models (default 0)")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument(
+        "--official",
+        metavar="RELEASE|DIR",
+        help="show an official TiTok instead of training: a release (titok_l32, titok_b64, ...) fetched from the "
+        "Hugging Face hub, or a local copy of one; reconstructs the bundled photos at 256 px",
+    )
+    demo.add_argument("--device", default="auto", help="with --official: auto, cpu, cuda (default auto)")
+    demo.add_argument(
+        "--out",
+        default=DEMO_OUT,
+        help=f"output folder (default {DEMO_OUT}; {DEMO_OUT}/official_<release> with --official)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.add_argument(
         "--jobs",
@@ -529,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_shards.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     to_shards.set_defaults(func=_cmd_data_to_shards)
     add_generation_commands(sub)  # pretokenize, sample, convert (cli_generation.py)
+    add_app_parser(sub)  # the web app (app/command.py)
     add_reference_commands(sub)  # reference train, reference eval (cli_reference.py)
     _add_bench_parser(sub)
     return parser

@@ -109,7 +109,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer_folder(args.tokenizer, args.tokenizer_weights, "--tokenizer")[0].to(device)
     check_tokenizer(generator, tokenizer)  # ids of the same K and V, or latents of the same K and C
     g, family = generator.config, family_of(generator)
-    class_names = _check_generator_tokens(folder, tokenizer)
+    class_names = check_generator_tokens(folder, tokenizer)
     classes = parse_classes(args.classes, g.num_classes)
     labels = torch.tensor(classes).repeat_interleave(args.n)
     grid = args.out
@@ -158,7 +158,7 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     return classes
 
 
-def _check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> list[str]:
+def check_generator_tokens(folder: Path, tokenizer: torch.nn.Module) -> list[str]:
     """When the generator's training tokens are reachable, refuse a tokenizer other than theirs;
     returns the class names of those tokens' images when known (for the grid's row labels)."""
     import json
