@@ -152,36 +152,24 @@ def test_redraw_needs_a_tokenized_image_and_a_movable_slider(cache: ModelCache, 
         redraw(cache, state, 8)
 
 
-def test_decode_prefix_ignores_the_tail_and_equals_decode_at_full_length(saved: dict[str, Path]) -> None:
+def test_decode_prefix_of_a_nested_model_and_the_refusal_of_any_other(saved: dict[str, Path]) -> None:
+    """A nested model decodes any prefix (the slider is on); a model trained without nested tokens
+    decodes only all K, refuses a prefix with its reason, and gets a disabled slider."""
     model = mstok.load_tokenizer(saved["titok"])
     tokens = torch.randint(0, 1024, (2, 32))
     assert torch.equal(decode_prefix(model, tokens, 32), model.decode(tokens))
-    other = tokens.clone()
-    other[:, 8:] = torch.randint(0, 1024, (2, 24))
-    prefix = decode_prefix(model, tokens, 8)
-    assert prefix.shape == (2, 3, 64, 64) and torch.equal(prefix, decode_prefix(model, other, 8))
-    assert not torch.equal(prefix, model.decode(tokens))
+    assert not model.supports_prefix and not prefix_slider(model, 32).interactive
+    with pytest.raises(ValueError, match="without nested tokens"):
+        decode_prefix(model, tokens, 8)
     with pytest.raises(ValueError, match=r"k must be a number of tokens in 1\.\.32"):
         decode_prefix(model, tokens, 0)
-
-
-def test_a_nested_model_decodes_the_prefix_itself_and_gets_a_slider(saved: dict[str, Path]) -> None:
-    """The contract with nested models (issue 27 item 1): ``supports_prefix`` and ``decode(tokens[:, :k])``."""
-    inner = mstok.load_tokenizer(saved["titok"])
-    seen = []
-
-    class Nested(torch.nn.Module):
-        supports_prefix = True
-        config = inner.config
-
-        def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-            seen.append(tuple(tokens.shape))
-            return torch.zeros(tokens.shape[0], 3, 64, 64)
-
-    nested = Nested()
-    assert prefix_slider(nested, 32).interactive
-    decode_prefix(nested, torch.zeros(1, 32, dtype=torch.long), 5)
-    assert seen == [(1, 5)]
+    nested = mstok.create_tokenizer("titok_tiny", nested=True).eval()
+    assert nested.supports_prefix and prefix_slider(nested, 32).interactive
+    prefix = decode_prefix(nested, tokens, 8)
+    other = tokens.clone()
+    other[:, 8:] = torch.randint(0, 1024, (2, 24))
+    assert prefix.shape == (2, 3, 64, 64) and torch.equal(prefix, decode_prefix(nested, other, 8))
+    assert not torch.equal(prefix, nested.decode(tokens))
 
 
 # ----------------------------------------------------------------------------- Compare

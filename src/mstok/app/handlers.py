@@ -27,7 +27,6 @@ from mstok.data import CorruptImageError, center_crop_resize, load_rgb, to_tenso
 from mstok.demo import HELD_OUT_PHOTOS, TRAIN_PHOTOS, skimage_photos
 
 log = logging.getLogger(__name__)
-MAX_FULL_CODEBOOK = 1 << 16  # codebooks up to this size fill a dropped token with their mean code
 # an upload above this many pixels is refused before decoding (a page must not decode a 1-gigapixel
 # file into memory on behalf of a browser); ``mstok app --max-pixels`` raises it
 APP_MAX_PIXELS = 40_000_000
@@ -165,30 +164,13 @@ def prefix_slider(model: torch.nn.Module, k: int) -> Slider:
 
 @torch.no_grad()
 def decode_prefix(model: torch.nn.Module, tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """Decode the first ``k`` of the K ``tokens`` (B, K) or (B, K, C).
-
-    A nested model (``supports_prefix``) decodes the prefix itself; any other model decodes K
-    tokens whose tail is replaced by an uninformative token: the codebook's mean code for ids,
-    zeros (a VAE prior's mean) for latents. Such a model was never trained to decode that, so
-    the page only offers the slider for nested models (:func:`prefix_slider`)."""
+    """Decode the first ``k`` of the K ``tokens`` (B, K) or (B, K, C): a nested model
+    (``supports_prefix``) decodes any prefix; any other model only all K (its ``decode`` refuses
+    a prefix with the reason, so the page offers the slider for nested models only)."""
     count = tokens.shape[1]
     if not 1 <= k <= count:
         raise ValueError(f"k must be a number of tokens in 1..{count}, got {k}")
-    if k == count:
-        return model.decode(tokens)
-    if getattr(model, "supports_prefix", False):
-        return model.decode(tokens[:, :k])
-    codes = model.tokens_to_codes(model.check_tokens(tokens)).clone()
-    fill = codes.new_zeros(codes.shape[-1])
-    vocab = model.vocab_size
-    if vocab is not None and vocab <= MAX_FULL_CODEBOOK:
-        every = torch.arange(vocab, device=tokens.device)
-        fill = model.quantizer.indices_to_codes(every[None])[0].mean(0).to(codes.dtype)
-    codes[:, k:] = fill
-    out = model.decode_codes(codes)
-    if getattr(model, "pixel_decoder", None) is not None:
-        out = model.pixel_decoder(out)
-    return out.clamp(0.0, 1.0)
+    return model.decode(tokens if k == count else tokens[:, :k])
 
 
 def _decode(model: torch.nn.Module, tokens: torch.Tensor, slider: Slider, n: int) -> torch.Tensor:

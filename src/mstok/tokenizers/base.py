@@ -481,6 +481,12 @@ class Tokenizer(SavedModel, nn.Module):
         return 1
 
     @property
+    def supports_prefix(self) -> bool:
+        """Whether :meth:`decode` takes any prefix ``tokens[:, :k]`` (a model built with nested
+        tokens, ``config.nested``; docs/nested.md): the web app's prefix slider reads it."""
+        return bool(getattr(self.config, "nested", False))
+
+    @property
     def decodes_in_steps(self) -> bool:
         """Whether :meth:`decode` takes ``steps`` (a decoder that integrates an ODE): False here
         (one pass); a sampling decoder (SemTok's flow) overrides it."""
