@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bottleneck -> (overrides of the shipped titok_tiny.toml, steps, dB over mean colour required).
 # Measured on 200 held-out images, 2 seeds (benchmarks/quantizers.py, runs of 2000 steps, validated
-# every 250): VQ +1.35 / -0.49 dB at step 250 (seed 0 is the one tested: +1.7 at 300 on 1,000
-# images), BSQ +1.0 / +1.1 at 250. LFQ with its entropy warm start (docs/quantizers.md) +0.03 /
+# every 250): VQ +1.35 / -0.49 dB at step 250 (seed 0 is the one tested: +1.58 on these 64 images
+# in a 250-step run), BSQ +1.0 / +1.1 at 250. LFQ with its entropy warm start (docs/quantizers.md) +0.03 /
 # +0.89 at 250 and +2.25 / +2.15 at 500 (without it -0.6 / -1.7 at 250, +0.6 / +0.5 at 500, so it
 # took 600 steps here).
 LFQ_WARM_START = ["loss.entropy_boost=20", "loss.entropy_boost_steps=500"]
 BOTTLENECKS = {
-    "vq": ([], 300, 1.0),
+    "vq": ([], 250, 1.0),
     "bsq": (["model.overrides.quantizer='bsq'", "model.overrides.code_dim=10"], 250, 0.7),
     "lfq": (["model.overrides.quantizer='lfq'", "model.overrides.code_dim=10", *LFQ_WARM_START], 400, 0.5),
 }
