@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,11 @@ def table(rows: dict[str, Row], results: dict[str, list[dict[str, Any]]], floor:
 GRID_IMAGES = 10  # held-out images in the reconstruction grid: one of each of the first classes
 
 
+def grid_label(name: str) -> str:
+    """A row's label in the grid's 70-pixel column (11 characters a line): the bottleneck, wrapped."""
+    return "\n".join(textwrap.wrap(name.split(": ", 1)[-1], 11)[:4])
+
+
 def write_grid(rows: dict[str, Row], args: argparse.Namespace, path: Path) -> None:
     """Seed 0's EMA reconstructions of the first held-out images, one row per run, the originals on top."""
     import torch
@@ -108,7 +114,7 @@ def write_grid(rows: dict[str, Row], args: argparse.Namespace, path: Path) -> No
     with torch.no_grad():
         for name in rows:
             model = load_tokenizer(harness.run_dir(args, name)).eval()
-            lines.append((name.split(": ", 1)[-1][:11], model(images).reconstruction.clamp(0, 1)))
+            lines.append((grid_label(name), model(images).reconstruction.clamp(0, 1)))
     image_grid(lines).save(path)
 
 

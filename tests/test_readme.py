@@ -437,7 +437,9 @@ def _random_inception_cache(folder: Path) -> None:
 def test_the_pages_sequences_run_in_reading_order_on_a_fresh_clone(tmp_path: Path, monkeypatch) -> None:
     clone = tmp_path / "clone"
     shutil.copytree(REPO / "configs", clone / "configs")
-    _stand_in_dataset(tmp_path / "shared" / "datasets" / "tiny-imagenet-64")
+    _stand_in_dataset(
+        tmp_path / "shared" / "datasets" / "tiny-imagenet-64", per_class=2
+    )  # 6 images: each eval runs Inception on them
     # the training split as a folder: the configs read shards or a folder alike (open_image_dataset)
     _stand_in_dataset(tmp_path / "shared" / "datasets" / "tiny-imagenet-64-train")
     _random_inception_cache(tmp_path / "cache")
