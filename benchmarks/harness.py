@@ -612,6 +612,18 @@ def bit_entropies(ids: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reference_scores(net: Any, real: torch.Tensor, recon: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """FD-ref between real images and their reconstructions (B, 3, H, W) in the reference network's
+    feature space, and its top-1 on each (:class:`ReferenceMeter`, the meter of ``mstok eval``)."""
+    from mstok.evaluation.reference import ReferenceMeter
+
+    meter = ReferenceMeter(net)
+    for a, b, y in zip(real.split(500), recon.split(500), labels.split(500), strict=True):
+        meter.update(a, b, y)
+    return meter.results()
+
+
+@torch.no_grad()
 def held_out_metrics(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> dict[str, float]:
     """PSNR and SSIM of ``model``'s reconstructions of ``images`` and, for a tokenizer with ids,
     the quantizer's usage statistics of them (the fraction of the codebook used, the code

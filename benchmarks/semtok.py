@@ -61,7 +61,6 @@ import torch
 
 from mstok.evaluation.metrics import bits_per_pixel, mean_colour, psnr, ssim
 from mstok.evaluation.probe import split_per_class, train_probe
-from mstok.evaluation.reference import ReferenceMeter
 from mstok.persistence import load_reference_net, load_tokenizer
 from mstok.tokenizers import create_tokenizer
 
@@ -93,16 +92,6 @@ def token_stats(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float | 
 
 
 PROBE_SPLIT = (35, 5)  # of the 40 held-out images per class: the probe's train and val images
-
-
-@torch.no_grad()
-def semantic_scores(net: Any, real: torch.Tensor, recon: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """FD-ref between real images and their reconstructions (B, 3, H, W) in the reference network's
-    feature space, and its top-1 on each (:class:`ReferenceMeter`, the meter of ``mstok eval``)."""
-    meter = ReferenceMeter(net)
-    for a, b, y in zip(real.split(500), recon.split(500), labels.split(500), strict=True):
-        meter.update(a, b, y)
-    return meter.results()
 
 
 def token_probe(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -162,7 +151,7 @@ def evaluate(
             "ssim": float(np.mean(ssim(images[:count], recon))),
             "decode_ms": 1000 * seconds / count,
             "images": count,
-            **semantic_scores(reference, images[:count], recon, labels[:count]),
+            **harness.reference_scores(reference, images[:count], recon, labels[:count]),
         }
     return out
 
@@ -266,7 +255,7 @@ def calibrations(args: argparse.Namespace) -> dict[str, Any]:
     indices = tuple(harness.held_out_indices(args.data, args.eval_images))
     images, labels = harness.held_out_images(args.data, indices), harness.held_out_labels(args.data, indices)
     flat = mean_colour(images)
-    scores = semantic_scores(load_reference_net(args.feature_net), images, flat, labels)
+    scores = harness.reference_scores(load_reference_net(args.feature_net), images, flat, labels)
     psnr_value, ssim_value = harness.mean_colour_floor(args.data, args.eval_images)
     return {"images": len(images), "psnr": psnr_value, "ssim": ssim_value, **scores}
 

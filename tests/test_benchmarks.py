@@ -658,16 +658,23 @@ def test_nested_benchmark_end_to_end(tmp_path, tiny_imagenet):
     argv = ["--data", str(tiny_imagenet), "--steps", "2", "--val-every", "2", "--val-images", "8", "--jobs", "1"]
     argv += ["--threads", "1", "--seeds", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "R.md")]
     argv += ["--final-images", "16", "--dedicated", "8", "--prefixes", "1,8,32", "--targets", "5,40"]
-    results = nested.main(argv)
-    assert list(results) == ["nested K=32 (pow2)", "dedicated K=8"]
-    (run,) = results["nested K=32 (pow2)"]
+    results = nested.main([*argv, "--feature-net", str(_reference_net(tmp_path / "net"))])
+    assert list(results) == ["nested K=32 (uniform+full)", "dedicated K=8"]
+    (run,) = results["nested K=32 (uniform+full)"]
     assert set(run["psnr"]) == {1, 8, 32} and all(v > 0 for v in run["psnr"].values()) and len(run["curve"]) == 32
-    assert results["dedicated K=8"][0]["psnr"].keys() == {8}
+    assert set(run["fd_ref"]) == {1, 8, 32} and all(v >= 0 for v in run["fd_ref"].values())
+    assert all(0 <= v <= 1 for v in run["top1"].values())
+    assert results["dedicated K=8"][0]["psnr"].keys() == {8} and results["dedicated K=8"][0]["fd_ref"].keys() == {8}
     unreachable = run["adaptive"][40.0]
     assert unreachable["tokens"] == 32 and unreachable["reached"] == 0  # none reaches 40 dB: all 32 tokens
     assert 1 <= run["adaptive"][5.0]["tokens"] <= 32
     text = (tmp_path / "R.md").read_text()
-    assert "## Nested tokens: PSNR against the prefix length" in text and "| nested - dedicated PSNR (dB) |" in text
-    assert "| 40 | 32.00 |" in text
+    assert "## Nested tokens: PSNR against the prefix length" in text
+    assert "| nested K=32 (uniform+full) - dedicated PSNR (dB) |" in text and "| 40 | 32.00 |" in text
+    assert "| nested K=32 (uniform+full) FD-ref |" in text
     with pytest.raises(SystemExit):
         nested.main([*argv, "--prefixes", "64"])
+    with pytest.raises(SystemExit):
+        nested.main([*argv, "--nested", "pow3"])
+    with pytest.raises(SystemExit):
+        nested.main([*argv, "--feature-net", str(tmp_path / "missing")])

@@ -48,6 +48,26 @@ def test_ssim_matches_a_plain_gaussian_window_reference():
     assert ssim(ref, ref) == pytest.approx([1.0, 1.0])
     with pytest.raises(ValueError, match="shapes differ"):
         ssim(ref, rec[:, :, :20])
+    with pytest.raises(ValueError, match=r"at least 11x11 pixels .*got \(8, 8\)"):
+        ssim(ref[..., :8, :8], rec[..., :8, :8])
+
+
+def test_ssim_equals_scikit_image_in_batches():
+    """The batched SSIM against scikit-image's per-image one (the definition the papers' code uses), across
+    the chunk boundary, at 64 px and on a non-square image."""
+    from skimage.metrics import structural_similarity
+
+    from mstok.evaluation import metrics
+
+    torch.manual_seed(2)
+    for shape in ((metrics.SSIM_CHUNK + 3, 3, 16, 16), (2, 3, 64, 64), (1, 3, 20, 33)):
+        ref = torch.rand(shape, dtype=torch.float64)
+        rec = (ref + 0.2 * torch.randn_like(ref)).clamp(0, 1)
+        settings = {"data_range": 1.0, "channel_axis": 0, "gaussian_weights": True, "sigma": 1.5}
+        pairs = zip(ref.numpy(), rec.numpy(), strict=True)
+        expected = [structural_similarity(a, b, use_sample_covariance=False, **settings) for a, b in pairs]
+        assert ssim(ref, rec) == pytest.approx(expected, abs=1e-10)
+    assert ssim(ref.float(), rec.float()) == pytest.approx(expected, abs=1e-6)  # float32 input: compared in float64
 
 
 def test_codebook_usage_and_histogram(tmp_path):

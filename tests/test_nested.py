@@ -146,6 +146,13 @@ def test_prefix_length_distributions() -> None:
     assert prefix_choices("uniform", 5, min_tokens=2) == [2, 3, 4, 5]
     drawn = prefix_lengths("uniform", 8, 4000, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == set(range(1, 9)) and abs(drawn.float().mean().item() - 4.5) < 0.1
+    generator = torch.Generator().manual_seed(0)
+    half = prefix_lengths("pow2", 32, 4000, generator, full_fraction=0.5)  # half keep all 32, the rest pow2
+    share_full = (half == 32).double().mean().item()
+    assert abs(share_full - (0.5 + 0.5 / 6)) < 0.03 and set(half.tolist()) == {1, 2, 4, 8, 16, 32}
+    assert (prefix_lengths("uniform", 8, 50, full_fraction=1.0) == 8).all()
+    with pytest.raises(ValueError, match=r"full_fraction must be in \[0, 1\], got 1.5"):
+        prefix_lengths("pow2", 8, 4, full_fraction=1.5)
     with pytest.raises(ValueError, match="unknown prefix distribution 'linear'"):
         prefix_choices("linear", 8)
     with pytest.raises(ValueError, match=r"min_tokens must be an integer in 1\.\.8"):
@@ -178,6 +185,8 @@ def test_nested_dropout_draws_seeded_lengths_per_slot(tmp_path, photos) -> None:
     assert torch.equal(same.prefix_lengths(0, 8), first)
     other = _trainer(tmp_path / "c", photos, "nested.distribution='pow2'", "seed=1")
     assert not torch.equal(other.prefix_lengths(0, 8), first)
+    full = _trainer(tmp_path / "d", photos, "nested.distribution='pow2'", "nested.full_fraction=1.0")
+    assert (full.prefix_lengths(0, 8) == 32).all()  # every image keeps all K
 
 
 @pytest.mark.slow  # ~30 s: three short runs

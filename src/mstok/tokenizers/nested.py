@@ -15,6 +15,11 @@ The prefix-length distributions (``PREFIX_DISTRIBUTIONS``):
   nested dropout): the lengths a user decodes at most often get the most training, and the full
   sequence about one step in log2(K) + 1.
 
+``full_fraction`` f (the trainer's ``nested.full_fraction``) keeps all K tokens for a share f of the
+images and draws the others' lengths from the distribution: the full sequence then trains on every
+step, not one in log2(K) + 1 (measured in benchmarks/nested.py: without it, a short run leaves the
+tail tokens unused and the full-K decode far below a dedicated model's).
+
 :func:`encode_adaptive` picks the length per image: the shortest prefix whose decode reaches a
 PSNR target (ragged output: ids padded to the longest prefix, plus a lengths tensor).
 
@@ -53,11 +58,21 @@ def prefix_choices(distribution: str, total: int, min_tokens: int = 1) -> list[i
 
 
 def prefix_lengths(
-    distribution: str, total: int, count: int, generator: torch.Generator | None = None, min_tokens: int = 1
+    distribution: str,
+    total: int,
+    count: int,
+    generator: torch.Generator | None = None,
+    min_tokens: int = 1,
+    full_fraction: float = 0.0,
 ) -> torch.Tensor:
-    """``count`` prefix lengths (count,) int64 drawn from ``distribution`` over 1..K (``total``)."""
+    """``count`` prefix lengths (count,) int64 drawn from ``distribution`` over 1..K (``total``);
+    each is K with probability ``full_fraction`` in [0, 1] and drawn from the distribution otherwise."""
+    if not 0.0 <= full_fraction <= 1.0:
+        raise ValueError(f"full_fraction must be in [0, 1], got {full_fraction!r}")
     choices = torch.tensor(prefix_choices(distribution, total, min_tokens))
-    return choices[torch.randint(len(choices), (count,), generator=generator)]
+    lengths = choices[torch.randint(len(choices), (count,), generator=generator)]
+    full = torch.rand(count, generator=generator) < full_fraction  # drawn always: one stream per fraction
+    return torch.where(full, total, lengths)
 
 
 def check_lengths(lengths: Any, batch: int, most: int, check_values: bool = True) -> torch.Tensor:

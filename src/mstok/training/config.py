@@ -163,7 +163,9 @@ class NestedConfig:
     (:mod:`mstok.tokenizers.nested`, docs/nested.md).
 
     ``distribution``: ``none`` (off), ``uniform`` (k uniform over ``min_tokens``..K) or ``pow2``
-    (k uniform over the powers of two in ``min_tokens``..K, plus K). One length per image, drawn
+    (k uniform over the powers of two in ``min_tokens``..K, plus K). ``full_fraction``: the share of
+    images that keep all K tokens whatever the distribution (the full sequence trains every step;
+    the nested configs use 0.5, docs/nested.md). One length per image, drawn
     from (seed, step) alone: the same on any number of ranks and after a resume. A run with it
     on builds its model with ``nested = true`` (an explicit ``model.overrides.nested = false``
     is an error), and ``model.init_from`` may be a model without the tail token (it starts new).
@@ -171,10 +173,12 @@ class NestedConfig:
 
     distribution: str = "none"
     min_tokens: int = 1
+    full_fraction: float = 0.0
 
     field_rules: ClassVar[dict[str, Rule]] = {
         "distribution": one_of(("none", *PREFIX_DISTRIBUTIONS)),
         "min_tokens": POSITIVE,
+        "full_fraction": PROBABILITY,
     }
 
 

@@ -278,7 +278,7 @@ class Trainer(Engine):
         generator = torch.Generator().manual_seed(int(state))
         total = self.model.config.num_latent_tokens
         lengths = prefix_lengths(
-            cfg.nested.distribution, total, cfg.batch_size, generator, cfg.nested.min_tokens
+            cfg.nested.distribution, total, cfg.batch_size, generator, cfg.nested.min_tokens, cfg.nested.full_fraction
         )  # (global batch,)
         start = (micro_step * self.dist.world_size + self.dist.rank) * self.micro_batch
         return lengths[start : start + count].to(self.device)
