@@ -5,7 +5,7 @@ level or inside a function; packages may not import each other in a cycle, nor m
 only upward import allowed is a deprecation shim: a module-level ``__getattr__`` that warns with
 a ``DeprecationWarning`` and imports an old name from its new, higher home. Every other
 function-level ``mstok`` import carries a ``# lazy: <why>`` comment (on its line or on the
-comment line above it): a heavy dependency (torchmetrics...) loaded only where it is used.
+comment line above it): a heavy dependency (Gradio, diffusers...) loaded only where it is used.
 
 ``tests/test_architecture.py`` checks all of it. Each entry is ``(layer, module prefixes)``; a
 module belongs to the layer of its longest matching prefix (``"mstok"`` alone is the package's

@@ -25,9 +25,13 @@ from mstok.cli_reference import (
     reference_meter,
 )
 from mstok.data.shards import write_shards
+from mstok.demo import run_demo
+from mstok.demo_official import run_official_demo
 from mstok.device import resolve_device
+from mstok.evaluation import evaluate as ev
 from mstok.evaluation import uniformity
 from mstok.evaluation.inception import FID_WEIGHTS_FILENAME
+from mstok.evaluation.probe import run_probe
 from mstok.generators import GENERATOR_PRESETS, create_generator, family_of
 from mstok.losses.perceptual import LPIPS_FILENAME, VGG16_FILENAME
 from mstok.persistence import load_tokenizer_folder
@@ -133,15 +137,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.official:
         if args.data or args.steps:
             raise ValueError("--official shows a released tokenizer and trains nothing: drop --data and --steps")
-        # lazy: the demo imports training and evaluation (torchmetrics, about 2 s)
-        from mstok.demo_official import run_official_demo
-
         out = None if args.out == DEMO_OUT else args.out
         report = run_official_demo(args.official, out, device=args.device, progress=not args.no_progress)
         print(f"report written to {report}")
         return 0
-    from mstok.demo import run_demo  # lazy: the demo imports training and evaluation (torchmetrics, about 2 s)
-
     report = run_demo(
         out_dir=args.out,
         data=args.data,
@@ -178,9 +177,6 @@ def _cmd_data_to_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    # lazy: evaluation imports torchmetrics and scikit-image (about 2 s), which only this command needs
-    from mstok.evaluation import evaluate as ev
-
     device = resolve_device(args.device)  # one process: eval never joins a process group
     out = Path(args.out) if args.out else None
     meter, meter_unavailable = None, {}
@@ -282,8 +278,6 @@ def _parse_split(text: str) -> tuple[int, int]:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     import json
-
-    from mstok.evaluation.probe import run_probe  # lazy: it imports torchmetrics (about 2 s)
 
     if args.val and args.split:
         raise ValueError("--split divides the train folder and cannot be combined with --val")

@@ -18,6 +18,10 @@ from torch.utils.data import Dataset
 from mstok.cli_errors import MAX_PIXELS_HELP, positive_int
 from mstok.cli_generation import MODEL_HELP, WEIGHTS_HELP
 from mstok.device import resolve_device
+from mstok.evaluation.evaluate import write_results
+from mstok.evaluation.fid import load_stats
+from mstok.evaluation.generated import evaluate_generated_reference
+from mstok.evaluation.reference import ReferenceMeter, evaluate_reference
 from mstok.persistence import load_reference_net
 from mstok.training.reference import DEFAULT_BATCH, DEFAULT_DATA, DEFAULT_LR, DEFAULT_STEPS, train_reference
 
@@ -31,8 +35,6 @@ def _require_folder(path: str, flag: str) -> None:
 
 
 def _cmd_reference_train(args: argparse.Namespace) -> int:
-    from mstok.evaluation.reference import evaluate_reference  # lazy: torchmetrics takes about 2 s to import
-
     _require_folder(args.data, "--data")
     if args.val_data:
         _require_folder(args.val_data, "--val-data")
@@ -66,8 +68,6 @@ def _cmd_reference_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference_eval(args: argparse.Namespace) -> int:
-    from mstok.evaluation.reference import evaluate_reference  # lazy: torchmetrics takes about 2 s to import
-
     model = load_reference_net(args.model, args.weights)  # a missing or wrong-kind folder fails here, at once
     _require_folder(args.data, "--data")
     model.to(resolve_device(args.device))
@@ -87,10 +87,6 @@ def _cmd_reference_eval(args: argparse.Namespace) -> int:
 def reference_meter(args: argparse.Namespace, dataset: Dataset, device: torch.device) -> tuple[Any, dict[str, str]]:
     """``mstok eval --feature-net DIR [--feature-net-stats FILE]``: the FD-ref meter on ``device``,
     and why the top-1 is unavailable (the data's classes are not the network's) if it is."""
-    # lazy: scipy and torchmetrics (about 2 s), needed only with --feature-net
-    from mstok.evaluation.fid import load_stats
-    from mstok.evaluation.reference import ReferenceMeter
-
     net = load_reference_net(args.feature_net).to(device)
     stats = load_stats(args.feature_net_stats) if args.feature_net_stats else None
     classes = getattr(dataset, "classes", None)
@@ -108,10 +104,6 @@ def reference_meter(args: argparse.Namespace, dataset: Dataset, device: torch.de
 def eval_generated_reference(args: argparse.Namespace, out: Path | None) -> int:
     """``mstok eval --generated DIR --feature-net NET --data REAL``: FD-ref, class accuracy and
     precision/recall of generated images against real ones, printed and written to ``--out``."""
-    # lazy: evaluation imports torchmetrics and scikit-image (about 2 s), which only this command needs
-    from mstok.evaluation.evaluate import write_results
-    from mstok.evaluation.generated import evaluate_generated_reference
-
     if args.feature_net_stats:
         raise ValueError("--feature-net-stats is for reconstructions; with --generated the real features are cached")
     if not args.data:

@@ -23,6 +23,7 @@ import torch
 from mstok.data import center_crop_resize, to_tensor
 from mstok.demo import HELD_OUT_PHOTOS, TRAIN_PHOTOS, image_grid, skimage_photos
 from mstok.device import resolve_device
+from mstok.evaluation.metrics import mean_colour, psnr, ssim
 from mstok.persistence import load_generator, load_tokenizer
 from mstok.persistence.convert.generator import GENERATOR_RELEASES, generator_release_key
 from mstok.persistence.convert.titok import HUB_OWNER, RELEASES, release_key
@@ -91,8 +92,6 @@ def run_official_demo(
 ) -> Path:
     """Reconstruct scikit-image's photos with an official TiTok; writes ``grid.png``,
     ``metrics.json`` and ``report.md`` into ``out_dir`` and returns the report's path."""
-    from mstok.evaluation.metrics import mean_colour, psnr, ssim  # lazy: torchmetrics (about 2 s)
-
     say = print if progress else (lambda *_: None)
     model, description = load_official(source)
     name = release_key(str(source)) if not Path(source).exists() else Path(source).name

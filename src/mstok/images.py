@@ -1,7 +1,10 @@
-"""Image grids for reports and sample sheets: rows of images on a white canvas, optionally named.
+"""Image helpers that know nothing of models: grids for reports and sample sheets (rows of images
+on a white canvas, optionally named), and the per-image PSNR.
 
-Used by the run logger (reconstruction grids), ``mstok eval`` (a grid of reconstructions) and
-``mstok sample`` (one row per class); it knows nothing of models.
+The grids serve the run logger (reconstruction grids), ``mstok eval`` (a grid of reconstructions)
+and ``mstok sample`` (one row per class). :func:`image_psnr` is the one PSNR of the project: the
+evaluation (:func:`mstok.evaluation.metrics.psnr`) and the length chosen per image
+(:func:`mstok.tokenizers.nested.encode_adaptive`) both read it, so it lives in this bottom layer.
 """
 
 from __future__ import annotations
@@ -12,6 +15,13 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
+
+
+def image_psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB, (B,) float64, of images (B, ...) in [0, 1] (data range 1; both clamped to
+    it): ``10 log10(1 / MSE)``, infinite for an exact copy. Shapes are the caller's to check."""
+    mse = (reference.detach().double().clamp(0, 1) - reconstruction.detach().double().clamp(0, 1)).square()
+    return 10 * torch.log10(1.0 / mse.flatten(1).mean(1))
 
 
 def make_grid(rows: torch.Tensor, pad: int = 2, labels: Sequence[str] | None = None) -> np.ndarray:

@@ -9,5 +9,5 @@
 * :mod:`~mstok.app.command`: the ``mstok app`` command, the only place that calls ``launch()``.
 
 Nothing is imported here: ``mstok`` imports :mod:`~mstok.app.command` at start-up, and the rest
-loads the demo's photos, the metrics (torchmetrics) and Gradio, which only ``mstok app`` needs.
+loads the demo's photos, the metrics and Gradio, which only ``mstok app`` needs.
 """

@@ -25,6 +25,7 @@ from mstok.app.models import ModelCache
 from mstok.cli_errors import is_user_error, one_line
 from mstok.data import CorruptImageError, center_crop_resize, load_rgb, to_tensor
 from mstok.demo import HELD_OUT_PHOTOS, TRAIN_PHOTOS, skimage_photos
+from mstok.evaluation.metrics import psnr, ssim
 
 log = logging.getLogger(__name__)
 # an upload above this many pixels is refused before decoding (a page must not decode a 1-gigapixel
@@ -183,8 +184,6 @@ def _decode(model: torch.nn.Module, tokens: torch.Tensor, slider: Slider, n: int
 
 
 def _scores(original: torch.Tensor, recon: torch.Tensor) -> tuple[float, float]:
-    from mstok.evaluation.metrics import psnr, ssim  # lazy: torchmetrics and scikit-image (about 2 s)
-
     original, recon = original.float().cpu(), recon.float().cpu()
     return psnr(original, recon)[0], ssim(original, recon)[0]
 

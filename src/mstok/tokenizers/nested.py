@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from mstok.images import image_psnr
+
 PREFIX_DISTRIBUTIONS = ("uniform", "pow2")
 
 
@@ -133,13 +135,6 @@ def fill_tail(codes: torch.Tensor, total: int, tail: torch.Tensor, lengths: torc
         return codes
     kept = torch.arange(total, device=codes.device)[None, :] < lengths.to(codes.device)[:, None]  # (B, K)
     return torch.where(kept[..., None], codes, tail)
-
-
-def image_psnr(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB (B,) of reconstructions against images, both in [0, 1] (data range 1),
-    in float64: the definition of :func:`mstok.evaluation.metrics.psnr`."""
-    mse = (images.double() - recon.double().clamp(0, 1)).square().flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from mstok.config_schema import FRACTION, NON_NEGATIVE, POSITIVE, Rule
 from mstok.data import IndexSubset, RandomResizedCropFlip, open_image_dataset
+from mstok.evaluation.reference import evaluate_reference, reference_dataset
 from mstok.networks.reference import ReferenceConfig, ReferenceNet
 from mstok.training.components import held_out_indices
 from mstok.training.config import DataConfig, OptimConfig, RunConfig
@@ -131,10 +132,6 @@ class ReferenceTrainer(Engine):
         if self.val_every:
             if not config.data.val_path:
                 raise ValueError("val_every > 0 needs held-out images: set data.val_path (--val-data DIR)")
-            # lazy: evaluation.metrics imports torchmetrics (about 2 s); the CLI imports this module's
-            # defaults when it starts, and a run without validation never needs it
-            from mstok.evaluation.reference import reference_dataset
-
             full = reference_dataset(config.data.val_path, model, config.data.max_pixels)
             count = min(config.val_images, len(full))
             # evenly spaced: a class-sorted folder's first images would all be of its first classes
@@ -169,8 +166,6 @@ class ReferenceTrainer(Engine):
         """Top-1 / top-5 of the current weights on the held-out images (no state changes: BatchNorm in eval mode)."""
         if self.val_set is None:
             return {}
-        from mstok.evaluation.reference import evaluate_reference  # lazy: torchmetrics (see __init__)
-
         result = evaluate_reference(self.model, self.val_set, batch_size=256)
         return {"val_top1": 100 * result["top1"], "val_top5": 100 * result["top5"]}
 

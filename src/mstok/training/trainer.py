@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mstok.evaluation.evaluate import load_lpips
+from mstok.evaluation.metrics import mean_colour, psnr, ssim
 from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.nested import prefix_lengths
 from mstok.training.components import (
@@ -140,11 +142,6 @@ class Trainer(Engine):
         """LPIPS for validation (the loss's when it has one; else only from local files, never a
         download), and the PSNR of painting each held-out image in its mean colour, a floor to
         read the reconstructions' PSNR against."""
-        # lazy: evaluation.metrics imports torchmetrics and scikit-image (about 2 s), which a run
-        # without validation need not pay
-        from mstok.evaluation.evaluate import load_lpips
-        from mstok.evaluation.metrics import mean_colour, psnr
-
         self.val_lpips = self.loss_fn.perceptual
         if self.val_lpips is None:
             p = self.config.perceptual
@@ -194,8 +191,6 @@ class Trainer(Engine):
     def validate(self) -> dict[str, float]:
         """PSNR, SSIM (and LPIPS when available) of the EMA model's reconstructions of the
         held-out batch, means over its images; in micro-batches, so it fits where training does."""
-        from mstok.evaluation.metrics import psnr, ssim  # lazy: torchmetrics is slow to import (above)
-
         if self.val_images is None:
             return {}
         model = self.ema.module.eval()
