@@ -535,6 +535,31 @@ def test_convergence_benchmark_end_to_end(tmp_path, tiny_imagenet):
     assert again["titok VQ (recipe) [seed 1]"]["loss"] != results["titok VQ (recipe)"]["loss"]  # another seed
 
 
+@pytest.mark.slow  # ~15 s: three 2-step rows, two overhead rounds and two profiled runs
+def test_time_to_quality_benchmark_end_to_end(tmp_path, tiny_imagenet):
+    """time_to_quality.py at a trivial size: the curves of the shipped configs and the calibration, the
+    trainer-vs-bare table and the profiler's breakdown by the trainer's labels, written with the plot."""
+    ttq = _load("time_to_quality")
+    argv = ["--data", str(tiny_imagenet), "--train-data", str(tiny_imagenet), "--steps", "2", "--val-every", "1",
+            "--val-images", "4", "--final-images", "4", "--overhead-reps", "1", "--profile-steps", "2",
+            "--threads", "1", "--seconds", "1000", "--target", "1", "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    out, figure = tmp_path / "R.md", tmp_path / "t.png"
+    found = ttq.main([*argv, "--out", str(out), "--plot", str(figure)])
+    assert list(found["curves"]) == ["titok_tiny.toml", "mstok_tiny.toml", "conv AE VQ 8x8 V=32 (320 bits)"]
+    for result in found["curves"].values():
+        assert [r["step"] for r in result["val"]] == [1, 2] and ttq.first_reaching(result["val"], 1.0)["step"] == 1
+    text = out.read_text()
+    assert "## Time to quality" in text and "| s to 1 dB | steps to 1 dB |" in text and figure.stat().st_size > 1000
+    ratios = [line.split("|")[-2] for line in found["overhead"].splitlines()[2:]]
+    assert len(ratios) == 2 and all(float(r) > 0 for r in ratios)
+    breakdown = found["breakdown"].splitlines()
+    assert "| forward (ms) | backward (ms) | optimizer (ms) | ema (ms) | quantizer bookkeeping (ms) |" in breakdown[0]
+    forward, backward = (float(breakdown[2].split("|")[i]) for i in (4, 5))
+    assert forward > 0 and backward > 0  # the labels were seen by the profiler
+    with pytest.raises(SystemExit):
+        ttq.main([*argv, "--parts", "curves,speed", "--no-write"])
+
+
 def test_quantizers_benchmark_end_to_end(tmp_path, tiny_imagenet):
     quantizers = _load("quantizers")
     assert not [name for name in quantizers.BOTTLENECKS if "," in name]  # --rows is comma-separated

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -341,13 +342,15 @@ class Engine:
 
     def optimizer_step(self) -> torch.Tensor:
         """Unscale, clip, step optimizer + scheduler, update the EMA; returns the grad norm."""
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.ema.update(self.model)
+        with record_function("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        with record_function("ema"):
+            self.ema.update(self.model)
         return grad_norm.detach()
 
     def _check_finite(self, logger: RunLogger) -> None:
@@ -432,7 +435,8 @@ class Engine:
         tick = time.perf_counter()
         while True:
             try:
-                micro_batches = next(batches)
+                with record_function("data"):
+                    micro_batches = next(batches)
             except Exception:
                 if self.interrupt.requested:  # Ctrl-C also reaches loader workers; no step had begun
                     break
@@ -444,8 +448,9 @@ class Engine:
             self.step += 1
             self.samples_seen += cfg.batch_size
             self._window_items += cfg.batch_size
-            logger.add(self.step, terms)
-            bar.update(1)
+            with record_function("logging"):
+                logger.add(self.step, terms)
+                bar.update(1)
             done = self.step >= cfg.steps
             checkpoint = self.step % cfg.ckpt_every == 0 or done
             if self.step % cfg.log_every == 0 or checkpoint:

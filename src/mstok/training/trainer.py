@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from torch.utils.data import Dataset
 
 from mstok.evaluation.evaluate import load_lpips
@@ -233,14 +234,16 @@ class Trainer(Engine):
         for i, (images, _labels) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
             with self.grad_sync(last=i == n - 1):
-                codes = self.proxy_codes(images) if self.loss_fn.needs_proxy_codes else None
-                inputs = self.loss_fn.model_inputs(images)  # e.g. a semantic teacher's features; usually none
-                if self.nested:
-                    inputs["lengths"] = self.prefix_lengths(i, len(images))
-                with self.autocast():
-                    output = self.train_model(images, **inputs)
-                loss, terms = self.loss_fn(output, images, codes, gan_active, step=self.step)
-                self.scaler.scale(loss / n).backward()
+                with record_function("forward"):
+                    codes = self.proxy_codes(images) if self.loss_fn.needs_proxy_codes else None
+                    inputs = self.loss_fn.model_inputs(images)  # e.g. a semantic teacher's features; usually none
+                    if self.nested:
+                        inputs["lengths"] = self.prefix_lengths(i, len(images))
+                    with self.autocast():
+                        output = self.train_model(images, **inputs)
+                    loss, terms = self.loss_fn(output, images, codes, gan_active, step=self.step)
+                with record_function("backward"):
+                    self.scaler.scale(loss / n).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v / n
             latents.append(output.latents.detach())
@@ -250,9 +253,19 @@ class Trainer(Engine):
                 fakes.append(output.reconstruction.detach().float())
         sums["grad_norm"] = self.optimizer_step()
         if gan_active:
-            sums.update(self.discriminator_step(reals, fakes))
+            with record_function("discriminator"):
+                sums.update(self.discriminator_step(reals, fakes))
         if indices[0] is None:  # a continuous bottleneck: no codes to revive or count
             return sums
+        with record_function("quantizer bookkeeping"):
+            sums.update(self.codebook_step(latents, indices))
+        return sums
+
+    def codebook_step(self, latents: list[torch.Tensor], indices: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The quantizer's own update after the optimizer (VQ: dead-code revival) and its usage
+        statistics, over every rank's ids of this step."""
+        cfg = self.config
+        sums: dict[str, torch.Tensor] = {}
         all_indices = self.dist.all_gather_cat(torch.cat(indices), same_size=True)  # SkipBroken fixes sizes
         quantizer = self.model.quantizer
         settings = {"dead_code_threshold": cfg.dead_code_threshold}

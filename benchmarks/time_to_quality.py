@@ -1,0 +1,234 @@
+"""Time to quality: held-out PSNR against training seconds and steps for the shipped tiny configs, the
+trainer's step against a bare loop, and where a step's time goes.
+
+Three parts (``--parts``, all by default):
+
+* **curves**: ``configs/titok_tiny.toml`` and ``configs/mstok_tiny.toml`` as shipped, and the conv
+  autoencoder calibration at equal bits (``convae_tiny``, VQ 8x8 V = 32, the tiny recipe), trained one
+  after the other with every core (``--jobs 1``, ``--threads`` = the cores: each row has the machine to
+  itself, so its seconds are what a user with this machine waits). Each is validated every
+  ``--val-every`` steps on ``--val-images`` held-out images (Tiny ImageNet's validation set, never
+  trained on) with its EMA weights; the curve's time axis is the trainer's training time (data and
+  steps; validation left out). The table reads PSNR at fixed seconds, the first validation at or
+  above ``--target`` dB (seconds and steps), and PSNR on ``--final-images`` held-out images at the end;
+  the plot draws PSNR against seconds and against steps.
+* **overhead**: ``Trainer.train_step`` against a bare loop of the same model, the same loss object and
+  a fused AdamW on the same batch (no clipping, schedule, EMA or codebook statistics), the two
+  interleaved ``--overhead-reps`` times so both see the same machine; the ratio of the medians.
+* **breakdown**: ``torch.profiler`` over ``--profile-steps`` steps of ``Trainer.fit``, grouped by the
+  trainer's own labels (``data``, ``forward``, ``backward``, ``optimizer``, ``ema``, ``quantizer
+  bookkeeping``, ``logging``); what no label covers is ``other`` (checkpoints, the loop itself).
+
+    python benchmarks/time_to_quality.py                          # all three parts, about 35 min on 2 cores
+    python benchmarks/time_to_quality.py --parts overhead,breakdown   # the step tables only (a few minutes)
+
+Finished curve runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
+import harness
+from harness import Row
+
+SHIPPED = ("titok_tiny.toml", "mstok_tiny.toml")
+ROWS: dict[str, Row] = {
+    **{name: harness.config_row(harness.CONFIGS / name, "shipped") for name in SHIPPED},
+    **dict([harness.conv_ae_vq()]),
+}
+PARTS = ("curves", "overhead", "breakdown")
+LABELS = ("data", "forward", "backward", "optimizer", "ema", "quantizer bookkeeping", "logging")
+
+
+def first_reaching(val: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first validation record at or above ``target`` dB, or None."""
+    return next((r for r in val if r["val_psnr"] >= target), None)
+
+
+def at_seconds(val: list[dict[str, Any]], seconds: float) -> float | None:
+    """PSNR of the last validation within ``seconds`` of training time (None before the first)."""
+    within = [r["val_psnr"] for r in val if r["train_seconds"] <= seconds]
+    return within[-1] if within else None
+
+
+def curves_table(results: dict[str, dict[str, Any]], args: argparse.Namespace, floor: float) -> str:
+    """Markdown: per row, s/step, PSNR at each of ``--seconds``, time and steps to ``--target``, final PSNR."""
+    marks = [float(s) for s in harness.names(args.seconds)]
+    head = ["row", "params", "s/step", *[f"PSNR @{s:g} s" for s in marks], f"s to {args.target:g} dB",
+            f"steps to {args.target:g} dB", f"PSNR @{args.steps} steps ({args.final_images} images)"]  # fmt: skip
+    rows = []
+    for name, res in results.items():
+        reached = first_reaching(res["val"], args.target)
+        cells = [name, f"{res['params'] / 1e6:.2f}M", f"{res['seconds_per_step']:.3f}"]
+        cells += [harness.cell([at_seconds(res["val"], s)], 2) for s in marks]
+        cells += [f"{reached['train_seconds']:.0f}" if reached else "not reached",
+                  str(reached["step"]) if reached else "-", f"{res['final_psnr']:.2f}"]  # fmt: skip
+        rows.append(cells)
+    rows.append(harness.mean_colour_row(len(head), {3 + i: f"{floor:.2f}" for i in range(len(marks))}))
+    return harness.markdown_table(head, rows)
+
+
+def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace, floor: float) -> None:
+    """Held-out PSNR against training seconds (left) and steps (right), with the target and mean colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for name, res in results.items():
+        style = "--" if ROWS[name].group == "calibration" else "-"
+        axes[0].plot([r["train_seconds"] for r in res["val"]], [r["val_psnr"] for r in res["val"]], style, label=name)
+        axes[1].plot([r["step"] for r in res["val"]], [r["val_psnr"] for r in res["val"]], style, label=name)
+    for ax, label in zip(axes, ("training seconds (data + steps)", f"step (batch {args.batch_size})"), strict=True):
+        ax.axhline(args.target, color="black", lw=0.8, ls=":", label=f"target {args.target:g} dB")
+        ax.axhline(floor, color="grey", lw=0.8, label="mean colour")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"PSNR (dB), {args.val_images} held-out images, EMA")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    plt.close(fig)
+
+
+def make_trainer(config_name: str, args: argparse.Namespace, out: Path, extra: list[str]) -> Any:
+    """A Trainer on the shipped config ``config_name`` over the training images, writing into ``out``."""
+    from mstok.training import Trainer, load_train_config
+
+    settings = [f"data.path='{args.train_data}'", "data.val_path=''", f"out_dir='{out}'", "val_every=0",
+                "sample_every=0", "tensorboard=false", f"threads={args.threads}", *extra]  # fmt: skip
+    config = load_train_config(harness.CONFIGS / config_name, settings)
+    return Trainer(config, progress=False)
+
+
+def bare_step(model: torch.nn.Module, loss_fn: Any, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> None:
+    """The least a training step must do: forward, the loss, backward, AdamW."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = loss_fn(model(images), images, None, False, step=0)
+    loss.backward()
+    optimizer.step()
+
+
+def overhead_row(name: str, args: argparse.Namespace, work: Path) -> list[str]:
+    """The trainer's step against the bare loop for the shipped config ``name`` (interleaved, medians)."""
+    import copy
+
+    trainer = make_trainer(name, args, work / f"overhead-{name}", [])
+    images = harness.held_out(args.data, trainer.config.batch_size)
+    batch = [(images, torch.zeros(len(images), dtype=torch.long))]
+    model = copy.deepcopy(trainer.model).train()
+    cfg = trainer.config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
+    steps = {"bare": lambda: bare_step(model, trainer.loss_fn, optimizer, images),
+             "trainer": lambda: trainer.train_step(batch)}  # fmt: skip
+    times: dict[str, list[float]] = {kind: [] for kind in steps}
+
+    def interleaved() -> None:
+        for rep in range(args.overhead_reps + 2):  # two warm-up rounds
+            for kind, step in steps.items():
+                started = time.perf_counter()
+                step()
+                if rep >= 2:
+                    times[kind].append(time.perf_counter() - started)
+
+    harness.with_threads(args.threads, interleaved)
+    bare, full = statistics.median(times["bare"]), statistics.median(times["trainer"])
+    return [name, str(args.overhead_reps), f"{bare:.3f}", f"{full:.3f}", f"{full / bare:.3f}"]
+
+
+def overhead(args: argparse.Namespace, work: Path) -> str:
+    """Markdown: the trainer's step against the bare loop, per shipped config."""
+    rows = [overhead_row(name, args, work) for name in SHIPPED]
+    return harness.markdown_table(["config", "reps", "bare loop (s)", "Trainer.train_step (s)", "ratio"], rows)
+
+
+def breakdown(args: argparse.Namespace, work: Path) -> str:
+    """Markdown: milliseconds per step under each trainer label, per shipped config (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for name in SHIPPED:
+        steps = args.profile_steps
+        trainer = make_trainer(name, args, work / f"breakdown-{name}", [f"steps={steps}", f"log_every={steps}",
+                                                                          f"ckpt_every={steps}"])  # fmt: skip
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            started = time.perf_counter()
+            harness.with_threads(args.threads, trainer.fit)
+            total = (time.perf_counter() - started) * 1000 / steps
+        spent = {e.key: e.cpu_time_total / 1000 / steps for e in prof.key_averages() if e.key in LABELS}
+        cells = [f"{spent.get(label, 0.0):.1f}" for label in LABELS]
+        rows.append([name, str(steps), *cells, f"{total - sum(spent.values()):.1f}", f"{total:.1f}"])
+    return harness.markdown_table(["config", "steps", *[f"{k} (ms)" for k in LABELS], "other (ms)", "step (ms)"], rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_data_arguments(parser)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--steps", type=int, default=harness.config_steps(harness.CONFIGS / SHIPPED[0]))
+    parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--val-images", type=int, default=500, help="held-out images of the curves")
+    parser.add_argument("--final-images", type=int, default=8000, help="held-out images measured at the end")
+    parser.add_argument("--seconds", default="150,300,450,600", help="training seconds at which to read PSNR")
+    parser.add_argument("--target", type=float, default=18.0, help="the PSNR (dB) whose time to reach is reported")
+    parser.add_argument("--overhead-reps", type=int, default=10, help="interleaved steps of each kind")
+    parser.add_argument("--profile-steps", type=int, default=20, help="Trainer.fit steps under the profiler")
+    harness.add_run_arguments(parser, "runs/time_to_quality", seeds=1, unit="rows")
+    parser.set_defaults(jobs=1, threads=os.cpu_count() or 1)  # one row at a time with the whole machine
+    harness.add_output_arguments(parser, also=" nor --plot")
+    parser.add_argument("--plot", default=str(harness.BENCHMARKS / "time_to_quality.png"))
+    args = parser.parse_args(argv)
+    parts = harness.chosen(parser, args.parts, PARTS, PARTS)
+    if min(args.steps, args.val_every, args.val_images, args.overhead_reps, args.profile_steps) < 1:
+        parser.error("--steps, --val-every, --val-images, --overhead-reps and --profile-steps must be at least 1")
+    harness.check_rows(parser, args, ROWS.values())
+    study = harness.Study(args)
+    blocks, found = [], {}
+    floor = harness.mean_colour_floor(args.data, args.val_images)[0]
+    if "curves" in parts:
+
+        def report(name: str, result: dict[str, Any]) -> str:
+            pace = f"{result['seconds_per_step']:.3f} s/step"
+            return f"{name}: PSNR {result['final_psnr']:.2f} at {args.steps} steps, {pace}"
+
+        tasks = {name: functools.partial(harness.run_row, name, row, args, study.threads) for name, row in ROWS.items()}
+        found["curves"] = study.run(tasks, report)
+        blocks.append(curves_table(found["curves"], args, floor))
+    with tempfile.TemporaryDirectory() as scratch:
+        if "overhead" in parts:
+            blocks.append(found.setdefault("overhead", overhead(args, Path(scratch))))
+        if "breakdown" in parts:
+            blocks.append(found.setdefault("breakdown", breakdown(args, Path(scratch))))
+    print("\n\n".join(blocks))
+    if not args.no_write:
+        if "curves" in parts:
+            plot(found["curves"], args, floor)
+        notes = [
+            f"- Curves: {args.steps} steps of batch {args.batch_size} per row, {study.pace('rows')}; "
+            f"{args.val_images} held-out images validated every {args.val_every} steps (EMA weights); PSNR @N s "
+            "reads the last validation within N s of training time (data + steps, validation left out). "
+            f"Plot: `{Path(args.plot).name}`.",
+            f"- Overhead: {args.overhead_reps} interleaved steps of each kind after two warm-up rounds, batch of "
+            f"held-out images, {args.threads} thread(s). Breakdown: {args.profile_steps} steps of Trainer.fit under "
+            "torch.profiler, CPU time under each label per step.",
+        ]
+        harness.publish(args, "time_to_quality", "Time to quality", __file__, argv, blocks, notes)
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
