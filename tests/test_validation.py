@@ -135,7 +135,7 @@ def test_validation_of_a_given_batch_with_lpips(tmp_path, monkeypatch):
         calls.append(download)
         return (lambda x, y: (x - y).abs().mean(dim=(1, 2, 3))), None
 
-    monkeypatch.setattr("mstok.evaluation.evaluate.load_lpips", fake_lpips)
+    monkeypatch.setattr("mstok.training.trainer.load_lpips", fake_lpips)  # the name the trainer reads
     dataset = _memory_dataset()
     val = torch.rand(3, 3, 64, 64)
     trainer = Trainer(_config(tmp_path, "steps=2", "val_every=1"), dataset, False, val_images=val)
