@@ -74,7 +74,7 @@ def runs(nested: list[str], dedicated: list[int]) -> dict[str, Row]:
 def prefix_scores(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
     """(N, K) float64: the PSNR of every image's decode of its first k tokens, k = 1..K (one column
     when the model is not nested: all K only)."""
-    from mstok.tokenizers.nested import image_psnr
+    from mstok.images import image_psnr
 
     model.eval()
     total = model.config.num_latent_tokens
