@@ -308,3 +308,19 @@ def test_semtok_trains_with_the_reference_teacher(saved, folder, tmp_path) -> No
     assert len(history) == 2 and all(np.isfinite(h["distill"]) and np.isfinite(h["contrastive"]) for h in history)
     after = trainer.loss_fn.teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # frozen, BatchNorm statistics included
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"), [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")]
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    """Emulated bf16 is slower than fp32 (the reference step 4x on an AVX-512 CPU without BF16): auto avoids it."""
+    from mstok.device import auto_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert auto_precision("auto", torch.device("cpu")) == expected
+    assert (
+        auto_precision("fp32", torch.device("cpu")) == "fp32" and auto_precision("bf16", torch.device("cpu")) == "bf16"
+    )
+    assert auto_precision("auto", torch.device("meta")) == "fp32"

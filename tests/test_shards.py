@@ -183,6 +183,31 @@ def test_tars_without_index_are_scanned(shards, tmp_path, caplog):
         assert torch.equal(scanned[(i, 5)][0], indexed[(i, 5)][0])
 
 
+def test_a_scanned_folder_is_scanned_once_per_process_until_a_tar_changes(shards, tmp_path, caplog):
+    """Reopening a folder without index.json reuses this process's scan; a rewritten tar is rescanned."""
+    dst, _ = shards
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    tars = sorted(dst.glob("*.tar"))
+    for path in tars:
+        shutil.copy(path, bare / path.name)
+    first = ShardDataset(bare, TRANSFORM)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = ShardDataset(bare, TRANSFORM)
+    assert "may take a while" not in caplog.text
+    assert again.labels.tolist() == first.labels.tolist() and torch.equal(again[(0, 1)][0], first[(0, 1)][0])
+    # the last shard replaced by the first one's bytes: a new file identity, so a new scan
+    (bare / tars[-1].name).unlink()
+    shutil.copy(tars[0], bare / tars[-1].name)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        changed = ShardDataset(bare, TRANSFORM)
+    assert "scanning 1 tar file(s)" in caplog.text
+    # shards of 3, 3, 3 and 1 images: the last now holds the first one's 3
+    assert len(changed) == len(first) + 2 and changed.labels[-3:].tolist() == first.labels[:3].tolist()
+
+
 def test_foreign_tar_conventions(tmp_path, caplog):
     """Other tools' shards: .jpeg members, cls.txt or no label, a sample without an image."""
     png = io.BytesIO()

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from mstok.cli_errors import MAX_PIXELS_HELP, positive_int
 from mstok.cli_generation import MODEL_HELP, WEIGHTS_HELP
-from mstok.device import resolve_device
+from mstok.device import auto_precision, resolve_device
 from mstok.evaluation.evaluate import write_results
 from mstok.evaluation.fid import load_stats
 from mstok.evaluation.generated import evaluate_generated_reference
@@ -54,7 +54,7 @@ def _cmd_reference_train(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         device=args.device,
         progress=not args.no_progress,
-        precision=args.precision,
+        precision=auto_precision(args.precision, resolve_device(args.device)),
     )
     print(f"done: {args.steps} steps in {time.perf_counter() - started:.0f} s; the model is in {args.out}")
     if args.val_data:
@@ -179,7 +179,10 @@ def add_reference_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--val-data", help="held-out labelled images: print top-1/top-5 at the end (and --val-every)")
     train.add_argument("--val-every", type=int, default=0, help="top-1 on 1000 --val-data images every N steps")
     train.add_argument(
-        "--precision", choices=("bf16", "fp32"), default="bf16", help="autocast (default bf16; fp32 on old CPUs)"
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="autocast (default auto: bf16 where the CPU or GPU computes it natively, else fp32)",
     )
     train.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")

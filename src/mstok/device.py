@@ -23,3 +23,21 @@ def resolve_device(device: str, what: str = "device") -> torch.device:
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{what} = {device!r}, but MPS is not available on this machine: use 'auto' or 'cpu'")
     return resolved
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on ``device``: on CUDA when the GPU supports bf16; on a CPU only
+    with AVX-512 BF16 or AMX. Elsewhere torch emulates bf16 on the CPU, 3-5x slower than fp32 (measured:
+    the reference network's step, 1.6 s in bf16 against 0.4 s in fp32 on an AVX-512 CPU without BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def auto_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bf16"`` where :func:`native_bf16`, else ``"fp32"``; other values unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
