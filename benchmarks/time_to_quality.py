@@ -1,7 +1,7 @@
 """Time to quality: held-out PSNR against training seconds and steps for the shipped tiny configs, the
 trainer's step against a bare loop, and where a step's time goes.
 
-Three parts (``--parts``, all by default):
+Four parts (``--parts``, all by default):
 
 * **curves**: ``configs/titok_tiny.toml`` and ``configs/mstok_tiny.toml`` as shipped, and the conv
   autoencoder calibration at equal bits (``convae_tiny``, VQ 8x8 V = 32, the tiny recipe), trained one
@@ -15,6 +15,9 @@ Three parts (``--parts``, all by default):
 * **overhead**: ``Trainer.train_step`` against a bare loop of the same model, the same loss object and
   a fused AdamW on the same batch (no clipping, schedule, EMA or codebook statistics), the two
   interleaved ``--overhead-reps`` times so both see the same machine; the ratio of the medians.
+* **loader**: the trainer's own data stream from the training shards and from an image folder (the
+  held-out images) in images/s, against the images/s a step consumes (issue: the loader must never be
+  on the critical path).
 * **breakdown**: ``torch.profiler`` over ``--profile-steps`` steps of ``Trainer.fit``, grouped by the
   trainer's own labels (``data``, ``forward``, ``backward``, ``optimizer``, ``ema``, ``quantizer
   bookkeeping``, ``logging``); what no label covers is ``other`` (checkpoints, the loop itself).
@@ -48,7 +51,7 @@ ROWS: dict[str, Row] = {
     **{name: harness.config_row(harness.CONFIGS / name, "shipped") for name in SHIPPED},
     **dict([harness.conv_ae_vq()]),
 }
-PARTS = ("curves", "overhead", "breakdown")
+PARTS = ("curves", "overhead", "breakdown", "loader")
 LABELS = ("data", "forward", "backward", "optimizer", "ema", "quantizer bookkeeping", "logging")
 
 
@@ -104,11 +107,12 @@ def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace, floor: fl
     plt.close(fig)
 
 
-def make_trainer(config_name: str, args: argparse.Namespace, out: Path, extra: list[str]) -> Any:
-    """A Trainer on the shipped config ``config_name`` over the training images, writing into ``out``."""
+def make_trainer(config_name: str, args: argparse.Namespace, out: Path, extra: list[str], data: str = "") -> Any:
+    """A Trainer on the shipped config ``config_name`` over ``data`` (default: the training images),
+    writing into ``out``."""
     from mstok.training import Trainer, load_train_config
 
-    settings = [f"data.path='{args.train_data}'", "data.val_path=''", f"out_dir='{out}'", "val_every=0",
+    settings = [f"data.path='{data or args.train_data}'", "data.val_path=''", f"out_dir='{out}'", "val_every=0",
                 "sample_every=0", "tensorboard=false", f"threads={args.threads}", *extra]  # fmt: skip
     config = load_train_config(harness.CONFIGS / config_name, settings)
     return Trainer(config, progress=False)
@@ -175,6 +179,39 @@ def breakdown(args: argparse.Namespace, work: Path) -> str:
     return harness.markdown_table(["config", "steps", *[f"{k} (ms)" for k in LABELS], "other (ms)", "step (ms)"], rows)
 
 
+def loader_row(source: str, path: str, args: argparse.Namespace, work: Path) -> list[str]:
+    """The trainer's own data stream (``Engine.batches``: sampler, decode, augmentation, collate, with the
+    shipped config's loader workers) from ``path`` in images/s, against the images/s the step consumes."""
+    trainer = make_trainer(SHIPPED[0], args, work / f"loader-{source}", [], data=path)
+    batch = trainer.config.batch_size
+    stream = trainer.batches()
+
+    def read() -> float:
+        next(stream)  # a warm-up batch: opens the files, starts any workers
+        started = time.perf_counter()
+        for _ in range(args.loader_batches):
+            next(stream)
+        return args.loader_batches * batch / (time.perf_counter() - started)
+
+    loaded = harness.with_threads(args.threads, read)
+    step = next(stream)  # one step's micro-batches
+    trainer.train_step(step)  # warm-up
+    started = time.perf_counter()
+    for _ in range(3):
+        trainer.train_step(step)
+    consumed = 3 * batch / (time.perf_counter() - started)
+    return [source, str(trainer.config.data.num_workers), f"{loaded:.0f}", f"{consumed:.0f}",
+            f"{100 * consumed / loaded:.1f}%"]  # fmt: skip
+
+
+def loader(args: argparse.Namespace, work: Path) -> str:
+    """Markdown: the data stream's images/s from the training shards and from an image folder (the
+    held-out images), against what a step of the shipped config consumes."""
+    rows = [loader_row("shards", args.train_data, args, work), loader_row("folder", args.data, args, work)]
+    head = ["source", "loader workers", "loader images/s", "step consumes images/s", "loading share of a step"]
+    return harness.markdown_table(head, rows)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_data_arguments(parser)
@@ -187,14 +224,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--target", type=float, default=18.0, help="the PSNR (dB) whose time to reach is reported")
     parser.add_argument("--overhead-reps", type=int, default=10, help="interleaved steps of each kind")
     parser.add_argument("--profile-steps", type=int, default=20, help="Trainer.fit steps under the profiler")
+    parser.add_argument("--loader-batches", type=int, default=50, help="batches read to time the data stream")
     harness.add_run_arguments(parser, "runs/time_to_quality", seeds=1, unit="rows")
     parser.set_defaults(jobs=1, threads=os.cpu_count() or 1)  # one row at a time with the whole machine
     harness.add_output_arguments(parser, also=" nor --plot")
     parser.add_argument("--plot", default=str(harness.BENCHMARKS / "time_to_quality.png"))
     args = parser.parse_args(argv)
     parts = harness.chosen(parser, args.parts, PARTS, PARTS)
-    if min(args.steps, args.val_every, args.val_images, args.overhead_reps, args.profile_steps) < 1:
-        parser.error("--steps, --val-every, --val-images, --overhead-reps and --profile-steps must be at least 1")
+    if (
+        min(args.steps, args.val_every, args.val_images, args.overhead_reps, args.profile_steps, args.loader_batches)
+        < 1
+    ):
+        parser.error(
+            "--steps, --val-every, --val-images, --overhead-reps, --profile-steps and --loader-batches "
+            "must be at least 1"
+        )
     harness.check_rows(parser, args, ROWS.values())
     study = harness.Study(args)
     blocks, found = [], {}
@@ -213,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             blocks.append(found.setdefault("overhead", overhead(args, Path(scratch))))
         if "breakdown" in parts:
             blocks.append(found.setdefault("breakdown", breakdown(args, Path(scratch))))
+        if "loader" in parts:
+            blocks.append(found.setdefault("loader", loader(args, Path(scratch))))
     print("\n\n".join(blocks))
     if not args.no_write:
         if "curves" in parts:
@@ -224,7 +270,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"Plot: `{Path(args.plot).name}`.",
             f"- Overhead: {args.overhead_reps} interleaved steps of each kind after two warm-up rounds, batch of "
             f"held-out images, {args.threads} thread(s). Breakdown: {args.profile_steps} steps of Trainer.fit under "
-            "torch.profiler, CPU time under each label per step.",
+            "torch.profiler, CPU time under each label per step. Loader: the trainer's data stream "
+            f"(`Engine.batches`) read for {args.loader_batches} batches after one warm-up batch, against 3 "
+            "train steps on one of its batches; with 0 loader workers the stream runs in the step's process, so "
+            "its share is time the step waits.",
         ]
         harness.publish(args, "time_to_quality", "Time to quality", __file__, argv, blocks, notes)
     return found

@@ -535,14 +535,15 @@ def test_convergence_benchmark_end_to_end(tmp_path, tiny_imagenet):
     assert again["titok VQ (recipe) [seed 1]"]["loss"] != results["titok VQ (recipe)"]["loss"]  # another seed
 
 
-@pytest.mark.slow  # ~15 s: three 2-step rows, two overhead rounds and two profiled runs
+@pytest.mark.slow  # ~15 s: three 2-step rows, two overhead rounds, two profiled runs, two loader reads
 def test_time_to_quality_benchmark_end_to_end(tmp_path, tiny_imagenet):
     """time_to_quality.py at a trivial size: the curves of the shipped configs and the calibration, the
     trainer-vs-bare table and the profiler's breakdown by the trainer's labels, written with the plot."""
     ttq = _load("time_to_quality")
     argv = ["--data", str(tiny_imagenet), "--train-data", str(tiny_imagenet), "--steps", "2", "--val-every", "1",
             "--val-images", "4", "--final-images", "4", "--overhead-reps", "1", "--profile-steps", "2",
-            "--threads", "1", "--seconds", "1000", "--target", "1", "--work-dir", str(tmp_path / "work")]  # fmt: skip
+            "--threads", "1", "--seconds", "1000", "--target", "1", "--loader-batches", "2",
+            "--work-dir", str(tmp_path / "work")]  # fmt: skip
     out, figure = tmp_path / "R.md", tmp_path / "t.png"
     found = ttq.main([*argv, "--out", str(out), "--plot", str(figure)])
     assert list(found["curves"]) == ["titok_tiny.toml", "mstok_tiny.toml", "conv AE VQ 8x8 V=32 (320 bits)"]
@@ -556,6 +557,9 @@ def test_time_to_quality_benchmark_end_to_end(tmp_path, tiny_imagenet):
     assert "| forward (ms) | backward (ms) | optimizer (ms) | ema (ms) | quantizer bookkeeping (ms) |" in breakdown[0]
     forward, backward = (float(breakdown[2].split("|")[i]) for i in (4, 5))
     assert forward > 0 and backward > 0  # the labels were seen by the profiler
+    loader = [line.split("|") for line in found["loader"].splitlines()[2:]]
+    assert [row[1].strip() for row in loader] == ["shards", "folder"]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5].strip().endswith("%") for row in loader)
     with pytest.raises(SystemExit):
         ttq.main([*argv, "--parts", "curves,speed", "--no-write"])
 
