@@ -253,6 +253,9 @@ def test_results_md_has_the_section_each_benchmark_replaces() -> None:
         assert heading == f"## {published[name]}" if name in published else heading.startswith("## ")
         assert harness.section_reading(lines[start : end + 1], harness.RESULTS, start) not in (None, harness.NO_READING)
         assert (BENCHMARKS / "history" / f"{name}.md").is_file()
+    # the index at the top links every section (a reader finds the current number there first)
+    indexed = re.findall(r"^\| \[([\w.-]+)\]\(#", text, re.M)
+    assert sorted(indexed) == sorted(sections), set(indexed) ^ set(sections)
 
 
 def test_write_section_refuses_a_name_no_marker_can_hold(tmp_path: Path) -> None:
