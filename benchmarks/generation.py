@@ -10,8 +10,8 @@ default the four family pipelines: TiTok + MaskGIT, MsTok + MaskGIT, HieraTok + 
    tokenizer's posterior means), class labels included;
 3. **generator**: trained class-conditionally with its shipped tiny config (``configs/maskgit_tiny.toml``,
    ``dit_tiny.toml``, ``bitmar_tiny.toml``) for ``--gen-steps`` steps with each of ``--seeds`` seeds;
-4. **samples**: for each guidance scale s of ``--guidance`` (``uncond + s (cond - uncond)``, 1 = none: a
-   DiT's scale, BitMAR's maximum, MaskGIT's w = s - 1), ``--per-class`` images of every class from the EMA
+4. **samples**: for each guidance scale s of ``--guidance`` (default 1, 2, 4, 8; ``uncond + s (cond - uncond)``,
+   1 = none: a DiT's scale, BitMAR's maximum, MaskGIT's w = s - 1), ``--per-class`` images of every class from the EMA
    generator (``STEPS``' middle: MaskGIT 8, DiT 25 DDIM, BitMAR 16 steps), scored by the reference network
    (``--feature-net``) against the held-out images: FD-ref, class accuracy (its top-1 against the class
    asked for), precision/recall (k = 3), seconds per image (sampling + decoding); and each of ``STEPS``
@@ -29,12 +29,12 @@ with each scale mask (``hieratok-single``, ``hieratok-causal``, ``hieratok-indep
 ``hieratok-full``); BitMAR on SemTok tokens without and with both semantic terms (``semtok-none``,
 ``semtok-both``; the ``semtok`` row trains distillation only, as shipped).
 
-Time, from 20-step timings on this 2-core machine at 1-min load 3-4 (one thread; a quiet machine is
-faster), per family on one core: the tokenizer (TiTok, MsTok ~20 min, HieraTok ~32, SemTok's two stages
-~35), pre-tokenizing 100,000 views ~10 min, then per seed the generator's 2000 steps (MaskGIT 0.34 s/step:
-11 min; BitMAR 0.40: 13; DiT 0.88: 29) and sampling + scoring 3 x 8,000 images (MaskGIT ~12 min, BitMAR ~24,
-DiT ~75: a guided step costs two passes). With 2 seeds: TiTok and MsTok ~1.3 h each, SemTok ~2.1 h,
-HieraTok ~4.3 h; ``--jobs 2`` (the default) runs the four in ~5 h.
+Time, measured for TiTok and MsTok (2026-12-07, AMD EPYC, 2 cores, ``--jobs 2``: one thread per row): the
+tokenizer 18-21 min, pre-tokenizing 100,000 views ~8 min, then per seed the generator's 2000 steps (MaskGIT
+0.26 s/step: 9 min) and sampling + scoring 4 x 8,000 images ~18 min (a guided step costs two passes): both
+rows, 2 seeds, in ~1.5 h. Estimated from 20-step timings for the others, per row on one core: HieraTok's
+tokenizer ~32 min and DiT 0.88 s/step (29 min per seed, sampling ~100 min per seed), SemTok's two stages
+~35 min and BitMAR 0.40 s/step (13 min per seed, sampling ~32 min per seed); the four rows in ~6 h.
 
     python benchmarks/generation.py                                      # the four families, 2 seeds
     python benchmarks/generation.py --rows hieratok-single,hieratok-causal,hieratok-independent,hieratok-full
@@ -426,7 +426,7 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
     "--val-images": (int, 64, "held-out images a tokenizer validates on"),
     "--classes": (int, 0, "sample the first N classes (0: all held-out classes)"),
     "--per-class": (int, 40, "images sampled per class and guidance scale"),
-    "--guidance": (str, "1,2,4", "classifier-free guidance scales s (1 = none)"),
+    "--guidance": (str, "1,2,4,8", "classifier-free guidance scales s (1 = none)"),
     "--timing-per-class": (int, 1, "images per class at each step count"),
     "--sample-batch": (int, 100, "images per sampling call"),
 }

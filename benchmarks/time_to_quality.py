@@ -15,14 +15,14 @@ Four parts (``--parts``, all by default):
 * **overhead**: ``Trainer.train_step`` against a bare loop of the same model, the same loss object and
   a fused AdamW on the same batch (no clipping, schedule, EMA or codebook statistics), the two
   interleaved ``--overhead-reps`` times so both see the same machine; the ratio of the medians.
-* **loader**: the trainer's own data stream from the training shards and from an image folder (the
-  held-out images) in images/s, against the images/s a step consumes (issue: the loader must never be
-  on the critical path).
 * **breakdown**: ``torch.profiler`` over ``--profile-steps`` steps of ``Trainer.fit``, grouped by the
   trainer's own labels (``data``, ``forward``, ``backward``, ``optimizer``, ``ema``, ``quantizer
   bookkeeping``, ``logging``); what no label covers is ``other`` (checkpoints, the loop itself).
+* **loader**: the trainer's own data stream from the training shards and from an image folder (the
+  held-out images) in images/s, against the images/s a step consumes (issue: the loader must never be
+  on the critical path).
 
-    python benchmarks/time_to_quality.py                          # all three parts, about 35 min on 2 cores
+    python benchmarks/time_to_quality.py                          # all four parts, about 40 min on 2 cores
     python benchmarks/time_to_quality.py --parts overhead,breakdown   # the step tables only (a few minutes)
 
 Finished curve runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
@@ -193,13 +193,16 @@ def loader_row(source: str, path: str, args: argparse.Namespace, work: Path) -> 
             next(stream)
         return args.loader_batches * batch / (time.perf_counter() - started)
 
+    def consume() -> float:
+        step = next(stream)  # one step's micro-batches
+        trainer.train_step(step)  # warm-up
+        started = time.perf_counter()
+        for _ in range(3):
+            trainer.train_step(step)
+        return 3 * batch / (time.perf_counter() - started)
+
     loaded = harness.with_threads(args.threads, read)
-    step = next(stream)  # one step's micro-batches
-    trainer.train_step(step)  # warm-up
-    started = time.perf_counter()
-    for _ in range(3):
-        trainer.train_step(step)
-    consumed = 3 * batch / (time.perf_counter() - started)
+    consumed = harness.with_threads(args.threads, consume)  # the same thread count as the read
     return [source, str(trainer.config.data.num_workers), f"{loaded:.0f}", f"{consumed:.0f}",
             f"{100 * consumed / loaded:.1f}%"]  # fmt: skip
 
