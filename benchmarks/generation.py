@@ -139,13 +139,17 @@ def train_tokenizer(name: str, args: argparse.Namespace, threads: int) -> tuple[
     if name in args.tokenizers:
         return Path(args.tokenizers[name]), {}
     rows = tokenizer_rows(name, args)
-    if ROWS[name].semtok:  # stage I, then stage II from it
+    if ROWS[name].semtok:  # stage I, then stage II from it (both stages' configs train batches of 32)
         steps = tuple(args.tokenizer_steps or harness.config_steps(path) for path in harness.SEMTOK_CONFIGS)
-        *_, (last, result) = harness.run_semtok_stages(rows, args, threads, 0, steps).items()
+        batch = args.batch_size or harness.config_batch_size(harness.SEMTOK_CONFIGS[0])
+        staged = argparse.Namespace(**{**vars(args), "batch_size": batch})
+        *_, (last, result) = harness.run_semtok_stages(rows, staged, threads, 0, steps).items()
         return harness.run_dir(args, last), result
     ((run, row),) = rows.items()
-    steps = args.tokenizer_steps or harness.config_steps(CONFIGS / ROWS[name].config)
-    return harness.run_dir(args, run), harness.run_row(run, row, harness.stage_args(args, steps), threads)
+    config = CONFIGS / ROWS[name].config
+    steps = args.tokenizer_steps or harness.config_steps(config)
+    staged = harness.stage_args(args, steps, batch_size=args.batch_size or harness.config_batch_size(config))
+    return harness.run_dir(args, run), harness.run_row(run, row, staged, threads)
 
 
 @torch.no_grad()
@@ -463,6 +467,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, (kind, default, text) in OPTIONS.items():
         parser.add_argument(flag, type=kind, default=default, help=text)
     harness.add_run_arguments(parser, "runs/generation", seeds=2, unit="pipelines")
+    parser.set_defaults(batch_size=0)  # the tokenizer trains with its shipped config's batch size
     harness.add_output_arguments(parser, also=" nor the grids")
     parser.add_argument("--grid-dir", default=str(harness.BENCHMARKS), help="folder of generation_<row>_grid.png")
     args = parser.parse_args(argv)
@@ -470,8 +475,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     harness.check_data_arguments(parser, args)
     if min(args.gen_steps, args.per_class, args.sample_batch, args.seeds, args.val_images) < 1:
         parser.error("--gen-steps, --per-class, --sample-batch, --seeds and --val-images must be >= 1")
-    if min(args.tokenizer_steps, args.train_images, args.classes, args.timing_per_class, args.gen_batch_size) < 0:
-        parser.error("--tokenizer-steps, --train-images, --classes, --timing-per-class, --gen-batch-size: >= 0")
+    if min(args.tokenizer_steps, args.train_images, args.classes, args.timing_per_class, args.gen_batch_size,
+           args.batch_size) < 0:  # fmt: skip
+        parser.error("--tokenizer-steps, --train-images, --classes, --timing-per-class, --gen-batch-size, "
+                     "--batch-size (0: the tokenizer config's): >= 0")  # fmt: skip
     try:
         args.guidance = [float(s) for s in harness.names(args.guidance)]
     except ValueError:

@@ -457,6 +457,11 @@ def config_steps(path: Path) -> int:
     return int(tomllib.loads(path.read_text())["steps"])
 
 
+def config_batch_size(path: Path) -> int:
+    """The ``batch_size`` a shipped config trains with."""
+    return int(tomllib.loads(path.read_text())["batch_size"])
+
+
 SEMTOK_CONFIGS = (CONFIGS / "semtok_tiny_stage1.toml", CONFIGS / "semtok_tiny_stage2.toml")
 # SemTok's lambda_s, the weight of each semantic term a pipeline trains (the shipped config trains
 # distillation alone: benchmarks/RESULTS.md, "SemTok at tiny scale")
@@ -504,9 +509,11 @@ def semtok_stage_rows(
     return rows
 
 
-def stage_args(args: argparse.Namespace, steps: int, fresh: bool = False) -> argparse.Namespace:
-    """``args`` for one :func:`run_row` call: ``steps`` steps, validated (and logged) at the end only."""
-    return argparse.Namespace(**{**vars(args), "steps": steps, "val_every": steps, "fresh": args.fresh or fresh})
+def stage_args(args: argparse.Namespace, steps: int, fresh: bool = False, batch_size: int = 0) -> argparse.Namespace:
+    """``args`` for one :func:`run_row` call: ``steps`` steps (of ``batch_size`` images when given), validated
+    (and logged) at the end only."""
+    changed = {"steps": steps, "val_every": steps, "fresh": args.fresh or fresh}
+    return argparse.Namespace(**{**vars(args), **changed, "batch_size": batch_size or args.batch_size})
 
 
 RunFunction = Callable[[str, Row, argparse.Namespace, int, int], dict[str, Any]]

@@ -1,12 +1,13 @@
 """Time to quality: held-out PSNR against training seconds and steps for the shipped tiny configs, the
 trainer's step against a bare loop, and where a step's time goes.
 
-Four parts (``--parts``, all by default):
+Five parts (``--parts``, all by default):
 
 * **curves**: ``configs/titok_tiny.toml`` and ``configs/mstok_tiny.toml`` as shipped, and the conv
-  autoencoder calibration at equal bits (``convae_tiny``, VQ 8x8 V = 32, the tiny recipe), trained one
-  after the other with every core (``--jobs 1``, ``--threads`` = the cores: each row has the machine to
-  itself, so its seconds are what a user with this machine waits). Each is validated every
+  autoencoder calibration at equal bits (``convae_tiny``, VQ 8x8 V = 32, the tiny recipe), trained for the
+  shipped configs' steps and batch size (``--steps``, ``--batch-size``) one after the other with every core
+  (``--jobs 1``, ``--threads`` = the cores: each row has the machine to itself, so its seconds are what a
+  user with this machine waits). Each is validated every
   ``--val-every`` steps on ``--val-images`` held-out images (Tiny ImageNet's validation set, never
   trained on) with its EMA weights; the curve's time axis is the trainer's training time (data and
   steps; validation left out). The table reads PSNR at fixed seconds, the first validation at or
@@ -15,6 +16,9 @@ Four parts (``--parts``, all by default):
 * **overhead**: ``Trainer.train_step`` against a bare loop of the same model, the same loss object and
   a fused AdamW on the same batch (no clipping, schedule, EMA or codebook statistics), the two
   interleaved ``--overhead-reps`` times so both see the same machine; the ratio of the medians.
+* **compile**: the same step of each shipped config eager and with ``compile = true`` (the trainer's
+  ``torch.compile``), interleaved ``--overhead-reps`` times; the compiled trainer's first step less an eager
+  step is compile's start-up, and start-up / time saved per step the steps it takes to pay back.
 * **breakdown**: ``torch.profiler`` over ``--profile-steps`` steps of ``Trainer.fit``, grouped by the
   trainer's own labels (``data``, ``forward``, ``backward``, ``optimizer``, ``ema``, ``quantizer
   bookkeeping``, ``logging``); what no label covers is ``other`` (checkpoints, the loop itself).
@@ -22,7 +26,7 @@ Four parts (``--parts``, all by default):
   held-out images) in images/s, against the images/s a step consumes (issue: the loader must never be
   on the critical path).
 
-    python benchmarks/time_to_quality.py                          # all four parts, about 40 min on 2 cores
+    python benchmarks/time_to_quality.py                          # all five parts, about 40 min on 2 cores
     python benchmarks/time_to_quality.py --parts overhead,breakdown   # the step tables only (a few minutes)
 
 Finished curve runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).
@@ -37,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +56,16 @@ ROWS: dict[str, Row] = {
     **{name: harness.config_row(harness.CONFIGS / name, "shipped") for name in SHIPPED},
     **dict([harness.conv_ae_vq()]),
 }
-PARTS = ("curves", "overhead", "breakdown", "loader")
+PARTS = ("curves", "overhead", "compile", "breakdown", "loader")
 LABELS = ("data", "forward", "backward", "optimizer", "ema", "quantizer bookkeeping", "logging")
+
+
+def shipped_batch_size() -> int:
+    """The batch size of the shipped configs (the curves train every row with it)."""
+    sizes = {harness.config_batch_size(harness.CONFIGS / name) for name in SHIPPED}
+    if len(sizes) != 1:
+        raise ValueError(f"the shipped configs {', '.join(SHIPPED)} train with different batch sizes: {sizes}")
+    return sizes.pop()
 
 
 def first_reaching(val: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -139,10 +152,18 @@ def overhead_row(name: str, args: argparse.Namespace, work: Path) -> list[str]:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
     steps = {"bare": lambda: bare_step(model, trainer.loss_fn, optimizer, images),
              "trainer": lambda: trainer.train_step(batch)}  # fmt: skip
+    medians = interleaved_medians(steps, args)
+    bare, full = medians["bare"], medians["trainer"]
+    return [name, str(args.overhead_reps), f"{bare:.3f}", f"{full:.3f}", f"{full / bare:.3f}"]
+
+
+def interleaved_medians(steps: dict[str, Callable[[], Any]], args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of each of ``steps``, run in turn ``--overhead-reps`` times after two warm-up rounds
+    (so that every kind sees the same machine), under ``--threads``."""
     times: dict[str, list[float]] = {kind: [] for kind in steps}
 
     def interleaved() -> None:
-        for rep in range(args.overhead_reps + 2):  # two warm-up rounds
+        for rep in range(args.overhead_reps + 2):
             for kind, step in steps.items():
                 started = time.perf_counter()
                 step()
@@ -150,14 +171,40 @@ def overhead_row(name: str, args: argparse.Namespace, work: Path) -> list[str]:
                     times[kind].append(time.perf_counter() - started)
 
     harness.with_threads(args.threads, interleaved)
-    bare, full = statistics.median(times["bare"]), statistics.median(times["trainer"])
-    return [name, str(args.overhead_reps), f"{bare:.3f}", f"{full:.3f}", f"{full / bare:.3f}"]
+    return {kind: statistics.median(spent) for kind, spent in times.items()}
 
 
 def overhead(args: argparse.Namespace, work: Path) -> str:
     """Markdown: the trainer's step against the bare loop, per shipped config."""
     rows = [overhead_row(name, args, work) for name in SHIPPED]
     return harness.markdown_table(["config", "reps", "bare loop (s)", "Trainer.train_step (s)", "ratio"], rows)
+
+
+def compile_row(name: str, args: argparse.Namespace, work: Path) -> list[str]:
+    """The shipped config ``name``'s step eager and under ``torch.compile`` (``compile = true``, the trainer's
+    own switch), interleaved; the compiled trainer's first step, less an eager step, is its start-up cost."""
+    trainers = {kind: make_trainer(name, args, work / f"{kind}-{name}", [f"compile={str(kind == 'compile').lower()}"])
+                for kind in ("eager", "compile")}  # fmt: skip
+    images = harness.held_out(args.data, trainers["eager"].config.batch_size)
+    batch = [(images, torch.zeros(len(images), dtype=torch.long))]
+    started = time.perf_counter()
+    harness.with_threads(args.threads, lambda: trainers["compile"].train_step(batch))  # compiles forward+backward
+    first = time.perf_counter() - started
+    medians = interleaved_medians({kind: functools.partial(t.train_step, batch) for kind, t in trainers.items()}, args)
+    eager, compiled = medians["eager"], medians["compile"]
+    startup = max(first - eager, 0.0)
+    saved = eager - compiled
+    even = f"{startup / saved:.0f}" if saved > 0 else "never"
+    return [name, str(args.overhead_reps), f"{eager:.3f}", f"{compiled:.3f}", f"{eager / compiled:.3f}",
+            f"{startup:.1f}", even]  # fmt: skip
+
+
+def compiled(args: argparse.Namespace, work: Path) -> str:
+    """Markdown: eager against ``torch.compile`` steps of each shipped config, with compile's start-up."""
+    rows = [compile_row(name, args, work) for name in SHIPPED]
+    head = ["config", "reps", "eager step (s)", "compiled step (s)", "speed-up", "compile start-up (s)",
+            "steps to pay back the start-up"]  # fmt: skip
+    return harness.markdown_table(head, rows)
 
 
 def breakdown(args: argparse.Namespace, work: Path) -> str:
@@ -229,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--profile-steps", type=int, default=20, help="Trainer.fit steps under the profiler")
     parser.add_argument("--loader-batches", type=int, default=50, help="batches read to time the data stream")
     harness.add_run_arguments(parser, "runs/time_to_quality", seeds=1, unit="rows")
-    parser.set_defaults(jobs=1, threads=os.cpu_count() or 1)  # one row at a time with the whole machine
+    # one row at a time with the whole machine, at the shipped configs' batch size
+    parser.set_defaults(jobs=1, threads=os.cpu_count() or 1, batch_size=shipped_batch_size())
     harness.add_output_arguments(parser, also=" nor --plot")
     parser.add_argument("--plot", default=str(harness.BENCHMARKS / "time_to_quality.png"))
     args = parser.parse_args(argv)
@@ -258,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         if "overhead" in parts:
             blocks.append(found.setdefault("overhead", overhead(args, Path(scratch))))
+        if "compile" in parts:
+            blocks.append(found.setdefault("compile", compiled(args, Path(scratch))))
         if "breakdown" in parts:
             blocks.append(found.setdefault("breakdown", breakdown(args, Path(scratch))))
         if "loader" in parts:
@@ -272,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "reads the last validation within N s of training time (data + steps, validation left out). "
             f"Plot: `{Path(args.plot).name}`.",
             f"- Overhead: {args.overhead_reps} interleaved steps of each kind after two warm-up rounds, batch of "
-            f"held-out images, {args.threads} thread(s). Breakdown: {args.profile_steps} steps of Trainer.fit under "
+            f"held-out images, {args.threads} thread(s); compile: the same, eager against `compile = true`. "
+            f"Breakdown: {args.profile_steps} steps of Trainer.fit under "
             "torch.profiler, CPU time under each label per step. Loader: the trainer's data stream "
             f"(`Engine.batches`) read for {args.loader_batches} batches after one warm-up batch, against 3 "
             "train steps on one of its batches; with 0 loader workers the stream runs in the step's process, so "

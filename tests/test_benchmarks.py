@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import tomllib
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -538,8 +539,8 @@ def test_convergence_benchmark_end_to_end(tmp_path, tiny_imagenet):
     assert again["titok VQ (recipe) [seed 1]"]["loss"] != results["titok VQ (recipe)"]["loss"]  # another seed
 
 
-@pytest.mark.slow  # ~15 s: three 2-step rows, two overhead rounds, two profiled runs, two loader reads
-def test_time_to_quality_benchmark_end_to_end(tmp_path, tiny_imagenet):
+@pytest.mark.slow  # ~15 s: three 2-step rows, two overhead and compile rounds, two profiled runs, two loader reads
+def test_time_to_quality_benchmark_end_to_end(tmp_path, tiny_imagenet, monkeypatch):
     """time_to_quality.py at a trivial size: the curves of the shipped configs and the calibration, the
     trainer-vs-bare table and the profiler's breakdown by the trainer's labels, written with the plot."""
     ttq = _load("time_to_quality")
@@ -548,7 +549,18 @@ def test_time_to_quality_benchmark_end_to_end(tmp_path, tiny_imagenet):
             "--threads", "1", "--seconds", "1000", "--target", "1", "--loader-batches", "2",
             "--work-dir", str(tmp_path / "work")]  # fmt: skip
     out, figure = tmp_path / "R.md", tmp_path / "t.png"
+    compiled = []  # torch.compile's plumbing, not its minutes: the trainer's switch reaches torch.compile
+
+    def record(module, **_):
+        compiled.append(type(module).__name__)
+        return module
+
+    monkeypatch.setattr(torch, "compile", record)
     found = ttq.main([*argv, "--out", str(out), "--plot", str(figure)])
+    assert compiled == ["TiTok", "MsTok"]  # one compiled trainer per shipped config, eager ones untouched
+    speed = [line.split("|") for line in found["compile"].splitlines()[2:]]
+    assert [row[1].strip() for row in speed] == ["titok_tiny.toml", "mstok_tiny.toml"]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 and float(row[6]) >= 0 for row in speed)
     assert list(found["curves"]) == ["titok_tiny.toml", "mstok_tiny.toml", "conv AE VQ 8x8 V=32 (320 bits)"]
     for result in found["curves"].values():
         assert [r["step"] for r in result["val"]] == [1, 2] and ttq.first_reaching(result["val"], 1.0)["step"] == 1
@@ -565,6 +577,19 @@ def test_time_to_quality_benchmark_end_to_end(tmp_path, tiny_imagenet):
     assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5].strip().endswith("%") for row in loader)
     with pytest.raises(SystemExit):
         ttq.main([*argv, "--parts", "curves,speed", "--no-write"])
+
+
+def test_time_to_quality_trains_at_the_shipped_batch_size(tmp_path, monkeypatch):
+    """The curves' batch size is the shipped configs' (one value for both), not the harness's default."""
+    ttq = _load("time_to_quality")
+    shipped = tomllib.loads((ttq.harness.CONFIGS / ttq.SHIPPED[0]).read_text())["batch_size"]
+    assert ttq.shipped_batch_size() == shipped
+    assert ttq.harness.config_batch_size(ttq.harness.CONFIGS / ttq.SHIPPED[1]) == shipped
+    for name, batch in zip(ttq.SHIPPED, (16, 32), strict=True):
+        (tmp_path / name).write_text(f"steps = 10\nbatch_size = {batch}\n")
+    monkeypatch.setattr(ttq.harness, "CONFIGS", tmp_path)
+    with pytest.raises(ValueError, match="different batch sizes"):
+        ttq.shipped_batch_size()
 
 
 def test_quantizers_benchmark_end_to_end(tmp_path, tiny_imagenet):
