@@ -60,12 +60,18 @@ PARTS = ("curves", "overhead", "compile", "breakdown", "loader")
 LABELS = ("data", "forward", "backward", "optimizer", "ema", "quantizer bookkeeping", "logging")
 
 
-def shipped_batch_size() -> int:
-    """The batch size of the shipped configs (the curves train every row with it)."""
-    sizes = {harness.config_batch_size(harness.CONFIGS / name) for name in SHIPPED}
-    if len(sizes) != 1:
-        raise ValueError(f"the shipped configs {', '.join(SHIPPED)} train with different batch sizes: {sizes}")
-    return sizes.pop()
+def row_run(name: str, args: argparse.Namespace) -> tuple[int, int]:
+    """The (steps, batch size) row ``name`` trains for: ``--steps`` / ``--batch-size`` when given, else its
+    shipped config's (the calibration takes the first shipped config's)."""
+    config = harness.CONFIGS / (name if name in SHIPPED else SHIPPED[0])
+    return (args.steps or harness.config_steps(config), args.batch_size or harness.config_batch_size(config))
+
+
+def train_row(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """Row ``name``'s curve run (:func:`harness.run_row`) at its :func:`row_run` steps and batch size."""
+    steps, batch = row_run(name, args)
+    row_args = argparse.Namespace(**{**vars(args), "steps": steps, "batch_size": batch})
+    return {**harness.run_row(name, ROWS[name], row_args, threads), "steps": steps, "batch_size": batch}
 
 
 def first_reaching(val: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -83,14 +89,16 @@ def curves_table(results: dict[str, dict[str, Any]], args: argparse.Namespace, f
     """Markdown: per row, s/step, PSNR at each of ``--seconds``, time and steps to ``--target``, final PSNR."""
     marks = [float(s) for s in harness.names(args.seconds)]
     head = ["row", "params", "s/step", *[f"PSNR @{s:g} s" for s in marks], f"s to {args.target:g} dB",
-            f"steps to {args.target:g} dB", f"PSNR @{args.steps} steps ({args.final_images} images)"]  # fmt: skip
+            f"steps to {args.target:g} dB", "steps x batch",
+            f"PSNR at the end ({args.final_images} images)"]  # fmt: skip
     rows = []
     for name, res in results.items():
         reached = first_reaching(res["val"], args.target)
         cells = [name, f"{res['params'] / 1e6:.2f}M", f"{res['seconds_per_step']:.3f}"]
         cells += [harness.cell([at_seconds(res["val"], s)], 2) for s in marks]
         cells += [f"{reached['train_seconds']:.0f}" if reached else "not reached",
-                  str(reached["step"]) if reached else "-", f"{res['final_psnr']:.2f}"]  # fmt: skip
+                  str(reached["step"]) if reached else "-", f"{res['steps']} x {res['batch_size']}",
+                  f"{res['final_psnr']:.2f}"]  # fmt: skip
         rows.append(cells)
     rows.append(harness.mean_colour_row(len(head), {3 + i: f"{floor:.2f}" for i in range(len(marks))}))
     return harness.markdown_table(head, rows)
@@ -107,8 +115,9 @@ def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace, floor: fl
     for name, res in results.items():
         style = "--" if ROWS[name].group == "calibration" else "-"
         axes[0].plot([r["train_seconds"] for r in res["val"]], [r["val_psnr"] for r in res["val"]], style, label=name)
-        axes[1].plot([r["step"] for r in res["val"]], [r["val_psnr"] for r in res["val"]], style, label=name)
-    for ax, label in zip(axes, ("training seconds (data + steps)", f"step (batch {args.batch_size})"), strict=True):
+        seen = [r["step"] * res["batch_size"] for r in res["val"]]  # rows may differ in batch size
+        axes[1].plot(seen, [r["val_psnr"] for r in res["val"]], style, label=name)
+    for ax, label in zip(axes, ("training seconds (data + steps)", "images seen (steps x batch)"), strict=True):
         ax.axhline(args.target, color="black", lw=0.8, ls=":", label=f"target {args.target:g} dB")
         ax.axhline(floor, color="grey", lw=0.8, label="mean colour")
         ax.set_xlabel(label)
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_data_arguments(parser)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    parser.add_argument("--steps", type=int, default=harness.config_steps(harness.CONFIGS / SHIPPED[0]))
+    parser.add_argument("--steps", type=int, default=0, help="steps of every row (0: each config's own)")
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--val-images", type=int, default=500, help="held-out images of the curves")
     parser.add_argument("--final-images", type=int, default=8000, help="held-out images measured at the end")
@@ -277,18 +286,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--loader-batches", type=int, default=50, help="batches read to time the data stream")
     harness.add_run_arguments(parser, "runs/time_to_quality", seeds=1, unit="rows")
     # one row at a time with the whole machine, at the shipped configs' batch size
-    parser.set_defaults(jobs=1, threads=os.cpu_count() or 1, batch_size=shipped_batch_size())
+    parser.set_defaults(jobs=1, threads=os.cpu_count() or 1, batch_size=0)  # 0: each config's own batch size
     harness.add_output_arguments(parser, also=" nor --plot")
     parser.add_argument("--plot", default=str(harness.BENCHMARKS / "time_to_quality.png"))
     args = parser.parse_args(argv)
     parts = harness.chosen(parser, args.parts, PARTS, PARTS)
     if (
-        min(args.steps, args.val_every, args.val_images, args.overhead_reps, args.profile_steps, args.loader_batches)
-        < 1
+        min(args.val_every, args.val_images, args.overhead_reps, args.profile_steps, args.loader_batches) < 1
+        or min(args.steps, args.batch_size) < 0
     ):
         parser.error(
-            "--steps, --val-every, --val-images, --overhead-reps, --profile-steps and --loader-batches "
-            "must be at least 1"
+            "--val-every, --val-images, --overhead-reps, --profile-steps and --loader-batches must be at least 1; "
+            "--steps and --batch-size at least 0 (0: each config's own)"
         )
     harness.check_rows(parser, args, ROWS.values())
     study = harness.Study(args)
@@ -298,9 +307,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def report(name: str, result: dict[str, Any]) -> str:
             pace = f"{result['seconds_per_step']:.3f} s/step"
-            return f"{name}: PSNR {result['final_psnr']:.2f} at {args.steps} steps, {pace}"
+            return f"{name}: PSNR {result['final_psnr']:.2f} at {result['steps']} steps, {pace}"
 
-        tasks = {name: functools.partial(harness.run_row, name, row, args, study.threads) for name, row in ROWS.items()}
+        tasks = {name: functools.partial(train_row, name, args, study.threads) for name in ROWS}
         found["curves"] = study.run(tasks, report)
         blocks.append(curves_table(found["curves"], args, floor))
     with tempfile.TemporaryDirectory() as scratch:
@@ -317,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "curves" in parts:
             plot(found["curves"], args, floor)
         notes = [
-            f"- Curves: {args.steps} steps of batch {args.batch_size} per row, {study.pace('rows')}; "
+            f"- Curves: each row's steps x batch as in the table (the shipped configs' own unless --steps / "
+            f"--batch-size), {study.pace('rows')}; "
             f"{args.val_images} held-out images validated every {args.val_every} steps (EMA weights); PSNR @N s "
             "reads the last validation within N s of training time (data + steps, validation left out). "
             f"Plot: `{Path(args.plot).name}`.",

@@ -13,7 +13,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import tomllib
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -579,17 +578,18 @@ def test_time_to_quality_benchmark_end_to_end(tmp_path, tiny_imagenet, monkeypat
         ttq.main([*argv, "--parts", "curves,speed", "--no-write"])
 
 
-def test_time_to_quality_trains_at_the_shipped_batch_size(tmp_path, monkeypatch):
-    """The curves' batch size is the shipped configs' (one value for both), not the harness's default."""
+def test_time_to_quality_rows_train_as_their_configs_ship(tmp_path, monkeypatch):
+    """Each curve trains for its own config's steps and batch size (the calibration for the first config's),
+    unless --steps / --batch-size set them for every row."""
     ttq = _load("time_to_quality")
-    shipped = tomllib.loads((ttq.harness.CONFIGS / ttq.SHIPPED[0]).read_text())["batch_size"]
-    assert ttq.shipped_batch_size() == shipped
-    assert ttq.harness.config_batch_size(ttq.harness.CONFIGS / ttq.SHIPPED[1]) == shipped
-    for name, batch in zip(ttq.SHIPPED, (16, 32), strict=True):
-        (tmp_path / name).write_text(f"steps = 10\nbatch_size = {batch}\n")
+    for name, (steps, batch) in zip(ttq.SHIPPED, ((2500, 16), (2000, 32)), strict=True):
+        (tmp_path / name).write_text(f"steps = {steps}\nbatch_size = {batch}\n")
     monkeypatch.setattr(ttq.harness, "CONFIGS", tmp_path)
-    with pytest.raises(ValueError, match="different batch sizes"):
-        ttq.shipped_batch_size()
+    calibration = next(name for name in ttq.ROWS if name not in ttq.SHIPPED)
+    default = ttq.argparse.Namespace(steps=0, batch_size=0)
+    assert [ttq.row_run(name, default) for name in (*ttq.SHIPPED, calibration)] == [(2500, 16), (2000, 32), (2500, 16)]
+    given = ttq.argparse.Namespace(steps=7, batch_size=3)
+    assert {ttq.row_run(name, given) for name in ttq.ROWS} == {(7, 3)}
 
 
 def test_quantizers_benchmark_end_to_end(tmp_path, tiny_imagenet):
