@@ -32,9 +32,10 @@ with each scale mask (``hieratok-single``, ``hieratok-causal``, ``hieratok-indep
 Time, measured for TiTok and MsTok (2026-12-07, AMD EPYC, 2 cores, ``--jobs 2``: one thread per row): the
 tokenizer 18-21 min, pre-tokenizing 100,000 views ~8 min, then per seed the generator's 2000 steps (MaskGIT
 0.26 s/step: 9 min) and sampling + scoring 4 x 8,000 images ~18 min (a guided step costs two passes): both
-rows, 2 seeds, in ~1.5 h. Estimated from 20-step timings for the others, per row on one core: HieraTok's
-tokenizer ~32 min and DiT 0.88 s/step (29 min per seed, sampling ~100 min per seed), SemTok's two stages
-~35 min and BitMAR 0.40 s/step (13 min per seed, sampling ~32 min per seed); the four rows in ~6 h.
+rows, 2 seeds, in ~1.5 h. SemTok (the same day and machine): its two stages 33 + 15 min, pre-tokenizing ~8 min,
+BitMAR 0.48 s/step (16 min per seed), sampling + scoring ~35 min per seed: the row in ~1.7 h. Estimated from
+20-step timings for HieraTok, per row on one core: the tokenizer ~32 min and DiT 0.88 s/step (29 min per
+seed, sampling ~100 min per seed); the four rows in ~6 h.
 
     python benchmarks/generation.py                                      # the four families, 2 seeds
     python benchmarks/generation.py --rows hieratok-single,hieratok-causal,hieratok-independent,hieratok-full
