@@ -371,14 +371,27 @@ def run_pooled(
     """Run ``tasks`` (picklable zero-argument callables: ``functools.partial`` of a module-level
     function) ``jobs`` at a time in worker processes and return their results by key, in the
     tasks' order. As each result is collected (in that order), ``report(key, result)`` is
-    printed and the 1-minute load appended to ``loads`` (for :func:`load_summary`)."""
+    printed and the 1-minute load appended to ``loads`` (for :func:`load_summary`).
+
+    One job runs the tasks in this process: a worker forked after this process ran multithreaded
+    torch ops inherits an OpenMP pool whose threads did not survive the fork, and its first
+    parallel op with more than one thread waits for them forever (seen: a 2-thread curve run hung
+    in its model's constructor). Pooled workers run one thread each (:class:`Study`)."""
     done: dict[Any, Any] = {}
+
+    def collected(key: Any, result: Any) -> None:
+        done[key] = result
+        loads.append(load_1min())
+        print(report(key, result), flush=True)
+
+    if jobs == 1:
+        for key, task in tasks.items():
+            collected(key, task())
+        return done
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         futures = {key: pool.submit(task) for key, task in tasks.items()}
         for key, future in futures.items():
-            done[key] = future.result()
-            loads.append(load_1min())
-            print(report(key, done[key]), flush=True)
+            collected(key, future.result())
     return done
 
 

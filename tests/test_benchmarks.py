@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -576,6 +577,23 @@ def test_time_to_quality_benchmark_end_to_end(tmp_path, tiny_imagenet, monkeypat
     assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5].strip().endswith("%") for row in loader)
     with pytest.raises(SystemExit):
         ttq.main([*argv, "--parts", "curves,speed", "--no-write"])
+
+
+def test_run_pooled_runs_one_job_in_this_process():
+    """One job runs in this process (a forked worker may inherit a dead OpenMP pool and hang on its first
+    multithreaded op); two or more run in worker processes; results come back in the tasks' order."""
+    harness = _load("harness")
+    loads: list[float] = []
+    reported: list[str] = []
+
+    def report(key, result):
+        reported.append(key)
+        return key
+
+    one = harness.run_pooled(1, {"pid": os.getpid, "seven": functools.partial(int, "7")}, report, loads)
+    assert one == {"pid": os.getpid(), "seven": 7} and reported == ["pid", "seven"] and len(loads) == 2
+    two = harness.run_pooled(2, {"pid": os.getpid, "eight": functools.partial(int, "8")}, report, loads)
+    assert list(two) == ["pid", "eight"] and two["pid"] != os.getpid() and two["eight"] == 8
 
 
 def test_time_to_quality_rows_train_as_their_configs_ship(tmp_path, monkeypatch):
