@@ -140,17 +140,15 @@ def train_tokenizer(name: str, args: argparse.Namespace, threads: int) -> tuple[
     if name in args.tokenizers:
         return Path(args.tokenizers[name]), {}
     rows = tokenizer_rows(name, args)
+    config = harness.SEMTOK_CONFIGS[0] if ROWS[name].semtok else CONFIGS / ROWS[name].config
+    args = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size or harness.config_batch_size(config)})
     if ROWS[name].semtok:  # stage I, then stage II from it (both stages' configs train batches of 32)
         steps = tuple(args.tokenizer_steps or harness.config_steps(path) for path in harness.SEMTOK_CONFIGS)
-        batch = args.batch_size or harness.config_batch_size(harness.SEMTOK_CONFIGS[0])
-        staged = argparse.Namespace(**{**vars(args), "batch_size": batch})
-        *_, (last, result) = harness.run_semtok_stages(rows, staged, threads, 0, steps).items()
+        *_, (last, result) = harness.run_semtok_stages(rows, args, threads, 0, steps).items()
         return harness.run_dir(args, last), result
     ((run, row),) = rows.items()
-    config = CONFIGS / ROWS[name].config
     steps = args.tokenizer_steps or harness.config_steps(config)
-    staged = harness.stage_args(args, steps, batch_size=args.batch_size or harness.config_batch_size(config))
-    return harness.run_dir(args, run), harness.run_row(run, row, staged, threads)
+    return harness.run_dir(args, run), harness.run_row(run, row, harness.stage_args(args, steps), threads)
 
 
 @torch.no_grad()

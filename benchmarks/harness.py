@@ -522,11 +522,9 @@ def semtok_stage_rows(
     return rows
 
 
-def stage_args(args: argparse.Namespace, steps: int, fresh: bool = False, batch_size: int = 0) -> argparse.Namespace:
-    """``args`` for one :func:`run_row` call: ``steps`` steps (of ``batch_size`` images when given), validated
-    (and logged) at the end only."""
-    changed = {"steps": steps, "val_every": steps, "fresh": args.fresh or fresh}
-    return argparse.Namespace(**{**vars(args), **changed, "batch_size": batch_size or args.batch_size})
+def stage_args(args: argparse.Namespace, steps: int, fresh: bool = False) -> argparse.Namespace:
+    """``args`` for one :func:`run_row` call: ``steps`` steps, validated (and logged) at the end only."""
+    return argparse.Namespace(**{**vars(args), "steps": steps, "val_every": steps, "fresh": args.fresh or fresh})
 
 
 RunFunction = Callable[[str, Row, argparse.Namespace, int, int], dict[str, Any]]
