@@ -44,7 +44,8 @@ seed, sampling ~100 min per seed); the four rows in ~6 h.
         --classes 10 --per-class 2 --seeds 1 --no-write --work-dir /tmp/generation_smoke
 
 Finished tokenizer and generator runs are reused from ``--work-dir`` when their settings match
-(``--fresh`` retrains); so are the token shards of the same tokenizer and the scores of the same protocol.
+(``--fresh`` retrains; paths may be spelt another way); so are the token shards of the same tokenizer and
+the scores of the same protocol, per guidance scale (a scale added later is the only one sampled).
 """
 
 from __future__ import annotations
@@ -251,7 +252,11 @@ def run_generator(
     name: str, args: argparse.Namespace, threads: int, seed: int, prepared: dict[str, Any], real: Real
 ) -> dict[str, Any]:
     """Train (or reuse) the row's generator with ``seed``, then sample and score it at each guidance scale
-    and time it at each step count (or reuse those scores); the grid classes' images come back too."""
+    and time it at each step count; the grid classes' images come back too.
+
+    Scores are kept per guidance scale: a scale scored before under the same protocol is reused, and each
+    new one is saved as soon as it is scored, so adding a scale costs only that scale and a run cut off
+    mid-sweep resumes at the scale it was on."""
     if threads:
         torch.set_num_threads(threads)
     config = generator_config(name, args, seed, prepared, threads)
@@ -260,25 +265,41 @@ def run_generator(
     tokenizer = load_tokenizer(prepared["tokenizer"]).eval()
     family = preset_family(config.model.preset).name
     steps = STEPS[family]
-    scored = {"guidance": args.guidance, "per_class": args.per_class, "classes": args.classes, "steps": list(steps),
-              "timing_per_class": args.timing_per_class, "feature_net": args.net_key, "real": len(real.indices),
-              "grid": args.grid_classes}  # fmt: skip
-    if result.get("eval", {}).get("identity") != scored:
-        models = (load_generator(out / "run").eval(), tokenizer, load_reference_net(args.feature_net))
-        labels = torch.arange(args.classes).repeat_interleave(args.per_class)
-        guided, grids = [], {}
-        for scale in args.guidance:
-            row, grids[scale] = sampled(models, sampling(config, steps[1], scale), labels, seed, args, real)
-            guided.append({"scale": scale, "steps": steps[1], **row})
-        timing = []
-        few = torch.arange(args.classes).repeat_interleave(args.timing_per_class)
-        for n in steps if len(few) else ():
+    protocol = {"per_class": args.per_class, "classes": args.classes, "steps": list(steps),
+                "timing_per_class": args.timing_per_class, "feature_net": args.net_key, "real": len(real.indices),
+                "grid": args.grid_classes}  # fmt: skip
+    saved = result.get("eval", {})
+    identity = dict(saved.get("identity", {}))
+    # results of before the per-scale cache record their scales in the identity, timed at the first
+    timing_scale = saved.get("timing_scale", (identity.pop("guidance", None) or [None])[0])
+    if identity != protocol:
+        saved, timing_scale = {}, None
+    guided = {g["scale"]: g for g in saved.get("guided", [])}
+    grids = torch.load(out / "grid.pt", weights_only=True) if guided and (out / "grid.pt").is_file() else {}
+    timing = saved.get("timing", []) if timing_scale == args.guidance[0] else []
+
+    def save() -> None:
+        result["eval"] = {"identity": protocol, "guided": sorted(guided.values(), key=lambda g: g["scale"]),
+                          "timing": timing, "timing_scale": args.guidance[0] if timing else None}  # fmt: skip
+        torch.save(grids, out / "grid.pt")  # first: a saved scale always has its grid images
+        harness.save_result(out, result)
+
+    labels = torch.arange(args.classes).repeat_interleave(args.per_class)
+    few = torch.arange(args.classes).repeat_interleave(args.timing_per_class)
+    models: tuple[Any, Any, Any] | None = None
+    for scale in [s for s in args.guidance if s not in guided or s not in grids]:
+        models = models or (load_generator(out / "run").eval(), tokenizer, load_reference_net(args.feature_net))
+        row, grids[scale] = sampled(models, sampling(config, steps[1], scale), labels, seed, args, real)
+        guided[scale] = {"scale": scale, "steps": steps[1], **row}
+        save()
+    if not timing and len(few):
+        models = models or (load_generator(out / "run").eval(), tokenizer, load_reference_net(args.feature_net))
+        for n in steps:
             row, _ = sampled(models, sampling(config, n, args.guidance[0]), few, seed, args, real)
             timing.append({"steps": n, **row})
-        result["eval"] = {"identity": scored, "guided": guided, "timing": timing}
-        harness.save_result(out, result)
-        torch.save(grids, out / "grid.pt")
-    return {**result, "grids": torch.load(out / "grid.pt", weights_only=True)}
+        save()
+    chosen = {"guided": [guided[s] for s in args.guidance], "timing": timing}
+    return {**result, "eval": {**result.get("eval", {}), **chosen}, "grids": {s: grids[s] for s in args.guidance}}
 
 
 # -- the held-out set and the calibrations every row shares ------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import gc
 import json
@@ -350,19 +351,33 @@ def run_row(name: str, row: Row, args: argparse.Namespace, threads: int, seed: i
     return result
 
 
-def saved_run(path: Path, identity: dict[str, Any], fresh: bool, key: str = "identity") -> dict[str, Any] | None:
+def saved_run(
+    path: Path, identity: dict[str, Any], fresh: bool, key: str = "identity", where: Sequence[str] = ()
+) -> dict[str, Any] | None:
     """The result saved at ``path`` by a finished run whose ``key`` records ``identity``; None when there is
-    none, it was made with other settings, or ``fresh`` asks to retrain."""
+    none, it was made with other settings, or ``fresh`` asks to retrain. ``where``: dotted keys of paths that
+    say where a run lives, not what it is (the same work dir spelt another way must not retrain it)."""
+
+    def what(settings: dict[str, Any]) -> dict[str, Any]:
+        settings = copy.deepcopy(settings)
+        for dotted in where:
+            *parents, last = dotted.split(".")
+            functools.reduce(lambda d, k: d.get(k, {}), parents, settings).pop(last, None)
+        return settings
+
     if path.is_file() and not fresh:
         saved = json.loads(path.read_text())
-        if saved.get(key) == identity:
+        if what(saved.get(key) or {}) == what(identity):
             return saved
     return None
 
 
 def save_result(folder: Path, result: dict[str, Any]) -> None:
-    """Write a run's ``result.json`` (also after adding an evaluation to it)."""
-    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    """Write a run's ``result.json`` (also after adding an evaluation to it); a write cut off midway leaves
+    the previous file whole (written beside it, then renamed over it)."""
+    partial = folder / "result.json.partial"
+    partial.write_text(json.dumps(result, indent=2))
+    partial.replace(folder / "result.json")
 
 
 def run_pooled(
@@ -724,7 +739,7 @@ def run_generator_row(config: Any, fresh: bool = False) -> dict[str, Any]:
     # the config as result.json reads it back (tuples as lists), less the threads, and the tokens it trains on
     identity = {**json.loads(config.to_json()), "threads": None, "images": index["num_images"],
                 "tokens": index["tokenizer"]["weights_sha256"]}  # fmt: skip
-    saved = saved_run(folder / "result.json", identity, fresh)
+    saved = saved_run(folder / "result.json", identity, fresh, where=("out_dir", "data.path"))
     if saved is not None:
         return saved
     shutil.rmtree(folder, ignore_errors=True)  # a stale or unfinished run: the trainer would resume it

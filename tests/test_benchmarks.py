@@ -156,6 +156,24 @@ def _section(text: str, name: str) -> str:
     return text[text.index(start) : text.index(end) + len(end)]
 
 
+def test_saved_run_ignores_where_a_run_lives_but_not_what_it_is(tmp_path: Path) -> None:
+    """A finished run is reused when only its paths are spelt another way (the same work dir given as
+    ``../runs`` retrained a generator once); any other setting that differs is a new run; the result file
+    is replaced whole."""
+    harness = _load("harness")
+    identity = {"steps": 2, "out_dir": "runs/g/run", "data": {"path": "runs/g/tokens", "num_workers": 0}}
+    harness.save_result(tmp_path, {"identity": identity, "loss": [1.0]})
+    assert not (tmp_path / "result.json.partial").exists()
+    where = ("out_dir", "data.path")
+    moved = {**identity, "out_dir": "../runs/g/run", "data": {"path": "../runs/g/tokens", "num_workers": 0}}
+    assert harness.saved_run(tmp_path / "result.json", moved, False, where=where)["loss"] == [1.0]
+    assert harness.saved_run(tmp_path / "result.json", moved, False) is None  # without ``where`` paths count
+    assert harness.saved_run(tmp_path / "result.json", {**moved, "steps": 3}, False, where=where) is None
+    other = {**moved, "data": {"path": "x", "num_workers": 2}}
+    assert harness.saved_run(tmp_path / "result.json", other, False, where=where) is None
+    assert harness.saved_run(tmp_path / "result.json", identity, True, where=where) is None  # fresh
+
+
 def test_write_section_creates_replaces_and_keeps_the_old_one_in_history(tmp_path: Path) -> None:
     """A benchmark's section is added when missing, then replaced in place by each newer run: the rest of
     the file is untouched, the replaced section is appended unchanged to history/<name>.md, and the
@@ -694,6 +712,13 @@ def test_generation_benchmark_end_to_end(tmp_path: Path, tiny_imagenet: Path) ->
     saved_file.write_text(json.dumps(saved))
     again = generation.main([*argv, "--rows", "titok", "--no-write"])
     assert again["titok"]["seeds"][0]["eval"]["guided"][0]["fd_ref"] == -1.0
+    # scores are kept per scale: a new scale is the only one sampled, and the sweep's order is the one asked for
+    more = generation.main([*argv, "--rows", "titok", "--no-write", "--guidance", "3,1"])
+    (seed,) = more["titok"]["seeds"]
+    assert [g["scale"] for g in seed["eval"]["guided"]] == [3.0, 1.0] and sorted(seed["grids"]) == [1.0, 3.0]
+    assert seed["eval"]["guided"][1]["fd_ref"] == -1.0 and math.isfinite(seed["eval"]["guided"][0]["fd_ref"])
+    kept = json.loads(saved_file.read_text())["eval"]
+    assert [g["scale"] for g in kept["guided"]] == [1.0, 2.0, 3.0] and kept["timing_scale"] == 3.0
     # a given tokenizer run: nothing trained for it in the new work dir
     given = ["--rows", "titok", "--tokenizer", f"titok={work / 'tokenizer_titok'}", "--no-write"]
     other = generation.main([*argv, *given, "--work-dir", str(tmp_path / "other")])
