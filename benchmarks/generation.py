@@ -11,7 +11,8 @@ default the four family pipelines: TiTok + MaskGIT, MsTok + MaskGIT, HieraTok + 
 3. **generator**: trained class-conditionally with its shipped tiny config (``configs/maskgit_tiny.toml``,
    ``dit_tiny.toml``, ``bitmar_tiny.toml``) for ``--gen-steps`` steps with each of ``--seeds`` seeds;
 4. **samples**: for each guidance scale s of ``--guidance`` (default 1, 2, 4, 8; ``uncond + s (cond - uncond)``,
-   1 = none: a DiT's scale, BitMAR's maximum, MaskGIT's w = s - 1), ``--per-class`` images of every class from the EMA
+   1 = none: a DiT's scale, BitMAR's maximum, MaskGIT's w = s - 1; ``--more-guidance ROW=16`` extends one
+   row's sweep), ``--per-class`` images of every class from the EMA
    generator (``STEPS``' middle: MaskGIT 8, DiT 25 DDIM, BitMAR 16 steps), scored by the reference network
    (``--feature-net``) against the held-out images: FD-ref, class accuracy (its top-1 against the class
    asked for), precision/recall (k = 3), seconds per image (sampling + decoding); and each of ``STEPS``
@@ -259,6 +260,7 @@ def run_generator(
     mid-sweep resumes at the scale it was on."""
     if threads:
         torch.set_num_threads(threads)
+    scales = args.sweeps[name]
     config = generator_config(name, args, seed, prepared, threads)
     out = Path(config.out_dir).parent
     result = harness.run_generator_row(config, args.fresh)
@@ -276,18 +278,18 @@ def run_generator(
         saved, timing_scale = {}, None
     guided = {g["scale"]: g for g in saved.get("guided", [])}
     grids = torch.load(out / "grid.pt", weights_only=True) if guided and (out / "grid.pt").is_file() else {}
-    timing = saved.get("timing", []) if timing_scale == args.guidance[0] else []
+    timing = saved.get("timing", []) if timing_scale == scales[0] else []
 
     def save() -> None:
         result["eval"] = {"identity": protocol, "guided": sorted(guided.values(), key=lambda g: g["scale"]),
-                          "timing": timing, "timing_scale": args.guidance[0] if timing else None}  # fmt: skip
+                          "timing": timing, "timing_scale": scales[0] if timing else None}  # fmt: skip
         torch.save(grids, out / "grid.pt")  # first: a saved scale always has its grid images
         harness.save_result(out, result)
 
     labels = torch.arange(args.classes).repeat_interleave(args.per_class)
     few = torch.arange(args.classes).repeat_interleave(args.timing_per_class)
     models: tuple[Any, Any, Any] | None = None
-    for scale in [s for s in args.guidance if s not in guided or s not in grids]:
+    for scale in [s for s in scales if s not in guided or s not in grids]:
         models = models or (load_generator(out / "run").eval(), tokenizer, load_reference_net(args.feature_net))
         row, grids[scale] = sampled(models, sampling(config, steps[1], scale), labels, seed, args, real)
         guided[scale] = {"scale": scale, "steps": steps[1], **row}
@@ -295,11 +297,11 @@ def run_generator(
     if not timing and len(few):
         models = models or (load_generator(out / "run").eval(), tokenizer, load_reference_net(args.feature_net))
         for n in steps:
-            row, _ = sampled(models, sampling(config, n, args.guidance[0]), few, seed, args, real)
+            row, _ = sampled(models, sampling(config, n, scales[0]), few, seed, args, real)
             timing.append({"steps": n, **row})
         save()
-    chosen = {"guided": [guided[s] for s in args.guidance], "timing": timing}
-    return {**result, "eval": {**result.get("eval", {}), **chosen}, "grids": {s: grids[s] for s in args.guidance}}
+    chosen = {"guided": [guided[s] for s in scales], "timing": timing}
+    return {**result, "eval": {**result.get("eval", {}), **chosen}, "grids": {s: grids[s] for s in scales}}
 
 
 # -- the held-out set and the calibrations every row shares ------------------------------------------------------
@@ -350,7 +352,7 @@ def samples_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
     lines = []
     for name, row in rows.items():
         recon, random = row["prepared"]["reconstructions"], row["prepared"]["random tokens"]
-        for i, scale in enumerate(args.guidance):
+        for i, scale in enumerate(args.sweeps[name]):
             seeds = [seed["eval"]["guided"][i] for seed in row["seeds"]]
             accuracy = mean(seeds, "class_accuracy")
             lines.append([ROWS[name].title, f"{scale:g}", str(seeds[0]["images"]),
@@ -450,10 +452,28 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
     "--val-images": (int, 64, "held-out images a tokenizer validates on"),
     "--classes": (int, 0, "sample the first N classes (0: all held-out classes)"),
     "--per-class": (int, 40, "images sampled per class and guidance scale"),
-    "--guidance": (str, "1,2,4,8", "classifier-free guidance scales s (1 = none)"),
+    "--guidance": (str, "1,2,4,8", "classifier-free guidance scales s (1 = none) of every row's sweep"),
     "--timing-per-class": (int, 1, "images per class at each step count"),
     "--sample-batch": (int, 100, "images per sampling call"),
 }
+
+
+def more_guidance(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each row's guidance sweep: ``--guidance``, then the scales ``--more-guidance ROW=S,S`` adds for it
+    (a family whose scale means a weaker push, such as BitMAR's linear schedule's maximum, may need more)."""
+    sweeps = {name: list(args.guidance) for name in args.names}
+    for text in args.more_guidance:
+        name, sep, scales = text.partition("=")
+        if not sep or name not in args.names:
+            parser.error(f"--more-guidance {text!r}: expected ROW=S,S with ROW one of --rows ({', '.join(args.names)})")
+        try:
+            more = [float(s) for s in harness.names(scales)]
+        except ValueError:
+            more = []
+        if not more or min(more) < 1:
+            parser.error(f"--more-guidance {text!r}: comma-separated scales, each >= 1")
+        sweeps[name] += [s for s in more if s not in sweeps[name]]
+    return sweeps
 
 
 def given_tokenizers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
@@ -484,6 +504,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", action="append", default=[], metavar="ROW=PATH",
                         help="a finished tokenizer run for ROW instead of training one (repeatable)")  # fmt: skip
     harness.add_feature_net_argument(parser, "; SemTok's teacher too")
+    parser.add_argument("--more-guidance", action="append", default=[], metavar="ROW=S,S",
+                        help="more guidance scales for ROW's sweep, after --guidance's (repeatable)")  # fmt: skip
     for flag, (kind, default, text) in OPTIONS.items():
         parser.add_argument(flag, type=kind, default=default, help=text)
     harness.add_run_arguments(parser, "runs/generation", seeds=2, unit="pipelines")
@@ -505,6 +527,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--guidance {args.guidance!r}: comma-separated numbers, such as 1,2,4")
     if not args.guidance or min(args.guidance) < 1:
         parser.error("--guidance: give one scale or more, each >= 1 (1 = no guidance)")
+    args.sweeps = more_guidance(parser, args)
     net = harness.feature_net(parser, args)
     held = len(set(harness.folder_labels(args.data)))
     args.classes, args.held_classes = args.classes or held, held

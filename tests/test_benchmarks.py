@@ -719,6 +719,10 @@ def test_generation_benchmark_end_to_end(tmp_path: Path, tiny_imagenet: Path) ->
     assert seed["eval"]["guided"][1]["fd_ref"] == -1.0 and math.isfinite(seed["eval"]["guided"][0]["fd_ref"])
     kept = json.loads(saved_file.read_text())["eval"]
     assert [g["scale"] for g in kept["guided"]] == [1.0, 2.0, 3.0] and kept["timing_scale"] == 3.0
+    # --more-guidance extends one row's sweep: here all reused (the marker), after the common scales
+    extended = generation.main([*argv, "--rows", "titok", "--no-write", "--guidance", "1", "--more-guidance=titok=3"])
+    assert [g["scale"] for g in extended["titok"]["seeds"][0]["eval"]["guided"]] == [1.0, 3.0]
+    assert extended["titok"]["seeds"][0]["eval"]["guided"][0]["fd_ref"] == -1.0
     # a given tokenizer run: nothing trained for it in the new work dir
     given = ["--rows", "titok", "--tokenizer", f"titok={work / 'tokenizer_titok'}", "--no-write"]
     other = generation.main([*argv, *given, "--work-dir", str(tmp_path / "other")])
@@ -742,6 +746,8 @@ def test_generation_benchmark_refuses_bad_input(tmp_path: Path, tiny_imagenet: P
         ("--feature-net", str(net), "--tokenizer", f"mstok={tokenizer}"): "holds a 'titok' tokenizer; row 'mstok'",
         ("--feature-net", str(tokenizer)): "--feature-net: ",
         ("--feature-net", str(net), "--guidance", "0.5,2"): "--guidance: give one scale or more, each >= 1",
+        ("--feature-net", str(net), "--rows", "titok", "--more-guidance", "mstok=16"): "ROW one of --rows (titok)",
+        ("--feature-net", str(net), "--more-guidance", "semtok=0.5"): "comma-separated scales, each >= 1",
     }
     for extra, message in cases.items():
         with pytest.raises(SystemExit):
