@@ -244,7 +244,8 @@ def sampled(
         images, _ = generate_images(generator, tokenizer, chunk, settings, SEED_STRIDE * seed + i, args.sample_batch)
         seconds += time.perf_counter() - started
         batches.append(images)
-    kept = {c: torch.cat(batches)[labels == c][:GRID_SAMPLES] for c in args.grid_classes}
+    # cloned: a slice would keep (and torch.save would write) all of the class's samples
+    kept = {c: torch.cat(batches)[labels == c][:GRID_SAMPLES].clone() for c in args.grid_classes}
     scores = score_images(net, batches, real.features, labels.numpy())
     return {**scores, "seconds_per_image": seconds / len(labels)}, kept
 
@@ -288,16 +289,17 @@ def run_generator(
 
     labels = torch.arange(args.classes).repeat_interleave(args.per_class)
     few = torch.arange(args.classes).repeat_interleave(args.timing_per_class)
-    models: tuple[Any, Any, Any] | None = None
+    # loaded once, and only when something is sampled
+    models = functools.cache(
+        lambda: (load_generator(out / "run").eval(), tokenizer, load_reference_net(args.feature_net))
+    )
     for scale in [s for s in scales if s not in guided or s not in grids]:
-        models = models or (load_generator(out / "run").eval(), tokenizer, load_reference_net(args.feature_net))
-        row, grids[scale] = sampled(models, sampling(config, steps[1], scale), labels, seed, args, real)
+        row, grids[scale] = sampled(models(), sampling(config, steps[1], scale), labels, seed, args, real)
         guided[scale] = {"scale": scale, "steps": steps[1], **row}
         save()
     if not timing and len(few):
-        models = models or (load_generator(out / "run").eval(), tokenizer, load_reference_net(args.feature_net))
         for n in steps:
-            row, _ = sampled(models, sampling(config, n, scales[0]), few, seed, args, real)
+            row, _ = sampled(models(), sampling(config, n, scales[0]), few, seed, args, real)
             timing.append({"steps": n, **row})
         save()
     chosen = {"guided": [guided[s] for s in scales], "timing": timing}
