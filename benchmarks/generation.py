@@ -460,6 +460,17 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
 }
 
 
+def guidance_scales(parser: argparse.ArgumentParser, flag: str, text: str) -> list[float]:
+    """``text`` "1,2,4" as guidance scales, or one parser error naming ``flag`` (one or more, each >= 1)."""
+    try:
+        scales = [float(s) for s in harness.names(text)]
+    except ValueError:
+        scales = []
+    if not scales or min(scales) < 1:
+        parser.error(f"{flag}: comma-separated guidance scales such as 1,2,4, each >= 1 (1 = no guidance)")
+    return scales
+
+
 def more_guidance(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list[float]]:
     """Each row's guidance sweep: ``--guidance``, then the scales ``--more-guidance ROW=S,S`` adds for it
     (a family whose scale means a weaker push, such as BitMAR's linear schedule's maximum, may need more)."""
@@ -468,12 +479,7 @@ def more_guidance(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         name, sep, scales = text.partition("=")
         if not sep or name not in args.names:
             parser.error(f"--more-guidance {text!r}: expected ROW=S,S with ROW one of --rows ({', '.join(args.names)})")
-        try:
-            more = [float(s) for s in harness.names(scales)]
-        except ValueError:
-            more = []
-        if not more or min(more) < 1:
-            parser.error(f"--more-guidance {text!r}: comma-separated scales, each >= 1")
+        more = guidance_scales(parser, f"--more-guidance {text!r}", scales)
         sweeps[name] += [s for s in more if s not in sweeps[name]]
     return sweeps
 
@@ -523,12 +529,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            args.batch_size) < 0:  # fmt: skip
         parser.error("--tokenizer-steps, --train-images, --classes, --timing-per-class, --gen-batch-size, "
                      "--batch-size (0: the tokenizer config's): >= 0")  # fmt: skip
-    try:
-        args.guidance = [float(s) for s in harness.names(args.guidance)]
-    except ValueError:
-        parser.error(f"--guidance {args.guidance!r}: comma-separated numbers, such as 1,2,4")
-    if not args.guidance or min(args.guidance) < 1:
-        parser.error("--guidance: give one scale or more, each >= 1 (1 = no guidance)")
+    args.guidance = guidance_scales(parser, f"--guidance {args.guidance!r}", args.guidance)
     args.sweeps = more_guidance(parser, args)
     net = harness.feature_net(parser, args)
     held = len(set(harness.folder_labels(args.data)))

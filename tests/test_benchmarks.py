@@ -745,9 +745,10 @@ def test_generation_benchmark_refuses_bad_input(tmp_path: Path, tiny_imagenet: P
         ("--feature-net", str(net), "--tokenizer", f"titok={tmp_path / 'missing'}"): "does not exist",
         ("--feature-net", str(net), "--tokenizer", f"mstok={tokenizer}"): "holds a 'titok' tokenizer; row 'mstok'",
         ("--feature-net", str(tokenizer)): "--feature-net: ",
-        ("--feature-net", str(net), "--guidance", "0.5,2"): "--guidance: give one scale or more, each >= 1",
+        ("--feature-net", str(net), "--guidance", "0.5,2"): "--guidance '0.5,2': comma-separated guidance",
+        ("--feature-net", str(net), "--guidance", "1,x"): "scales such as 1,2,4, each >= 1",
         ("--feature-net", str(net), "--rows", "titok", "--more-guidance", "mstok=16"): "ROW one of --rows (titok)",
-        ("--feature-net", str(net), "--more-guidance", "semtok=0.5"): "comma-separated scales, each >= 1",
+        ("--feature-net", str(net), "--more-guidance", "semtok=0.5"): "--more-guidance 'semtok=0.5': comma-separated",
     }
     for extra, message in cases.items():
         with pytest.raises(SystemExit):

@@ -179,6 +179,28 @@ def test_label_dropout_rate_determinism_and_eval_identity() -> None:
         embed.drop(labels, mask[:5])
 
 
+def test_label_gain_scales_the_rows_and_their_updates() -> None:
+    """gain g: the output is g times the table's rows, and under Adam a step moves it g times as far as
+    without the gain (the point of the gain: class rows that learn as fast as the shared layers)."""
+    moved = {}
+    for gain in (1.0, 8.0):
+        torch.manual_seed(0)
+        embed = LabelEmbedding(num_classes=10, dim=8, gain=gain)
+        init_weights(embed)
+        labels = torch.tensor([1, 1, 4])
+        torch.testing.assert_close(embed(labels), gain * embed.table[labels])
+        before = embed(labels).detach()
+        optimizer = torch.optim.Adam(embed.parameters(), lr=1e-2)
+        (embed(labels) * torch.arange(8.0)).sum().backward()
+        optimizer.step()
+        moved[gain] = (embed(labels).detach() - before).abs().sum().item()
+    assert moved[8.0] == pytest.approx(8 * moved[1.0], rel=1e-4)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="gain must be > 0"):
+            LabelEmbedding(10, 8, gain=bad)
+    assert small(label_gain=4.0).y_embed.gain == 4.0
+
+
 def test_dit_label_dropout_uses_the_null_label() -> None:
     model = small(class_dropout=0.5)
     perturb_zero_starts(model)
