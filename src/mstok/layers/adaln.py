@@ -136,8 +136,7 @@ class LabelEmbedding(nn.Module):
         self, labels: torch.Tensor, drop_mask: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """labels: (B,) integer ids -> (B, D)"""
-        rows = F.embedding(self.drop(labels, drop_mask, generator), self.table)
-        return rows if self.gain == 1.0 else rows * self.gain
+        return F.embedding(self.drop(labels, drop_mask, generator), self.table) * self.gain
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
