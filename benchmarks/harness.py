@@ -19,7 +19,8 @@ imports another. What is here:
 * **held-out evaluation** on Tiny ImageNet's validation images (:func:`held_out_images`,
   :func:`held_out_metrics`, :func:`bit_entropies`, the classes' names: :func:`class_names`);
 * **generator runs** on the training images' token shards (:func:`pretokenized`, :func:`generator_config`,
-  :func:`run_generator_row`), reused like the rows;
+  :func:`run_generator_row`), reused like the rows while their preset builds the same model
+  (:func:`unrestated`, :func:`generator_changes`);
 * **calibration rows**: each image in its mean colour (:func:`mean_colour_floor`, :func:`mean_colour_row`)
   and the conv autoencoder at equal bits (:func:`conv_ae_vq`, :func:`conv_ae_continuous`);
 * **timing** (throughput, train_step, sampling, gpu_check): devices, precisions, timed calls, peak memory,
@@ -352,18 +353,24 @@ def run_row(name: str, row: Row, args: argparse.Namespace, threads: int, seed: i
 
 
 def saved_run(
-    path: Path, identity: dict[str, Any], fresh: bool, key: str = "identity", where: Sequence[str] = ()
+    path: Path,
+    identity: dict[str, Any],
+    fresh: bool,
+    key: str = "identity",
+    where: Sequence[str] = (),
+    same: Callable[[dict[str, Any]], dict[str, Any]] = lambda settings: settings,
 ) -> dict[str, Any] | None:
     """The result saved at ``path`` by a finished run whose ``key`` records ``identity``; None when there is
     none, it was made with other settings, or ``fresh`` asks to retrain. ``where``: dotted keys of paths that
-    say where a run lives, not what it is (the same work dir spelt another way must not retrain it)."""
+    say where a run lives, not what it is (the same work dir spelt another way must not retrain it); ``same``
+    maps both sides to a form where settings that mean the same compare equal."""
 
     def what(settings: dict[str, Any]) -> dict[str, Any]:
         settings = copy.deepcopy(settings)
         for dotted in where:
             *parents, last = dotted.split(".")
             functools.reduce(lambda d, k: d.get(k, {}), parents, settings).pop(last, None)
-        return settings
+        return same(settings)
 
     if path.is_file() and not fresh:
         saved = json.loads(path.read_text())
@@ -728,6 +735,42 @@ def generator_config(
     return load_train_config(path, settings, kind=GeneratorTrainConfig)
 
 
+def unrestated(identity: dict[str, Any]) -> dict[str, Any]:
+    """A generator run's identity less the ``model.overrides`` that restate what its preset holds today: a
+    config that spells a preset value out and one that leaves it to the preset train the same model (a
+    preset edited since is :func:`generator_changes`'s to catch)."""
+    from mstok.generators.registry import preset_family
+
+    model = identity.get("model") or {}
+    preset = model.get("preset")
+    if not isinstance(preset, str) or not isinstance(model.get("overrides"), dict):
+        return identity
+    try:
+        held = preset_family(preset).presets[preset]
+    except (KeyError, ValueError):  # a preset that no longer exists: nothing restates it
+        return identity
+    as_saved = json.loads(json.dumps(held))  # tuples as lists, as a result.json reads back
+    overrides = {k: v for k, v in model["overrides"].items() if k not in as_saved or as_saved[k] != v}
+    return {**identity, "model": {**model, "overrides": overrides}}
+
+
+def generator_changes(config: Any) -> str:
+    """How the model a finished generator run of ``config`` saved differs from what ``config`` builds today,
+    as ``field: saved -> now`` (empty when alike; a message when the model is missing). The identity of
+    :func:`run_generator_row` is the train config, which names a preset but not what the preset holds: an
+    edited preset is caught here, and runs whose preset is unchanged stay reusable."""
+    from mstok.data.tokens import TokenDataset
+    from mstok.persistence import load_generator
+    from mstok.training.generator_trainer import generator_model_config
+
+    try:
+        saved = load_generator(config.out_dir).config.to_dict()
+    except FileNotFoundError:  # result.json without its model (deleted by hand): nothing to sample from
+        return f"no model saved in {config.out_dir}"
+    now = generator_model_config(config, TokenDataset(config.data.path)).to_dict()
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in sorted(now) if saved.get(k) != now[k])
+
+
 def run_generator_row(config: Any, fresh: bool = False) -> dict[str, Any]:
     """Train the generator of ``config`` (:func:`generator_config`) into its ``out_dir``, or reuse the finished
     run whose ``result.json`` beside it records the same config and tokens (unless ``fresh``); returns that
@@ -739,9 +782,12 @@ def run_generator_row(config: Any, fresh: bool = False) -> dict[str, Any]:
     # the config as result.json reads it back (tuples as lists), less the threads, and the tokens it trains on
     identity = {**json.loads(config.to_json()), "threads": None, "images": index["num_images"],
                 "tokens": index["tokenizer"]["weights_sha256"]}  # fmt: skip
-    saved = saved_run(folder / "result.json", identity, fresh, where=("out_dir", "data.path"))
+    saved = saved_run(folder / "result.json", identity, fresh, where=("out_dir", "data.path"), same=unrestated)
     if saved is not None:
-        return saved
+        changed = generator_changes(config)
+        if not changed:
+            return saved
+        print(f"{folder}: {changed} (preset {config.model.preset!r}): training again")
     shutil.rmtree(folder, ignore_errors=True)  # a stale or unfinished run: the trainer would resume it
     trainer = GeneratorTrainer(config, progress=False)
     history = trainer.fit()

@@ -174,6 +174,23 @@ def test_saved_run_ignores_where_a_run_lives_but_not_what_it_is(tmp_path: Path) 
     assert harness.saved_run(tmp_path / "result.json", identity, True, where=where) is None  # fresh
 
 
+def test_a_generator_run_is_the_same_whether_its_config_restates_the_preset_or_not(tmp_path: Path) -> None:
+    """Overrides equal to what the preset holds (a config spelling ``label_gain = 32`` out, or not) name the
+    same run; one that differs from the preset, or one of a preset edited since, is another run."""
+    harness = _load("harness")
+    model = {"preset": "dit_tiny", "overrides": {"num_tokens": 85, "label_gain": 32.0, "scales": [1, 2, 4, 8]}}
+    identity = {"steps": 2, "model": model}
+    harness.save_result(tmp_path, {"identity": identity, "loss": [1.0]})
+    left = {"steps": 2, "model": {**model, "overrides": {"num_tokens": 85, "scales": [1, 2, 4, 8]}}}
+    found = functools.partial(harness.saved_run, tmp_path / "result.json", fresh=False, same=harness.unrestated)
+    assert found(left)["loss"] == [1.0]
+    assert harness.saved_run(tmp_path / "result.json", left, False) is None  # compared as written
+    assert found({**left, "model": {**model, "overrides": {**model["overrides"], "label_gain": 8.0}}}) is None
+    assert found({**left, "model": {**model, "overrides": {"num_tokens": 85}}}) is None  # scales: not the preset's
+    unknown = {"steps": 2, "model": {"preset": "gone", "overrides": {"a": 1}}}
+    assert harness.unrestated(unknown) == unknown  # a preset that no longer exists restates nothing
+
+
 def test_write_section_creates_replaces_and_keeps_the_old_one_in_history(tmp_path: Path) -> None:
     """A benchmark's section is added when missing, then replaced in place by each newer run: the rest of
     the file is untouched, the replaced section is appended unchanged to history/<name>.md, and the
@@ -681,9 +698,13 @@ GENERATION_ARGS = ["--tokenizer-steps", "2", "--gen-steps", "2", "--train-images
 
 
 @pytest.mark.slow  # ~40 s on a busy 2-core machine: four tokenizers and generators, sampled and scored
-def test_generation_benchmark_end_to_end(tmp_path: Path, tiny_imagenet: Path) -> None:
+def test_generation_benchmark_end_to_end(tmp_path: Path, tiny_imagenet: Path, monkeypatch) -> None:
     """The four family pipelines train, sample and score at trivial size, write their section and grids; a second
-    run reuses the finished generators, and a given tokenizer run is used instead of training one."""
+    run reuses the finished generators (not after their preset is edited), and a given tokenizer run is used
+    instead of training one."""
+    from mstok.generators.registry import preset_family
+    from mstok.persistence import load_generator
+
     generation = _load("generation")
     net = _reference_net(tmp_path / "net")
     work, out = tmp_path / "work", tmp_path / "R.md"
@@ -723,6 +744,13 @@ def test_generation_benchmark_end_to_end(tmp_path: Path, tiny_imagenet: Path) ->
     extended = generation.main([*argv, "--rows", "titok", "--no-write", "--guidance", "1", "--more-guidance=titok=3"])
     assert [g["scale"] for g in extended["titok"]["seeds"][0]["eval"]["guided"]] == [1.0, 3.0]
     assert extended["titok"]["seeds"][0]["eval"]["guided"][0]["fd_ref"] == -1.0
+    # an edited preset builds another model: the finished run, whose identity names the preset only, trains again
+    preset = saved["identity"]["model"]["preset"]
+    presets = preset_family(preset).presets
+    monkeypatch.setitem(presets, preset, {**presets[preset], "dropout": 0.25})
+    edited = generation.main([*argv, "--rows", "titok", "--no-write", "--guidance", "1"])
+    assert math.isfinite(edited["titok"]["seeds"][0]["eval"]["guided"][0]["fd_ref"])  # not the marker
+    assert load_generator(work / "titok" / "generator_seed0" / "run").config.dropout == 0.25
     # a given tokenizer run: nothing trained for it in the new work dir
     given = ["--rows", "titok", "--tokenizer", f"titok={work / 'tokenizer_titok'}", "--no-write"]
     other = generation.main([*argv, *given, "--work-dir", str(tmp_path / "other")])

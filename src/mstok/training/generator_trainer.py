@@ -35,9 +35,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mstok.data.tokens import TokenDataset
-from mstok.generators import create_generator, generate_images
+from mstok.generators import generate_images
 from mstok.generators.dit_sampling import latent_scale
-from mstok.generators.registry import FAMILIES, GeneratorFamily, TokenSpace, preset_family
+from mstok.generators.registry import FAMILIES, GeneratorFamily, TokenSpace, generator_config, preset_family
 from mstok.losses.bitwise import BitwiseObjective
 from mstok.losses.diffusion import DiffusionObjective
 from mstok.losses.masked import MaskedTokenObjective
@@ -172,6 +172,18 @@ def data_overrides(dataset: Dataset, overrides: dict[str, Any], family: Generato
     return fields
 
 
+def generator_model_config(config: GeneratorTrainConfig, dataset: Dataset) -> Any:
+    """The model config a run of ``config`` on ``dataset`` trains: the preset ``model.preset``, its K, V or C
+    and class count from the data (checked against explicit overrides), the family's run fields (a DiT's
+    objective and latent statistics), then ``model.overrides``. Cheap (no model is built): a finished run's
+    saved config can be checked against what its train config means today (a preset edited since)."""
+    family = preset_family(config.model.preset)
+    check_family_fits(family, config.model.preset, dataset)
+    fields = data_overrides(dataset, config.model.overrides, family)
+    fields.update(TRAINING[family.name].run_fields(config, dataset, config.model.overrides))
+    return generator_config(config.model.preset, **fields)
+
+
 class GeneratorTrainer(Engine):
     """Trains a generator of any family according to a :class:`GeneratorTrainConfig`.
 
@@ -198,12 +210,8 @@ class GeneratorTrainer(Engine):
             if not config.data.path:
                 raise ValueError("data.path is empty: point it at a folder written by `mstok pretokenize`")
             dataset = TokenDataset(config.data.path)
-        family = preset_family(config.model.preset)
-        check_family_fits(family, config.model.preset, dataset)
-        self.training = TRAINING[family.name]
-        fields = data_overrides(dataset, config.model.overrides, family)
-        fields.update(self.training.run_fields(config, dataset, config.model.overrides))
-        model = create_generator(config.model.preset, **fields)
+        self.training = TRAINING[preset_family(config.model.preset).name]
+        model = preset_family(config.model.preset).build(generator_model_config(config, dataset))
         if config.model.init_from:
             load_initial_weights(model, config.model.init_from, config.model.init_weights)
         self.objective = self.training.objective(model, config)
