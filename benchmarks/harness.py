@@ -295,6 +295,30 @@ def run_identity(row: Row, args: argparse.Namespace, seed: int = 0) -> dict[str,
     return identity
 
 
+def config_changes(saved: Any, now: Any) -> str:
+    """The fields in which two model configs differ, as ``field: saved -> now`` (empty when alike); compared
+    as their JSON reads back (a nested tuple and the list it was saved as are alike)."""
+    old, new = (json.loads(json.dumps(c.to_dict())) for c in (saved, now))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k])
+
+
+def tokenizer_changes(config: Any) -> str:
+    """How the tokenizer a finished run of train config ``config`` saved differs from what ``config`` builds
+    today (:func:`config_changes`; a message when the model is missing). A run's identity
+    (:func:`run_identity`) names its preset, not what the preset holds: an edited preset is caught here."""
+    from mstok.persistence import load_tokenizer
+    from mstok.training.components import load_proxy
+    from mstok.training.trainer import tokenizer_model_config
+
+    try:
+        saved = load_tokenizer(config.out_dir).config
+    except FileNotFoundError:  # result.json without its checkpoint (deleted by hand)
+        return f"no model saved in {config.out_dir}"
+    copies = config.stage.pixel_decoder_from_proxy and config.proxy.checkpoint  # the only way a proxy shapes it
+    proxy = load_proxy(config.proxy.checkpoint, config.proxy.weights) if copies else None
+    return config_changes(saved, tokenizer_model_config(config, proxy))
+
+
 LOGGED_TERMS = ("l1", "mse", "entropy", "commitment", "codebook", "usage", "perplexity")
 
 
@@ -306,11 +330,6 @@ def run_row(name: str, row: Row, args: argparse.Namespace, threads: int, seed: i
 
     out = run_dir(args, name, seed)
     identity = run_identity(row, args, seed)
-    saved = saved_run(out / "result.json", identity, args.fresh)
-    if saved is not None:
-        return saved
-    if out.exists():
-        shutil.rmtree(out)  # a stale or unfinished run: the trainer would resume it
     settings = [
         f"model.preset='{row.preset}'",
         f"steps={args.steps}",
@@ -328,6 +347,14 @@ def run_row(name: str, row: Row, args: argparse.Namespace, threads: int, seed: i
         *[f"model.overrides.{k}={toml_value(v)}" for k, v in row.model.items()],
     ]
     config = load_train_config(None, settings)
+    saved = saved_run(out / "result.json", identity, args.fresh)
+    if saved is not None:
+        changed = tokenizer_changes(config)
+        if not changed:
+            return saved
+        print(f"{out}: {changed} (preset {row.preset!r}): training again")
+    if out.exists():
+        shutil.rmtree(out)  # a stale or unfinished run: the trainer would resume it
     train = training_images(args.train_data)
     val_images = held_out_images(args.data, tuple(held_out_indices(args.data, args.val_images)))
     final_count = getattr(args, "final_images", 0)  # 0: measure the validation images
@@ -764,11 +791,10 @@ def generator_changes(config: Any) -> str:
     from mstok.training.generator_trainer import generator_model_config
 
     try:
-        saved = load_generator(config.out_dir).config.to_dict()
+        saved = load_generator(config.out_dir).config
     except FileNotFoundError:  # result.json without its model (deleted by hand): nothing to sample from
         return f"no model saved in {config.out_dir}"
-    now = generator_model_config(config, TokenDataset(config.data.path)).to_dict()
-    return ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in sorted(now) if saved.get(k) != now[k])
+    return config_changes(saved, generator_model_config(config, TokenDataset(config.data.path)))
 
 
 def run_generator_row(config: Any, fresh: bool = False) -> dict[str, Any]:

@@ -700,10 +700,11 @@ GENERATION_ARGS = ["--tokenizer-steps", "2", "--gen-steps", "2", "--train-images
 @pytest.mark.slow  # ~40 s on a busy 2-core machine: four tokenizers and generators, sampled and scored
 def test_generation_benchmark_end_to_end(tmp_path: Path, tiny_imagenet: Path, monkeypatch) -> None:
     """The four family pipelines train, sample and score at trivial size, write their section and grids; a second
-    run reuses the finished generators (not after their preset is edited), and a given tokenizer run is used
-    instead of training one."""
+    run reuses the finished tokenizers and generators (not after their preset is edited), and a given tokenizer
+    run is used instead of training one."""
     from mstok.generators.registry import preset_family
-    from mstok.persistence import load_generator
+    from mstok.persistence import load_generator, load_tokenizer
+    from mstok.tokenizers.registry import PRESETS as TOKENIZER_PRESETS
 
     generation = _load("generation")
     net = _reference_net(tmp_path / "net")
@@ -751,6 +752,15 @@ def test_generation_benchmark_end_to_end(tmp_path: Path, tiny_imagenet: Path, mo
     edited = generation.main([*argv, "--rows", "titok", "--no-write", "--guidance", "1"])
     assert math.isfinite(edited["titok"]["seeds"][0]["eval"]["guided"][0]["fd_ref"])  # not the marker
     assert load_generator(work / "titok" / "generator_seed0" / "run").config.dropout == 0.25
+    # so does an edited tokenizer preset: the tokenizer trains again (then its tokens and generator)
+    tokenizer_result = work / "tokenizer_titok" / "result.json"
+    marked = {**json.loads(tokenizer_result.read_text()), "final_psnr": -3.0}
+    tokenizer_result.write_text(json.dumps(marked))
+    assert generation.main([*argv, "--rows", "titok", "--no-write"])["titok"]["prepared"]["trained"]["final_psnr"] == -3
+    family, fields = TOKENIZER_PRESETS["titok_tiny"]
+    monkeypatch.setitem(TOKENIZER_PRESETS, "titok_tiny", (family, {**fields, "commitment_weight": 0.5}))
+    retrained = generation.main([*argv, "--rows", "titok", "--no-write"])["titok"]["prepared"]["trained"]
+    assert retrained["final_psnr"] > 0 and load_tokenizer(work / "tokenizer_titok").config.commitment_weight == 0.5
     # a given tokenizer run: nothing trained for it in the new work dir
     given = ["--rows", "titok", "--tokenizer", f"titok={work / 'tokenizer_titok'}", "--no-write"]
     other = generation.main([*argv, *given, "--work-dir", str(tmp_path / "other")])

@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 
 from mstok.evaluation.evaluate import load_lpips
 from mstok.evaluation.metrics import mean_colour, psnr, ssim
-from mstok.tokenizers import create_tokenizer
 from mstok.tokenizers.nested import prefix_lengths
+from mstok.tokenizers.registry import FAMILIES, preset_config
 from mstok.training.components import (
     build_dataset,
     build_loss,
@@ -43,6 +43,20 @@ from mstok.training.stages import apply_stage, copy_pixel_decoder, load_initial_
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def tokenizer_model_config(config: TrainConfig, proxy: torch.nn.Module | None = None) -> Any:
+    """The model config a run of ``config`` trains: preset ``model.preset`` with ``model.overrides``, the tail
+    token when nested dropout trains, and ``proxy``'s pixel decoder when the stage copies it. Cheap (no model
+    is built): a finished run's saved config can be checked against what its train config means today."""
+    overrides = dict(config.model.overrides)
+    if config.nested.distribution != "none":
+        overrides["nested"] = True  # the tail token nested dropout trains (config.py checked the rest)
+    if config.stage.pixel_decoder_from_proxy:
+        if proxy is None:
+            raise ValueError("stage.pixel_decoder_from_proxy needs proxy.checkpoint")
+        overrides.setdefault("pixel_decoder", proxy.config.to_dict())
+    return preset_config(config.model.preset, **overrides)
 
 
 class Trainer(Engine):
@@ -85,15 +99,9 @@ class Trainer(Engine):
         self.proxy = load_proxy(config.proxy.checkpoint, config.proxy.weights) if config.proxy.checkpoint else None
         if self.proxy is not None:
             self.proxy.to(self.device)
-        overrides = dict(config.model.overrides)
         self.nested = config.nested.distribution != "none"
-        if self.nested:
-            overrides["nested"] = True  # the tail token nested dropout trains (config.py checked the rest)
-        if config.stage.pixel_decoder_from_proxy:
-            if self.proxy is None:
-                raise ValueError("stage.pixel_decoder_from_proxy needs proxy.checkpoint")
-            overrides.setdefault("pixel_decoder", self.proxy.config.to_dict())
-        model = create_tokenizer(config.model.preset, **overrides)
+        model_config = tokenizer_model_config(config, self.proxy)
+        model = FAMILIES[model_config.family](model_config)
         fill = ("pixel_decoder",) if config.stage.pixel_decoder_from_proxy else ()
         if self.nested:
             fill += ("decoder.tail_token",)  # a model trained without nested tokens may start a nested run
