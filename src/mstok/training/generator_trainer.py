@@ -210,8 +210,9 @@ class GeneratorTrainer(Engine):
             if not config.data.path:
                 raise ValueError("data.path is empty: point it at a folder written by `mstok pretokenize`")
             dataset = TokenDataset(config.data.path)
-        self.training = TRAINING[preset_family(config.model.preset).name]
-        model = preset_family(config.model.preset).build(generator_model_config(config, dataset))
+        family = preset_family(config.model.preset)
+        self.training = TRAINING[family.name]
+        model = family.build(generator_model_config(config, dataset))
         if config.model.init_from:
             load_initial_weights(model, config.model.init_from, config.model.init_weights)
         self.objective = self.training.objective(model, config)
