@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import mstok
-from mstok.tokenizers import PRESETS, MsTok, TiTok, preset_config
+from mstok.tokenizers import PRESETS, MsTok, TiTok, build_tokenizer, preset_config
 
 B = 2
 IMAGE = 64
@@ -215,6 +215,17 @@ def test_preset_encoder_sizes(name: str, expected: float, tolerance: float) -> N
         model = mstok.create_tokenizer(name)
     assert model.quantizer.embedding.weight.is_meta
     assert model.parameter_counts()["encoder"] == pytest.approx(expected, rel=tolerance)
+
+
+@pytest.mark.parametrize("name", ["titok_tiny", "mstok_tiny", "hieratok_tiny", "semtok_tiny", "vqgan_tiny"])
+def test_build_tokenizer_is_create_tokenizer_for_a_preset(name: str) -> None:
+    torch.manual_seed(0)
+    built = build_tokenizer(preset_config(name))
+    torch.manual_seed(0)
+    created = mstok.create_tokenizer(name)
+    assert type(built) is type(created) and built.config == created.config
+    for (key, a), (other, b) in zip(built.state_dict().items(), created.state_dict().items(), strict=True):
+        assert key == other and torch.equal(a, b), key
 
 
 def test_list_presets() -> None:

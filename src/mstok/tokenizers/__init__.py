@@ -14,6 +14,7 @@ from mstok.tokenizers.mstok import MsTok, MsTokConfig
 from mstok.tokenizers.registry import (
     PRESETS,
     SIZES,
+    build_tokenizer,
     create_tokenizer,
     list_presets,
     preset_config,
@@ -39,6 +40,7 @@ __all__ = [
     "TokenizerConfig",
     "TokenizerOutput",
     "VQGANConfig",
+    "build_tokenizer",
     "create_tokenizer",
     "list_presets",
     "preset_config",

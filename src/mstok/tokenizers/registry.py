@@ -223,11 +223,15 @@ def preset_config(name: str, **overrides: Any) -> TokenizerConfig | VQGANConfig:
     return FAMILIES[family].config_class.from_dict(fields)
 
 
+def build_tokenizer(config: TokenizerConfig | VQGANConfig) -> AnyTokenizer:
+    """A freshly initialised tokenizer of the family ``config`` belongs to (the one place a config becomes a model)."""
+    return FAMILIES[config.family](config)
+
+
 def create_tokenizer(name: str, **overrides: Any) -> AnyTokenizer:
     """A freshly initialised tokenizer from a preset, e.g. ``create_tokenizer("mstok_b64", num_latent_tokens=128)``."""
     _check_preset_name(name, "create_tokenizer")
-    config = preset_config(name, **overrides)
-    return FAMILIES[config.family](config)
+    return build_tokenizer(preset_config(name, **overrides))
 
 
 def tokenizer_from_config(family: str, fields: dict[str, Any], source: str | Path = "") -> AnyTokenizer:
@@ -241,7 +245,7 @@ def tokenizer_from_config(family: str, fields: dict[str, Any], source: str | Pat
         if not source:
             raise
         raise ValueError(f"{source}: {err}") from err
-    return FAMILIES[family](config)
+    return build_tokenizer(config)
 
 
 # names that moved up to mstok.persistence.loading (the model layer may not import it); they still resolve here

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from mstok.evaluation.evaluate import load_lpips
 from mstok.evaluation.metrics import mean_colour, psnr, ssim
 from mstok.tokenizers.nested import prefix_lengths
-from mstok.tokenizers.registry import FAMILIES, preset_config
+from mstok.tokenizers.registry import build_tokenizer, preset_config
 from mstok.training.components import (
     build_dataset,
     build_loss,
@@ -101,7 +101,7 @@ class Trainer(Engine):
             self.proxy.to(self.device)
         self.nested = config.nested.distribution != "none"
         model_config = tokenizer_model_config(config, self.proxy)
-        model = FAMILIES[model_config.family](model_config)
+        model = build_tokenizer(model_config)
         fill = ("pixel_decoder",) if config.stage.pixel_decoder_from_proxy else ()
         if self.nested:
             fill += ("decoder.tail_token",)  # a model trained without nested tokens may start a nested run
