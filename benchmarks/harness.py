@@ -253,10 +253,12 @@ class Row:
 
 
 def recipe() -> list[str]:
-    """The tiny recipe's optimiser settings (:func:`mstok.training.recipes.tiny_settings`), as ``key=value``."""
-    from mstok.training.recipes import tiny_settings
+    """The tiny AdamW recipe's optimiser settings (:func:`mstok.training.recipes.tiny_settings` of
+    ``TINY_ADAMW_OPTIM``), as ``key=value``: the recipe the studies' published tables were measured with
+    (the shipped titok/mstok tiny configs moved to Muon on 2026-12-07; RESULTS.md, "Time to quality")."""
+    from mstok.training.recipes import TINY_ADAMW_OPTIM, tiny_settings
 
-    return tiny_settings()
+    return tiny_settings(TINY_ADAMW_OPTIM)
 
 
 def check_rows(parser: argparse.ArgumentParser, args: argparse.Namespace, rows: Iterable[Row]) -> None:

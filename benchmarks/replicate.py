@@ -47,7 +47,7 @@ from mstok.evaluation.probe import extract_features, split_per_class, train_prob
 from mstok.persistence import load_tokenizer
 from mstok.storage.layout import EMA_FILE, latest_checkpoint
 from mstok.training import Trainer, load_train_config
-from mstok.training.recipes import TINY_OPTIM, tiny_settings
+from mstok.training.recipes import TINY_ADAMW_OPTIM, tiny_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/harness.py, also when loaded by path
 import harness
@@ -108,7 +108,7 @@ def train_two_stage(seed: int, args: argparse.Namespace, out: Path, train: Index
     first = max(1, 2 * args.steps // 3)
     stage1 = _fit(
         CONFIGS / "titok_tiny_stage1.toml",
-        [*_common(first, seed, out / "stage1", args), *tiny_settings(), f"proxy.checkpoint='{proxy}'"],
+        [*_common(first, seed, out / "stage1", args), *tiny_settings(TINY_ADAMW_OPTIM), f"proxy.checkpoint='{proxy}'"],
         train,
     )
     settings = [*_common(max(1, args.steps - first), seed, out / "stage2", args), f"proxy.checkpoint='{proxy}'"]
@@ -119,8 +119,9 @@ def train_two_stage(seed: int, args: argparse.Namespace, out: Path, train: Index
 
 def study_identity(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a finished run must share to be reused."""
+    recipe = tiny_settings(TINY_ADAMW_OPTIM)
     return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "classes": args.classes,
-            "probe_epochs": args.probe_epochs, "probe_lr": args.probe_lr, "recipe": tiny_settings()}  # fmt: skip
+            "probe_epochs": args.probe_epochs, "probe_lr": args.probe_lr, "recipe": recipe}  # fmt: skip
 
 
 def load_results(path: Path, identity: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -164,7 +165,9 @@ def run_variant(
         settings = [
             f"model.preset='{preset}'",
             *_common(args.steps, seed, out, args),
-            *tiny_settings(),  # the tiny recipe (the presets carry its model side); --lr overrides its lr
+            *tiny_settings(
+                TINY_ADAMW_OPTIM
+            ),  # the tiny recipe (the presets carry its model side); --lr overrides its lr
             f"optim.lr={args.lr}",
             f"optim.end_lr={args.lr / 10}",
             *[f"model.overrides.{k}={json.dumps(v)}" for k, v in overrides.items()],
@@ -213,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--data", default=str(harness.DATA), help="tiny-imagenet-64 folder (200 classes x 40)")
     parser.add_argument("--steps", type=int, default=700, help="per run (700: past the plateau, REPLICATION.md)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=TINY_OPTIM["lr"], help="peak lr (default: the tiny recipe's)")
+    parser.add_argument(
+        "--lr", type=float, default=TINY_ADAMW_OPTIM["lr"], help="peak lr (default: the tiny AdamW recipe's)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run with --jobs 1 (0 = auto)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each when > 1)")
     parser.add_argument("--seeds", default="0,1")

@@ -14,8 +14,9 @@ Five parts (``--parts``, all by default):
   above ``--target`` dB (seconds and steps), and PSNR on ``--final-images`` held-out images at the end;
   the plot draws PSNR against seconds and against steps.
 * **overhead**: ``Trainer.train_step`` against a bare loop of the same model, the same loss object and
-  a fused AdamW on the same batch (no clipping, schedule, EMA or codebook statistics), the two
-  interleaved ``--overhead-reps`` times so both see the same machine; the ratio of the medians.
+  the config's optimizer (``build_optimizer``: Muon + fused AdamW for the shipped configs) on the same
+  batch (no clipping, schedule, EMA or codebook statistics), the two interleaved ``--overhead-reps``
+  times so both see the same machine; the ratio of the medians.
 * **compile**: the same step of each shipped config eager and with ``compile = true`` (the trainer's
   ``torch.compile``), interleaved ``--overhead-reps`` times; the compiled trainer's first step less an eager
   step is compile's start-up, and start-up / time saved per step the steps it takes to pay back.
@@ -141,7 +142,7 @@ def make_trainer(config_name: str, args: argparse.Namespace, out: Path, extra: l
 
 
 def bare_step(model: torch.nn.Module, loss_fn: Any, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> None:
-    """The least a training step must do: forward, the loss, backward, AdamW."""
+    """The least a training step must do: forward, the loss, backward, the optimizer's step."""
     optimizer.zero_grad(set_to_none=True)
     loss, _ = loss_fn(model(images), images, None, False, step=0)
     loss.backward()
@@ -152,13 +153,15 @@ def overhead_row(name: str, args: argparse.Namespace, work: Path) -> list[str]:
     """The trainer's step against the bare loop for the shipped config ``name`` (interleaved, medians)."""
     import copy
 
+    from mstok.training.optim import build_optimizer
+
     trainer = make_trainer(name, args, work / f"overhead-{name}", [])
     images = harness.held_out(args.data, trainer.config.batch_size)
     batch = [(images, torch.zeros(len(images), dtype=torch.long))]
     model = copy.deepcopy(trainer.model).train()
     cfg = trainer.config.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
+    # the config's optimizer (Muon + AdamW for the shipped tiny configs), without schedule or clipping
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.name)
     steps = {"bare": lambda: bare_step(model, trainer.loss_fn, optimizer, images),
              "trainer": lambda: trainer.train_step(batch)}  # fmt: skip
     medians = interleaved_medians(steps, args)

@@ -18,7 +18,16 @@ from mstok.persistence import load_tokenizer
 from mstok.storage.layout import EMA_FILE
 from mstok.tokenizers import create_tokenizer
 from mstok.training import Trainer, latest_checkpoint, load_train_config
-from mstok.training.optim import ModelEMA, ema_decay_at, no_decay_parameter_names, warmup_cosine
+from mstok.training.optim import (
+    ModelEMA,
+    Muon,
+    MuonAdamW,
+    build_optimizer,
+    ema_decay_at,
+    muon_parameter_names,
+    no_decay_parameter_names,
+    warmup_cosine,
+)
 
 
 def _config(tmp_path, *extra):
@@ -79,6 +88,64 @@ def test_weight_decay_only_on_matrices():
         assert name in names and name not in exempt, name
 
 
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = create_tokenizer("titok_tiny")
+    hidden = muon_parameter_names(model)
+    # 4 encoder + 4 decoder blocks, each with qkv, attention out, fc1, fc2
+    assert len(hidden) == 32
+    assert all(".transformer.blocks." in n and n.endswith(".weight") for n in hidden)
+    assert {"encoder.proj.weight", "decoder.embed.weight", "decoder.head.proj.weight"}.isdisjoint(hidden)
+    opt = build_optimizer(model, 1e-3, 0.1, name="muon")
+    assert isinstance(opt, MuonAdamW)
+    in_muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in in_muon} == hidden
+    assert in_muon.isdisjoint(in_adamw) and len(in_muon | in_adamw) == len(names)
+    # the scheduler scales both: the outer groups are the inner optimizers' own dicts
+    assert opt.param_groups[0] is opt.muon.param_groups[0] and opt.param_groups[-1] is opt.adamw.param_groups[-1]
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        build_optimizer(model, 1e-3, 0.1, name="sgd")
+    with pytest.raises(ValueError, match="not a Muon \\+ AdamW state"):
+        opt.load_state_dict(build_optimizer(model, 1e-3, 0.1).state_dict())
+
+
+def _muon_reference(param, grad, buf, lr, wd, momentum=0.95, steps=5):
+    """Muon for one matrix, written out in float64 (Keller Jordan's update, AdamW-matched lr)."""
+    a, b, c = 3.4445, -4.775, 2.0315
+    buf = momentum * buf + (1 - momentum) * grad
+    x = grad + momentum * (buf - grad)  # Nesterov: grad.lerp(buf, momentum)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = x.T if tall else x
+    scale = 0.2 * math.sqrt(max(param.shape))
+    return param * (1 - lr * wd) - lr * scale * x, buf
+
+
+def test_muon_matches_a_plain_reference():
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8, 16), (16, 8), (12, 12)]  # two of one shape share a batch
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().double().clone() for p in params]
+    bufs = [torch.zeros_like(r) for r in ref]
+    opt = Muon(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            ref[i], bufs[i] = _muon_reference(ref[i], g.double(), bufs[i], 0.02, 0.1)
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-5)
+    # the state is torch.optim.Muon's: a momentum buffer per matrix
+    assert set(opt.state_dict()["state"][0]) == {"momentum_buffer"}
+
+
 def test_ema_update_matches_formula():
     assert ema_decay_at(0.9, 1, warmup=True) == pytest.approx(2 / 11)
     assert ema_decay_at(0.9, 100, warmup=True) == 0.9 and ema_decay_at(0.9, 0, warmup=False) == 0.9
@@ -125,15 +192,18 @@ def _weights(trainer):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(tmp_path, photos):
-    """A run killed after step 10 and resumed to step 20 ends bit-identical to a straight run."""
-    straight = Trainer(_config(tmp_path / "a", "steps=20", "log_every=1", "ckpt_every=10"), _dataset(photos), False)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_identical(tmp_path, photos, optimizer):
+    """A run killed after step 10 and resumed to step 20 ends bit-identical to a straight run
+    (for Muon + AdamW too: both inner states and their momenta survive the checkpoint)."""
+    settings = ("steps=20", "log_every=1", "ckpt_every=10", f"optim.name='{optimizer}'")
+    straight = Trainer(_config(tmp_path / "a", *settings), _dataset(photos), False)
     straight.fit()
 
-    first = Trainer(_config(tmp_path / "b", "steps=20", "log_every=1", "ckpt_every=10"), _dataset(photos), False)
+    first = Trainer(_config(tmp_path / "b", *settings), _dataset(photos), False)
     first.config.steps = 10  # "killed" after step 10: only the step-10 checkpoint survives
     first.fit()
-    resumed = Trainer(_config(tmp_path / "b", "steps=20", "log_every=1", "ckpt_every=10"), _dataset(photos), False)
+    resumed = Trainer(_config(tmp_path / "b", *settings), _dataset(photos), False)
     assert resumed.resume("auto").name == "step_0000010"
     resumed.fit()
 

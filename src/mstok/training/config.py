@@ -92,7 +92,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``end_lr``, and gradient clipping."""
+    """The optimizer (``name``: "adamw", or "muon" for Muon on the transformer blocks' matrices and
+    AdamW on the rest), linear warmup then cosine decay to ``end_lr``, and gradient clipping."""
 
     lr: float = 1e-4
     end_lr: float = 1e-5
@@ -101,8 +102,10 @@ class OptimConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    name: str = "adamw"
 
     field_rules: ClassVar[dict[str, Rule]] = {
+        "name": one_of(("adamw", "muon")),
         "lr": STRICTLY_POSITIVE,
         "end_lr": NON_NEGATIVE,
         "betas": Rule(item=FRACTION),

@@ -133,7 +133,7 @@ class Engine:
         cfg, opt = self.config, self.config.optim
         self.model = model.to(self.device)
         self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_warmup)
-        self.optimizer = build_optimizer(self.model, opt.lr, opt.weight_decay, opt.betas, opt.eps)
+        self.optimizer = build_optimizer(self.model, opt.lr, opt.weight_decay, opt.betas, opt.eps, opt.name)
         self.scheduler = build_scheduler(self.optimizer, cfg.steps, opt.warmup_steps, opt.lr, opt.end_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.train_model = self.model
