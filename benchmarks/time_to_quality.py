@@ -27,7 +27,7 @@ Five parts (``--parts``, all by default):
   held-out images) in images/s, against the images/s a step consumes (issue: the loader must never be
   on the critical path).
 
-    python benchmarks/time_to_quality.py                          # all five parts, about 55 min on 2 cores
+    python benchmarks/time_to_quality.py                          # all five parts, about 40 min on 2 cores
     python benchmarks/time_to_quality.py --parts overhead,breakdown   # the step tables only (a few minutes)
 
 Finished curve runs are reused from ``--work-dir`` when their settings match (``--fresh`` retrains).

@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train TiTok-tiny and MsTok-tiny on bundled photos and write a report")
     demo.add_argument("--data", help="train on this image folder instead of scikit-image's photos")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per model (default 2800)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per model (default 1200)")
     demo.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed shared by both models (default 0)")
     demo.add_argument(
