@@ -8,6 +8,10 @@ import math
 import torch
 from torch import nn
 
+from mstok.layers.adaln import AdaLNZeroBlock
+from mstok.layers.blocks import CrossAttentionBlock, SelfAttentionBlock
+from mstok.layers.joint import JointBlock
+
 
 def no_decay_parameter_names(model: nn.Module) -> set[str]:
     """Parameters exempt from weight decay: biases, norm weights, embeddings, learned tokens.
@@ -34,10 +38,6 @@ def muon_parameter_names(model: nn.Module) -> set[str]:
     space; the maps in from pixels or codes and out to pixels or logits, the embeddings, norms,
     biases and codebooks stay with AdamW (as in Muon's reference recipe).
     """
-    from mstok.layers.adaln import AdaLNZeroBlock
-    from mstok.layers.blocks import CrossAttentionBlock, SelfAttentionBlock
-    from mstok.layers.joint import JointBlock
-
     blocks = (SelfAttentionBlock, CrossAttentionBlock, JointBlock, AdaLNZeroBlock)
     names = set()
     for block_name, block in model.named_modules():
